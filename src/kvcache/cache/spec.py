@@ -1,0 +1,432 @@
+"""KV-cache memory calculator: exact byte counts, no torch.
+
+During decoding a transformer keeps, for every token it has seen, a key and a
+value vector in every attention layer.  With grouped-query attention only the
+``num_kv_heads`` key/value heads are stored, so for floating-point formats::
+
+    bytes per token = 2 (K and V) x layers x kv_heads x head_dim x bytes per value
+
+and the cache for a batch of sequences is ``bytes per token x seq_len x batch``.
+For example Llama-2-7B in fp16 needs 2 x 32 x 32 x 128 x 2 = 524,288 bytes
+(512 KiB) per token, i.e. 512 MiB for 1,024 tokens.
+
+Quantized formats (int8, int4, int2) also store metadata: the ``kv_heads x
+head_dim`` values of one token's K (or V) in one layer are split into
+``ceil(kv_heads x head_dim / group_size)`` groups and each group carries a fp16
+scale and a fp16 zero point (4 bytes).  Per layer and token, K (or V) therefore
+takes ``ceil(kv_heads x head_dim x bits / 8) + groups x 4`` bytes; with
+groups of 64 that is 8.5, 4.5 and 2.5 bits per value for int8, int4 and int2.
+
+Everything here returns exact integers; :func:`format_bytes` is only for display.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+__all__ = [
+    "ModelShape",
+    "KVFormat",
+    "FORMAT_NAMES",
+    "kv_bytes_per_token",
+    "kv_bytes_per_token_per_layer",
+    "kv_bytes",
+    "max_seq_len_in_budget",
+    "max_batch_in_budget",
+    "parse_size",
+    "format_bytes",
+    "PRESETS",
+    "preset",
+    "MemoryReport",
+    "memory_report",
+]
+
+
+def _check_positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+
+
+# --------------------------------------------------------------------------
+# Model shape
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers that decide the size of a model's KV cache."""
+
+    name: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        for field in (
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "hidden_size",
+            "max_position_embeddings",
+        ):
+            _check_positive_int(getattr(self, field), field)
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})."
+            )
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, name: str = "") -> "ModelShape":
+        """Build a shape from a Hugging Face ``config.json`` dict.
+
+        ``num_key_value_heads`` defaults to ``num_attention_heads`` and
+        ``head_dim`` (absent or ``None``) to ``hidden_size // num_attention_heads``.
+        Raises ``ValueError`` naming the first missing required key.
+        """
+        if not isinstance(cfg, dict):
+            raise ValueError(f"The model config must be a dict, got {type(cfg).__name__}.")
+
+        def required(key: str) -> int:
+            value = cfg.get(key)
+            if value is None:
+                raise ValueError(f"The model config is missing the required key '{key}'.")
+            _check_positive_int(value, key)
+            return value
+
+        num_layers = required("num_hidden_layers")
+        num_heads = required("num_attention_heads")
+        hidden_size = required("hidden_size")
+        max_pos = required("max_position_embeddings")
+        num_kv_heads = cfg.get("num_key_value_heads")
+        if num_kv_heads is None:
+            num_kv_heads = num_heads
+        head_dim = cfg.get("head_dim")
+        if head_dim is None:
+            head_dim = hidden_size // num_heads
+        if not name:
+            name = str(cfg.get("_name_or_path") or cfg.get("model_type") or "")
+        return cls(
+            name=name,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            hidden_size=hidden_size,
+            max_position_embeddings=max_pos,
+        )
+
+
+# --------------------------------------------------------------------------
+# Storage format
+# --------------------------------------------------------------------------
+
+# canonical name -> (bits, is_integer_format)
+_FORMATS: dict[str, tuple[int, bool]] = {
+    "fp32": (32, False),
+    "fp16": (16, False),
+    "bf16": (16, False),
+    "int8": (8, True),
+    "int4": (4, True),
+    "int2": (2, True),
+}
+_ALIASES: dict[str, str] = {
+    "float32": "fp32",
+    "float16": "fp16",
+    "half": "fp16",
+    "bfloat16": "bf16",
+}
+#: Canonical KV format names, widest first.
+FORMAT_NAMES: tuple[str, ...] = tuple(_FORMATS)
+#: Bytes of metadata per quantization group: a fp16 scale plus a fp16 zero point.
+INT_SCALE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How one K or V value is stored: bit width plus per-group metadata."""
+
+    name: str
+    bits: int
+    group_size: int = 0
+    scale_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in _FORMATS:
+            raise ValueError(
+                f"Unknown KV format '{self.name}'; valid names are {', '.join(FORMAT_NAMES)}."
+            )
+        bits, is_int = _FORMATS[self.name]
+        if self.bits != bits:
+            raise ValueError(f"Format {self.name} has {bits} bits, not {self.bits}.")
+        if is_int:
+            _check_positive_int(self.group_size, "group_size")
+            if isinstance(self.scale_bytes, bool) or not isinstance(self.scale_bytes, int) \
+                    or self.scale_bytes < 0:
+                raise ValueError(
+                    f"scale_bytes must be a non-negative integer, got {self.scale_bytes!r}."
+                )
+        elif self.group_size != 0 or self.scale_bytes != 0:
+            raise ValueError(f"Float format {self.name} takes no group_size or scale_bytes.")
+
+    @classmethod
+    def parse(cls, text: str, group_size: int = 64) -> "KVFormat":
+        """Parse a format name (case-insensitive), e.g. ``fp16``, ``bfloat16``, ``int4``.
+
+        ``group_size`` applies to the integer formats only.
+        """
+        key = str(text).strip().lower()
+        key = _ALIASES.get(key, key)
+        if key not in _FORMATS:
+            raise ValueError(
+                f"Unknown KV format '{text}'; valid names are {', '.join(FORMAT_NAMES)} "
+                f"(aliases: {', '.join(_ALIASES)})."
+            )
+        bits, is_int = _FORMATS[key]
+        if is_int:
+            return cls(key, bits, group_size, INT_SCALE_BYTES)
+        return cls(key, bits, 0, 0)
+
+    @property
+    def is_quantized(self) -> bool:
+        """True for the integer formats, which carry scales and zero points."""
+        return self.group_size > 0
+
+    @property
+    def bits_per_value(self) -> float:
+        """Average storage bits per value, metadata included (int4 g64 -> 4.5)."""
+        if not self.is_quantized:
+            return float(self.bits)
+        return self.bits + 8 * self.scale_bytes / self.group_size
+
+
+# --------------------------------------------------------------------------
+# Byte counts
+# --------------------------------------------------------------------------
+
+
+def kv_bytes_per_token_per_layer(shape: ModelShape, fmt: KVFormat) -> int:
+    """Bytes one token adds to one layer's cache (K and V together)."""
+    values = shape.num_kv_heads * shape.head_dim
+    data = -(-values * fmt.bits // 8)  # ceil
+    groups = -(-values // fmt.group_size) if fmt.is_quantized else 0
+    return 2 * (data + groups * fmt.scale_bytes)
+
+
+def kv_bytes_per_token(shape: ModelShape, fmt: KVFormat) -> int:
+    """Bytes one token adds to the cache across all layers (K and V)."""
+    return shape.num_layers * kv_bytes_per_token_per_layer(shape, fmt)
+
+
+def _check_count(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}.")
+
+
+def kv_bytes(shape: ModelShape, fmt: KVFormat, seq_len: int, batch: int = 1) -> int:
+    """Bytes of cache for ``batch`` sequences of ``seq_len`` tokens each."""
+    _check_count(seq_len, "seq_len")
+    _check_count(batch, "batch")
+    return kv_bytes_per_token(shape, fmt) * seq_len * batch
+
+
+def max_seq_len_in_budget(
+    shape: ModelShape, fmt: KVFormat, budget_bytes: int, batch: int = 1
+) -> int:
+    """Longest sequence length whose cache for ``batch`` sequences fits the budget (0 if none)."""
+    _check_count(budget_bytes, "budget_bytes")
+    _check_positive_int(batch, "batch")
+    return budget_bytes // (kv_bytes_per_token(shape, fmt) * batch)
+
+
+def max_batch_in_budget(
+    shape: ModelShape, fmt: KVFormat, budget_bytes: int, seq_len: int
+) -> int:
+    """Largest batch of ``seq_len``-token sequences whose cache fits the budget (0 if none)."""
+    _check_count(budget_bytes, "budget_bytes")
+    _check_positive_int(seq_len, "seq_len")
+    return budget_bytes // (kv_bytes_per_token(shape, fmt) * seq_len)
+
+
+# --------------------------------------------------------------------------
+# Sizes as text
+# --------------------------------------------------------------------------
+
+_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Parse a size such as ``8GiB``, ``512MiB``, ``2GB`` (decimal), ``1.5GiB`` or ``1024`` to bytes."""
+    if isinstance(text, bool):
+        raise ValueError(f"Cannot read {text!r} as a size.")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"A size cannot be negative, got {text}.")
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(
+            f"Cannot read '{text}' as a size; use a number with an optional unit "
+            "such as 1024, 64KiB, 512MiB, 8GiB or 2GB."
+        )
+    number, unit = match.groups()
+    multiplier = _UNITS.get(unit.lower())
+    if multiplier is None:
+        raise ValueError(
+            f"Unknown size unit '{unit}' in '{text}'; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB."
+        )
+    size = Fraction(number) * multiplier
+    if size.denominator != 1:
+        raise ValueError(f"The size '{text}' is not a whole number of bytes.")
+    return int(size)
+
+
+_BINARY_UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable binary size: ``"512 B"``, ``"512.00 MiB"``, ``"2.00 GiB"``."""
+    n = int(n)
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    if n < 1024:
+        return f"{sign}{n} B"
+    value = float(n)
+    unit = "B"
+    for unit in _BINARY_UNITS:
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{sign}{value:.2f} {unit}"
+
+
+# --------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------
+
+
+def _shape(name: str, layers: int, heads: int, kv: int, hd: int, hidden: int, ctx: int) -> ModelShape:
+    return ModelShape(name, layers, heads, kv, hd, hidden, ctx)
+
+
+#: Public architecture numbers of common models, keyed by lower-case name.
+PRESETS: dict[str, ModelShape] = {
+    s.name: s
+    for s in (
+        _shape("llama-2-7b", 32, 32, 32, 128, 4096, 4096),
+        _shape("llama-2-13b", 40, 40, 40, 128, 5120, 4096),
+        _shape("llama-2-70b", 80, 64, 8, 128, 8192, 4096),
+        _shape("llama-3-8b", 32, 32, 8, 128, 4096, 8192),
+        _shape("llama-3-70b", 80, 64, 8, 128, 8192, 8192),
+        _shape("mistral-7b", 32, 32, 8, 128, 4096, 32768),
+        _shape("qwen2.5-7b", 28, 28, 4, 128, 3584, 32768),
+        _shape("smollm2-135m-instruct", 30, 9, 3, 64, 576, 8192),
+        _shape("smollm2-360m-instruct", 32, 15, 5, 64, 960, 8192),
+    )
+}
+
+
+def preset(name: str) -> ModelShape | None:
+    """Look up a preset by name, case-insensitively; ``None`` if unknown.
+
+    A Hugging Face repo id's organisation prefix is ignored
+    (``HuggingFaceTB/SmolLM2-135M-Instruct`` finds ``smollm2-135m-instruct``).
+    """
+    key = str(name).strip().lower()
+    found = PRESETS.get(key)
+    if found is None and "/" in key:
+        found = PRESETS.get(key.rsplit("/", 1)[1])
+    return found
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryReport:
+    """Everything the CLI shows about one model's KV cache in one format."""
+
+    model: str
+    dtype: str
+    bits_per_value: float
+    seq_len: int
+    batch: int
+    bytes_per_token: int
+    bytes_per_token_per_layer: int
+    num_layers: int
+    total_bytes: int
+    budget_bytes: int | None = None
+    max_seq_len_at_batch: int | None = None
+    max_batch_at_seq_len: int | None = None
+    block_size: int | None = None
+    blocks_in_budget: int | None = None
+    tokens_in_budget: int | None = None
+    max_position_embeddings: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as a plain JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+def memory_report(
+    shape: ModelShape,
+    fmt: KVFormat,
+    seq_len: int = 1024,
+    batch: int = 1,
+    budget_bytes: int | None = None,
+    block_size: int = 16,
+) -> MemoryReport:
+    """Compute a :class:`MemoryReport`; budget fields are filled only when a budget is given.
+
+    ``blocks_in_budget`` counts whole blocks of ``block_size`` tokens that fit the
+    budget (a paged cache's capacity); ``tokens_in_budget`` is that times ``block_size``.
+    """
+    _check_positive_int(seq_len, "seq_len")
+    _check_positive_int(batch, "batch")
+    _check_positive_int(block_size, "block_size")
+    per_token = kv_bytes_per_token(shape, fmt)
+    report = MemoryReport(
+        model=shape.name,
+        dtype=fmt.name,
+        bits_per_value=fmt.bits_per_value,
+        seq_len=seq_len,
+        batch=batch,
+        bytes_per_token=per_token,
+        bytes_per_token_per_layer=kv_bytes_per_token_per_layer(shape, fmt),
+        num_layers=shape.num_layers,
+        total_bytes=per_token * seq_len * batch,
+        block_size=block_size,
+        max_position_embeddings=shape.max_position_embeddings,
+    )
+    if budget_bytes is not None:
+        _check_count(budget_bytes, "budget_bytes")
+        blocks = budget_bytes // (block_size * per_token)
+        report.budget_bytes = budget_bytes
+        report.max_seq_len_at_batch = max_seq_len_in_budget(shape, fmt, budget_bytes, batch)
+        report.max_batch_at_seq_len = max_batch_in_budget(shape, fmt, budget_bytes, seq_len)
+        report.blocks_in_budget = blocks
+        report.tokens_in_budget = blocks * block_size
+    return report

