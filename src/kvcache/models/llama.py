@@ -1,9 +1,9 @@
 """Our Llama-family decoder (Llama, Mistral, Qwen2, SmolLM), lean for CPU decode.
 
 Weights are plain tensors (no nn.Module per layer): Q, K and V are fused into one
-(hidden, (Hq + 2*Hkv)*D) matrix and gate/up into one (hidden, 2*I) matrix, all stored
-input-major so a projection is one `x @ W`; the output head is a contiguous
-(hidden, vocab) copy. RoPE rotates Q and K in one call. Attention folds the query heads
+projection and gate/up into another, each a `Linear` stored in the backend's fastest
+layout (oneDNN-packed on CPU); the output head is its own packed copy of the tied
+embedding. RoPE rotates Q and K in one call. Attention folds the query heads
 of a KV group into the query axis, so GQA needs no repeated K/V.
 """
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from kvcache.cache.dense import KVCache
 from kvcache.models.config import LlamaConfig
+from kvcache.models.linear import Linear
 from kvcache.models.rope import RotaryTable, apply_rotary
 from kvcache.models.step import StepInputs
 
@@ -25,12 +26,14 @@ class LayerWeights:
     """One decoder layer's parameters, input-major."""
 
     attn_norm: torch.Tensor  # (H,)
-    wqkv: torch.Tensor  # (H, (Hq + 2*Hkv) * D)
-    bqkv: torch.Tensor | None  # ((Hq + 2*Hkv) * D,)
-    wo: torch.Tensor  # (Hq * D, H)
+    qkv: Linear  # H -> (Hq + 2*Hkv) * D, fused
+    o: Linear  # Hq * D -> H
     mlp_norm: torch.Tensor  # (H,)
-    w_gate_up: torch.Tensor  # (H, 2 * I)
-    w_down: torch.Tensor  # (I, H)
+    gate_up: Linear  # H -> 2 * I, fused
+    down: Linear  # I -> H
+
+    def linears(self) -> tuple[Linear, ...]:
+        return (self.qkv, self.o, self.gate_up, self.down)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -53,12 +56,12 @@ class LlamaModel:
     """Decoder-only transformer whose attention reads and writes an explicit `KVCache`."""
 
     def __init__(self, config: LlamaConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: torch.Tensor):
+                 final_norm: torch.Tensor, lm_head: Linear):
         self.config = config
         self.embed = embed  # (V, H)
         self.layers = layers
         self.final_norm = final_norm  # (H,)
-        self.lm_head = lm_head  # (H, V) contiguous
+        self.lm_head = lm_head  # H -> V
         self.dtype, self.device = embed.dtype, embed.device
         c = config
         self.rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
@@ -66,14 +69,11 @@ class LlamaModel:
 
     @classmethod
     def from_state_dict(cls, config: LlamaConfig, sd: dict, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> "LlamaModel":
+                        device: str | torch.device = "cpu", prepack: bool = True) -> "LlamaModel":
         """Build from Hugging Face-named weights (`model.layers.N.self_attn.q_proj.weight`, ...)."""
 
         def get(name: str) -> torch.Tensor:
             return sd[name].to(device=device, dtype=dtype)
-
-        def t(w: torch.Tensor) -> torch.Tensor:  # (out, in) -> (in, out) contiguous
-            return w.t().contiguous()
 
         layers = []
         for i in range(config.num_layers):
@@ -86,35 +86,35 @@ class LlamaModel:
             gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
             layers.append(LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                wqkv=t(wqkv), bqkv=bqkv,
-                wo=t(get(a + "o_proj.weight")),
+                qkv=Linear(wqkv, bqkv, prepack),
+                o=Linear(get(a + "o_proj.weight"), None, prepack),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
-                w_gate_up=t(gate_up),
-                w_down=t(get(p + "mlp.down_proj.weight")),
+                gate_up=Linear(gate_up, None, prepack),
+                down=Linear(get(p + "mlp.down_proj.weight"), None, prepack),
             ))
         embed = get("model.embed_tokens.weight")
         head = sd.get("lm_head.weight")
-        lm_head = t(embed if (head is None or config.tie_word_embeddings) else head.to(device=device, dtype=dtype))
-        return cls(config, embed, layers, get("model.norm.weight"), lm_head)
+        head = embed if (head is None or config.tie_word_embeddings) else head.to(device=device, dtype=dtype)
+        return cls(config, embed, layers, get("model.norm.weight"), Linear(head, None, prepack))
 
     @property
     def num_params(self) -> int:
         """Distinct parameters (the tied output head counted once)."""
         n = self.embed.numel() + self.final_norm.numel()
         if not self.config.tie_word_embeddings:
-            n += self.lm_head.numel()
+            n += self.lm_head.numel
         for lw in self.layers:
-            n += sum(x.numel() for x in (lw.attn_norm, lw.wqkv, lw.wo, lw.mlp_norm, lw.w_gate_up, lw.w_down))
-            n += lw.bqkv.numel() if lw.bqkv is not None else 0
+            n += lw.attn_norm.numel() + lw.mlp_norm.numel() + sum(lin.numel for lin in lw.linears())
+            n += lw.qkv.bias.numel() if lw.qkv.bias is not None else 0
         return n
 
     @property
     def bytes_read_per_token(self) -> int:
         """Weight bytes one decode step streams from memory (embedding row excluded, head included)."""
         el = self.embed.element_size()
-        n = self.lm_head.numel() + self.final_norm.numel()
+        n = self.lm_head.numel + self.final_norm.numel()
         for lw in self.layers:
-            n += sum(x.numel() for x in (lw.attn_norm, lw.wqkv, lw.wo, lw.mlp_norm, lw.w_gate_up, lw.w_down))
+            n += lw.attn_norm.numel() + lw.mlp_norm.numel() + sum(lin.numel for lin in lw.linears())
         return n * el
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
@@ -142,10 +142,7 @@ class LlamaModel:
         eps = c.rms_norm_eps
         for i, lw in enumerate(self.layers):
             h = F.rms_norm(x, hidden, lw.attn_norm, eps)  # (B, T, H)
-            qkv = h @ lw.wqkv  # (B, T, (Hq+2Hkv)*D)
-            if lw.bqkv is not None:
-                qkv = qkv + lw.bqkv
-            qkv = qkv.view(b, t, hq + 2 * hkv, d)  # (B, T, Hq+2Hkv, D)
+            qkv = lw.qkv(h).view(b, t, hq + 2 * hkv, d)  # (B, T, Hq+2Hkv, D)
             qk = apply_rotary(qkv[:, :, : hq + hkv], cos, sin)  # (B, T, Hq+Hkv, D)
             q = qk[:, :, :hq].transpose(1, 2)  # (B, Hq, T, D)
             k = qk[:, :, hq:].transpose(1, 2)  # (B, Hkv, T, D)
@@ -153,12 +150,12 @@ class LlamaModel:
             if cache is not None:
                 k, v = cache.write(i, k, v)  # (B, Hkv, S, D)
             o = attend(q, k, v, step.attn_mask)  # (B, T, Hq*D)
-            x = x + o @ lw.wo  # (B, T, H)
+            x = x + lw.o(o)  # (B, T, H)
             h = F.rms_norm(x, hidden, lw.mlp_norm, eps)
-            gate, up = (h @ lw.w_gate_up).chunk(2, -1)  # (B, T, I) each
-            x = x + (F.silu(gate) * up) @ lw.w_down  # (B, T, H)
+            gate, up = lw.gate_up(h).chunk(2, -1)  # (B, T, I) each
+            x = x + lw.down(F.silu(gate) * up)  # (B, T, H)
         if cache is not None:
             cache.advance(t)
         if step.logits_for == "last":
             x = x[:, -1]  # (B, H)
-        return F.rms_norm(x, hidden, self.final_norm, eps) @ self.lm_head  # (B, [T,] V)
+        return self.lm_head(F.rms_norm(x, hidden, self.final_norm, eps))  # (B, [T,] V)

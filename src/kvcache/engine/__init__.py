@@ -1,0 +1,1 @@
+"""Requests -> runner -> sampler -> outputs."""

@@ -1,0 +1,159 @@
+"""`LLM`: the synchronous Python facade (load once, then generate / stream / chat)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from kvcache.engine.generate import BatchGeneration
+from kvcache.engine.outputs import RequestOutput
+from kvcache.engine.sampling import SamplingParams
+from kvcache.errors import KVCacheError, PromptTooLongError
+from kvcache.models.llama import LlamaModel
+from kvcache.models.loader import DEFAULT_MODEL, load_model
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+TRUNCATION_MODES = ("error", "left")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """torch dtype for 'float32' / 'bfloat16' / 'float16' (or their short names)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise KVCacheError(f"Unknown dtype '{dtype}'; use float32, bfloat16 or float16.") from None
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LLM:
+    """A loaded model plus its tokenizer, ready to generate.
+
+    >>> llm = LLM("smollm2-135m-instruct", dtype="float32")
+    >>> llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0.0))[0].text
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
+                 max_model_len: int | None = None, truncation: str = "error", threads: int | None = None,
+                 device: str | torch.device | None = None, progress: bool = True):
+        if truncation not in TRUNCATION_MODES:
+            raise KVCacheError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got '{truncation}'.")
+        if threads is not None:
+            if threads <= 0:
+                raise KVCacheError(f"threads must be a positive integer, got {threads}.")
+            torch.set_num_threads(threads)
+        self.dtype = parse_dtype(dtype)
+        self.device = torch.device(device) if device is not None else default_device()
+        loaded = load_model(model, progress=progress)
+        self.name, self.model_dir, self.config = model, loaded.model_dir, loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, self.dtype, self.device)
+        del loaded.state_dict
+        native = self.config.max_position_embeddings
+        if max_model_len is not None and max_model_len <= 1:
+            raise KVCacheError(f"max_model_len must be at least 2, got {max_model_len}.")
+        self.max_model_len = max_model_len or native
+        self.truncation = truncation
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos
+
+    # -- prompts ----------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt given as text or as ids (validated)."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+            vocab = self.config.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise KVCacheError(f"Token ids must be integers in [0, {vocab}).")
+        if not ids:
+            raise KVCacheError("The prompt is empty.")
+        return ids
+
+    def fit_prompt(self, ids: list[int], max_tokens: int) -> list[int]:
+        """Apply max_model_len: error, or keep the last tokens ('left') leaving room to generate."""
+        limit = self.max_model_len
+        if len(ids) < limit:
+            return ids
+        if self.truncation == "error":
+            raise PromptTooLongError(
+                f"The prompt has {len(ids)} tokens but max_model_len is {limit}, leaving no room to generate."
+            )
+        return ids[-max(1, limit - max_tokens):]
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+                raise KVCacheError("Each message must be a dict with a 'role' and a string 'content'.")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # -- generation -------------------------------------------------------------------
+    def _params(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams() for _ in range(n)]
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise KVCacheError(f"Got {len(params)} SamplingParams for {n} prompts.")
+        return params
+
+    def _generation(self, prompts, params, use_cache: bool, cache=None) -> BatchGeneration:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise KVCacheError("No prompts given.")
+        plist = self._params(params, len(prompts))
+        ids = [self.fit_prompt(self.encode(p), sp.max_tokens) for p, sp in zip(prompts, plist)]
+        return BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
+                               use_cache=use_cache, cache=cache)
+
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_cache: bool = True) -> list[RequestOutput]:
+        """Generate for a list of prompts (strings or token-id lists) as one batch.
+
+        `use_cache=False` recomputes the whole sequence at every step (for comparison).
+        """
+        return self._generation(prompts, params, use_cache).run()
+
+    def stream(self, prompt, params: SamplingParams | None = None, use_cache: bool = True) -> Iterator[str]:
+        """Yield text pieces of one prompt's completion as they are produced."""
+        gen = self._generation([prompt], params, use_cache)
+        for deltas in gen.steps():
+            for _, text in deltas:
+                yield text
+        tail = gen.rows[0].detok.flush()
+        if tail:
+            yield tail
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        """One reply to a conversation (list of {'role', 'content'}), no state kept."""
+        return self.generate([self.chat_ids(messages)], params)[0]
+
+    def session(self, system: str | None = None, overflow: str = "truncate"):
+        """A multi-turn `ChatSession` that keeps its KV cache between turns."""
+        from kvcache.engine.session import ChatSession
+
+        return ChatSession(self, system=system, overflow=overflow)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes the dense cache spends per token in this model's dtype."""
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty(0, dtype=self.dtype).element_size()

@@ -1,0 +1,33 @@
+"""What a finished request returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RequestMetrics:
+    """Per-request counts and timings."""
+
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose K/V was reused, not computed
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # request start -> first token sampled
+    decode_tok_s: float = 0.0  # generated tokens after the first / time spent on them
+    total_s: float = 0.0
+    kv_cache_bytes: int = 0  # bytes of real tokens the cache held at the end (this request's rows)
+    history_truncated: bool = False  # a chat session dropped old turns to fit
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result: generated ids only in `token_ids`, their text in `text`."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) | "length"
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)

@@ -1,0 +1,79 @@
+"""Sampling parameters and the per-request token sampler (greedy, temperature, top-k/p, penalties)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvcache.errors import KVCacheError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens for one request. temperature 0 means greedy."""
+
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: list[str] | str | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+            raise KVCacheError(f"max_tokens must be a positive integer, got {self.max_tokens!r}.")
+        if not self.temperature >= 0:
+            raise KVCacheError(f"temperature must be >= 0, got {self.temperature!r}.")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise KVCacheError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}.")
+        if not 0 < self.top_p <= 1:
+            raise KVCacheError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if not self.repetition_penalty > 0:
+            raise KVCacheError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Picks the next token for one request; owns its seeded random generator."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+        self.params = params
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> int:
+        """Next token id from logits (V,); `seen` holds prompt + generated ids for the penalty."""
+        p = self.params
+        logits = logits.float()
+        if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
+            picked = logits[seen]
+            logits = logits.clone()
+            logits[seen] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if p.greedy:
+            return int(logits.argmax())
+        logits = logits / p.temperature
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        probs = logits.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
