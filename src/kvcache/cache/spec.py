@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from kvcache.errors import KVCacheError
+
 __all__ = [
     "ModelShape",
     "KVFormat",
@@ -49,7 +51,7 @@ __all__ = [
 
 def _check_positive_int(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+        raise KVCacheError(f"{what} must be a positive integer, got {value!r}.")
 
 
 # --------------------------------------------------------------------------
@@ -80,7 +82,7 @@ class ModelShape:
         ):
             _check_positive_int(getattr(self, field), field)
         if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(
+            raise KVCacheError(
                 f"num_heads ({self.num_heads}) must be a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})."
             )
@@ -94,12 +96,12 @@ class ModelShape:
         Raises ``ValueError`` naming the first missing required key.
         """
         if not isinstance(cfg, dict):
-            raise ValueError(f"The model config must be a dict, got {type(cfg).__name__}.")
+            raise KVCacheError(f"The model config must be a dict, got {type(cfg).__name__}.")
 
         def required(key: str) -> int:
             value = cfg.get(key)
             if value is None:
-                raise ValueError(f"The model config is missing the required key '{key}'.")
+                raise KVCacheError(f"The model config is missing the required key '{key}'.")
             _check_positive_int(value, key)
             return value
 
@@ -162,21 +164,21 @@ class KVFormat:
 
     def __post_init__(self) -> None:
         if self.name not in _FORMATS:
-            raise ValueError(
+            raise KVCacheError(
                 f"Unknown KV format '{self.name}'; valid names are {', '.join(FORMAT_NAMES)}."
             )
         bits, is_int = _FORMATS[self.name]
         if self.bits != bits:
-            raise ValueError(f"Format {self.name} has {bits} bits, not {self.bits}.")
+            raise KVCacheError(f"Format {self.name} has {bits} bits, not {self.bits}.")
         if is_int:
             _check_positive_int(self.group_size, "group_size")
             if isinstance(self.scale_bytes, bool) or not isinstance(self.scale_bytes, int) \
                     or self.scale_bytes < 0:
-                raise ValueError(
+                raise KVCacheError(
                     f"scale_bytes must be a non-negative integer, got {self.scale_bytes!r}."
                 )
         elif self.group_size != 0 or self.scale_bytes != 0:
-            raise ValueError(f"Float format {self.name} takes no group_size or scale_bytes.")
+            raise KVCacheError(f"Float format {self.name} takes no group_size or scale_bytes.")
 
     @classmethod
     def parse(cls, text: str, group_size: int = 64) -> "KVFormat":
@@ -187,7 +189,7 @@ class KVFormat:
         key = str(text).strip().lower()
         key = _ALIASES.get(key, key)
         if key not in _FORMATS:
-            raise ValueError(
+            raise KVCacheError(
                 f"Unknown KV format '{text}'; valid names are {', '.join(FORMAT_NAMES)} "
                 f"(aliases: {', '.join(_ALIASES)})."
             )
@@ -229,7 +231,7 @@ def kv_bytes_per_token(shape: ModelShape, fmt: KVFormat) -> int:
 
 def _check_count(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} must be a non-negative integer, got {value!r}.")
+        raise KVCacheError(f"{what} must be a non-negative integer, got {value!r}.")
 
 
 def kv_bytes(shape: ModelShape, fmt: KVFormat, seq_len: int, batch: int = 1) -> int:
@@ -279,26 +281,26 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE
 def parse_size(text: str) -> int:
     """Parse a size such as ``8GiB``, ``512MiB``, ``2GB`` (decimal), ``1.5GiB`` or ``1024`` to bytes."""
     if isinstance(text, bool):
-        raise ValueError(f"Cannot read {text!r} as a size.")
+        raise KVCacheError(f"Cannot read {text!r} as a size.")
     if isinstance(text, int):
         if text < 0:
-            raise ValueError(f"A size cannot be negative, got {text}.")
+            raise KVCacheError(f"A size cannot be negative, got {text}.")
         return text
     match = _SIZE_RE.match(str(text))
     if not match:
-        raise ValueError(
+        raise KVCacheError(
             f"Cannot read '{text}' as a size; use a number with an optional unit "
             "such as 1024, 64KiB, 512MiB, 8GiB or 2GB."
         )
     number, unit = match.groups()
     multiplier = _UNITS.get(unit.lower())
     if multiplier is None:
-        raise ValueError(
+        raise KVCacheError(
             f"Unknown size unit '{unit}' in '{text}'; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB."
         )
     size = Fraction(number) * multiplier
     if size.denominator != 1:
-        raise ValueError(f"The size '{text}' is not a whole number of bytes.")
+        raise KVCacheError(f"The size '{text}' is not a whole number of bytes.")
     return int(size)
 
 

@@ -44,7 +44,7 @@ class LLM:
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
                  max_model_len: int | None = None, truncation: str = "error", threads: int | None = None,
-                 device: str | torch.device | None = None, progress: bool = True):
+                 device: str | torch.device | None = None, kernels: str = "auto", progress: bool = True):
         if truncation not in TRUNCATION_MODES:
             raise KVCacheError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got '{truncation}'.")
         if threads is not None:
@@ -56,7 +56,7 @@ class LLM:
         loaded = load_model(model, progress=progress)
         self.name, self.model_dir, self.config = model, loaded.model_dir, loaded.config
         self.tokenizer = loaded.tokenizer
-        self.model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, self.dtype, self.device)
+        self.model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, self.dtype, self.device, kernels)
         del loaded.state_dict
         native = self.config.max_position_embeddings
         if max_model_len is not None and max_model_len <= 1:

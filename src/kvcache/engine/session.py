@@ -7,6 +7,8 @@ and prefills only the rest: the new message and the template tokens around it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from kvcache.engine.generate import BatchGeneration
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
@@ -48,7 +50,7 @@ class ChatSession:
         truncated = False
         while True:
             ids = self.llm.chat_ids(messages)
-            if len(ids) + min(max_tokens, 1) <= limit - 0 and len(ids) + max_tokens <= limit:
+            if len(ids) + max_tokens <= limit:
                 return messages, ids, truncated
             first = 1 if messages and messages[0]["role"] == "system" else 0
             if self.overflow == "error" or len(messages) - first <= 1:
@@ -62,8 +64,8 @@ class ChatSession:
             messages = messages[:first] + messages[first + drop :]
             truncated = True
 
-    def send(self, text: str, params: SamplingParams | None = None) -> RequestOutput:
-        """Add a user message, generate the reply on top of the cached history, return it."""
+    def stream(self, text: str, params: SamplingParams | None = None) -> Iterator[str | RequestOutput]:
+        """Like `send`, but yields the reply's text pieces as produced, then the `RequestOutput`."""
         params = params or SamplingParams()
         if not isinstance(text, str) or not text.strip():
             raise KVCacheError("The message is empty.")
@@ -71,15 +73,27 @@ class ChatSession:
         reuse = common_prefix_len(self.cached_ids, ids)
         reuse = min(reuse, len(ids) - 1)  # at least one token must be computed for the logits
         self.cache.truncate(reuse)
+        self.cached_ids = self.cached_ids[:reuse]  # slots past here are about to be overwritten
         gen = BatchGeneration(self.llm.model, self.llm.tokenizer, [ids], [params], self.llm.max_model_len,
                               self.llm.eos_ids, use_cache=True, cache=self.cache)
-        out = gen.run()[0]
+        for deltas in gen.steps():
+            for _, piece in deltas:
+                yield piece
+        tail = gen.rows[0].detok.flush()
+        if tail:
+            yield tail
+        out = gen.outputs()[0]
         self.cached_ids = (ids + out.token_ids)[: self.cache.length]
         out.metrics.history_truncated = truncated
         self.truncations += int(truncated)
         self.messages = messages + [{"role": "assistant", "content": out.text}]
         self.turns += 1
         self.last_output = out
+        yield out
+
+    def send(self, text: str, params: SamplingParams | None = None) -> RequestOutput:
+        """Add a user message, generate the reply on top of the cached history, return it."""
+        *_, out = self.stream(text, params)
         return out
 
     def stats(self) -> dict:

@@ -167,3 +167,12 @@ def _convert_tokenizer(path: Path, out_dir: Path):
         raise ModelFormatError(f"Could not read the tokenizer from {path} ({exc}).") from None
     tok.save_pretrained(str(out_dir))
     return tok
+
+
+def gguf_config(path: Path) -> dict:
+    """The HF config dict a GGUF file describes, read from its metadata alone (no tensors)."""
+    reader = _read_gguf(path)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = int(_field(reader, "llama.vocab_size", len(tokens.data) if tokens is not None else 0))
+    names = {t.name for t in reader.tensors}
+    return gguf_hf_config(reader, vocab, "output.weight" in names, None, None)

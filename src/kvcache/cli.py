@@ -1,0 +1,210 @@
+"""The `kvcache` command: generate, chat, memory, bench.
+
+Bad input prints one sentence to stderr and exits with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kvcache.errors import KVCacheError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one sentence, exit 2 (argparse's own convention)
+        self.print_usage(sys.stderr)
+        print(f"error: {message}.", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    return value
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    from kvcache.models.loader import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name, .gguf file, HF folder or hub id")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (default float32)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--max-model-len", type=_positive_int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--truncation", default="error", choices=["error", "left"], help="prompt longer than the limit")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "onednn"],
+                   help="matmul kernels (auto: oneDNN for bf16 on CPU, torch otherwise)")
+
+
+def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=_positive_int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_positive_int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvcache", description="An LLM inference engine built around an explicit KV cache.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="complete a prompt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    g.add_argument("--json", action="store_true", help="print the output and metrics as JSON")
+    _model_options(g)
+    _sampling_options(g, 64)
+
+    c = sub.add_parser("chat", help="chat with the model (interactive, or one shot with --message)")
+    c.add_argument("--message", default=None, help="send one message, print the reply, exit")
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--overflow", default="truncate", choices=["truncate", "error"])
+    _model_options(c)
+    _sampling_options(c, 256)
+
+    m = sub.add_parser("memory", help="KV cache memory calculator")
+    m.add_argument("model", help="preset (e.g. llama-2-7b), config.json, .gguf or any model name")
+    m.add_argument("--seq-len", type=_positive_int, default=1024)
+    m.add_argument("--batch", type=_positive_int, default=1)
+    m.add_argument("--dtype", default="fp16", help="fp32 | fp16 | bf16 | int8 | int4 | int2")
+    m.add_argument("--group-size", type=_positive_int, default=64, help="values per scale/zero point (int formats)")
+    m.add_argument("--budget", default=None, help="memory budget, e.g. 8GiB")
+    m.add_argument("--block-size", type=_positive_int, default=16, help="tokens per paged block")
+    m.add_argument("--json", action="store_true")
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bc = bsub.add_parser("cache", help="cached vs uncached decode step by position")
+    bc.add_argument("--positions", default="128,256,512,1024")
+    bc.add_argument("--repeats", type=_positive_int, default=20)
+    bc.add_argument("--prompt-tokens", type=_positive_int, default=128, help="end-to-end run: prompt length")
+    bc.add_argument("--new-tokens", type=_positive_int, default=64, help="end-to-end run: tokens generated")
+    bc.add_argument("--json", action="store_true")
+    bc.add_argument("--plot", default=None, help="write a PNG here")
+    _model_options(bc)
+    return parser
+
+
+def _make_llm(args):
+    from kvcache import LLM
+
+    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, truncation=args.truncation,
+               threads=args.threads, kernels=args.kernels)
+
+
+def _params(args):
+    from kvcache import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=args.stop)
+
+
+def cmd_generate(args) -> int:
+    params = _params(args)
+    llm = _make_llm(args)
+    if args.json:
+        out = llm.generate([args.prompt], params, use_cache=not args.no_cache)[0]
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                          "metrics": out.metrics.to_dict()}))
+        return 0
+    for piece in llm.stream(args.prompt, params, use_cache=not args.no_cache):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from kvcache.cli_chat import one_shot, repl
+
+    params = _params(args)
+    llm = _make_llm(args)
+    session = llm.session(system=args.system, overflow=args.overflow)
+    if args.message is not None:
+        return one_shot(session, args.message, params)
+    return repl(session, params)
+
+
+def cmd_memory(args) -> int:
+    from kvcache.cache.spec import KVFormat, memory_report, parse_size
+    from kvcache.models.loader import model_shape
+
+    fmt = KVFormat.parse(args.dtype, group_size=args.group_size)
+    budget = parse_size(args.budget) if args.budget else None
+    shape = model_shape(args.model)
+    report = memory_report(shape, fmt, seq_len=args.seq_len, batch=args.batch, budget_bytes=budget,
+                           block_size=args.block_size)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+    from rich.console import Console
+
+    from kvcache.cache.memory_table import render_memory_report
+
+    Console().print(render_memory_report(report))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from kvcache.bench import cache_bench
+
+    try:
+        positions = [int(x) for x in args.positions.split(",") if x.strip()]
+    except ValueError:
+        raise KVCacheError(f"--positions must be comma-separated integers, got '{args.positions}'.") from None
+    if not positions or min(positions) < 1:
+        raise KVCacheError("--positions needs at least one position >= 1.")
+    llm = _make_llm(args)
+    if max(positions) + 1 > llm.max_model_len:
+        raise KVCacheError(f"Position {max(positions)} is past max_model_len {llm.max_model_len}.")
+    points, e2e = cache_bench.run(llm, positions, args.repeats, args.prompt_tokens, args.new_tokens,
+                                  progress=not args.json)
+    if args.plot:
+        cache_bench.plot(points, args.plot, f"{llm.name} ({args.dtype}): KV cache vs full recompute")
+    if args.json:
+        print(json.dumps(cache_bench.to_json(points)))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"KV cache vs recompute, {llm.name}, {args.dtype}, median of {args.repeats}")
+    for col in ("position", "cached ms/token", "uncached ms/token", "speedup"):
+        t.add_column(col, justify="right")
+    for p in points:
+        t.add_row(str(p.position), f"{p.cached_ms:.2f}", f"{p.uncached_ms:.1f}", f"{p.speedup:.1f}x")
+    console = Console()
+    console.print(t)
+    console.print(
+        f"end to end ({e2e.prompt_tokens}-token prompt, {e2e.new_tokens} new tokens): "
+        f"{e2e.cached_tok_s:.1f} tok/s with cache, {e2e.uncached_tok_s:.1f} tok/s without ({e2e.speedup:.1f}x)"
+    )
+    if args.plot:
+        console.print(f"plot written to {args.plot}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "memory": cmd_memory, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KVCacheError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
