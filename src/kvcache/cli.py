@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--json", action="store_true")
     bc.add_argument("--plot", default=None, help="write a PNG here")
     _model_options(bc)
+    bh = bsub.add_parser("chat", help="time to first token of a late chat turn: session cache vs recompute")
+    bh.add_argument("--turns", type=_positive_int, default=5)
+    bh.add_argument("--words", type=_positive_int, default=150, help="words per user message")
+    bh.add_argument("--reply-tokens", type=_positive_int, default=32)
+    bh.add_argument("--repeats", type=_positive_int, default=3)
+    bh.add_argument("--json", action="store_true")
+    _model_options(bh)
     return parser
 
 
@@ -154,6 +161,8 @@ def cmd_memory(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.bench == "chat":
+        return cmd_bench_chat(args)
     from kvcache.bench import cache_bench
 
     try:
@@ -188,6 +197,22 @@ def cmd_bench(args) -> int:
     )
     if args.plot:
         console.print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_bench_chat(args) -> int:
+    from kvcache.bench import chat_bench
+
+    if args.turns < 2:
+        raise KVCacheError("--turns must be at least 2 so that there is a history to reuse.")
+    llm = _make_llm(args)
+    r = chat_bench.run(llm, args.turns, args.words, args.reply_tokens, args.repeats)
+    if args.json:
+        print(json.dumps(chat_bench.to_json(r)))
+        return 0
+    print(f"turn {r.turn}: {r.history_tokens} prompt tokens, {r.cached_prompt_tokens} reused from the session cache")
+    print(f"time to first token: session {r.session_ttft_ms:.0f} ms, recompute {r.recompute_ttft_ms:.0f} ms "
+          f"-> {r.speedup:.1f}x faster (median of {args.repeats}); same reply: {r.same_reply}")
     return 0
 
 

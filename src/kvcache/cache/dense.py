@@ -23,6 +23,7 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=self.device)  # (L, B, Hkv, cap, D)
         self.length = 0  # slots written, shared by all rows
         self.row_start = [0] * batch  # first real slot of each row (left padding before it)
+        self.row_end: list[int | None] = [None] * batch  # set when a row finished: slots after it are filler
 
     @property
     def capacity(self) -> int:
@@ -57,11 +58,23 @@ class KVCache:
         if n_slots < 0 or n_slots > self.length:
             raise ValueError(f"Cannot truncate a cache of {self.length} slots to {n_slots}.")
         self.length = n_slots
+        self.row_end = [None if e is None or e >= n_slots else e for e in self.row_end]
 
     def clear(self) -> None:
         """Drop every cached token (keeps the storage for reuse)."""
         self.length = 0
         self.row_start = [0] * self.batch
+        self.row_end = [None] * self.batch
+
+    def finish_row(self, row: int) -> None:
+        """Row `row` is done: the slots it fills from now on hold no real tokens."""
+        if self.row_end[row] is None:
+            self.row_end[row] = self.length
+
+    def row_tokens(self, row: int) -> int:
+        """Real tokens row `row` holds."""
+        end = self.length if self.row_end[row] is None else min(self.row_end[row], self.length)
+        return max(0, end - self.row_start[row])
 
     def key_valid(self, extra: int = 0) -> torch.Tensor | None:
         """Bool (B, length+extra): which slots hold real tokens; None when no row is padded."""
@@ -74,7 +87,7 @@ class KVCache:
     @property
     def tokens_held(self) -> int:
         """Real (non-padding) tokens stored, summed over rows."""
-        return sum(max(0, self.length - s) for s in self.row_start)
+        return sum(self.row_tokens(b) for b in range(self.batch))
 
     @property
     def bytes_per_token(self) -> int:

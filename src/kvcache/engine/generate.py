@@ -143,6 +143,10 @@ class BatchGeneration:
                         r.finish_reason = "length"
                     if delta:
                         deltas.append((b, delta))
+                if self.cache is not None:
+                    for b, r in enumerate(self.rows):
+                        if r.finish_reason:
+                            self.cache.finish_row(b)  # its later slots are filler
                 if deltas:
                     yield deltas
                 if all(r.finish_reason for r in self.rows):
@@ -158,9 +162,7 @@ class BatchGeneration:
             r.detok.flush()
             n = len(r.generated)
             decode_s = r.t_last - r.t_first
-            held = 0
-            if self.cache is not None:
-                held = max(0, self.cache.length - self.cache.row_start[b]) * per_token
+            held = self.cache.row_tokens(b) * per_token if self.cache is not None else 0
             m = RequestMetrics(
                 prompt_tokens=len(r.prompt),
                 cached_prompt_tokens=self.cached_prompt_tokens if b == 0 else 0,

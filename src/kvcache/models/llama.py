@@ -18,7 +18,7 @@ from kvcache.cache.dense import KVCache
 from kvcache.models.config import LlamaConfig
 from kvcache.models.linear import Linear, resolve_kernels
 from kvcache.models.rope import RotaryTable, apply_rotary
-from kvcache.models.step import StepInputs
+from kvcache.models.step import StepInputs, causal_mask
 
 
 @dataclass
@@ -141,6 +141,9 @@ class LlamaModel:
             cos, sin = self.rope.slice(step.start_pos, t)  # (1, T, 1, D)
         else:
             cos, sin = self.rope.lookup(step.positions)  # (B, T, 1, D)
+        mask = step.attn_mask
+        if mask is None and t > 1:  # None means causal; only a single query needs no mask
+            mask = causal_mask(None, b, 0 if cache is None else cache.length, t, ids.device)
         x = self.embed[ids]  # (B, T, H)
         hidden = (c.hidden_size,)
         eps = c.rms_norm_eps
@@ -153,7 +156,7 @@ class LlamaModel:
             v = qkv[:, :, hq + hkv :].transpose(1, 2)  # (B, Hkv, T, D)
             if cache is not None:
                 k, v = cache.write(i, k, v)  # (B, Hkv, S, D)
-            o = attend(q, k, v, step.attn_mask)  # (B, T, Hq*D)
+            o = attend(q, k, v, mask)  # (B, T, Hq*D)
             x = x + lw.o(o)  # (B, T, H)
             h = F.rms_norm(x, hidden, lw.mlp_norm, eps)
             gate, up = lw.gate_up(h).chunk(2, -1)  # (B, T, I) each
