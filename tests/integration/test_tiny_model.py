@@ -6,7 +6,6 @@ tied; `assert_same_tokens` allows a divergence only there, so the checks can sti
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -21,9 +20,10 @@ from kvcache.errors import ModelNotFoundError, PromptTooLongError
 from kvcache.models.llama import LlamaModel
 from kvcache.models.loader import load_model
 from kvcache.models.step import StepInputs, causal_mask
+from tests.helpers import NEAR_TIE
+from tests.helpers import assert_same_tokens as shared_assert_same_tokens
 
 ATOL = 1e-4
-NEAR_TIE = 1e-3
 GREEDY20 = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
 PROMPTS = [
     "Hello, how are you?",
@@ -52,24 +52,8 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 
 
 def assert_same_tokens(hf, prompt: list[int], ours: list[int], ref: list[int], tol: float = NEAR_TIE) -> None:
-    """ours == ref, or they first differ where the reference logits are a near-tie.
-
-    At the first differing position i, the reference logits for prompt + ref[:i] must
-    rate both tokens within `tol` of the best one (so the top-2 gap is < tol).
-    """
-    if ours == ref:
-        return
-    n = min(len(ours), len(ref))
-    i = next((j for j in range(n) if ours[j] != ref[j]), n)
-    assert i < n, f"one sequence is a strict prefix of the other: {len(ours)} vs {len(ref)} tokens"
-    logits = hf_logits(hf, prompt + ref[:i])[-1]
-    best = float(logits.max())
-    gap_ours, gap_ref = best - float(logits[ours[i]]), best - float(logits[ref[i]])
-    top2 = logits.topk(2).values
-    assert gap_ours < tol and gap_ref < tol, (
-        f"tokens differ at generated position {i} ({ours[i]} vs {ref[i]}) without a near-tie: "
-        f"gaps to the best logit {gap_ours:.4g} / {gap_ref:.4g}, top-2 gap {float(top2[0] - top2[1]):.4g}"
-    )
+    """ours == ref, or a first divergence at a near-tie of `transformers`' logits."""
+    shared_assert_same_tokens(lambda ids: hf_logits(hf, ids)[-1], prompt, ours, ref, tol)
 
 
 def random_ids(n: int, vocab: int, seed: int, batch: int = 1) -> torch.Tensor:
@@ -87,19 +71,13 @@ def full_logits(model: LlamaModel, ids: torch.Tensor) -> torch.Tensor:
 def build_model(tiny_model_dir, variant: str) -> LlamaModel:
     """Our model from the folder's weights with the given matmul kernels ("torch" / "onednn").
 
-    Written against `from_state_dict(..., kernels=...)`; older trees spelled it `prepack=`.
     """
     loaded = load_model(str(tiny_model_dir), progress=False)
-    params = inspect.signature(LlamaModel.from_state_dict).parameters
-    if "kernels" in params:
-        from kvcache.models.linear import onednn_available
+    from kvcache.models.linear import onednn_available
 
-        if variant == "onednn" and not onednn_available(torch.float32, torch.device("cpu")):
-            pytest.skip("oneDNN kernels are not available here")
-        kw = {"kernels": variant}
-    else:
-        kw = {"prepack": variant == "onednn"}
-    return LlamaModel.from_state_dict(loaded.config, loaded.state_dict, torch.float32, "cpu", **kw)
+    if variant == "onednn" and not onednn_available(torch.float32, torch.device("cpu")):
+        pytest.skip("oneDNN kernels are not available here")
+    return LlamaModel.from_state_dict(loaded.config, loaded.state_dict, torch.float32, "cpu", kernels=variant)
 
 
 def load_shape(model_dir) -> ModelShape:
@@ -540,9 +518,7 @@ def test_bad_input_raises_kvcache_error(tiny_llm, case):
 
 
 BAD_LLM_ARGS = [dict(dtype="float64"), dict(dtype="int8"), dict(max_model_len=1), dict(truncation="middle"),
-                dict(threads=0)]
-if "kernels" in inspect.signature(kvcache.LLM).parameters:
-    BAD_LLM_ARGS.append(dict(kernels="no-such-kernels"))
+                dict(threads=0), dict(kernels="no-such-kernels")]
 
 
 @pytest.mark.parametrize("kwargs", BAD_LLM_ARGS, ids=str)

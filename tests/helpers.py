@@ -1,0 +1,32 @@
+"""Helpers shared by the equivalence tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+NEAR_TIE = 1e-3
+
+
+def assert_same_tokens(last_logits: Callable[[list[int]], torch.Tensor], prompt: list[int], ours: list[int],
+                       ref: list[int], tol: float = NEAR_TIE) -> None:
+    """ours == ref, or they first differ where the reference logits are a near-tie.
+
+    `last_logits(ids)` gives the reference's logits (V,) for the next token after `ids`.
+    At the first differing position i, both tokens must be within `tol` of the best logit
+    for prompt + ref[:i] (so the top-2 gap is < tol); otherwise the test fails.
+    """
+    if ours == ref:
+        return
+    n = min(len(ours), len(ref))
+    i = next((j for j in range(n) if ours[j] != ref[j]), n)
+    assert i < n, f"one sequence is a strict prefix of the other: {len(ours)} vs {len(ref)} tokens"
+    logits = last_logits(prompt + ref[:i]).float()
+    best = float(logits.max())
+    gap_ours, gap_ref = best - float(logits[ours[i]]), best - float(logits[ref[i]])
+    top2 = logits.topk(2).values
+    assert gap_ours < tol and gap_ref < tol, (
+        f"tokens differ at generated position {i} ({ours[i]} vs {ref[i]}) without a near-tie: "
+        f"gaps to the best logit {gap_ours:.4g} / {gap_ref:.4g}, top-2 gap {float(top2[0] - top2[1]):.4g}"
+    )
