@@ -44,7 +44,10 @@ class LLM:
 
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
                  max_model_len: int | None = None, truncation: str = "error", threads: int | None = None,
-                 device: str | torch.device | None = None, kernels: str = "auto", progress: bool = True):
+                 device: str | torch.device | None = None, kernels: str = "auto", progress: bool = True,
+                 kv_cache_memory: str | int | None = None, kv_cache_fraction: float | None = None,
+                 block_size: int = 16, enable_prefix_caching: bool = True, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 512):
         if truncation not in TRUNCATION_MODES:
             raise KVCacheError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got '{truncation}'.")
         if threads is not None:
@@ -67,6 +70,47 @@ class LLM:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos
+        self._engine_args = self._engine_config(kv_cache_memory, kv_cache_fraction, block_size,
+                                                enable_prefix_caching, max_num_seqs, max_num_batched_tokens)
+        self._engine = None
+
+    # -- the paged engine ---------------------------------------------------------------
+    def _engine_config(self, memory, fraction, block_size, prefix, max_num_seqs, max_batched):
+        from kvcache.cache.spec import parse_size
+        from kvcache.engine.engine import EngineConfig, available_memory_bytes, blocks_for_budget
+
+        if block_size <= 0 or max_num_seqs <= 0 or max_batched <= 0:
+            raise KVCacheError("block_size, max_num_seqs and max_num_batched_tokens must be positive.")
+        if memory is not None and fraction is not None:
+            raise KVCacheError("Give kv_cache_memory or kv_cache_fraction, not both.")
+        available = available_memory_bytes(self.device)
+        if memory is not None:
+            budget = parse_size(memory) if isinstance(memory, str) else int(memory)
+            if budget > available:
+                raise KVCacheError(f"kv_cache_memory {budget} bytes is more than the {available} bytes available.")
+        else:
+            if fraction is not None and not 0 < fraction <= 0.9:
+                raise KVCacheError(f"kv_cache_fraction must be in (0, 0.9], got {fraction}.")
+            budget = int(available * (fraction if fraction is not None else 0.25))
+            # no point reserving more than every sequence at full length needs
+            budget = min(budget, max_num_seqs * (self.max_model_len + block_size) * self.kv_bytes_per_token)
+        blocks = blocks_for_budget(budget, block_size, self.kv_bytes_per_token)
+        if blocks < 1:
+            raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")
+        return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched)
+
+    @property
+    def engine(self):
+        """The continuous-batching engine over the paged KV pool (created on first use)."""
+        if self._engine is None:
+            from kvcache.engine.engine import LLMEngine
+
+            self._engine = LLMEngine(self.model, self.tokenizer, self.eos_ids, self.max_model_len, self._engine_args)
+        return self._engine
+
+    def stats(self) -> dict:
+        """Engine figures: KV blocks total/used/cached/free, prefix hit rate, running/waiting, preemptions."""
+        return self.engine.stats()
 
     # -- prompts ----------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -114,33 +158,53 @@ class LLM:
             raise KVCacheError(f"Got {len(params)} SamplingParams for {n} prompts.")
         return params
 
-    def _generation(self, prompts, params, use_cache: bool, cache=None) -> BatchGeneration:
+    def _prepare(self, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise KVCacheError("No prompts given.")
         plist = self._params(params, len(prompts))
         ids = [self.fit_prompt(self.encode(p), sp.max_tokens) for p, sp in zip(prompts, plist)]
-        return BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
-                               use_cache=use_cache, cache=cache)
+        return ids, plist
 
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_cache: bool = True) -> list[RequestOutput]:
-        """Generate for a list of prompts (strings or token-id lists) as one batch.
+        """Generate for a list of prompts (strings or token-id lists), in the order given.
 
-        `use_cache=False` recomputes the whole sequence at every step (for comparison).
+        With the cache, all prompts go through the continuous-batching scheduler over the
+        paged KV pool. `use_cache=False` recomputes the whole sequence at every step.
         """
-        return self._generation(prompts, params, use_cache).run()
+        ids, plist = self._prepare(prompts, params)
+        if not use_cache:
+            return BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
+                                   use_cache=False).run()
+        engine = self.engine
+        requests = [engine.add_request(p, sp, eos_ids=self.eos_ids) for p, sp in zip(ids, plist)]
+        engine.run_to_completion(requests)
+        return [r.to_output(engine.storage.bytes_per_token) for r in requests]
 
     def stream(self, prompt, params: SamplingParams | None = None, use_cache: bool = True) -> Iterator[str]:
         """Yield text pieces of one prompt's completion as they are produced."""
-        gen = self._generation([prompt], params, use_cache)
-        for deltas in gen.steps():
-            for _, text in deltas:
-                yield text
-        tail = gen.rows[0].detok.flush()
-        if tail:
-            yield tail
+        ids, plist = self._prepare([prompt], params)
+        if not use_cache:
+            gen = BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
+                                  use_cache=False)
+            for deltas in gen.steps():
+                for _, text in deltas:
+                    yield text
+            tail = gen.rows[0].detok.flush()
+            if tail:
+                yield tail
+            return
+        engine = self.engine
+        req = engine.add_request(ids[0], plist[0], eos_ids=self.eos_ids)
+        try:
+            while not req.finished:
+                for out in engine.step():
+                    if out.request is req and out.text:
+                        yield out.text
+        finally:
+            engine.abort(req.request_id)  # a consumer that stops early frees the blocks
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """One reply to a conversation (list of {'role', 'content'}), no state kept."""

@@ -17,6 +17,7 @@ class RequestMetrics:
     total_s: float = 0.0
     kv_cache_bytes: int = 0  # bytes of real tokens the cache held at the end (this request's rows)
     history_truncated: bool = False  # a chat session dropped old turns to fit
+    preemptions: int = 0  # times the scheduler evicted this request to free blocks (recomputed after)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,3 +32,5 @@ class RequestOutput:
     text: str
     finish_reason: str  # "stop" (EOS or stop string) | "length"
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    request_id: str = ""
+    error: str | None = None  # set when the request failed alone (e.g. it can never fit the KV pool)

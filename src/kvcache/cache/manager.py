@@ -1,0 +1,228 @@
+"""KVCacheManager: the only cache API the scheduler sees.
+
+Per sequence it keeps a block table (block ids, in token order) and the chained hashes of
+the sequence's full blocks; the `BlockPool` underneath owns ref counts, the LRU free queue
+and the prefix-cache map. The scheduler moves block ids, never tensors.
+
+One scheduling step for a sequence, as the scheduler drives it::
+
+    blocks, n_hit = mgr.get_computed_blocks(tokens)            # first time only
+    table = mgr.allocate_slots(seq_id, tokens, n_hit, n_new, blocks)
+    if table is None: ...                                      # cannot schedule (or preempt)
+    ... model computes tokens[n_hit : n_hit + n_new] into mgr.slots(seq_id, n_hit, n_hit + n_new)
+    mgr.cache_full_blocks(seq_id, tokens, n_hit + n_new)
+    ...
+    mgr.free(seq_id)                                           # finished or preempted
+
+Call `allocate_slots` right after `get_computed_blocks` (no other allocation between), as
+vLLM's scheduler does; stale `computed_blocks` (evicted in between) are detected and refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvcache.cache.block_pool import BlockPool
+from kvcache.cache.prefix import hash_block
+
+__all__ = ["KVCacheManager"]
+
+
+@dataclass
+class _SeqBlocks:
+    table: list[int] = field(default_factory=list)  # block ids; token t lives in table[t // block_size]
+    hashes: list[int] = field(default_factory=list)  # chained hashes of the first len(hashes) full blocks
+
+
+class KVCacheManager:
+    """Block tables per sequence over one `BlockPool`, with prefix caching."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 *, hash_extra: object = None):
+        """`hash_extra`: a fingerprint (model, dtype, policy, ...) mixed into every block
+        hash, so caches that must not share blocks never do; needs a stable `repr`."""
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.block_size = block_size  # tokens per block
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.hash_extra = hash_extra
+        self._seqs: dict[str, _SeqBlocks] = {}
+        self.prefix_queries = 0  # tokens asked about in get_computed_blocks
+        self.prefix_hits = 0  # of those, tokens found in the prefix cache
+        # The last hit of get_computed_blocks: (block ids, their hashes), reused by allocate_slots.
+        self._last_hit: tuple[tuple[int, ...], list[int]] = ((), [])
+
+    # -- prefix cache -------------------------------------------------------------------
+    def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
+        """The longest run of leading full blocks of `token_ids` already in the prefix
+        cache, and the number of tokens they cover. Never the whole sequence (at least one
+        token is left to compute, for its logits). Changes no ref counts."""
+        self.prefix_queries += len(token_ids)
+        if not self.enable_prefix_caching:
+            return [], 0
+        bs = self.block_size
+        max_blocks = max(len(token_ids) - 1, 0) // bs  # leave >= 1 token uncovered
+        blocks: list[int] = []
+        hashes: list[int] = []
+        parent: int | None = None
+        for i in range(max_blocks):
+            chunk = token_ids[i * bs : (i + 1) * bs]
+            parent = hash_block(parent, chunk, self.hash_extra)
+            block_id = self.pool.lookup(parent, chunk)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+            hashes.append(parent)
+        self._last_hit = (tuple(blocks), hashes)
+        self.prefix_hits += len(blocks) * bs
+        return blocks, len(blocks) * bs
+
+    def _computed_hashes(self, token_ids: Sequence[int], computed_blocks: Sequence[int]) -> list[int]:
+        """The hashes of `computed_blocks`, checked to still hold the first blocks of
+        `token_ids` (they may have been evicted since get_computed_blocks)."""
+        bs = self.block_size
+        if tuple(computed_blocks) == self._last_hit[0]:
+            hashes = list(self._last_hit[1])
+        else:
+            hashes, parent = [], None
+            for i in range(len(computed_blocks)):
+                parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], self.hash_extra)
+                hashes.append(parent)
+        for i, (block_id, h) in enumerate(zip(computed_blocks, hashes)):
+            block = self.pool.blocks[block_id]
+            if block.block_hash != h or block.token_ids != tuple(token_ids[i * bs : (i + 1) * bs]):
+                raise ValueError(
+                    f"Computed block {block_id} no longer holds block {i} of this prompt; "
+                    "call allocate_slots right after get_computed_blocks."
+                )
+        return hashes
+
+    # -- allocation ---------------------------------------------------------------------
+    def allocate_slots(self, seq_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+                       num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> list[int] | None:
+        """Grow `seq_id`'s block table to cover num_computed_tokens + num_new_tokens tokens.
+        On the sequence's first call, `computed_blocks` (prefix hits from
+        get_computed_blocks, covering num_computed_tokens) become the head of its table.
+        Returns the table, or None with no state change if too few blocks are free."""
+        if num_computed_tokens < 0 or num_new_tokens < 0:
+            raise ValueError(
+                f"Token counts must be >= 0, got computed={num_computed_tokens}, new={num_new_tokens}."
+            )
+        bs = self.block_size
+        seq = self._seqs.get(seq_id)
+        first = seq is None
+        if computed_blocks:
+            if not first:
+                raise ValueError(f"Sequence {seq_id!r} already has blocks; computed_blocks is for its first call.")
+            if not self.enable_prefix_caching:
+                raise ValueError("computed_blocks were given but prefix caching is off.")
+        if first and num_computed_tokens != len(computed_blocks) * bs:
+            raise ValueError(
+                f"A new sequence with {len(computed_blocks)} computed blocks has "
+                f"{len(computed_blocks) * bs} computed tokens, not {num_computed_tokens}."
+            )
+        hashes = self._computed_hashes(token_ids, computed_blocks) if computed_blocks else []
+
+        have = len(seq.table) if seq is not None else len(computed_blocks)
+        total = num_computed_tokens + num_new_tokens
+        need = max(-(-total // bs) - have, 0)  # ceil(total / bs) - blocks held
+        # Touching a free cached block takes it out of the free queue too.
+        revived = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_count == 0)
+        if need + revived > self.pool.num_free_blocks:
+            return None
+
+        if seq is None:
+            seq = self._seqs[seq_id] = _SeqBlocks()
+            if computed_blocks:
+                self.pool.touch(computed_blocks)  # before allocate: they must not be evicted
+                seq.table.extend(computed_blocks)
+                seq.hashes.extend(hashes)
+        if need:
+            new = self.pool.allocate(need)
+            assert new is not None  # checked above
+            seq.table.extend(new)
+        return list(seq.table)
+
+    def cache_full_blocks(self, seq_id: str, token_ids: Sequence[int], num_tokens: int) -> None:
+        """Register every block of `seq_id` made full by the first `num_tokens` computed
+        tokens of `token_ids`, continuing the sequence's hash chain. Idempotent."""
+        if not self.enable_prefix_caching:
+            return
+        seq = self._seqs[seq_id]
+        bs = self.block_size
+        num_full = min(num_tokens, len(token_ids)) // bs
+        assert num_full <= len(seq.table), "tokens computed beyond the allocated table"
+        parent = seq.hashes[-1] if seq.hashes else None
+        for i in range(len(seq.hashes), num_full):
+            chunk = token_ids[i * bs : (i + 1) * bs]
+            parent = hash_block(parent, chunk, self.hash_extra)
+            seq.hashes.append(parent)
+            self.pool.register(seq.table[i], parent, chunk)
+
+    def free(self, seq_id: str) -> None:
+        """Release `seq_id`'s blocks and forget it (unknown ids: no-op). Blocks are freed
+        tail first, so its tail is evicted before its head, which is likelier shared."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is not None:
+            self.pool.free(reversed(seq.table))
+
+    def reset_prefix_cache(self) -> int:
+        """Forget all cached prefixes; returns the number of hashes dropped."""
+        return self.pool.reset_prefix_cache()
+
+    # -- queries ------------------------------------------------------------------------
+    def block_table(self, seq_id: str) -> list[int]:
+        """A copy of `seq_id`'s block table (block ids in token order)."""
+        return list(self._seqs[seq_id].table)
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._seqs
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences holding blocks."""
+        return len(self._seqs)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with no reference (cached-but-unreferenced included)."""
+        return self.pool.num_free_blocks
+
+    def can_fit(self, num_tokens: int) -> bool:
+        """Whether a sequence of `num_tokens` tokens fits in the whole (empty) pool."""
+        return -(-num_tokens // self.block_size) <= self.num_blocks
+
+    def slot(self, seq_id: str, position: int) -> int:
+        """The flat storage slot of token `position`: block * block_size + offset."""
+        table = self._seqs[seq_id].table
+        if not 0 <= position < len(table) * self.block_size:
+            raise IndexError(
+                f"Position {position} is outside the {len(table) * self.block_size} slots of {seq_id!r}."
+            )
+        bs = self.block_size
+        return table[position // bs] * bs + position % bs
+
+    def slots(self, seq_id: str, start: int, end: int) -> list[int]:
+        """The flat storage slots of tokens start..end-1 (the runner's slot mapping)."""
+        table = self._seqs[seq_id].table
+        bs = self.block_size
+        if not 0 <= start <= end <= len(table) * bs:
+            raise IndexError(
+                f"Positions [{start}, {end}) are outside the {len(table) * bs} slots of {seq_id!r}."
+            )
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def usage(self) -> dict:
+        """Block counts (blocks_cached is a subset of blocks_free; used + free == total)
+        and prefix-cache accounting in tokens."""
+        q = self.prefix_queries
+        return {
+            "blocks_total": self.num_blocks,
+            "blocks_used": self.pool.num_used_blocks,
+            "blocks_cached": self.pool.num_cached_blocks,
+            "blocks_free": self.pool.num_free_blocks,
+            "prefix_queries": q,
+            "prefix_hits": self.prefix_hits,
+            "prefix_hit_rate": self.prefix_hits / q if q else 0.0,
+        }

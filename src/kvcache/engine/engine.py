@@ -1,0 +1,156 @@
+"""`LLMEngine`: requests -> scheduler -> runner -> sampler -> outputs, one step at a time."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.cache.manager import KVCacheManager
+from kvcache.cache.storage import PagedKVStorage
+from kvcache.engine.detokenizer import IncrementalDetokenizer
+from kvcache.engine.request import Request, Status
+from kvcache.engine.runner import ModelRunner
+from kvcache.engine.sampling import Sampler, SamplingParams
+from kvcache.engine.scheduler import Scheduler
+from kvcache.errors import KVCacheError
+from kvcache.models.llama import LlamaModel
+
+
+@dataclass
+class EngineConfig:
+    """Sizes of the paged cache and the batch."""
+
+    num_blocks: int
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+
+@dataclass
+class StepOutput:
+    """What one request got from one engine step."""
+
+    request: Request
+    text: str  # new text safe to show
+    finished: bool
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, model: LlamaModel, tokenizer, eos_ids: set[int], max_model_len: int, config: EngineConfig):
+        c = model.config
+        self.model, self.tokenizer, self.eos_ids = model, tokenizer, frozenset(eos_ids)
+        self.max_model_len, self.config = max_model_len, config
+        self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.storage = PagedKVStorage(c.num_layers, config.num_blocks, config.block_size, c.num_kv_heads,
+                                      c.head_dim, model.dtype, model.device)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.storage, self.kv)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.tokens_generated = 0
+        self.tokens_prefilled = 0
+        self.started = time.perf_counter()
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    eos_ids: set[int] | None = None) -> Request:
+        """Queue a request (ids already validated and fitted to max_model_len)."""
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise KVCacheError(f"Request id '{rid}' is already in use.")
+        req = Request(rid, list(prompt_token_ids), params, Sampler(params, self.model.device),
+                      IncrementalDetokenizer(self.tokenizer, params.stop), self.max_model_len,
+                      frozenset(eos_ids) if eos_ids is not None else self.eos_ids)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.finished:
+            req.finish_reason = req.finish_reason or "abort"
+            self.scheduler.finish(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        """Schedule, run the model once, sample; return what each touched request got."""
+        sched = self.scheduler.schedule()
+        outputs = [StepOutput(r, "", True) for r in sched.failed]
+        for r in sched.failed:
+            self.requests.pop(r.request_id, None)
+        if not sched.chunks:
+            return outputs
+        sampled = self.runner.execute(sched.chunks)
+        now = time.perf_counter()
+        for chunk in sched.chunks:
+            req = chunk.request
+            req.num_computed_tokens += chunk.num_tokens
+            self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if chunk.num_tokens > 1 or not req.output_token_ids:
+                self.tokens_prefilled += chunk.num_tokens
+            if req.request_id not in sampled:
+                continue
+            text = req.append_token(sampled[req.request_id], now)
+            self.tokens_generated += 1
+            done = req.finish_reason is not None
+            if done:
+                text += req.detok.flush()
+                self.scheduler.finish(req)
+                self.requests.pop(req.request_id, None)
+            outputs.append(StepOutput(req, text, done))
+        return outputs
+
+    def stats(self) -> dict:
+        """Blocks total/used/cached/free, prefix hit rate, running/waiting, preemptions, token counts."""
+        u = self.kv.usage()
+        bpt = self.storage.bytes_per_token
+        return {
+            **u,
+            "block_size": self.config.block_size,
+            "kv_bytes_total": self.storage.nbytes,
+            "kv_bytes_used": u["blocks_used"] * self.config.block_size * bpt,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "preemptions": self.scheduler.num_preemptions,
+            "tokens_generated": self.tokens_generated,
+            "tokens_prefilled": self.tokens_prefilled,
+        }
+
+    def run_to_completion(self, requests: list[Request], on_step=None) -> None:
+        """Step until every given request finished (others in flight keep running too)."""
+        while any(not r.finished for r in requests):
+            outs = self.step()
+            if on_step is not None:
+                on_step(outs)
+            if not outs and not self.scheduler.running and self.scheduler.waiting:
+                raise KVCacheError("The scheduler cannot make progress: the KV pool is too small for the queue head.")
+
+
+def blocks_for_budget(budget_bytes: int, block_size: int, bytes_per_token: int) -> int:
+    """Whole blocks a byte budget holds."""
+    return budget_bytes // (block_size * bytes_per_token)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory of the device the cache lives on (RAM on CPU, free GPU memory on CUDA)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,0 +1,92 @@
+"""A request's state as it moves through the scheduler: waiting -> running -> finished."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from kvcache.engine.detokenizer import IncrementalDetokenizer
+from kvcache.engine.outputs import RequestMetrics, RequestOutput
+from kvcache.engine.sampling import Sampler, SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """One generation request. Its KV lives in blocks the scheduler allocates by need.
+
+    `num_computed_tokens` counts tokens of `all_token_ids` whose K/V are in the cache; the
+    last sampled token is never computed until the next step feeds it.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    max_total_tokens: int  # prompt + generated may not pass this (max_model_len)
+    eos_ids: frozenset[int] = frozenset()
+    arrival: float = field(default_factory=time.perf_counter)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prefix-cache hits at first admission (-1 = not admitted yet)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    error: str | None = None
+    preemptions: int = 0
+    t_first_token: float = 0.0
+    t_last_token: float = 0.0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def append_token(self, token: int, now: float) -> str:
+        """Record a sampled token; decide whether the request is done. Returns new text."""
+        if not self.output_token_ids:
+            self.t_first_token = now
+        self.t_last_token = now
+        self.output_token_ids.append(token)
+        stop_ids = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else self.eos_ids)
+        if token in stop_ids:
+            self.finish_reason = "stop"
+            return ""
+        delta = self.detok.add(token)
+        if self.detok.stopped:
+            self.finish_reason = "stop"
+        elif len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= self.max_total_tokens:
+            self.finish_reason = "length"
+        return delta
+
+    def to_output(self, bytes_per_token: int = 0) -> RequestOutput:
+        """The request's result so far (final once finished)."""
+        n = len(self.output_token_ids)
+        decode_s = self.t_last_token - self.t_first_token
+        end = self.t_last_token or time.perf_counter()
+        metrics = RequestMetrics(
+            prompt_tokens=len(self.prompt_token_ids),
+            cached_prompt_tokens=max(0, self.num_cached_tokens),
+            generated_tokens=n,
+            ttft_s=(self.t_first_token - self.arrival) if n else 0.0,
+            decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            total_s=end - self.arrival,
+            kv_cache_bytes=self.num_computed_tokens * bytes_per_token,
+            preemptions=self.preemptions,
+        )
+        text = self.detok.text if self.finished else self.detok.text[: self.detok.emitted]
+        return RequestOutput(self.prompt_token_ids, list(self.output_token_ids), text,
+                             self.finish_reason or "length", metrics, self.request_id, self.error)

@@ -1,0 +1,122 @@
+"""Continuous batching: which requests compute how many tokens this step.
+
+Each step has a token budget. Running requests go first (a decode needs 1 token, a
+partly prefilled prompt continues with a chunk); then waiting requests are admitted in
+FCFS order while blocks and budget allow, starting from their prefix-cache hits. Long
+prompts are prefilled in chunks so they do not stall everyone's decoding. When a running
+request cannot get a block, the most recently arrived running request is preempted: its
+blocks are freed and it goes back to the head of the queue, to be recomputed (prefix-cache
+hits make that cheap). The scheduler moves block ids through `KVCacheManager`, never tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvcache.cache.manager import KVCacheManager
+from kvcache.engine.request import Request, Status
+
+
+@dataclass
+class ScheduledChunk:
+    """Compute tokens [start, start + num_tokens) of `request`; sample if that reaches its end."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)  # can never fit; finished with an error
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """FCFS continuous-batching scheduler with chunked prefill and recompute preemption."""
+
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512):
+        self.kv = kv
+        self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.kv.free(request.request_id)
+        self.running.remove(request)
+        request.status, request.num_computed_tokens = Status.WAITING, 0
+        request.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        out.preempted.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.token_budget
+        scheduled: set[str] = set()
+        # 1) running requests, oldest first; preempt the newest when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, n) is None:
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                out.chunks.append(ScheduledChunk(req, req.num_computed_tokens, n))
+                scheduled.add(req.request_id)
+                budget -= n
+                i += 1
+                continue
+            break  # req itself was preempted: nothing after it is left to run
+        # 2) waiting requests in FCFS order (none if this step had to preempt)
+        while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if not self.kv.can_fit(req.num_tokens + 1):
+                self.waiting.popleft()
+                req.status, req.finish_reason = Status.FINISHED, "error"
+                req.error = (f"The request needs {req.num_tokens + 1} tokens of KV cache but the whole pool holds "
+                             f"{self.kv.num_blocks * self.kv.block_size}.")
+                out.failed.append(req)
+                continue
+            blocks, n_cached = self.kv.get_computed_blocks(req.all_token_ids)
+            n = min(req.num_tokens - n_cached, budget)
+            if self.kv.allocate_slots(req.request_id, req.all_token_ids, n_cached, n, blocks) is None:
+                break  # head of the queue waits for blocks; FCFS keeps later ones behind it
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = n_cached
+            req.num_computed_tokens = n_cached
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, n_cached, n))
+            budget -= n
+        return out
+
+    def finish(self, request: Request) -> None:
+        """Remove a finished (or aborted) request and free its blocks at once."""
+        self.kv.free(request.request_id)
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = Status.FINISHED
