@@ -1,0 +1,140 @@
+"""`AsyncEngine`: the continuous-batching engine for asyncio callers (the server).
+
+One background thread owns the `LLMEngine` and steps it while there is work; asyncio code
+adds requests and aborts them through a command queue, and receives each request's
+outputs on its own asyncio queue. Requests that arrive while others run join the running
+batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from kvcache.engine.outputs import RequestOutput
+from kvcache.engine.sampling import SamplingParams
+
+
+@dataclass
+class StreamOutput:
+    """One update of a request: the new text since the last update, and the output so far."""
+
+    request_id: str
+    delta: str
+    finished: bool
+    output: RequestOutput
+
+
+class AsyncEngine:
+    """Runs `llm.engine` on a background thread; `add_request` gives an async iterator."""
+
+    def __init__(self, llm):
+        self.llm, self.engine = llm, llm.engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="kvcache-engine", daemon=True)
+        self._thread.start()
+
+    # -- called from asyncio ------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> AsyncIterator[StreamOutput]:
+        """Queue a prompt (text or ids); iterate the result for its outputs as they come.
+
+        Bad input raises `KVCacheError` here, before anything is queued. Leaving the
+        iteration early (or the task being cancelled) aborts the request and frees its blocks.
+        """
+        ids, plist = self.llm._prepare([prompt], params)
+        rid = request_id or uuid.uuid4().hex
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = (asyncio.get_running_loop(), q)
+        self._commands.put(("add", rid, ids[0], plist[0], None))
+        self._wake.set()
+        return self._iterate(rid, q)
+
+    async def _iterate(self, rid: str, q: asyncio.Queue) -> AsyncIterator[StreamOutput]:
+        finished = False
+        try:
+            while not finished:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                await self.abort(rid)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; returns once the engine has freed its blocks."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("abort", request_id, None, None, done))
+        self._wake.set()
+        await asyncio.wrap_future(done)
+
+    def stats(self) -> dict:
+        """The engine's figures (blocks, hit rate, running/waiting, preemptions)."""
+        return self.engine.stats()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread (pending requests are dropped)."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # -- the engine thread ---------------------------------------------------------------
+    def _deliver(self, rid: str, item) -> None:
+        target = self._streams.get(rid)
+        if target is None:
+            return
+        loop, q = target
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed
+            self._streams.pop(rid, None)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, rid, ids, params, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add_request(ids, params, request_id=rid, eos_ids=self.llm.eos_ids)
+                except Exception as exc:  # e.g. a duplicate id: fail this request alone
+                    self._deliver(rid, exc)
+                    self._streams.pop(rid, None)
+            else:
+                self.engine.abort(rid)
+                self._streams.pop(rid, None)
+                done.set_result(None)
+
+    def _run(self) -> None:
+        bpt = self.engine.storage.bytes_per_token
+        while not self._stop:
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outs = self.engine.step()
+            except Exception as exc:  # keep serving: fail the requests in flight, not the process
+                for rid in list(self._streams):
+                    self._deliver(rid, exc)
+                    self.engine.abort(rid)
+                self._streams.clear()
+                continue
+            for o in outs:
+                rid = o.request.request_id
+                if o.text or o.finished:
+                    self._deliver(rid, StreamOutput(rid, o.text, o.finished, o.request.to_output(bpt)))
+                if o.finished:
+                    self._streams.pop(rid, None)
