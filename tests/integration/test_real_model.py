@@ -108,3 +108,35 @@ def test_engine_cache_bytes_equal_calculator(llm):
         held_tokens = out.metrics.prompt_tokens + out.metrics.generated_tokens - 1  # last token never fed
         assert out.metrics.kv_cache_bytes == kv_bytes(shape, KVFormat.parse("fp32"), held_tokens)
     assert kv_bytes(shape, KVFormat.parse("fp16"), 1) == 23_040
+
+
+def _mixed_requests(llm, n=32, seed=0):
+    """n prompts of mixed lengths (real text at different offsets) with mixed max_tokens."""
+    import random
+
+    import pydoc_data.topics as topics
+
+    rng = random.Random(seed)
+    text_ids = llm.tokenizer(" ".join(topics.topics[k] for k in sorted(topics.topics)[:10]))["input_ids"]
+    prompts, params = [], []
+    for _ in range(n):
+        length, start = rng.randint(4, 60), rng.randint(0, 2000)
+        prompts.append(text_ids[start : start + length])
+        params.append(SamplingParams(max_tokens=rng.randint(4, 20), temperature=0.0, ignore_eos=True))
+    return prompts, params
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_32_requests_with_preemption_equal_each_alone(llm, prefix_caching):
+    prompts, params = _mixed_requests(llm)
+    alone = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, params)]
+    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, block_size=16, enable_prefix_caching=prefix_caching,
+                kv_cache_memory=24 * 16 * llm.kv_bytes_per_token)  # 24 blocks: far less than 32 requests need
+    together = small.generate(prompts, params)
+    stats = small.stats()
+    assert stats["preemptions"] > 0
+    for p, out, ref in zip(prompts, together, alone):
+        assert out.error is None
+        assert_same_or_near_tie(llm, p, out.token_ids, ref)
+    assert stats["blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["blocks_free"] == stats["blocks_total"]

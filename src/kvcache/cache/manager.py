@@ -48,8 +48,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_extra = hash_extra
         self._seqs: dict[str, _SeqBlocks] = {}
-        self.prefix_queries = 0  # tokens asked about in get_computed_blocks
-        self.prefix_hits = 0  # of those, tokens found in the prefix cache
+        self.prefix_queries = 0  # tokens of sequences admitted (first allocate_slots call)
+        self.prefix_hits = 0  # of those, tokens served from the prefix cache
         # The last hit of get_computed_blocks: (block ids, their hashes), reused by allocate_slots.
         self._last_hit: tuple[tuple[int, ...], list[int]] = ((), [])
 
@@ -58,7 +58,6 @@ class KVCacheManager:
         """The longest run of leading full blocks of `token_ids` already in the prefix
         cache, and the number of tokens they cover. Never the whole sequence (at least one
         token is left to compute, for its logits). Changes no ref counts."""
-        self.prefix_queries += len(token_ids)
         if not self.enable_prefix_caching:
             return [], 0
         bs = self.block_size
@@ -75,7 +74,6 @@ class KVCacheManager:
             blocks.append(block_id)
             hashes.append(parent)
         self._last_hit = (tuple(blocks), hashes)
-        self.prefix_hits += len(blocks) * bs
         return blocks, len(blocks) * bs
 
     def _computed_hashes(self, token_ids: Sequence[int], computed_blocks: Sequence[int]) -> list[int]:
@@ -133,6 +131,9 @@ class KVCacheManager:
             return None
 
         if seq is None:
+            # hit-rate accounting per admitted sequence (a queue head retried while blocked counts once)
+            self.prefix_queries += len(token_ids)
+            self.prefix_hits += num_computed_tokens
             seq = self._seqs[seq_id] = _SeqBlocks()
             if computed_blocks:
                 self.pool.touch(computed_blocks)  # before allocate: they must not be evicted

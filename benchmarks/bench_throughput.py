@@ -1,0 +1,797 @@
+"""Serving throughput, KV capacity and prefix caching of the paged engine.
+
+Workload: `--num-requests` requests (seed `--seed`), prompt lengths in [`--min-prompt`,
+`--max-prompt`] and output lengths in [`--min-output`, `--max-output`], both lognormal
+(long-tailed like chat traffic) clipped to their range. Prompts are real text (Python's
+`pydoc_data.topics`, tokenized with the model's tokenizer) taken at different offsets, so no
+two share a prefix; outputs are greedy with EOS ignored, so every request generates exactly
+its length.
+
+1. Throughput, tokens/s = (prompt + generated tokens) / wall time, and generated tokens/s:
+   a. ours, every request at once through `LLM.generate` (continuous batching);
+   b. ours, the same requests one by one (`LLM.generate([p], [sp])` in a loop);
+   c. `transformers` generate, left-padded batches of 8 in workload order (same weights,
+      same dtype); only each request's own prompt and requested output count;
+   d. `llama-cpp-python` on the same GGUF, one by one (skipped when not installed).
+   `--max-requests-baseline N` runs b, c and d on the first N requests only.
+2. Capacity in a fixed `--kv-budget`: the workload runs through `LLMEngine.run_to_completion`
+   with a per-step probe (blocks used, tokens held, requests resident); compared with how many
+   requests fit if each reserved max_model_len tokens, or prompt + max_tokens, up front.
+3. Prefix caching: `--prefix-requests` requests sharing a `--prefix-tokens` system prompt plus
+   a distinct ~`--question-tokens` question each, submitted together, on a fresh LLM with
+   prefix caching on and on one with it off: TTFT (queueing included), hit rate, wall time.
+
+    python benchmarks/bench_throughput.py                                   # full run
+    python benchmarks/bench_throughput.py --num-requests 6 --max-prompt 128 --max-output 16 \\
+        --skip-hf --skip-llamacpp                                           # seconds
+    python benchmarks/bench_throughput.py --json > throughput.json
+    python benchmarks/bench_throughput.py --plot out/throughput.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
+from kvcache.engine.llm import LLM, parse_dtype
+from kvcache.engine.sampling import SamplingParams
+from kvcache.errors import KVCacheError
+from kvcache.models.loader import DEFAULT_MODEL, read_hf_config
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# goals (ours vs the others)
+GOAL_VS_ONE_BY_ONE = 5.0
+GOAL_VS_HF = 2.0
+GOAL_VS_LLAMACPP = 3.0
+GOAL_VS_MAX_LEN_RESERVE = 3.0
+GOAL_VS_FULL_RESERVE = 1.5
+GOAL_WASTE = 0.04
+GOAL_PREFIX_TTFT = 5.0
+
+
+# ----------------------------------------------------------------------------------------
+# arguments
+# ----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Throughput, KV capacity and prefix caching of the paged engine.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", help="weights and KV dtype (default float32)")
+    p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    p.add_argument("--num-requests", type=int, default=64, help="requests in the workload (default 64)")
+    p.add_argument("--max-prompt", type=int, default=1024, help="longest prompt in tokens (default 1024)")
+    p.add_argument("--min-prompt", type=int, default=None,
+                   help="shortest prompt in tokens (default max-prompt / 16, i.e. 64)")
+    p.add_argument("--max-output", type=int, default=256, help="longest output in tokens (default 256)")
+    p.add_argument("--min-output", type=int, default=None,
+                   help="shortest output in tokens (default max-output / 8, i.e. 32)")
+    p.add_argument("--kv-budget", default="256MiB", help="KV cache memory of every engine run (default 256MiB)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests per step (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="engine: most tokens per step (default 512)")
+    p.add_argument("--hf-batch-size", type=int, default=8, help="transformers batch size (default 8)")
+    p.add_argument("--max-requests-baseline", type=int, default=None, metavar="N",
+                   help="run the slow baselines (one by one, transformers, llama.cpp) on the first N "
+                        "requests only (default: all)")
+    p.add_argument("--skip-one-by-one", action="store_true", help="skip ours one request at a time")
+    p.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--skip-llamacpp", action="store_true", help="skip the llama-cpp-python baseline")
+    p.add_argument("--skip-capacity", action="store_true", help="skip the KV capacity run")
+    p.add_argument("--skip-prefix", action="store_true", help="skip the prefix-caching runs")
+    p.add_argument("--prefix-requests", type=int, default=32, help="prefix test: requests (default 32)")
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="prefix test: shared prompt tokens (default 1000)")
+    p.add_argument("--question-tokens", type=int, default=30,
+                   help="prefix test: tokens of each distinct question (default 30)")
+    p.add_argument("--prefix-max-tokens", type=int, default=8, help="prefix test: tokens to generate (default 8)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="write a PNG of the capacity run over time (generated tok/s, KV memory, requests)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
+    a = p.parse_args(argv)
+    if a.min_prompt is None:
+        a.min_prompt = max(1, a.max_prompt // 16)
+    if a.min_output is None:
+        a.min_output = max(1, a.max_output // 8)
+    for name in ("threads", "num_requests", "max_prompt", "min_prompt", "max_output", "min_output", "block_size",
+                 "max_num_seqs", "max_num_batched_tokens", "hf_batch_size", "prefix_requests", "prefix_tokens",
+                 "question_tokens", "prefix_max_tokens"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.min_prompt > a.max_prompt:
+        p.error("--min-prompt is larger than --max-prompt")
+    if a.min_output > a.max_output:
+        p.error("--min-output is larger than --max-output")
+    if a.max_requests_baseline is not None and a.max_requests_baseline < 1:
+        p.error("--max-requests-baseline must be at least 1")
+    try:
+        a.kv_budget_bytes = parse_size(a.kv_budget)
+        parse_dtype(a.dtype)
+    except KVCacheError as exc:
+        p.error(str(exc))
+    return a
+
+
+# ----------------------------------------------------------------------------------------
+# workload
+# ----------------------------------------------------------------------------------------
+
+def corpus_ids(tokenizer) -> list[int]:
+    """Token ids of real English/Python text: every pydoc topic shipped with Python."""
+    try:
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k] for k in sorted(topics))
+    except ImportError:  # stripped Python builds
+        import inspect
+
+        text = "\n\n".join(inspect.getsource(m) for m in (argparse, json, statistics))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def lognormal_lengths(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[int]:
+    """n long-tailed lengths in [lo, hi]: lognormal with its median 40% of the way from lo
+    to hi on a log scale, sigma 0.3 * ln(hi / lo), clipped."""
+    if lo == hi:
+        return [lo] * n
+    span = math.log(hi / lo)
+    x = rng.lognormal(mean=math.log(lo) + 0.4 * span, sigma=0.3 * span, size=n)
+    return [int(v) for v in np.clip(np.rint(x), lo, hi)]
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    outputs: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def prompt_lens(self) -> list[int]:
+        return [len(p) for p in self.prompts]
+
+    def head(self, n: int) -> "Workload":
+        return Workload(self.prompts[:n], self.outputs[:n])
+
+    def summary(self) -> dict:
+        def stats(xs):
+            return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "mean": statistics.fmean(xs),
+                    "total": sum(xs)}
+        return {"num_requests": len(self), "prompt_len": stats(self.prompt_lens), "output_len": stats(self.outputs),
+                "total_len_mean": statistics.fmean(p + o for p, o in zip(self.prompt_lens, self.outputs))}
+
+
+def make_workload(corpus: list[int], n: int, seed: int, pmin: int, pmax: int, omin: int, omax: int) -> Workload:
+    """Seeded prompts (corpus slices laid out one after another with random gaps, so they
+    neither overlap nor share a prefix while the corpus lasts) and output lengths."""
+    rng = np.random.default_rng(seed)
+    plens = lognormal_lengths(rng, n, pmin, pmax)
+    olens = lognormal_lengths(rng, n, omin, omax)
+    if pmax > len(corpus):
+        raise SystemExit(f"The prompt text has only {len(corpus)} tokens; --max-prompt {pmax} is too long.")
+    slack = max(0, (len(corpus) - sum(plens)) // n)
+    prompts, cursor = [], int(rng.integers(0, slack + 1))
+    for length in plens:
+        if cursor + length > len(corpus):  # more prompt tokens than text: wrap (slices may then overlap)
+            cursor = int(rng.integers(0, len(corpus) - length + 1))
+        prompts.append(corpus[cursor:cursor + length])
+        cursor += length + int(rng.integers(0, slack + 1))
+    order = rng.permutation(n)  # long and short prompts from anywhere in the text, in random order
+    return Workload([prompts[i] for i in order], olens)
+
+
+# ----------------------------------------------------------------------------------------
+# results
+# ----------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    name: str
+    requests: int
+    of_requests: int  # requests in the whole workload (requests < of_requests: a subset)
+    prompt_tokens: int
+    generated_tokens: int
+    wall_s: float
+    note: str = ""
+
+    @property
+    def subset(self) -> bool:
+        return self.requests < self.of_requests
+
+    @property
+    def total_tok_s(self) -> float:
+        return (self.prompt_tokens + self.generated_tokens) / self.wall_s if self.wall_s > 0 else float("nan")
+
+    @property
+    def gen_tok_s(self) -> float:
+        return self.generated_tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "requests": self.requests, "of_requests": self.of_requests,
+                "subset": self.subset, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens, "wall_s": self.wall_s,
+                "total_tok_s": self.total_tok_s, "gen_tok_s": self.gen_tok_s, "note": self.note}
+
+
+def _finite(x):
+    """JSON-safe: NaN and infinities become None, recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _ratio(a: float, b: float) -> float:
+    if b == 0:
+        return float("inf") if a > 0 else float("nan")
+    return a / b
+
+
+# ----------------------------------------------------------------------------------------
+# ours
+# ----------------------------------------------------------------------------------------
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def make_llm(args, prefix_caching: bool = True) -> LLM:
+    return LLM(args.model, dtype=args.dtype, threads=args.threads, progress=False,
+               kv_cache_memory=args.kv_budget_bytes, block_size=args.block_size,
+               enable_prefix_caching=prefix_caching, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def warm_up(llm: LLM, corpus: list[int]) -> None:
+    """One small untimed request (first-call overheads), then forget its cached blocks."""
+    llm.generate([corpus[-40:]], greedy(4))
+    llm.engine.kv.reset_prefix_cache()
+
+
+def check_outputs(outs, wl: Workload, who: str) -> None:
+    for i, (o, n) in enumerate(zip(outs, wl.outputs)):
+        if o.error or len(o.token_ids) != n:
+            raise RuntimeError(f"{who}: request {i} generated {len(o.token_ids)} tokens, expected {n} "
+                               f"({o.error or o.finish_reason})")
+
+
+def run_ours_batched(llm: LLM, wl: Workload, progress: Progress) -> tuple[RunResult, int]:
+    task = progress.add_task(f"2a ours, {len(wl)} requests at once", total=None)
+    llm.engine.kv.reset_prefix_cache()
+    pre0 = llm.engine.scheduler.num_preemptions
+    t0 = time.perf_counter()
+    outs = llm.generate(wl.prompts, [greedy(n) for n in wl.outputs])
+    wall = time.perf_counter() - t0
+    check_outputs(outs, wl, "ours (batched)")
+    progress.update(task, total=1, completed=1)
+    preempt = llm.engine.scheduler.num_preemptions - pre0
+    return RunResult("ours, continuous batching", len(wl), len(wl), sum(wl.prompt_lens), sum(wl.outputs), wall,
+                     f"{preempt} preemptions"), preempt
+
+
+def run_ours_one_by_one(llm: LLM, wl: Workload, of: int, progress: Progress) -> RunResult:
+    task = progress.add_task(f"2b ours, one by one ({len(wl)} requests)", total=len(wl))
+    llm.engine.kv.reset_prefix_cache()
+    t0 = time.perf_counter()
+    for i, (p, n) in enumerate(zip(wl.prompts, wl.outputs)):
+        out = llm.generate([p], [greedy(n)])
+        check_outputs(out, Workload([p], [n]), "ours (one by one)")
+        progress.advance(task)
+    wall = time.perf_counter() - t0
+    return RunResult("ours, one by one", len(wl), of, sum(wl.prompt_lens), sum(wl.outputs), wall)
+
+
+@dataclass
+class StepRecord:
+    t: float  # seconds since the run started, at the end of the step
+    generated: int  # tokens generated so far in this run
+    blocks_used: int
+    tokens_held: int  # tokens whose K/V the used blocks hold (a shared block counted once)
+    tokens_held_sum: int  # sum of num_computed_tokens over running requests
+    running: int
+    waiting: int
+
+
+def run_capacity(llm: LLM, wl: Workload, progress: Progress) -> tuple[dict, list[StepRecord]]:
+    """All requests through run_to_completion, probing the pool after every step."""
+    engine = llm.engine
+    kv, sched, bs = engine.kv, engine.scheduler, engine.config.block_size
+    kv.reset_prefix_cache()
+    task = progress.add_task(f"3 capacity in {format_bytes(engine.storage.nbytes)}", total=sum(wl.outputs))
+    records: list[StepRecord] = []
+    gen0, pre0 = engine.tokens_generated, sched.num_preemptions
+
+    def probe(_outputs) -> None:
+        held: dict[int, int] = {}
+        for r in sched.running:
+            n = r.num_computed_tokens
+            for i, b in enumerate(kv.block_table(r.request_id)):
+                k = min(bs, n - i * bs)
+                if k <= 0:
+                    break
+                if k > held.get(b, 0):
+                    held[b] = k
+        gen = engine.tokens_generated - gen0
+        records.append(StepRecord(time.perf_counter() - t0, gen, kv.usage()["blocks_used"], sum(held.values()),
+                                  sum(r.num_computed_tokens for r in sched.running), len(sched.running),
+                                  len(sched.waiting)))
+        progress.update(task, completed=gen)
+
+    t0 = time.perf_counter()
+    reqs = [engine.add_request(p, greedy(n), eos_ids=llm.eos_ids) for p, n in zip(wl.prompts, wl.outputs)]
+    engine.run_to_completion(reqs, on_step=probe)
+    wall = time.perf_counter() - t0
+    check_outputs([r.to_output() for r in reqs], wl, "ours (capacity run)")
+
+    num_blocks = engine.config.num_blocks
+    bpt = engine.storage.bytes_per_token
+    # time-weighted over steps with blocks in use: each record stands for its step's duration
+    w_sum = waste_sum = run_sum = 0.0
+    prev = 0.0
+    for rec in records:
+        dt, prev = rec.t - prev, rec.t
+        if rec.blocks_used:
+            waste = 1.0 - rec.tokens_held / (rec.blocks_used * bs)
+            w_sum += dt
+            waste_sum += dt * waste
+            run_sum += dt * rec.running
+    peak = max(records, key=lambda r: r.running) if records else None
+    return {
+        "wall_s": wall,
+        "total_tok_s": (sum(wl.prompt_lens) + sum(wl.outputs)) / wall,
+        "gen_tok_s": sum(wl.outputs) / wall,
+        "steps": len(records),
+        "num_blocks": num_blocks,
+        "block_size": bs,
+        "pool_tokens": num_blocks * bs,
+        "pool_bytes": engine.storage.nbytes,
+        "bytes_per_token": bpt,
+        "peak_running": peak.running if peak else 0,
+        "peak_running_at_s": peak.t if peak else 0.0,
+        "mean_running": run_sum / w_sum if w_sum else 0.0,
+        "peak_blocks_used": max((r.blocks_used for r in records), default=0),
+        "waste_fraction": waste_sum / w_sum if w_sum else 0.0,
+        "waste_fraction_max": max((1 - r.tokens_held / (r.blocks_used * bs) for r in records if r.blocks_used),
+                                  default=0.0),
+        "preemptions": sched.num_preemptions - pre0,
+        "preempted_requests": sum(1 for r in reqs if r.preemptions),
+    }, records
+
+
+# ----------------------------------------------------------------------------------------
+# baselines
+# ----------------------------------------------------------------------------------------
+
+def run_hf(llm: LLM, wl: Workload, of: int, args, progress: Progress) -> RunResult:
+    from transformers import AutoModelForCausalLM
+
+    dt = parse_dtype(args.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(str(llm.model_dir), dtype=dt).eval()
+    pad = llm.tokenizer.pad_token_id
+    if pad is None:
+        pad = llm.config.eos_token_ids[0] if llm.config.eos_token_ids else 0
+    bsz = args.hf_batch_size
+    batches = [list(range(i, min(i + bsz, len(wl)))) for i in range(0, len(wl), bsz)]
+    task = progress.add_task(f"2c transformers, batches of {bsz} ({len(wl)} requests)", total=len(batches))
+
+    def generate(rows: list[list[int]], max_new: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        with torch.inference_mode():
+            seq = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new,
+                              do_sample=False, pad_token_id=pad)
+        if seq.shape[1] - width != max_new:
+            raise RuntimeError(f"transformers generated {seq.shape[1] - width} tokens, expected {max_new}")
+        return seq
+
+    generate([wl.prompts[0][:8], wl.prompts[-1][:5]], 2)  # warm-up, untimed
+    t0 = time.perf_counter()
+    for b in batches:
+        generate([wl.prompts[i] for i in b], max(wl.outputs[i] for i in b))
+        progress.advance(task)
+    wall = time.perf_counter() - t0
+    del hf
+    gc.collect()
+    return RunResult(f"transformers, padded batches of {bsz}", len(wl), of, sum(wl.prompt_lens), sum(wl.outputs),
+                     wall, "useful tokens only (no padding, no tokens past a request's own length)")
+
+
+def run_llamacpp(wl: Workload, of: int, args, progress: Progress) -> RunResult:
+    import llama_cpp  # ImportError: the caller reports it as skipped
+
+    from kvcache.models.loader import packaged_gguf
+
+    gguf = packaged_gguf(args.model) if args.model == DEFAULT_MODEL else Path(args.model)
+    if gguf.suffix != ".gguf":
+        raise RuntimeError(f"no GGUF for model {args.model}")
+    n_ctx = max(2048, max(p + o for p, o in zip(wl.prompt_lens, wl.outputs)) + 1)
+    model = llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads,
+                            n_ctx=n_ctx, logits_all=False, verbose=False)
+    task = progress.add_task(f"2d llama.cpp, one by one ({len(wl)} requests)", total=len(wl))
+
+    def generate(ids: list[int], n: int) -> int:
+        # Llama.generate never stops on EOS by itself: stop after exactly n tokens.
+        # reset() first so llama.cpp reuses no KV of the previous request.
+        model.reset()
+        count = 0
+        for _ in model.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            count += 1
+            if count >= n:
+                break
+        return count
+
+    generate(wl.prompts[-1][:8], 2)  # warm-up, untimed
+    t0 = time.perf_counter()
+    for p, n in zip(wl.prompts, wl.outputs):
+        got = generate(p, n)
+        if got != n:
+            raise RuntimeError(f"llama.cpp generated {got} tokens, expected {n}")
+        progress.advance(task)
+    wall = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return RunResult(f"llama.cpp ({gguf.name}), one by one", len(wl), of, sum(wl.prompt_lens), sum(wl.outputs),
+                     wall, "quantized GGUF weights, greedy")
+
+
+# ----------------------------------------------------------------------------------------
+# prefix caching
+# ----------------------------------------------------------------------------------------
+
+def prefix_workload(tokenizer, corpus: list[int], args) -> list[list[int]]:
+    """A shared system prompt (the first --prefix-tokens of the text) + a distinct question each."""
+    system = corpus[:args.prefix_tokens]
+    if len(system) < args.prefix_tokens:
+        raise SystemExit(f"The prompt text has only {len(corpus)} tokens; --prefix-tokens is too long.")
+    prompts = []
+    region = len(corpus) // 2  # questions come from the second half: never part of the system prompt
+    step = max(args.question_tokens, (len(corpus) - region - args.question_tokens) // max(1, args.prefix_requests))
+    for i in range(args.prefix_requests):
+        head = list(tokenizer(f"\n\nUser question {i + 1}: ", add_special_tokens=False)["input_ids"])
+        k = max(1, args.question_tokens - len(head))
+        start = region + i * step
+        prompts.append(system + head + corpus[start:start + k])
+    return prompts
+
+
+def run_prefix(args, corpus: list[int], caching: bool, progress: Progress) -> dict:
+    label = "on" if caching else "off"
+    task = progress.add_task(f"4 prefix caching {label}: {args.prefix_requests} requests", total=None)
+    llm = make_llm(args, prefix_caching=caching)
+    prompts = prefix_workload(llm.tokenizer, corpus, args)
+    warm_up(llm, corpus)
+    u0 = llm.engine.kv.usage()
+    pre0 = llm.engine.scheduler.num_preemptions
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, greedy(args.prefix_max_tokens))
+    wall = time.perf_counter() - t0
+    u1 = llm.engine.kv.usage()
+    for o in outs:
+        if o.error or len(o.token_ids) != args.prefix_max_tokens:
+            raise RuntimeError(f"prefix test ({label}): {o.error or 'wrong output length'}")
+    ttft = [o.metrics.ttft_s for o in outs]
+    queries = u1["prefix_queries"] - u0["prefix_queries"]
+    hits = u1["prefix_hits"] - u0["prefix_hits"]
+    progress.update(task, total=1, completed=1)
+    res = {
+        "prefix_caching": caching,
+        "requests": len(prompts),
+        "prompt_tokens_mean": statistics.fmean(len(p) for p in prompts),
+        "ttft_mean_s": statistics.fmean(ttft),
+        "ttft_median_s": statistics.median(ttft),
+        "ttft_max_s": max(ttft),
+        "wall_s": wall,
+        "prefix_hit_rate": hits / queries if queries else 0.0,
+        "prefix_hit_rate_engine": llm.stats()["prefix_hit_rate"],  # since the engine started (warm-up included)
+        "cached_prompt_tokens_mean": statistics.fmean(o.metrics.cached_prompt_tokens for o in outs),
+        "preemptions": llm.engine.scheduler.num_preemptions - pre0,
+    }
+    del llm
+    gc.collect()
+    return res
+
+
+# ----------------------------------------------------------------------------------------
+# plot
+# ----------------------------------------------------------------------------------------
+
+def write_plot(path: str, records: list[StepRecord], cap: dict, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return
+    records = [StepRecord(0.0, 0, 0, 0, 0, 0, 0)] + records  # the empty pool at the start
+    t = [r.t for r in records]
+    gens = [r.generated for r in records]
+    dts = [b - a for a, b in zip(t[:-1], t[1:])]
+    window = max(t[-1] / 40, 3 * statistics.median(dts))
+    rate = []
+    for i, ti in enumerate(t):  # tokens generated in the last `window` seconds (from a step boundary)
+        k = min(max(bisect.bisect_right(t, ti - window) - 1, 0), max(i - 1, 0))  # last boundary <= ti - window
+        rate.append((gens[i] - gens[k]) / (ti - t[k]) if ti > t[k] else 0.0)
+    bpt, bs = cap["bytes_per_token"], cap["block_size"]
+    mib = 2 ** 20
+    used = [r.blocks_used * bs * bpt / mib for r in records]
+    held = [r.tokens_held * bpt / mib for r in records]
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    ax1.plot(t, rate, color="tab:blue")
+    ax1.set_ylabel(f"generated tok/s\n(rolling {window:.2f} s)")
+    ax1.grid(alpha=0.3)
+    ax1.set_title(title)
+    ax2.step(t, used, where="pre", color="tab:orange", label="KV allocated (blocks used)")
+    ax2.step(t, held, where="pre", color="tab:green", label="KV holding tokens")
+    ax2.axhline(cap["pool_bytes"] / mib, color="gray", ls="--", lw=1, label="KV pool")
+    ax2.set_ylabel("KV memory (MiB)")
+    ax2.set_xlabel("time (s)")
+    ax2.grid(alpha=0.3)
+    twin = ax2.twinx()
+    twin.step(t, [r.running for r in records], where="pre", color="tab:purple", alpha=0.6, label="requests running")
+    twin.set_ylabel("requests running")
+    h1, l1 = ax2.get_legend_handles_labels()
+    h2, l2 = twin.get_legend_handles_labels()
+    ax2.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------
+
+def _mark(passed: bool | None) -> str:
+    if passed is None:
+        return "[dim]n/a[/dim]"
+    return "[green]pass[/green]" if passed else "[red]FAIL[/red]"
+
+
+def _x(r: float) -> str:
+    return "∞" if r == float("inf") else ("n/a" if math.isnan(r) else f"{r:.2f}x")
+
+
+def build_report(args, wl: Workload, runs: dict, cap: dict | None, static: dict | None,
+                 prefix: dict | None, skipped: dict) -> tuple[Table, dict, list[dict]]:
+    t = Table(box=box.SIMPLE_HEAD, title=(
+        f"Throughput: {args.model}, {args.dtype}, {args.threads} threads, "
+        f"KV budget {format_bytes(args.kv_budget_bytes)}, {len(wl)} requests (seed {args.seed})"))
+    for col in ("", "figure", "value", "goal", ""):
+        t.add_column(col, justify="right" if col == "value" else "left", no_wrap=col != "figure")
+    goals: list[dict] = []
+
+    def row(section, figure, value, goal="", passed=None, key=None, measured=None, target=None):
+        t.add_row(section, figure, value, goal, _mark(passed) if goal else "")
+        if key:
+            goals.append({"goal": key, "value": measured, "target": target, "passed": passed,
+                          "infinite": measured == float("inf")})
+
+    s = wl.summary()
+    pl, ol = s["prompt_len"], s["output_len"]
+    row("workload", "prompt tokens min / median / max", f"{pl['min']} / {pl['median']:g} / {pl['max']}")
+    row("", "output tokens min / median / max", f"{ol['min']} / {ol['median']:g} / {ol['max']}")
+    row("", "tokens in all (prompt + output)", f"{pl['total']:,} + {ol['total']:,}")
+    t.add_section()
+
+    a = runs["ours_batched"]
+    row("throughput", "2a ours, all at once: tok/s (gen tok/s)", f"{a.total_tok_s:,.0f} ({a.gen_tok_s:,.0f})")
+    row("", "   wall time", f"{a.wall_s:.1f} s  [dim]{a.note}[/dim]")
+    for key, label, short, goal_x in (
+            ("ours_one_by_one", "2b ours, one by one", "2b", GOAL_VS_ONE_BY_ONE),
+            ("hf", f"2c transformers, batches of {args.hf_batch_size}", "2c", GOAL_VS_HF),
+            ("llamacpp", "2d llama.cpp, one by one", "2d", GOAL_VS_LLAMACPP)):
+        r = runs.get(key)
+        if r is None:
+            row("", f"{label}: tok/s", f"[dim]skipped: {skipped.get(key, 'skipped')}[/dim]",
+                f"2a >= {goal_x:g}x", None, f"ours_vs_{key.removeprefix('ours_')}", None, goal_x)
+            continue
+        sub = f" [yellow]\\[first {r.requests}/{r.of_requests} requests][/yellow]" if r.subset else ""
+        row("", f"{label}: tok/s (gen tok/s){sub}", f"{r.total_tok_s:,.0f} ({r.gen_tok_s:,.0f})")
+        speed = _ratio(a.total_tok_s, r.total_tok_s)
+        row("", f"   2a / {short} (total tok/s)", _x(speed),
+            f">= {goal_x:g}x", speed >= goal_x, f"ours_vs_{key.removeprefix('ours_')}", speed, goal_x)
+    t.add_section()
+
+    if cap is not None:
+        row("capacity", f"KV pool: {cap['num_blocks']} blocks x {cap['block_size']} tokens",
+            f"{cap['pool_tokens']:,} tokens, {format_bytes(cap['pool_bytes'])}")
+        row("", "bytes per token", f"{cap['bytes_per_token']:,}")
+        row("", "peak requests resident at once (mean)", f"{cap['peak_running']} ({cap['mean_running']:.1f})")
+        r1 = _ratio(cap["peak_running"], static["max_len_requests"])
+        row("", f"   if each reserved max_model_len ({static['max_model_len']:,})",
+            f"{static['max_len_requests']}  → {_x(r1)}", f">= {GOAL_VS_MAX_LEN_RESERVE:g}x",
+            r1 >= GOAL_VS_MAX_LEN_RESERVE, "capacity_vs_max_len_reserve", r1, GOAL_VS_MAX_LEN_RESERVE)
+        r2 = _ratio(cap["peak_running"], static["full_reserve_requests"])
+        row("", f"   if each reserved prompt + max_tokens (mean {static['mean_total_len']:.0f})",
+            f"{static['full_reserve_requests']}  → {_x(r2)}", f">= {GOAL_VS_FULL_RESERVE:g}x",
+            r2 >= GOAL_VS_FULL_RESERVE, "capacity_vs_full_reserve", r2, GOAL_VS_FULL_RESERVE)
+        row("", "allocated KV not holding a token (time-weighted)", f"{cap['waste_fraction']:.2%}",
+            f"< {GOAL_WASTE:.0%}", cap["waste_fraction"] < GOAL_WASTE, "kv_waste", cap["waste_fraction"], GOAL_WASTE)
+        row("", "   worst step", f"{cap['waste_fraction_max']:.2%}")
+        row("", "preemptions (requests preempted)", f"{cap['preemptions']} ({cap['preempted_requests']})")
+        row("", "run: tok/s (gen tok/s), wall, steps",
+            f"{cap['total_tok_s']:,.0f} ({cap['gen_tok_s']:,.0f}), {cap['wall_s']:.1f} s, {cap['steps']}")
+    else:
+        row("capacity", "[dim]skipped[/dim]", "")
+    t.add_section()
+
+    if prefix is not None:
+        on, off = prefix["on"], prefix["off"]
+        row("prefix", f"{on['requests']} requests, {args.prefix_tokens}-token shared prefix, "
+                      f"~{args.question_tokens}-token questions, {args.prefix_max_tokens} new", "")
+        row("", "TTFT mean / median, caching on",
+            f"{on['ttft_mean_s'] * 1e3:,.0f} / {on['ttft_median_s'] * 1e3:,.0f} ms")
+        row("", "TTFT mean / median, caching off",
+            f"{off['ttft_mean_s'] * 1e3:,.0f} / {off['ttft_median_s'] * 1e3:,.0f} ms")
+        row("", "TTFT off / on (mean)", _x(prefix["ttft_mean_ratio"]), f">= {GOAL_PREFIX_TTFT:g}x",
+            prefix["ttft_mean_ratio"] >= GOAL_PREFIX_TTFT, "prefix_ttft", prefix["ttft_mean_ratio"], GOAL_PREFIX_TTFT)
+        row("", "TTFT off / on (median)", _x(prefix["ttft_median_ratio"]))
+        row("", "prefix hit rate (of prompt tokens looked up)", f"{on['prefix_hit_rate']:.1%}")
+        row("", "mean cached prompt tokens per request",
+            f"{on['cached_prompt_tokens_mean']:.0f} of {on['prompt_tokens_mean']:.0f}")
+        row("", "wall time on / off", f"{on['wall_s']:.1f} s / {off['wall_s']:.1f} s")
+    else:
+        row("prefix", "[dim]skipped[/dim]", "")
+    return t, s, goals
+
+
+# ----------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        raise SystemExit("This benchmark needs `transformers` installed.") from None
+    # With --json, stdout carries only the JSON; progress and the table go to stderr.
+    console = Console(stderr=args.json)
+    if not console.is_terminal:  # piped/redirected: rich would assume 80 columns and cut the table
+        console = Console(stderr=args.json, width=130)
+    err = Console(stderr=True)
+    if not err.is_terminal:
+        err = Console(stderr=True, width=130)
+
+    runs: dict[str, RunResult] = {}
+    skipped: dict[str, str] = {}
+    cap = static = prefix = None
+    records: list[StepRecord] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as progress:
+        load = progress.add_task("loading the model", total=None)
+        llm = make_llm(args)
+        progress.update(load, total=1, completed=1)
+        corpus = corpus_ids(llm.tokenizer)
+        wl = make_workload(corpus, args.num_requests, args.seed, args.min_prompt, args.max_prompt,
+                           args.min_output, args.max_output)
+        longest = max(p + o for p, o in zip(wl.prompt_lens, wl.outputs))
+        if longest > llm.max_model_len:
+            raise SystemExit(f"A request needs {longest} tokens, more than max_model_len {llm.max_model_len}.")
+        s = wl.summary()
+        err.print(f"workload: {len(wl)} requests; prompt tokens min/median/max "
+                  f"{s['prompt_len']['min']}/{s['prompt_len']['median']:g}/{s['prompt_len']['max']}; "
+                  f"output tokens {s['output_len']['min']}/{s['output_len']['median']:g}/{s['output_len']['max']}")
+        n_base = min(args.max_requests_baseline or len(wl), len(wl))
+        base = wl.head(n_base)
+
+        warm_up(llm, corpus)
+        runs["ours_batched"], _ = run_ours_batched(llm, wl, progress)
+        if args.skip_one_by_one:
+            skipped["ours_one_by_one"] = "--skip-one-by-one"
+        else:
+            runs["ours_one_by_one"] = run_ours_one_by_one(llm, base, len(wl), progress)
+
+        if not args.skip_capacity:
+            cap, records = run_capacity(llm, wl, progress)
+            shape = ModelShape.from_hf_config(read_hf_config(llm.model_dir), name=args.model)
+            bpt = kv_bytes_per_token(shape, KVFormat.parse(_DTYPE_NAMES.get(parse_dtype(args.dtype), args.dtype)))
+            if bpt != cap["bytes_per_token"]:
+                err.print(f"[yellow]note: spec bytes/token {bpt} != engine bytes/token {cap['bytes_per_token']}"
+                          "[/yellow]")
+            mean_total = s["total_len_mean"]
+            static = {
+                "budget_bytes": args.kv_budget_bytes,
+                "bytes_per_token": bpt,
+                "max_model_len": llm.max_model_len,
+                "max_len_requests": args.kv_budget_bytes // (llm.max_model_len * bpt),
+                "max_len_requests_fractional": args.kv_budget_bytes / (llm.max_model_len * bpt),
+                "mean_total_len": mean_total,
+                "full_reserve_requests": int(args.kv_budget_bytes // (mean_total * bpt)),
+            }
+            static["ours_vs_max_len_reserve"] = _ratio(cap["peak_running"], static["max_len_requests"])
+            static["ours_vs_full_reserve"] = _ratio(cap["peak_running"], static["full_reserve_requests"])
+        else:
+            skipped["capacity"] = "--skip-capacity"
+
+        if args.skip_hf:
+            skipped["hf"] = "--skip-hf"
+        else:
+            runs["hf"] = run_hf(llm, base, len(wl), args, progress)
+
+        if args.skip_llamacpp:
+            skipped["llamacpp"] = "--skip-llamacpp"
+        else:
+            try:
+                runs["llamacpp"] = run_llamacpp(base, len(wl), args, progress)
+            except ImportError:
+                err.print("skipped: llama-cpp-python not installed")
+                skipped["llamacpp"] = "llama-cpp-python not installed"
+        model_dir = str(llm.model_dir)
+        del llm
+        gc.collect()
+
+        if args.skip_prefix:
+            skipped["prefix"] = "--skip-prefix"
+        else:
+            on = run_prefix(args, corpus, True, progress)
+            off = run_prefix(args, corpus, False, progress)
+            prefix = {"on": on, "off": off,
+                      "ttft_mean_ratio": _ratio(off["ttft_mean_s"], on["ttft_mean_s"]),
+                      "ttft_median_ratio": _ratio(off["ttft_median_s"], on["ttft_median_s"]),
+                      "wall_ratio": _ratio(off["wall_s"], on["wall_s"])}
+
+    table, summary, goals = build_report(args, wl, runs, cap, static, prefix, skipped)
+    console.print(table)
+    if args.plot:
+        if records:
+            write_plot(args.plot, records, cap, f"{args.model}: {len(wl)} requests in "
+                       f"{format_bytes(cap['pool_bytes'])} of KV ({args.dtype}, {args.threads} threads)")
+            err.print(f"plot written to {args.plot}")
+        else:
+            err.print("[yellow]no plot: the capacity run was skipped[/yellow]")
+
+    a = runs["ours_batched"]
+    result = {
+        "config": {"model": args.model, "model_dir": model_dir, "dtype": args.dtype, "threads": args.threads,
+                   "seed": args.seed, "kv_budget": args.kv_budget, "kv_budget_bytes": args.kv_budget_bytes,
+                   "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+                   "max_num_batched_tokens": args.max_num_batched_tokens, "hf_batch_size": args.hf_batch_size,
+                   "max_requests_baseline": args.max_requests_baseline},
+        "workload": summary,
+        "throughput": {k: r.to_dict() for k, r in runs.items()},
+        "speedups": {f"ours_vs_{k.removeprefix('ours_')}": _ratio(a.total_tok_s, r.total_tok_s)
+                     for k, r in runs.items() if k != "ours_batched"},
+        "skipped": skipped,
+        "capacity": None if cap is None else {**cap, "static": static},
+        "prefix_caching": prefix,
+        "goals": goals,
+    }
+    result = _finite(result)
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        sys.stdout.flush()
+    return result
+
+
+if __name__ == "__main__":
+    main()
