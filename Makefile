@@ -31,8 +31,11 @@ test-fast: install-test
 	$(PY) -m pytest -q -m "not real_model"
 
 bench: install-test
+	$(PIP) install -q -e '.[bench]'   # llama-cpp-python builds from source (~6 minutes)
 	$(VENV)/bin/kvcache bench cache --threads 2 --plot out/bench_cache.png
 	$(PY) benchmarks/bench_vs_transformers.py --threads 2
+	$(VENV)/bin/kvcache bench chat --threads 2
+	$(PY) benchmarks/bench_throughput.py --threads 2 --plot out/throughput.png
 
 clean:
 	rm -rf $(VENV) out
