@@ -276,7 +276,7 @@ def check_outputs(outs, wl: Workload, who: str) -> None:
                                f"({o.error or o.finish_reason})")
 
 
-def run_ours_batched(llm: LLM, wl: Workload, progress: Progress) -> tuple[RunResult, int]:
+def run_ours_batched(llm: LLM, wl: Workload, progress: Progress) -> RunResult:
     task = progress.add_task(f"2a ours, {len(wl)} requests at once", total=None)
     llm.engine.kv.reset_prefix_cache()
     pre0 = llm.engine.scheduler.num_preemptions
@@ -287,14 +287,14 @@ def run_ours_batched(llm: LLM, wl: Workload, progress: Progress) -> tuple[RunRes
     progress.update(task, total=1, completed=1)
     preempt = llm.engine.scheduler.num_preemptions - pre0
     return RunResult("ours, continuous batching", len(wl), len(wl), sum(wl.prompt_lens), sum(wl.outputs), wall,
-                     f"{preempt} preemptions"), preempt
+                     f"{preempt} preemptions")
 
 
 def run_ours_one_by_one(llm: LLM, wl: Workload, of: int, progress: Progress) -> RunResult:
     task = progress.add_task(f"2b ours, one by one ({len(wl)} requests)", total=len(wl))
     llm.engine.kv.reset_prefix_cache()
     t0 = time.perf_counter()
-    for i, (p, n) in enumerate(zip(wl.prompts, wl.outputs)):
+    for p, n in zip(wl.prompts, wl.outputs):
         out = llm.generate([p], [greedy(n)])
         check_outputs(out, Workload([p], [n]), "ours (one by one)")
         progress.advance(task)
@@ -412,8 +412,6 @@ def run_hf(llm: LLM, wl: Workload, of: int, args, progress: Progress) -> RunResu
         generate([wl.prompts[i] for i in b], max(wl.outputs[i] for i in b))
         progress.advance(task)
     wall = time.perf_counter() - t0
-    del hf
-    gc.collect()
     return RunResult(f"transformers, padded batches of {bsz}", len(wl), of, sum(wl.prompt_lens), sum(wl.outputs),
                      wall, "useful tokens only (no padding, no tokens past a request's own length)")
 
@@ -450,8 +448,6 @@ def run_llamacpp(wl: Workload, of: int, args, progress: Progress) -> RunResult:
             raise RuntimeError(f"llama.cpp generated {got} tokens, expected {n}")
         progress.advance(task)
     wall = time.perf_counter() - t0
-    del model
-    gc.collect()
     return RunResult(f"llama.cpp ({gguf.name}), one by one", len(wl), of, sum(wl.prompt_lens), sum(wl.outputs),
                      wall, "quantized GGUF weights, greedy")
 
@@ -705,7 +701,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = wl.head(n_base)
 
         warm_up(llm, corpus)
-        runs["ours_batched"], _ = run_ours_batched(llm, wl, progress)
+        runs["ours_batched"] = run_ours_batched(llm, wl, progress)
         if args.skip_one_by_one:
             skipped["ours_one_by_one"] = "--skip-one-by-one"
         else:
@@ -737,6 +733,7 @@ def main(argv: list[str] | None = None) -> dict:
             skipped["hf"] = "--skip-hf"
         else:
             runs["hf"] = run_hf(llm, base, len(wl), args, progress)
+            gc.collect()  # the transformers model
 
         if args.skip_llamacpp:
             skipped["llamacpp"] = "--skip-llamacpp"

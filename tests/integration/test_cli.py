@@ -1,0 +1,93 @@
+"""The `kvcache` command line on the tiny model: output, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvcache.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_generate_json_matches_api(tiny_model_dir, tiny_llm):
+    from kvcache import SamplingParams
+
+    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "Once upon a time", "--max-tokens", "8",
+                "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    want = tiny_llm.generate(["Once upon a time"], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert got["token_ids"] == want.token_ids and got["text"] == want.text
+    assert got["metrics"]["prompt_tokens"] == len(want.prompt_token_ids)
+
+
+def test_generate_streams_the_same_text_with_and_without_cache(tiny_model_dir):
+    base = ["generate", "--model", str(tiny_model_dir), "--prompt", "The robot", "--max-tokens", "10",
+            "--threads", "1"]
+    cached, uncached = run_cli(*base), run_cli(*base, "--no-cache")
+    assert cached.returncode == 0 and uncached.returncode == 0
+    assert cached.stdout == uncached.stdout and cached.stdout.strip()
+
+
+def test_chat_repl_commands(tiny_model_dir):
+    script = "hello there\n/stats\n/reset\n/stats\n/bogus\nexit\n"
+    r = run_cli("chat", "--model", str(tiny_model_dir), "--max-tokens", "6", "--threads", "1", stdin=script)
+    assert r.returncode == 0, r.stderr
+    stats = [line for line in r.stdout.splitlines() if "turns" in line]
+    assert len(stats) == 2
+    assert stats[0].split("turns ")[1].startswith("1,") and stats[1].split("turns ")[1].startswith("0,")
+    assert "unknown command /bogus" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_chat_one_shot(tiny_model_dir):
+    r = run_cli("chat", "--model", str(tiny_model_dir), "--message", "hi", "--max-tokens", "5", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+
+
+def test_memory_json_llama2():
+    r = run_cli("memory", "llama-2-7b", "--seq-len", "4096", "--json")
+    assert r.returncode == 0
+    got = json.loads(r.stdout)
+    assert got["bytes_per_token"] == 524_288 and got["total_bytes"] == 2 * 1024**3
+
+
+def test_memory_of_a_model_folder_uses_its_config(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    r = run_cli("memory", str(tiny_model_dir / "config.json"), "--dtype", "fp32", "--json")
+    assert r.returncode == 0, r.stderr
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert json.loads(r.stdout)["bytes_per_token"] == 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
+
+
+@pytest.mark.parametrize("args", [
+    ["generate", "--model", "no-such-model-xyz", "--prompt", "hi"],
+    ["generate", "--prompt", "hi", "--max-tokens", "0"],
+    ["generate", "--prompt", "hi", "--temperature", "-1"],
+    ["memory", "no-such-model-xyz"],
+    ["memory", "llama-2-7b", "--dtype", "int3"],
+    ["memory", "llama-2-7b", "--budget", "lots"],
+    ["bench", "cache", "--positions", "a,b"],
+])
+def test_bad_input_is_one_sentence_and_exit_2(args):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prompt_longer_than_max_model_len_exits_2(tiny_model_dir):
+    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "word " * 50, "--max-model-len", "8")
+    assert r.returncode == 2 and "max_model_len" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_gguf_exits_2(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    r = run_cli("generate", "--model", str(bad), "--prompt", "hi")
+    assert r.returncode == 2 and "GGUF" in r.stderr and "Traceback" not in r.stderr
