@@ -422,8 +422,8 @@ def run_llamacpp(wl: Workload, of: int, args, progress: Progress) -> RunResult:
     from kvcache.models.loader import packaged_gguf
 
     gguf = packaged_gguf(args.model) if args.model == DEFAULT_MODEL else Path(args.model)
-    if gguf.suffix != ".gguf":
-        raise RuntimeError(f"no GGUF for model {args.model}")
+    if gguf.suffix != ".gguf" or not gguf.is_file():
+        raise FileNotFoundError(f"no GGUF file for model {args.model}")
     n_ctx = max(2048, max(p + o for p, o in zip(wl.prompt_lens, wl.outputs)) + 1)
     model = llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads,
                             n_ctx=n_ctx, logits_all=False, verbose=False)
@@ -743,6 +743,9 @@ def main(argv: list[str] | None = None) -> dict:
             except ImportError:
                 err.print("skipped: llama-cpp-python not installed")
                 skipped["llamacpp"] = "llama-cpp-python not installed"
+            except FileNotFoundError as exc:
+                err.print(f"skipped llama.cpp: {exc}")
+                skipped["llamacpp"] = str(exc)
         model_dir = str(llm.model_dir)
         del llm
         gc.collect()
