@@ -196,12 +196,6 @@ def test_request_longer_than_pool_fails_alone(request, tiny_model_dir, bpt, ref_
     check_pool_empty(llm)
 
 
-@pytest.mark.xfail(strict=True, raises=KVCacheError, reason=(
-    "BUG src/kvcache/engine/engine.py LLMEngine.run_to_completion (lines 430-435): when a request whose "
-    "prompt fits the pool outgrows it while decoding, Scheduler.schedule preempts it last (victim is req) "
-    "and returns a step with no chunks and no failures; run_to_completion reads that as 'no progress' and "
-    "raises KVCacheError for the whole generate() call, though the next schedule() would fail that request "
-    "alone (can_fit) and run the others. The raise also leaves the requests queued in the engine."))
 def test_request_outgrowing_pool_fails_alone(tiny_model_dir, bpt):
     llm = make_llm(tiny_model_dir, bpt)
     vocab = llm.config.vocab_size

@@ -198,12 +198,16 @@ def test_random_workload_respects_budget_seats_blocks_and_fcfs(seed):
             r = make_request(f"r{i}", prompt, max_tokens=rng.randint(1, max(1, cap - n - 2)))
         reqs.append(r)
     pending = list(reqs)
-    steps = 0
+    steps = hits = queries = 0
     while pending or sched.has_work():
         for _ in range(rng.randint(0, 3)):
             if pending:
                 sched.add(pending.pop(0))
+        was_waiting = {id(r) for r in sched.waiting}
         out = simulate_step(sched)
+        for c in out.chunks:  # admissions (first or after a preemption) start at their prefix hits
+            if id(c.request) in was_waiting:
+                hits, queries = hits + c.start, queries + c.request.num_tokens - (c.sampled and 1)
         first_admitted += [c.request.request_id for c in out.chunks if c.request.request_id not in first_admitted]
         for r in out.preempted:
             assert r.num_computed_tokens == 0 and r.request_id not in sched.kv
@@ -215,6 +219,8 @@ def test_random_workload_respects_budget_seats_blocks_and_fcfs(seed):
             assert r.finish_reason == "error" and "pool" in r.error and not r.output_token_ids
         else:
             assert r.error is None and len(r.output_token_ids) == r.params.max_tokens, r
+    usage = sched.kv.usage()
+    assert (usage["prefix_hits"], usage["prefix_queries"]) == (hits, queries)  # counted once per admission
     ok = [r.request_id for r in reqs if not r.request_id.startswith("big")]
     assert first_admitted == ok  # FCFS
     assert sched.kv.pool.num_used_blocks == 0 and sched.kv.num_seqs == 0
@@ -306,8 +312,8 @@ def test_request_longer_than_the_pool_fails_alone():
 
 
 def test_request_outgrowing_the_pool_fails_and_others_finish():
-    """A prompt that fits but whose generation outgrows the whole pool preempts itself (after
-    the others), then fails with an error at its next admission; the others resume."""
+    """A prompt that fits but whose generation outgrows the whole pool preempts the others,
+    then fails alone with an error in that same step (never an empty step); the others resume."""
     sched = make_scheduler(num_blocks=4, prefix=False)  # 16 slots
     grow = make_request("grow", 10, max_tokens=20)
     other = make_request("other", 3, max_tokens=12)
@@ -320,9 +326,8 @@ def test_request_outgrowing_the_pool_fails_and_others_finish():
     assert grow.finish_reason == "error" and grow.error and 0 < len(grow.output_token_ids) < 20
     assert other.error is None and len(other.output_token_ids) == 12
     assert sched.kv.pool.num_used_blocks == 0
-    # the step where `grow` preempted itself scheduled nothing: LLMEngine.run_to_completion
-    # must not read such a step as "no progress" (see tests/integration/test_engine.py)
-    assert empty_steps == 1
+    # every step either scheduled work or failed a request: no step without progress
+    assert empty_steps == 0
 
 
 # -- finish / abort -------------------------------------------------------------------
@@ -395,3 +400,25 @@ def test_no_prefix_hits_when_disabled():
     out = simulate_step(sched)
     assert [(c.start, c.num_tokens) for c in out.chunks] == [(0, 17)]
     assert b.num_cached_tokens == 0 and sched.kv.usage()["prefix_hits"] == 0
+
+
+def test_blocked_queue_head_counts_its_prefix_hits_once():
+    sched = make_scheduler(num_blocks=8)  # 32 slots
+    prefix = list(range(100, 112))
+    a = make_request("a", prefix + [1], max_tokens=1)
+    sched.add(a)
+    simulate_step(sched)  # a's 3 full blocks stay cached after it finishes
+    x = make_request("x", 16, max_tokens=8)
+    b = make_request("b", prefix + [2, 3, 4, 5, 6], max_tokens=2)
+    sched.add(x)
+    sched.add(b)
+    blocked = 0
+    while b.num_cached_tokens < 0:
+        simulate_step(sched)
+        blocked += b.num_cached_tokens < 0
+    assert blocked >= 2  # b was retried (and its hits looked up) while x held the blocks
+    assert b.num_cached_tokens > 0
+    usage = sched.kv.usage()
+    assert usage["prefix_hits"] == b.num_cached_tokens
+    assert usage["prefix_queries"] == 13 + 16 + 17
+    run_all(sched)

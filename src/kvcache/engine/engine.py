@@ -55,6 +55,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.tokens_generated = 0
         self.tokens_prefilled = 0
+        self.last_schedule = None
         self.started = time.perf_counter()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -82,7 +83,7 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         """Schedule, run the model once, sample; return what each touched request got."""
-        sched = self.scheduler.schedule()
+        sched = self.last_schedule = self.scheduler.schedule()
         outputs = [StepOutput(r, "", True) for r in sched.failed]
         for r in sched.failed:
             self.requests.pop(r.request_id, None)
@@ -130,7 +131,8 @@ class LLMEngine:
             outs = self.step()
             if on_step is not None:
                 on_step(outs)
-            if not outs and not self.scheduler.running and self.scheduler.waiting:
+            sched = self.last_schedule
+            if not (sched.chunks or sched.preempted or sched.failed):
                 raise KVCacheError("The scheduler cannot make progress: the KV pool is too small for the queue head.")
 
 

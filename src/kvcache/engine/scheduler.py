@@ -67,6 +67,18 @@ class Scheduler:
         self.waiting.appendleft(request)
         out.preempted.append(request)
 
+    def _fail(self, request: Request, out: SchedulerOutput) -> None:
+        """Finish a request that can never fit the pool, with an error; free what it held."""
+        self.kv.free(request.request_id)
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status, request.finish_reason = Status.FINISHED, "error"
+        request.error = (f"The request needs {request.num_tokens + 1} tokens of KV cache but the whole pool holds "
+                         f"{self.kv.num_blocks * self.kv.block_size}.")
+        out.failed.append(request)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.token_budget
@@ -78,6 +90,9 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, n) is None:
                 victim = self.running[-1]
+                if victim is req and not self.kv.can_fit(req.num_tokens + 1):
+                    self._fail(req, out)  # it outgrew the whole pool: fail it alone, now
+                    break
                 self._preempt(victim, out)
                 if victim is req:
                     break
@@ -92,11 +107,7 @@ class Scheduler:
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if not self.kv.can_fit(req.num_tokens + 1):
-                self.waiting.popleft()
-                req.status, req.finish_reason = Status.FINISHED, "error"
-                req.error = (f"The request needs {req.num_tokens + 1} tokens of KV cache but the whole pool holds "
-                             f"{self.kv.num_blocks * self.kv.block_size}.")
-                out.failed.append(req)
+                self._fail(req, out)
                 continue
             blocks, n_cached = self.kv.get_computed_blocks(req.all_token_ids)
             n = min(req.num_tokens - n_cached, budget)
