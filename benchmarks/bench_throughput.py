@@ -44,11 +44,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich import box
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
+from kvcache.bench.common import consoles, corpus_ids, quiet_transformers
 from kvcache.engine.llm import LLM, parse_dtype
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
@@ -132,19 +132,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------
 # workload
 # ----------------------------------------------------------------------------------------
-
-def corpus_ids(tokenizer) -> list[int]:
-    """Token ids of real English/Python text: every pydoc topic shipped with Python."""
-    try:
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k] for k in sorted(topics))
-    except ImportError:  # stripped Python builds
-        import inspect
-
-        text = "\n\n".join(inspect.getsource(m) for m in (argparse, json, statistics))
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
 
 def lognormal_lengths(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[int]:
     """n long-tailed lengths in [lo, hi]: lognormal with its median 40% of the way from lo
@@ -663,20 +650,8 @@ def build_report(args, wl: Workload, runs: dict, cap: dict | None, static: dict 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:
-        raise SystemExit("This benchmark needs `transformers` installed.") from None
-    # With --json, stdout carries only the JSON; progress and the table go to stderr.
-    console = Console(stderr=args.json)
-    if not console.is_terminal:  # piped/redirected: rich would assume 80 columns and cut the table
-        console = Console(stderr=args.json, width=130)
-    err = Console(stderr=True)
-    if not err.is_terminal:
-        err = Console(stderr=True, width=130)
+    quiet_transformers()
+    console, err = consoles(args.json)
 
     runs: dict[str, RunResult] = {}
     skipped: dict[str, str] = {}

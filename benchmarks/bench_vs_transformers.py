@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvcache.bench.common import consoles, corpus_ids, quiet_transformers
 from kvcache.engine.llm import LLM, parse_dtype
 from kvcache.engine.sampling import SamplingParams
 from kvcache.models.loader import DEFAULT_MODEL
@@ -103,27 +104,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def prompt_ids(tokenizer, n: int) -> list[int]:
-    """Exactly n token ids of real English/Python text (the pydoc topics shipped with Python)."""
-    try:
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k] for k in sorted(topics))
-    except ImportError:  # stripped Python builds
-        import inspect
-
-        text = inspect.getsource(argparse)
-    chars = max(4096, 8 * n)  # tokenize only a slice: ~4 chars/token, with margin
-    while True:
-        ids = list(tokenizer(text[:chars], add_special_tokens=False)["input_ids"])
-        if len(ids) >= n or chars >= len(text):
-            break
-        chars *= 2
-    if len(ids) < n:
-        raise SystemExit(f"Prompt text has only {len(ids)} tokens; need {n}.")
-    return ids[:n]
-
-
 def leading_match(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -143,7 +123,7 @@ def bench_dtype(args, dtype_name: str, progress: Progress, console: Console) -> 
     task = progress.add_task(f"{name}: loading", total=steps)
 
     llm = LLM(args.model, dtype=dt, progress=False)
-    ids = prompt_ids(llm.tokenizer, n_prompt)
+    ids = corpus_ids(llm.tokenizer, n_prompt)
     if n_prompt + n_new > llm.max_model_len:
         raise SystemExit(f"prompt + new tokens ({n_prompt + n_new}) exceed max_model_len {llm.max_model_len}")
     hf = AutoModelForCausalLM.from_pretrained(str(llm.model_dir), dtype=dt).eval()
@@ -230,18 +210,8 @@ def results_table(results: list[DtypeResult], args) -> Table:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:
-        raise SystemExit("This benchmark needs `transformers` installed.") from None
-    # With --json, stdout carries only the JSON; progress and the table go to stderr.
-    console = Console(stderr=args.json)
-    if not console.is_terminal:  # piped/redirected: rich would assume 80 columns and cut the table
-        console = Console(stderr=args.json, width=120)
-    err = Console(stderr=True)
+    quiet_transformers()
+    console, err = consoles(args.json, width=120)
     results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:

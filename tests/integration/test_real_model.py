@@ -9,7 +9,6 @@ import torch
 
 from kvcache import LLM, SamplingParams
 from kvcache.cache.spec import KVFormat, ModelShape, kv_bytes
-from kvcache.models.llama import LlamaModel
 from kvcache.models.loader import DEFAULT_MODEL, load_model, packaged_gguf
 from kvcache.models.step import StepInputs, causal_mask
 from tests.helpers import assert_same_tokens

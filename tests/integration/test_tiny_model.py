@@ -88,12 +88,8 @@ def load_shape(model_dir) -> ModelShape:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model is tiny: one thread is fastest and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs on the tiny model with one torch thread."""
 
 
 @pytest.fixture(scope="module")

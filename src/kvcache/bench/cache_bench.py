@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kvcache.bench.common import corpus_ids
 from kvcache.bench.timing import median_time
 from kvcache.engine.sampling import SamplingParams
 from kvcache.models.step import StepInputs, causal_mask
@@ -33,21 +34,10 @@ class EndToEnd:
     speedup: float
 
 
-def _prompt(llm, n: int) -> list[int]:
-    """n token ids of real text (Python's own docs), repeated as needed."""
-    import pydoc_data.topics as topics
-
-    text = " ".join(topics.topics[k] for k in sorted(topics.topics)[:40])
-    ids = llm.tokenizer(text)["input_ids"]
-    while len(ids) < n:
-        ids = ids + ids
-    return ids[:n]
-
-
 def measure_position(llm, position: int, repeats: int) -> CachePoint:
     """Median ms of one cached and one uncached decode step at `position`."""
     model, dev = llm.model, llm.device
-    ids = torch.tensor([_prompt(llm, position + 1)], device=dev)  # (1, p+1)
+    ids = torch.tensor([corpus_ids(llm.tokenizer, position + 1)], device=dev)  # (1, p+1)
     with torch.inference_mode():
         cache = model.new_cache(1, position + 1)
         model.forward(StepInputs(ids[:, :position], None, 0, causal_mask(None, 1, 0, position, dev)), cache)
@@ -68,7 +58,7 @@ def measure_position(llm, position: int, repeats: int) -> CachePoint:
 
 def measure_end_to_end(llm, prompt_tokens: int, new_tokens: int) -> EndToEnd:
     """tok/s of one greedy generation with the cache and the same one recomputing every step."""
-    ids = _prompt(llm, prompt_tokens)
+    ids = corpus_ids(llm.tokenizer, prompt_tokens)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     rates = {}
     for use_cache in (True, False):
@@ -117,7 +107,7 @@ def plot(points: list[CachePoint], path: str, title: str) -> None:
     ax1.legend()
     # cumulative: integrate the per-token cost from 0 to each position (trapezoid over the points)
     def cumulative(ys):
-        xs, out, total, prev = [0] + pos, [], 0.0, (0, ys[0])
+        out, total, prev = [], 0.0, (0, ys[0])
         for x, y in zip(pos, ys):
             total += (x - prev[0]) * (y + prev[1]) / 2 / 1e3
             out.append(total)

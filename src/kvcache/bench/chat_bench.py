@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass
 
+from kvcache.bench.common import corpus_text
 from kvcache.engine.sampling import SamplingParams
 
 
@@ -26,9 +27,7 @@ class ChatTurnResult:
 
 def _messages(n_turns: int, words: int) -> list[str]:
     """Deterministic user messages of about `words` words each, from Python's own docs."""
-    import pydoc_data.topics as topics
-
-    text = " ".join(topics.topics[k] for k in sorted(topics.topics)[:30]).split()
+    text = corpus_text().split()
     return [f"Here is part {i + 1} of a document; remember it. " + " ".join(text[i * words : (i + 1) * words])
             for i in range(n_turns - 1)] + ["Summarise what I sent you in one sentence."]
 

@@ -23,7 +23,6 @@ Everything here returns exact integers; :func:`format_bytes` is only for display
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction

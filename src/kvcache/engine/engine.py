@@ -11,7 +11,7 @@ import torch
 from kvcache.cache.manager import KVCacheManager
 from kvcache.cache.storage import PagedKVStorage
 from kvcache.engine.detokenizer import IncrementalDetokenizer
-from kvcache.engine.request import Request, Status
+from kvcache.engine.request import Request
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import Sampler, SamplingParams
 from kvcache.engine.scheduler import Scheduler
