@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kvcache
-from kvcache import KVCacheError, SamplingParams
+from kvcache import SamplingParams
 from kvcache.cache.spec import KVFormat, ModelShape, kv_bytes_per_token
 from tests.helpers import assert_same_tokens
 
@@ -26,12 +26,8 @@ NUM_BLOCKS = 24  # 96 token slots
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The model is tiny: one thread is fastest and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs on the tiny model with one torch thread."""
 
 
 @pytest.fixture(scope="module")
@@ -272,9 +268,25 @@ def test_paged_storage_bytes_match_spec(tiny_model_dir, dtype, fmt):
     assert storage.num_blocks == NUM_BLOCKS  # whole blocks only: the budget's remainder is dropped
     assert storage.nbytes == NUM_BLOCKS * BS * per_token
     assert llm.stats()["kv_bytes_total"] == storage.nbytes
-    # the tensors hold exactly that, plus one null slot per layer
+    # the tensors hold exactly that, plus one null block (padding target of gathers)
     tensor_bytes = sum(t.numel() * t.element_size() for t in (storage.k, storage.v))
-    assert tensor_bytes == storage.nbytes + 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * (
-        torch.empty(0, dtype=storage.dtype).element_size())
+    assert tensor_bytes == storage.nbytes + BS * per_token
     out = llm.generate([[5, 6, 7, 8, 9, 10]], greedy(3))[0]
     assert out.metrics.kv_cache_bytes == (6 + 3 - 1) * per_token
+
+
+def test_never_written_slots_cannot_leak_into_attention(tiny_model_dir, tiny_llm):
+    """Gathers read whole blocks, past each sequence's end; fresh memory may hold NaN/inf.
+    Poison every block slot of a fresh pool: outputs must still equal the uncached path."""
+    llm = kvcache.LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False,
+                      kv_cache_memory=64 * 4 * tiny_llm.kv_bytes_per_token, block_size=4)
+    st = llm.engine.storage
+    end = st.num_blocks * st.block_size
+    st.k[:, :, :end] = float("nan")
+    st.v[:, :, :end] = float("inf")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15]]
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    got = llm.generate(prompts, params)
+    want = llm.generate(prompts, params, use_cache=False)
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids

@@ -1,9 +1,11 @@
 """Paged KV storage: the tensors behind the block pool.
 
-Per layer, K and V live in flat slot arrays of shape (num_blocks * block_size + 1, Hkv, D);
+Per layer, K and V live in flat slot arrays of shape (Hkv, (num_blocks + 1) * block_size, D);
 token t of a sequence sits at slot block_table[t // block_size] * block_size + t % block_size.
-The extra last slot is a zeroed "null" slot that padding entries of a gather point to (masked
-out, but finite, so no NaN leaks through attention). Storage knows bytes, not requests.
+New tokens are scattered to their slots; attention gathers whole blocks (block_size x D runs,
+far cheaper to copy than single slots). The extra last block is a zeroed "null" block that
+padding entries of a gather point to (masked out, but finite, so no NaN leaks through
+attention). Storage knows bytes, not requests.
 """
 
 from __future__ import annotations
@@ -19,13 +21,26 @@ class PagedKVStorage:
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.device = torch.device(device)
-        slots = num_blocks * block_size + 1
+        slots = (num_blocks + 1) * block_size
         # torch.empty: pages are committed as blocks are first written; only written slots are ever read
-        self.k = torch.empty((num_layers, slots, num_kv_heads, head_dim), dtype=dtype, device=self.device)
-        self.v = torch.empty((num_layers, slots, num_kv_heads, head_dim), dtype=dtype, device=self.device)
-        self.null_slot = slots - 1
-        self.k[:, self.null_slot] = 0
-        self.v[:, self.null_slot] = 0
+        # head-major, so a gather yields (S, D) runs per head: what attention kernels stream best
+        self.k = torch.empty((num_layers, num_kv_heads, slots, head_dim), dtype=dtype, device=self.device)
+        self.v = torch.empty((num_layers, num_kv_heads, slots, head_dim), dtype=dtype, device=self.device)
+        self.null_block = num_blocks
+        self._zeroed: set[int] = set()
+        self.zero_blocks([num_blocks])
+
+    def zero_blocks(self, block_ids) -> None:
+        """Zero blocks the first time they are used. A gather reads whole blocks, slots past a
+        sequence's end included; those are masked, but must be finite (0 x NaN is NaN), and
+        torch.empty memory may hold anything. Zeroing on first use keeps pages uncommitted
+        until the pool actually grows into them."""
+        for b in block_ids:
+            if b not in self._zeroed:
+                self._zeroed.add(b)
+                lo, hi = b * self.block_size, (b + 1) * self.block_size
+                self.k[:, :, lo:hi] = 0
+                self.v[:, :, lo:hi] = 0
 
     @property
     def bytes_per_token(self) -> int:
@@ -33,7 +48,7 @@ class PagedKVStorage:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the block slots (the null slot excluded): num_blocks x block_size x bytes/token."""
+        """Bytes of the blocks (the null block excluded): num_blocks x block_size x bytes/token."""
         return self.num_blocks * self.block_size * self.bytes_per_token
 
 
@@ -41,13 +56,14 @@ class PagedStepCache:
     """One forward pass's view of paged storage, with the interface `LlamaModel.forward` uses.
 
     write_slots (N,): where the step's new tokens go, row-major over (B, T).
-    read_slots (B, S): the slots each row attends to, in position order, padded with the null
-    slot; they include the step's own new tokens (written before they are read).
+    read_blocks (B, NB): each row's block table, padded with the null block; attention sees
+    the S = NB * block_size slots they span (the step's own tokens included: they are
+    written before they are read) and the runner's mask hides slots past each row's length.
     """
 
-    def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, read_slots: torch.Tensor):
-        self.storage, self.write_slots, self.read_slots = storage, write_slots, read_slots
-        self.length = read_slots.shape[1] - 1  # only consulted for a default mask; runners pass one
+    def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, read_blocks: torch.Tensor):
+        self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
+        self.length = read_blocks.shape[1] * storage.block_size  # only for a default mask; runners pass one
 
     def reserve(self, n_slots: int) -> None:  # blocks were allocated by the scheduler
         pass
@@ -58,11 +74,15 @@ class PagedStepCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scatter k, v (B, Hkv, T, D) into their slots; gather (B, Hkv, S, D) for attention."""
         b, h, t, d = k.shape
-        ks, vs = self.storage.k[layer], self.storage.v[layer]  # (slots, Hkv, D)
-        ks.index_copy_(0, self.write_slots, k.transpose(1, 2).reshape(b * t, h, d))
-        vs.index_copy_(0, self.write_slots, v.transpose(1, 2).reshape(b * t, h, d))
-        s = self.read_slots.shape[1]
-        idx = self.read_slots.reshape(-1)
-        k_all = ks.index_select(0, idx).view(b, s, h, d).transpose(1, 2)  # (B, Hkv, S, D)
-        v_all = vs.index_select(0, idx).view(b, s, h, d).transpose(1, 2)  # (B, Hkv, S, D)
+        st = self.storage
+        ks, vs = st.k[layer], st.v[layer]  # (Hkv, slots, D)
+        ks.index_copy_(1, self.write_slots, k.transpose(0, 1).reshape(h, b * t, d))
+        vs.index_copy_(1, self.write_slots, v.transpose(0, 1).reshape(h, b * t, d))
+        nb = self.read_blocks.shape[1]
+        s = nb * st.block_size
+        idx = self.read_blocks.reshape(-1)
+        kb = ks.view(h, -1, st.block_size * d)  # (Hkv, blocks, bs*D)
+        vb = vs.view(h, -1, st.block_size * d)
+        k_all = kb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
+        v_all = vb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
         return k_all, v_all

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
+from kvcache.errors import KVCacheError
 
 
 @dataclass
@@ -52,6 +53,8 @@ class AsyncEngine:
         """
         ids, plist = self.llm._prepare([prompt], params)
         rid = request_id or uuid.uuid4().hex
+        if rid in self._streams:
+            raise KVCacheError(f"Request id '{rid}' is already in use.")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), q)
         self._commands.put(("add", rid, ids[0], plist[0], None))

@@ -1,7 +1,7 @@
 """Turns scheduled chunks into forward passes over paged KV storage, and samples.
 
-All decode rows (one new token each) run as one batch: each row gathers its own slots
-(right-padded with the null slot, masked). Each prefill chunk runs as its own pass, causal
+All decode rows (one new token each) run as one batch: each row gathers its own blocks
+(right-padded with the null block, masked past its length). Each prefill chunk runs as its own pass, causal
 from its start position. Per-step inputs travel as `StepInputs` + a `PagedStepCache`.
 """
 
@@ -13,7 +13,7 @@ from kvcache.cache.manager import KVCacheManager
 from kvcache.cache.storage import PagedKVStorage, PagedStepCache
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel
-from kvcache.models.step import StepInputs, causal_mask
+from kvcache.models.step import StepInputs
 
 
 class ModelRunner:
@@ -23,40 +23,46 @@ class ModelRunner:
         self.model, self.storage, self.kv = model, storage, kv
         self.device = model.device
 
-    def _slot_rows(self, chunks: list[ScheduledChunk], lengths: list[int]) -> torch.Tensor:
-        """(B, S_max) slots of positions [0, length_b) per row, padded with the null slot."""
+    def _block_rows(self, chunks: list[ScheduledChunk], lengths: list[int]) -> torch.Tensor:
+        """(B, NB) block tables covering positions [0, length_b), padded with the null block."""
         bs = self.kv.block_size
-        tables = [self.kv.block_table(c.request.request_id) for c in chunks]
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=self.device)  # (B, blocks)
-        s_max = max(lengths)
-        pos = torch.arange(s_max, device=self.device)  # (S,)
-        slots = table[:, pos // bs] * bs + pos % bs  # (B, S)
-        lens = torch.tensor(lengths, device=self.device)[:, None]  # (B, 1)
-        return torch.where(pos[None] < lens, slots, self.storage.null_slot)
+        need = [-(-n // bs) for n in lengths]
+        tables = [self.kv.block_table(c.request.request_id)[:k] for c, k in zip(chunks, need)]
+        width = max(need)
+        for t in tables:
+            self.storage.zero_blocks(t)
+        null = self.storage.null_block
+        return torch.tensor([t + [null] * (width - len(t)) for t in tables], device=self.device)  # (B, NB)
+
+    def _write_slots(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """(N,) slots of every chunk's new tokens, in chunk order."""
+        slots = []
+        for c in chunks:
+            slots += self.kv.slots(c.request.request_id, c.start, c.start + c.num_tokens)
+        return torch.tensor(slots, device=self.device)
 
     def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         dev = self.device
         starts = [c.start for c in chunks]
         ids = torch.tensor([[c.request.all_token_ids[c.start]] for c in chunks], device=dev)  # (B, 1)
-        read = self._slot_rows(chunks, [s + 1 for s in starts])  # (B, S)
-        write = read[torch.arange(len(chunks), device=dev), torch.tensor(starts, device=dev)]  # (B,)
-        if len(set(starts)) == 1:
-            step = StepInputs(ids, None, starts[0], None)
-        else:
-            valid = read != self.storage.null_slot  # (B, S)
-            positions = torch.tensor(starts, device=dev)[:, None]  # (B, 1)
-            step = StepInputs(ids, positions, 0, valid[:, None, None, :])
-        return self.model.forward(step, PagedStepCache(self.storage, write, read))  # (B, V)
+        blocks = self._block_rows(chunks, [s + 1 for s in starts])  # (B, NB)
+        s_all = blocks.shape[1] * self.kv.block_size
+        lens = torch.tensor(starts, device=dev)[:, None] + 1  # (B, 1)
+        valid = torch.arange(s_all, device=dev)[None] < lens  # (B, S)
+        positions = lens - 1  # (B, 1)
+        step = StepInputs(ids, positions, 0, valid[:, None, None, :])
+        return self.model.forward(step, PagedStepCache(self.storage, self._write_slots(chunks), blocks))  # (B, V)
 
     def _prefill(self, chunk: ScheduledChunk) -> torch.Tensor:
         dev = self.device
         start, n = chunk.start, chunk.num_tokens
         ids = torch.tensor([chunk.request.all_token_ids[start : start + n]], device=dev)  # (1, T)
-        read = self._slot_rows([chunk], [start + n])  # (1, S)
-        write = read[0, start:]  # (T,)
-        step = StepInputs(ids, None, start, causal_mask(None, 1, start, n, dev))
-        return self.model.forward(step, PagedStepCache(self.storage, write, read))  # (1, V)
+        blocks = self._block_rows([chunk], [start + n])  # (1, NB)
+        s_all = blocks.shape[1] * self.kv.block_size
+        q_pos = torch.arange(start, start + n, device=dev)[:, None]  # (T, 1)
+        mask = (torch.arange(s_all, device=dev)[None] <= q_pos)[None, None]  # (1, 1, T, S): causal
+        step = StepInputs(ids, None, start, mask)
+        return self.model.forward(step, PagedStepCache(self.storage, self._write_slots([chunk]), blocks))  # (1, V)
 
     def execute(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """Run every chunk; sample the next token for those that reached their sequence's end."""
