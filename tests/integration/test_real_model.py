@@ -125,10 +125,16 @@ def _mixed_requests(llm, n=32, seed=0):
     return prompts, params
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
-def test_32_requests_with_preemption_equal_each_alone(llm, prefix_caching):
+@pytest.fixture(scope="module")
+def mixed_alone(llm):
+    """The 32 mixed requests and each one's greedy tokens when run alone."""
     prompts, params = _mixed_requests(llm)
-    alone = [llm.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, params)]
+    return prompts, params, [llm.generate([p], [sp])[0].token_ids for p, sp in zip(prompts, params)]
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_32_requests_with_preemption_equal_each_alone(llm, mixed_alone, prefix_caching):
+    prompts, params, alone = mixed_alone
     small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, block_size=16, enable_prefix_caching=prefix_caching,
                 kv_cache_memory=24 * 16 * llm.kv_bytes_per_token)  # 24 blocks: far less than 32 requests need
     together = small.generate(prompts, params)
