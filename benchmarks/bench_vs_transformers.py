@@ -135,6 +135,7 @@ def bench_dtype(args, dtype_name: str, progress: Progress, console: Console) -> 
         pad_id = llm.config.eos_token_ids[0] if llm.config.eos_token_ids else 0
 
     def run_ours():
+        llm.engine.kv.reset_prefix_cache()  # a cold prompt each run, like theirs
         out = llm.generate([ids], params)[0]
         if len(out.token_ids) != n_new:
             raise RuntimeError(f"ours generated {len(out.token_ids)} tokens, expected {n_new}")

@@ -1,7 +1,8 @@
 """`kvcache bench chat`: time to first token of a late chat turn, cached session vs recompute.
 
 A `ChatSession` keeps the conversation's KV cache, so turn N prefills only the new message;
-the baseline renders the same history and prefills all of it (`llm.chat`). Both produce the
+the baseline renders the same history and prefills all of it (`llm.chat` with the engine's
+prefix cache emptied first, or it would reuse blocks from earlier repeats). Both produce the
 same reply; the figure is their TTFT ratio at turn N (medians over repeats).
 """
 
@@ -44,6 +45,7 @@ def run(llm, turns: int = 5, words: int = 150, reply_tokens: int = 32, repeats: 
             session.send(text, params)
         history = list(session.messages) + [{"role": "user", "content": msgs[-1]}]
         last = session.send(msgs[-1], params)
+        llm.engine.kv.reset_prefix_cache()  # the baseline recomputes the history: no cached blocks
         ref = llm.chat(history, params)
         session_ttft.append(last.metrics.ttft_s)
         recompute_ttft.append(ref.metrics.ttft_s)

@@ -61,8 +61,12 @@ class PagedStepCache:
     written before they are read) and the runner's mask hides slots past each row's length.
     """
 
-    def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, read_blocks: torch.Tensor):
+    def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, read_blocks: torch.Tensor,
+                 kv_len: int | None = None):
+        """`kv_len`: when every row attends to exactly that many slots, the gathered K/V are cut
+        to it, so attention needs no padding mask (single sequences, equal-length batches)."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
+        self.kv_len = kv_len
         self.length = read_blocks.shape[1] * storage.block_size  # only for a default mask; runners pass one
 
     def reserve(self, n_slots: int) -> None:  # blocks were allocated by the scheduler
@@ -85,4 +89,6 @@ class PagedStepCache:
         vb = vs.view(h, -1, st.block_size * d)
         k_all = kb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
         v_all = vb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
+        if self.kv_len is not None:
+            k_all, v_all = k_all[:, :, : self.kv_len], v_all[:, :, : self.kv_len]  # (B, Hkv, kv_len, D)
         return k_all, v_all

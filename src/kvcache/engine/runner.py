@@ -13,7 +13,7 @@ from kvcache.cache.manager import KVCacheManager
 from kvcache.cache.storage import PagedKVStorage, PagedStepCache
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel
-from kvcache.models.step import StepInputs
+from kvcache.models.step import StepInputs, causal_mask
 
 
 class ModelRunner:
@@ -46,23 +46,24 @@ class ModelRunner:
         starts = [c.start for c in chunks]
         ids = torch.tensor([[c.request.all_token_ids[c.start]] for c in chunks], device=dev)  # (B, 1)
         blocks = self._block_rows(chunks, [s + 1 for s in starts])  # (B, NB)
+        write = self._write_slots(chunks)
+        if len(set(starts)) == 1:  # equal lengths: cut K/V to them, no mask needed
+            step = StepInputs(ids, None, starts[0], None)
+            return self.model.forward(step, PagedStepCache(self.storage, write, blocks, kv_len=starts[0] + 1))
         s_all = blocks.shape[1] * self.kv.block_size
         lens = torch.tensor(starts, device=dev)[:, None] + 1  # (B, 1)
         valid = torch.arange(s_all, device=dev)[None] < lens  # (B, S)
-        positions = lens - 1  # (B, 1)
-        step = StepInputs(ids, positions, 0, valid[:, None, None, :])
-        return self.model.forward(step, PagedStepCache(self.storage, self._write_slots(chunks), blocks))  # (B, V)
+        step = StepInputs(ids, lens - 1, 0, valid[:, None, None, :])
+        return self.model.forward(step, PagedStepCache(self.storage, write, blocks))  # (B, V)
 
     def _prefill(self, chunk: ScheduledChunk) -> torch.Tensor:
         dev = self.device
         start, n = chunk.start, chunk.num_tokens
         ids = torch.tensor([chunk.request.all_token_ids[start : start + n]], device=dev)  # (1, T)
         blocks = self._block_rows([chunk], [start + n])  # (1, NB)
-        s_all = blocks.shape[1] * self.kv.block_size
-        q_pos = torch.arange(start, start + n, device=dev)[:, None]  # (T, 1)
-        mask = (torch.arange(s_all, device=dev)[None] <= q_pos)[None, None]  # (1, 1, T, S): causal
-        step = StepInputs(ids, None, start, mask)
-        return self.model.forward(step, PagedStepCache(self.storage, self._write_slots([chunk]), blocks))  # (1, V)
+        step = StepInputs(ids, None, start, causal_mask(None, 1, start, n, dev))  # (1, 1, T, start+T)
+        cache = PagedStepCache(self.storage, self._write_slots([chunk]), blocks, kv_len=start + n)
+        return self.model.forward(step, cache)  # (1, V)
 
     def execute(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """Run every chunk; sample the next token for those that reached their sequence's end."""
