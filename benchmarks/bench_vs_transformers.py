@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Compare our decode speed with transformers' generate.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes (default float32,bfloat16)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "onednn"],
+                   help="our matmul kernels (auto: torch for fp32, bit-exact with transformers; onednn for bf16)")
     p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length in tokens (default 200)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
@@ -122,7 +124,7 @@ def bench_dtype(args, dtype_name: str, progress: Progress, console: Console) -> 
     steps = 2 * (args.repeats + 1)
     task = progress.add_task(f"{name}: loading", total=steps)
 
-    llm = LLM(args.model, dtype=dt, progress=False)
+    llm = LLM(args.model, dtype=dt, progress=False, kernels=args.kernels)
     ids = corpus_ids(llm.tokenizer, n_prompt)
     if n_prompt + n_new > llm.max_model_len:
         raise SystemExit(f"prompt + new tokens ({n_prompt + n_new}) exceed max_model_len {llm.max_model_len}")
