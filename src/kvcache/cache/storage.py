@@ -62,11 +62,13 @@ class PagedStepCache:
     """
 
     def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, read_blocks: torch.Tensor,
-                 kv_len: int | None = None):
+                 kv_len: int | None = None, first_block: int | None = None):
         """`kv_len`: when every row attends to exactly that many slots, the gathered K/V are cut
-        to it, so attention needs no padding mask (single sequences, equal-length batches)."""
+        to it, so attention needs no padding mask (single sequences, equal-length batches).
+        `first_block`: a single row whose blocks are consecutive from this id is read as a
+        view of the storage, with no gather copy (common: the pool hands out blocks in order)."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
-        self.kv_len = kv_len
+        self.kv_len, self.first_block = kv_len, first_block
         self.length = read_blocks.shape[1] * storage.block_size  # only for a default mask; runners pass one
 
     def reserve(self, n_slots: int) -> None:  # blocks were allocated by the scheduler
@@ -84,6 +86,10 @@ class PagedStepCache:
         vs.index_copy_(1, self.write_slots, v.transpose(0, 1).reshape(h, b * t, d))
         nb = self.read_blocks.shape[1]
         s = nb * st.block_size
+        if self.first_block is not None:  # one row, consecutive blocks: a view, no copy
+            lo = self.first_block * st.block_size
+            end = lo + (self.kv_len if self.kv_len is not None else s)
+            return ks[None, :, lo:end], vs[None, :, lo:end]  # (1, Hkv, S, D)
         idx = self.read_blocks.reshape(-1)
         kb = ks.view(h, -1, st.block_size * d)  # (Hkv, blocks, bs*D)
         vb = vs.view(h, -1, st.block_size * d)

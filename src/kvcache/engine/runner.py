@@ -34,6 +34,14 @@ class ModelRunner:
         null = self.storage.null_block
         return torch.tensor([t + [null] * (width - len(t)) for t in tables], device=self.device)  # (B, NB)
 
+    @staticmethod
+    def _consecutive_start(blocks: torch.Tensor) -> int | None:
+        """The first block id when there is one row whose blocks are consecutive, else None."""
+        if blocks.shape[0] != 1:
+            return None
+        row = blocks[0].tolist()
+        return row[0] if row == list(range(row[0], row[0] + len(row))) else None
+
     def _write_slots(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """(N,) slots of every chunk's new tokens, in chunk order."""
         slots = []
@@ -49,7 +57,9 @@ class ModelRunner:
         write = self._write_slots(chunks)
         if len(set(starts)) == 1:  # equal lengths: cut K/V to them, no mask needed
             step = StepInputs(ids, None, starts[0], None)
-            return self.model.forward(step, PagedStepCache(self.storage, write, blocks, kv_len=starts[0] + 1))
+            first = self._consecutive_start(blocks)
+            cache = PagedStepCache(self.storage, write, blocks, kv_len=starts[0] + 1, first_block=first)
+            return self.model.forward(step, cache)
         s_all = blocks.shape[1] * self.kv.block_size
         lens = torch.tensor(starts, device=dev)[:, None] + 1  # (B, 1)
         valid = torch.arange(s_all, device=dev)[None] < lens  # (B, S)
@@ -62,7 +72,8 @@ class ModelRunner:
         ids = torch.tensor([chunk.request.all_token_ids[start : start + n]], device=dev)  # (1, T)
         blocks = self._block_rows([chunk], [start + n])  # (1, NB)
         step = StepInputs(ids, None, start, causal_mask(None, 1, start, n, dev))  # (1, 1, T, start+T)
-        cache = PagedStepCache(self.storage, self._write_slots([chunk]), blocks, kv_len=start + n)
+        cache = PagedStepCache(self.storage, self._write_slots([chunk]), blocks, kv_len=start + n,
+                               first_block=self._consecutive_start(blocks))
         return self.model.forward(step, cache)  # (1, V)
 
     def execute(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
