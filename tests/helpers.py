@@ -30,3 +30,17 @@ def assert_same_tokens(last_logits: Callable[[list[int]], torch.Tensor], prompt:
         f"tokens differ at generated position {i} ({ours[i]} vs {ref[i]}) without a near-tie: "
         f"gaps to the best logit {gap_ours:.4g} / {gap_ref:.4g}, top-2 gap {float(top2[0] - top2[1]):.4g}"
     )
+
+
+def imported_top_modules(path) -> set[str]:
+    """Top-level names of every module a Python file imports (from its syntax tree)."""
+    import ast
+    from pathlib import Path
+
+    tops: set[str] = set()
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            tops.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            tops.add((node.module or "").split(".")[0])
+    return tops

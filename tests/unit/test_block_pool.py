@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 from kvcache.cache.block_pool import Block, BlockPool
 from kvcache.cache.prefix import block_hashes, hash_block
 from kvcache.errors import KVCacheError
+from tests.helpers import imported_top_modules
 
 CACHE_DIR = Path(__file__).resolve().parents[2] / "src" / "kvcache" / "cache"
 
@@ -237,12 +237,4 @@ def test_random_pool_operations_keep_invariants(ops):
 
 def test_cache_bookkeeping_imports_no_torch():
     for name in ("block_pool.py", "prefix.py", "manager.py"):
-        tree = ast.parse((CACHE_DIR / name).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                mods = [node.module or ""]
-            else:
-                continue
-            assert not any(m.split(".")[0] in {"torch", "numpy"} for m in mods), (name, mods)
+        assert not imported_top_modules(CACHE_DIR / name) & {"torch", "numpy"}, name

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +24,7 @@ from kvcache.cache.spec import (
     parse_size,
     preset,
 )
+from tests.helpers import imported_top_modules
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 FP16 = KVFormat.parse("fp16")
@@ -391,12 +390,4 @@ def test_render_memory_report_with_budget():
 
 def test_no_torch_import():
     for module in (spec, memory_table):
-        tree = ast.parse(Path(module.__file__).read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                names = [node.module or ""]
-            else:
-                continue
-            assert not any(n.split(".")[0] == "torch" for n in names), module.__name__
+        assert "torch" not in imported_top_modules(module.__file__), module.__name__

@@ -153,6 +153,16 @@ class BatchGeneration:
                     break
                 logits = self._decode([r.generated[-1] if r.generated else PAD_ID for r in self.rows])
 
+    def text_pieces(self) -> Iterator[str]:
+        """For a single prompt: its text pieces as produced, then the held-back tail."""
+        assert len(self.rows) == 1
+        for deltas in self.steps():
+            for _, text in deltas:
+                yield text
+        tail = self.rows[0].detok.flush()
+        if tail:
+            yield tail
+
     def outputs(self) -> list[RequestOutput]:
         """Results, after `steps()` is exhausted."""
         outs = []

@@ -187,14 +187,8 @@ class LLM:
         """Yield text pieces of one prompt's completion as they are produced."""
         ids, plist = self._prepare([prompt], params)
         if not use_cache:
-            gen = BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
-                                  use_cache=False)
-            for deltas in gen.steps():
-                for _, text in deltas:
-                    yield text
-            tail = gen.rows[0].detok.flush()
-            if tail:
-                yield tail
+            yield from BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
+                                       use_cache=False).text_pieces()
             return
         engine = self.engine
         req = engine.add_request(ids[0], plist[0], eos_ids=self.eos_ids)

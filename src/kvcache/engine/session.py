@@ -76,12 +76,7 @@ class ChatSession:
         self.cached_ids = self.cached_ids[:reuse]  # slots past here are about to be overwritten
         gen = BatchGeneration(self.llm.model, self.llm.tokenizer, [ids], [params], self.llm.max_model_len,
                               self.llm.eos_ids, use_cache=True, cache=self.cache)
-        for deltas in gen.steps():
-            for _, piece in deltas:
-                yield piece
-        tail = gen.rows[0].detok.flush()
-        if tail:
-            yield tail
+        yield from gen.text_pieces()
         out = gen.outputs()[0]
         self.cached_ids = (ids + out.token_ids)[: self.cache.length]
         out.metrics.history_truncated = truncated
