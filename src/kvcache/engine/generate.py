@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
 from kvcache.cache.dense import KVCache
 from kvcache.engine.detokenizer import IncrementalDetokenizer
-from kvcache.engine.outputs import RequestMetrics, RequestOutput
+from kvcache.engine.outputs import RequestOutput
+from kvcache.engine.request import Request, Status
 from kvcache.engine.sampling import Sampler, SamplingParams
 from kvcache.models.llama import LlamaModel
 from kvcache.models.step import StepInputs, causal_mask
@@ -23,52 +23,43 @@ from kvcache.models.step import StepInputs, causal_mask
 PAD_ID = 0
 
 
-@dataclass
-class _Row:
-    prompt: list[int]
-    params: SamplingParams
-    limit: int  # most tokens this row may generate
-    sampler: Sampler
-    detok: IncrementalDetokenizer
-    generated: list[int]
-    finish_reason: str | None = None
-    t_first: float = 0.0
-    t_last: float = 0.0
-
-
 class BatchGeneration:
     """Generates for several prompts at once; iterate `steps()` for per-token deltas.
 
+    Each row is a `Request` (the engine's own request state: token bookkeeping, stop rules,
+    metrics), so both paths finish and report requests the same way.
     With `cache` given (batch 1), its first `cache.length` slots must hold the K/V of
     prompts[0][:cache.length]; only the rest of the prompt is computed.
     """
 
     def __init__(self, model: LlamaModel, tokenizer, prompts: list[list[int]], params: list[SamplingParams],
                  max_model_len: int, eos_ids: set[int], use_cache: bool = True, cache: KVCache | None = None):
-        self.model, self.use_cache, self.eos_ids = model, use_cache, eos_ids
-        self.rows = []
-        for ids, p in zip(prompts, params):
-            limit = max(0, min(p.max_tokens, max_model_len - len(ids)))
-            self.rows.append(_Row(ids, p, limit, Sampler(p, model.device),
-                                  IncrementalDetokenizer(tokenizer, p.stop), []))
-        self.cached_prompt_tokens = cache.length if cache is not None else 0
+        self.model, self.use_cache = model, use_cache
+        self.t_start = time.perf_counter()
+        self.rows = [
+            Request(f"row-{b}", ids, p, Sampler(p, model.device), IncrementalDetokenizer(tokenizer, p.stop),
+                    max_model_len, frozenset(eos_ids), arrival=self.t_start, status=Status.RUNNING,
+                    num_cached_tokens=0)
+            for b, (ids, p) in enumerate(zip(prompts, params))
+        ]
         if cache is not None:
             assert len(prompts) == 1 and cache.batch == 1 and cache.length < len(prompts[0])
-        longest = max(len(r.prompt) for r in self.rows)
+            self.rows[0].num_cached_tokens = cache.length
+        longest = max(len(ids) for ids in prompts)
         if use_cache and cache is None:
-            cache = model.new_cache(len(self.rows), longest + max(r.limit for r in self.rows))
-            cache.row_start = [longest - len(r.prompt) for r in self.rows]
+            most_new = max(min(p.max_tokens, max_model_len - len(ids)) for ids, p in zip(prompts, params))
+            cache = model.new_cache(len(self.rows), longest + max(0, most_new))
+            cache.row_start = [longest - len(ids) for ids in prompts]
         self.cache = cache
-        self.t_start = time.perf_counter()
 
     # -- one forward --------------------------------------------------------------
     def _prefill(self) -> torch.Tensor:
         cache, dev = self.cache, self.model.device
         if cache is not None and cache.length:  # continue a cached conversation (batch 1)
-            ids = torch.tensor([self.rows[0].prompt[cache.length :]], device=dev)  # (1, T)
+            ids = torch.tensor([self.rows[0].prompt_token_ids[cache.length :]], device=dev)  # (1, T)
             step = StepInputs(ids, None, cache.length, causal_mask(None, 1, cache.length, ids.shape[1], dev))
             return self.model.forward(step, cache)
-        return self._full_forward([r.prompt for r in self.rows], cache)
+        return self._full_forward([r.prompt_token_ids for r in self.rows], cache)
 
     def _full_forward(self, seqs: list[list[int]], cache: KVCache | None) -> torch.Tensor:
         """Forward over whole left-padded sequences, from slot 0."""
@@ -87,7 +78,7 @@ class BatchGeneration:
 
     def _decode(self, last: list[int]) -> torch.Tensor:
         if not self.use_cache:
-            return self._full_forward([r.prompt + r.generated for r in self.rows], None)
+            return self._full_forward([r.all_token_ids for r in self.rows], None)
         cache, dev = self.cache, self.model.device
         ids = torch.tensor([[t] for t in last], device=dev)  # (B, 1)
         key_valid = cache.key_valid(extra=1)
@@ -107,15 +98,15 @@ class BatchGeneration:
         for b, r in enumerate(rows):
             seen = None
             if r.params.repetition_penalty != 1.0:
-                seen = torch.tensor(r.prompt + r.generated, device=logits.device)
+                seen = torch.tensor(r.all_token_ids, device=logits.device)
             out.append(r.sampler(logits[b], seen))
         return out
 
     def steps(self) -> Iterator[list[tuple[int, str]]]:
         """Run to completion, yielding per step the (row, new text) pairs that produced text."""
         for r in self.rows:
-            if r.limit == 0:
-                r.finish_reason = "length"
+            if r.num_tokens >= r.max_total_tokens:
+                r.finish_reason = "length"  # no room left to generate
         if all(r.finish_reason for r in self.rows):
             return
         with torch.inference_mode():
@@ -127,20 +118,7 @@ class BatchGeneration:
                 for b, (r, tok) in enumerate(zip(self.rows, tokens)):
                     if r.finish_reason:
                         continue
-                    if not r.generated:
-                        r.t_first = now
-                    r.t_last = now
-                    stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else self.eos_ids)
-                    if tok in stop_ids:
-                        r.generated.append(tok)
-                        r.finish_reason = "stop"
-                        continue
-                    r.generated.append(tok)
-                    delta = r.detok.add(tok)
-                    if r.detok.stopped:
-                        r.finish_reason = "stop"
-                    elif len(r.generated) >= r.limit:
-                        r.finish_reason = "length"
+                    delta = r.append_token(tok, now)
                     if delta:
                         deltas.append((b, delta))
                 if self.cache is not None:
@@ -151,7 +129,7 @@ class BatchGeneration:
                     yield deltas
                 if all(r.finish_reason for r in self.rows):
                     break
-                logits = self._decode([r.generated[-1] if r.generated else PAD_ID for r in self.rows])
+                logits = self._decode([r.output_token_ids[-1] if r.output_token_ids else PAD_ID for r in self.rows])
 
     def text_pieces(self) -> Iterator[str]:
         """For a single prompt: its text pieces as produced, then the held-back tail."""
@@ -165,25 +143,12 @@ class BatchGeneration:
 
     def outputs(self) -> list[RequestOutput]:
         """Results, after `steps()` is exhausted."""
-        outs = []
-        end = time.perf_counter()
         per_token = self.cache.bytes_per_token if self.cache is not None else 0
         for b, r in enumerate(self.rows):
             r.detok.flush()
-            n = len(r.generated)
-            decode_s = r.t_last - r.t_first
-            held = self.cache.row_tokens(b) * per_token if self.cache is not None else 0
-            m = RequestMetrics(
-                prompt_tokens=len(r.prompt),
-                cached_prompt_tokens=self.cached_prompt_tokens if b == 0 else 0,
-                generated_tokens=n,
-                ttft_s=(r.t_first - self.t_start) if n else 0.0,
-                decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-                total_s=end - self.t_start,
-                kv_cache_bytes=held,
-            )
-            outs.append(RequestOutput(r.prompt, r.generated, r.detok.text, r.finish_reason or "length", m))
-        return outs
+            r.status = Status.FINISHED
+            r.num_computed_tokens = self.cache.row_tokens(b) if self.cache is not None else 0
+        return [r.to_output(per_token) for r in self.rows]
 
     def run(self) -> list[RequestOutput]:
         """Generate to the end and return the outputs."""
