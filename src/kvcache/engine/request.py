@@ -43,6 +43,10 @@ class Request:
     t_first_token: float = 0.0
     t_last_token: float = 0.0
 
+    def __post_init__(self):
+        # ids that end the request, fixed for its lifetime (checked on every token)
+        self.stop_ids = frozenset(self.params.stop_token_ids) | (frozenset() if self.params.ignore_eos else self.eos_ids)
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
@@ -61,8 +65,7 @@ class Request:
             self.t_first_token = now
         self.t_last_token = now
         self.output_token_ids.append(token)
-        stop_ids = set(self.params.stop_token_ids) | (set() if self.params.ignore_eos else self.eos_ids)
-        if token in stop_ids:
+        if token in self.stop_ids:
             self.finish_reason = "stop"
             return ""
         delta = self.detok.add(token)

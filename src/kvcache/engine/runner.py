@@ -23,24 +23,21 @@ class ModelRunner:
         self.model, self.storage, self.kv = model, storage, kv
         self.device = model.device
 
-    def _block_rows(self, chunks: list[ScheduledChunk], lengths: list[int]) -> torch.Tensor:
-        """(B, NB) block tables covering positions [0, length_b), padded with the null block."""
+    def _block_rows(self, chunks: list[ScheduledChunk], lengths: list[int]) -> tuple[torch.Tensor, int | None]:
+        """(B, NB) block tables covering positions [0, length_b), padded with the null block; and
+        the first block id when there is one row whose blocks are consecutive (read as a view)."""
         bs = self.kv.block_size
         need = [-(-n // bs) for n in lengths]
         tables = [self.kv.block_table(c.request.request_id)[:k] for c, k in zip(chunks, need)]
         width = max(need)
         for t in tables:
             self.storage.zero_blocks(t)
+        first = None
+        if len(tables) == 1 and tables[0] == list(range(tables[0][0], tables[0][0] + len(tables[0]))):
+            first = tables[0][0]
         null = self.storage.null_block
-        return torch.tensor([t + [null] * (width - len(t)) for t in tables], device=self.device)  # (B, NB)
-
-    @staticmethod
-    def _consecutive_start(blocks: torch.Tensor) -> int | None:
-        """The first block id when there is one row whose blocks are consecutive, else None."""
-        if blocks.shape[0] != 1:
-            return None
-        row = blocks[0].tolist()
-        return row[0] if row == list(range(row[0], row[0] + len(row))) else None
+        rows = torch.tensor([t + [null] * (width - len(t)) for t in tables], device=self.device)  # (B, NB)
+        return rows, first
 
     def _write_slots(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """(N,) slots of every chunk's new tokens, in chunk order."""
@@ -53,11 +50,10 @@ class ModelRunner:
         dev = self.device
         starts = [c.start for c in chunks]
         ids = torch.tensor([[c.request.all_token_ids[c.start]] for c in chunks], device=dev)  # (B, 1)
-        blocks = self._block_rows(chunks, [s + 1 for s in starts])  # (B, NB)
+        blocks, first = self._block_rows(chunks, [s + 1 for s in starts])  # (B, NB)
         write = self._write_slots(chunks)
         if len(set(starts)) == 1:  # equal lengths: cut K/V to them, no mask needed
             step = StepInputs(ids, None, starts[0], None)
-            first = self._consecutive_start(blocks)
             cache = PagedStepCache(self.storage, write, blocks, kv_len=starts[0] + 1, first_block=first)
             return self.model.forward(step, cache)
         s_all = blocks.shape[1] * self.kv.block_size
@@ -70,10 +66,10 @@ class ModelRunner:
         dev = self.device
         start, n = chunk.start, chunk.num_tokens
         ids = torch.tensor([chunk.request.all_token_ids[start : start + n]], device=dev)  # (1, T)
-        blocks = self._block_rows([chunk], [start + n])  # (1, NB)
+        blocks, first = self._block_rows([chunk], [start + n])  # (1, NB)
         step = StepInputs(ids, None, start, causal_mask(None, 1, start, n, dev))  # (1, 1, T, start+T)
         cache = PagedStepCache(self.storage, self._write_slots([chunk]), blocks, kv_len=start + n,
-                               first_block=self._consecutive_start(blocks))
+                               first_block=first)
         return self.model.forward(step, cache)  # (1, V)
 
     def execute(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
