@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from kvcache.cache.base import PlainCache
 
-class KVCache:
+
+class KVCache(PlainCache):
     """Dense per-layer K/V storage for a batch of sequences written step by step."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
@@ -24,6 +26,18 @@ class KVCache:
         self.length = 0  # slots written, shared by all rows
         self.row_start = [0] * batch  # first real slot of each row (left padding before it)
         self.row_end: list[int | None] = [None] * batch  # set when a row finished: slots after it are filler
+
+    @property
+    def seen(self) -> int:
+        """Tokens appended so far (all kept, in a dense cache)."""
+        return self.length
+
+    @property
+    def next_position(self) -> int:
+        """RoPE position of the next token appended (for row 0 / unpadded rows)."""
+        return self.length
+
+    can_truncate = True
 
     @property
     def capacity(self) -> int:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from kvcache.cache.base import PlainCache
+
 
 class PagedKVStorage:
     """K and V slot arrays for all layers, allocated once from a block count."""
@@ -52,7 +54,7 @@ class PagedKVStorage:
         return self.num_blocks * self.block_size * self.bytes_per_token
 
 
-class PagedStepCache:
+class PagedStepCache(PlainCache):
     """One forward pass's view of paged storage, with the interface `LlamaModel.forward` uses.
 
     write_slots (N,): where the step's new tokens go, row-major over (B, T).

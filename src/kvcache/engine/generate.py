@@ -28,8 +28,8 @@ class BatchGeneration:
 
     Each row is a `Request` (the engine's own request state: token bookkeeping, stop rules,
     metrics), so both paths finish and report requests the same way.
-    With `cache` given (batch 1), its first `cache.length` slots must hold the K/V of
-    prompts[0][:cache.length]; only the rest of the prompt is computed.
+    With `cache` given (batch 1: a `KVCache` or a `PolicyCache`), it must have seen
+    prompts[0][:cache.seen]; only the rest of the prompt is computed.
     """
 
     def __init__(self, model: LlamaModel, tokenizer, prompts: list[list[int]], params: list[SamplingParams],
@@ -43,8 +43,8 @@ class BatchGeneration:
             for b, (ids, p) in enumerate(zip(prompts, params))
         ]
         if cache is not None:
-            assert len(prompts) == 1 and cache.batch == 1 and cache.length < len(prompts[0])
-            self.rows[0].num_cached_tokens = cache.length
+            assert len(prompts) == 1 and cache.batch == 1 and cache.seen < len(prompts[0])
+            self.rows[0].num_cached_tokens = cache.seen
         longest = max(len(ids) for ids in prompts)
         if use_cache and cache is None:
             most_new = max(min(p.max_tokens, max_model_len - len(ids)) for ids, p in zip(prompts, params))
@@ -55,9 +55,9 @@ class BatchGeneration:
     # -- one forward --------------------------------------------------------------
     def _prefill(self) -> torch.Tensor:
         cache, dev = self.cache, self.model.device
-        if cache is not None and cache.length:  # continue a cached conversation (batch 1)
-            ids = torch.tensor([self.rows[0].prompt_token_ids[cache.length :]], device=dev)  # (1, T)
-            step = StepInputs(ids, None, cache.length, causal_mask(None, 1, cache.length, ids.shape[1], dev))
+        if cache is not None and cache.seen:  # continue a cached conversation (batch 1)
+            ids = torch.tensor([self.rows[0].prompt_token_ids[cache.seen :]], device=dev)  # (1, T)
+            step = StepInputs(ids, None, cache.next_position, causal_mask(None, 1, cache.length, ids.shape[1], dev))
             return self.model.forward(step, cache)
         return self._full_forward([r.prompt_token_ids for r in self.rows], cache)
 
@@ -83,7 +83,7 @@ class BatchGeneration:
         ids = torch.tensor([[t] for t in last], device=dev)  # (B, 1)
         key_valid = cache.key_valid(extra=1)
         if key_valid is None:
-            step = StepInputs(ids, None, cache.length, None)
+            step = StepInputs(ids, None, cache.next_position, None)
         else:
             pos = torch.tensor([[cache.length - s] for s in cache.row_start], device=dev)  # (B, 1)
             step = StepInputs(ids, pos, cache.length, causal_mask(key_valid, len(last), cache.length, 1, dev))

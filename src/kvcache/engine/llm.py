@@ -47,7 +47,7 @@ class LLM:
                  device: str | torch.device | None = None, kernels: str = "auto", progress: bool = True,
                  kv_cache_memory: str | int | None = None, kv_cache_fraction: float | None = None,
                  block_size: int = 16, enable_prefix_caching: bool = True, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512):
+                 max_num_batched_tokens: int = 512, kv_policy: str | None = None):
         if truncation not in TRUNCATION_MODES:
             raise KVCacheError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got '{truncation}'.")
         if threads is not None:
@@ -70,6 +70,9 @@ class LLM:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos
+        from kvcache.cache.policies.grammar import parse_policy
+
+        self.kv_policy = parse_policy(kv_policy)  # bad policy strings fail here, before any work
         self._engine_args = self._engine_config(kv_cache_memory, kv_cache_fraction, block_size,
                                                 enable_prefix_caching, max_num_seqs, max_num_batched_tokens)
         self._engine = None
@@ -178,6 +181,8 @@ class LLM:
         if not use_cache:
             return BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
                                    use_cache=False).run()
+        if not self.kv_policy.is_full:
+            return [self._policy_generation(p, sp).run()[0] for p, sp in zip(ids, plist)]
         engine = self.engine
         requests = [engine.add_request(p, sp, eos_ids=self.eos_ids) for p, sp in zip(ids, plist)]
         engine.run_to_completion(requests)
@@ -190,6 +195,9 @@ class LLM:
             yield from BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
                                        use_cache=False).text_pieces()
             return
+        if not self.kv_policy.is_full:
+            yield from self._policy_generation(ids[0], plist[0]).text_pieces()
+            return
         engine = self.engine
         req = engine.add_request(ids[0], plist[0], eos_ids=self.eos_ids)
         try:
@@ -199,6 +207,17 @@ class LLM:
                         yield out.text
         finally:
             engine.abort(req.request_id)  # a consumer that stops early frees the blocks
+
+    def new_policy_cache(self, kv_policy: str | None = None):
+        """An empty one-sequence `PolicyCache` under `kv_policy` (default: this LLM's policy)."""
+        from kvcache.cache.policies.cache import PolicyCache
+
+        return PolicyCache(self.model, self.kv_policy if kv_policy is None else kv_policy)
+
+    def _policy_generation(self, ids: list[int], params: SamplingParams) -> BatchGeneration:
+        """One prompt on its own policy cache (policies run one sequence at a time)."""
+        return BatchGeneration(self.model, self.tokenizer, [ids], [params], self.max_model_len, self.eos_ids,
+                               use_cache=True, cache=self.new_policy_cache())
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """One reply to a conversation (list of {'role', 'content'}), no state kept."""

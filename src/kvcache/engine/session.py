@@ -32,7 +32,7 @@ class ChatSession:
         if overflow not in OVERFLOW_POLICIES:
             raise KVCacheError(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got '{overflow}'.")
         self.llm, self.system, self.overflow = llm, system, overflow
-        self.cache = llm.model.new_cache(1, 256)
+        self.cache = llm.model.new_cache(1, 256) if llm.kv_policy.is_full else llm.new_policy_cache()
         self.reset()
 
     def reset(self) -> None:
@@ -72,13 +72,16 @@ class ChatSession:
         messages, ids, truncated = self._fit(self.messages + [{"role": "user", "content": text}], params.max_tokens)
         reuse = common_prefix_len(self.cached_ids, ids)
         reuse = min(reuse, len(ids) - 1)  # at least one token must be computed for the logits
+        if reuse < self.cache.seen and not self.cache.can_truncate:  # a policy evicted: recompute
+            self.cache.clear()
+            reuse = 0
         self.cache.truncate(reuse)
         self.cached_ids = self.cached_ids[:reuse]  # slots past here are about to be overwritten
         gen = BatchGeneration(self.llm.model, self.llm.tokenizer, [ids], [params], self.llm.max_model_len,
                               self.llm.eos_ids, use_cache=True, cache=self.cache)
         yield from gen.text_pieces()
         out = gen.outputs()[0]
-        self.cached_ids = (ids + out.token_ids)[: self.cache.length]
+        self.cached_ids = (ids + out.token_ids)[: self.cache.seen]
         out.metrics.history_truncated = truncated
         self.truncations += int(truncated)
         self.messages = messages + [{"role": "assistant", "content": out.text}]

@@ -53,7 +53,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class LlamaModel:
-    """Decoder-only transformer whose attention reads and writes an explicit `KVCache`."""
+    """Decoder-only transformer whose attention reads and writes an explicit `KVCache` (or `PolicyCache`)."""
 
     def __init__(self, config: LlamaConfig, embed: torch.Tensor, layers: list[LayerWeights],
                  final_norm: torch.Tensor, lm_head: Linear):
@@ -135,8 +135,10 @@ class LlamaModel:
         hq, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
         ids = step.input_ids
         b, t = ids.shape
+        raw_keys = observe = False
         if cache is not None:
             cache.reserve(cache.length + t)
+            raw_keys, observe = cache.rotates_keys, cache.observes(t)
         if step.positions is None:
             cos, sin = self.rope.slice(step.start_pos, t)  # (1, T, 1, D)
         else:
@@ -150,12 +152,18 @@ class LlamaModel:
         for i, lw in enumerate(self.layers):
             h = F.rms_norm(x, hidden, lw.attn_norm, eps)  # (B, T, H)
             qkv = lw.qkv(h).view(b, t, hq + 2 * hkv, d)  # (B, T, Hq+2Hkv, D)
-            qk = apply_rotary(qkv[:, :, : hq + hkv], cos, sin)  # (B, T, Hq+Hkv, D)
-            q = qk[:, :, :hq].transpose(1, 2)  # (B, Hq, T, D)
-            k = qk[:, :, hq:].transpose(1, 2)  # (B, Hkv, T, D)
+            if raw_keys:  # the cache rotates keys itself, at their slots (attention sinks)
+                q = apply_rotary(qkv[:, :, :hq], cos, sin).transpose(1, 2)  # (B, Hq, T, D)
+                k = qkv[:, :, hq : hq + hkv].transpose(1, 2)  # (B, Hkv, T, D) unrotated
+            else:
+                qk = apply_rotary(qkv[:, :, : hq + hkv], cos, sin)  # (B, T, Hq+Hkv, D)
+                q = qk[:, :, :hq].transpose(1, 2)  # (B, Hq, T, D)
+                k = qk[:, :, hq:].transpose(1, 2)  # (B, Hkv, T, D)
             v = qkv[:, :, hq + hkv :].transpose(1, 2)  # (B, Hkv, T, D)
             if cache is not None:
                 k, v = cache.write(i, k, v)  # (B, Hkv, S, D)
+                if observe:
+                    cache.observe(i, q, k)
             o = attend(q, k, v, mask)  # (B, T, Hq*D)
             x = x + lw.o(o)  # (B, T, H)
             h = F.rms_norm(x, hidden, lw.mlp_norm, eps)

@@ -1,0 +1,157 @@
+"""`PolicyCache`: a KV cache whose kept tokens are chosen by selectors and held by a store.
+
+It has the dense `KVCache`'s interface (reserve / write / advance / truncate / clear), so
+`LlamaModel.forward` and `BatchGeneration` drive it unchanged, plus:
+- `seen` (tokens ever appended) next to `length` (tokens kept), and `next_position`, the
+  RoPE position of the next token: `seen`, or `length` when a sinks selector asks for
+  positions inside the cache (then keys are stored unrotated and rotated on read, so the
+  positions never pass the model's `max_position_embeddings`);
+- `observes(t)` / `observe(layer, q, k)`, through which eviction scorers see queries.
+One sequence per cache (batch 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcache.cache.policies.grammar import PolicySpec, parse_policy
+from kvcache.cache.policies.selectors import EVICT_UNIT, KeepPlan, make_selector
+from kvcache.cache.policies.stores import ExactStore
+from kvcache.errors import KVCacheError
+from kvcache.models.rope import apply_rotary
+
+
+def make_store(spec: PolicySpec, config, dtype: torch.dtype, device: torch.device, capacity: int):
+    c, part = config, spec.store
+    if part.name == "full":
+        return ExactStore(c.num_layers, 1, c.num_kv_heads, c.head_dim, dtype, device, capacity)
+    from kvcache.cache.policies.quantized_store import make_quantized_store
+
+    return make_quantized_store(part, c, dtype, device, capacity)
+
+
+class PolicyCache:
+    """One sequence's KV cache under a policy (see module docstring)."""
+
+    batch = 1
+
+    def __init__(self, model, policy: str | PolicySpec, capacity: int = 256):
+        self.spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
+        c = model.config
+        self.num_layers, self.num_kv_heads, self.head_dim = c.num_layers, c.num_kv_heads, c.head_dim
+        self.dtype, self.device = model.dtype, model.device
+        self.rope = model.rope
+        self.store = make_store(self.spec, c, self.dtype, self.device, capacity)
+        self.selectors = [make_selector(p, c.num_layers, self.device) for p in self.spec.selectors]
+        self.rotates_keys = any(s.cache_positions for s in self.selectors)
+        self.unit = getattr(self.store, "evict_unit", EVICT_UNIT)
+        self.clear()
+
+    # -- the KVCache interface the model drives --------------------------------------
+    @property
+    def length(self) -> int:
+        """Tokens kept (the keys attention sees)."""
+        return self.store.length
+
+    @property
+    def next_position(self) -> int:
+        """RoPE position of the next token."""
+        return self.length if self.rotates_keys else self.seen
+
+    def reserve(self, n_slots: int) -> None:
+        self.store.reserve(n_slots)
+
+    def observes(self, t: int) -> bool:
+        return any(s.observes(t) for s in self.selectors)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, Hkv, T, D); return K, V (B, Hkv, S, D) for attention."""
+        t = k.shape[2]
+        self.store.append(layer, k, v)
+        keys, values = self.store.read(layer, t)  # (B, Hkv, S, D)
+        if self.rotates_keys:  # stored unrotated: rotate to slots 0..S-1
+            s = keys.shape[2]
+            cos, sin = self.rope.slice(0, s)  # (1, S, 1, D)
+            keys = apply_rotary(keys, cos[0, :, 0], sin[0, :, 0])
+        return keys, values
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        for s in self.selectors:
+            if s.observes(q.shape[2]):
+                s.observe(layer, q, k)
+
+    def advance(self, t: int) -> None:
+        """Commit the step's t tokens, then let each selector evict."""
+        self.store.advance(t)
+        self.seen += t
+        for sel in self.selectors:
+            held = self.length
+            plan = sel.plan(held, self.seen, t, self.unit, lambda layer: self.store.read(layer, 0))
+            if plan is not None:
+                self._apply(plan, held)
+
+    def _apply(self, plan: KeepPlan, held: int) -> None:
+        if plan.index is None:
+            self.store.drop_range(plan.drop_start, plan.drop_end)
+        else:
+            self.store.gather(plan.index)
+        self.evicted += held - self.length
+        for sel in self.selectors:
+            sel.kept(plan, held)
+
+    def truncate(self, n_slots: int) -> None:
+        """Forget tokens from `n_slots` on; only possible while nothing was evicted."""
+        if n_slots == self.seen:
+            return
+        if self.evicted:
+            raise KVCacheError("This cache has evicted tokens, so it cannot be cut back to an earlier point.")
+        self.store.truncate(n_slots)
+        self.seen = self.length
+
+    @property
+    def can_truncate(self) -> bool:
+        return not self.evicted
+
+    def clear(self) -> None:
+        self.store.clear()
+        self.seen = 0
+        self.evicted = 0
+        self.row_start = [0]
+        self.row_end: list[int | None] = [None]
+        for sel in self.selectors:
+            if hasattr(sel, "scores"):
+                sel.scores = [None] * self.num_layers
+
+    # -- BatchGeneration's row bookkeeping (one row, never padded) --------------------
+    def finish_row(self, row: int) -> None:
+        if self.row_end[0] is None:
+            self.row_end[0] = self.seen
+
+    def row_tokens(self, row: int) -> int:
+        return self.length
+
+    def key_valid(self, extra: int = 0):
+        return None
+
+    # -- memory -------------------------------------------------------------------------
+    @property
+    def tokens_held(self) -> int:
+        return self.length
+
+    @property
+    def nbytes_used(self) -> int:
+        """Bytes the store really holds for the kept tokens (metadata included)."""
+        return self.store.nbytes
+
+    @property
+    def nbytes_allocated(self) -> int:
+        return self.store.nbytes_allocated
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes per token of the model dtype (what a dense cache would spend)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+
+    def stats(self) -> dict:
+        return {"policy": self.spec.text, "seen": self.seen, "kept": self.length, "evicted": self.evicted,
+                "kv_bytes": self.nbytes_used, "disk_bytes": getattr(self.store, "disk_nbytes", 0)}

@@ -1,0 +1,147 @@
+"""The KV policy string grammar shared by the API, the CLI and the server.
+
+    policy   := part ("+" part)*
+    part     := name [":" key "=" value ("," key "=" value)*]
+
+e.g. ``quantized:bits=4,group_size=64,residual=128`` or
+``sinks:n_sink=4,window=2044+quantized:bits=8``. Each name has a fixed set of typed keys
+with defaults; anything else is an error that lists what is valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvcache.errors import KVCacheError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One key of a policy: its type, default and allowed values."""
+
+    type: type
+    default: object
+    choices: tuple = ()
+    minimum: float | None = None
+
+    def convert(self, policy: str, key: str, text: str) -> object:
+        try:
+            if self.type is bool:
+                low = text.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = low in ("true", "1", "yes")
+            else:
+                value = self.type(text)
+        except ValueError:
+            raise KVCacheError(
+                f"Policy '{policy}': {key}={text!r} is not a valid {self.type.__name__}."
+            ) from None
+        if self.choices and value not in self.choices:
+            raise KVCacheError(
+                f"Policy '{policy}': {key} must be one of {', '.join(map(str, self.choices))}, got {text!r}."
+            )
+        if self.minimum is not None and value < self.minimum:
+            raise KVCacheError(f"Policy '{policy}': {key} must be at least {self.minimum}, got {text!r}.")
+        return value
+
+
+# name -> key -> Param. The policies themselves live in selectors.py and stores.py.
+POLICY_PARAMS: dict[str, dict[str, Param]] = {
+    "full": {},
+    "window": {"size": Param(int, 1024, minimum=1)},
+    "sinks": {"n_sink": Param(int, 4, minimum=0), "window": Param(int, 1020, minimum=1)},
+    "evict": {
+        "scorer": Param(str, "snapkv", choices=("h2o", "snapkv", "knorm")),
+        "ratio": Param(float, 0.0, minimum=0.0),
+        "budget": Param(int, 0, minimum=0),
+        "window": Param(int, 32, minimum=1),  # recent tokens always kept (and SnapKV's observation window)
+        "decode": Param(bool, False),  # keep evicting during generation, not only after prefill
+    },
+    "quantized": {
+        "bits": Param(int, 8, choices=(8, 4, 2)),
+        "group_size": Param(int, 64, minimum=1),
+        "residual": Param(int, 128, minimum=0),  # last tokens kept exact
+        "n_sink": Param(int, 0, minimum=0),  # first tokens kept exact
+    },
+    "tiered": {
+        "hot": Param(int, 256, minimum=1),  # recent tokens, exact
+        "warm_bits": Param(int, 4, choices=(8, 4, 2)),
+        "warm": Param(int, 4096, minimum=0),  # older tokens kept quantized in memory
+        "cold": Param(str, "disk", choices=("disk", "drop")),  # the oldest: memory-mapped file, or dropped
+        "group_size": Param(int, 64, minimum=1),
+    },
+}
+SELECTORS = ("window", "sinks", "evict")  # which tokens to keep
+STORES = ("full", "quantized", "tiered")  # how the kept tokens are held
+
+
+@dataclass(frozen=True)
+class PolicyPart:
+    """One named policy with its keys filled in (defaults included)."""
+
+    name: str
+    params: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        given = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.name}:{given}" if given else self.name
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A parsed policy string: token selectors (applied in order) and at most one store."""
+
+    selectors: tuple[PolicyPart, ...]
+    store: PolicyPart
+    text: str
+
+    @property
+    def is_full(self) -> bool:
+        """True when the policy keeps every token exactly (the dense cache)."""
+        return not self.selectors and self.store.name == "full"
+
+
+def _parse_part(text: str) -> PolicyPart:
+    name, _, rest = text.strip().partition(":")
+    name = name.strip().lower()
+    if name not in POLICY_PARAMS:
+        raise KVCacheError(f"Unknown KV policy '{name}'; valid policies are {', '.join(POLICY_PARAMS)}.")
+    schema = POLICY_PARAMS[name]
+    given: dict = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().lower()
+        if key not in schema:
+            valid = ", ".join(schema) or "none"
+            raise KVCacheError(f"Policy '{name}' has no key '{key}'; valid keys are {valid}.")
+        if not eq or not value.strip():
+            raise KVCacheError(f"Policy '{name}': key '{key}' needs a value, as in {key}=...")
+        if key in given:
+            raise KVCacheError(f"Policy '{name}': key '{key}' is given twice.")
+        given[key] = schema[key].convert(name, key, value.strip())
+    params = {k: given.get(k, p.default) for k, p in schema.items()}
+    return PolicyPart(name, params)
+
+
+def parse_policy(text: str | None) -> PolicySpec:
+    """Parse a policy string ('' or None means 'full': keep everything exactly)."""
+    text = (text or "").strip() or "full"
+    parts = [_parse_part(p) for p in text.split("+")]
+    selectors = tuple(p for p in parts if p.name in SELECTORS)
+    stores = [p for p in parts if p.name in STORES]
+    if len(stores) > 1:
+        raise KVCacheError(
+            f"A policy can have one storage part ({', '.join(STORES)}), got {', '.join(p.name for p in stores)}."
+        )
+    store = stores[0] if stores else PolicyPart("full", {})
+    for s in selectors:
+        if s.name == "evict":
+            ratio, budget = s.params["ratio"], s.params["budget"]
+            if (ratio > 0) == (budget > 0):
+                raise KVCacheError("Policy 'evict' needs exactly one of ratio (0 < ratio < 1) or budget (tokens).")
+            if ratio >= 1:
+                raise KVCacheError(f"Policy 'evict': ratio is the fraction removed and must be below 1, got {ratio}.")
+    if store.name == "tiered" and selectors:
+        raise KVCacheError("Policy 'tiered' already decides which tokens to keep; do not combine it with a selector.")
+    return PolicySpec(selectors, store, text)

@@ -1,0 +1,168 @@
+"""Token selectors: which tokens a policy cache keeps (window, sinks, importance eviction).
+
+A selector never touches storage: after each step it returns a `KeepPlan` (a contiguous
+run to drop, or per-layer/per-head indices to keep) or None, and the cache applies it to
+its store. Eviction happens in steps of `unit` tokens (a block), so the resident memory
+of `window:size=N` stays within N + unit tokens and the copy is amortised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvcache.cache.policies.grammar import PolicyPart
+
+EVICT_UNIT = 16  # tokens; one paged block
+
+
+@dataclass
+class KeepPlan:
+    """Drop tokens [drop_start, drop_end) everywhere, or keep `index` (L, B, Hkv, K) per layer and head."""
+
+    drop_start: int = 0
+    drop_end: int = 0
+    index: torch.Tensor | None = None
+
+
+class Selector:
+    """Base: keeps everything."""
+
+    cache_positions = False  # True: RoPE positions are slots inside the cache (StreamingLLM)
+
+    def observes(self, t: int) -> bool:
+        """Whether this step's queries are needed (see `observe`)."""
+        return False
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """See a layer's queries q (B, Hq, T, D) and keys k (B, Hkv, S, D) of this step."""
+
+    def plan(self, held: int, seen: int, t: int, unit: int, keys) -> KeepPlan | None:
+        """After a step of t tokens: what to drop, given `held` tokens kept of `seen`."""
+        return None
+
+    def kept(self, plan: KeepPlan, held_before: int) -> None:
+        """The cache applied `plan` (this or another selector's): realign per-token state."""
+
+
+class Window(Selector):
+    """Keep the last `size` tokens."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def plan(self, held, seen, t, unit, keys):
+        if held <= self.size + unit - 1:
+            return None
+        return KeepPlan(0, held - self.size)
+
+
+class Sinks(Window):
+    """StreamingLLM: the first `n_sink` tokens plus the last `window`, at cache positions."""
+
+    cache_positions = True
+
+    def __init__(self, n_sink: int, window: int):
+        super().__init__(window)
+        self.n_sink = n_sink
+
+    def plan(self, held, seen, t, unit, keys):
+        if held <= self.n_sink + self.size + unit - 1:
+            return None
+        return KeepPlan(self.n_sink, held - self.size)
+
+
+class Evict(Selector):
+    """Keep the tokens that matter: top scores per layer and KV head, plus the last `window`.
+
+    Scorers: `knorm` (low key norm = attended, no queries needed), `snapkv` (attention the
+    last `window` queries of a prompt chunk pay, pooled), `h2o` (attention accumulated over
+    every query seen). Runs after each prompt chunk (t > 1), and with decode=true also
+    while generating. `ratio` is the fraction removed; `budget` the tokens kept.
+    """
+
+    def __init__(self, scorer: str, ratio: float, budget: int, window: int, decode: bool,
+                 num_layers: int, device: torch.device):
+        self.scorer, self.ratio, self.budget, self.window, self.decode = scorer, ratio, budget, window, decode
+        self.scores: list[torch.Tensor | None] = [None] * num_layers  # (B, Hkv, S) float32 per layer
+        self.device = device
+
+    def target(self, seen: int) -> int:
+        kept = self.budget if self.budget else math.ceil((1.0 - self.ratio) * seen)
+        return max(kept, 1)
+
+    def observes(self, t: int) -> bool:
+        return self.scorer != "knorm" and (t > 1 or self.decode)
+
+    def observe(self, layer, q, k):
+        b, hq, t, d = q.shape
+        hkv, s = k.shape[1], k.shape[2]
+        g = hq // hkv
+        if self.scorer == "snapkv" and t > 1:
+            q = q[:, :, -self.window :]
+            t = q.shape[2]
+        acc = torch.zeros(b, hkv, s, dtype=torch.float32, device=q.device)  # (B, Hkv, S)
+        for c0 in range(0, t, 256):  # query chunks bound the (B, Hkv, G*Tc, S) probabilities
+            qc = q[:, :, c0 : c0 + 256].float()
+            tc = qc.shape[2]
+            logits = qc.reshape(b, hkv, g * tc, d) @ k.float().transpose(-1, -2) / math.sqrt(d)  # (B, Hkv, G*Tc, S)
+            q_slot = torch.arange(s - t + c0, s - t + c0 + tc, device=q.device).repeat(g)  # (G*Tc,)
+            logits.masked_fill_(torch.arange(s, device=q.device)[None, :] > q_slot[:, None], float("-inf"))
+            acc += logits.softmax(-1).sum(2)
+        if self.scorer == "snapkv" and t > 1:
+            acc = F.avg_pool1d(acc, kernel_size=7, stride=1, padding=3, count_include_pad=False)
+            self.scores[layer] = acc
+            return
+        prev = self.scores[layer]
+        if prev is not None:
+            acc[:, :, : prev.shape[2]] += prev[:, :, : min(prev.shape[2], s)]
+        self.scores[layer] = acc
+
+    def plan(self, held, seen, t, unit, keys):
+        if t == 1 and not self.decode:
+            return None
+        target = self.target(seen)
+        slack = unit - 1 if t == 1 else 0
+        if held <= target + slack:
+            return None
+        recent = min(self.window, target)
+        n_old = held - recent
+        top = target - recent
+        per_layer = []
+        for layer, score in enumerate(self._layer_scores(held, keys)):
+            old = score[:, :, :n_old]  # (B, Hkv, n_old)
+            keep_old = old.topk(top, dim=-1).indices.sort(-1).values if top else old[:, :, :0].long()
+            tail = torch.arange(n_old, held, device=old.device).expand(*old.shape[:2], recent)
+            per_layer.append(torch.cat([keep_old, tail], -1))  # (B, Hkv, target)
+        return KeepPlan(index=torch.stack(per_layer))  # (L, B, Hkv, target)
+
+    def _layer_scores(self, held: int, keys):
+        for layer in range(len(self.scores)):
+            if self.scorer == "knorm":
+                k, _ = keys(layer)
+                yield -k.float().norm(dim=-1)  # (B, Hkv, S): low-norm keys draw attention
+            else:
+                yield self.scores[layer][:, :, :held]
+
+    def kept(self, plan, held_before):
+        for layer, s in enumerate(self.scores):
+            if s is None:
+                continue
+            if plan.index is not None:
+                self.scores[layer] = torch.gather(s[:, :, :held_before], 2, plan.index[layer])
+            else:
+                self.scores[layer] = torch.cat([s[:, :, : plan.drop_start], s[:, :, plan.drop_end : held_before]], 2)
+
+
+def make_selector(part: PolicyPart, num_layers: int, device: torch.device) -> Selector:
+    p = part.params
+    if part.name == "window":
+        return Window(p["size"])
+    if part.name == "sinks":
+        return Sinks(p["n_sink"], p["window"])
+    if part.name == "evict":
+        return Evict(p["scorer"], p["ratio"], p["budget"], p["window"], p["decode"], num_layers, device)
+    raise AssertionError(part.name)
