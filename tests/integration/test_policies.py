@@ -1,0 +1,249 @@
+"""Every KV policy through the same checks, on the tiny random-weight model.
+
+- a policy that keeps everything gives exactly the dense cache's logits and tokens;
+- the memory report equals the bytes the store holds;
+- eviction keeps what each policy promises (window, sinks, budget/ratio, recent tokens);
+- attention sinks stream past 3x max_position_embeddings with finite logits and bounded memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvcache
+from kvcache import KVCacheError, SamplingParams
+from kvcache.cache.policies.cache import PolicyCache
+from kvcache.cache.policies.grammar import POLICY_PARAMS, parse_policy
+from kvcache.cache.policies.selectors import EVICT_UNIT
+from kvcache.engine.generate import BatchGeneration
+from kvcache.models.step import StepInputs
+
+BIG = 100_000
+KEEP_ALL = [
+    "full",
+    f"window:size={BIG}",
+    f"sinks:n_sink=4,window={BIG}",
+    f"evict:scorer=h2o,budget={BIG},decode=true",
+    f"evict:scorer=snapkv,budget={BIG},decode=true",
+    f"evict:scorer=knorm,budget={BIG},decode=true",
+    f"sinks:n_sink=2,window={BIG}+evict:scorer=h2o,budget={BIG}",
+]
+EVICTING = [
+    "window:size=40",
+    "sinks:n_sink=4,window=36",
+    "evict:scorer=h2o,ratio=0.5",
+    "evict:scorer=snapkv,ratio=0.5,window=8",
+    "evict:scorer=knorm,budget=32,decode=true",
+    "sinks:n_sink=4,window=60+evict:scorer=knorm,ratio=0.5",
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def text_ids(llm, n: int) -> list[int]:
+    ids = llm.tokenizer("Once upon a time there was a little robot who loved to read books. " * 40)["input_ids"]
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def feed(model, cache, ids: list[int], chunk: int) -> torch.Tensor:
+    """Logits (T, V) for every position, feeding `ids` through `cache` in chunks."""
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(ids), chunk):
+            x = torch.tensor([ids[i : i + chunk]])  # (1, T)
+            out.append(model.forward(StepInputs(x, None, cache.next_position, None, "all"), cache)[0])
+    return torch.cat(out)  # (T, V)
+
+
+# ------------------------------------------------------------------------ the grammar
+
+
+@pytest.mark.parametrize("text", [
+    "quantized:bits=4,group_size=64,residual=128", "sinks:n_sink=4,window=1020", "window:size=1024",
+    "evict:scorer=snapkv,ratio=0.5", "tiered:hot=256,warm_bits=4,cold=disk",
+    "sinks:n_sink=4,window=2044+quantized:bits=8",
+])
+def test_the_issue_examples_parse(text):
+    spec = parse_policy(text)
+    given = {p.split(":")[0] for p in text.split("+")}
+    assert {s.name for s in spec.selectors} | {spec.store.name} >= given - {"full"}
+
+
+def test_parsed_values_are_typed_and_defaults_filled():
+    spec = parse_policy("sinks:n_sink=2,window=100+quantized:bits=4")
+    assert spec.selectors[0].params == {"n_sink": 2, "window": 100}
+    assert spec.store.params["bits"] == 4 and spec.store.params["residual"] == 128
+    assert parse_policy(None).is_full and parse_policy("").is_full and not spec.is_full
+
+
+@pytest.mark.parametrize("text, words", [
+    ("windw:size=3", ["Unknown KV policy", "window", "sinks", "evict", "quantized", "tiered"]),
+    ("window:sz=3", ["no key 'sz'", "size"]),
+    ("quantized:bits=3", ["bits must be one of 8, 4, 2"]),
+    ("window:size=abc", ["not a valid int"]),
+    ("window:size", ["needs a value"]),
+    ("evict:scorer=h2o", ["exactly one of ratio"]),
+    ("evict:scorer=h2o,ratio=1.5", ["below 1"]),
+    ("quantized:bits=8+tiered:hot=4", ["one storage part"]),
+])
+def test_bad_policy_strings_name_the_problem_and_the_valid_choices(text, words):
+    with pytest.raises(KVCacheError) as err:
+        parse_policy(text)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_every_policy_name_has_documented_defaults():
+    for name, schema in POLICY_PARAMS.items():
+        for key, p in schema.items():
+            assert isinstance(p.default, p.type), (name, key)
+
+
+# ------------------------------------------------------------- keep-everything == dense
+
+
+@pytest.mark.parametrize("policy", KEEP_ALL)
+def test_a_policy_that_keeps_everything_matches_the_dense_cache(tiny_llm, policy):
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 70)
+    dense = feed(model, model.new_cache(1, 16), ids, chunk=16)
+    cache = PolicyCache(model, policy)
+    ours = feed(model, cache, ids, chunk=16)
+    assert cache.length == cache.seen == len(ids)
+    torch.testing.assert_close(ours, dense, rtol=0, atol=1e-5)
+    gen = BatchGeneration(model, tiny_llm.tokenizer, [ids], [GREEDY], tiny_llm.max_model_len, tiny_llm.eos_ids,
+                          cache=PolicyCache(model, policy)).run()[0]
+    ref = BatchGeneration(model, tiny_llm.tokenizer, [ids], [GREEDY], tiny_llm.max_model_len, tiny_llm.eos_ids,
+                          cache=None).run()[0]
+    assert gen.token_ids == ref.token_ids
+
+
+def test_llm_kv_policy_runs_generate_stream_and_session(tiny_model_dir):
+    llm = kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy="window:size=24")
+    dense = kvcache.LLM(str(tiny_model_dir), progress=False)
+    prompt = "Once upon a time there was a little robot who loved to read books about the stars"
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    out = llm.generate([prompt, "Hello"], params)
+    assert [len(o.token_ids) for o in out] == [30, 30]
+    assert "".join(llm.stream(prompt, params)) == out[0].text
+    assert dense.generate([prompt], params)[0].token_ids != out[0].token_ids  # the window changed something
+    session = llm.session()
+    session.send("Hello, how are you?", params)
+    second = session.send("What is your name?", params)
+    assert session.cache.length <= 24 + EVICT_UNIT - 1 < session.cache.seen
+    assert second.metrics.cached_prompt_tokens == 0  # evicted history cannot be reused: recomputed
+    with pytest.raises(KVCacheError, match="valid policies"):
+        kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy="lru:size=3")
+
+
+# ----------------------------------------------------------------------- eviction
+
+
+@pytest.mark.parametrize("policy", EVICTING)
+def test_eviction_keeps_what_the_policy_promises(tiny_llm, policy):
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 120)
+    cache = PolicyCache(model, policy)
+    logits = feed(model, cache, ids[:100], chunk=20)
+    assert torch.isfinite(logits).all()
+    for t in ids[100:]:  # decode steps
+        feed(model, cache, [t], chunk=1)
+    assert cache.seen == 120
+    assert cache.nbytes_used == cache.length * cache.bytes_per_token
+    sel = cache.spec.selectors
+    bound = {
+        "window": lambda p: p["size"] + EVICT_UNIT - 1,
+        "sinks": lambda p: p["n_sink"] + p["window"] + EVICT_UNIT - 1,
+    }
+    for part in sel:
+        if part.name in bound:
+            assert cache.length <= bound[part.name](part.params)
+    if sel[-1].name == "evict":
+        p = sel[-1].params
+        target = p["budget"] or math.ceil((1 - p["ratio"]) * 100)
+        slack = EVICT_UNIT - 1 if p["decode"] else 20
+        assert cache.length <= target + slack
+
+
+def test_window_keeps_exactly_the_most_recent_tokens(tiny_llm):
+    """Dropped tokens are the oldest: layer 0's kept K (which depend only on the token and
+    its position) equal the dense cache's last K."""
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 90)
+    dense = model.new_cache(1, 16)
+    feed(model, dense, ids, chunk=10)
+    cache = PolicyCache(model, "window:size=32")
+    feed(model, cache, ids, chunk=10)
+    n = cache.length
+    assert 32 <= n < 32 + EVICT_UNIT
+    keys, _ = cache.store.read(0, 0)
+    torch.testing.assert_close(keys, dense.k[0, :, :, 90 - n : 90], rtol=0, atol=1e-5)
+
+
+def test_knorm_keeps_the_lowest_norm_keys_and_the_recent_window(tiny_llm):
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 64)
+    dense = model.new_cache(1, 16)
+    feed(model, dense, ids, chunk=64)
+    cache = PolicyCache(model, "evict:scorer=knorm,budget=24,window=8")
+    feed(model, cache, ids, chunk=64)
+    assert cache.length == 24
+    for layer in range(model.config.num_layers):
+        norms = dense.k[layer, 0, :, :64].norm(dim=-1)  # (Hkv, S)
+        kept, _ = cache.store.read(layer, 0)
+        for h in range(norms.shape[0]):
+            want = set(norms[h, :56].topk(16, largest=False).indices.tolist()) | set(range(56, 64))
+            got = {int((dense.k[layer, 0, h, :64] - row).abs().sum(-1).argmin()) for row in kept[0, h]}
+            assert got == want
+
+
+def test_h2o_keeps_the_tokens_with_the_most_attention(tiny_llm):
+    """The kept set is the top accumulated attention, computed here independently."""
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 48)
+    cache = PolicyCache(model, "evict:scorer=h2o,budget=20,window=4")
+    seen: dict[int, torch.Tensor] = {}
+    orig = cache.observe
+
+    def spy(layer, q, k):
+        seen[layer] = (q.clone(), k.clone())
+        orig(layer, q, k)
+
+    cache.observe = spy
+    feed(model, cache, ids, chunk=48)
+    q, k = seen[0]
+    g = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(g, 1)  # (1, Hq, S, D)
+    att = (q @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+    att = att.masked_fill(torch.ones(48, 48, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    score = att.sum(2).view(1, k.shape[1], g, 48).sum(2)[0]  # (Hkv, S)
+    kept, _ = cache.store.read(0, 0)
+    for h in range(k.shape[1]):
+        want = set(score[h, :44].topk(16).indices.tolist()) | set(range(44, 48))
+        got = {int((k[0, h] - row).abs().sum(-1).argmin()) for row in kept[0, h]}
+        assert got == want
+
+
+# ---------------------------------------------------------------- streaming with sinks
+
+
+def test_sinks_stream_past_three_times_the_trained_length(tiny_llm):
+    model = tiny_llm.model
+    limit = model.config.max_position_embeddings
+    ids = text_ids(tiny_llm, 500)
+    stream = (ids * 10)[: 3 * limit + 100]
+    cache = PolicyCache(model, "sinks:n_sink=4,window=60")
+    resident = []
+    with torch.inference_mode():
+        logits = feed(model, cache, stream[:64], chunk=64)
+        for t in stream[64:]:
+            logits = model.forward(StepInputs(torch.tensor([[t]]), None, cache.next_position, None), cache)
+            assert torch.isfinite(logits).all()
+            assert cache.next_position < limit
+            resident.append((cache.nbytes_used, cache.nbytes_allocated))
+    assert cache.seen == len(stream) > 3 * limit
+    assert max(r[0] for r in resident) <= (4 + 60 + EVICT_UNIT - 1) * cache.bytes_per_token
+    assert len({r[1] for r in resident[len(resident) // 10 :]}) == 1  # the allocation stopped growing
