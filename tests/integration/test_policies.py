@@ -247,3 +247,35 @@ def test_sinks_stream_past_three_times_the_trained_length(tiny_llm):
     assert cache.seen == len(stream) > 3 * limit
     assert max(r[0] for r in resident) <= (4 + 60 + EVICT_UNIT - 1) * cache.bytes_per_token
     assert len({r[1] for r in resident[len(resident) // 10 :]}) == 1  # the allocation stopped growing
+
+
+# ------------------------------------------------------- window on the paged engine
+
+
+def test_paged_window_frees_blocks_and_matches_the_per_sequence_cache(tiny_model_dir):
+    """`window` runs in the continuous-batching engine by freeing whole blocks; a ragged
+    batch there gives exactly the tokens each prompt gets alone on a PolicyCache."""
+    llm = kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy="window:size=24", block_size=16)
+    assert llm.kv_policy.runs_paged
+    prompts = ["Once upon a time there was a little robot who loved to read books about the stars",
+               "Hello", "The weather today is sunny with a light breeze from the west, and tomorrow"]
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    engine = llm.engine
+    reqs = [engine.add_request(llm.encode(p), params, eos_ids=llm.eos_ids) for p in prompts]
+    most_blocks = 0
+
+    def watch(_):
+        nonlocal most_blocks
+        for r in reqs:
+            if r.request_id in engine.kv and not r.finished:
+                table = engine.kv.block_table(r.request_id)
+                live = [b for b in table if b >= 0]
+                most_blocks = max(most_blocks, len(live))
+
+    engine.run_to_completion(reqs, on_step=watch)
+    assert most_blocks <= -(-(24 + 16) // 16) + 1  # window + one block being filled
+    assert engine.stats()["blocks_used"] == 0
+    for p, r in zip(prompts, reqs):
+        alone = BatchGeneration(llm.model, llm.tokenizer, [llm.encode(p)], [params], llm.max_model_len, llm.eos_ids,
+                                cache=PolicyCache(llm.model, "window:size=24")).run()[0]
+        assert r.output_token_ids == alone.token_ids

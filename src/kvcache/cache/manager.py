@@ -26,13 +26,16 @@ from dataclasses import dataclass, field
 from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.prefix import hash_block
 
-__all__ = ["KVCacheManager"]
+__all__ = ["KVCacheManager", "RELEASED"]
+
+RELEASED = -1  # a table entry whose block was given back (a sliding window no longer reads it)
 
 
 @dataclass
 class _SeqBlocks:
     table: list[int] = field(default_factory=list)  # block ids; token t lives in table[t // block_size]
     hashes: list[int] = field(default_factory=list)  # chained hashes of the first len(hashes) full blocks
+    released: int = 0  # leading table entries given back (RELEASED)
 
 
 class KVCacheManager:
@@ -159,14 +162,33 @@ class KVCacheManager:
             chunk = token_ids[i * bs : (i + 1) * bs]
             parent = hash_block(parent, chunk, self.hash_extra)
             seq.hashes.append(parent)
-            self.pool.register(seq.table[i], parent, chunk)
+            if seq.table[i] != RELEASED:
+                self.pool.register(seq.table[i], parent, chunk)
 
     def free(self, seq_id: str) -> None:
         """Release `seq_id`'s blocks and forget it (unknown ids: no-op). Blocks are freed
         tail first, so its tail is evicted before its head, which is likelier shared."""
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
-            self.pool.free(reversed(seq.table))
+            self.pool.free(reversed(seq.table[seq.released :]))
+
+    def release_blocks_before(self, seq_id: str, position: int) -> int:
+        """Give back `seq_id`'s blocks that lie wholly before token `position` (a sliding
+        window will not read them again); returns how many were freed. Token positions keep
+        their meaning: the released entries stay in the table as RELEASED."""
+        seq = self._seqs[seq_id]
+        upto = min(max(position, 0) // self.block_size, len(seq.table))
+        if upto <= seq.released:
+            return 0
+        self.pool.free(seq.table[seq.released : upto])
+        n = upto - seq.released
+        seq.table[seq.released : upto] = [RELEASED] * n
+        seq.released = upto
+        return n
+
+    def first_live_block(self, seq_id: str) -> int:
+        """Index in `seq_id`'s table of its first block not released."""
+        return self._seqs[seq_id].released
 
     def reset_prefix_cache(self) -> int:
         """Forget all cached prefixes; returns the number of hashes dropped."""
@@ -174,7 +196,7 @@ class KVCacheManager:
 
     # -- queries ------------------------------------------------------------------------
     def block_table(self, seq_id: str) -> list[int]:
-        """A copy of `seq_id`'s block table (block ids in token order)."""
+        """A copy of `seq_id`'s block table (block ids in token order; RELEASED where given back)."""
         return list(self._seqs[seq_id].table)
 
     def __contains__(self, seq_id: object) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.cache.manager import KVCacheManager
+from kvcache.cache.policies.selectors import Window
 from kvcache.cache.storage import PagedKVStorage
 from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.request import Request
@@ -28,6 +29,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    sliding_window: int | None = None  # keep only the last N tokens' blocks (policy `window:size=N`)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class LLMEngine:
                                       c.head_dim, model.dtype, model.device)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.storage, self.kv)
+        self.window = Window(config.sliding_window) if config.sliding_window else None
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.tokens_generated = 0
@@ -95,6 +98,9 @@ class LLMEngine:
             req = chunk.request
             req.num_computed_tokens += chunk.num_tokens
             self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if self.window is not None:  # the window policy picks the tokens; whole blocks go back
+                first = self.window.first_kept(req.num_computed_tokens, self.config.block_size)
+                self.kv.release_blocks_before(req.request_id, first)
             if chunk.num_tokens > 1 or not req.output_token_ids:
                 self.tokens_prefilled += chunk.num_tokens
             if req.request_id not in sampled:

@@ -100,7 +100,8 @@ class LLM:
         blocks = blocks_for_budget(budget, block_size, self.kv_bytes_per_token)
         if blocks < 1:
             raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")
-        return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched)
+        return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched,
+                            sliding_window=self.kv_policy.paged_window)
 
     @property
     def engine(self):
@@ -181,7 +182,7 @@ class LLM:
         if not use_cache:
             return BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
                                    use_cache=False).run()
-        if not self.kv_policy.is_full:
+        if not self.kv_policy.runs_paged:
             return [self._policy_generation(p, sp).run()[0] for p, sp in zip(ids, plist)]
         engine = self.engine
         requests = [engine.add_request(p, sp, eos_ids=self.eos_ids) for p, sp in zip(ids, plist)]
@@ -195,7 +196,7 @@ class LLM:
             yield from BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
                                        use_cache=False).text_pieces()
             return
-        if not self.kv_policy.is_full:
+        if not self.kv_policy.runs_paged:
             yield from self._policy_generation(ids[0], plist[0]).text_pieces()
             return
         engine = self.engine

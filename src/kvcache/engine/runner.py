@@ -23,13 +23,19 @@ class ModelRunner:
         self.model, self.storage, self.kv = model, storage, kv
         self.device = model.device
 
-    def _block_rows(self, chunks: list[ScheduledChunk], lengths: list[int]) -> tuple[torch.Tensor, int | None]:
-        """(B, NB) block tables covering positions [0, length_b), padded with the null block; and
-        the first block id when there is one row whose blocks are consecutive (read as a view)."""
+    def _block_rows(self, chunks: list[ScheduledChunk], lengths: list[int]) -> tuple[torch.Tensor, int | None, list[int]]:
+        """(B, NB) tables of each row's live blocks covering positions [0, length_b) (blocks a
+        sliding window released are skipped), padded with the null block; the first block id
+        when there is one row whose blocks are consecutive (read as a view); and per row the
+        number of slots attention sees (its length minus the released tokens)."""
         bs = self.kv.block_size
-        need = [-(-n // bs) for n in lengths]
-        tables = [self.kv.block_table(c.request.request_id)[:k] for c, k in zip(chunks, need)]
-        width = max(need)
+        tables, live = [], []
+        for c, n in zip(chunks, lengths):
+            rid = c.request.request_id
+            lo = self.kv.first_live_block(rid)
+            tables.append(self.kv.block_table(rid)[lo : -(-n // bs)])
+            live.append(n - lo * bs)
+        width = max(len(t) for t in tables)
         for t in tables:
             self.storage.zero_blocks(t)
         first = None
@@ -37,7 +43,7 @@ class ModelRunner:
             first = tables[0][0]
         null = self.storage.null_block
         rows = torch.tensor([t + [null] * (width - len(t)) for t in tables], device=self.device)  # (B, NB)
-        return rows, first
+        return rows, first, live
 
     def _write_slots(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """(N,) slots of every chunk's new tokens, in chunk order."""
@@ -50,25 +56,26 @@ class ModelRunner:
         dev = self.device
         starts = [c.start for c in chunks]
         ids = torch.tensor([[c.request.all_token_ids[c.start]] for c in chunks], device=dev)  # (B, 1)
-        blocks, first = self._block_rows(chunks, [s + 1 for s in starts])  # (B, NB)
+        blocks, first, live = self._block_rows(chunks, [s + 1 for s in starts])  # (B, NB)
         write = self._write_slots(chunks)
-        if len(set(starts)) == 1:  # equal lengths: cut K/V to them, no mask needed
+        if len(set(starts)) == 1 and len(set(live)) == 1:  # equal lengths: cut K/V to them, no mask needed
             step = StepInputs(ids, None, starts[0], None)
-            cache = PagedStepCache(self.storage, write, blocks, kv_len=starts[0] + 1, first_block=first)
+            cache = PagedStepCache(self.storage, write, blocks, kv_len=live[0], first_block=first)
             return self.model.forward(step, cache)
         s_all = blocks.shape[1] * self.kv.block_size
-        lens = torch.tensor(starts, device=dev)[:, None] + 1  # (B, 1)
+        lens = torch.tensor(live, device=dev)[:, None]  # (B, 1)
         valid = torch.arange(s_all, device=dev)[None] < lens  # (B, S)
-        step = StepInputs(ids, lens - 1, 0, valid[:, None, None, :])
+        positions = torch.tensor(starts, device=dev)[:, None]  # (B, 1)
+        step = StepInputs(ids, positions, 0, valid[:, None, None, :])
         return self.model.forward(step, PagedStepCache(self.storage, write, blocks))  # (B, V)
 
     def _prefill(self, chunk: ScheduledChunk) -> torch.Tensor:
         dev = self.device
         start, n = chunk.start, chunk.num_tokens
         ids = torch.tensor([chunk.request.all_token_ids[start : start + n]], device=dev)  # (1, T)
-        blocks, first = self._block_rows([chunk], [start + n])  # (1, NB)
-        step = StepInputs(ids, None, start, causal_mask(None, 1, start, n, dev))  # (1, 1, T, start+T)
-        cache = PagedStepCache(self.storage, self._write_slots([chunk]), blocks, kv_len=start + n,
+        blocks, first, live = self._block_rows([chunk], [start + n])  # (1, NB)
+        step = StepInputs(ids, None, start, causal_mask(None, 1, live[0] - n, n, dev))  # (1, 1, T, live)
+        cache = PagedStepCache(self.storage, self._write_slots([chunk]), blocks, kv_len=live[0],
                                first_block=first)
         return self.model.forward(step, cache)  # (1, V)
 

@@ -101,6 +101,19 @@ class PolicySpec:
         """True when the policy keeps every token exactly (the dense cache)."""
         return not self.selectors and self.store.name == "full"
 
+    @property
+    def paged_window(self) -> int | None:
+        """The window size when the policy is a plain `window` (the paged engine runs it by
+        freeing whole blocks); None for every other policy (run per sequence)."""
+        if self.store.name == "full" and len(self.selectors) == 1 and self.selectors[0].name == "window":
+            return self.selectors[0].params["size"]
+        return None
+
+    @property
+    def runs_paged(self) -> bool:
+        """Whether the continuous-batching engine over paged blocks runs this policy."""
+        return self.is_full or self.paged_window is not None
+
 
 def _parse_part(text: str) -> PolicyPart:
     name, _, rest = text.strip().partition(":")

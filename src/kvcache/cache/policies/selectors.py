@@ -2,8 +2,9 @@
 
 A selector never touches storage: after each step it returns a `KeepPlan` (a contiguous
 run to drop, or per-layer/per-head indices to keep) or None, and the cache applies it to
-its store. Eviction happens in steps of `unit` tokens (a block), so the resident memory
-of `window:size=N` stays within N + unit tokens and the copy is amortised.
+its store (or, for a window in the paged engine, the engine frees whole blocks). Eviction
+happens in steps of `unit` tokens (a block), so the resident memory of `window:size=N`
+stays within N + unit - 1 tokens and the copy is amortised.
 """
 
 from __future__ import annotations
@@ -49,15 +50,23 @@ class Selector:
 
 
 class Window(Selector):
-    """Keep the last `size` tokens."""
+    """Keep the last `size` tokens, dropped a block (`unit` tokens) at a time.
+
+    The first token kept is the block boundary at or before seen - size, counted in
+    absolute positions, so the per-sequence cache and the paged engine (which frees whole
+    blocks) keep exactly the same tokens.
+    """
 
     def __init__(self, size: int):
         self.size = size
 
+    def first_kept(self, seen: int, unit: int) -> int:
+        """Absolute position of the oldest token kept after `seen` tokens."""
+        return max(0, (seen - self.size) // unit * unit)
+
     def plan(self, held, seen, t, unit, keys):
-        if held <= self.size + unit - 1:
-            return None
-        return KeepPlan(0, held - self.size)
+        drop = self.first_kept(seen, unit) - (seen - held)
+        return KeepPlan(0, drop) if drop > 0 else None
 
 
 class Sinks(Window):
@@ -70,9 +79,11 @@ class Sinks(Window):
         self.n_sink = n_sink
 
     def plan(self, held, seen, t, unit, keys):
-        if held <= self.n_sink + self.size + unit - 1:
+        if held <= self.n_sink:
             return None
-        return KeepPlan(self.n_sink, held - self.size)
+        first_held = seen - (held - self.n_sink)  # absolute position of the oldest window token
+        drop = max(self.n_sink, self.first_kept(seen, unit)) - first_held
+        return KeepPlan(self.n_sink, self.n_sink + drop) if drop > 0 else None
 
 
 class Evict(Selector):
