@@ -15,6 +15,7 @@ from kvcache.cache.quant import (
     error_bound,
     pack_codes,
     quantize,
+    quantized_scores,
     unpack_codes,
 )
 from kvcache.cache.spec import KVFormat, ModelShape, kv_bytes_per_token_per_layer, kv_tensor_bytes
@@ -68,10 +69,25 @@ def test_packing_round_trip_is_exact(bits, rows, bytes_, seed):
     assert torch.equal(unpack_codes(packed, bits), codes)
 
 
-def test_packing_layout_first_code_in_low_bits():
+def test_packing_layout_is_planar():
+    """Code d sits in byte d % Dp at bit (d // Dp) * bits."""
     codes = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)
     assert pack_codes(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
-    assert pack_codes(torch.tensor([[5, 12]], dtype=torch.uint8), 4).tolist() == [[5 | 12 << 4]]
+    assert pack_codes(torch.tensor([[5, 12, 7, 9]], dtype=torch.uint8), 4).tolist() == [
+        [5 | 7 << 4, 12 | 9 << 4]
+    ]
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_unpacking_strided_and_word_sized_rows(bits):
+    """Rows of 8k bytes unpack as int64 words, also from a slice of bigger storage."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 1 << bits, (2, 3, 10, 64), generator=gen, dtype=torch.uint8)
+    storage = torch.zeros(2, 3, 16, 64 * bits // 8, dtype=torch.uint8)
+    storage[:, :, 2:12] = pack_codes(codes, bits)
+    assert torch.equal(unpack_codes(storage[:, :, 2:12], bits), codes)
+    assert torch.equal(unpack_codes(storage[:, :, 2:12, 1:], bits), unpack_codes(
+        storage[:, :, 2:12, 1:].contiguous(), bits))  # odd row length: byte path
 
 
 # ---------------------------------------------------------------- error bound
@@ -328,3 +344,22 @@ def test_store_rejects_bad_input():
         store.truncate(6)
     with pytest.raises(KVCacheError):
         store.dequantize_into(0, torch.empty(2, 3, 7, 16))
+
+
+# ---------------------------------------------------------------- scores from quantized keys
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quantized_scores_equal_dequantize_then_matmul(bits):
+    k = quantize(_values(10, (2, 3, 64, 16), 1.0, 0.2), bits, 16, "channel")
+    q = _values(11, (2, 3, 5, 16), 1.0, 0.0)
+    expected = q @ dequantize(k).transpose(-1, -2)  # (B, H, Tq, S)
+    got = quantized_scores(q, k)
+    assert got.shape == (2, 3, 5, 64)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_quantized_scores_need_per_channel_keys():
+    v = quantize(torch.zeros(1, 1, 4, 8), 8, 4, "token")
+    with pytest.raises(KVCacheError):
+        quantized_scores(torch.zeros(1, 1, 1, 8), v)
