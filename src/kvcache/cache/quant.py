@@ -182,7 +182,7 @@ def _quantize_into(x: torch.Tensor, bits: int, group_size: int, axis: str,
     z16 = _fp16_toward(lo, up=False)  # zero <= every element
     s16 = _fp16_toward((hi - z16.float()) / levels, up=True)  # zero + levels*scale >= max
     s = s16.float()
-    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    inv = torch.reciprocal(s).nan_to_num_(posinf=0.0)  # a constant group has scale 0
     t = (xg - z16.float()).mul_(inv)  # (x - zero) / scale, grouped; subtract first (no cancellation)
     codes = t.round_().clamp_(0, levels).to(torch.uint8).view(x.shape)  # (B, H, S, D)
     data.copy_(pack_codes(codes, bits))
@@ -229,13 +229,17 @@ def dequantize(q: QTensor, out: torch.Tensor | None = None,
             f"The output buffer must be a floating-point tensor of shape {tuple(q.shape)}, "
             f"got {out.dtype} {tuple(out.shape)}."
         )
+    if out.dtype != torch.float32:
+        # mixed uint8/fp32 -> bf16 arithmetic takes a slow scalar path on CPU (10-20x);
+        # fp32 then one cast is fast and rounds x_hat once
+        return out.copy_(dequantize(q))
     codes = unpack_codes(q.data, q.bits)  # (B, H, S, D) uint8
     scale = _meta_grouped(q.scale.float(), q.axis)
     zero = _meta_grouped(q.zero.float(), q.axis)
     out_g = _grouped(out, q.group_size, q.axis)
-    if q.axis == "token" and out.dtype == torch.float32:
+    if q.axis == "token":
         # addcmul broadcasting along the innermost axis is ~3x slower on CPU than these
-        # three vectorised passes (which would round twice in a narrower dtype)
+        # three vectorised passes
         out.copy_(codes)
         out_g.mul_(scale).add_(zero)
     else:
