@@ -37,6 +37,8 @@ __all__ = [
     "kv_bytes_per_token",
     "kv_bytes_per_token_per_layer",
     "kv_bytes",
+    "QUANT_AXES",
+    "kv_tensor_bytes",
     "max_seq_len_in_budget",
     "max_batch_in_budget",
     "parse_size",
@@ -231,6 +233,46 @@ def kv_bytes_per_token(shape: ModelShape, fmt: KVFormat) -> int:
 def _check_count(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise KVCacheError(f"{what} must be a non-negative integer, got {value!r}.")
+
+
+#: Grouping axes of the integer formats (KIVI): ``"channel"`` groups ``group_size``
+#: consecutive tokens of one channel (keys), ``"token"`` groups ``group_size``
+#: consecutive channels of one token (values).
+QUANT_AXES: tuple[str, ...] = ("channel", "token")
+
+
+def kv_tensor_bytes(
+    fmt: KVFormat,
+    num_tokens: int,
+    kv_heads: int,
+    head_dim: int,
+    axis: str = "token",
+    batch: int = 1,
+) -> int:
+    """Exact bytes of one layer's K (or V) for ``num_tokens`` tokens, as ``cache/quant.py`` stores it.
+
+    Codes are packed along ``head_dim`` (``ceil(head_dim x bits / 8)`` bytes per token and
+    head); a quantization group takes ``scale_bytes``. Along ``"channel"`` a group is
+    ``group_size`` tokens of one channel (a last partial group still costs a whole group's
+    metadata); along ``"token"`` it is ``group_size`` channels of one token. With
+    ``group_size`` dividing ``head_dim`` and whole token groups, K per channel plus V per
+    token equals ``num_tokens x kv_bytes_per_token_per_layer``. Float formats ignore ``axis``.
+    """
+    _check_count(num_tokens, "num_tokens")
+    _check_positive_int(kv_heads, "kv_heads")
+    _check_positive_int(head_dim, "head_dim")
+    _check_positive_int(batch, "batch")
+    if axis not in QUANT_AXES:
+        raise KVCacheError(f"axis must be one of {', '.join(QUANT_AXES)}, got {axis!r}.")
+    rows = batch * kv_heads * num_tokens  # one row = head_dim values of one token and head
+    data = rows * (-(-head_dim * fmt.bits // 8))
+    if not fmt.is_quantized:
+        return data
+    if axis == "channel":
+        groups = batch * kv_heads * head_dim * -(-num_tokens // fmt.group_size)
+    else:
+        groups = rows * -(-head_dim // fmt.group_size)
+    return data + groups * fmt.scale_bytes
 
 
 def kv_bytes(shape: ModelShape, fmt: KVFormat, seq_len: int, batch: int = 1) -> int:
