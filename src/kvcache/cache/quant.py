@@ -389,6 +389,31 @@ class QuantizedStore:
                        self._zero[layer, :, :, m0:m1])
         self._lengths[layer] = n + T
 
+    def append_all(self, x: torch.Tensor) -> None:
+        """Quantize x (L, B, Hkv, T, D), one slice per layer, in one pass (layers equally long)."""
+        n = self._lengths[0]
+        assert all(m == n for m in self._lengths), "append_all needs layers of equal length"
+        L, B, H, T, D = x.shape
+        self.reserve(n + T)
+        m0, m1 = self._meta_index(n), self._meta_index(n + T)
+        _quantize_into(x.reshape(L * B, H, T, D), self.bits, self.group_size, self.axis,
+                       self._data[:, :, :, n:n + T].flatten(0, 1), self._scale[:, :, :, m0:m1].flatten(0, 1),
+                       self._zero[:, :, :, m0:m1].flatten(0, 1))
+        self._lengths = [n + T] * self.num_layers
+
+    def drop_front(self, num_tokens: int) -> None:
+        """Forget the oldest ``num_tokens`` tokens of every layer (per channel: whole groups)."""
+        if self.axis == "channel" and num_tokens % self.group_size:
+            raise KVCacheError(
+                f"Per-channel keys can only be dropped in multiples of group_size {self.group_size}, "
+                f"got {num_tokens}."
+            )
+        n = max(self._lengths)
+        m0, m1 = self._meta_index(num_tokens), self._meta_index(n)
+        for t, a, b in ((self._data, num_tokens, n), (self._scale, m0, m1), (self._zero, m0, m1)):
+            t[:, :, :, : b - a] = t[:, :, :, a:b].clone()
+        self._lengths = [max(0, m - num_tokens) for m in self._lengths]
+
     def view(self, layer: int) -> QTensor:
         """The layer's stored tokens as a :class:`QTensor` (views, no copy)."""
         self._check_layer(layer)

@@ -1,0 +1,296 @@
+"""Quantized and tiered stores for `PolicyCache` (same interface as `ExactStore`).
+
+`QuantizedKVStore` (policy `quantized`, KIVI-style) keeps, in token order:
+  [sinks: first n_sink tokens, exact] [quantized groups] [tail: the last residual..residual+g-1 tokens, exact]
+Keys are quantized per channel and values per token (`cache/quant.py`, really packed);
+new tokens land in the exact tail, and whole groups of `group_size` tokens move from
+the tail into the quantized part once the tail passes `residual + group_size`.
+
+`TieredStore` (policy `tiered`, the hierarchical cache) adds a cold tier in front:
+  [cold: oldest, on disk (memory-mapped) or dropped] [warm: quantized] [hot: exact]
+with at most `warm` (+ one group) quantized tokens in memory.
+
+Attention reads the whole history of a layer as floats assembled into one scratch
+buffer shared by all layers (one layer's worth of floats, not a new tensor per step).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import torch
+
+from kvcache.cache.policies.stores import ExactStore
+from kvcache.cache.quant import QuantizedStore
+
+
+def value_group(group_size: int, head_dim: int) -> int:
+    """Group size along head_dim for per-token values: group_size if it divides head_dim, else head_dim."""
+    return group_size if group_size <= head_dim and head_dim % group_size == 0 else head_dim
+
+
+class QuantizedKVStore:
+    """Sinks exact + quantized middle + exact recent tail (see module docstring)."""
+
+    kind = "quantized"
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, bits: int, group_size: int,
+                 residual: int, n_sink: int, dtype: torch.dtype, device: torch.device, capacity: int = 256):
+        L, H, D = num_layers, num_kv_heads, head_dim
+        self.num_layers, self.num_kv_heads, self.head_dim = L, H, D
+        self.bits, self.group_size, self.residual, self.n_sink = bits, group_size, residual, n_sink
+        self.dtype, self.device = dtype, device
+        self.sinks = ExactStore(L, 1, H, D, dtype, device, max(n_sink, 1))
+        self.tail = ExactStore(L, 1, H, D, dtype, device, residual + group_size + 64)
+        self.qk = QuantizedStore(L, 1, H, D, bits, group_size, "channel", capacity, device)
+        self.qv = QuantizedStore(L, 1, H, D, bits, value_group(group_size, D), "token", capacity, device)
+        self.scratch_k = self.scratch_v = torch.empty(0, dtype=dtype, device=device)
+        self.evict_unit = group_size  # drops move whole quantized groups
+
+    # -- sizes --------------------------------------------------------------------------
+    @property
+    def num_quantized(self) -> int:
+        return self.qk.num_tokens(0)
+
+    @property
+    def num_front(self) -> int:
+        """Tokens before the quantized part (the sinks; a tiered store adds its cold tier)."""
+        return self.sinks.length
+
+    @property
+    def length(self) -> int:
+        return self.num_front + self.num_quantized + self.tail.length
+
+    def reserve(self, n_tokens: int) -> None:
+        self.tail.reserve(self.tail.length + (n_tokens - self.length))
+
+    # -- the step -----------------------------------------------------------------------
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.tail.append(layer, k, v)
+
+    def _scratch(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scratch_k.shape[2:3] != (s,) and (self.scratch_k.numel() == 0 or self.scratch_k.shape[2] < s):
+            cap = max(s, 2 * (self.scratch_k.shape[2] if self.scratch_k.numel() else 0))
+            shape = (1, self.num_kv_heads, cap, self.head_dim)
+            self.scratch_k = torch.empty(shape, dtype=self.dtype, device=self.device)  # (1, Hkv, cap, D)
+            self.scratch_v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        return self.scratch_k, self.scratch_v
+
+    def _read_front(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
+        n = self.sinks.length
+        if n:
+            k[:, :, :n], v[:, :, :n] = self.sinks.read(layer, 0)
+        return n
+
+    def read(self, layer: int, staged: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V (1, Hkv, S, D) of `layer` assembled in the shared scratch buffer."""
+        s = self.length + staged
+        k, v = self._scratch(s)
+        pos = self._read_front(layer, k, v)
+        if self.num_quantized:
+            self.qk.dequantize_into(layer, k, pos)
+            pos += self.qv.dequantize_into(layer, v, pos)
+        tk, tv = self.tail.read(layer, staged)  # (1, Hkv, tail+staged, D)
+        k[:, :, pos:s], v[:, :, pos:s] = tk, tv
+        return k[:, :, :s], v[:, :, :s]
+
+    def advance(self, n: int) -> None:
+        self.tail.advance(n)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Fill the sinks from the tail's head, then move whole groups from the tail to the quantized part."""
+        t = self.tail
+        if self.sinks.length < self.n_sink and self.num_quantized == 0:
+            take = min(self.n_sink - self.sinks.length, t.length)
+            if take:
+                self._move_tail_to(self.sinks, take)
+        g = self.group_size
+        excess = t.length - self.residual
+        if excess >= g:
+            n = excess // g * g
+            self.qk.append_all(t.k[:, :, :, :n])  # (L, 1, Hkv, n, D)
+            self.qv.append_all(t.v[:, :, :, :n])
+            t.drop_range(0, n)
+            self._after_quantize()
+
+    def _after_quantize(self) -> None:
+        """Hook for the tiered store (moves old quantized groups to the cold tier)."""
+
+    def _move_tail_to(self, dest: ExactStore, n: int) -> None:
+        t = self.tail
+        dest.reserve(dest.length + n)
+        dest.k[:, :, :, dest.length : dest.length + n] = t.k[:, :, :, :n]
+        dest.v[:, :, :, dest.length : dest.length + n] = t.v[:, :, :, :n]
+        dest.length += n
+        t.drop_range(0, n)
+
+    # -- eviction -----------------------------------------------------------------------
+    def drop_range(self, start: int, end: int) -> None:
+        """Forget tokens [start, end): whole quantized groups right after the front are
+        dropped in place; anything else rebuilds the store from its dequantized tokens."""
+        n = end - start
+        if start == self.num_front and n % self.group_size == 0 and n <= self.num_quantized:
+            self.qk.drop_front(n)
+            self.qv.drop_front(n)
+            return
+        k, v = self._materialize()
+        keep = torch.cat([torch.arange(start), torch.arange(end, self.length)]).to(self.device)
+        self._rebuild(k.index_select(3, keep), v.index_select(3, keep))
+
+    def gather(self, index: torch.Tensor) -> None:
+        """Keep the tokens at `index` (L, 1, Hkv, K) per layer and head (rebuilds the store)."""
+        k, v = self._materialize()
+        idx = index[..., None].expand(*index.shape, self.head_dim)  # (L, 1, Hkv, K, D)
+        self._rebuild(torch.gather(k, 3, idx), torch.gather(v, 3, idx))
+
+    def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (self.num_layers, 1, self.num_kv_heads, self.length, self.head_dim)
+        k = torch.empty(shape, dtype=self.dtype, device=self.device)  # (L, 1, Hkv, S, D)
+        v = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for layer in range(self.num_layers):
+            lk, lv = self.read(layer, 0)
+            k[layer], v[layer] = lk, lv
+        return k, v
+
+    def _rebuild(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Refill from float K, V (L, 1, Hkv, S, D), as if those tokens had just arrived."""
+        self.clear()
+        n = k.shape[3]
+        self.tail.reserve(n)
+        self.tail.k[:, :, :, :n], self.tail.v[:, :, :, :n] = k, v
+        self.tail.length = n
+        self._migrate()
+
+    def truncate(self, n: int) -> None:
+        if n >= self.length:
+            return
+        k, v = self._materialize()
+        self._rebuild(k[:, :, :, :n], v[:, :, :, :n])
+
+    def clear(self) -> None:
+        self.sinks.clear()
+        self.tail.clear()
+        self.qk.clear()
+        self.qv.clear()
+
+    # -- memory -------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory: exact sinks and tail plus packed codes and their scales."""
+        return self.sinks.nbytes + self.tail.nbytes + self.qk.nbytes + self.qv.nbytes
+
+    @property
+    def nbytes_allocated(self) -> int:
+        scratch = 2 * self.scratch_k.numel() * self.scratch_k.element_size()
+        return (self.sinks.nbytes_allocated + self.tail.nbytes_allocated + self.qk.nbytes_allocated
+                + self.qv.nbytes_allocated + scratch)
+
+
+class TieredStore(QuantizedKVStore):
+    """Hot exact tail, warm quantized middle (at most `warm` + one group), cold oldest tokens
+    on disk (a memory-mapped file, read back when attention needs them) or dropped."""
+
+    kind = "tiered"
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, hot: int, warm_bits: int,
+                 warm: int, cold: str, group_size: int, dtype: torch.dtype, device: torch.device,
+                 capacity: int = 256):
+        super().__init__(num_layers, num_kv_heads, head_dim, warm_bits, group_size, hot, 0, dtype, device, capacity)
+        self.warm, self.cold = warm, cold
+        self.cold_length = 0
+        self.dropped = 0
+        self._file = None
+        self._cold_k = self._cold_v = None  # np.memmap (L, Hkv, cap, D) each
+
+    @property
+    def num_front(self) -> int:
+        return self.cold_length
+
+    def _read_front(self, layer, k, v):
+        n = self.cold_length
+        if n:  # fetched back from the memory-mapped file
+            k[0, :, :n] = torch.from_numpy(np.asarray(self._cold_k[layer, :, :n])).to(self.device, self.dtype)
+            v[0, :, :n] = torch.from_numpy(np.asarray(self._cold_v[layer, :, :n])).to(self.device, self.dtype)
+        return n
+
+    def _after_quantize(self) -> None:
+        g = self.group_size
+        excess = self.num_quantized - self.warm
+        if excess < g:
+            return
+        n = excess // g * g
+        if self.cold == "disk":
+            k = torch.empty(self.num_layers, 1, self.num_kv_heads, n, self.head_dim, dtype=torch.float32)
+            v = torch.empty_like(k)
+            for layer in range(self.num_layers):
+                q = self.qk.view(layer)
+                from kvcache.cache.quant import QTensor, dequantize
+
+                head = QTensor(q.data[:, :, :n], q.scale[:, :, : n // g], q.zero[:, :, : n // g],
+                               (1, self.num_kv_heads, n, self.head_dim), q.bits, q.group_size, q.axis)
+                dequantize(head, k[layer])
+                qv = self.qv.view(layer)
+                headv = QTensor(qv.data[:, :, :n], qv.scale[:, :, :n], qv.zero[:, :, :n],
+                                (1, self.num_kv_heads, n, self.head_dim), qv.bits, qv.group_size, qv.axis)
+                dequantize(headv, v[layer])
+            self._append_cold(k[:, 0].numpy(), v[:, 0].numpy())
+        else:
+            self.dropped += n
+        self.qk.drop_front(n)
+        self.qv.drop_front(n)
+
+    def _append_cold(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Write (L, Hkv, n, D) float tokens after the cold tier, in fp16 on disk."""
+        n = k.shape[2]
+        need = self.cold_length + n
+        if self._cold_k is None or self._cold_k.shape[2] < need:
+            cap = max(need, 2 * (self._cold_k.shape[2] if self._cold_k is not None else 0), 256)
+            shape = (self.num_layers, self.num_kv_heads, cap, self.head_dim)
+            old = (self._cold_k, self._cold_v)
+            self._file = tempfile.TemporaryFile(prefix="kvcache-cold-")
+            self._file.truncate(2 * int(np.prod(shape)) * 2)
+            half = int(np.prod(shape)) * 2
+            self._cold_k = np.memmap(self._file, dtype=np.float16, mode="r+", shape=shape, offset=0)
+            self._cold_v = np.memmap(self._file, dtype=np.float16, mode="r+", shape=shape, offset=half)
+            if old[0] is not None:
+                self._cold_k[:, :, : self.cold_length] = old[0][:, :, : self.cold_length]
+                self._cold_v[:, :, : self.cold_length] = old[1][:, :, : self.cold_length]
+        self._cold_k[:, :, self.cold_length : need] = k
+        self._cold_v[:, :, self.cold_length : need] = v
+        self.cold_length = need
+
+    def drop_range(self, start, end):
+        raise AssertionError("a tiered store decides its own tiers; selectors are refused by the grammar")
+
+    gather = drop_range
+
+    def truncate(self, n: int) -> None:
+        if n >= self.length:
+            return
+        if self.cold_length or self.dropped:
+            from kvcache.errors import KVCacheError
+
+            raise KVCacheError("A tiered cache that has moved tokens to its cold tier cannot be cut back.")
+        super().truncate(n)
+
+    def clear(self) -> None:
+        super().clear()
+        self.cold_length = 0
+        self.dropped = 0
+
+    @property
+    def disk_nbytes(self) -> int:
+        """Bytes of the cold tier on disk (fp16 K and V)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.cold_length * self.head_dim * 2
+
+
+def make_quantized_store(part, config, dtype: torch.dtype, device: torch.device, capacity: int):
+    """The store for a `quantized` or `tiered` policy part."""
+    c, p = config, part.params
+    if part.name == "quantized":
+        return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, p["bits"], p["group_size"],
+                                p["residual"], p["n_sink"], dtype, device, capacity)
+    return TieredStore(c.num_layers, c.num_kv_heads, c.head_dim, p["hot"], p["warm_bits"], p["warm"],
+                       p["cold"], p["group_size"], dtype, device, capacity)
