@@ -171,3 +171,33 @@ def test_quantized_cache_stays_close_to_exact(hf_tiny, prompt):
     c = hf_tiny.config
     exact = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * cache.kept  # fp32 bytes
     assert 0 < cache.nbytes < exact
+
+
+@pytest.mark.real_model
+def test_seed_example_on_the_default_model():
+    """The README example: SmolLM2 generates through a SinkCache, as it does with DynamicCache."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    from kvcache.models.loader import load_model
+
+    model_dir = str(load_model("smollm2-135m-instruct", progress=False).model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    n = inputs["input_ids"].shape[1]
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values= is transformers' old name for cache=
+        cache = kvcache.hf.SinkCache(n_sink=4, window=1020, config=model.config)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=20, do_sample=False)
+        want = model.generate(**inputs, cache=DynamicCache(), max_new_tokens=20, do_sample=False)
+        small = kvcache.hf.SinkCache(n_sink=4, window=16, config=model.config)
+        short = model.generate(**inputs, cache=small, max_new_tokens=20, do_sample=False)
+    text = tok.decode(out[0, n:], skip_special_tokens=True)
+    assert "Paris" in text
+    assert out[0, n:].tolist() == want[0, n:].tolist()  # nothing evicted: the same greedy tokens
+    assert tok.decode(short[0, n:], skip_special_tokens=True).strip()
+    assert small.kept <= 4 + 16 + 15 < small.seen
+    assert small.nbytes == small.kept * 2 * 30 * 3 * 64 * 4
