@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install install-test demo test test-fast bench clean
+.PHONY: install install-test demo test test-fast bench kvpress-env clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench: install-test
 	$(PY) benchmarks/bench_vs_transformers.py --threads 2
 	$(VENV)/bin/kvcache bench chat --threads 2
 	$(PY) benchmarks/bench_throughput.py --threads 2 --plot out/throughput.png
+
+kvpress-env:   # NVIDIA kvpress in its own venv (.venv-kvpress); see benchmarks/README.md
+	bash benchmarks/kvpress_setup.sh
 
 clean:
 	rm -rf $(VENV) out

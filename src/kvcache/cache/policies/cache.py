@@ -44,6 +44,9 @@ class PolicyCache:
         self.store = make_store(self.spec, c, self.dtype, self.device, capacity)
         self.selectors = [make_selector(p, c.num_layers, self.device) for p in self.spec.selectors]
         self.rotates_keys = any(s.cache_positions for s in self.selectors)
+        # RoPE position of slot 0 when the cache rotates keys: 0 for our model, whose queries sit at
+        # cache positions; `kvcache.hf` moves it so that query-key distances stay those in the cache.
+        self.key_position_offset = 0
         self.unit = getattr(self.store, "evict_unit", EVICT_UNIT)
         self.clear()
 
@@ -71,8 +74,8 @@ class PolicyCache:
         keys, values = self.store.read(layer, t)  # (B, Hkv, S, D)
         if self.rotates_keys:  # stored unrotated: rotate to slots 0..S-1
             s = keys.shape[2]
-            cos, sin = self.rope.slice(0, s)  # (1, S, 1, D)
-            keys = apply_rotary(keys, cos[0, :, 0], sin[0, :, 0])
+            cos, sin = self.rope.slice(self.key_position_offset, s)  # (1, S, 1, D)
+            keys = apply_rotary(keys, cos[0, :, 0], sin[0, :, 0])  # at positions offset..offset+S-1
         return keys, values
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:

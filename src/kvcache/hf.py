@@ -1,0 +1,324 @@
+"""kvcache's KV policies as `transformers` Cache objects: a drop-in for `model.generate`.
+
+    import kvcache.hf
+    cache = kvcache.hf.SinkCache(n_sink=4, window=1020, config=model.config)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=64)   # or past_key_values=cache
+    print(cache.stats())   # seen, kept, evicted, kv_bytes
+
+`PolicyCache(policy, config=...)` takes any policy string of `kvcache.cache.policies.grammar`
+(`window:size=N`, `sinks:n_sink=4,window=N`, `evict:scorer=knorm,ratio=R`,
+`quantized:bits=4`, compositions with `+`); `WindowCache`, `SinkCache`, `KnormCache` and
+`QuantizedCache` spell the common ones as keyword arguments. One sequence per cache (batch 1).
+
+How it maps onto transformers 5.x (`transformers.cache_utils.Cache`):
+- Each attention layer calls `update(k, v, layer_idx, ...)` with this step's keys, already
+  rotated at their absolute positions, and attends to what it returns. We append into our
+  `kvcache.cache.policies.PolicyCache` and return the kept tokens plus the new ones. The step is
+  committed (and the policy evicts) when the cache is next used - the next step's first
+  `update`, or any size query - never between a layer's `update` and its attention, whose K/V
+  are views of the storage that eviction rewrites.
+- Sizes: `get_seq_length()` is the number of tokens seen (so positions keep counting), and
+  `get_mask_sizes(q)` is (kept + q, seen - kept): the mask treats the kept tokens as the
+  last `kept` positions before the queries, so every kept token is visible and the new ones
+  are causal among themselves, whatever the policy dropped.
+- Attention sinks (StreamingLLM): keys are un-rotated into the store (RoPE by -p, p their
+  position) and, on read, rotated at positions P0 - kept + j (P0 the first query's position),
+  so each query-key distance is the distance inside the cache, as our own model does with
+  queries at cache positions. Positions come from the `position_ids` the model passes along,
+  else seen + i.
+- Scorers that need the queries (h2o, snapkv) cannot work here: transformers hands the cache
+  keys and values only. `knorm` (key norms) can.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvcache.cache.policies.cache import PolicyCache as _PolicyCore
+from kvcache.cache.policies.grammar import PolicySpec, parse_policy
+from kvcache.errors import KVCacheError
+from kvcache.models.config import LlamaConfig
+from kvcache.models.rope import RotaryTable, apply_rotary
+
+KEY_ONLY_SCORERS = ("knorm",)  # eviction scorers that need no queries, so work through transformers
+
+__all__ = ["PolicyCache", "WindowCache", "SinkCache", "KnormCache", "QuantizedCache", "KEY_ONLY_SCORERS"]
+
+
+def _llama_config(config) -> LlamaConfig:
+    """Our LlamaConfig from a transformers config (or a model that has one)."""
+    if config is None:
+        raise KVCacheError("A kvcache.hf cache needs the model's config, as in PolicyCache(policy, config=model.config).")
+    config = getattr(config, "config", config)  # a model was given
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return LlamaConfig.from_hf(as_dict)
+
+
+def _check_policy(spec: PolicySpec) -> None:
+    for part in spec.selectors:
+        scorer = part.params.get("scorer")
+        if part.name == "evict" and scorer not in KEY_ONLY_SCORERS:
+            raise KVCacheError(
+                f"Eviction scorer '{scorer}' needs the attention queries, which transformers does not pass to "
+                f"a Cache; through kvcache.hf use {', '.join(KEY_ONLY_SCORERS)} (or window / sinks), "
+                "or run it on kvcache's own engine (LLM(kv_policy=...))."
+            )
+    if spec.store.name != "full":
+        try:
+            import kvcache.cache.policies.quantized_store  # noqa: F401
+        except ImportError:
+            raise KVCacheError(f"KV storage '{spec.store.name}' is not available in this build of kvcache.") from None
+
+
+class _PolicyLayer(CacheLayerMixin):
+    """One layer's face of a `PolicyCache`, for transformers code that walks `cache.layers`."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, owner: "PolicyCache", layer_idx: int):  # no super().__init__: keys/values are views
+        self.owner, self.layer_idx = owner, layer_idx
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.owner.core is not None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Kept keys (1, Hkv, S, D) as stored (unrotated under attention sinks)."""
+        return self.owner.layer_kv(self.layer_idx)[0]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self.owner.layer_kv(self.layer_idx)[1]
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.owner.update(key_states, value_states, self.layer_idx, *args, **kwargs)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.get_mask_sizes(query_length, self.layer_idx)
+
+    def get_seq_length(self) -> int:
+        return self.owner.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.owner.reset()
+
+    def offload(self) -> None:
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+
+class PolicyCache(Cache):
+    """A `transformers` Cache that keeps tokens by a kvcache policy string (see module docstring).
+
+    `config`: the model's config (or the model). `capacity`: tokens of storage allocated at
+    first (it doubles when needed; window policies stay within window + 16).
+    """
+
+    def __init__(self, policy: str | PolicySpec = "full", *, config=None, capacity: int = 256):
+        self.spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
+        _check_policy(self.spec)
+        self.model_config = _llama_config(config)
+        self.capacity = capacity
+        self.core: _PolicyCore | None = None  # built at the first update, in the keys' dtype and device
+        self._pending = 0  # tokens of the step in flight (0: none)
+        self._layers_written = 0
+        super().__init__(layers=[_PolicyLayer(self, i) for i in range(self.model_config.num_layers)])
+
+    # -- transformers' Cache interface ---------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append this step's k, v (1, Hkv, T, D) of layer `layer_idx`; return K, V (1, Hkv, S+T, D) to attend to."""
+        b, _, t, _ = key_states.shape
+        if b != 1:
+            raise KVCacheError(f"kvcache.hf caches hold one sequence (batch size 1); got a batch of {b}.")
+        if layer_idx == 0:
+            self._commit()
+            self._begin(key_states, t, _position_ids(args, kwargs))
+        elif t != self._pending or layer_idx != self._layers_written:
+            raise KVCacheError("kvcache.hf caches expect every layer to be updated in order with the same tokens.")
+        core = self.core
+        if core.rotates_keys:
+            key_states = apply_rotary(key_states, self._cos, self._neg_sin)  # back to unrotated
+        keys, values = core.write(layer_idx, key_states, value_states)  # (1, Hkv, S+T, D)
+        self._layers_written += 1
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far (the next token's position); `kept` is what the cache holds."""
+        self._commit()
+        return 0 if self.core is None else self.core.seen
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv_length, kv_offset): the kept tokens count as the last `kept` positions before the queries."""
+        self._commit()
+        if self.core is None:
+            return query_length, 0
+        return self.core.length + query_length, self.core.seen - self.core.length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._pending = self._layers_written = 0
+        if self.core is not None:
+            self.core.clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last -tokens_to_remove tokens (only while nothing was evicted)."""
+        self._commit()
+        if tokens_to_remove > 0:
+            raise KVCacheError("crop takes a negative number: how many of the last tokens to remove.")
+        if tokens_to_remove and self.core is not None:
+            self.core.truncate(self.core.seen + tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._one_row(beam_idx.numel(), "beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._one_row(repeats, "repeating the batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._one_row(indices.numel(), "selecting batch rows")
+
+    @property
+    def batch_size(self) -> int:
+        return 1 if self.core is not None else -1
+
+    # -- what the cache holds --------------------------------------------------------------
+    @property
+    def seen(self) -> int:
+        return self.get_seq_length()
+
+    @property
+    def kept(self) -> int:
+        """Tokens the cache holds (what attention sees besides the new ones)."""
+        self._commit()
+        return 0 if self.core is None else self.core.length
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store really holds for the kept tokens (quantization metadata included)."""
+        self._commit()
+        return 0 if self.core is None else self.core.nbytes_used
+
+    @property
+    def nbytes_allocated(self) -> int:
+        self._commit()
+        return 0 if self.core is None else self.core.nbytes_allocated
+
+    def stats(self) -> dict:
+        """policy, seen, kept, evicted, kv_bytes (and disk_bytes for tiered storage)."""
+        self._commit()
+        if self.core is None:
+            return {"policy": self.spec.text, "seen": 0, "kept": 0, "evicted": 0, "kv_bytes": 0, "disk_bytes": 0}
+        return self.core.stats()
+
+    def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Kept K, V (1, Hkv, S, D) of a layer, as stored."""
+        self._commit()
+        if self.core is None:
+            return None, None
+        return self.core.store.read(layer_idx, 0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(policy={self.spec.text!r}, seen={self.seen}, kept={self.kept})"
+
+    # -- internals ---------------------------------------------------------------------------
+    def _build(self, like: torch.Tensor) -> None:
+        c = self.model_config
+        rotates = any(p.name == "sinks" for p in self.spec.selectors)
+        rope = None
+        if rotates:
+            # computed in float32 and cast, as transformers does, so un-rotation undoes its rotation
+            rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
+                               like.device, like.dtype)
+        model = SimpleNamespace(config=c, dtype=like.dtype, device=like.device, rope=rope)
+        self.core = _PolicyCore(model, self.spec, capacity=self.capacity)
+
+    def _begin(self, key_states: torch.Tensor, t: int, position_ids: torch.Tensor | None) -> None:
+        if self.core is None:
+            self._build(key_states)
+        core = self.core
+        core.reserve(core.length + t)
+        self._pending, self._layers_written = t, 0
+        if core.rotates_keys:
+            if position_ids is None:
+                positions = torch.arange(core.seen, core.seen + t, device=key_states.device)
+            else:
+                positions = position_ids.reshape(-1)[-t:].to(key_states.device)
+            cos, sin = core.rope.lookup(positions[None])  # (1, T, 1, D)
+            self._cos, self._neg_sin = cos[:, None, :, 0], -sin[:, None, :, 0]  # (1, 1, T, D)
+            core.key_position_offset = int(positions[0]) - core.length
+
+    def _commit(self) -> None:
+        """Commit a finished step (every layer written): the policy may evict now."""
+        if self._pending and self._layers_written == len(self.layers):
+            self.core.advance(self._pending)
+            self._pending = self._layers_written = 0
+
+    def _one_row(self, n: int, what: str) -> None:
+        if n != 1:
+            raise KVCacheError(f"kvcache.hf caches hold one sequence, so {what} (batch of {n}) is not supported.")
+
+
+def _position_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The step's position_ids, which transformers' Llama attention passes on in `kwargs=`."""
+    for bag in (kwargs.get("kwargs"), kwargs.get("cache_kwargs"), *(a for a in args if isinstance(a, dict))):
+        if isinstance(bag, dict) and bag.get("position_ids") is not None:
+            return bag["position_ids"]
+    return None
+
+
+class WindowCache(PolicyCache):
+    """Keep the last `size` tokens (`window:size=N`)."""
+
+    def __init__(self, size: int = 1024, *, config=None, capacity: int = 256):
+        super().__init__(f"window:size={size}", config=config, capacity=capacity)
+
+
+class SinkCache(PolicyCache):
+    """StreamingLLM: the first `n_sink` tokens plus the last `window` (`sinks:n_sink=4,window=N`)."""
+
+    def __init__(self, n_sink: int = 4, window: int = 1020, *, config=None, capacity: int = 256):
+        super().__init__(f"sinks:n_sink={n_sink},window={window}", config=config, capacity=capacity)
+
+
+class KnormCache(PolicyCache):
+    """After the prompt (and while decoding with decode=True), keep the lowest-key-norm tokens.
+
+    Give `ratio` (fraction removed) or `budget` (tokens kept); the last `window` always stay.
+    """
+
+    def __init__(self, ratio: float | None = None, *, budget: int | None = None, window: int = 32,
+                 decode: bool = False, config=None, capacity: int = 256):
+        amount = f"budget={budget}" if budget is not None else f"ratio={ratio if ratio is not None else 0.5}"
+        super().__init__(f"evict:scorer=knorm,{amount},window={window},decode={str(decode).lower()}",
+                         config=config, capacity=capacity)
+
+
+class QuantizedCache(PolicyCache):
+    """K and V quantized to `bits` (8, 4 or 2) in groups, the last `residual` tokens exact."""
+
+    def __init__(self, bits: int = 4, group_size: int = 64, residual: int = 128, *, config=None,
+                 capacity: int = 256):
+        super().__init__(f"quantized:bits={bits},group_size={group_size},residual={residual}",
+                         config=config, capacity=capacity)

@@ -1,0 +1,203 @@
+"""kvcache.hf: our KV policies as transformers Cache objects, on the tiny random Llama.
+
+Checked against transformers' own DynamicCache (keep-everything must give the same tokens)
+and against our own LlamaModel driving kvcache's PolicyCache with the same policy on the
+same weights (window, sinks, knorm must give the same tokens, up to near-ties).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcache.hf
+from kvcache.cache.policies.cache import PolicyCache as CorePolicyCache
+from kvcache.errors import KVCacheError
+from kvcache.models.config import LlamaConfig
+from kvcache.models.llama import LlamaModel
+from kvcache.models.step import StepInputs
+from tests.helpers import assert_same_tokens
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPT_LEN = 40
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def ours(hf_tiny):
+    return LlamaModel.from_state_dict(LlamaConfig.from_hf(hf_tiny.config.to_dict()), hf_tiny.state_dict())
+
+
+@pytest.fixture(scope="module")
+def prompt(hf_tiny):
+    gen = torch.Generator().manual_seed(7)
+    return torch.randint(3, hf_tiny.config.vocab_size, (1, PROMPT_LEN), generator=gen)
+
+
+def hf_generate(model, ids, cache, n=NEW_TOKENS):
+    """Greedy tokens and the logits of each step, through transformers' generate (no stop at EOS)."""
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=n,
+                             eos_token_id=None, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1]:].tolist(), [x[0] for x in out.logits]
+
+
+def ours_generate(model, policy, ids, n=NEW_TOKENS):
+    """Greedy tokens from our own model and kvcache's PolicyCache."""
+    cache = CorePolicyCache(model, policy)
+    tokens = []
+    with torch.inference_mode():
+        logits = model.forward(StepInputs(ids, None, 0, None), cache)
+        for _ in range(n):
+            tokens.append(int(logits[0].argmax()))
+            step = StepInputs(torch.tensor([[tokens[-1]]]), None, cache.next_position, None)
+            logits = model.forward(step, cache)
+    return tokens
+
+
+def assert_same_greedy(prompt, got, want, want_logits):
+    ids = prompt[0].tolist()
+    assert_same_tokens(lambda seq: want_logits[len(seq) - len(ids)], ids, got, want)
+
+
+def test_keep_everything_gives_dynamic_cache_tokens(hf_tiny, prompt):
+    from transformers import DynamicCache
+
+    want, _ = hf_generate(hf_tiny, prompt, DynamicCache(config=hf_tiny.config))
+    cache = kvcache.hf.PolicyCache("full", config=hf_tiny.config)
+    got, _ = hf_generate(hf_tiny, prompt, cache)
+    assert got == want
+    assert cache.seen == cache.kept == PROMPT_LEN + NEW_TOKENS - 1  # the last token is never fed back
+
+
+@pytest.mark.parametrize("policy, hf_cache", [
+    ("window:size=16", lambda cfg: kvcache.hf.WindowCache(16, config=cfg)),
+    ("sinks:n_sink=4,window=16", lambda cfg: kvcache.hf.SinkCache(n_sink=4, window=16, config=cfg)),
+    ("evict:scorer=knorm,ratio=0.5,window=8", lambda cfg: kvcache.hf.KnormCache(0.5, window=8, config=cfg)),
+    ("evict:scorer=knorm,budget=20,window=4,decode=true+window:size=24",
+     lambda cfg: kvcache.hf.PolicyCache("evict:scorer=knorm,budget=20,window=4,decode=true+window:size=24",
+                                        config=cfg)),
+])
+def test_policy_matches_our_engine(hf_tiny, ours, prompt, policy, hf_cache):
+    cache = hf_cache(hf_tiny.config)
+    got, got_logits = hf_generate(hf_tiny, prompt, cache)
+    want = ours_generate(ours, policy, prompt)
+    assert_same_greedy(prompt, want, got, got_logits)
+    assert cache.stats()["evicted"] > 0
+    assert cache.kept < cache.seen == PROMPT_LEN + NEW_TOKENS - 1
+
+
+def test_sinks_with_a_window_past_the_sequence_is_the_dynamic_cache(hf_tiny, prompt):
+    """Un-rotating keys into the store and rotating them back on read changes nothing."""
+    from transformers import DynamicCache
+
+    want, want_logits = hf_generate(hf_tiny, prompt, DynamicCache())
+    got, _ = hf_generate(hf_tiny, prompt, kvcache.hf.SinkCache(n_sink=4, window=200, config=hf_tiny.config))
+    assert_same_greedy(prompt, got, want, want_logits)
+
+
+def test_sinks_run_past_the_model_context(hf_tiny):
+    """Positions keep counting past max_position_embeddings (256) while the cache stays small."""
+    ids = torch.randint(3, hf_tiny.config.vocab_size, (1, 250), generator=torch.Generator().manual_seed(3))
+    cache = kvcache.hf.SinkCache(n_sink=4, window=32, config=hf_tiny.config)
+    tokens, logits = hf_generate(hf_tiny, ids, cache, n=20)
+    assert len(tokens) == 20 and all(torch.isfinite(x).all() for x in logits)
+    assert cache.seen == 269 and cache.kept <= 4 + 32 + 15
+
+
+def test_memory_is_what_the_store_holds(hf_tiny, prompt):
+    c = hf_tiny.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # fp32 K and V
+    full = kvcache.hf.PolicyCache(config=hf_tiny)  # the model itself is accepted too
+    window = kvcache.hf.WindowCache(16, config=c)
+    assert full.nbytes == window.nbytes == 0
+    hf_generate(hf_tiny, prompt, full, n=8)
+    hf_generate(hf_tiny, prompt, window, n=8)
+    assert full.nbytes == (PROMPT_LEN + 7) * per_token
+    assert window.nbytes == window.kept * per_token and window.kept <= 16 + 15
+    assert full.nbytes_allocated >= full.nbytes
+    assert full.layers[1].keys.shape == (1, c.num_key_value_heads, PROMPT_LEN + 7, c.head_dim)
+
+
+def test_cache_continues_across_generate_calls(hf_tiny, prompt):
+    from transformers import DynamicCache
+
+    want, _ = hf_generate(hf_tiny, prompt, DynamicCache(), n=12)
+    cache = kvcache.hf.PolicyCache("full", config=hf_tiny.config)
+    first, _ = hf_generate(hf_tiny, prompt, cache, n=6)
+    ids = torch.cat([prompt, torch.tensor([first])], 1)
+    second, _ = hf_generate(hf_tiny, ids, cache, n=6)
+    assert first + second == want
+
+
+def test_crop_and_reset(hf_tiny, prompt):
+    cache = kvcache.hf.PolicyCache("full", config=hf_tiny.config)
+    hf_generate(hf_tiny, prompt, cache, n=4)
+    cache.crop(-3)
+    assert cache.get_seq_length() == PROMPT_LEN + 3 - 3
+    cache.reset()
+    assert cache.seen == cache.kept == cache.nbytes == 0
+    window = kvcache.hf.WindowCache(16, config=hf_tiny.config)
+    hf_generate(hf_tiny, prompt, window, n=4)
+    with pytest.raises(KVCacheError, match="evicted"):
+        window.crop(-1)
+
+
+@pytest.mark.parametrize("policy, message", [
+    ("lru:size=3", "Unknown KV policy"),
+    ("window:width=3", "no key 'width'"),
+    ("evict:scorer=h2o,ratio=0.5", "needs the attention queries.*knorm"),
+    ("evict:scorer=snapkv,budget=64", "needs the attention queries.*knorm"),
+])
+def test_bad_policies_are_kvcache_errors(hf_tiny, policy, message):
+    with pytest.raises(KVCacheError, match=message):
+        kvcache.hf.PolicyCache(policy, config=hf_tiny.config)
+
+
+def test_config_is_required_and_batches_are_refused(hf_tiny, prompt):
+    with pytest.raises(KVCacheError, match="config"):
+        kvcache.hf.WindowCache(16)
+    cache = kvcache.hf.WindowCache(16, config=hf_tiny.config)
+    with pytest.raises(KVCacheError, match="batch size 1"):
+        hf_generate(hf_tiny, prompt.repeat(2, 1), cache, n=2)
+
+
+def test_quantized_cache_stays_close_to_exact(hf_tiny, prompt):
+    pytest.importorskip("kvcache.cache.policies.quantized_store")
+    cache = kvcache.hf.QuantizedCache(bits=8, group_size=16, residual=16, config=hf_tiny.config)
+    got, _ = hf_generate(hf_tiny, prompt, cache, n=8)
+    assert len(got) == 8
+    c = hf_tiny.config
+    exact = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * cache.kept  # fp32 bytes
+    assert 0 < cache.nbytes < exact
+
+
+@pytest.mark.real_model
+def test_seed_example_on_the_default_model():
+    """The README example: SmolLM2 generates through a SinkCache, as it does with DynamicCache."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    from kvcache.models.loader import load_model
+
+    model_dir = str(load_model("smollm2-135m-instruct", progress=False).model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    n = inputs["input_ids"].shape[1]
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values= is transformers' old name for cache=
+        cache = kvcache.hf.SinkCache(n_sink=4, window=1020, config=model.config)
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=20, do_sample=False)
+        want = model.generate(**inputs, cache=DynamicCache(), max_new_tokens=20, do_sample=False)
+        small = kvcache.hf.SinkCache(n_sink=4, window=16, config=model.config)
+        short = model.generate(**inputs, cache=small, max_new_tokens=20, do_sample=False)
+    text = tok.decode(out[0, n:], skip_special_tokens=True)
+    assert "Paris" in text
+    assert out[0, n:].tolist() == want[0, n:].tolist()  # nothing evicted: the same greedy tokens
+    assert tok.decode(short[0, n:], skip_special_tokens=True).strip()
+    assert small.kept <= 4 + 16 + 15 < small.seen
+    assert small.nbytes == small.kept * 2 * 30 * 3 * 64 * 4
