@@ -30,6 +30,9 @@ KEEP_ALL = [
     f"evict:scorer=snapkv,budget={BIG},decode=true",
     f"evict:scorer=knorm,budget={BIG},decode=true",
     f"sinks:n_sink=2,window={BIG}+evict:scorer=h2o,budget={BIG}",
+    f"quantized:bits=2,residual={BIG}",
+    f"tiered:hot={BIG}",
+    f"sinks:n_sink=4,window={BIG}+quantized:bits=4,residual={BIG}",
 ]
 EVICTING = [
     "window:size=40",
@@ -38,6 +41,8 @@ EVICTING = [
     "evict:scorer=snapkv,ratio=0.5,window=8",
     "evict:scorer=knorm,budget=32,decode=true",
     "sinks:n_sink=4,window=60+evict:scorer=knorm,ratio=0.5",
+    "sinks:n_sink=4,window=32+quantized:bits=4,group_size=16,residual=16",
+    "evict:scorer=h2o,ratio=0.5+quantized:bits=8,group_size=16,residual=8",
 ]
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -56,6 +61,25 @@ def feed(model, cache, ids: list[int], chunk: int) -> torch.Tensor:
             x = torch.tensor([ids[i : i + chunk]])  # (1, T)
             out.append(model.forward(StepInputs(x, None, cache.next_position, None, "all"), cache)[0])
     return torch.cat(out)  # (T, V)
+
+
+def expected_bytes(cache: PolicyCache) -> int:
+    """What the memory math (`cache.spec`) says the cache's tokens cost, tier by tier."""
+    from kvcache.cache.policies.quantized_store import value_group
+    from kvcache.cache.spec import KVFormat, kv_tensor_bytes
+
+    store = cache.store
+    per_token = cache.bytes_per_token
+    if store.kind == "full":
+        return cache.length * per_token
+    c = cache
+    exact = store.sinks.length + store.tail.length
+    nq = store.num_quantized
+    fk = KVFormat.parse(f"int{store.bits}", store.group_size)
+    fv = KVFormat.parse(f"int{store.bits}", value_group(store.group_size, c.head_dim))
+    quant = c.num_layers * (kv_tensor_bytes(fk, nq, c.num_kv_heads, c.head_dim, "channel")
+                            + kv_tensor_bytes(fv, nq, c.num_kv_heads, c.head_dim, "token"))
+    return exact * per_token + quant
 
 
 # ------------------------------------------------------------------------ the grammar
@@ -152,7 +176,7 @@ def test_eviction_keeps_what_the_policy_promises(tiny_llm, policy):
     for t in ids[100:]:  # decode steps
         feed(model, cache, [t], chunk=1)
     assert cache.seen == 120
-    assert cache.nbytes_used == cache.length * cache.bytes_per_token
+    assert cache.nbytes_used == expected_bytes(cache)
     sel = cache.spec.selectors
     bound = {
         "window": lambda p: p["size"] + EVICT_UNIT - 1,
@@ -279,3 +303,76 @@ def test_paged_window_frees_blocks_and_matches_the_per_sequence_cache(tiny_model
         alone = BatchGeneration(llm.model, llm.tokenizer, [llm.encode(p)], [params], llm.max_model_len, llm.eos_ids,
                                 cache=PolicyCache(llm.model, "window:size=24")).run()[0]
         assert r.output_token_ids == alone.token_ids
+
+
+# ------------------------------------------------------------ quantized and tiered
+
+
+@pytest.mark.parametrize("policy, exact_tail", [
+    ("quantized:bits=8,group_size=16,residual=16", 16),
+    ("quantized:bits=4,group_size=16,residual=0,n_sink=4", 0),
+    ("quantized:bits=2,group_size=8,residual=24", 24),
+    ("tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16", 16),
+    ("tiered:hot=16,warm_bits=2,warm=32,cold=drop,group_size=16", 16),
+])
+def test_quantized_stores_report_their_bytes_and_stay_close(tiny_llm, policy, exact_tail):
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 100)
+    dense = feed(model, model.new_cache(1, 16), ids, chunk=10)
+    cache = PolicyCache(model, policy)
+    ours = feed(model, cache, ids, chunk=10)
+    store = cache.store
+    assert store.tail.length <= exact_tail + store.group_size - 1
+    assert store.num_quantized > 0 and store.num_quantized % store.group_size == 0
+    assert cache.nbytes_used == expected_bytes(cache) < cache.seen * cache.bytes_per_token
+    if "drop" not in policy:
+        assert cache.length == cache.seen == len(ids)
+        assert torch.isfinite(ours).all() and not torch.equal(ours, dense)
+    if "disk" in policy:
+        assert store.cold_length > 0 and cache.stats()["disk_bytes"] == store.disk_nbytes > 0
+    if "drop" in policy:
+        assert store.dropped > 0 and cache.length == len(ids) - store.dropped
+
+
+def test_fewer_bits_cost_more_logit_error(tiny_llm):
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 100)
+    dense = feed(model, model.new_cache(1, 16), ids, chunk=10)
+    err = {}
+    for bits in (8, 4, 2):
+        ours = feed(model, PolicyCache(model, f"quantized:bits={bits},group_size=16,residual=16"), ids, chunk=10)
+        err[bits] = ((ours - dense).abs().max() / dense.abs().max()).item()  # relative to the logit scale
+    assert err[8] < 0.05 and err[8] < err[4] < err[2], err
+
+
+def test_tiered_disk_tier_reads_back_what_it_wrote(tiny_llm):
+    """The cold tier holds the warm tier's dequantized tokens: a tiered cache with a disk
+    tier and the same quantized cache without one see the same layer-0 K/V (up to fp16 on disk)."""
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 96)
+    tiered = PolicyCache(model, "tiered:hot=16,warm_bits=8,warm=16,cold=disk,group_size=16")
+    plain = PolicyCache(model, "quantized:bits=8,group_size=16,residual=16")
+    feed(model, tiered, ids, chunk=8)
+    feed(model, plain, ids, chunk=8)
+    assert tiered.store.cold_length >= 48
+    with torch.inference_mode():  # layer 0: its K/V do not depend on what the cache kept
+        tk, tv = (t.clone() for t in tiered.store.read(0, 0))
+        pk, pv = plain.store.read(0, 0)
+        torch.testing.assert_close(tk, pk, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(tv, pv, rtol=2e-3, atol=2e-3)
+
+
+def test_sinks_with_int8_stream_with_flat_memory(tiny_llm):
+    model = tiny_llm.model
+    stream = (text_ids(tiny_llm, 500) * 2)[:800]
+    cache = PolicyCache(model, "sinks:n_sink=4,window=64+quantized:bits=8,group_size=16,residual=16")
+    held = []
+    with torch.inference_mode():
+        feed(model, cache, stream[:32], chunk=32)
+        for t in stream[32:]:
+            logits = model.forward(StepInputs(torch.tensor([[t]]), None, cache.next_position, None), cache)
+            assert torch.isfinite(logits).all()
+            held.append(cache.nbytes_used)
+    assert cache.seen == 800 > 3 * model.config.max_position_embeddings
+    assert max(held[100:]) <= max(held[:200])  # flat: bounded by the window, not the stream
+    assert cache.nbytes_used == expected_bytes(cache)
