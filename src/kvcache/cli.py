@@ -39,6 +39,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncation", default="error", choices=["error", "left"], help="prompt longer than the limit")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "onednn"],
                    help="matmul kernels (auto: oneDNN for bf16 on CPU, torch otherwise)")
+    p.add_argument("--kv-policy", default=None,
+                   help="KV cache policy, e.g. window:size=1024, sinks:n_sink=4,window=1020, "
+                        "quantized:bits=4,residual=128, evict:scorer=snapkv,ratio=0.5, tiered:hot=256; "
+                        "compose with + (default: keep everything exactly)")
 
 
 def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -103,7 +107,7 @@ def _make_llm(args):
     from kvcache import LLM
 
     return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, truncation=args.truncation,
-               threads=args.threads, kernels=args.kernels)
+               threads=args.threads, kernels=args.kernels, kv_policy=args.kv_policy)
 
 
 def _params(args):

@@ -91,3 +91,18 @@ def test_corrupt_gguf_exits_2(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
     r = run_cli("generate", "--model", str(bad), "--prompt", "hi")
     assert r.returncode == 2 and "GGUF" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kv_policy_flag_runs_a_policy_and_rejects_bad_ones(tiny_model_dir):
+    from kvcache import LLM, SamplingParams
+
+    policy = "sinks:n_sink=2,window=16+quantized:bits=8,group_size=16,residual=8"
+    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "Once upon a time there was a robot",
+                "--max-tokens", "40", "--json", "--threads", "1", "--kv-policy", policy)
+    assert r.returncode == 0, r.stderr
+    want = LLM(str(tiny_model_dir), progress=False, kv_policy=policy).generate(
+        ["Once upon a time there was a robot"], SamplingParams(max_tokens=40, temperature=0.0))[0]
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids
+    bad = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "x", "--kv-policy", "window:length=3")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "no key 'length'" in bad.stderr and "size" in bad.stderr
