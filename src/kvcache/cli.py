@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="chat with the model (interactive, or one shot with --message)")
     c.add_argument("--message", default=None, help="send one message, print the reply, exit")
     c.add_argument("--system", default=None, help="system message")
-    c.add_argument("--overflow", default="truncate", choices=["truncate", "error"])
+    c.add_argument("--overflow", default="truncate", choices=["truncate", "summarize", "error"],
+                   help="when the history passes --max-history-tokens (default: the context)")
+    c.add_argument("--max-history-tokens", type=_positive_int, default=None)
     _model_options(c)
     _sampling_options(c, 256)
 
@@ -138,7 +140,7 @@ def cmd_chat(args) -> int:
 
     params = _params(args)
     llm = _make_llm(args)
-    session = llm.session(system=args.system, overflow=args.overflow)
+    session = llm.session(system=args.system, overflow=args.overflow, max_history_tokens=args.max_history_tokens)
     if args.message is not None:
         return one_shot(session, args.message, params)
     return repl(session, params)

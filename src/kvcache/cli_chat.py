@@ -31,7 +31,8 @@ def _stats_line(session) -> str:
     s = session.stats()
     out = session.last_output
     line = (f"turns {s['turns']}, cache holds {s['cached_tokens']} tokens = {format_bytes(s['kv_cache_bytes'])}"
-            f" (allocated {format_bytes(s['kv_cache_allocated_bytes'])}), truncations {s['truncations']}")
+            f" (allocated {format_bytes(s['kv_cache_allocated_bytes'])}), truncations {s['truncations']},"
+            f" summaries {s['summaries']}")
     if out is not None:
         m = out.metrics
         line += (f"; last turn: prompt {m.prompt_tokens} tokens, {m.cached_prompt_tokens} reused from cache, "

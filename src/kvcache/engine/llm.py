@@ -224,11 +224,14 @@ class LLM:
         """One reply to a conversation (list of {'role', 'content'}), no state kept."""
         return self.generate([self.chat_ids(messages)], params)[0]
 
-    def session(self, system: str | None = None, overflow: str = "truncate"):
-        """A multi-turn `ChatSession` that keeps its KV cache between turns."""
+    def session(self, system: str | None = None, overflow: str = "truncate", max_history_tokens: int | None = None):
+        """A multi-turn `ChatSession` that keeps its KV cache between turns.
+
+        overflow: "truncate" | "summarize" | "error" when the history would pass
+        `max_history_tokens` (default max_model_len)."""
         from kvcache.engine.session import ChatSession
 
-        return ChatSession(self, system=system, overflow=overflow)
+        return ChatSession(self, system=system, overflow=overflow, max_history_tokens=max_history_tokens)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -17,6 +17,7 @@ class RequestMetrics:
     total_s: float = 0.0
     kv_cache_bytes: int = 0  # bytes of real tokens the cache held at the end (this request's rows)
     history_truncated: bool = False  # a chat session dropped old turns to fit
+    history_summarized: bool = False  # a chat session condensed old turns into a summary note
     preemptions: int = 0  # times the scheduler evicted this request to free blocks (recomputed after)
 
     def to_dict(self) -> dict:
