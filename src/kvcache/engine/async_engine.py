@@ -128,14 +128,15 @@ class AsyncEngine:
                     self._deliver(rid, exc)
                     self._streams.pop(rid, None)
             elif kind == "call":
-                try:
-                    done.set_result(payload(self.engine))
-                except Exception as exc:
-                    done.set_exception(exc)
+                if done.set_running_or_notify_cancel():  # a cancelled caller's function is not run
+                    try:
+                        done.set_result(payload(self.engine))
+                    except Exception as exc:
+                        done.set_exception(exc)
             else:
                 self.engine.abort(rid)
                 self._streams.pop(rid, None)
-                done.set_result(None)
+                _resolve(done, None)
 
     def _run(self) -> None:
         bpt = self.engine.storage.bytes_per_token
@@ -159,3 +160,10 @@ class AsyncEngine:
                     self._deliver(rid, StreamOutput(rid, o.text, o.finished, o.request.to_output(bpt)))
                 if o.finished:
                     self._streams.pop(rid, None)
+
+
+def _resolve(done: concurrent.futures.Future, value) -> None:
+    """Set a command's result unless its awaiting task was cancelled (a disconnected client):
+    setting a cancelled future raises, which must never stop the engine thread."""
+    if done.set_running_or_notify_cancel():
+        done.set_result(value)
