@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install install-test demo test test-fast bench kvpress-env clean
+.PHONY: install install-test browser demo test test-fast bench kvpress-env clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,13 +21,16 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+browser:   # headless Chromium for the dashboard screenshot test (apt, if missing; never fails)
+	@bash scripts/ensure_chromium.sh
+
 demo: install
 	$(VENV)/bin/kvcache chat --threads 2 --message "What is a KV cache in a language model? Answer in two sentences."
 
-test: install-test
+test: install-test browser
 	$(PY) -m pytest -q
 
-test-fast: install-test
+test-fast: install-test browser
 	$(PY) -m pytest -q -m "not real_model"
 
 bench: install-test

@@ -1,4 +1,4 @@
-"""The `kvcache` command: generate, chat, memory, bench.
+"""The `kvcache` command: generate, chat, serve, memory, bench.
 
 Bad input prints one sentence to stderr and exits with code 2; no traceback.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kvcache.errors import KVCacheError
@@ -75,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(c)
     _sampling_options(c, 256)
 
+    c.add_argument("--sessions-dir", default=None, help="where /save and /load keep sessions "
+                   "(default ~/.cache/kvcache/sessions)")
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (loopback by default)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--kv-cache-memory", default="2GiB", help="KV block pool size, committed at start (default 2GiB)")
+    s.add_argument("--api-key", default=os.environ.get("KVCACHE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default $KVCACHE_API_KEY)")
+    s.add_argument("--max-queue", type=_positive_int, default=256,
+                   help="requests that may wait beyond the running batch; more get 429 (default 256)")
+    s.add_argument("--max-num-seqs", type=_positive_int, default=64, help="requests decoded together (default 64)")
+    s.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
+    s.add_argument("--sessions-dir", default=None, help="saved sessions folder (default ~/.cache/kvcache/sessions)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _model_options(s)
+
     m = sub.add_parser("memory", help="KV cache memory calculator")
     m.add_argument("model", help="preset (e.g. llama-2-7b), config.json, .gguf or any model name")
     m.add_argument("--seq-len", type=_positive_int, default=1024)
@@ -105,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _make_llm(args):
+def _make_llm(args, **engine):
     from kvcache import LLM
 
     return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, truncation=args.truncation,
-               threads=args.threads, kernels=args.kernels, kv_policy=args.kv_policy)
+               threads=args.threads, kernels=args.kernels, kv_policy=args.kv_policy, **engine)
 
 
 def _params(args):
@@ -143,7 +161,29 @@ def cmd_chat(args) -> int:
     session = llm.session(system=args.system, overflow=args.overflow, max_history_tokens=args.max_history_tokens)
     if args.message is not None:
         return one_shot(session, args.message, params)
-    return repl(session, params)
+    return repl(session, params, args.sessions_dir)
+
+
+def cmd_serve(args) -> int:
+    from kvcache.server import ServerConfig, serve
+
+    if not 1 <= args.port <= 65535:
+        raise KVCacheError(f"--port must be in 1..65535, got {args.port}.")
+    if args.max_queue < 0:
+        raise KVCacheError(f"--max-queue must be >= 0, got {args.max_queue}.")
+    llm = _make_llm(args, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
+    if not llm.kv_policy.runs_paged:
+        raise KVCacheError(
+            f"The server's paged engine runs the policies full and window; '{llm.kv_policy.text}' runs per "
+            "sequence (LLM.generate, kvcache generate / chat)."
+        )
+    config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
+                          max_queue=args.max_queue, sessions_dir=args.sessions_dir)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api-key; anyone who can reach it can use it.",
+              file=sys.stderr)
+    serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 def cmd_memory(args) -> int:
@@ -222,7 +262,8 @@ def cmd_bench_chat(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "memory": cmd_memory, "bench": cmd_bench}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "memory": cmd_memory, "bench": cmd_bench,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

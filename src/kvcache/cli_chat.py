@@ -7,7 +7,8 @@ import sys
 from kvcache.cache.spec import format_bytes
 from kvcache.errors import KVCacheError
 
-HELP = "commands: /reset (forget the conversation), /stats (cache figures), exit"
+HELP = ("commands: /reset (forget the conversation), /stats (cache figures), /save NAME and /load NAME "
+        "(the conversation and its KV cache, on disk), /sessions, exit")
 
 
 def _stream_reply(session, text: str, params) -> None:
@@ -40,7 +41,31 @@ def _stats_line(session) -> str:
     return line
 
 
-def repl(session, params) -> int:
+def session_command(session, store, cmd: str) -> str:
+    """Run /save NAME, /load NAME or /sessions on `store`; returns the line to print."""
+    from kvcache.engine.persist import restore_chat, snapshot_chat
+
+    verb, _, name = cmd.partition(" ")
+    name = name.strip()
+    if verb == "/sessions":
+        infos = store.list()
+        return "\n".join(f"{i.name}: {i.num_tokens} tokens, {format_bytes(i.bytes)}"
+                         f"{'' if i.compatible else ' (another model)'}" for i in infos) or "(no saved sessions)"
+    if not name:
+        return f"usage: {verb} NAME"
+    if verb == "/save":
+        snap = snapshot_chat(session)
+        size = store.save(name, snap)
+        return f"(saved {snap.num_tokens} tokens of KV cache, {format_bytes(size)}, as '{name}')"
+    snap = store.load(name)
+    restore_chat(session, snap)
+    return f"(loaded '{name}': {len(session.messages)} messages, {snap.num_tokens} tokens already cached)"
+
+
+def repl(session, params, sessions_dir=None) -> int:
+    from kvcache.engine.persist import SessionStore, default_sessions_dir
+
+    store = SessionStore(sessions_dir or default_sessions_dir(), session.llm)
     print(HELP, file=sys.stderr)
     while True:
         try:
@@ -59,6 +84,12 @@ def repl(session, params) -> int:
             continue
         if cmd == "/stats":
             print(_stats_line(session))
+            continue
+        if cmd.split(" ")[0] in ("/save", "/load", "/sessions"):
+            try:
+                print(session_command(session, store, cmd))
+            except KVCacheError as exc:
+                print(f"error: {exc}", file=sys.stderr)
             continue
         if cmd.startswith("/"):
             print(f"unknown command {cmd}; {HELP}")

@@ -20,11 +20,12 @@ vLLM's scheduler does; stale `computed_blocks` (evicted in between) are detected
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.prefix import hash_block
+from kvcache.errors import KVCacheError
 
 __all__ = ["KVCacheManager", "RELEASED"]
 
@@ -63,8 +64,14 @@ class KVCacheManager:
         token is left to compute, for its logits). Changes no ref counts."""
         if not self.enable_prefix_caching:
             return [], 0
+        max_blocks = max(len(token_ids) - 1, 0) // self.block_size  # leave >= 1 token uncovered
+        blocks, hashes = self._lookup_prefix(token_ids, max_blocks)
+        self._last_hit = (tuple(blocks), hashes)
+        return blocks, len(blocks) * self.block_size
+
+    def _lookup_prefix(self, token_ids: Sequence[int], max_blocks: int) -> tuple[list[int], list[int]]:
+        """Cached blocks holding the first (up to `max_blocks`) full blocks of `token_ids`, and their hashes."""
         bs = self.block_size
-        max_blocks = max(len(token_ids) - 1, 0) // bs  # leave >= 1 token uncovered
         blocks: list[int] = []
         hashes: list[int] = []
         parent: int | None = None
@@ -76,8 +83,49 @@ class KVCacheManager:
                 break
             blocks.append(block_id)
             hashes.append(parent)
-        self._last_hit = (tuple(blocks), hashes)
-        return blocks, len(blocks) * bs
+        return blocks, hashes
+
+    def cached_prefix_blocks(self, token_ids: Sequence[int]) -> list[int]:
+        """The cached blocks holding the leading full blocks of `token_ids` (all of them when
+        the whole sequence is cached; unlike get_computed_blocks). Read-only."""
+        if not self.enable_prefix_caching:
+            return []
+        return self._lookup_prefix(token_ids, len(token_ids) // self.block_size)[0]
+
+    def restore_prefix(self, token_ids: Sequence[int], write: Callable[[list[int], int], None]) -> tuple[int, int]:
+        """Put every full block of `token_ids` in the prefix cache, e.g. from a saved session.
+        Blocks already cached are kept; each missing one gets a free block, which
+        `write(block_ids, first_block_index)` fills with its K/V before it is registered under
+        its chained hash. All end up cached and unreferenced (evictable, LRU). Returns
+        (blocks written, blocks already cached). Raises `KVCacheError`, changing nothing,
+        when prefix caching is off or too few blocks are free."""
+        if not self.enable_prefix_caching:
+            raise KVCacheError("Prefix caching is off, so a saved session cannot be restored into the cache.")
+        bs = self.block_size
+        n_full = len(token_ids) // bs
+        present, hashes = self._lookup_prefix(token_ids, n_full)
+        missing = n_full - len(present)
+        revived = sum(1 for b in present if self.pool.blocks[b].ref_count == 0)
+        if missing + revived > self.pool.num_free_blocks or n_full > self.num_blocks:
+            raise KVCacheError(
+                f"Restoring needs {missing} free KV blocks but only {self.pool.num_free_blocks - revived} "
+                "are free now; try again when fewer requests are running."
+            )
+        self.pool.touch(present)  # the allocation below must not evict them
+        new = self.pool.allocate(missing) if missing else []
+        assert new is not None  # checked above
+        try:
+            if new:
+                write(new, len(present))
+            parent = hashes[-1] if hashes else None
+            for j, block_id in enumerate(new):
+                i = len(present) + j
+                chunk = token_ids[i * bs : (i + 1) * bs]
+                parent = hash_block(parent, chunk, self.hash_extra)
+                self.pool.register(block_id, parent, chunk)
+        finally:
+            self.pool.free(reversed(present + new))  # tail first, as a finished sequence's
+        return len(new), len(present)
 
     def _computed_hashes(self, token_ids: Sequence[int], computed_blocks: Sequence[int]) -> list[int]:
         """The hashes of `computed_blocks`, checked to still hold the first blocks of
@@ -235,6 +283,14 @@ class KVCacheManager:
                 f"Positions [{start}, {end}) are outside the {len(table) * bs} slots of {seq_id!r}."
             )
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def block_owners(self) -> dict[int, list[str]]:
+        """Read-only map: block id -> the sequences whose tables hold it (shared prefixes have several)."""
+        owners: dict[int, list[str]] = {}
+        for seq_id, seq in list(self._seqs.items()):
+            for block_id in list(seq.table):
+                owners.setdefault(block_id, []).append(seq_id)
+        return owners
 
     def usage(self) -> dict:
         """Block counts (blocks_cached is a subset of blocks_free; used + free == total)

@@ -44,6 +44,24 @@ class PagedKVStorage:
                 self.k[:, :, lo:hi] = 0
                 self.v[:, :, lo:hi] = 0
 
+    def read_blocks(self, block_ids: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the K and V of the first `num_tokens` slots of `block_ids` (in order):
+        (num_layers, Hkv, num_tokens, D) each. For saving a sequence's cache."""
+        bs = self.block_size
+        slots = torch.tensor([b * bs + i for b in block_ids for i in range(bs)][:num_tokens], device=self.device)
+        return self.k.index_select(2, slots).cpu(), self.v.index_select(2, slots).cpu()
+
+    def write_blocks(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Fill whole blocks from k, v (num_layers, Hkv, len(block_ids) * block_size, D), e.g. a
+        restored snapshot. The blocks count as zeroed: every slot of them now holds a value."""
+        bs = self.block_size
+        if k.shape[2] != len(block_ids) * bs or k.shape != v.shape:
+            raise ValueError(f"K/V of shape {tuple(k.shape)} do not fill {len(block_ids)} blocks of {bs} tokens.")
+        slots = torch.tensor([b * bs + i for b in block_ids for i in range(bs)], device=self.device)
+        self.k.index_copy_(2, slots, k.to(self.device, self.dtype))
+        self.v.index_copy_(2, slots, v.to(self.device, self.dtype))
+        self._zeroed.update(block_ids)
+
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()

@@ -13,12 +13,16 @@ import concurrent.futures
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+from kvcache.engine.engine import LLMEngine
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -81,6 +85,15 @@ class AsyncEngine:
         self._wake.set()
         await asyncio.wrap_future(done)
 
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between two steps and return its result
+        (its exception is raised here): for reads and changes that must not race a step,
+        e.g. saving or restoring a session's blocks."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", "", fn, None, done))
+        self._wake.set()
+        return await asyncio.wrap_future(done)
+
     def stats(self) -> dict:
         """The engine's figures (blocks, hit rate, running/waiting, preemptions)."""
         return self.engine.stats()
@@ -105,19 +118,25 @@ class AsyncEngine:
     def _drain_commands(self) -> None:
         while True:
             try:
-                kind, rid, ids, params, done = self._commands.get_nowait()
+                kind, rid, payload, params, done = self._commands.get_nowait()  # payload: ids, or a function
             except queue.Empty:
                 return
             if kind == "add":
                 try:
-                    self.engine.add_request(ids, params, request_id=rid, eos_ids=self.llm.eos_ids)
+                    self.engine.add_request(payload, params, request_id=rid, eos_ids=self.llm.eos_ids)
                 except Exception as exc:  # e.g. a duplicate id: fail this request alone
                     self._deliver(rid, exc)
                     self._streams.pop(rid, None)
+            elif kind == "call":
+                if done.set_running_or_notify_cancel():  # a cancelled caller's function is not run
+                    try:
+                        done.set_result(payload(self.engine))
+                    except Exception as exc:
+                        done.set_exception(exc)
             else:
                 self.engine.abort(rid)
                 self._streams.pop(rid, None)
-                done.set_result(None)
+                _resolve(done, None)
 
     def _run(self) -> None:
         bpt = self.engine.storage.bytes_per_token
@@ -141,3 +160,10 @@ class AsyncEngine:
                     self._deliver(rid, StreamOutput(rid, o.text, o.finished, o.request.to_output(bpt)))
                 if o.finished:
                     self._streams.pop(rid, None)
+
+
+def _resolve(done: concurrent.futures.Future, value) -> None:
+    """Set a command's result unless its awaiting task was cancelled (a disconnected client):
+    setting a cancelled future raises, which must never stop the engine thread."""
+    if done.set_running_or_notify_cancel():
+        done.set_result(value)

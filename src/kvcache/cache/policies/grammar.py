@@ -102,6 +102,12 @@ class PolicySpec:
         return not self.selectors and self.store.name == "full"
 
     @property
+    def canonical(self) -> str:
+        """The policy with every key spelled out, in a fixed order ('' for keep-everything)."""
+        parts = [*self.selectors] + ([] if self.store.name == "full" else [self.store])
+        return "+".join(str(p) for p in parts)
+
+    @property
     def paged_window(self) -> int | None:
         """The window size when the policy is a plain `window` (the paged engine runs it by
         freeing whole blocks); None for every other policy (run per sequence)."""

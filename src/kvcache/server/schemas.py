@@ -1,0 +1,214 @@
+"""OpenAI-compatible request and response bodies (pydantic).
+
+Requests accept OpenAI's parameter names. Parameters we do not implement are still
+declared, so a client that sends their neutral value works and one that asks for the
+feature gets a 400 naming it (`unsupported()`); unknown names are refused like OpenAI does.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvcache.engine.persist import SessionInfo
+
+NonNegInt = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """Parameters shared by chat and text completions."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, description="extra: 0 or -1 = off")
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: int | None = None
+    n: int | None = Field(default=None, ge=1, description="only 1 is supported")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="only 0 is supported")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="only 0 is supported")
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10, description="extra")
+    ignore_eos: bool | None = Field(default=None, description="extra")
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, sentence) for the first parameter asking for something we do not do."""
+        checks = [
+            ("n", self.n not in (None, 1), "Only n=1 is supported."),
+            ("presence_penalty", self.presence_penalty not in (None, 0), "presence_penalty is not supported; use 0 (or repetition_penalty)."),
+            ("frequency_penalty", self.frequency_penalty not in (None, 0), "frequency_penalty is not supported; use 0 (or repetition_penalty)."),
+            ("logit_bias", bool(self.logit_bias), "logit_bias is not supported."),
+            *self._unsupported_extra(),
+        ]
+        return next(((p, msg) for p, bad, msg in checks if bad), None)
+
+    def _unsupported_extra(self) -> list[tuple[str, bool, str]]:
+        return []
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    def _unsupported_extra(self):
+        fmt = (self.response_format or {}).get("type", "text")
+        return [
+            ("logprobs", bool(self.logprobs) or bool(self.top_logprobs), "logprobs are not supported."),
+            ("tools", bool(self.tools), "Tool calling is not supported."),
+            ("tool_choice", self.tool_choice not in (None, "none", "auto"), "Tool calling is not supported."),
+            ("response_format", fmt != "text", "Only the 'text' response_format is supported."),
+        ]
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="a string, a token-id list, or a list holding one of those")
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    def _unsupported_extra(self):
+        return [
+            ("logprobs", self.logprobs is not None, "logprobs are not supported."),
+            ("echo", bool(self.echo), "echo is not supported."),
+            ("suffix", bool(self.suffix), "suffix is not supported."),
+            ("best_of", self.best_of not in (None, 1), "Only best_of=1 is supported."),
+        ]
+
+
+class SessionRequest(_Strict):
+    """A conversation to save: chat messages (rendered with the chat template) or token ids."""
+
+    model: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    token_ids: list[TokenId] | None = Field(default=None, min_length=1)
+
+
+# -- responses -------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class _Reply(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+
+
+class ChatCompletion(_Reply):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class Completion(_Reply):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kvcache"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class SessionSaved(BaseModel):
+    name: str
+    num_tokens: int
+    bytes: int
+
+
+class SessionLoaded(BaseModel):
+    name: str
+    num_tokens: int
+    blocks_restored: int
+    blocks_already_cached: int
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionInfo]

@@ -1,0 +1,59 @@
+"""`kvcache serve` as a command: starts, answers, refuses bad flags with one sentence."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+
+def _serve(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kvcache.cli", "serve", *args]
+
+
+@pytest.mark.parametrize("policy, words", [
+    ("window:size=abc", "not a valid int"),
+    ("quantized:bits=4", "runs per sequence"),
+])
+def test_kv_policy_the_server_cannot_run_is_one_sentence(tiny_model_dir, policy, words):
+    r = subprocess.run(_serve("--model", str(tiny_model_dir), "--kv-policy", policy),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_port_is_one_sentence(tiny_model_dir):
+    r = subprocess.run(_serve("--model", str(tiny_model_dir), "--port", "70000"), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "--port must be in 1..65535" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(_serve("--model", str(tiny_model_dir), "--port", str(port), "--kv-cache-memory", "4MiB",
+                                   "--threads", "1", "--api-key", "k", "--log-level", "warning",
+                                   "--sessions-dir", str(tmp_path)), stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        body = {"model": str(tiny_model_dir), "prompt": "Once upon a time", "max_tokens": 3}
+        assert httpx.post(url + "/v1/completions", json=body).status_code == 401
+        r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert "kvcache_kv_blocks_total" in httpx.get(url + "/metrics", headers={"Authorization": "Bearer k"}).text
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) in (0, -15)  # uvicorn shuts down gracefully, then re-raises SIGTERM
+    assert "Traceback" not in proc.stderr.read()

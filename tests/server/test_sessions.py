@@ -1,0 +1,200 @@
+"""Saving and restoring conversations' KV caches: the file format, the API, the CLI chat."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+
+from kvcache import KVCacheError, SamplingParams
+from kvcache.cache.snapshot import CacheFingerprint, KVSnapshot, SnapshotError, load_snapshot, save_snapshot
+from kvcache.engine.persist import SessionStore, check_session_name, fingerprint, restore_chat, snapshot_chat
+from tests.server.harness import MODEL_ID, start_server, tiny_server_llm
+
+HISTORY = [{"role": "system", "content": "You are a small robot who loves books about the stars."},
+           {"role": "user", "content": "Tell me a story about the moon, the deep blue sea and the library."},
+           {"role": "assistant", "content": "Once upon a time there was a little robot who loved to read books."},
+           {"role": "user", "content": "What did the librarian say?"}]
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+FP = CacheFingerprint("m", "abc", "float32", "")
+
+
+def _snap(n=20, layers=2, heads=2, dim=4, fp=FP) -> KVSnapshot:
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(layers, heads, n, dim, generator=g)
+    return KVSnapshot(fp, list(range(n)), k, -k, [{"role": "user", "content": "hi"}])
+
+
+# -- the file format ----------------------------------------------------------------------
+def test_snapshot_round_trip(tmp_path):
+    snap = _snap()
+    size = save_snapshot(tmp_path / "a.safetensors", snap)
+    got = load_snapshot(tmp_path / "a.safetensors", FP, (2, 2, 4))
+    assert size == (tmp_path / "a.safetensors").stat().st_size
+    assert got.token_ids == snap.token_ids and got.messages == snap.messages and got.fingerprint == FP
+    assert torch.equal(got.k, snap.k) and torch.equal(got.v, snap.v)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda b: b[: len(b) // 2], "truncated"),
+    (lambda b: b[:5], "truncated"),
+    (lambda b: b[:-3] + bytes([b[-3] ^ 0xFF]) + b[-2:], "checksum"),
+    (lambda b: b"\xff" * 8 + b[8:], "truncated or corrupt"),
+    (lambda b: b"", "truncated"),
+])
+def test_damaged_files_are_refused(tmp_path, damage, message):
+    path = tmp_path / "s.safetensors"
+    save_snapshot(path, _snap())
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(SnapshotError, match=message):
+        load_snapshot(path, FP)
+
+
+def test_foreign_or_misshapen_snapshots_are_refused(tmp_path):
+    path = tmp_path / "s.safetensors"
+    save_snapshot(path, _snap())
+    for other, what in [(dataclasses.replace(FP, model="n"), "model"), (dataclasses.replace(FP, dtype="bfloat16"),
+                        "dtype"), (dataclasses.replace(FP, policy="window:size=8"), "policy"),
+                        (dataclasses.replace(FP, config_hash="zzz"), "model config")]:
+        with pytest.raises(SnapshotError, match=f"its {what} differs"):
+            load_snapshot(path, other)
+    with pytest.raises(SnapshotError, match="shape"):
+        load_snapshot(path, FP, (3, 2, 4))
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SnapshotError, match="not a kvcache session"):
+        load_snapshot(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize("name", ["", "../etc", "a/b", ".hidden", "x" * 65, "a b", "a.b", "~root"])
+def test_session_names_are_validated(name):
+    with pytest.raises(KVCacheError, match="Invalid session name"):
+        check_session_name(name)
+
+
+# -- the CLI chat's dense cache -----------------------------------------------------------------
+def test_chat_session_save_and_load_continue_the_conversation(tiny_llm, tmp_path, one_torch_thread):
+    store = SessionStore(tmp_path, tiny_llm)
+    a = tiny_llm.session(system="You are terse.")
+    a.send("Tell me a story about the robot.", GREEDY)
+    store.save("story", snapshot_chat(a))
+    want = a.send("And then?", GREEDY)
+
+    b = tiny_llm.session()
+    restore_chat(b, store.load("story"))
+    assert b.messages == a.messages[:3]
+    got = b.send("And then?", GREEDY)
+    assert got.token_ids == want.token_ids
+    assert got.metrics.cached_prompt_tokens == want.metrics.cached_prompt_tokens > 0
+    assert [i.name for i in store.list()] == ["story"] and store.list()[0].compatible
+
+
+def test_chat_repl_save_and_load(tiny_model_dir, tmp_path):
+    args = [sys.executable, "-m", "kvcache.cli", "chat", "--model", str(tiny_model_dir), "--max-tokens", "4",
+            "--threads", "1", "--sessions-dir", str(tmp_path)]
+    script = "/save early\nhello robot\n/save s1\n/save ../x\n/load nothing\n/sessions\n/reset\n/load s1\n/stats\nexit\n"
+    r = subprocess.run(args, input=script, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "nothing to save" in r.stderr and "Invalid session name" in r.stderr
+    assert "No saved session named 'nothing'" in r.stderr and "Traceback" not in r.stderr
+    assert "(saved " in r.stdout and "s1: " in r.stdout and "(loaded 's1': 2 messages" in r.stdout
+    stats = [line for line in r.stdout.splitlines() if "turns " in line]
+    assert len(stats) == 1 and "turns 1," in stats[0]  # after /reset + /load: the saved turn is back
+    assert (tmp_path / "s1.safetensors").is_file() and not (tmp_path / "x.safetensors").exists()
+
+
+# -- the server: save, restore into the prefix cache on a fresh server ----------------------------
+def _chat(server, messages, max_tokens=8) -> dict:
+    body = {"model": MODEL_ID, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(server.v1 + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture()
+def fresh_server(tiny_model_dir, tmp_path, one_torch_thread):
+    """Servers over a new LLM each (an empty prefix cache), sharing one sessions folder."""
+    started = []
+
+    def make():
+        started.append(start_server(tiny_server_llm(tiny_model_dir), sessions_dir=tmp_path))
+        return started[-1]
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+def test_api_save_then_load_into_a_fresh_server_hits_the_prefix_cache(fresh_server):
+    history = HISTORY[:3]
+    a = fresh_server()
+    r = httpx.post(a.v1 + "/sessions/talk/save", json={"messages": history})
+    assert r.status_code == 200, r.text
+    saved = r.json()
+    assert saved["num_tokens"] % 16 == 0 and saved["num_tokens"] >= 32
+    reference = _chat(a, HISTORY)  # same request on the server that computed it all
+    a.stop()
+
+    b = fresh_server()
+    listed = httpx.get(b.v1 + "/sessions").json()["data"]
+    assert [(s["name"], s["num_tokens"], s["compatible"]) for s in listed] == [("talk", saved["num_tokens"], True)]
+    cached_before = b.state.stats()["blocks_cached"]
+    r = httpx.post(b.v1 + "/sessions/talk/load")
+    assert r.status_code == 200, r.text
+    loaded = r.json()
+    assert loaded["blocks_restored"] == saved["num_tokens"] // 16 and loaded["blocks_already_cached"] == 0
+    assert b.state.stats()["blocks_cached"] == cached_before + loaded["blocks_restored"]
+    assert b.state.stats()["blocks_used"] == 0
+    got = _chat(b, HISTORY)
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] == saved["num_tokens"]
+    assert got["choices"][0]["message"]["content"] == reference["choices"][0]["message"]["content"]
+    again = httpx.post(b.v1 + "/sessions/talk/load").json()  # already there: nothing written
+    assert again["blocks_restored"] == 0 and again["blocks_already_cached"] == loaded["blocks_restored"]
+
+
+def test_api_refuses_bad_names_foreign_and_corrupt_files(fresh_server, tmp_path):
+    srv = fresh_server()
+    for name in ("..%2F..%2Fetc", "a.b", "-x"):
+        r = httpx.post(srv.v1 + f"/sessions/{name}/load")
+        assert r.status_code in (400, 404) and r.json()["error"], (name, r.text)
+    assert httpx.post(srv.v1 + "/sessions/missing/load").status_code == 404
+    r = httpx.post(srv.v1 + "/sessions/x/save", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "less than one" in r.json()["error"]["message"]
+    r = httpx.post(srv.v1 + "/sessions/x/save", json={})
+    assert r.status_code == 400 and "either" in r.json()["error"]["message"]
+
+    llm = srv.state.llm
+    c = llm.config
+    foreign = dataclasses.replace(fingerprint(llm), model="someone-else")
+    save_snapshot(tmp_path / "foreign.safetensors", _snap(32, c.num_layers, c.num_kv_heads, c.head_dim, foreign))
+    r = httpx.post(srv.v1 + "/sessions/foreign/load")
+    assert r.status_code == 400 and "someone-else" in r.json()["error"]["message"]
+
+    ok = httpx.post(srv.v1 + "/sessions/good/save", json={"token_ids": list(range(1, 40))})
+    assert ok.status_code == 200 and ok.json()["num_tokens"] == 32
+    path = tmp_path / "good.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    cached = srv.state.stats()["blocks_cached"]
+    srv.state.llm.engine.kv.reset_prefix_cache()
+    r = httpx.post(srv.v1 + "/sessions/good/load")
+    assert r.status_code == 400 and "corrupt" in r.json()["error"]["message"]
+    assert srv.state.stats()["blocks_cached"] == 0 <= cached  # nothing half-loaded
+    assert httpx.delete(srv.v1 + "/sessions/good").status_code == 200
+    assert httpx.delete(srv.v1 + "/sessions/good").status_code == 404
+
+
+def test_cli_saved_session_restores_into_the_server(tiny_llm, fresh_server, tmp_path, one_torch_thread):
+    """One file format: a chat saved by `kvcache chat` warms the server's prefix cache."""
+    chat = tiny_llm.session(system="You are terse.")
+    chat.send("Tell me a story about the robot and the stars.", GREEDY)
+    SessionStore(tmp_path, tiny_llm).save("from-cli", snapshot_chat(chat))
+    srv = fresh_server()
+    loaded = httpx.post(srv.v1 + "/sessions/from-cli/load").json()
+    assert loaded["blocks_restored"] == chat.cache.length // 16 > 0
+    got = _chat(srv, chat.messages + [{"role": "user", "content": "More?"}])
+    assert got["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
