@@ -1,60 +1,38 @@
 """How a policy cache holds the tokens it keeps: the `ExactStore` (model dtype, dense).
 
 A store is per sequence (batch 1 in practice) and holds, for every layer, K and V of the
-tokens kept, in order, as (L, B, Hkv, cap, D) storage written in place. The policy cache
-appends a step's K/V layer by layer (`append`, then `read` for attention), commits with
-`advance`, and applies eviction with `drop_range` (a contiguous run, same for all layers)
-or `gather` (per layer and head indices). Quantized and tiered stores live in
-`quantized_store.py` and keep the same interface.
+tokens kept, in order, as (L, B, Hkv, cap, D) storage written in place (the dense
+`KVCache`'s storage, whose growth and append it reuses). The policy cache appends a step's
+K/V layer by layer (`append`, then `read` for attention), commits with `advance`, and
+applies eviction with `drop_range` (a contiguous run, same for all layers) or `gather`
+(per layer and head indices). Quantized and tiered stores live in `quantized_store.py`
+and keep the same interface.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvcache.cache.dense import KVCache
 
-class ExactStore:
+
+class ExactStore(KVCache):
     """Every kept token's K and V in the model's dtype."""
 
     kind = "full"
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, capacity: int = 256):
-        self.num_layers, self.batch, self.num_kv_heads, self.head_dim = num_layers, batch, num_kv_heads, head_dim
-        self.dtype, self.device = dtype, device
-        shape = (num_layers, batch, num_kv_heads, max(capacity, 1), head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)  # (L, B, Hkv, cap, D)
-        self.v = torch.empty(shape, dtype=dtype, device=device)  # (L, B, Hkv, cap, D)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    def reserve(self, n_tokens: int) -> None:
-        """Room for n_tokens, doubling the storage when needed (one copy)."""
-        if n_tokens <= self.capacity:
-            return
-        cap = max(n_tokens, 2 * self.capacity)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.empty(old.shape[:3] + (cap, old.shape[4]), dtype=old.dtype, device=old.device)
-            new[:, :, :, : self.length] = old[:, :, :, : self.length]
-            setattr(self, name, new)
+        super().__init__(num_layers, batch, num_kv_heads, head_dim, capacity, dtype, device)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stage k, v (B, Hkv, T, D) after the kept tokens of `layer` (committed by `advance`)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
+        self.write(layer, k, v)
 
     def read(self, layer: int, staged: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V (B, Hkv, S, D) of `layer`: the kept tokens plus `staged` just appended."""
         end = self.length + staged
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
 
     def drop_range(self, start: int, end: int) -> None:
         """Forget tokens [start, end) in every layer; later tokens move down."""
@@ -72,20 +50,9 @@ class ExactStore:
         self.length = kept
 
     def truncate(self, n: int) -> None:
-        self.length = min(self.length, n)
-
-    def clear(self) -> None:
-        self.length = 0
+        super().truncate(min(self.length, n))
 
     @property
     def nbytes(self) -> int:
         """Bytes holding the kept tokens (K and V, all layers)."""
         return self.length * self.bytes_per_token * self.batch
-
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
-
-    @property
-    def nbytes_allocated(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
