@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install install-test demo test test-fast bench clean
+.PHONY: install install-test demo test test-fast bench eval clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: install-test
 	$(PY) benchmarks/bench_vs_transformers.py --threads 2
 	$(VENV)/bin/kvcache bench chat --threads 2
 	$(PY) benchmarks/bench_throughput.py --threads 2 --plot out/throughput.png
+
+eval: install-test
+	$(PIP) install -q -e '.[eval]'   # optimum-quanto: transformers' QuantizedCache baseline
+	$(VENV)/bin/kvcache eval --threads 2 --out out/eval
 
 clean:
 	rm -rf $(VENV) out

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "h2o/snapkv/knorm at 0.5/0.75/0.875, tiered, sinks+quantized)")
     e.add_argument("--contexts", default="1024,2048,4096", help="perplexity contexts, tokens")
     e.add_argument("--needle-lengths", default="1024,2048,4096", help="needle context lengths, tokens")
-    e.add_argument("--needle-depths", default="0.1,0.5,0.9", help="needle depths, fractions of the context")
+    e.add_argument("--needle-depths", default="0.25,0.75", help="needle depths, fractions of the context")
     e.add_argument("--speed-context", type=_positive_int, default=4096, help="decode speed after this many tokens")
     e.add_argument("--speed-steps", type=_positive_int, default=16, help="decode steps per timed repeat")
     e.add_argument("--speed-repeats", type=_positive_int, default=3)

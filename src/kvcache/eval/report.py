@@ -46,6 +46,7 @@ def terminal_table(rows, contexts: list[int], title: str):
 
 def _scatter(ax, rows, y_of, label_of=lambda r: r.policy) -> None:
     groups = {"policy": ("o", None), "derived": ("o", "none"), "kvpress": ("s", None)}
+    stacked: dict[tuple[float, float], int] = {}
     for kind, (marker, face) in groups.items():
         pts = [(r.compression_ratio, y_of(r), label_of(r)) for r in rows
                if r.kind == kind and r.compression_ratio and y_of(r) is not None]
@@ -55,7 +56,9 @@ def _scatter(ax, rows, y_of, label_of=lambda r: r.policy) -> None:
         ax.scatter(xs, ys, marker=marker, facecolors=face, edgecolors="C0" if kind != "kvpress" else "C3",
                    color=None if face else ("C0" if kind != "kvpress" else "C3"), label=kind, zorder=3)
         for x, y, name in zip(xs, ys, labels):
-            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            k = (round(x, 3), round(y, 3))  # points that coincide get their labels stacked
+            stacked[k] = stacked.get(k, -1) + 1
+            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3 + 8 * stacked[k]), textcoords="offset points")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("KV compression vs a dense fp16 cache (fp16 bytes of the tokens seen / bytes held)")
     ax.grid(alpha=0.3)

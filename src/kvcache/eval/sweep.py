@@ -43,7 +43,7 @@ class SweepConfig:
     policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
     contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
     needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
-    needle_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    needle_depths: list[float] = field(default_factory=lambda: [0.25, 0.75])
     speed_context: int = 4096
     speed_steps: int = 16
     speed_repeats: int = 3
