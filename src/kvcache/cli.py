@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policies separated by ';' (default: full, quantized 8/4/2, window, sinks, evict "
                         "h2o/snapkv/knorm at 0.5/0.75/0.875, tiered, sinks+quantized)")
     e.add_argument("--contexts", default="1024,2048,4096", help="perplexity contexts, tokens")
-    e.add_argument("--needle-lengths", default="1024,2048,4096", help="needle context lengths, tokens")
+    e.add_argument("--needle-lengths", default="1024,4096", help="needle context lengths, tokens")
     e.add_argument("--needle-depths", default="0.25,0.75", help="needle depths, fractions of the context")
     e.add_argument("--speed-context", type=_positive_int, default=4096, help="decode speed after this many tokens")
     e.add_argument("--speed-steps", type=_positive_int, default=16, help="decode steps per timed repeat")

@@ -42,7 +42,7 @@ FP16_BYTES = 2
 class SweepConfig:
     policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
     contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
-    needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    needle_lengths: list[int] = field(default_factory=lambda: [1024, 4096])
     needle_depths: list[float] = field(default_factory=lambda: [0.25, 0.75])
     speed_context: int = 4096
     speed_steps: int = 16
