@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install install-test browser demo test test-fast bench kvpress-env clean
+.PHONY: install install-test browser demo test test-fast bench eval kvpress-env clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: install-test
 
 kvpress-env:   # NVIDIA kvpress in its own venv (.venv-kvpress); see benchmarks/README.md
 	bash benchmarks/kvpress_setup.sh
+
+eval: install-test kvpress-env
+	$(PIP) install -q -e '.[eval]'   # optimum-quanto: transformers' QuantizedCache baseline
+	$(VENV)/bin/kvcache eval --threads 2 --out out/eval --kvpress-python .venv-kvpress/bin/python
 
 clean:
 	rm -rf $(VENV) out

@@ -1,4 +1,4 @@
-"""The `kvcache` command: generate, chat, serve, memory, bench.
+"""The `kvcache` command: generate, chat, serve, memory, bench, eval.
 
 Bad input prints one sentence to stderr and exits with code 2; no traceback.
 """
@@ -120,6 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--repeats", type=_positive_int, default=3)
     bh.add_argument("--json", action="store_true")
     _model_options(bh)
+
+    e = sub.add_parser("eval", help="evaluate KV policies: perplexity, needle, decode speed, compression")
+    e.add_argument("--policies", default=None,
+                   help="policies separated by ';' (default: full, quantized 8/4/2, window, sinks, evict "
+                        "h2o/snapkv/knorm at 0.5/0.75/0.875, tiered, sinks+quantized)")
+    e.add_argument("--contexts", default="1024,2048,4096", help="perplexity contexts, tokens")
+    e.add_argument("--needle-lengths", default="1024,4096", help="needle context lengths, tokens")
+    e.add_argument("--needle-depths", default="0.25,0.75", help="needle depths, fractions of the context")
+    e.add_argument("--speed-context", type=_positive_int, default=4096, help="decode speed after this many tokens")
+    e.add_argument("--speed-steps", type=_positive_int, default=16, help="decode steps per timed repeat")
+    e.add_argument("--speed-repeats", type=_positive_int, default=3)
+    e.add_argument("--skip-speed", action="store_true")
+    e.add_argument("--skip-needle", action="store_true")
+    e.add_argument("--baselines", default="hf,kvpress", help="hf, kvpress, both, or none")
+    e.add_argument("--kvpress-python", default=None, help="python of a venv with kvpress (runs its driver)")
+    e.add_argument("--kvpress-presses", default="snapkv,knorm")
+    e.add_argument("--chunk", type=_positive_int, default=32, help="prefill chunk of the perplexity pass")
+    e.add_argument("--seed", type=int, default=0, help="needle cases")
+    e.add_argument("--stream-tokens", type=_positive_int, default=None,
+                   help="run the streaming check instead: this many tokens through --stream-policies")
+    e.add_argument("--stream-policies", default=None,
+                   help="default 'sinks:n_sink=4,window=1020;sinks:n_sink=0,window=1024'")
+    e.add_argument("--out", default="out/eval", help="folder for results.md, plots, cases and JSON")
+    e.add_argument("--no-plots", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the rows as a JSON list (the table goes to stderr)")
+    _model_options(e)
     return parser
 
 
@@ -262,8 +288,14 @@ def cmd_bench_chat(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from kvcache.cli_eval import run
+
+    return run(args, _make_llm)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "memory": cmd_memory, "bench": cmd_bench,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
