@@ -16,12 +16,12 @@ SMALL = ["--contexts", "64,128", "--needle-lengths", "96", "--needle-depths", "0
 
 
 def test_eval_json_has_the_documented_fields(tiny_model_dir, tmp_path):
-    r = run_cli("eval", "--model", str(tiny_model_dir), "--policies", "full; window:size=32", *SMALL,
+    r = run_cli("eval", "--model", str(tiny_model_dir), "--policies", "full; full:dtype=fp16; window:size=32", *SMALL,
                 "--baselines", "hf", "--out", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     by = {row["policy"]: row for row in rows}
-    assert ["full", "full (fp16-equivalent)", "window:size=32"] == [row["policy"] for row in rows[:3]]
+    assert ["full", "full:dtype=fp16", "window:size=32"] == [row["policy"] for row in rows[:3]]
     for row in rows:
         assert FIELDS <= set(row)
     full, win = by["full"], by["window:size=32"]
@@ -29,7 +29,7 @@ def test_eval_json_has_the_documented_fields(tiny_model_dir, tmp_path):
     assert full["perplexity"] == full["perplexity_by_context"]["128"]
     assert full["compression_ratio"] == pytest.approx(0.5) and full["compression_vs_dense"] == pytest.approx(1.0)
     assert full["tokens_seen"] == full["tokens_held"] == 128
-    assert by["full (fp16-equivalent)"]["compression_ratio"] == pytest.approx(1.0)
+    assert by["full:dtype=fp16"]["compression_ratio"] == pytest.approx(1.0)
     assert win["tokens_held"] < 128 and win["compression_ratio"] > 1.0
     assert win["bytes_per_token_seen"] < win["bytes_per_token"] == full["bytes_per_token"]
     for row in (full, win):

@@ -71,9 +71,9 @@ def expected_bytes(cache: PolicyCache) -> int:
     store = cache.store
     per_token = cache.bytes_per_token
     if store.kind == "full":
-        return cache.length * per_token
+        return cache.length * store.bytes_per_token
     c = cache
-    exact = store.sinks.length + store.tail.length
+    exact = (store.sinks.length + store.tail.length) * store.tail.bytes_per_token // per_token
     nq = store.num_quantized
     fk = KVFormat.parse(f"int{store.bits}", store.group_size)
     fv = KVFormat.parse(f"int{store.bits}", value_group(store.group_size, c.head_dim))
@@ -332,6 +332,20 @@ def test_quantized_stores_report_their_bytes_and_stay_close(tiny_llm, policy, ex
         assert store.cold_length > 0 and cache.stats()["disk_bytes"] == store.disk_nbytes > 0
     if "drop" in policy:
         assert store.dropped > 0 and cache.length == len(ids) - store.dropped
+
+
+@pytest.mark.parametrize("policy, exact", [("full:dtype=fp16", torch.float16),
+                                           ("quantized:bits=8,group_size=16,residual=16,exact=bf16", torch.bfloat16)])
+def test_exact_tokens_can_be_kept_in_a_smaller_dtype(tiny_llm, policy, exact):
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 60)
+    dense = feed(model, model.new_cache(1, 16), ids, chunk=10)
+    cache = PolicyCache(model, policy)
+    ours = feed(model, cache, ids, chunk=10)
+    store = cache.store if cache.store.kind == "full" else cache.store.tail
+    assert store.k.dtype == exact and not cache.spec.is_full
+    assert cache.nbytes_used == expected_bytes(cache) < 60 * cache.bytes_per_token
+    assert ((ours - dense).abs().max() / dense.abs().max()).item() < 0.05
 
 
 def test_fewer_bits_cost_more_logit_error(tiny_llm):

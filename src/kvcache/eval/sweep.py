@@ -28,12 +28,18 @@ from kvcache.eval.corpus import corpus_token_ids
 from kvcache.eval.perplexity import token_losses
 
 EVICT_RATIOS = (0.5, 0.75, 0.875)  # fraction removed: 2x, 4x, 8x fewer tokens
+# Exact tokens of the quantized policies are kept in fp16 (exact=fp16), as the fp16 cache they
+# are compared with holds them; `full:dtype=fp16` is that fp16 cache, measured.
 DEFAULT_POLICIES = (
-    ["full",
-     "quantized:bits=8,residual=128", "quantized:bits=4,residual=128", "quantized:bits=2,residual=128",
+    ["full", "full:dtype=fp16",
+     "quantized:bits=8,residual=0,exact=fp16",  # llama.cpp q8_0-like: 8.5 bits a value
+     "quantized:bits=4,group_size=128,residual=128,exact=fp16",
+     "quantized:bits=2,group_size=32,residual=128,exact=fp16",  # KIVI-2's settings
+     "quantized:bits=2,group_size=64,residual=64,exact=fp16",
      "window:size=1024", "sinks:n_sink=4,window=1020"]
     + [f"evict:scorer={s},ratio={r}" for s in ("h2o", "snapkv", "knorm") for r in EVICT_RATIOS]
-    + ["tiered:hot=256,warm_bits=4,warm=1024,cold=disk", "sinks:n_sink=4,window=2044+quantized:bits=8"]
+    + ["tiered:hot=256,warm_bits=4,warm=1024,cold=disk,exact=fp16",
+       "sinks:n_sink=4,window=2044+quantized:bits=8,residual=0,exact=fp16"]
 )
 FP16_BYTES = 2
 
@@ -151,18 +157,6 @@ def speed_units(cfg: SweepConfig) -> float:
     return 16 * cfg.speed_steps * (cfg.speed_repeats + 1)
 
 
-def fp16_equivalent(llm, full: Row) -> Row | None:
-    """The `full` row as a dense fp16 cache would hold it (derived: same tokens, fp16 bytes)."""
-    if llm.kv_bytes_per_token == dense_bytes_per_token(llm, FP16_BYTES) or full.kv_bytes is None:
-        return None
-    d = Row(**{**full.to_dict(), "policy": "full (fp16-equivalent)", "kind": "derived", "needle_answers": []})
-    d.kv_bytes = d.kv_bytes_peak = full.tokens_held * dense_bytes_per_token(llm, FP16_BYTES)
-    _memory(d, llm, {"seen": full.tokens_seen, "kept": full.tokens_held, "kv_bytes": d.kv_bytes}, d.kv_bytes)
-    d.decode_tok_s = None
-    d.note = "derived from the fp32 run: the same tokens at 2 bytes a value; perplexity and needle not re-measured"
-    return d
-
-
 def hf_rows(llm, cfg: SweepConfig, advance: Callable[[float], None]) -> list[Row]:
     hf_model = speed.load_hf_model(llm)
     rows = []
@@ -204,8 +198,6 @@ def run_sweep(llm, cfg: SweepConfig, progress=None, log: Callable[[str], None] =
         if progress:
             progress.update(task, description=policy)
         rows.append(run_policy(llm, policy, cfg, cases, advance))
-        if policy == "full" and (d := fp16_equivalent(llm, rows[-1])) is not None:
-            rows.append(d)
     if "hf" in cfg.baselines and not cfg.skip_speed:
         if progress:
             progress.update(task, description="transformers baselines")

@@ -21,13 +21,22 @@ from kvcache.errors import KVCacheError
 from kvcache.models.rope import apply_rotary
 
 
+_EXACT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def exact_dtype(part, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a store keeps its exact tokens in (its `dtype` / `exact` key; default the model's)."""
+    name = part.params.get("dtype", part.params.get("exact", "model"))
+    return _EXACT.get(name, model_dtype)
+
+
 def make_store(spec: PolicySpec, config, dtype: torch.dtype, device: torch.device, capacity: int):
     c, part = config, spec.store
     if part.name == "full":
-        return ExactStore(c.num_layers, 1, c.num_kv_heads, c.head_dim, dtype, device, capacity)
+        return ExactStore(c.num_layers, 1, c.num_kv_heads, c.head_dim, exact_dtype(part, dtype), device, capacity)
     from kvcache.cache.policies.quantized_store import make_quantized_store
 
-    return make_quantized_store(part, c, dtype, device, capacity)
+    return make_quantized_store(part, c, dtype, exact_dtype(part, dtype), device, capacity)
 
 
 class PolicyCache:
@@ -72,6 +81,8 @@ class PolicyCache:
         t = k.shape[2]
         self.store.append(layer, k, v)
         keys, values = self.store.read(layer, t)  # (B, Hkv, S, D)
+        if keys.dtype != self.dtype:  # exact tokens kept in another dtype (e.g. full:dtype=fp16)
+            keys, values = keys.to(self.dtype), values.to(self.dtype)
         if self.rotates_keys:  # stored unrotated: rotate to slots 0..S-1
             s = keys.shape[2]
             cos, sin = self.rope.slice(self.key_position_offset, s)  # (1, S, 1, D)

@@ -46,9 +46,11 @@ class Param:
         return value
 
 
+EXACT_DTYPES = ("model", "fp32", "fp16", "bf16")  # "model": the model's own dtype
+
 # name -> key -> Param. The policies themselves live in selectors.py and stores.py.
 POLICY_PARAMS: dict[str, dict[str, Param]] = {
-    "full": {},
+    "full": {"dtype": Param(str, "model", choices=EXACT_DTYPES)},  # e.g. full:dtype=fp16 under an fp32 model
     "window": {"size": Param(int, 1024, minimum=1)},
     "sinks": {"n_sink": Param(int, 4, minimum=0), "window": Param(int, 1020, minimum=1)},
     "evict": {
@@ -63,6 +65,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "group_size": Param(int, 64, minimum=1),
         "residual": Param(int, 128, minimum=0),  # last tokens kept exact
         "n_sink": Param(int, 0, minimum=0),  # first tokens kept exact
+        "exact": Param(str, "model", choices=EXACT_DTYPES),  # dtype of the exact tokens
     },
     "tiered": {
         "hot": Param(int, 256, minimum=1),  # recent tokens, exact
@@ -70,6 +73,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "warm": Param(int, 4096, minimum=0),  # older tokens kept quantized in memory
         "cold": Param(str, "disk", choices=("disk", "drop")),  # the oldest: memory-mapped file, or dropped
         "group_size": Param(int, 64, minimum=1),
+        "exact": Param(str, "model", choices=EXACT_DTYPES),
     },
 }
 SELECTORS = ("window", "sinks", "evict")  # which tokens to keep
@@ -99,19 +103,23 @@ class PolicySpec:
     @property
     def is_full(self) -> bool:
         """True when the policy keeps every token exactly (the dense cache)."""
-        return not self.selectors and self.store.name == "full"
+        return not self.selectors and self._plain_store
+
+    @property
+    def _plain_store(self) -> bool:
+        return self.store.name == "full" and self.store.params.get("dtype", "model") == "model"
 
     @property
     def canonical(self) -> str:
         """The policy with every key spelled out, in a fixed order ('' for keep-everything)."""
-        parts = [*self.selectors] + ([] if self.store.name == "full" else [self.store])
+        parts = [*self.selectors] + ([] if self._plain_store else [self.store])
         return "+".join(str(p) for p in parts)
 
     @property
     def paged_window(self) -> int | None:
         """The window size when the policy is a plain `window` (the paged engine runs it by
         freeing whole blocks); None for every other policy (run per sequence)."""
-        if self.store.name == "full" and len(self.selectors) == 1 and self.selectors[0].name == "window":
+        if self._plain_store and len(self.selectors) == 1 and self.selectors[0].name == "window":
             return self.selectors[0].params["size"]
         return None
 
@@ -153,7 +161,7 @@ def parse_policy(text: str | None) -> PolicySpec:
         raise KVCacheError(
             f"A policy can have one storage part ({', '.join(STORES)}), got {', '.join(p.name for p in stores)}."
         )
-    store = stores[0] if stores else PolicyPart("full", {})
+    store = stores[0] if stores else _parse_part("full")
     for s in selectors:
         if s.name == "evict":
             ratio, budget = s.params["ratio"], s.params["budget"]
