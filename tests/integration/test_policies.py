@@ -390,3 +390,26 @@ def test_sinks_with_int8_stream_with_flat_memory(tiny_llm):
     assert cache.seen == 800 > 3 * model.config.max_position_embeddings
     assert max(held[100:]) <= max(held[:200])  # flat: bounded by the window, not the stream
     assert cache.nbytes_used == expected_bytes(cache)
+
+
+@pytest.mark.parametrize("policy", ["quantized:bits=8,group_size=16,residual=8,n_sink=2",
+                                    "quantized:bits=4,group_size=32,residual=0",
+                                    "quantized:bits=2,group_size=16,residual=16,exact=fp16",
+                                    "tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16"])
+def test_decode_from_codes_equals_dequantize_then_attend(tiny_llm, policy):
+    """The fused decode path (scales folded into queries and probabilities) computes the
+    same attention as dequantizing the history and calling SDPA."""
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 110)
+    logits = {}
+    for fused in (True, False):
+        cache = PolicyCache(model, policy)
+        cache.fused_attention = fused
+        feed(model, cache, ids[:80], chunk=40)
+        out = []
+        with torch.inference_mode():
+            for t in ids[80:]:
+                assert cache._fused == fused
+                out.append(model.forward(StepInputs(torch.tensor([[t]]), None, cache.next_position, None), cache)[0])
+        logits[fused] = torch.stack(out)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)

@@ -164,7 +164,8 @@ class LlamaModel:
                 k, v = cache.write(i, k, v)  # (B, Hkv, S, D)
                 if observe:
                     cache.observe(i, q, k)
-            o = attend(q, k, v, mask)  # (B, T, Hq*D)
+            # a quantized policy cache attends itself from its codes (write returned None)
+            o = attend(q, k, v, mask) if k is not None else cache.attend(i, q)  # (B, T, Hq*D)
             x = x + lw.o(o)  # (B, T, H)
             h = F.rms_norm(x, hidden, lw.mlp_norm, eps)
             gate, up = lw.gate_up(h).chunk(2, -1)  # (B, T, I) each

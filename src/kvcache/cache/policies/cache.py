@@ -57,6 +57,7 @@ class PolicyCache:
         # cache positions; `kvcache.hf` moves it so that query-key distances stay those in the cache.
         self.key_position_offset = 0
         self.unit = getattr(self.store, "evict_unit", EVICT_UNIT)
+        self.fused_attention = True  # quantized decode attends from the codes (False: dequantize, then SDPA)
         self.clear()
 
     # -- the KVCache interface the model drives --------------------------------------
@@ -76,10 +77,13 @@ class PolicyCache:
     def observes(self, t: int) -> bool:
         return any(s.observes(t) for s in self.selectors)
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v (B, Hkv, T, D); return K, V (B, Hkv, S, D) for attention."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Append k, v (B, Hkv, T, D); return K, V (B, Hkv, S, D) for attention, or
+        (None, None) when this cache attends itself this step (call `attend`)."""
         t = k.shape[2]
         self.store.append(layer, k, v)
+        if t == 1 and self._fused:  # decode over quantized history: see QuantizedKVStore.attend
+            return None, None
         keys, values = self.store.read(layer, t)  # (B, Hkv, S, D)
         if keys.dtype != self.dtype:  # exact tokens kept in another dtype (e.g. full:dtype=fp16)
             keys, values = keys.to(self.dtype), values.to(self.dtype)
@@ -88,6 +92,15 @@ class PolicyCache:
             cos, sin = self.rope.slice(self.key_position_offset, s)  # (1, S, 1, D)
             keys = apply_rotary(keys, cos[0, :, 0], sin[0, :, 0])  # at positions offset..offset+S-1
         return keys, values
+
+    @property
+    def _fused(self) -> bool:
+        return (self.fused_attention and hasattr(self.store, "attend") and self.store.num_quantized > 0
+                and not self.rotates_keys and not self.observes(1))
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of this step's single query q (1, Hq, 1, D) over the layer, done by the store."""
+        return self.store.attend(layer, q, 1)
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         for s in self.selectors:

@@ -16,13 +16,14 @@ buffer shared by all layers (one layer's worth of floats, not a new tensor per s
 
 from __future__ import annotations
 
+import math
 import tempfile
 
 import numpy as np
 import torch
 
 from kvcache.cache.policies.stores import ExactStore
-from kvcache.cache.quant import QuantizedStore
+from kvcache.cache.quant import QuantizedStore, quantized_scores, unpack_codes
 
 
 def value_group(group_size: int, head_dim: int) -> int:
@@ -79,10 +80,14 @@ class QuantizedKVStore:
             self.scratch_v = torch.empty(shape, dtype=self.dtype, device=self.device)
         return self.scratch_k, self.scratch_v
 
+    def front(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V (1, Hkv, n, D) of the exact tokens before the quantized part (the sinks)."""
+        return self.sinks.read(layer, 0)
+
     def _read_front(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> int:
-        n = self.sinks.length
+        n = self.num_front
         if n:
-            k[:, :, :n], v[:, :, :n] = self.sinks.read(layer, 0)
+            k[:, :, :n], v[:, :, :n] = self.front(layer)
         return n
 
     def read(self, layer: int, staged: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +105,47 @@ class QuantizedKVStore:
     def advance(self, n: int) -> None:
         self.tail.advance(n)
         self._migrate()
+
+    def attend(self, layer: int, q: torch.Tensor, staged: int) -> torch.Tensor:
+        """Decode attention of q (1, Hq, 1, D) over this layer without dequantizing the history.
+
+        Scores against quantized keys fold the per-channel scales into the query
+        (`quantized_scores`); the output over quantized values folds the per-token scales
+        into the probabilities: p @ (s*C + z) = (p*s) @ C + p @ z. The codes become floats
+        once each (one pass), instead of dequantize's convert, scale and shift passes.
+        Returns (1, 1, Hq*D), like `models.llama.attend`.
+        """
+        _, hq, _, d = q.shape
+        h = self.num_kv_heads
+        g = hq // h
+        qf = q.reshape(1, h, g, d)  # (1, Hkv, G, D): a KV group's query heads side by side
+        nq = self.num_quantized
+        ks, vs = self.front(layer)  # (1, Hkv, ns, D)
+        kt, vt = self.tail.read(layer, staged)  # (1, Hkv, nt, D)
+        ks, vs, kt, vt = (x.to(q.dtype) for x in (ks, vs, kt, vt))
+        codes = self._codes(nq)  # (1, Hkv, nq, D) float scratch
+        scores = torch.cat([qf @ ks.transpose(-1, -2),  # (1, Hkv, G, ns)
+                            quantized_scores(qf, self.qk.view(layer), codes_out=codes),  # (1, Hkv, G, nq)
+                            qf @ kt.transpose(-1, -2)], -1)  # (1, Hkv, G, nt)
+        p = (scores * (1.0 / math.sqrt(d))).softmax(-1)  # (1, Hkv, G, S)
+        ns = ks.shape[2]
+        o = p[..., :ns] @ vs + p[..., ns + nq :] @ vt  # (1, Hkv, G, D)
+        qv = self.qv.view(layer)
+        codes.copy_(unpack_codes(qv.data, qv.bits))  # value codes as floats
+        pq = p[..., ns : ns + nq]  # (1, Hkv, G, nq)
+        sv, zv = qv.scale.to(q.dtype), qv.zero.to(q.dtype)  # (1, Hkv, nq, D/gv)
+        gv = qv.group_size
+        for i in range(d // gv):  # value groups along head_dim (1 or a few)
+            cols = slice(i * gv, (i + 1) * gv)
+            o[..., cols] += (pq * sv[..., i].unsqueeze(2)) @ codes[..., cols] + pq @ zv[..., i : i + 1]
+        return o.reshape(1, hq, 1, d).transpose(1, 2).reshape(1, 1, hq * d)
+
+    def _codes(self, n: int) -> torch.Tensor:
+        """A contiguous (1, Hkv, n, D) float scratch, reused from step to step."""
+        need = self.num_kv_heads * n * self.head_dim
+        if getattr(self, "codes_buf", None) is None or self.codes_buf.numel() < need:
+            self.codes_buf = torch.empty(max(need, 2 * need), dtype=self.dtype, device=self.device)
+        return self.codes_buf[:need].view(1, self.num_kv_heads, n, self.head_dim)
 
     def _migrate(self) -> None:
         """Fill the sinks from the tail's head, then move whole groups from the tail to the quantized part."""
@@ -211,12 +257,14 @@ class TieredStore(QuantizedKVStore):
     def num_front(self) -> int:
         return self.cold_length
 
-    def _read_front(self, layer, k, v):
+    def front(self, layer):
+        """The cold tier's K, V (1, Hkv, n, D), fetched back from the memory-mapped file."""
         n = self.cold_length
-        if n:  # fetched back from the memory-mapped file
-            k[0, :, :n] = torch.from_numpy(np.asarray(self._cold_k[layer, :, :n])).to(self.device, self.dtype)
-            v[0, :, :n] = torch.from_numpy(np.asarray(self._cold_v[layer, :, :n])).to(self.device, self.dtype)
-        return n
+        if not n:
+            return (torch.empty(1, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device),) * 2
+        k = torch.from_numpy(np.asarray(self._cold_k[layer, :, :n])).to(self.device, self.dtype)
+        v = torch.from_numpy(np.asarray(self._cold_v[layer, :, :n])).to(self.device, self.dtype)
+        return k[None], v[None]
 
     def _after_quantize(self) -> None:
         g = self.group_size
