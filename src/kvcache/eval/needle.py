@@ -144,16 +144,26 @@ def prompt_parts(tokenizer, case: NeedleCase) -> tuple[list[int], list[int]]:
 
 def answer_case(llm, case: NeedleCase, kv_policy: str | None = None, max_new_tokens: int = 24,
                 chunk: int = 512) -> NeedleAnswer:
-    """Prefill the context (chunks), then the question, then greedy decoding; score the output."""
+    """Prefill the context, then the question, then greedy decoding; score the output.
+
+    As kvpress does, an eviction policy compresses the context once, after seeing all of it
+    (one prefill chunk), and never the question: the question is fed a token at a time, and
+    prompt-chunk eviction only runs after chunks of more than one token. Other policies take
+    the context in chunks of `chunk` tokens (a window then really slides over it).
+    """
     context_ids, question_ids = prompt_parts(llm.tokenizer, case)
     cache = llm.new_policy_cache(kv_policy)
     model, dev = llm.model, llm.device
+    if any(s.name == "evict" for s in cache.spec.selectors):
+        chunk = len(context_ids)
     with torch.inference_mode():
         for start in range(0, len(context_ids), chunk):
             piece = torch.tensor([context_ids[start : start + chunk]], device=dev)  # (1, t)
             model.forward(StepInputs(piece, None, cache.next_position, None, "last"), cache)
         seen, held, kv_bytes = cache.seen, cache.length, cache.nbytes_used
-        step = torch.tensor([question_ids], device=dev)  # (1, Tq)
+        for token in question_ids[:-1]:
+            model.forward(StepInputs(torch.tensor([[token]], device=dev), None, cache.next_position, None), cache)
+        step = torch.tensor([question_ids[-1:]], device=dev)  # (1, 1)
         out: list[int] = []
         for _ in range(max_new_tokens):
             logits = model.forward(StepInputs(step, None, cache.next_position, None, "last"), cache)  # (1, V)
