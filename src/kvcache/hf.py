@@ -253,6 +253,7 @@ class PolicyCache(Cache):
                                like.device, like.dtype)
         model = SimpleNamespace(config=c, dtype=like.dtype, device=like.device, rope=rope)
         self.core = _PolicyCore(model, self.spec, capacity=self.capacity)
+        self.core.fused_attention = False  # transformers attends itself: always hand it K and V
 
     def _begin(self, key_states: torch.Tensor, t: int, position_ids: torch.Tensor | None) -> None:
         if self.core is None:
