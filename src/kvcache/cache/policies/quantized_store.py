@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from kvcache.cache.policies.stores import ExactStore
-from kvcache.cache.quant import QuantizedStore, quantized_scores, unpack_codes
+from kvcache.cache.quant import QTensor, QuantizedStore, dequantize, quantized_scores, unpack_codes
+from kvcache.errors import KVCacheError
 
 
 def value_group(group_size: int, head_dim: int) -> int:
@@ -73,7 +74,7 @@ class QuantizedKVStore:
         self.tail.append(layer, k, v)
 
     def _scratch(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.scratch_k.shape[2:3] != (s,) and (self.scratch_k.numel() == 0 or self.scratch_k.shape[2] < s):
+        if self.scratch_k.numel() == 0 or self.scratch_k.shape[2] < s:
             cap = max(s, 2 * (self.scratch_k.shape[2] if self.scratch_k.numel() else 0))
             shape = (1, self.num_kv_heads, cap, self.head_dim)
             self.scratch_k = torch.empty(shape, dtype=self.dtype, device=self.device)  # (1, Hkv, cap, D)
@@ -276,16 +277,8 @@ class TieredStore(QuantizedKVStore):
             k = torch.empty(self.num_layers, 1, self.num_kv_heads, n, self.head_dim, dtype=torch.float32)
             v = torch.empty_like(k)
             for layer in range(self.num_layers):
-                q = self.qk.view(layer)
-                from kvcache.cache.quant import QTensor, dequantize
-
-                head = QTensor(q.data[:, :, :n], q.scale[:, :, : n // g], q.zero[:, :, : n // g],
-                               (1, self.num_kv_heads, n, self.head_dim), q.bits, q.group_size, q.axis)
-                dequantize(head, k[layer])
-                qv = self.qv.view(layer)
-                headv = QTensor(qv.data[:, :, :n], qv.scale[:, :, :n], qv.zero[:, :, :n],
-                                (1, self.num_kv_heads, n, self.head_dim), qv.bits, qv.group_size, qv.axis)
-                dequantize(headv, v[layer])
+                dequantize(_first_tokens(self.qk.view(layer), n), k[layer])
+                dequantize(_first_tokens(self.qv.view(layer), n), v[layer])
             self._append_cold(k[:, 0].numpy(), v[:, 0].numpy())
         else:
             self.dropped += n
@@ -321,8 +314,6 @@ class TieredStore(QuantizedKVStore):
         if n >= self.length:
             return
         if self.cold_length or self.dropped:
-            from kvcache.errors import KVCacheError
-
             raise KVCacheError("A tiered cache that has moved tokens to its cold tier cannot be cut back.")
         super().truncate(n)
 
@@ -335,6 +326,13 @@ class TieredStore(QuantizedKVStore):
     def disk_nbytes(self) -> int:
         """Bytes of the cold tier on disk (fp16 K and V)."""
         return 2 * self.num_layers * self.num_kv_heads * self.cold_length * self.head_dim * 2
+
+
+def _first_tokens(q: QTensor, n: int) -> QTensor:
+    """The first n tokens of a quantized tensor (whole groups along "channel"), as views."""
+    m = n // q.group_size if q.axis == "channel" else n
+    return QTensor(q.data[:, :, :n], q.scale[:, :, :m], q.zero[:, :, :m], (q.shape[0], q.shape[1], n, q.shape[3]),
+                   q.bits, q.group_size, q.axis)
 
 
 def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, device: torch.device,
