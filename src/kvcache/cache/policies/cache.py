@@ -82,7 +82,9 @@ class PolicyCache:
         (None, None) when this cache attends itself this step (call `attend`)."""
         t = k.shape[2]
         self.store.append(layer, k, v)
-        if t == 1 and self._fused:  # decode over quantized history: see QuantizedKVStore.attend
+        if layer == 0:  # decided once per step: the store's tiers only change at `advance`
+            self._fused_step = t == 1 and self._fused
+        if self._fused_step:  # decode over quantized history: see QuantizedKVStore.attend
             return None, None
         keys, values = self.store.read(layer, t)  # (B, Hkv, S, D)
         if keys.dtype != self.dtype:  # exact tokens kept in another dtype (e.g. full:dtype=fp16)
