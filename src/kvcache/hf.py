@@ -68,11 +68,6 @@ def _check_policy(spec: PolicySpec) -> None:
                 f"a Cache; through kvcache.hf use {', '.join(KEY_ONLY_SCORERS)} (or window / sinks), "
                 "or run it on kvcache's own engine (LLM(kv_policy=...))."
             )
-    if spec.store.name != "full":
-        try:
-            import kvcache.cache.policies.quantized_store  # noqa: F401
-        except ImportError:
-            raise KVCacheError(f"KV storage '{spec.store.name}' is not available in this build of kvcache.") from None
 
 
 class _PolicyLayer(CacheLayerMixin):

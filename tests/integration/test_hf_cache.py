@@ -164,7 +164,6 @@ def test_config_is_required_and_batches_are_refused(hf_tiny, prompt):
 
 
 def test_quantized_cache_stays_close_to_exact(hf_tiny, prompt):
-    pytest.importorskip("kvcache.cache.policies.quantized_store")
     cache = kvcache.hf.QuantizedCache(bits=8, group_size=16, residual=16, config=hf_tiny.config)
     got, _ = hf_generate(hf_tiny, prompt, cache, n=8)
     assert len(got) == 8
