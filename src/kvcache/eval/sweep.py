@@ -97,19 +97,10 @@ def dense_bytes_per_token(llm, element_bytes: int) -> int:
     return 2 * c.num_layers * c.num_kv_heads * c.head_dim * element_bytes
 
 
-def check_policies(llm, policies: list[str]) -> dict[str, str]:
-    """Parse every policy (a bad one is an error before any work); those whose store is not
-    available in this build map to the reason (their rows say so instead of failing the sweep)."""
-    from kvcache.cache.policies.grammar import parse_policy
-
-    unavailable = {}
+def check_policies(llm, policies: list[str]) -> None:
+    """Build every policy's cache once, so a bad policy is an error before any work."""
     for p in policies:
-        parse_policy(p)
-        try:
-            llm.new_policy_cache(p)
-        except ImportError as exc:
-            unavailable[p] = f"unavailable in this build ({exc})"
-    return unavailable
+        llm.new_policy_cache(p)
 
 
 def _memory(row: Row, llm, stats: dict, peak: int) -> None:
@@ -177,13 +168,12 @@ def total_units(cfg: SweepConfig, n_policies: int, cases: list[needle.NeedleCase
 
 def run_sweep(llm, cfg: SweepConfig, progress=None, log: Callable[[str], None] = print) -> list[Row]:
     """Every policy, then the baselines; `progress` is a rich Progress (or None)."""
-    unavailable = check_policies(llm, cfg.policies)
+    check_policies(llm, cfg.policies)
     cases = [] if cfg.skip_needle else needle.make_cases(llm.tokenizer, cfg.needle_lengths, cfg.needle_depths,
                                                           cfg.seed)
     out = Path(cfg.out_dir)
     cases_path = needle.write_cases(out / "needle_cases.json", cases, llm.model_dir) if cases else None
-    runnable = [p for p in cfg.policies if p not in unavailable]
-    task = progress.add_task("eval", total=total_units(cfg, len(runnable), cases)) if progress else None
+    task = progress.add_task("eval", total=total_units(cfg, len(cfg.policies), cases)) if progress else None
 
     def advance(units: float) -> None:
         if progress:
@@ -191,10 +181,6 @@ def run_sweep(llm, cfg: SweepConfig, progress=None, log: Callable[[str], None] =
 
     rows = []
     for policy in cfg.policies:
-        if policy in unavailable:
-            log(f"skipping {policy}: {unavailable[policy]}")
-            rows.append(Row(policy, note=unavailable[policy]))
-            continue
         if progress:
             progress.update(task, description=policy)
         rows.append(run_policy(llm, policy, cfg, cases, advance))
