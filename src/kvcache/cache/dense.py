@@ -4,12 +4,15 @@ Storage is preallocated for a capacity of token slots and written in place; when
 sequence outgrows it the capacity doubles (one copy), so appends are amortised O(1) and
 no step concatenates the history. Rows of a batch share slot indices: a ragged batch is
 left-padded, and `row_start[b]` is the first slot that holds a real token of row b.
+With `native_attention`, a single-token step attends in place from the storage through
+`kvcache.native` (`write` returns None and the model calls `attend`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvcache import native
 from kvcache.cache.base import PlainCache
 
 
@@ -17,7 +20,8 @@ class KVCache(PlainCache):
     """Dense per-layer K/V storage for a batch of sequences written step by step."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
-                 capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 native_attention: bool = False):
         self.num_layers, self.batch, self.num_kv_heads, self.head_dim = num_layers, batch, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         shape = (num_layers, batch, num_kv_heads, max(capacity, 1), head_dim)
@@ -26,6 +30,8 @@ class KVCache(PlainCache):
         self.length = 0  # slots written, shared by all rows
         self.row_start = [0] * batch  # first real slot of each row (left padding before it)
         self.row_end: list[int | None] = [None] * batch  # set when a row finished: slots after it are filler
+        self.native_attention = native_attention and native.supports(dtype, self.device)
+        self._table = torch.zeros((batch, 1), dtype=torch.int32)  # (B, 1): one "block" 0 spanning the capacity
 
     @property
     def seen(self) -> int:
@@ -61,7 +67,21 @@ class KVCache(PlainCache):
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
+        if self.native_attention and k.shape[2] == 1:
+            return None, None  # the model calls attend(): no views, no mask
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of a single-token step q (B, Hq, 1, D) over each row's real slots,
+        read in place (native kernel). Returns (B, 1, Hq*D)."""
+        b, hq, _, d = q.shape
+        if layer == 0:  # bounds are the same for every layer of a step
+            self._lo = torch.tensor(self.row_start, dtype=torch.int64)  # (B,)
+            self._hi = torch.full((b,), self.length + 1, dtype=torch.int64)  # (B,)
+        cap, hkv = self.capacity, self.num_kv_heads
+        o = native.decode_attention(q.reshape(b, hq, d), self.k[layer], self.v[layer], self._table, self._lo,
+                                    self._hi, hkv, cap, hkv * cap * d, cap * d)  # (B, Hq, D)
+        return o.view(b, 1, hq * d)
 
     def advance(self, n: int) -> None:
         """Mark n more slots as written (after all layers stored them)."""

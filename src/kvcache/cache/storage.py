@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from kvcache import native
 from kvcache.cache.base import PlainCache
 
 
@@ -82,13 +83,20 @@ class PagedStepCache(PlainCache):
     """
 
     def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, read_blocks: torch.Tensor,
-                 kv_len: int | None = None, first_block: int | None = None):
+                 kv_len: int | None = None, first_block: int | None = None, kv_lens: list[int] | None = None):
         """`kv_len`: when every row attends to exactly that many slots, the gathered K/V are cut
         to it, so attention needs no padding mask (single sequences, equal-length batches).
         `first_block`: a single row whose blocks are consecutive from this id is read as a
-        view of the storage, with no gather copy (common: the pool hands out blocks in order)."""
+        view of the storage, with no gather copy (common: the pool hands out blocks in order).
+        `kv_lens`: each row's slot count; given for a decode step (one token per row), it lets
+        the native kernel attend straight from the blocks (no gather, no mask, no padding)."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
         self.kv_len, self.first_block = kv_len, first_block
+        self.native_decode = kv_lens is not None and native.supports(storage.dtype, storage.device)
+        if self.native_decode:
+            self.table = read_blocks.to(torch.int32).cpu()  # (B, NB)
+            self.lo = torch.zeros(len(kv_lens), dtype=torch.int64)  # (B,)
+            self.hi = torch.tensor(kv_lens, dtype=torch.int64)  # (B,)
         self.length = read_blocks.shape[1] * storage.block_size  # only for a default mask; runners pass one
 
     def reserve(self, n_slots: int) -> None:  # blocks were allocated by the scheduler
@@ -104,6 +112,8 @@ class PagedStepCache(PlainCache):
         ks, vs = st.k[layer], st.v[layer]  # (Hkv, slots, D)
         ks.index_copy_(1, self.write_slots, k.transpose(0, 1).reshape(h, b * t, d))
         vs.index_copy_(1, self.write_slots, v.transpose(0, 1).reshape(h, b * t, d))
+        if self.native_decode and t == 1:
+            return None, None  # the model calls attend()
         nb = self.read_blocks.shape[1]
         s = nb * st.block_size
         if self.first_block is not None:  # one row, consecutive blocks: a view, no copy
@@ -118,3 +128,13 @@ class PagedStepCache(PlainCache):
         if self.kv_len is not None:
             k_all, v_all = k_all[:, :, : self.kv_len], v_all[:, :, : self.kv_len]  # (B, Hkv, kv_len, D)
         return k_all, v_all
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of a decode step q (B, Hq, 1, D), each row over its own blocks, read in
+        place by the native kernel. Returns (B, 1, Hq*D)."""
+        b, hq, _, d = q.shape
+        st = self.storage
+        ks, vs = st.k[layer], st.v[layer]  # (Hkv, slots, D)
+        o = native.decode_attention(q.reshape(b, hq, d), ks, vs, self.table, self.lo, self.hi, st.num_kv_heads,
+                                    st.block_size, 0, ks.shape[1] * d)  # (B, Hq, D)
+        return o.view(b, 1, hq * d)

@@ -52,6 +52,10 @@ class ModelRunner:
             slots += self.kv.slots(c.request.request_id, c.start, c.start + c.num_tokens)
         return torch.tensor(slots, device=self.device)
 
+    def _native_lens(self, live: list[int]) -> list[int] | None:
+        """Per-row slot counts for the native decode kernel, when the model runs it."""
+        return live if self.model.native else None
+
     def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         dev = self.device
         starts = [c.start for c in chunks]
@@ -60,14 +64,19 @@ class ModelRunner:
         write = self._write_slots(chunks)
         if len(set(starts)) == 1 and len(set(live)) == 1:  # equal lengths: cut K/V to them, no mask needed
             step = StepInputs(ids, None, starts[0], None)
-            cache = PagedStepCache(self.storage, write, blocks, kv_len=live[0], first_block=first)
+            cache = PagedStepCache(self.storage, write, blocks, kv_len=live[0], first_block=first,
+                                   kv_lens=self._native_lens(live))
             return self.model.forward(step, cache)
-        s_all = blocks.shape[1] * self.kv.block_size
-        lens = torch.tensor(live, device=dev)[:, None]  # (B, 1)
-        valid = torch.arange(s_all, device=dev)[None] < lens  # (B, S)
         positions = torch.tensor(starts, device=dev)[:, None]  # (B, 1)
-        step = StepInputs(ids, positions, 0, valid[:, None, None, :])
-        return self.model.forward(step, PagedStepCache(self.storage, write, blocks))  # (B, V)
+        if self.model.native:  # the kernel reads each row's own length: no mask
+            step = StepInputs(ids, positions, 0, None)
+        else:
+            s_all = blocks.shape[1] * self.kv.block_size
+            lens = torch.tensor(live, device=dev)[:, None]  # (B, 1)
+            valid = torch.arange(s_all, device=dev)[None] < lens  # (B, S)
+            step = StepInputs(ids, positions, 0, valid[:, None, None, :])
+        cache = PagedStepCache(self.storage, write, blocks, kv_lens=self._native_lens(live))
+        return self.model.forward(step, cache)  # (B, V)
 
     def _prefill(self, chunk: ScheduledChunk) -> torch.Tensor:
         dev = self.device

@@ -5,6 +5,10 @@ projection and gate/up into another, each a `Linear` stored in the backend's fas
 layout (oneDNN-packed for bf16 on CPU); the output head is its own packed copy of the tied
 embedding. RoPE rotates Q and K in one call. Attention folds the query heads
 of a KV group into the query axis, so GQA needs no repeated K/V.
+
+On CPU in fp32/bf16, single-token (decode) steps run RMSNorm, RoPE and SwiGLU as fused
+native kernels (`kvcache.native`), and a cache built by `new_cache` (or the paged engine's)
+attends in place from its storage; prefill and other devices use the same steps as torch ops.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvcache import native
 from kvcache.cache.dense import KVCache
 from kvcache.models.config import LlamaConfig
 from kvcache.models.linear import Linear, resolve_kernels
@@ -56,23 +61,26 @@ class LlamaModel:
     """Decoder-only transformer whose attention reads and writes an explicit `KVCache` (or `PolicyCache`)."""
 
     def __init__(self, config: LlamaConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: Linear):
+                 final_norm: torch.Tensor, lm_head: Linear, use_native: bool = True):
         self.config = config
         self.embed = embed  # (V, H)
         self.layers = layers
         self.final_norm = final_norm  # (H,)
         self.lm_head = lm_head  # H -> V
         self.dtype, self.device = embed.dtype, embed.device
+        self.native = use_native and native.supports(self.dtype, self.device)
         c = config
         self.rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
                                 self.device, self.dtype)
 
     @classmethod
     def from_state_dict(cls, config: LlamaConfig, sd: dict, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", kernels: str = "auto") -> "LlamaModel":
+                        device: str | torch.device = "cpu", kernels: str = "auto",
+                        use_native: bool = True) -> "LlamaModel":
         """Build from Hugging Face-named weights (`model.layers.N.self_attn.q_proj.weight`, ...).
 
-        `kernels`: "auto" | "torch" | "onednn", see `kvcache.models.linear`.
+        `kernels`: "auto" | "torch" | "onednn", see `kvcache.models.linear`. `use_native=False`
+        keeps every non-matmul step in torch ops (see `kvcache.native`).
         """
         kernels = resolve_kernels(kernels, dtype, torch.device(device))
 
@@ -99,7 +107,7 @@ class LlamaModel:
         embed = get("model.embed_tokens.weight")
         head = sd.get("lm_head.weight")
         head = embed if (head is None or config.tie_word_embeddings) else head.to(device=device, dtype=dtype)
-        return cls(config, embed, layers, get("model.norm.weight"), Linear(head, None, kernels))
+        return cls(config, embed, layers, get("model.norm.weight"), Linear(head, None, kernels), use_native)
 
     @property
     def num_params(self) -> int:
@@ -124,7 +132,8 @@ class LlamaModel:
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty cache sized for `capacity` tokens per row, in the model's dtype and device."""
         c = self.config
-        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device)
+        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device,
+                       native_attention=self.native)
 
     def forward(self, step: StepInputs, cache: KVCache | None) -> torch.Tensor:
         """Run the decoder over step.input_ids, appending their K/V to `cache` when given.
@@ -139,20 +148,33 @@ class LlamaModel:
         if cache is not None:
             cache.reserve(cache.length + t)
             raw_keys, observe = cache.rotates_keys, cache.observes(t)
+        # fused native ops for single-token steps, where per-op overhead dominates; longer steps
+        # keep torch's ops, whose rounding transformers shares (its logits agree to the last bit)
+        nat = self.native and t == 1
         if step.positions is None:
             cos, sin = self.rope.slice(step.start_pos, t)  # (1, T, 1, D)
+            if nat:
+                pos = torch.arange(step.start_pos, step.start_pos + t, device=ids.device)  # (T,)
+                pos = pos.repeat(b) if b > 1 else pos  # (B*T,)
         else:
             cos, sin = self.rope.lookup(step.positions)  # (B, T, 1, D)
+            if nat:
+                pos = step.positions.reshape(-1).to(torch.int64).contiguous()  # (B*T,)
         mask = step.attn_mask
         if mask is None and t > 1:  # None means causal; only a single query needs no mask
             mask = causal_mask(None, b, 0 if cache is None else cache.length, t, ids.device)
         x = self.embed[ids]  # (B, T, H)
         hidden = (c.hidden_size,)
         eps = c.rms_norm_eps
+        n_rot = hq if raw_keys else hq + hkv  # sinks: the cache rotates keys itself, at their slots
         for i, lw in enumerate(self.layers):
-            h = F.rms_norm(x, hidden, lw.attn_norm, eps)  # (B, T, H)
+            h = native.rms_norm(x, lw.attn_norm, eps) if nat else F.rms_norm(x, hidden, lw.attn_norm, eps)
             qkv = lw.qkv(h).view(b, t, hq + 2 * hkv, d)  # (B, T, Hq+2Hkv, D)
-            if raw_keys:  # the cache rotates keys itself, at their slots (attention sinks)
+            if nat:
+                native.rotary_(qkv, self.rope.cos, self.rope.sin, pos, n_rot)  # in place
+                q = qkv[:, :, :hq].transpose(1, 2)  # (B, Hq, T, D)
+                k = qkv[:, :, hq : hq + hkv].transpose(1, 2)  # (B, Hkv, T, D)
+            elif raw_keys:
                 q = apply_rotary(qkv[:, :, :hq], cos, sin).transpose(1, 2)  # (B, Hq, T, D)
                 k = qkv[:, :, hq : hq + hkv].transpose(1, 2)  # (B, Hkv, T, D) unrotated
             else:
@@ -164,14 +186,19 @@ class LlamaModel:
                 k, v = cache.write(i, k, v)  # (B, Hkv, S, D)
                 if observe:
                     cache.observe(i, q, k)
-            # a quantized policy cache attends itself from its codes (write returned None)
+            # a cache that attends itself (quantized codes, native decode) returned None from write
             o = attend(q, k, v, mask) if k is not None else cache.attend(i, q)  # (B, T, Hq*D)
             x = x + lw.o(o)  # (B, T, H)
-            h = F.rms_norm(x, hidden, lw.mlp_norm, eps)
-            gate, up = lw.gate_up(h).chunk(2, -1)  # (B, T, I) each
-            x = x + lw.down(F.silu(gate) * up)  # (B, T, H)
+            h = native.rms_norm(x, lw.mlp_norm, eps) if nat else F.rms_norm(x, hidden, lw.mlp_norm, eps)
+            if nat:
+                act = native.silu_mul(lw.gate_up(h))  # (B, T, I)
+            else:
+                gate, up = lw.gate_up(h).chunk(2, -1)  # (B, T, I) each
+                act = F.silu(gate) * up
+            x = x + lw.down(act)  # (B, T, H)
         if cache is not None:
             cache.advance(t)
         if step.logits_for == "last":
             x = x[:, -1]  # (B, H)
-        return self.lm_head(F.rms_norm(x, hidden, self.final_norm, eps))  # (B, [T,] V)
+        x = native.rms_norm(x, self.final_norm, eps) if nat else F.rms_norm(x, hidden, self.final_norm, eps)
+        return self.lm_head(x)  # (B, [T,] V)

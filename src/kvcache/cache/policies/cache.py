@@ -97,7 +97,7 @@ class PolicyCache:
 
     @property
     def _fused(self) -> bool:
-        return (self.fused_attention and hasattr(self.store, "attend") and self.store.num_quantized > 0
+        return (self.fused_attention and getattr(self.store, "num_quantized", 0) > 0
                 and not self.rotates_keys and not self.observes(1))
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""Fused CPU kernels for the decode path (RMSNorm, RoPE, SwiGLU, attention over the cache).
+
+A decode step on a small model is mostly per-op overhead: each of these replaces several
+torch ops with one ctypes call. The C source is compiled on first use (`build.py`); where
+that is impossible (no compiler, CUDA tensors, other dtypes) `supports` says no and the
+model keeps its torch ops. Results agree with the torch ops to float rounding (fp32
+math throughout; bf16 is rounded once on store), which `tests/unit/test_native.py` checks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kvcache.native.build import load
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "rms_norm": [_P, _P, _P, _I, _I, _F],
+    "rotary": [_P, _P, _P, _P, _I, _I, _I, _I],
+    "silu_mul": [_P, _P, _I, _I],
+    "decode_attn": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F],
+}
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] | None = None
+
+
+def _functions() -> dict:
+    global _fns
+    if _fns is None:
+        lib = load()
+        _fns = {}
+        if lib is not None:
+            for name, argtypes in _SIGNATURES.items():
+                for dtype, suffix in _SUFFIX.items():
+                    fn = getattr(lib, f"{name}_{suffix}")
+                    fn.argtypes, fn.restype = argtypes, None
+                    _fns[(name, dtype)] = fn
+    return _fns
+
+
+def supports(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether the native kernels run for tensors of this dtype on this device."""
+    return torch.device(device).type == "cpu" and dtype in _SUFFIX and bool(_functions())
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of a contiguous x (..., H) with weight (H,)."""
+    x = x.contiguous()
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    _functions()[("rms_norm", x.dtype)](_ptr(x), _ptr(weight), _ptr(out), x.numel() // n, n, eps)
+    return out
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, n_rot: int) -> None:
+    """Rotate, in place, the first `n_rot` heads of x (B, T, heads, D) by the angles of
+    `positions` (B*T int64, row-major) read from tables cos, sin (L, D) (sin signed)."""
+    if not x.is_contiguous():
+        raise ValueError("rotary_ needs a contiguous tensor (it rotates in place).")
+    b, t, heads, d = x.shape
+    _functions()[("rotary", x.dtype)](_ptr(x), _ptr(cos), _ptr(sin), _ptr(positions), b * t, heads, n_rot, d)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for a contiguous (..., 2I) tensor holding [gate | up]."""
+    gate_up = gate_up.contiguous()
+    inter = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(gate_up.shape[:-1] + (inter,))
+    _functions()[("silu_mul", gate_up.dtype)](_ptr(gate_up), _ptr(out), gate_up.numel() // (2 * inter), inter)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lo: torch.Tensor,
+                     hi: torch.Tensor, num_kv_heads: int, block_size: int, row_stride: int,
+                     head_stride: int) -> torch.Tensor:
+    """Attention of one query per row, read in place from cache storage (no gather, no mask).
+
+    q (B, Hq, D) contiguous. k, v: storage tensors (any shape) whose element for row b, KV
+    head h and token t sits at b*row_stride + h*head_stride + slot*D, where
+    slot = table[b, t // block_size] * block_size + t % block_size. table (B, NB) int32;
+    row b attends to tokens lo[b] <= t < hi[b] (int64). Returns (B, Hq, D).
+    """
+    q = q.contiguous()
+    b, hq, d = q.shape
+    out = torch.empty_like(q)
+    _functions()[("decode_attn", q.dtype)](_ptr(q), _ptr(out), _ptr(k), _ptr(v), _ptr(table), _ptr(lo), _ptr(hi),
+                                   b, hq, num_kv_heads, d, table.shape[1], block_size, row_stride, head_stride,
+                                   d ** -0.5)
+    return out

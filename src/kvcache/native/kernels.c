@@ -1,0 +1,259 @@
+/* Fused CPU kernels for the decode path, called through ctypes (kvcache.native).
+ *
+ * Plain C, no torch headers: it compiles in about a second with the system compiler.
+ * Every kernel takes raw pointers to contiguous tensors and does its arithmetic in fp32;
+ * the bf16 variants widen on load and round to nearest-even on store. Built with
+ * -ffp-contract=off so that a*b + c rounds twice, as torch's separate ops do.
+ * OpenMP threads come from the process's libgomp (torch's), so they share torch's pool.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float bf16_to_f32(bf16 x) {
+    uint32_t u = ((uint32_t)x) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
+    return (bf16)(u >> 16);
+}
+
+/* exp(x) for x <= ~88, vectorizable (no libm call): 2^k * e^r with |r| <= ln2/2, a degree-6
+ * polynomial for e^r; relative error about 2e-7 (a couple of ulps), inputs below -87 give 0. */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float k = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t e = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return x <= -87.0f ? 0.f : p * scale;
+}
+
+/* ---- RMSNorm: out[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)), rows of n -------------- */
+
+#define RMS_NORM(NAME, T, LOAD, STORE)                                                      \
+    void NAME(const T* x, const T* w, T* out, int64_t rows, int64_t n, float eps) {         \
+        _Pragma("omp parallel for if(rows >= 64)")                                          \
+        for (int64_t r = 0; r < rows; r++) {                                                \
+            const T* xr = x + r * n;                                                        \
+            T* o = out + r * n;                                                             \
+            float acc = 0.f;                                                                \
+            _Pragma("omp simd reduction(+:acc)")                                            \
+            for (int64_t i = 0; i < n; i++) { float v = LOAD(xr[i]); acc += v * v; }        \
+            float s = 1.0f / sqrtf(acc / (float)n + eps);                                   \
+            for (int64_t i = 0; i < n; i++) o[i] = STORE(LOAD(w[i]) * (LOAD(xr[i]) * s));   \
+        }                                                                                   \
+    }
+
+#define ID(x) (x)
+RMS_NORM(rms_norm_f32, float, ID, ID)
+RMS_NORM(rms_norm_bf16, bf16, bf16_to_f32, f32_to_bf16)
+
+/* ---- RoPE in place, rotate-half convention ----------------------------------------------
+ * x: (rows, heads_total, D) contiguous; the first n_rot heads of each row are rotated by
+ * the angles of position pos[row]: x*cos + rotate_half(x)*sin_signed, where the tables
+ * are (L, D) with sin_signed = [-sin, sin]. */
+
+#define ROTARY(NAME, T, LOAD, STORE)                                                        \
+    void NAME(T* x, const T* cos_t, const T* sin_t, const int64_t* pos, int64_t rows,       \
+              int64_t heads_total, int64_t n_rot, int64_t D) {                              \
+        int64_t half = D / 2;                                                               \
+        _Pragma("omp parallel for if(rows >= 64)")                                          \
+        for (int64_t r = 0; r < rows; r++) {                                                \
+            const T* c = cos_t + pos[r] * D;                                                \
+            const T* s = sin_t + pos[r] * D;                                                \
+            float tmp[512];                                                                 \
+            for (int64_t h = 0; h < n_rot; h++) {                                           \
+                T* v = x + (r * heads_total + h) * D;                                       \
+                for (int64_t d = 0; d < D; d++) tmp[d] = LOAD(v[d]);                        \
+                for (int64_t d = 0; d < D; d++) {                                           \
+                    float other = tmp[d < half ? d + half : d - half];                      \
+                    float a = tmp[d] * LOAD(c[d]);                                          \
+                    float b = other * LOAD(s[d]);                                           \
+                    v[d] = STORE(a + b);                                                    \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+    }
+
+ROTARY(rotary_f32, float, ID, ID)
+ROTARY(rotary_bf16, bf16, bf16_to_f32, f32_to_bf16)
+
+/* ---- SwiGLU: out[r] = silu(gu[r, :I]) * gu[r, I:] -------------------------------------- */
+
+#define SILU_MUL(NAME, T, LOAD, STORE)                                                      \
+    void NAME(const T* gu, T* out, int64_t rows, int64_t inter) {                           \
+        _Pragma("omp parallel for if(rows >= 16)")                                          \
+        for (int64_t r = 0; r < rows; r++) {                                                \
+            const T* g = gu + r * 2 * inter;                                                \
+            const T* u = g + inter;                                                         \
+            T* o = out + r * inter;                                                         \
+            _Pragma("omp simd")                                                             \
+            for (int64_t i = 0; i < inter; i++) {                                           \
+                float a = LOAD(g[i]);                                                       \
+                float silu = a / (1.0f + exp_approx(-a));                                   \
+                o[i] = STORE(silu * LOAD(u[i]));                                            \
+            }                                                                               \
+        }                                                                                   \
+    }
+
+SILU_MUL(silu_mul_f32, float, ID, ID)
+SILU_MUL(silu_mul_bf16, bf16, bf16_to_f32, f32_to_bf16)
+
+/* ---- Decode attention straight from the cache's storage ---------------------------------
+ * One query token per row. q, out: (B, Hq, D). The K/V element of row b, KV head h and
+ * token t lives at  b*row_stride + h*head_stride + slot*D  with
+ * slot = table[b*NB + t/bs]*bs + t%bs  (a dense cache: one "block" 0 of bs = capacity).
+ * Row b attends to its tokens lo[b] <= t < hi[b]. The G = Hq/Hkv query heads of a KV head
+ * are done together (each K/V row is loaded once for all of them). The token range is cut
+ * into chunks so that both threads have work at batch 1; each chunk keeps its running max,
+ * sum of exponentials and weighted V sum, merged at the end (flash-decoding).
+ * Scratch: chunks x G x (D + 2) floats per (row, KV head), and the chunk's scores. */
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+    float s = 0.f;
+    _Pragma("omp simd reduction(+:s)")
+    for (int64_t d = 0; d < n; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* 64 lanes: four 16-wide partial sums, reduced once (the common head_dim) */
+static inline float dot64(const float* a, const float* b) {
+    float part[16];
+    for (int l = 0; l < 16; l++) part[l] = a[l] * b[l] + a[16 + l] * b[16 + l] + (a[32 + l] * b[32 + l] + a[48 + l] * b[48 + l]);
+    float s = 0.f;
+    for (int l = 0; l < 16; l++) s += part[l];
+    return s;
+}
+
+#define MAX_G 16
+#define MAX_D 256
+
+#define DECODE_ATTN(NAME, T, LOAD, STORE)                                                   \
+    void NAME(const T* q, T* out, const T* k, const T* v, const int32_t* table,             \
+              const int64_t* lo, const int64_t* hi, int64_t B, int64_t Hq, int64_t Hkv,     \
+              int64_t D, int64_t NB, int64_t bs, int64_t row_stride, int64_t head_stride,   \
+              float scale) {                                                                \
+        int64_t G = Hq / Hkv, longest = 0, work = 0;                                        \
+        for (int64_t b = 0; b < B; b++) {                                                   \
+            int64_t n = hi[b] - lo[b];                                                      \
+            work += n;                                                                      \
+            if (n > longest) longest = n;                                                   \
+        }                                                                                   \
+        int threads = omp_get_max_threads();                                                \
+        int64_t chunk = 256;                                                                \
+        if (B * Hkv < 2 * threads) { /* few (row, head) pairs: smaller chunks */            \
+            int64_t want = (2 * threads + B * Hkv - 1) / (B * Hkv);                         \
+            int64_t c = (longest + want - 1) / want;                                        \
+            chunk = c < 64 ? 64 : (c < chunk ? c : chunk);                                  \
+        }                                                                                   \
+        int64_t nchunks = longest > 0 ? (longest + chunk - 1) / chunk : 1;                  \
+        int64_t per = G * (D + 2);                                                          \
+        float* part = (float*)malloc((size_t)(B * Hkv * nchunks * per) * sizeof(float));    \
+        _Pragma("omp parallel for schedule(dynamic, 1) if(work * Hq >= 4096)")              \
+        for (int64_t task = 0; task < B * Hkv * nchunks; task++) {                          \
+            int64_t c = task % nchunks, bh = task / nchunks, b = bh / Hkv, h = bh % Hkv;    \
+            float* res = part + task * per; /* G x [max, sum, acc(D)] */                    \
+            int64_t t0 = lo[b] + c * chunk, t1 = t0 + chunk;                                \
+            if (t1 > hi[b]) t1 = hi[b];                                                     \
+            for (int64_t g = 0; g < G; g++) { res[g * (D + 2)] = -INFINITY;                 \
+                res[g * (D + 2) + 1] = 0.f; }                                               \
+            if (t0 >= t1) continue;                                                         \
+            float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D], sc[MAX_G][256], mx[MAX_G];           \
+            for (int64_t g = 0; g < G; g++) {                                               \
+                const T* qr = q + (b * Hq + h * G + g) * D;                                 \
+                for (int64_t d = 0; d < D; d++) { qf[g][d] = LOAD(qr[d]) * scale;           \
+                    acc[g][d] = 0.f; }                                                      \
+                mx[g] = -INFINITY;                                                          \
+            }                                                                               \
+            const T* kb = k + b * row_stride + h * head_stride;                             \
+            const T* vb = v + b * row_stride + h * head_stride;                             \
+            const int32_t* tb = table + b * NB;                                             \
+            int64_t n = t1 - t0;                                                            \
+            for (int64_t t = t0, i = 0; t < t1;) { /* scores, block by block */             \
+                int64_t blk = t / bs, off = t % bs, run = bs - off;                         \
+                if (run > t1 - t) run = t1 - t;                                             \
+                const T* kr = kb + ((int64_t)tb[blk] * bs + off) * D;                       \
+                for (int64_t r = 0; r < run; r++, i++, kr += D) {                           \
+                    float kf[MAX_D];                                                        \
+                    for (int64_t d = 0; d < D; d++) kf[d] = LOAD(kr[d]);                    \
+                    for (int64_t g = 0; g < G; g++) {                                       \
+                        float s = D == 64 ? dot64(qf[g], kf) : dot(qf[g], kf, D);            \
+                        sc[g][i] = s;                                                       \
+                        if (s > mx[g]) mx[g] = s;                                           \
+                    }                                                                       \
+                }                                                                           \
+                t += run;                                                                   \
+            }                                                                               \
+            for (int64_t g = 0; g < G; g++) {                                               \
+                float m = mx[g], total = 0.f;                                               \
+                float* sg = sc[g];                                                          \
+                _Pragma("omp simd reduction(+:total)")                                      \
+                for (int64_t i = 0; i < n; i++) { float e = exp_approx(sg[i] - m);          \
+                    sg[i] = e; total += e; }                                                \
+                res[g * (D + 2)] = m;                                                       \
+                res[g * (D + 2) + 1] = total;                                               \
+            }                                                                               \
+            for (int64_t t = t0, i = 0; t < t1;) { /* probabilities x V */                  \
+                int64_t blk = t / bs, off = t % bs, run = bs - off;                         \
+                if (run > t1 - t) run = t1 - t;                                             \
+                const T* vr = vb + ((int64_t)tb[blk] * bs + off) * D;                       \
+                for (int64_t r = 0; r < run; r++, i++, vr += D) {                           \
+                    for (int64_t g = 0; g < G; g++) {                                       \
+                        float w = sc[g][i];                                                 \
+                        float* ag = acc[g];                                                 \
+                        _Pragma("omp simd")                                                 \
+                        for (int64_t d = 0; d < D; d++) ag[d] += w * LOAD(vr[d]);           \
+                    }                                                                       \
+                }                                                                           \
+                t += run;                                                                   \
+            }                                                                               \
+            for (int64_t g = 0; g < G; g++)                                                 \
+                memcpy(res + g * (D + 2) + 2, acc[g], (size_t)D * sizeof(float));           \
+        }                                                                                   \
+        _Pragma("omp parallel for if(B * Hkv >= 4)")                                        \
+        for (int64_t bh = 0; bh < B * Hkv; bh++) { /* merge the chunks of each (row, head) */\
+            int64_t b = bh / Hkv, h = bh % Hkv;                                             \
+            for (int64_t g = 0; g < G; g++) {                                               \
+                float m = -INFINITY, total = 0.f, o[MAX_D];                                 \
+                for (int64_t c = 0; c < nchunks; c++)                                       \
+                    { float mc = part[(bh * nchunks + c) * per + g * (D + 2)];              \
+                      if (mc > m) m = mc; }                                                 \
+                for (int64_t d = 0; d < D; d++) o[d] = 0.f;                                 \
+                for (int64_t c = 0; c < nchunks; c++) {                                     \
+                    const float* r = part + (bh * nchunks + c) * per + g * (D + 2);         \
+                    if (r[0] == -INFINITY) continue;                                        \
+                    float f = exp_approx(r[0] - m);                                         \
+                    total += r[1] * f;                                                      \
+                    for (int64_t d = 0; d < D; d++) o[d] += r[2 + d] * f;                   \
+                }                                                                           \
+                float inv = total > 0.f ? 1.0f / total : 0.f;                               \
+                T* dst = out + (b * Hq + h * G + g) * D;                                    \
+                for (int64_t d = 0; d < D; d++) dst[d] = STORE(o[d] * inv);                 \
+            }                                                                               \
+        }                                                                                   \
+        free(part);                                                                         \
+    }
+
+DECODE_ATTN(decode_attn_f32, float, ID, ID)
+DECODE_ATTN(decode_attn_bf16, bf16, bf16_to_f32, f32_to_bf16)

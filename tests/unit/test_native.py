@@ -1,0 +1,116 @@
+"""The native decode kernels against the torch ops they replace, and the model with and without them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvcache import native
+from kvcache.models.rope import apply_rotary
+
+pytestmark = pytest.mark.skipif(not native.supports(torch.float32, "cpu"), reason="no C compiler on this machine")
+
+# fp32 math in both; bf16 output rounded once (half an ulp of values around 1-8 is <= 2^-6)
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=4e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(dtype):
+    x, w = torch.randn(3, 5, 96).to(dtype), torch.rand(96).to(dtype) + 0.5
+    want = F.rms_norm(x.float(), (96,), w.float(), 1e-6)
+    torch.testing.assert_close(native.rms_norm(x, w, 1e-6).float(), want, **TOL[dtype])
+    if dtype == torch.float32:  # one pass of fp32 math: equal to torch's to a few ulps
+        torch.testing.assert_close(native.rms_norm(x, w, 1e-6), F.rms_norm(x, (96,), w, 1e-6), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gu = (3 * torch.randn(4, 2, 2 * 40)).to(dtype)
+    gate, up = gu.float().chunk(2, -1)
+    torch.testing.assert_close(native.silu_mul(gu).float(), F.silu(gate) * up, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_rot", [6, 4])  # Q and K heads / Q heads only (the cache rotates keys)
+def test_rotary_in_place_rotates_only_the_first_heads(dtype, n_rot):
+    x = torch.randn(2, 3, 8, 16).to(dtype)  # (B, T, heads, D)
+    cos, sin = torch.randn(50, 16).to(dtype), torch.randn(50, 16).to(dtype)
+    pos = torch.tensor([[4, 5, 6], [0, 1, 2]])
+    want = apply_rotary(x[:, :, :n_rot].float(), cos.float()[pos][:, :, None], sin.float()[pos][:, :, None])
+    y = x.clone()
+    native.rotary_(y, cos, sin, pos.reshape(-1).contiguous(), n_rot)
+    torch.testing.assert_close(y[:, :, :n_rot].float(), want, **TOL[dtype])
+    assert torch.equal(y[:, :, n_rot:], x[:, :, n_rot:])
+    if dtype == torch.float32:  # same two roundings as torch's mul, mul, add
+        assert torch.equal(y[:, :, :n_rot], apply_rotary(x[:, :, :n_rot], cos[pos][:, :, None], sin[pos][:, :, None]))
+
+
+def reference_attention(q, keys, values):
+    """q (Hq, D), keys/values (Hkv, S, D): SDPA with the KV heads repeated for their query group."""
+    g = q.shape[0] // keys.shape[0]
+    k, v = keys.float().repeat_interleave(g, 0), values.float().repeat_interleave(g, 0)
+    return F.scaled_dot_product_attention(q.float()[:, None], k, v)[:, 0]  # (Hq, D)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_dense_rows_with_left_padding(dtype):
+    b, hq, hkv, cap, d = 3, 6, 2, 40, 16
+    k, v = torch.randn(b, hkv, cap, d).to(dtype), torch.randn(b, hkv, cap, d).to(dtype)
+    q = torch.randn(b, hq, d).to(dtype)
+    lo, hi = torch.tensor([0, 7, 29]), torch.tensor([30, 30, 30])
+    out = native.decode_attention(q, k, v, torch.zeros(b, 1, dtype=torch.int32), lo, hi, hkv, cap,
+                                  hkv * cap * d, cap * d)
+    for r in range(b):
+        want = reference_attention(q[r], k[r, :, lo[r]:hi[r]], v[r, :, lo[r]:hi[r]])
+        torch.testing.assert_close(out[r].float(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_reads_scattered_blocks(dtype):
+    hq, hkv, d, bs, nblocks = 4, 2, 8, 4, 12
+    ks = torch.randn(hkv, nblocks * bs, d).to(dtype)  # paged storage: (Hkv, slots, D)
+    vs = torch.randn(hkv, nblocks * bs, d).to(dtype)
+    tables = [[7, 2, 9], [0, 11, 3], [5, 0, 0]]  # the last row uses one block (padded)
+    lens = [11, 9, 3]
+    q = torch.randn(3, hq, d).to(dtype)
+    out = native.decode_attention(q, ks, vs, torch.tensor(tables, dtype=torch.int32), torch.zeros(3, dtype=torch.int64),
+                                  torch.tensor(lens), hkv, bs, 0, nblocks * bs * d)
+    for r, (table, n) in enumerate(zip(tables, lens)):
+        slots = torch.tensor([blk * bs + i for blk in table for i in range(bs)][:n])
+        want = reference_attention(q[r], ks[:, slots], vs[:, slots])
+        torch.testing.assert_close(out[r].float(), want, **TOL[dtype])
+
+
+def test_model_decode_with_and_without_native_kernels(tiny_model_dir):
+    """Same weights, same prompt: a cached decode step's logits agree, fused or not."""
+    from kvcache.models.llama import LlamaModel
+    from kvcache.models.loader import load_model
+    from kvcache.models.step import StepInputs
+
+    loaded = load_model(str(tiny_model_dir), progress=False)
+    models = {flag: LlamaModel.from_state_dict(loaded.config, loaded.state_dict, use_native=flag)
+              for flag in (True, False)}
+    assert models[True].native and not models[False].native
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3], [61, 2, 2, 7, 30, 12]])
+    logits = {}
+    with torch.inference_mode():
+        for flag, m in models.items():
+            cache = m.new_cache(2, 16)
+            m.forward(StepInputs(ids, None, 0, None), cache)
+            steps = [m.forward(StepInputs(torch.tensor([[t], [t + 1]]), None, cache.length, None), cache)
+                     for t in (11, 23, 4)]
+            logits[flag] = torch.stack(steps)  # (3, B, V)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_disabled_by_environment_falls_back_to_torch():
+    code = "import torch; from kvcache import native; print(native.supports(torch.float32, 'cpu'))"
+    env = dict(os.environ, KVCACHE_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
