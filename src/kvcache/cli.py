@@ -38,8 +38,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="context limit (default: the model's)")
     p.add_argument("--truncation", default="error", choices=["error", "left"], help="prompt longer than the limit")
-    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "onednn"],
-                   help="matmul kernels (auto: oneDNN for bf16 on CPU, torch otherwise)")
+    p.add_argument("--kernels", default="auto", choices=["auto", "torch", "onednn", "native"],
+                   help="matmul kernels (auto: oneDNN for bf16 on CPU, native for fp32 on CPU, torch otherwise)")
     p.add_argument("--kv-policy", default=None,
                    help="KV cache policy, e.g. window:size=1024, sinks:n_sink=4,window=1020, "
                         "quantized:bits=4,residual=128, evict:scorer=snapkv,ratio=0.5, tiered:hot=256; "

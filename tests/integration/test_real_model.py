@@ -52,6 +52,18 @@ def test_logits_match_transformers(llm, hf_model):
     assert (ours - ref).abs().max().item() < 1e-4
 
 
+def test_decode_step_logits_match_transformers(llm, hf_model):
+    """A cached single-token step (native kernels where built) against transformers' full forward."""
+    ids = torch.tensor([llm.chat_ids([{"role": "user", "content": "Name a large animal."}])])
+    with torch.inference_mode():
+        ref = hf_model(ids).logits[0, -3:]  # (3, V)
+        cache = llm.model.new_cache(1, ids.shape[1])
+        llm.model.forward(StepInputs(ids[:, :-3], None, 0, None), cache)
+        steps = [llm.model.forward(StepInputs(ids[:, i : i + 1], None, cache.length, None), cache)[0]
+                 for i in range(ids.shape[1] - 3, ids.shape[1])]
+    assert (torch.stack(steps) - ref).abs().max().item() < 1e-4
+
+
 def test_our_gguf_dequantization_matches_transformers():
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM

@@ -69,14 +69,15 @@ def full_logits(model: LlamaModel, ids: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(tiny_model_dir, variant: str) -> LlamaModel:
-    """Our model from the folder's weights with the given matmul kernels ("torch" / "onednn").
-
-    """
+    """Our model from the folder's weights with the given matmul kernels ("torch" / "onednn" / "native")."""
     loaded = load_model(str(tiny_model_dir), progress=False)
+    from kvcache import native
     from kvcache.models.linear import onednn_available
 
     if variant == "onednn" and not onednn_available(torch.float32, torch.device("cpu")):
         pytest.skip("oneDNN kernels are not available here")
+    if variant == "native" and not native.supports(torch.float32, "cpu"):
+        pytest.skip("native kernels are not available here")
     return LlamaModel.from_state_dict(loaded.config, loaded.state_dict, torch.float32, "cpu", kernels=variant)
 
 
@@ -124,9 +125,9 @@ def test_tiny_model_shape(tiny_llm, tiny_model_dir):
     assert tiny_llm.tokenizer.convert_tokens_to_ids("<|im_end|>") in tiny_llm.eos_ids
 
 
-@pytest.mark.parametrize("variant", ["llm", "torch", "onednn"])
+@pytest.mark.parametrize("variant", ["llm", "torch", "onednn", "native"])
 def test_logits_match_transformers(tiny_llm, tiny_model_dir, hf_tiny, variant):
-    """LLM's own model, and the model built with each kernel family (plain / oneDNN-packed)."""
+    """LLM's own model, and the model built with each kernel family (plain / oneDNN-packed / native)."""
     model = tiny_llm.model if variant == "llm" else build_model(tiny_model_dir, variant)
     ids = random_ids(24, tiny_llm.config.vocab_size, seed=1)
     ours = full_logits(model, ids)[0]

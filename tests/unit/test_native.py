@@ -114,3 +114,43 @@ def test_disabled_by_environment_falls_back_to_torch():
     env = dict(os.environ, KVCACHE_NATIVE="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 128), (4, 64), (2, 32), (4, 16)])
+@pytest.mark.parametrize("exact_tokens", [0, 37])
+def test_quantized_decode_attention_equals_attention_over_dequantized(bits, group_size, exact_tokens):
+    """From the packed codes, scales folded in: the same as attending over the dequantized cache."""
+    from kvcache.cache.quant import dequantize, quantize
+
+    hq, hkv, d, nq = 6, 2, 64, 3 * 128  # several kernel chunks
+    gen = torch.Generator().manual_seed(bits * 100 + group_size)
+    keys = torch.randn(1, hkv, nq, d, generator=gen) * 3 + torch.randn(1, 1, 1, d, generator=gen)  # channel offsets
+    values = torch.randn(1, hkv, nq, d, generator=gen)
+    qk = quantize(keys, bits, group_size, "channel")
+    qv = quantize(values, bits, min(group_size, d), "token")
+    ek, ev = torch.randn(hkv, exact_tokens, d, generator=gen), torch.randn(hkv, exact_tokens, d, generator=gen)
+    q = torch.randn(hq, d, generator=gen)
+    got = native.quantized_decode_attention(q, ek, ev, qk, qv)
+    want = reference_attention(q, torch.cat([ek, dequantize(qk)[0]], 1), torch.cat([ev, dequantize(qv)[0]], 1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, native.SKINNY_ROWS])
+def test_skinny_matmul_matches_linear_and_rows_are_independent(rows):
+    w = torch.randn(200, 96)  # (N, K), F.linear's layout
+    x = torch.randn(1, rows, 96)
+    y = native.skinny_matmul(x, w)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    for r in range(rows):  # a row alone gives the very same bits as inside the batch
+        assert torch.equal(native.skinny_matmul(x[:, r : r + 1], w), y[:, r : r + 1])
+
+
+def test_native_linear_uses_torch_for_many_rows():
+    """Past SKINNY_ROWS rows (prefill), `Linear(kernels="native")` is F.linear itself, bit for bit."""
+    from kvcache.models.linear import Linear
+
+    w = torch.randn(64, 32)
+    lin = Linear(w, None, "native")
+    x = torch.randn(2, 9, 32)
+    assert torch.equal(lin(x), F.linear(x, w))
+    torch.testing.assert_close(lin(x[:, :1]), F.linear(x[:, :1], w), rtol=1e-5, atol=1e-5)

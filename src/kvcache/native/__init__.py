@@ -22,6 +22,7 @@ _SIGNATURES = {
     "silu_mul": [_P, _P, _I, _I],
     "decode_attn": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F],
 }
+_QUANT_ATTN = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] | None = None
 
@@ -37,6 +38,12 @@ def _functions() -> dict:
                     fn = getattr(lib, f"{name}_{suffix}")
                     fn.argtypes, fn.restype = argtypes, None
                     _fns[(name, dtype)] = fn
+            fn = lib.matmul_nk_f32
+            fn.argtypes, fn.restype = [_P, _P, _P, _I, _I, _I], None
+            _fns[("matmul", torch.float32)] = fn
+            fn = lib.quant_decode_attn_f32
+            fn.argtypes, fn.restype = _QUANT_ATTN, None
+            _fns[("quant_decode_attn", torch.float32)] = fn
     return _fns
 
 
@@ -93,3 +100,44 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
                                    b, hq, num_kv_heads, d, table.shape[1], block_size, row_stride, head_stride,
                                    d ** -0.5)
     return out
+
+
+def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor, qk, qv) -> torch.Tensor:
+    """Attention of one query (Hq, D) over a KIVI-quantized layer of batch 1, from the codes.
+
+    exact_k, exact_v (Hkv, ne, D): the exact tokens (sinks and tail, any order). qk, qv:
+    `cache.quant.QTensor` views of the quantized keys (per channel) and values (per token),
+    batch 1, sharing bits. Computes in fp32; returns (Hq, D) fp32.
+    """
+    hq, d = q.shape
+    hkv, nq = qk.shape[1], qk.shape[2]
+    if qv.shape[2] != nq or qv.bits != qk.bits or qk.axis != "channel" or qv.axis != "token":
+        raise ValueError("quantized keys must be per channel and values per token, equally long, same bits.")
+    q = q.float().contiguous()
+    ek, ev = exact_k.float().contiguous(), exact_v.float().contiguous()
+    out = torch.empty((hq, d), dtype=torch.float32)
+    for t in (qk.data, qk.scale, qk.zero, qv.data, qv.scale, qv.zero):
+        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+            raise ValueError("quantized tensors must be contiguous within each head.")
+    _functions()[("quant_decode_attn", torch.float32)](
+        _ptr(q), _ptr(out), _ptr(ek), _ptr(ev), ek.shape[1],
+        _ptr(qk.data), _ptr(qk.scale), _ptr(qk.zero), qk.data.stride(1), qk.scale.stride(1), qk.group_size,
+        _ptr(qv.data), _ptr(qv.scale), _ptr(qv.zero), qv.data.stride(1), qv.scale.stride(1), qv.group_size,
+        nq, qk.bits, hq, hkv, d, d ** -0.5)
+    return out
+
+
+#: Most rows `skinny_matmul` is used for: past this a blocked GEMM (torch's) reuses each
+#: weight row better than one dot product per x row.
+SKINNY_ROWS = 4
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., K) fp32 (a few rows) times a weight stored (N, K) (F.linear's layout): (..., N).
+    The threads split the weight's rows and stream them once."""
+    x = x.contiguous()
+    k = x.shape[-1]
+    n = weight.shape[0]
+    y = x.new_empty(x.shape[:-1] + (n,))
+    _functions()[("matmul", torch.float32)](_ptr(x), _ptr(weight), _ptr(y), x.numel() // k, k, n)
+    return y

@@ -257,3 +257,181 @@ static inline float dot64(const float* a, const float* b) {
 
 DECODE_ATTN(decode_attn_f32, float, ID, ID)
 DECODE_ATTN(decode_attn_bf16, bf16, bf16_to_f32, f32_to_bf16)
+
+/* ---- Decode attention over a KIVI-quantized cache, from the codes ------------------------
+ * One query token, batch 1, fp32. The keys and values of KV head h are
+ *   exact:     ek, ev (Hkv, ne, D) fp32 (sinks and recent tail; order does not matter)
+ *   quantized: nq tokens; K codes per channel in groups of gk tokens, V codes per token in
+ *              groups of gv channels; codes packed in planes (code d of a row sits in byte
+ *              d % Dp at bit (d / Dp) * bits, Dp = D * bits / 8); scales and zeros fp16.
+ * Strides are per KV head, in elements: kc_hs (K codes), km_hs (K scale/zero), vc_hs, vm_hs.
+ * Scores of a K group fold its per-channel scales into the query:
+ *   q . (c * s + z) = (q * s) . c + q . z
+ * and the output folds V's per-token scales into the probabilities:
+ *   sum_t p_t (c_t * s_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t
+ * so no float copy of the history is ever made. Chunks of tokens run in parallel, each
+ * keeping its running max, exponential sum and weighted sum (merged at the end). */
+
+static inline float half_to_f32(uint16_t h) {
+    uint32_t sign = ((uint32_t)h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, u;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-8f; /* subnormal: m * 2^-24 */
+        return sign ? -f : f;
+    }
+    if (e == 31) u = sign | 0x7f800000u | (m << 13);
+    else u = sign | ((e + 112u) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline void unpack_row(const uint8_t* row, float* c, int64_t D, int64_t bits) {
+    int64_t per = 8 / bits, Dp = D / per;
+    uint32_t mask = (1u << bits) - 1u;
+    for (int64_t pl = 0; pl < per; pl++) {
+        int shift = (int)(pl * bits);
+        float* dst = c + pl * Dp;
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < Dp; j++) dst[j] = (float)((row[j] >> shift) & mask);
+    }
+}
+
+void quant_decode_attn_f32(const float* q, float* out, const float* ek, const float* ev, int64_t ne,
+                           const uint8_t* kc, const uint16_t* ks, const uint16_t* kz, int64_t kc_hs,
+                           int64_t km_hs, int64_t gk, const uint8_t* vc, const uint16_t* vs,
+                           const uint16_t* vz, int64_t vc_hs, int64_t vm_hs, int64_t gv, int64_t nq,
+                           int64_t bits, int64_t Hq, int64_t Hkv, int64_t D, float scale) {
+    int64_t G = Hq / Hkv, Dp = D * bits / 8, ngv = D / gv;
+    int64_t qchunk = gk * ((256 + gk - 1) / gk); /* whole K groups per chunk */
+    int64_t echunks = ne > 0 ? 1 : 0, qchunks = (nq + qchunk - 1) / qchunk;
+    int64_t nchunks = echunks + qchunks, per = G * (D + 2);
+    int64_t sclen = ne > qchunk ? ne : qchunk;
+    float* part = (float*)malloc((size_t)(Hkv * (nchunks > 0 ? nchunks : 1) * per) * sizeof(float));
+    _Pragma("omp parallel for schedule(dynamic, 1) if((ne + nq) * Hq >= 4096)")
+    for (int64_t task = 0; task < Hkv * nchunks; task++) {
+        int64_t h = task / nchunks, c = task % nchunks;
+        float* res = part + task * per;
+        float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D], zacc[MAX_G][MAX_D], mx[MAX_G], cf[MAX_D];
+        float* sc = (float*)malloc((size_t)(G * sclen) * sizeof(float));
+        for (int64_t g = 0; g < G; g++) {
+            for (int64_t d = 0; d < D; d++) { qf[g][d] = q[(h * G + g) * D + d] * scale; acc[g][d] = 0.f;
+                                              zacc[g][d] = 0.f; }
+            mx[g] = -INFINITY;
+        }
+        int64_t n;
+        if (c < echunks) { /* the exact tokens */
+            n = ne;
+            const float* kb = ek + h * ne * D;
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t g = 0; g < G; g++) {
+                    float s = D == 64 ? dot64(qf[g], kb + i * D) : dot(qf[g], kb + i * D, D);
+                    sc[g * sclen + i] = s;
+                    if (s > mx[g]) mx[g] = s;
+                }
+        } else { /* quantized tokens j0 .. j0+n */
+            int64_t j0 = (c - echunks) * qchunk;
+            n = nq - j0 < qchunk ? nq - j0 : qchunk;
+            float qs[MAX_G][MAX_D], bias[MAX_G];
+            for (int64_t i = 0; i < n; i++) {
+                int64_t j = j0 + i;
+                if (j % gk == 0 || i == 0) { /* a new K group: fold its scales into the query */
+                    const uint16_t* s16 = ks + h * km_hs + (j / gk) * D;
+                    const uint16_t* z16 = kz + h * km_hs + (j / gk) * D;
+                    for (int64_t g = 0; g < G; g++) {
+                        float b = 0.f;
+                        for (int64_t d = 0; d < D; d++) {
+                            qs[g][d] = qf[g][d] * half_to_f32(s16[d]);
+                            b += qf[g][d] * half_to_f32(z16[d]);
+                        }
+                        bias[g] = b;
+                    }
+                }
+                unpack_row(kc + h * kc_hs + j * Dp, cf, D, bits);
+                for (int64_t g = 0; g < G; g++) {
+                    float s = (D == 64 ? dot64(qs[g], cf) : dot(qs[g], cf, D)) + bias[g];
+                    sc[g * sclen + i] = s;
+                    if (s > mx[g]) mx[g] = s;
+                }
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            float m = mx[g], total = 0.f;
+            float* sg = sc + g * sclen;
+            _Pragma("omp simd reduction(+:total)")
+            for (int64_t i = 0; i < n; i++) { float e = exp_approx(sg[i] - m); sg[i] = e; total += e; }
+            res[g * (D + 2)] = m;
+            res[g * (D + 2) + 1] = total;
+        }
+        if (c < echunks) {
+            const float* vb = ev + h * ne * D;
+            for (int64_t i = 0; i < n; i++)
+                for (int64_t g = 0; g < G; g++) {
+                    float w = sc[g * sclen + i];
+                    _Pragma("omp simd")
+                    for (int64_t d = 0; d < D; d++) acc[g][d] += w * vb[i * D + d];
+                }
+        } else {
+            int64_t j0 = (c - echunks) * qchunk;
+            for (int64_t i = 0; i < n; i++) {
+                int64_t j = j0 + i;
+                unpack_row(vc + h * vc_hs + j * Dp, cf, D, bits);
+                const uint16_t* s16 = vs + h * vm_hs + j * ngv;
+                const uint16_t* z16 = vz + h * vm_hs + j * ngv;
+                for (int64_t gi = 0; gi < ngv; gi++) {
+                    float sv = half_to_f32(s16[gi]), zv = half_to_f32(z16[gi]);
+                    for (int64_t g = 0; g < G; g++) {
+                        float p = sc[g * sclen + i], w = p * sv;
+                        float* ag = acc[g] + gi * gv;
+                        const float* cg = cf + gi * gv;
+                        _Pragma("omp simd")
+                        for (int64_t d = 0; d < gv; d++) ag[d] += w * cg[d];
+                        zacc[g][gi] += p * zv;
+                    }
+                }
+            }
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t d = 0; d < D; d++) acc[g][d] += zacc[g][d / gv];
+        }
+        for (int64_t g = 0; g < G; g++) memcpy(res + g * (D + 2) + 2, acc[g], (size_t)D * sizeof(float));
+        free(sc);
+    }
+    for (int64_t h = 0; h < Hkv; h++) /* merge the chunks */
+        for (int64_t g = 0; g < G; g++) {
+            float m = -INFINITY, total = 0.f, o[MAX_D];
+            for (int64_t c = 0; c < nchunks; c++) {
+                float mc = part[(h * nchunks + c) * per + g * (D + 2)];
+                if (mc > m) m = mc;
+            }
+            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+            for (int64_t c = 0; c < nchunks; c++) {
+                const float* r = part + (h * nchunks + c) * per + g * (D + 2);
+                if (r[0] == -INFINITY) continue;
+                float f = exp_approx(r[0] - m);
+                total += r[1] * f;
+                for (int64_t d = 0; d < D; d++) o[d] += r[2 + d] * f;
+            }
+            float inv = total > 0.f ? 1.0f / total : 0.f;
+            for (int64_t d = 0; d < D; d++) out[(h * G + g) * D + d] = o[d] * inv;
+        }
+    free(part);
+}
+
+/* ---- Skinny matmuls for decode: y (M, N) = x (M, K) @ W^T, W stored (N, K), M small -------
+ * Decode multiplies a few rows by each weight, so the weight streams from memory once per
+ * step and the step's speed is that of the stream. Each thread owns a contiguous range of
+ * output rows of W (F.linear's layout) and streams it once, a dot product with every x row.
+ * A row's result never depends on the other rows of x (the same sums in the same order). */
+
+void matmul_nk_f32(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
+    _Pragma("omp parallel for schedule(static)")
+    for (int64_t o = 0; o < N; o++) {
+        const float* wr = w + o * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float* xr = x + m * K;
+            float s = 0.f;
+            _Pragma("omp simd reduction(+:s)")
+            for (int64_t i = 0; i < K; i++) s += xr[i] * wr[i];
+            y[m * N + o] = s;
+        }
+    }
+}

@@ -22,6 +22,7 @@ import tempfile
 import numpy as np
 import torch
 
+from kvcache import native
 from kvcache.cache.policies.stores import ExactStore
 from kvcache.cache.quant import QTensor, QuantizedStore, dequantize, quantized_scores, unpack_codes
 from kvcache.errors import KVCacheError
@@ -110,7 +111,8 @@ class QuantizedKVStore:
     def attend(self, layer: int, q: torch.Tensor, staged: int) -> torch.Tensor:
         """Decode attention of q (1, Hq, 1, D) over this layer without dequantizing the history.
 
-        Scores against quantized keys fold the per-channel scales into the query
+        On CPU this is one native kernel over the packed codes (`kvcache.native`); elsewhere
+        torch ops: scores against quantized keys fold the per-channel scales into the query
         (`quantized_scores`); the output over quantized values folds the per-token scales
         into the probabilities: p @ (s*C + z) = (p*s) @ C + p @ z. The codes become floats
         once each (one pass), instead of dequantize's convert, scale and shift passes.
@@ -119,10 +121,15 @@ class QuantizedKVStore:
         _, hq, _, d = q.shape
         h = self.num_kv_heads
         g = hq // h
-        qf = q.reshape(1, h, g, d)  # (1, Hkv, G, D): a KV group's query heads side by side
         nq = self.num_quantized
         ks, vs = self.front(layer)  # (1, Hkv, ns, D)
         kt, vt = self.tail.read(layer, staged)  # (1, Hkv, nt, D)
+        if native.supports(torch.float32, self.device):  # one fused pass over the codes
+            o = native.quantized_decode_attention(q.reshape(hq, d), torch.cat([ks[0], kt[0]], 1),
+                                                  torch.cat([vs[0], vt[0]], 1), self.qk.view(layer),
+                                                  self.qv.view(layer))  # (Hq, D) fp32
+            return o.to(q.dtype).view(1, 1, hq * d)
+        qf = q.reshape(1, h, g, d)  # (1, Hkv, G, D): a KV group's query heads side by side
         ks, vs, kt, vt = (x.to(q.dtype) for x in (ks, vs, kt, vt))
         codes = self._codes(nq)  # (1, Hkv, nq, D) float scratch
         scores = torch.cat([qf @ ks.transpose(-1, -2),  # (1, Hkv, G, ns)
