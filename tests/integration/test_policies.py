@@ -394,7 +394,9 @@ def test_sinks_with_int8_stream_with_flat_memory(tiny_llm):
 
 @pytest.mark.parametrize("policy", ["quantized:bits=8,group_size=16,residual=8,n_sink=2",
                                     "quantized:bits=4,group_size=32,residual=0",
-                                    "quantized:bits=2,group_size=16,residual=16,exact=fp16",
+                                    # min-max ranges: groups quantized during decode must come out the same in
+                                    # both runs; a clipped range can flip on the last bits of its input
+                                    "quantized:bits=2,group_size=16,residual=16,exact=fp16,clip=none",
                                     "tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16"])
 def test_decode_from_codes_equals_dequantize_then_attend(tiny_llm, policy):
     """The fused decode path (scales folded into queries and probabilities) computes the

@@ -363,3 +363,34 @@ def test_quantized_scores_need_per_channel_keys():
     v = quantize(torch.zeros(1, 1, 4, 8), 8, 4, "token")
     with pytest.raises(KVCacheError):
         quantized_scores(torch.zeros(1, 1, 1, 8), v)
+
+
+# ---------------------------------------------------------------- clipped ranges
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("axis", AXES)
+def test_clipped_ranges_never_add_error_per_group(bits, axis):
+    """Each group keeps the range with the least squared error, the plain one among the candidates."""
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, 3, 32, 16, generator=gen) * torch.rand(1, 1, 1, 16, generator=gen) * 4
+    x[0, 1, 5, 3] = 40.0  # an outlier that stretches its groups
+    group = 8
+    plain, clipped = quantize(x, bits, group, axis), quantize(x, bits, group, axis, clip=True)
+
+    def group_error(q):
+        e = (dequantize(q) - x).square()
+        return (e.view(2, 3, 4, group, 16).sum(3) if axis == "channel" else e.view(2, 3, 32, 2, group).sum(4))
+
+    assert (group_error(clipped) <= group_error(plain) * (1 + 1e-6) + 1e-9).all()
+    if bits == 2:  # four levels: clipping pays off somewhere
+        assert group_error(clipped).sum() < 0.9 * group_error(plain).sum()
+    assert int(unpack_codes(clipped.data, bits).max()) <= (1 << bits) - 1
+
+
+def test_policy_clip_key():
+    from kvcache.cache.policies.grammar import parse_policy
+
+    assert parse_policy("quantized:bits=2").store.params["clip"] == "auto"
+    with pytest.raises(KVCacheError, match="clip must be one of auto, none, mse"):
+        parse_policy("quantized:bits=2,clip=maybe")

@@ -25,6 +25,14 @@ involved) and, for a bfloat16 output, bfloat16 rounding of ``x_hat``. The stored
 
 A constant group gets scale 0 (or one tiny ulp when its value is not a fp16 number) and
 no NaN or inf. Values beyond the fp16 range (|x| > 65504) saturate near +-65504.
+
+Clipping (``clip=True``, the 2-bit default of the policies). With four levels, one outlier
+stretches a group's range and wastes them on the rest. A clipped quantizer tries the group's
+range shrunk about its centre by each factor in ``CLIP_FACTORS`` (1.0 included) and keeps
+the one with the least squared error over the group; values outside the chosen range
+saturate at its ends. The bound above then holds inside the chosen range only; what is
+guaranteed is that each group's squared error is at most the unclipped quantizer's. On the
+default model this takes int2 (g32, residual 128) from +19.5% to +7.5% perplexity at 1k.
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ __all__ = [
     "unpack_codes",
     "QuantizedStore",
 ]
+
+#: Range factors a clipped quantizer tries per group (1.0: the plain min-max range).
+CLIP_FACTORS: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 
 #: Supported code widths.
 BITS: tuple[int, ...] = (8, 4, 2)
@@ -170,8 +181,21 @@ def _fp16_toward(t: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where(wrong, torch.nextafter(h, target), h)
 
 
+def _range_params(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int, dim: int,
+                  with_error: bool):
+    """fp16 zero and scale covering [lo, hi], the fp32 codes of the grouped x, and (if asked)
+    the squared error per group (summed over `dim`)."""
+    z16 = _fp16_toward(lo, up=False)  # zero <= lo
+    s16 = _fp16_toward((hi - z16.float()) / levels, up=True)  # zero + levels*scale >= hi
+    s, z = s16.float(), z16.float()
+    inv = torch.reciprocal(s).nan_to_num_(posinf=0.0)  # a constant group has scale 0
+    codes = (xg - z).mul_(inv).round_().clamp_(0, levels)  # (x - zero) / scale; subtract first (no cancellation)
+    err = (codes * s + z - xg).square_().sum(dim=dim, keepdim=True) if with_error else None
+    return z16, s16, codes, err
+
+
 def _quantize_into(x: torch.Tensor, bits: int, group_size: int, axis: str,
-                   data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+                   data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, clip: bool = False) -> None:
     """Quantize x (B, H, S, D) into preallocated (possibly sliced) data/scale/zero."""
     levels = (1 << bits) - 1
     xg = _grouped(x.float().contiguous(), group_size, axis)  # grouped view, fp32
@@ -179,13 +203,17 @@ def _quantize_into(x: torch.Tensor, bits: int, group_size: int, axis: str,
     lo, hi = torch.aminmax(xg, dim=dim, keepdim=True)
     lo = lo.clamp_(-_FP16_MAX, _FP16_MAX)
     hi = hi.clamp_(-_FP16_MAX, _FP16_MAX)
-    z16 = _fp16_toward(lo, up=False)  # zero <= every element
-    s16 = _fp16_toward((hi - z16.float()) / levels, up=True)  # zero + levels*scale >= max
-    s = s16.float()
-    inv = torch.reciprocal(s).nan_to_num_(posinf=0.0)  # a constant group has scale 0
-    t = (xg - z16.float()).mul_(inv)  # (x - zero) / scale, grouped; subtract first (no cancellation)
-    codes = t.round_().clamp_(0, levels).to(torch.uint8).view(x.shape)  # (B, H, S, D)
-    data.copy_(pack_codes(codes, bits))
+    z16, s16, codes, err = _range_params(xg, lo, hi, levels, dim, clip)
+    if clip:
+        mid = (lo + hi) / 2
+        for factor in CLIP_FACTORS[1:]:  # keep, per group, the range with the least error
+            z2, s2, c2, e2 = _range_params(xg, mid - factor * (mid - lo), mid + factor * (hi - mid), levels, dim,
+                                          True)
+            better = e2 < err
+            err = torch.where(better, e2, err)
+            z16, s16 = torch.where(better, z2, z16), torch.where(better, s2, s16)
+            codes = torch.where(better, c2, codes)
+    data.copy_(pack_codes(codes.to(torch.uint8).view(x.shape), bits))  # (B, H, S, D) codes, packed
     scale.copy_(s16.squeeze(dim))
     zero.copy_(z16.squeeze(dim))
 
@@ -195,10 +223,11 @@ def _meta_shape(shape: tuple[int, ...], group_size: int, axis: str) -> tuple[int
     return (B, H, S // group_size, D) if axis == "channel" else (B, H, S, D // group_size)
 
 
-def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str) -> QTensor:
+def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str, clip: bool = False) -> QTensor:
     """Quantize x (B, Hkv, S, D) to ``bits`` with groups of ``group_size`` along ``axis``.
 
     ``axis="channel"`` needs S to be a multiple of group_size, ``"token"`` needs D to be.
+    ``clip``: choose each group's range by least squared error (see the module docstring).
     """
     _check_input(x)
     B, H, S, D = x.shape
@@ -211,7 +240,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str) -> QTensor:
     meta = _meta_shape(x.shape, group_size, axis)
     scale = torch.empty(meta, dtype=_META_DTYPE, device=x.device)
     zero = torch.empty(meta, dtype=_META_DTYPE, device=x.device)
-    _quantize_into(x, bits, group_size, axis, data, scale, zero)
+    _quantize_into(x, bits, group_size, axis, data, scale, zero, clip)
     return QTensor(data, scale, zero, (B, H, S, D), bits, group_size, axis)
 
 
@@ -303,7 +332,7 @@ class QuantizedStore:
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, bits: int,
                  group_size: int, axis: str, capacity_tokens: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", clip: bool = False):
         for name, value in (("num_layers", num_layers), ("batch", batch),
                             ("kv_heads", kv_heads), ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -313,7 +342,7 @@ class QuantizedStore:
             raise KVCacheError(f"capacity_tokens must be a non-negative integer, got {capacity_tokens!r}.")
         _check_format(bits, group_size, axis, head_dim)
         self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
-        self.bits, self.group_size, self.axis = bits, group_size, axis
+        self.bits, self.group_size, self.axis, self.clip = bits, group_size, axis, clip
         self.device = torch.device(device)
         self._lengths = [0] * num_layers
         self._alloc(self._round_capacity(max(capacity_tokens, group_size)))
@@ -386,7 +415,7 @@ class QuantizedStore:
         m0, m1 = self._meta_index(n), self._meta_index(n + T)
         _quantize_into(x.to(self.device), self.bits, self.group_size, self.axis,
                        self._data[layer, :, :, n:n + T], self._scale[layer, :, :, m0:m1],
-                       self._zero[layer, :, :, m0:m1])
+                       self._zero[layer, :, :, m0:m1], self.clip)
         self._lengths[layer] = n + T
 
     def append_all(self, x: torch.Tensor) -> None:
@@ -398,7 +427,7 @@ class QuantizedStore:
         m0, m1 = self._meta_index(n), self._meta_index(n + T)
         _quantize_into(x.reshape(L * B, H, T, D), self.bits, self.group_size, self.axis,
                        self._data[:, :, :, n:n + T].flatten(0, 1), self._scale[:, :, :, m0:m1].flatten(0, 1),
-                       self._zero[:, :, :, m0:m1].flatten(0, 1))
+                       self._zero[:, :, :, m0:m1].flatten(0, 1), self.clip)
         self._lengths = [n + T] * self.num_layers
 
     def drop_front(self, num_tokens: int) -> None:

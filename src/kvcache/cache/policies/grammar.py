@@ -47,6 +47,9 @@ class Param:
 
 
 EXACT_DTYPES = ("model", "fp32", "fp16", "bf16")  # "model": the model's own dtype
+# quantizer ranges: "mse" = per group the least-error clipped range (cache/quant.py), "none" = min-max,
+# "auto" = mse at 2 bits (where it halves the perplexity cost), none at 8 and 4
+CLIP_MODES = ("auto", "none", "mse")
 
 # name -> key -> Param. The policies themselves live in selectors.py and stores.py.
 POLICY_PARAMS: dict[str, dict[str, Param]] = {
@@ -66,6 +69,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "residual": Param(int, 128, minimum=0),  # last tokens kept exact
         "n_sink": Param(int, 0, minimum=0),  # first tokens kept exact
         "exact": Param(str, "model", choices=EXACT_DTYPES),  # dtype of the exact tokens
+        "clip": Param(str, "auto", choices=CLIP_MODES),
     },
     "tiered": {
         "hot": Param(int, 256, minimum=1),  # recent tokens, exact
@@ -74,6 +78,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "cold": Param(str, "disk", choices=("disk", "drop")),  # the oldest: memory-mapped file, or dropped
         "group_size": Param(int, 64, minimum=1),
         "exact": Param(str, "model", choices=EXACT_DTYPES),
+        "clip": Param(str, "auto", choices=CLIP_MODES),
     },
 }
 SELECTORS = ("window", "sinks", "evict")  # which tokens to keep

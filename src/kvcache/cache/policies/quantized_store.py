@@ -40,7 +40,7 @@ class QuantizedKVStore:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, bits: int, group_size: int,
                  residual: int, n_sink: int, dtype: torch.dtype, device: torch.device, capacity: int = 256,
-                 exact_dtype: torch.dtype | None = None):
+                 exact_dtype: torch.dtype | None = None, clip: bool = False):
         L, H, D = num_layers, num_kv_heads, head_dim
         self.num_layers, self.num_kv_heads, self.head_dim = L, H, D
         self.bits, self.group_size, self.residual, self.n_sink = bits, group_size, residual, n_sink
@@ -48,8 +48,8 @@ class QuantizedKVStore:
         exact = exact_dtype or dtype  # what the exact sinks and tail are stored in
         self.sinks = ExactStore(L, 1, H, D, exact, device, max(n_sink, 1))
         self.tail = ExactStore(L, 1, H, D, exact, device, residual + group_size + 64)
-        self.qk = QuantizedStore(L, 1, H, D, bits, group_size, "channel", capacity, device)
-        self.qv = QuantizedStore(L, 1, H, D, bits, value_group(group_size, D), "token", capacity, device)
+        self.qk = QuantizedStore(L, 1, H, D, bits, group_size, "channel", capacity, device, clip)
+        self.qv = QuantizedStore(L, 1, H, D, bits, value_group(group_size, D), "token", capacity, device, clip)
         self.scratch_k = self.scratch_v = torch.empty(0, dtype=dtype, device=device)
         self.evict_unit = group_size  # drops move whole quantized groups
 
@@ -252,9 +252,9 @@ class TieredStore(QuantizedKVStore):
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, hot: int, warm_bits: int,
                  warm: int, cold: str, group_size: int, dtype: torch.dtype, device: torch.device,
-                 capacity: int = 256, exact_dtype: torch.dtype | None = None):
+                 capacity: int = 256, exact_dtype: torch.dtype | None = None, clip: bool = False):
         super().__init__(num_layers, num_kv_heads, head_dim, warm_bits, group_size, hot, 0, dtype, device, capacity,
-                         exact_dtype)
+                         exact_dtype, clip)
         self.warm, self.cold = warm, cold
         self.cold_length = 0
         self.dropped = 0
@@ -346,8 +346,10 @@ def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, d
                          capacity: int):
     """The store for a `quantized` or `tiered` policy part (`exact`: dtype of its exact tokens)."""
     c, p = config, part.params
+    bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
+    clip = p["clip"] == "mse" or (p["clip"] == "auto" and bits == 2)  # auto: clip 2-bit groups only
     if part.name == "quantized":
-        return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, p["bits"], p["group_size"],
-                                p["residual"], p["n_sink"], dtype, device, capacity, exact)
-    return TieredStore(c.num_layers, c.num_kv_heads, c.head_dim, p["hot"], p["warm_bits"], p["warm"],
-                       p["cold"], p["group_size"], dtype, device, capacity, exact)
+        return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, bits, p["group_size"],
+                                p["residual"], p["n_sink"], dtype, device, capacity, exact, clip)
+    return TieredStore(c.num_layers, c.num_kv_heads, c.head_dim, p["hot"], bits, p["warm"],
+                       p["cold"], p["group_size"], dtype, device, capacity, exact, clip)
