@@ -36,6 +36,7 @@ DEFAULT_POLICIES = (
      "quantized:bits=4,group_size=128,residual=128,exact=fp16",
      "quantized:bits=2,group_size=32,residual=128,exact=fp16",  # KIVI-2's settings
      "quantized:bits=2,group_size=64,residual=64,exact=fp16",
+     "quantized:bits=2,group_size=64,residual=64,n_sink=4,exact=fp16",  # the attention sinks exact too
      "window:size=1024", "sinks:n_sink=4,window=1020"]
     + [f"evict:scorer={s},ratio={r}" for s in ("h2o", "snapkv", "knorm") for r in EVICT_RATIOS]
     + ["tiered:hot=256,warm_bits=4,warm=1024,cold=disk,exact=fp16",
