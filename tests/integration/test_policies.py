@@ -76,7 +76,8 @@ def expected_bytes(cache: PolicyCache) -> int:
     exact = (store.sinks.length + store.tail.length) * store.tail.bytes_per_token // per_token
     nq = store.num_quantized
     fk = KVFormat.parse(f"int{store.bits}", store.group_size)
-    fv = KVFormat.parse(f"int{store.bits}", value_group(store.group_size, c.head_dim))
+    value_groups = cache.spec.store.params.get("value_group_size") or value_group(store.group_size, c.head_dim)
+    fv = KVFormat.parse(f"int{store.bits}", value_groups)
     quant = c.num_layers * (kv_tensor_bytes(fk, nq, c.num_kv_heads, c.head_dim, "channel")
                             + kv_tensor_bytes(fv, nq, c.num_kv_heads, c.head_dim, "token"))
     return exact * per_token + quant
@@ -312,6 +313,7 @@ def test_paged_window_frees_blocks_and_matches_the_per_sequence_cache(tiny_model
     ("quantized:bits=8,group_size=16,residual=16", 16),
     ("quantized:bits=4,group_size=16,residual=0,n_sink=4", 0),
     ("quantized:bits=2,group_size=8,residual=24", 24),
+    ("quantized:bits=2,group_size=16,value_group_size=8,residual=8,n_sink=2,rotate=values,clip=mse", 8),
     ("tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16", 16),
     ("tiered:hot=16,warm_bits=2,warm=32,cold=drop,group_size=16", 16),
 ])
@@ -397,6 +399,7 @@ def test_sinks_with_int8_stream_with_flat_memory(tiny_llm):
                                     # min-max ranges: groups quantized during decode must come out the same in
                                     # both runs; a clipped range can flip on the last bits of its input
                                     "quantized:bits=2,group_size=16,residual=16,exact=fp16,clip=none",
+                                    "quantized:bits=2,group_size=16,residual=16,clip=none,rotate=values",
                                     "tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16"])
 def test_decode_from_codes_equals_dequantize_then_attend(tiny_llm, policy):
     """The fused decode path (scales folded into queries and probabilities) computes the

@@ -154,3 +154,18 @@ def test_native_linear_uses_torch_for_many_rows():
     x = torch.randn(2, 9, 32)
     assert torch.equal(lin(x), F.linear(x, w))
     torch.testing.assert_close(lin(x[:, :1]), F.linear(x[:, :1], w), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_decode_attention_with_rotated_values():
+    from kvcache.cache.quant import dequantize, hadamard, quantize
+
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv, d, nq = 4, 2, 64, 256
+    keys, values = torch.randn(1, hkv, nq, d, generator=gen), torch.randn(1, hkv, nq, d, generator=gen)
+    qk = quantize(keys, 2, 32, "channel")
+    qv = quantize(values, 2, 64, "token", rotation=hadamard(d))
+    ek, ev = torch.randn(hkv, 9, d, generator=gen), torch.randn(hkv, 9, d, generator=gen)
+    q = torch.randn(hq, d, generator=gen)
+    got = native.quantized_decode_attention(q, ek, ev, qk, qv)
+    want = reference_attention(q, torch.cat([ek, dequantize(qk)[0]], 1), torch.cat([ev, dequantize(qv)[0]], 1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

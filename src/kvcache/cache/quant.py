@@ -26,6 +26,12 @@ involved) and, for a bfloat16 output, bfloat16 rounding of ``x_hat``. The stored
 A constant group gets scale 0 (or one tiny ulp when its value is not a fp16 number) and
 no NaN or inf. Values beyond the fp16 range (|x| > 65504) saturate near +-65504.
 
+Rotation (``rotation=R``, a (D, D) orthonormal matrix; the 2-bit value default of the
+policies, see :func:`hadamard`). Per-token groups of a value vector quantize ``x @ R``
+instead of ``x``: the rotation spreads an outlier channel over all channels, so the group
+range shrinks. :func:`dequantize` multiplies back by ``R^T``; the bound above then holds for
+the rotated vector (and so for the vector's Euclidean error, R being orthonormal).
+
 Clipping (``clip=True``, the 2-bit default of the policies). With four levels, one outlier
 stretches a group's range and wastes them on the rest. A clipped quantizer tries the group's
 range shrunk about its centre by each factor in ``CLIP_FACTORS`` (1.0 included) and keeps
@@ -37,7 +43,7 @@ default model this takes int2 (g32, residual 128) from +19.5% to +7.5% perplexit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,6 +61,17 @@ __all__ = [
     "unpack_codes",
     "QuantizedStore",
 ]
+
+def hadamard(n: int) -> torch.Tensor | None:
+    """The (n, n) orthonormal Walsh-Hadamard matrix (symmetric, its own inverse), or None when
+    n is not a power of two."""
+    if n < 1 or n & (n - 1):
+        return None
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5  # (n, n)
+
 
 #: Range factors a clipped quantizer tries per group (1.0: the plain min-max range).
 CLIP_FACTORS: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
@@ -153,6 +170,7 @@ class QTensor:
     bits: int
     group_size: int
     axis: str
+    rotation: torch.Tensor | None = None  # (D, D) orthonormal: the codes hold x @ R; dequantize undoes it
 
     @property
     def nbytes(self) -> int:
@@ -218,16 +236,23 @@ def _quantize_into(x: torch.Tensor, bits: int, group_size: int, axis: str,
     zero.copy_(z16.squeeze(dim))
 
 
+def _rotated(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """x (..., D) @ rotation in fp32, or x itself."""
+    return x if rotation is None else x.float() @ rotation.to(x.device, torch.float32)
+
+
 def _meta_shape(shape: tuple[int, ...], group_size: int, axis: str) -> tuple[int, int, int, int]:
     B, H, S, D = shape
     return (B, H, S // group_size, D) if axis == "channel" else (B, H, S, D // group_size)
 
 
-def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str, clip: bool = False) -> QTensor:
+def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str, clip: bool = False,
+             rotation: torch.Tensor | None = None) -> QTensor:
     """Quantize x (B, Hkv, S, D) to ``bits`` with groups of ``group_size`` along ``axis``.
 
     ``axis="channel"`` needs S to be a multiple of group_size, ``"token"`` needs D to be.
-    ``clip``: choose each group's range by least squared error (see the module docstring).
+    ``clip``: choose each group's range by least squared error; ``rotation``: quantize
+    ``x @ rotation`` (see the module docstring).
     """
     _check_input(x)
     B, H, S, D = x.shape
@@ -240,8 +265,8 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str, clip: bool 
     meta = _meta_shape(x.shape, group_size, axis)
     scale = torch.empty(meta, dtype=_META_DTYPE, device=x.device)
     zero = torch.empty(meta, dtype=_META_DTYPE, device=x.device)
-    _quantize_into(x, bits, group_size, axis, data, scale, zero, clip)
-    return QTensor(data, scale, zero, (B, H, S, D), bits, group_size, axis)
+    _quantize_into(_rotated(x, rotation), bits, group_size, axis, data, scale, zero, clip)
+    return QTensor(data, scale, zero, (B, H, S, D), bits, group_size, axis, rotation)
 
 
 def dequantize(q: QTensor, out: torch.Tensor | None = None,
@@ -258,10 +283,11 @@ def dequantize(q: QTensor, out: torch.Tensor | None = None,
             f"The output buffer must be a floating-point tensor of shape {tuple(q.shape)}, "
             f"got {out.dtype} {tuple(out.shape)}."
         )
-    if out.dtype != torch.float32:
+    if out.dtype != torch.float32 or q.rotation is not None:
         # mixed uint8/fp32 -> bf16 arithmetic takes a slow scalar path on CPU (10-20x);
         # fp32 then one cast is fast and rounds x_hat once
-        return out.copy_(dequantize(q))
+        x = dequantize(replace(q, rotation=None))  # (B, H, S, D) fp32, rotated space
+        return out.copy_(x if q.rotation is None else x @ q.rotation.T.to(x))
     codes = unpack_codes(q.data, q.bits)  # (B, H, S, D) uint8
     scale = _meta_grouped(q.scale.float(), q.axis)
     zero = _meta_grouped(q.zero.float(), q.axis)
@@ -332,7 +358,8 @@ class QuantizedStore:
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, bits: int,
                  group_size: int, axis: str, capacity_tokens: int = 0,
-                 device: torch.device | str = "cpu", clip: bool = False):
+                 device: torch.device | str = "cpu", clip: bool = False,
+                 rotation: torch.Tensor | None = None):
         for name, value in (("num_layers", num_layers), ("batch", batch),
                             ("kv_heads", kv_heads), ("head_dim", head_dim)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -344,6 +371,7 @@ class QuantizedStore:
         self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
         self.bits, self.group_size, self.axis, self.clip = bits, group_size, axis, clip
         self.device = torch.device(device)
+        self.rotation = None if rotation is None else rotation.to(self.device, torch.float32)  # (D, D)
         self._lengths = [0] * num_layers
         self._alloc(self._round_capacity(max(capacity_tokens, group_size)))
 
@@ -413,7 +441,7 @@ class QuantizedStore:
         n = self._lengths[layer]
         self.reserve(n + T)
         m0, m1 = self._meta_index(n), self._meta_index(n + T)
-        _quantize_into(x.to(self.device), self.bits, self.group_size, self.axis,
+        _quantize_into(_rotated(x.to(self.device), self.rotation), self.bits, self.group_size, self.axis,
                        self._data[layer, :, :, n:n + T], self._scale[layer, :, :, m0:m1],
                        self._zero[layer, :, :, m0:m1], self.clip)
         self._lengths[layer] = n + T
@@ -425,7 +453,7 @@ class QuantizedStore:
         L, B, H, T, D = x.shape
         self.reserve(n + T)
         m0, m1 = self._meta_index(n), self._meta_index(n + T)
-        _quantize_into(x.reshape(L * B, H, T, D), self.bits, self.group_size, self.axis,
+        _quantize_into(_rotated(x.reshape(L * B, H, T, D), self.rotation), self.bits, self.group_size, self.axis,
                        self._data[:, :, :, n:n + T].flatten(0, 1), self._scale[:, :, :, m0:m1].flatten(0, 1),
                        self._zero[:, :, :, m0:m1].flatten(0, 1), self.clip)
         self._lengths = [n + T] * self.num_layers
@@ -450,7 +478,7 @@ class QuantizedStore:
         m = self._meta_index(n)
         return QTensor(self._data[layer, :, :, :n], self._scale[layer, :, :, :m],
                        self._zero[layer, :, :, :m], (self.batch, self.kv_heads, n, self.head_dim),
-                       self.bits, self.group_size, self.axis)
+                       self.bits, self.group_size, self.axis, self.rotation)
 
     def dequantize_into(self, layer: int, out: torch.Tensor, start: int = 0) -> int:
         """Write the layer's n tokens into out[:, :, start:start + n] (B, Hkv, >= start + n, D); return n."""

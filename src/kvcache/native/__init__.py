@@ -107,14 +107,18 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
 
     exact_k, exact_v (Hkv, ne, D): the exact tokens (sinks and tail, any order). qk, qv:
     `cache.quant.QTensor` views of the quantized keys (per channel) and values (per token),
-    batch 1, sharing bits. Computes in fp32; returns (Hq, D) fp32.
+    batch 1, sharing bits. Values stored rotated (qv.rotation R) are attended in the rotated
+    space, the exact ones rotated to join them, and the output rotated back.
+    Computes in fp32; returns (Hq, D) fp32.
     """
     hq, d = q.shape
     hkv, nq = qk.shape[1], qk.shape[2]
     if qv.shape[2] != nq or qv.bits != qk.bits or qk.axis != "channel" or qv.axis != "token":
         raise ValueError("quantized keys must be per channel and values per token, equally long, same bits.")
     q = q.float().contiguous()
-    ek, ev = exact_k.float().contiguous(), exact_v.float().contiguous()
+    rot = qv.rotation
+    ek = exact_k.float().contiguous()
+    ev = (exact_v.float() if rot is None else exact_v.float() @ rot).contiguous()  # (Hkv, ne, D)
     out = torch.empty((hq, d), dtype=torch.float32)
     for t in (qk.data, qk.scale, qk.zero, qv.data, qv.scale, qv.zero):
         if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
@@ -124,7 +128,7 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
         _ptr(qk.data), _ptr(qk.scale), _ptr(qk.zero), qk.data.stride(1), qk.scale.stride(1), qk.group_size,
         _ptr(qv.data), _ptr(qv.scale), _ptr(qv.zero), qv.data.stride(1), qv.scale.stride(1), qv.group_size,
         nq, qk.bits, hq, hkv, d, d ** -0.5)
-    return out
+    return out if rot is None else out @ rot.T
 
 
 #: Most rows `skinny_matmul` is used for: past this a blocked GEMM (torch's) reuses each

@@ -50,6 +50,9 @@ EXACT_DTYPES = ("model", "fp32", "fp16", "bf16")  # "model": the model's own dty
 # quantizer ranges: "mse" = per group the least-error clipped range (cache/quant.py), "none" = min-max,
 # "auto" = mse at 2 bits (where it halves the perplexity cost), none at 8 and 4
 CLIP_MODES = ("auto", "none", "mse")
+# "values": quantize each value vector times a Hadamard matrix (spreads outlier channels; head_dim a power
+# of two), "none", "auto" = values at 2 bits
+ROTATE_MODES = ("auto", "none", "values")
 
 # name -> key -> Param. The policies themselves live in selectors.py and stores.py.
 POLICY_PARAMS: dict[str, dict[str, Param]] = {
@@ -70,6 +73,8 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "n_sink": Param(int, 0, minimum=0),  # first tokens kept exact
         "exact": Param(str, "model", choices=EXACT_DTYPES),  # dtype of the exact tokens
         "clip": Param(str, "auto", choices=CLIP_MODES),
+        "rotate": Param(str, "auto", choices=ROTATE_MODES),
+        "value_group_size": Param(int, 0, minimum=0),  # channels per value group; 0: group_size if it divides head_dim
     },
     "tiered": {
         "hot": Param(int, 256, minimum=1),  # recent tokens, exact
@@ -79,6 +84,8 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "group_size": Param(int, 64, minimum=1),
         "exact": Param(str, "model", choices=EXACT_DTYPES),
         "clip": Param(str, "auto", choices=CLIP_MODES),
+        "rotate": Param(str, "auto", choices=ROTATE_MODES),
+        "value_group_size": Param(int, 0, minimum=0),  # channels per value group; 0: group_size if it divides head_dim
     },
 }
 SELECTORS = ("window", "sinks", "evict")  # which tokens to keep

@@ -24,7 +24,7 @@ import torch
 
 from kvcache import native
 from kvcache.cache.policies.stores import ExactStore
-from kvcache.cache.quant import QTensor, QuantizedStore, dequantize, quantized_scores, unpack_codes
+from kvcache.cache.quant import QTensor, QuantizedStore, dequantize, hadamard, quantized_scores, unpack_codes
 from kvcache.errors import KVCacheError
 
 
@@ -40,7 +40,8 @@ class QuantizedKVStore:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, bits: int, group_size: int,
                  residual: int, n_sink: int, dtype: torch.dtype, device: torch.device, capacity: int = 256,
-                 exact_dtype: torch.dtype | None = None, clip: bool = False):
+                 exact_dtype: torch.dtype | None = None, clip: bool = False, value_group_size: int = 0,
+                 rotate_values: bool = False):
         L, H, D = num_layers, num_kv_heads, head_dim
         self.num_layers, self.num_kv_heads, self.head_dim = L, H, D
         self.bits, self.group_size, self.residual, self.n_sink = bits, group_size, residual, n_sink
@@ -49,7 +50,8 @@ class QuantizedKVStore:
         self.sinks = ExactStore(L, 1, H, D, exact, device, max(n_sink, 1))
         self.tail = ExactStore(L, 1, H, D, exact, device, residual + group_size + 64)
         self.qk = QuantizedStore(L, 1, H, D, bits, group_size, "channel", capacity, device, clip)
-        self.qv = QuantizedStore(L, 1, H, D, bits, value_group(group_size, D), "token", capacity, device, clip)
+        self.qv = QuantizedStore(L, 1, H, D, bits, value_group_size or value_group(group_size, D), "token", capacity,
+                                 device, clip, hadamard(D) if rotate_values else None)
         self.scratch_k = self.scratch_v = torch.empty(0, dtype=dtype, device=device)
         self.evict_unit = group_size  # drops move whole quantized groups
 
@@ -137,8 +139,10 @@ class QuantizedKVStore:
                             qf @ kt.transpose(-1, -2)], -1)  # (1, Hkv, G, nt)
         p = (scores * (1.0 / math.sqrt(d))).softmax(-1)  # (1, Hkv, G, S)
         ns = ks.shape[2]
-        o = p[..., :ns] @ vs + p[..., ns + nq :] @ vt  # (1, Hkv, G, D)
         qv = self.qv.view(layer)
+        if qv.rotation is not None:  # quantized values hold V @ R: attend in that space, rotate back at the end
+            vs, vt = vs @ qv.rotation.to(vs), vt @ qv.rotation.to(vt)
+        o = p[..., :ns] @ vs + p[..., ns + nq :] @ vt  # (1, Hkv, G, D)
         codes.copy_(unpack_codes(qv.data, qv.bits))  # value codes as floats
         pq = p[..., ns : ns + nq]  # (1, Hkv, G, nq)
         sv, zv = qv.scale.to(q.dtype), qv.zero.to(q.dtype)  # (1, Hkv, nq, D/gv)
@@ -146,6 +150,8 @@ class QuantizedKVStore:
         for i in range(d // gv):  # value groups along head_dim (1 or a few)
             cols = slice(i * gv, (i + 1) * gv)
             o[..., cols] += (pq * sv[..., i].unsqueeze(2)) @ codes[..., cols] + pq @ zv[..., i : i + 1]
+        if qv.rotation is not None:
+            o = o @ qv.rotation.T.to(o)
         return o.reshape(1, hq, 1, d).transpose(1, 2).reshape(1, 1, hq * d)
 
     def _codes(self, n: int) -> torch.Tensor:
@@ -252,9 +258,10 @@ class TieredStore(QuantizedKVStore):
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, hot: int, warm_bits: int,
                  warm: int, cold: str, group_size: int, dtype: torch.dtype, device: torch.device,
-                 capacity: int = 256, exact_dtype: torch.dtype | None = None, clip: bool = False):
+                 capacity: int = 256, exact_dtype: torch.dtype | None = None, clip: bool = False,
+                 value_group_size: int = 0, rotate_values: bool = False):
         super().__init__(num_layers, num_kv_heads, head_dim, warm_bits, group_size, hot, 0, dtype, device, capacity,
-                         exact_dtype, clip)
+                         exact_dtype, clip, value_group_size, rotate_values)
         self.warm, self.cold = warm, cold
         self.cold_length = 0
         self.dropped = 0
@@ -339,7 +346,7 @@ def _first_tokens(q: QTensor, n: int) -> QTensor:
     """The first n tokens of a quantized tensor (whole groups along "channel"), as views."""
     m = n // q.group_size if q.axis == "channel" else n
     return QTensor(q.data[:, :, :n], q.scale[:, :, :m], q.zero[:, :, :m], (q.shape[0], q.shape[1], n, q.shape[3]),
-                   q.bits, q.group_size, q.axis)
+                   q.bits, q.group_size, q.axis, q.rotation)
 
 
 def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, device: torch.device,
@@ -347,9 +354,11 @@ def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, d
     """The store for a `quantized` or `tiered` policy part (`exact`: dtype of its exact tokens)."""
     c, p = config, part.params
     bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
-    clip = p["clip"] == "mse" or (p["clip"] == "auto" and bits == 2)  # auto: clip 2-bit groups only
+    clip = p["clip"] == "mse" or (p["clip"] == "auto" and bits == 2)  # auto: 2-bit groups only
+    rotate = p["rotate"] == "values" or (p["rotate"] == "auto" and bits == 2)
+    extra = dict(clip=clip, value_group_size=p["value_group_size"], rotate_values=rotate)
     if part.name == "quantized":
         return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, bits, p["group_size"],
-                                p["residual"], p["n_sink"], dtype, device, capacity, exact, clip)
+                                p["residual"], p["n_sink"], dtype, device, capacity, exact, **extra)
     return TieredStore(c.num_layers, c.num_kv_heads, c.head_dim, p["hot"], bits, p["warm"],
-                       p["cold"], p["group_size"], dtype, device, capacity, exact, clip)
+                       p["cold"], p["group_size"], dtype, device, capacity, exact, **extra)
