@@ -10,11 +10,12 @@ Three kernel families, chosen per model by `kernels=`:
   with `_linear_pointwise`: decode streams weights 1.5-2.5x faster in bf16 (and ~10% in
   fp32), at the price of a different fp32 summation order (~1e-4 on the real model's logits).
 - "native": fp32 on CPU with the native kernels built (`kvcache.native`). Weights stay
-  (out, in). Up to `native.SKINNY_ROWS` rows (decode) go through the native skinny matmul,
-  whose threads stream their share of the weight once (~27 GB/s here, against 11-23 GB/s
-  for torch's matrix-vector products: a decode step's matmuls take ~21 ms instead of ~30);
-  more rows (prefill) use `F.linear`, exactly as `transformers` does, so fp32 logits of a
-  full forward still agree with it to the last bit. Decode sums in another order (~5e-5).
+  (out, in). Up to `native.SKINNY_ROWS` (16) rows (decode batches, short prompt chunks) go
+  through the native skinny matmul, whose threads stream their share of the weight once per
+  four rows (~27 GB/s here, against 11-23 GB/s for torch's matrix-vector products: a decode
+  step's matmuls take ~21 ms instead of ~30, a batch of 8 rows ~35 ms instead of ~67); more
+  rows (prefill) use `F.linear`, exactly as `transformers` does, so fp32 logits of a full
+  forward still agree with it to the last bit. Decode sums in another order (~5e-5).
 "auto" picks onednn for bf16 on a CPU that supports it, native for fp32 where the native
 kernels are built, torch otherwise (CUDA included).
 """

@@ -131,14 +131,15 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
     return out if rot is None else out @ rot.T
 
 
-#: Most rows `skinny_matmul` is used for: past this a blocked GEMM (torch's) reuses each
-#: weight row better than one dot product per x row.
-SKINNY_ROWS = 4
+#: Most rows `skinny_matmul` is used for: it streams the weight once per four rows, so past
+#: this a blocked GEMM (torch's) that reuses each weight row across many rows is faster.
+SKINNY_ROWS = 16
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., K) fp32 (a few rows) times a weight stored (N, K) (F.linear's layout): (..., N).
-    The threads split the weight's rows and stream them once."""
+    The threads split the weight's rows and stream them once per four rows of x; each row's
+    result is the same whatever the other rows."""
     x = x.contiguous()
     k = x.shape[-1]
     n = weight.shape[0]

@@ -419,19 +419,23 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
 /* ---- Skinny matmuls for decode: y (M, N) = x (M, K) @ W^T, W stored (N, K), M small -------
  * Decode multiplies a few rows by each weight, so the weight streams from memory once per
  * step and the step's speed is that of the stream. Each thread owns a contiguous range of
- * output rows of W (F.linear's layout) and streams it once, a dot product with every x row.
+ * output rows of W (F.linear's layout) and streams it, a dot product with every x row (four
+ * rows per pass).
  * A row's result never depends on the other rows of x (the same sums in the same order). */
 
 void matmul_nk_f32(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
-    _Pragma("omp parallel for schedule(static)")
-    for (int64_t o = 0; o < N; o++) {
-        const float* wr = w + o * K;
-        for (int64_t m = 0; m < M; m++) {
-            const float* xr = x + m * K;
-            float s = 0.f;
-            _Pragma("omp simd reduction(+:s)")
-            for (int64_t i = 0; i < K; i++) s += xr[i] * wr[i];
-            y[m * N + o] = s;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) { /* four rows per pass over W: past that the dots stall */
+        int64_t m1 = m0 + 4 < M ? m0 + 4 : M;
+        _Pragma("omp parallel for schedule(static)")
+        for (int64_t o = 0; o < N; o++) {
+            const float* wr = w + o * K;
+            for (int64_t m = m0; m < m1; m++) {
+                const float* xr = x + m * K;
+                float s = 0.f;
+                _Pragma("omp simd reduction(+:s)")
+                for (int64_t i = 0; i < K; i++) s += xr[i] * wr[i];
+                y[m * N + o] = s;
+            }
         }
     }
 }
