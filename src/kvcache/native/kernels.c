@@ -141,9 +141,9 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 static inline float dot64(const float* a, const float* b) {
     float part[16];
     for (int l = 0; l < 16; l++) part[l] = a[l] * b[l] + a[16 + l] * b[16 + l] + (a[32 + l] * b[32 + l] + a[48 + l] * b[48 + l]);
-    float s = 0.f;
-    for (int l = 0; l < 16; l++) s += part[l];
-    return s;
+    for (int w = 8; w > 0; w /= 2) /* halving tree: vector shuffles, not 16 dependent adds */
+        for (int l = 0; l < w; l++) part[l] += part[l + w];
+    return part[0];
 }
 
 #define MAX_G 16
@@ -285,7 +285,25 @@ static inline float half_to_f32(uint16_t h) {
     return f;
 }
 
+#define UNPACK_PLANES(BITS, D)                                                               \
+    do {                                                                                    \
+        const int per_ = 8 / (BITS), dp_ = (D) / per_;                                      \
+        for (int pl = 0; pl < per_; pl++) {                                                 \
+            float* dst = c + pl * dp_;                                                      \
+            _Pragma("omp simd")                                                             \
+            for (int j = 0; j < dp_; j++)                                                   \
+                dst[j] = (float)((row[j] >> (pl * (BITS))) & ((1u << (BITS)) - 1u));        \
+        }                                                                                   \
+    } while (0)
+
+/* codes of one token row -> floats; constant trip counts for head_dim 64 (vectorized) */
 static inline void unpack_row(const uint8_t* row, float* c, int64_t D, int64_t bits) {
+    if (D == 64) {
+        if (bits == 8) UNPACK_PLANES(8, 64);
+        else if (bits == 4) UNPACK_PLANES(4, 64);
+        else UNPACK_PLANES(2, 64);
+        return;
+    }
     int64_t per = 8 / bits, Dp = D / per;
     uint32_t mask = (1u << bits) - 1u;
     for (int64_t pl = 0; pl < per; pl++) {
@@ -377,6 +395,17 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
                 unpack_row(vc + h * vc_hs + j * Dp, cf, D, bits);
                 const uint16_t* s16 = vs + h * vm_hs + j * ngv;
                 const uint16_t* z16 = vz + h * vm_hs + j * ngv;
+                if (gv == 64 && ngv == 1) { /* the common case: one value group per row, constant trip counts */
+                    float sv = half_to_f32(s16[0]), zv = half_to_f32(z16[0]);
+                    for (int64_t g = 0; g < G; g++) {
+                        float p = sc[g * sclen + i], w = p * sv;
+                        float* ag = acc[g];
+                        _Pragma("omp simd")
+                        for (int d = 0; d < 64; d++) ag[d] += w * cf[d];
+                        zacc[g][0] += p * zv;
+                    }
+                    continue;
+                }
                 for (int64_t gi = 0; gi < ngv; gi++) {
                     float sv = half_to_f32(s16[gi]), zv = half_to_f32(z16[gi]);
                     for (int64_t g = 0; g < G; g++) {
