@@ -169,3 +169,12 @@ def test_quantized_decode_attention_with_rotated_values():
     got = native.quantized_decode_attention(q, ek, ev, qk, qv)
     want = reference_attention(q, torch.cat([ek, dequantize(qk)[0]], 1), torch.cat([ev, dequantize(qv)[0]], 1))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_shapes_past_the_kernel_limits_are_refused():
+    assert native.fits(64, 9, 3) and not native.fits(512, 8, 8) and not native.fits(64, 64, 2)
+    q = torch.randn(1, 64, 8)  # 64 query heads on 2 KV heads: past MAX_GROUP
+    k = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="native attention supports"):
+        native.decode_attention(q, k, k, torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
+                                torch.tensor([4]), 2, 4, 2 * 4 * 8, 4 * 8)

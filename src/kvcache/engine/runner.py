@@ -68,14 +68,14 @@ class ModelRunner:
                                    kv_lens=self._native_lens(live))
             return self.model.forward(step, cache)
         positions = torch.tensor(starts, device=dev)[:, None]  # (B, 1)
-        if self.model.native:  # the kernel reads each row's own length: no mask
+        cache = PagedStepCache(self.storage, write, blocks, kv_lens=self._native_lens(live))
+        if cache.native_decode:  # the kernel reads each row's own length: no mask
             step = StepInputs(ids, positions, 0, None)
         else:
             s_all = blocks.shape[1] * self.kv.block_size
             lens = torch.tensor(live, device=dev)[:, None]  # (B, 1)
             valid = torch.arange(s_all, device=dev)[None] < lens  # (B, S)
             step = StepInputs(ids, positions, 0, valid[:, None, None, :])
-        cache = PagedStepCache(self.storage, write, blocks, kv_lens=self._native_lens(live))
         return self.model.forward(step, cache)  # (B, V)
 
     def _prefill(self, chunk: ScheduledChunk) -> torch.Tensor:

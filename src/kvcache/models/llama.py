@@ -68,8 +68,9 @@ class LlamaModel:
         self.final_norm = final_norm  # (H,)
         self.lm_head = lm_head  # H -> V
         self.dtype, self.device = embed.dtype, embed.device
-        self.native = use_native and native.supports(self.dtype, self.device)
         c = config
+        self.native = (use_native and native.supports(self.dtype, self.device)
+                       and native.fits(c.head_dim, c.num_heads, c.num_kv_heads))
         self.rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
                                 self.device, self.dtype)
 
@@ -79,7 +80,7 @@ class LlamaModel:
                         use_native: bool = True) -> "LlamaModel":
         """Build from Hugging Face-named weights (`model.layers.N.self_attn.q_proj.weight`, ...).
 
-        `kernels`: "auto" | "torch" | "onednn", see `kvcache.models.linear`. `use_native=False`
+        `kernels`: "auto" | "torch" | "onednn" | "native", see `kvcache.models.linear`. `use_native=False`
         keeps every non-matmul step in torch ops (see `kvcache.native`).
         """
         kernels = resolve_kernels(kernels, dtype, torch.device(device))

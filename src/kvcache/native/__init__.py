@@ -24,6 +24,8 @@ _SIGNATURES = {
 }
 _QUANT_ATTN = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+#: Limits of the attention kernels' per-thread arrays (MAX_D, MAX_G in kernels.c).
+MAX_HEAD_DIM, MAX_GROUP = 256, 16
 _fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] | None = None
 
 
@@ -50,6 +52,17 @@ def _functions() -> dict:
 def supports(dtype: torch.dtype, device: torch.device | str) -> bool:
     """Whether the native kernels run for tensors of this dtype on this device."""
     return torch.device(device).type == "cpu" and dtype in _SUFFIX and bool(_functions())
+
+
+def fits(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether a model's attention shape is within the kernels' limits."""
+    return head_dim <= MAX_HEAD_DIM and num_heads // num_kv_heads <= MAX_GROUP
+
+
+def _check_shape(head_dim: int, num_heads: int, num_kv_heads: int) -> None:
+    if not fits(head_dim, num_heads, num_kv_heads):
+        raise ValueError(f"native attention supports head_dim <= {MAX_HEAD_DIM} and <= {MAX_GROUP} query heads "
+                         f"per KV head, got {head_dim} and {num_heads // num_kv_heads}.")
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -95,6 +108,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
     """
     q = q.contiguous()
     b, hq, d = q.shape
+    _check_shape(d, hq, num_kv_heads)
     out = torch.empty_like(q)
     _functions()[("decode_attn", q.dtype)](_ptr(q), _ptr(out), _ptr(k), _ptr(v), _ptr(table), _ptr(lo), _ptr(hi),
                                    b, hq, num_kv_heads, d, table.shape[1], block_size, row_stride, head_stride,
@@ -113,6 +127,7 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
     """
     hq, d = q.shape
     hkv, nq = qk.shape[1], qk.shape[2]
+    _check_shape(d, hq, hkv)
     if qv.shape[2] != nq or qv.bits != qk.bits or qk.axis != "channel" or qv.axis != "token":
         raise ValueError("quantized keys must be per channel and values per token, equally long, same bits.")
     q = q.float().contiguous()

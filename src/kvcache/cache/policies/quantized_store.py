@@ -126,7 +126,7 @@ class QuantizedKVStore:
         nq = self.num_quantized
         ks, vs = self.front(layer)  # (1, Hkv, ns, D)
         kt, vt = self.tail.read(layer, staged)  # (1, Hkv, nt, D)
-        if native.supports(torch.float32, self.device):  # one fused pass over the codes
+        if native.supports(torch.float32, self.device) and native.fits(d, hq, h):  # one fused pass over the codes
             o = native.quantized_decode_attention(q.reshape(hq, d), torch.cat([ks[0], kt[0]], 1),
                                                   torch.cat([vs[0], vt[0]], 1), self.qk.view(layer),
                                                   self.qv.view(layer))  # (Hq, D) fp32
