@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes (default float32,bfloat16)")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "onednn", "native"],
-                   help="our matmul kernels (auto: torch for fp32, bit-exact with transformers; onednn for bf16)")
+                   help="our matmul kernels (auto: native for fp32 on CPU, prefill bit-exact with transformers; onednn for bf16)")
     p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length in tokens (default 200)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (default 3)")
