@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="float32", help="weights and KV dtype (default float32)")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "onednn", "native"],
-                   help="our matmul kernels (onednn: ~2x faster batched fp32 decode here, not bit-exact)")
+                   help="our matmul kernels (auto: native for fp32 on CPU, onednn for bf16)")
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default 2)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     p.add_argument("--num-requests", type=int, default=64, help="requests in the workload (default 64)")
