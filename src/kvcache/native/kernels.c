@@ -149,6 +149,36 @@ static inline float dot64(const float* a, const float* b) {
 #define MAX_G 16
 #define MAX_D 256
 
+/* A chunk's n scores -> their exponentials after the chunk's max m, in place; the chunk's
+ * result row starts with [m, sum of exponentials]. */
+static inline void chunk_exp(float* sg, int64_t n, float m, float* res) {
+    float total = 0.f;
+    _Pragma("omp simd reduction(+:total)")
+    for (int64_t i = 0; i < n; i++) { float e = exp_approx(sg[i] - m); sg[i] = e; total += e; }
+    res[0] = m;
+    res[1] = total;
+}
+
+/* Merge the chunk results of one query head (flash-decoding): chunk c's row for head g is
+ * part[c * per + g * (D + 2)] = [max, sum, weighted V sum (D)]. Writes the softmax output to o. */
+static inline void merge_chunks(const float* part, int64_t nchunks, int64_t per, int64_t g, int64_t D, float* o) {
+    float m = -INFINITY, total = 0.f;
+    for (int64_t c = 0; c < nchunks; c++) {
+        float mc = part[c * per + g * (D + 2)];
+        if (mc > m) m = mc;
+    }
+    for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+    for (int64_t c = 0; c < nchunks; c++) {
+        const float* r = part + c * per + g * (D + 2);
+        if (r[0] == -INFINITY) continue;
+        float f = exp_approx(r[0] - m);
+        total += r[1] * f;
+        for (int64_t d = 0; d < D; d++) o[d] += r[2 + d] * f;
+    }
+    float inv = total > 0.f ? 1.0f / total : 0.f;
+    for (int64_t d = 0; d < D; d++) o[d] *= inv;
+}
+
 #define DECODE_ATTN(NAME, T, LOAD, STORE)                                                   \
     void NAME(const T* q, T* out, const T* k, const T* v, const int32_t* table,             \
               const int64_t* lo, const int64_t* hi, int64_t B, int64_t Hq, int64_t Hkv,     \
@@ -205,15 +235,7 @@ static inline float dot64(const float* a, const float* b) {
                 }                                                                           \
                 t += run;                                                                   \
             }                                                                               \
-            for (int64_t g = 0; g < G; g++) {                                               \
-                float m = mx[g], total = 0.f;                                               \
-                float* sg = sc[g];                                                          \
-                _Pragma("omp simd reduction(+:total)")                                      \
-                for (int64_t i = 0; i < n; i++) { float e = exp_approx(sg[i] - m);          \
-                    sg[i] = e; total += e; }                                                \
-                res[g * (D + 2)] = m;                                                       \
-                res[g * (D + 2) + 1] = total;                                               \
-            }                                                                               \
+            for (int64_t g = 0; g < G; g++) chunk_exp(sc[g], n, mx[g], res + g * (D + 2));   \
             for (int64_t t = t0, i = 0; t < t1;) { /* probabilities x V */                  \
                 int64_t blk = t / bs, off = t % bs, run = bs - off;                         \
                 if (run > t1 - t) run = t1 - t;                                             \
@@ -235,21 +257,10 @@ static inline float dot64(const float* a, const float* b) {
         for (int64_t bh = 0; bh < B * Hkv; bh++) { /* merge the chunks of each (row, head) */\
             int64_t b = bh / Hkv, h = bh % Hkv;                                             \
             for (int64_t g = 0; g < G; g++) {                                               \
-                float m = -INFINITY, total = 0.f, o[MAX_D];                                 \
-                for (int64_t c = 0; c < nchunks; c++)                                       \
-                    { float mc = part[(bh * nchunks + c) * per + g * (D + 2)];              \
-                      if (mc > m) m = mc; }                                                 \
-                for (int64_t d = 0; d < D; d++) o[d] = 0.f;                                 \
-                for (int64_t c = 0; c < nchunks; c++) {                                     \
-                    const float* r = part + (bh * nchunks + c) * per + g * (D + 2);         \
-                    if (r[0] == -INFINITY) continue;                                        \
-                    float f = exp_approx(r[0] - m);                                         \
-                    total += r[1] * f;                                                      \
-                    for (int64_t d = 0; d < D; d++) o[d] += r[2 + d] * f;                   \
-                }                                                                           \
-                float inv = total > 0.f ? 1.0f / total : 0.f;                               \
+                float o[MAX_D];                                                             \
+                merge_chunks(part + bh * nchunks * per, nchunks, per, g, D, o);             \
                 T* dst = out + (b * Hq + h * G + g) * D;                                    \
-                for (int64_t d = 0; d < D; d++) dst[d] = STORE(o[d] * inv);                 \
+                for (int64_t d = 0; d < D; d++) dst[d] = STORE(o[d]);                       \
             }                                                                               \
         }                                                                                   \
         free(part);                                                                         \
@@ -372,14 +383,7 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
                 }
             }
         }
-        for (int64_t g = 0; g < G; g++) {
-            float m = mx[g], total = 0.f;
-            float* sg = sc + g * sclen;
-            _Pragma("omp simd reduction(+:total)")
-            for (int64_t i = 0; i < n; i++) { float e = exp_approx(sg[i] - m); sg[i] = e; total += e; }
-            res[g * (D + 2)] = m;
-            res[g * (D + 2) + 1] = total;
-        }
+        for (int64_t g = 0; g < G; g++) chunk_exp(sc + g * sclen, n, mx[g], res + g * (D + 2));
         if (c < echunks) {
             const float* vb = ev + h * ne * D;
             for (int64_t i = 0; i < n; i++)
@@ -425,23 +429,7 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
         free(sc);
     }
     for (int64_t h = 0; h < Hkv; h++) /* merge the chunks */
-        for (int64_t g = 0; g < G; g++) {
-            float m = -INFINITY, total = 0.f, o[MAX_D];
-            for (int64_t c = 0; c < nchunks; c++) {
-                float mc = part[(h * nchunks + c) * per + g * (D + 2)];
-                if (mc > m) m = mc;
-            }
-            for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-            for (int64_t c = 0; c < nchunks; c++) {
-                const float* r = part + (h * nchunks + c) * per + g * (D + 2);
-                if (r[0] == -INFINITY) continue;
-                float f = exp_approx(r[0] - m);
-                total += r[1] * f;
-                for (int64_t d = 0; d < D; d++) o[d] += r[2 + d] * f;
-            }
-            float inv = total > 0.f ? 1.0f / total : 0.f;
-            for (int64_t d = 0; d < D; d++) out[(h * G + g) * D + d] = o[d] * inv;
-        }
+        for (int64_t g = 0; g < G; g++) merge_chunks(part + h * nchunks * per, nchunks, per, g, D, out + (h * G + g) * D);
     free(part);
 }
 
