@@ -47,6 +47,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
 from kvcache.bench.common import consoles, corpus_ids, quiet_transformers
 from kvcache.engine.llm import LLM, parse_dtype
@@ -87,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shortest output in tokens (default max-output / 8, i.e. 32)")
     p.add_argument("--kv-budget", default="256MiB", help="KV cache memory of every engine run (default 256MiB)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--kv-policy", default=None,
+                   help="KV policy of our engine runs, one the paged engine holds, e.g. "
+                        "quantized:bits=8,key_axis=token,residual=0 (default: full, the model dtype)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="engine: most tokens per step (default 512)")
@@ -126,6 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         a.kv_budget_bytes = parse_size(a.kv_budget)
         parse_dtype(a.dtype)
+        if a.kv_policy is not None and not parse_policy(a.kv_policy).runs_paged:
+            raise KVCacheError(f"--kv-policy '{a.kv_policy}' does not run on the paged engine.")
     except KVCacheError as exc:
         p.error(str(exc))
     return a
@@ -249,7 +255,7 @@ def make_llm(args, prefix_caching: bool = True) -> LLM:
     return LLM(args.model, dtype=args.dtype, threads=args.threads, progress=False,
                kv_cache_memory=args.kv_budget_bytes, block_size=args.block_size,
                enable_prefix_caching=prefix_caching, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, kernels=args.kernels)
+               max_num_batched_tokens=args.max_num_batched_tokens, kernels=args.kernels, kv_policy=args.kv_policy)
 
 
 def warm_up(llm: LLM, corpus: list[int]) -> None:
@@ -688,6 +694,8 @@ def main(argv: list[str] | None = None) -> dict:
             cap, records = run_capacity(llm, wl, progress)
             shape = ModelShape.from_hf_config(read_hf_config(llm.model_dir), name=args.model)
             bpt = kv_bytes_per_token(shape, KVFormat.parse(_DTYPE_NAMES.get(parse_dtype(args.dtype), args.dtype)))
+            if llm.kv_policy.paged_quantized is not None:  # reservations in the same quantized format
+                bpt = llm.engine_bytes_per_token
             if bpt != cap["bytes_per_token"]:
                 err.print(f"[yellow]note: spec bytes/token {bpt} != engine bytes/token {cap['bytes_per_token']}"
                           "[/yellow]")

@@ -157,3 +157,39 @@ def test_32_requests_with_preemption_equal_each_alone(llm, mixed_alone, prefix_c
         assert_same_or_near_tie(llm, p, out.token_ids, ref)
     assert stats["blocks_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
     assert stats["blocks_free"] == stats["blocks_total"]
+
+
+INT8_PAGED = "quantized:bits=8,key_axis=token,residual=0"
+
+
+def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_alone):
+    """16 mixed requests on int8 blocks (a pool far too small, prefix caching on) give each
+    request's tokens run alone on a one-sequence PolicyCache under the same policy; the int8
+    pool holds 3.8x the tokens of the fp32 one in the same bytes."""
+    from kvcache.cache.policies.cache import PolicyCache
+    from kvcache.engine.generate import BatchGeneration
+
+    prompts, params, fp32_alone = (x[:16] for x in mixed_alone)
+    probe = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=INT8_PAGED, kv_cache_memory="16MiB")
+    bpt = probe.engine_bytes_per_token
+    assert llm.kv_bytes_per_token / bpt > 3.7
+    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=INT8_PAGED, block_size=16,
+                kv_cache_memory=12 * 16 * bpt)
+    together = small.generate(prompts, params)
+    assert small.stats()["preemptions"] > 0
+    model = llm.model
+
+    def policy_logits(ids):
+        cache = PolicyCache(model, INT8_PAGED)
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            return model.forward(StepInputs(x, None, 0, None), cache)[0]
+
+    same_as_fp32 = 0
+    for p, sp, out, ref32 in zip(prompts, params, together, fp32_alone):
+        alone = BatchGeneration(model, llm.tokenizer, [p], [sp], llm.max_model_len, llm.eos_ids,
+                                cache=PolicyCache(model, INT8_PAGED)).run()[0].token_ids
+        assert_same_tokens(policy_logits, p, out.token_ids, alone)
+        same_as_fp32 += out.token_ids == ref32
+    assert same_as_fp32 >= 12, f"int8 changed {16 - same_as_fp32} of 16 greedy continuations"
+    assert small.stats()["blocks_used"] == 0

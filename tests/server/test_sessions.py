@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -198,3 +199,29 @@ def test_cli_saved_session_restores_into_the_server(tiny_llm, fresh_server, tmp_
     assert loaded["blocks_restored"] == chat.cache.length // 16 > 0
     got = _chat(srv, chat.messages + [{"role": "user", "content": "More?"}])
     assert got["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+
+
+def test_server_over_int8_blocks_streams_and_refuses_sessions(tiny_model_dir, tmp_path, one_torch_thread):
+    """A server whose paged engine holds quantized blocks answers (streamed and not, the same
+    text) and refuses session save/load with a 400, then keeps serving."""
+    llm = tiny_server_llm(tiny_model_dir, kv_policy="quantized:bits=8,key_axis=token,residual=0")
+    srv = start_server(llm, sessions_dir=tmp_path)
+    try:
+        body = {"model": MODEL_ID, "messages": HISTORY[:1], "max_tokens": 12, "temperature": 0}
+        whole = httpx.post(srv.v1 + "/chat/completions", json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        pieces = []
+        with httpx.stream("POST", srv.v1 + "/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    pieces.append(delta.get("content") or "")
+        assert "".join(pieces) == whole.json()["choices"][0]["message"]["content"]
+        for path, kw in (("/sessions/s/save", {"json": {"messages": HISTORY[:3]}}), ("/sessions/s/load", {})):
+            r = httpx.post(srv.v1 + path, **kw)
+            assert r.status_code == 400 and "quantized" in r.json()["error"]["message"], r.text
+        again = httpx.post(srv.v1 + "/chat/completions", json=body, timeout=60).json()  # still serving
+        assert again["choices"][0]["message"] == whole.json()["choices"][0]["message"]
+        assert srv.state.stats()["blocks_used"] == 0
+    finally:
+        srv.stop()

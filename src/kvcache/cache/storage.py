@@ -63,6 +63,31 @@ class PagedKVStorage:
         self.v.index_copy_(2, slots, v.to(self.device, self.dtype))
         self._zeroed.update(block_ids)
 
+    # -- what a forward pass does with a layer --------------------------------------------
+    native_readable = True  # the native decode kernel can attend straight from these slots
+    saves_sessions = True  # read_blocks / write_blocks move float K/V (session snapshots)
+
+    def write_slots(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Scatter k, v (B, Hkv, T, D) to `slots` (B*T,), row-major over (B, T)."""
+        b, h, t, d = k.shape
+        self.k[layer].index_copy_(1, slots, k.transpose(0, 1).reshape(h, b * t, d))
+        self.v[layer].index_copy_(1, slots, v.transpose(0, 1).reshape(h, b * t, d))
+
+    def read_range(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of slots [lo, hi) as (1, Hkv, hi - lo, D) views (no copy)."""
+        return self.k[layer][None, :, lo:hi], self.v[layer][None, :, lo:hi]
+
+    def read_rows(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of each row's blocks, blocks (B, NB): (B, Hkv, NB * block_size, D), gathered."""
+        b, nb = blocks.shape
+        h, d, s = self.num_kv_heads, self.head_dim, nb * self.block_size
+        idx = blocks.reshape(-1)
+        kb = self.k[layer].view(h, -1, self.block_size * d)  # (Hkv, blocks, bs*D)
+        vb = self.v[layer].view(h, -1, self.block_size * d)
+        k_all = kb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
+        v_all = vb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
+        return k_all, v_all
+
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
@@ -92,7 +117,8 @@ class PagedStepCache(PlainCache):
         the native kernel attend straight from the blocks (no gather, no mask, no padding)."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
         self.kv_len, self.first_block = kv_len, first_block
-        self.native_decode = kv_lens is not None and native.supports(storage.dtype, storage.device)
+        self.native_decode = (kv_lens is not None and storage.native_readable
+                              and native.supports(storage.dtype, storage.device))
         if self.native_decode:
             self.table = read_blocks.to(torch.int32).cpu()  # (B, NB)
             self.lo = torch.zeros(len(kv_lens), dtype=torch.int64)  # (B,)
@@ -105,26 +131,17 @@ class PagedStepCache(PlainCache):
     def advance(self, n: int) -> None:
         pass
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Scatter k, v (B, Hkv, T, D) into their slots; gather (B, Hkv, S, D) for attention."""
-        b, h, t, d = k.shape
         st = self.storage
-        ks, vs = st.k[layer], st.v[layer]  # (Hkv, slots, D)
-        ks.index_copy_(1, self.write_slots, k.transpose(0, 1).reshape(h, b * t, d))
-        vs.index_copy_(1, self.write_slots, v.transpose(0, 1).reshape(h, b * t, d))
-        if self.native_decode and t == 1:
+        st.write_slots(layer, self.write_slots, k, v)
+        if self.native_decode and k.shape[2] == 1:
             return None, None  # the model calls attend()
-        nb = self.read_blocks.shape[1]
-        s = nb * st.block_size
+        s = self.read_blocks.shape[1] * st.block_size
         if self.first_block is not None:  # one row, consecutive blocks: a view, no copy
             lo = self.first_block * st.block_size
-            end = lo + (self.kv_len if self.kv_len is not None else s)
-            return ks[None, :, lo:end], vs[None, :, lo:end]  # (1, Hkv, S, D)
-        idx = self.read_blocks.reshape(-1)
-        kb = ks.view(h, -1, st.block_size * d)  # (Hkv, blocks, bs*D)
-        vb = vs.view(h, -1, st.block_size * d)
-        k_all = kb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
-        v_all = vb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
+            return st.read_range(layer, lo, lo + (self.kv_len if self.kv_len is not None else s))  # (1, Hkv, S, D)
+        k_all, v_all = st.read_rows(layer, self.read_blocks)  # (B, Hkv, S, D)
         if self.kv_len is not None:
             k_all, v_all = k_all[:, :, : self.kv_len], v_all[:, :, : self.kv_len]  # (B, Hkv, kv_len, D)
         return k_all, v_all

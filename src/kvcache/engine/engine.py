@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.cache.manager import KVCacheManager
+from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
 from kvcache.cache.policies.selectors import Window
 from kvcache.cache.storage import PagedKVStorage
 from kvcache.engine.detokenizer import IncrementalDetokenizer
@@ -30,6 +31,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     sliding_window: int | None = None  # keep only the last N tokens' blocks (policy `window:size=N`)
+    quant_format: TokenQuantFormat | None = None  # blocks hold quantized K/V (policy `quantized:...,key_axis=token`)
 
 
 @dataclass
@@ -49,8 +51,12 @@ class LLMEngine:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, frozenset(eos_ids)
         self.max_model_len, self.config = max_model_len, config
         self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.storage = PagedKVStorage(c.num_layers, config.num_blocks, config.block_size, c.num_kv_heads,
-                                      c.head_dim, model.dtype, model.device)
+        if config.quant_format is not None:
+            self.storage = PagedQuantizedStorage(c.num_layers, config.num_blocks, config.block_size, c.num_kv_heads,
+                                                 c.head_dim, model.dtype, model.device, config.quant_format)
+        else:
+            self.storage = PagedKVStorage(c.num_layers, config.num_blocks, config.block_size, c.num_kv_heads,
+                                          c.head_dim, model.dtype, model.device)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.storage, self.kv)
         self.window = Window(config.sliding_window) if config.sliding_window else None

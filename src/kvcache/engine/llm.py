@@ -96,12 +96,31 @@ class LLM:
                 raise KVCacheError(f"kv_cache_fraction must be in (0, 0.9], got {fraction}.")
             budget = int(available * (fraction if fraction is not None else 0.25))
             # no point reserving more than every sequence at full length needs
-            budget = min(budget, max_num_seqs * (self.max_model_len + block_size) * self.kv_bytes_per_token)
-        blocks = blocks_for_budget(budget, block_size, self.kv_bytes_per_token)
+            budget = min(budget, max_num_seqs * (self.max_model_len + block_size) * self.engine_bytes_per_token)
+        blocks = blocks_for_budget(budget, block_size, self.engine_bytes_per_token)
         if blocks < 1:
             raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")
         return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched,
-                            sliding_window=self.kv_policy.paged_window)
+                            sliding_window=self.kv_policy.paged_window, quant_format=self._quant_format)
+
+    @property
+    def _quant_format(self):
+        """The paged blocks' quantized format under this LLM's policy, or None (float blocks)."""
+        if self.kv_policy.paged_quantized is None:
+            return None
+        from kvcache.cache.paged_quant import TokenQuantFormat
+
+        return TokenQuantFormat.from_policy(self.kv_policy, self.config.head_dim)
+
+    @property
+    def engine_bytes_per_token(self) -> int:
+        """Bytes a token takes in the paged engine's blocks: the model dtype's, or the paged
+        quantized format's (`quantized:...,key_axis=token,residual=0`)."""
+        fmt = self._quant_format
+        if fmt is None:
+            return self.kv_bytes_per_token
+        c = self.config
+        return fmt.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
 
     @property
     def engine(self):

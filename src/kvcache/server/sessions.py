@@ -21,6 +21,7 @@ from kvcache.server.errors import APIError
 from kvcache.server.routes import ERRORS, state_of
 from kvcache.server.schemas import SessionList, SessionLoaded, SessionRequest, SessionSaved
 from kvcache.server.state import ServerState
+from kvcache.server.state import ServerState
 
 router = APIRouter(tags=["sessions"])
 SessionName = Annotated[str, Path(pattern=SESSION_NAME.pattern, description="letters, digits, '-', '_' (1-64)")]
@@ -42,11 +43,18 @@ def _history_ids(state: ServerState, body: SessionRequest) -> tuple[list[int], l
     return list(ids), messages
 
 
+def _check_float_blocks(state: ServerState) -> None:
+    if not state.llm.engine.storage.saves_sessions:
+        raise APIError(400, f"Sessions are saved from float KV blocks; this server holds its KV cache quantized "
+                       f"('{state.llm.kv_policy.text}').", "name", "sessions_unsupported")
+
+
 @router.post("/v1/sessions/{name}/save", response_model=SessionSaved, responses=ERRORS)
 async def save_session(name: SessionName, body: SessionRequest, request: Request):
     """Save the KV cache of a conversation's full blocks under `name` (safetensors + fingerprint)."""
     state = state_of(request)
     state.check_model(body.model)
+    _check_float_blocks(state)
     ids, messages = _history_ids(state, body)
     bs = state.llm.engine.kv.block_size
     if len(ids) < bs:
@@ -75,6 +83,7 @@ async def save_session(name: SessionName, body: SessionRequest, request: Request
 async def load_session(name: SessionName, request: Request):
     """Restore a saved session into the prefix cache (refused, untouched, if foreign or damaged)."""
     state = state_of(request)
+    _check_float_blocks(state)
     try:
         snap = await asyncio.to_thread(state.store.load, name)
     except SessionNotFoundError as exc:

@@ -98,6 +98,7 @@ class PolicyCache:
     @property
     def _fused(self) -> bool:
         return (self.fused_attention and getattr(self.store, "num_quantized", 0) > 0
+                and getattr(self.store, "fused_decode", False)
                 and not self.rotates_keys and not self.observes(1))
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,10 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "clip": Param(str, "auto", choices=CLIP_MODES),
         "rotate": Param(str, "auto", choices=ROTATE_MODES),
         "value_group_size": Param(int, 0, minimum=0),  # channels per value group; 0: group_size if it divides head_dim
+        # "channel": KIVI keys, groups of group_size tokens per channel; "token": keys grouped like values
+        # (group_size channels of one token, llama.cpp's q8_0/q4_0 layout); with residual=0 and n_sink=0
+        # every token is quantized as it is written, and the paged engine runs the policy
+        "key_axis": Param(str, "channel", choices=("channel", "token")),
     },
     "tiered": {
         "hot": Param(int, 256, minimum=1),  # recent tokens, exact
@@ -90,6 +94,13 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
 }
 SELECTORS = ("window", "sinks", "evict")  # which tokens to keep
 STORES = ("full", "quantized", "tiered")  # how the kept tokens are held
+
+
+def quantizer_modes(params: dict, bits: int) -> tuple[bool, bool]:
+    """(clip, rotate_values) of a quantized or tiered part at `bits`, its "auto" modes resolved."""
+    clip = params["clip"] == "mse" or (params["clip"] == "auto" and bits == 2)  # auto: 2-bit groups only
+    rotate = params["rotate"] == "values" or (params["rotate"] == "auto" and bits == 2)
+    return clip, rotate
 
 
 @dataclass(frozen=True)
@@ -128,17 +139,32 @@ class PolicySpec:
         return "+".join(str(p) for p in parts)
 
     @property
+    def paged_quantized(self) -> PolicyPart | None:
+        """The store part when it is a quantized format the paged blocks can hold: keys and values
+        grouped per token, every token quantized as it is written (`key_axis=token`, residual 0,
+        no exact sinks); None otherwise."""
+        p = self.store.params
+        if self.store.name == "quantized" and p["key_axis"] == "token" and p["residual"] == 0 and p["n_sink"] == 0:
+            return self.store
+        return None
+
+    @property
+    def _paged_store(self) -> bool:
+        return self._plain_store or self.paged_quantized is not None
+
+    @property
     def paged_window(self) -> int | None:
-        """The window size when the policy is a plain `window` (the paged engine runs it by
-        freeing whole blocks); None for every other policy (run per sequence)."""
-        if self._plain_store and len(self.selectors) == 1 and self.selectors[0].name == "window":
+        """The window size when the policy is a `window` over a store the paged engine holds
+        (it runs the window by freeing whole blocks); None for every other policy."""
+        if self._paged_store and len(self.selectors) == 1 and self.selectors[0].name == "window":
             return self.selectors[0].params["size"]
         return None
 
     @property
     def runs_paged(self) -> bool:
-        """Whether the continuous-batching engine over paged blocks runs this policy."""
-        return self.is_full or self.paged_window is not None
+        """Whether the continuous-batching engine over paged blocks runs this policy: `full`,
+        `window`, a paged quantized format, or `window` + that format."""
+        return (not self.selectors and self._paged_store) or self.paged_window is not None
 
 
 def _parse_part(text: str) -> PolicyPart:

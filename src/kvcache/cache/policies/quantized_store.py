@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from kvcache import native
+from kvcache.cache.policies.grammar import quantizer_modes
 from kvcache.cache.policies.stores import ExactStore
-from kvcache.cache.quant import QTensor, QuantizedStore, dequantize, hadamard, quantized_scores, unpack_codes
+from kvcache.cache.quant import (QTensor, QuantizedStore, dequantize, hadamard, quantize, quantized_scores,
+                                 unpack_codes)
 from kvcache.errors import KVCacheError
 
 
@@ -41,7 +43,7 @@ class QuantizedKVStore:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, bits: int, group_size: int,
                  residual: int, n_sink: int, dtype: torch.dtype, device: torch.device, capacity: int = 256,
                  exact_dtype: torch.dtype | None = None, clip: bool = False, value_group_size: int = 0,
-                 rotate_values: bool = False):
+                 rotate_values: bool = False, key_axis: str = "channel"):
         L, H, D = num_layers, num_kv_heads, head_dim
         self.num_layers, self.num_kv_heads, self.head_dim = L, H, D
         self.bits, self.group_size, self.residual, self.n_sink = bits, group_size, residual, n_sink
@@ -49,11 +51,23 @@ class QuantizedKVStore:
         exact = exact_dtype or dtype  # what the exact sinks and tail are stored in
         self.sinks = ExactStore(L, 1, H, D, exact, device, max(n_sink, 1))
         self.tail = ExactStore(L, 1, H, D, exact, device, residual + group_size + 64)
-        self.qk = QuantizedStore(L, 1, H, D, bits, group_size, "channel", capacity, device, clip)
+        self.key_axis = key_axis
+        # keys per channel: groups of group_size tokens; per token: group_size channels, like the values
+        self.token_group = group_size if key_axis == "channel" else 1  # tokens that quantize together
+        key_group = group_size if key_axis == "channel" else value_group(group_size, D)
+        self.qk = QuantizedStore(L, 1, H, D, bits, key_group, key_axis, capacity, device, clip)
         self.qv = QuantizedStore(L, 1, H, D, bits, value_group_size or value_group(group_size, D), "token", capacity,
                                  device, clip, hadamard(D) if rotate_values else None)
         self.scratch_k = self.scratch_v = torch.empty(0, dtype=dtype, device=device)
-        self.evict_unit = group_size  # drops move whole quantized groups
+        self.evict_unit = self.token_group  # drops move whole quantized groups
+        # per-token keys with no exact tail: a step's own tokens are read as they will be stored
+        # (quantized), like the paged quantized blocks, so the two give the same numbers
+        self.quantize_staged = key_axis == "token" and residual == 0 and n_sink == 0
+
+    @property
+    def fused_decode(self) -> bool:
+        """Whether `attend` can score from the codes (keys quantized per channel)."""
+        return self.key_axis == "channel"
 
     # -- sizes --------------------------------------------------------------------------
     @property
@@ -103,6 +117,8 @@ class QuantizedKVStore:
             self.qk.dequantize_into(layer, k, pos)
             pos += self.qv.dequantize_into(layer, v, pos)
         tk, tv = self.tail.read(layer, staged)  # (1, Hkv, tail+staged, D)
+        if self.quantize_staged and tk.shape[2]:
+            tk, tv = roundtrip(tk, self.qk), roundtrip(tv, self.qv)
         k[:, :, pos:s], v[:, :, pos:s] = tk, tv
         return k[:, :, :s], v[:, :, :s]
 
@@ -168,7 +184,7 @@ class QuantizedKVStore:
             take = min(self.n_sink - self.sinks.length, t.length)
             if take:
                 self._move_tail_to(self.sinks, take)
-        g = self.group_size
+        g = self.token_group
         excess = t.length - self.residual
         if excess >= g:
             n = excess // g * g
@@ -193,7 +209,7 @@ class QuantizedKVStore:
         """Forget tokens [start, end): whole quantized groups right after the front are
         dropped in place; anything else rebuilds the store from its dequantized tokens."""
         n = end - start
-        if start == self.num_front and n % self.group_size == 0 and n <= self.num_quantized:
+        if start == self.num_front and n % self.token_group == 0 and n <= self.num_quantized:
             self.qk.drop_front(n)
             self.qv.drop_front(n)
             return
@@ -349,16 +365,22 @@ def _first_tokens(q: QTensor, n: int) -> QTensor:
                    q.bits, q.group_size, q.axis, q.rotation)
 
 
+def roundtrip(x: torch.Tensor, store: QuantizedStore) -> torch.Tensor:
+    """x (1, Hkv, T, D) as `store` would give it back after storing it (quantized, then dequantized)."""
+    q = quantize(x, store.bits, store.group_size, store.axis, store.clip, store.rotation)
+    return dequantize(q, dtype=torch.float32).to(x.dtype)
+
+
 def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, device: torch.device,
                          capacity: int):
     """The store for a `quantized` or `tiered` policy part (`exact`: dtype of its exact tokens)."""
     c, p = config, part.params
     bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
-    clip = p["clip"] == "mse" or (p["clip"] == "auto" and bits == 2)  # auto: 2-bit groups only
-    rotate = p["rotate"] == "values" or (p["rotate"] == "auto" and bits == 2)
+    clip, rotate = quantizer_modes(p, bits)
     extra = dict(clip=clip, value_group_size=p["value_group_size"], rotate_values=rotate)
     if part.name == "quantized":
         return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, bits, p["group_size"],
-                                p["residual"], p["n_sink"], dtype, device, capacity, exact, **extra)
+                                p["residual"], p["n_sink"], dtype, device, capacity, exact,
+                                key_axis=p["key_axis"], **extra)
     return TieredStore(c.num_layers, c.num_kv_heads, c.head_dim, p["hot"], bits, p["warm"],
                        p["cold"], p["group_size"], dtype, device, capacity, exact, **extra)

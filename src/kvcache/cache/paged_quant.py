@@ -1,0 +1,177 @@
+"""Paged KV blocks held quantized (policy `quantized:bits=8|4|2,key_axis=token,residual=0`).
+
+Each slot holds one token's K and V as packed codes plus a fp16 scale and zero point per
+group of channels: keys and values both grouped per token, the layout of llama.cpp's
+q8_0 / q4_0 cache (with a zero point). A token is quantized when its step writes it, and
+attention reads every slot back dequantized, the step's own tokens included, so what a
+token sees does not depend on how prompts were chunked or batched: batched and alone give
+the same tokens, and prefix-cache blocks mean the same to every sequence that hits them.
+`PolicyCache` runs the same policy one sequence at a time with the same numbers
+(`QuantizedKVStore.quantize_staged`), which is how `kvcache eval` measures its quality.
+
+Attention gathers the rows' blocks and dequantizes them into the model dtype (torch ops);
+the native decode kernel reads float slots only, so decode here pays a gather and a
+dequantize per layer that the float pool does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.cache.quant import QTensor, dequantize, hadamard, quantize
+from kvcache.cache.spec import KVFormat, kv_tensor_bytes
+from kvcache.errors import KVCacheError
+
+_META = torch.float16
+
+
+@dataclass(frozen=True)
+class TokenQuantFormat:
+    """Bits and channel groups of per-token quantized K and V (see the module docstring)."""
+
+    bits: int
+    key_group: int
+    value_group: int
+    clip: bool = False
+    rotate_values: bool = False
+
+    @classmethod
+    def from_policy(cls, spec, head_dim: int) -> "TokenQuantFormat":
+        """The format of a policy's paged quantized store (`PolicySpec.paged_quantized`)."""
+        from kvcache.cache.policies.grammar import quantizer_modes
+        from kvcache.cache.policies.quantized_store import value_group
+
+        part = spec.paged_quantized
+        if part is None:
+            raise KVCacheError(f"The KV policy '{spec.text}' is not a paged quantized format.")
+        p = part.params
+        clip, rotate = quantizer_modes(p, p["bits"])
+        key_group = value_group(p["group_size"], head_dim)
+        return cls(p["bits"], key_group, p["value_group_size"] or key_group, clip, rotate)
+
+    def bytes_per_token(self, num_layers: int, kv_heads: int, head_dim: int) -> int:
+        """Bytes one token takes in every layer's K and V (codes, scales, zero points), by `cache/spec.py`."""
+        name = f"int{self.bits}"
+        k = kv_tensor_bytes(KVFormat.parse(name, self.key_group), 1, kv_heads, head_dim, "token")
+        v = kv_tensor_bytes(KVFormat.parse(name, self.value_group), 1, kv_heads, head_dim, "token")
+        return num_layers * (k + v)
+
+
+class _QuantSlots:
+    """One of K or V: codes (L, Hkv, slots, D * bits / 8) uint8, scale and zero (L, Hkv, slots, D / g) fp16."""
+
+    def __init__(self, num_layers: int, kv_heads: int, slots: int, head_dim: int, bits: int, group: int,
+                 clip: bool, rotation: torch.Tensor | None, device: torch.device):
+        if head_dim % group or (head_dim * bits) % 8:
+            raise KVCacheError(f"head_dim {head_dim} does not split into groups of {group} at {bits} bits.")
+        self.bits, self.group, self.clip, self.rotation, self.head_dim = bits, group, clip, rotation, head_dim
+        lead = (num_layers, kv_heads, slots)
+        self.codes = torch.empty(lead + (head_dim * bits // 8,), dtype=torch.uint8, device=device)
+        self.scale = torch.empty(lead + (head_dim // group,), dtype=_META, device=device)
+        self.zero = torch.empty(lead + (head_dim // group,), dtype=_META, device=device)
+
+    def zero_slots(self, lo: int, hi: int) -> None:
+        for t in (self.codes, self.scale, self.zero):
+            t[:, :, lo:hi] = 0
+
+    def write(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Quantize x (Hkv, N, D) and scatter it to `slots` (N,)."""
+        q = quantize(x[None], self.bits, self.group, "token", self.clip, self.rotation)  # (1, Hkv, N, ..)
+        self.codes[layer].index_copy_(1, slots, q.data[0])
+        self.scale[layer].index_copy_(1, slots, q.scale[0])
+        self.zero[layer].index_copy_(1, slots, q.zero[0])
+
+    def read(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantize (Hkv, N, ..) codes/scale/zero to (Hkv, N, D) of `dtype`."""
+        h, n = codes.shape[:2]
+        q = QTensor(codes[None], scale[None], zero[None], (1, h, n, self.head_dim), self.bits, self.group, "token",
+                    self.rotation)
+        return dequantize(q, dtype=torch.float32)[0].to(dtype)  # (Hkv, N, D)
+
+    def read_range(self, layer: int, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.read(self.codes[layer, :, lo:hi], self.scale[layer, :, lo:hi], self.zero[layer, :, lo:hi], dtype)
+
+    def read_blocks(self, layer: int, idx: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """(Hkv, len(idx) * block_size, D): the slots of blocks `idx`, in order."""
+        h = self.codes.shape[1]
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            w = t.shape[-1]
+            return t[layer].view(h, -1, block_size * w).index_select(1, idx).view(h, -1, w)  # (Hkv, N, w)
+
+        return self.read(pick(self.codes), pick(self.scale), pick(self.zero), dtype)
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Bytes of one token in one layer."""
+        return sum(t[0, :, 0].numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+
+class PagedQuantizedStorage:
+    """The paged pool of `storage.PagedKVStorage`, holding per-token quantized K and V."""
+
+    native_readable = False  # the native decode kernel reads float slots only
+    saves_sessions = False  # snapshots hold float K/V; re-quantizing them would not give these codes back
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, fmt: TokenQuantFormat):
+        self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
+        self.num_kv_heads, self.head_dim, self.dtype, self.fmt = num_kv_heads, head_dim, dtype, fmt
+        self.device = torch.device(device)
+        slots = (num_blocks + 1) * block_size
+        rotation = hadamard(head_dim) if fmt.rotate_values else None
+        if fmt.rotate_values and rotation is None:
+            raise KVCacheError(f"Rotated values need head_dim to be a power of two, got {head_dim}.")
+        args = (num_layers, num_kv_heads, slots, head_dim, fmt.bits)
+        self.k = _QuantSlots(*args, fmt.key_group, fmt.clip, None, self.device)
+        self.v = _QuantSlots(*args, fmt.value_group, fmt.clip,
+                             None if rotation is None else rotation.to(self.device), self.device)
+        self.null_block = num_blocks
+        self._zeroed: set[int] = set()
+        self.zero_blocks([num_blocks])
+
+    def zero_blocks(self, block_ids) -> None:
+        """Zero blocks the first time they are used (see `PagedKVStorage.zero_blocks`): a fp16
+        scale of leftover memory could be inf or NaN, which masking does not remove."""
+        for b in block_ids:
+            if b not in self._zeroed:
+                self._zeroed.add(b)
+                lo, hi = b * self.block_size, (b + 1) * self.block_size
+                self.k.zero_slots(lo, hi)
+                self.v.zero_slots(lo, hi)
+
+    def write_slots(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize k, v (B, Hkv, T, D) and scatter them to `slots` (B*T,), row-major over (B, T)."""
+        b, h, t, d = k.shape
+        self.k.write(layer, slots, k.transpose(0, 1).reshape(h, b * t, d))
+        self.v.write(layer, slots, v.transpose(0, 1).reshape(h, b * t, d))
+
+    def read_range(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of slots [lo, hi), dequantized: (1, Hkv, hi - lo, D)."""
+        return self.k.read_range(layer, lo, hi, self.dtype)[None], self.v.read_range(layer, lo, hi, self.dtype)[None]
+
+    def read_rows(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of each row's blocks, blocks (B, NB), dequantized: (B, Hkv, NB * block_size, D)."""
+        b, nb = blocks.shape
+        s, idx = nb * self.block_size, blocks.reshape(-1)
+        k = self.k.read_blocks(layer, idx, self.block_size, self.dtype)  # (Hkv, B*S, D)
+        v = self.v.read_blocks(layer, idx, self.block_size, self.dtype)
+        h, d = self.num_kv_heads, self.head_dim
+        return k.view(h, b, s, d).transpose(0, 1), v.view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
+
+    def read_blocks(self, block_ids, num_tokens):
+        raise KVCacheError("Sessions are saved from a float KV cache; this engine holds its blocks quantized.")
+
+    write_blocks = read_blocks
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in the pool, all layers (equals `TokenQuantFormat.bytes_per_token`)."""
+        return self.num_layers * (self.k.bytes_per_slot + self.v.bytes_per_slot)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks (the null block excluded): num_blocks x block_size x bytes/token."""
+        return self.num_blocks * self.block_size * self.bytes_per_token

@@ -1,0 +1,138 @@
+"""The paged engine over quantized blocks (policy `quantized:...,key_axis=token,residual=0`).
+
+Every token is quantized when written and read back dequantized, its own step included,
+so a request's tokens do not depend on batching, chunking, preemption or prefix hits:
+batched greedy output must equal each request alone, and equal `PolicyCache` running the
+same policy one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import kvcache
+from kvcache import SamplingParams
+from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
+from kvcache.cache.policies.cache import PolicyCache
+from kvcache.cache.policies.grammar import parse_policy
+from kvcache.cache.quant import dequantize, quantize
+from kvcache.cache.spec import KVFormat, kv_tensor_bytes
+from kvcache.engine.generate import BatchGeneration
+from kvcache.errors import KVCacheError
+
+BS = 4
+POLICIES = ["quantized:bits=8,key_axis=token,residual=0",
+            "quantized:bits=4,group_size=8,key_axis=token,residual=0",
+            "quantized:bits=2,group_size=8,key_axis=token,residual=0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here runs on the tiny model with one torch thread."""
+
+
+def make_llm(tiny_model_dir, policy: str, num_blocks: int | None = None, **kw) -> kvcache.LLM:
+    probe = kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy=policy, kv_cache_memory=1 << 20)
+    mem = None if num_blocks is None else num_blocks * BS * probe.engine_bytes_per_token
+    return kvcache.LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False, kv_policy=policy,
+                       kv_cache_memory=mem if mem is not None else 1 << 20, block_size=BS, **kw)
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def workload(vocab: int, n: int = 12) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Greedy requests: half share a 10-id prefix, prompts 3-30 ids, 4-20 new tokens."""
+    rng = random.Random(7)
+    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
+    shared = ids(10)
+    prompts = [(shared if i % 2 else []) + ids(rng.randint(3, 20)) for i in range(n)]
+    return prompts, [greedy(rng.randint(4, 20)) for _ in range(n)]
+
+
+def test_grammar_says_which_quantized_policies_run_paged():
+    assert parse_policy(POLICIES[0]).runs_paged
+    assert parse_policy("window:size=64+" + POLICIES[1]).paged_window == 64
+    for policy in ("quantized:bits=8", "quantized:bits=8,key_axis=token",  # residual 128 by default
+                   "quantized:bits=8,key_axis=token,residual=0,n_sink=4",
+                   "sinks:n_sink=4,window=60+" + POLICIES[0]):
+        assert not parse_policy(policy).runs_paged, policy
+    with pytest.raises(KVCacheError, match="key_axis must be one of channel, token"):
+        parse_policy("quantized:key_axis=head")
+
+
+@pytest.mark.parametrize("bits,group", [(8, 16), (4, 8), (2, 8)])
+def test_storage_round_trips_tokens_like_quantize_and_counts_spec_bytes(bits, group):
+    L, H, D, nb = 2, 2, 16, 6
+    fmt = TokenQuantFormat(bits, group, group, clip=bits == 2, rotate_values=bits == 2)
+    st = PagedQuantizedStorage(L, nb, BS, H, D, torch.float32, "cpu", fmt)
+    name = f"int{bits}"
+    per_layer = 2 * kv_tensor_bytes(KVFormat.parse(name, group), 1, H, D, "token")
+    assert st.bytes_per_token == fmt.bytes_per_token(L, H, D) == L * per_layer
+    assert st.nbytes == nb * BS * st.bytes_per_token
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 1, H, 7, D), torch.randn(2, 1, H, 7, D)  # (L, 1, H, T, D)
+    table = [3, 1]  # tokens 0-3 in block 3, 4-6 in block 1
+    slots = torch.tensor([table[i // BS] * BS + i % BS for i in range(7)])
+    st.zero_blocks(table)
+    for layer in range(L):
+        st.write_slots(layer, slots, k[layer], v[layer])
+    for layer in range(L):
+        rk, rv = st.read_rows(layer, torch.tensor([table]))  # (1, H, 8, D)
+        want_k = dequantize(quantize(k[layer], bits, group, "token", fmt.clip))
+        assert torch.equal(rk[:, :, :7], want_k)
+        assert (rv[:, :, :7] - v[layer]).abs().max() < (0.02 if bits == 8 else 1.5)
+        assert torch.equal(rk[:, :, 7], torch.zeros(1, H, D))  # a zeroed, never written slot
+        lo_k, _ = st.read_range(layer, 3 * BS, 4 * BS)  # block 3 as one range
+        assert torch.equal(lo_k, rk[:, :, :4])
+    with pytest.raises(KVCacheError, match="quantized"):
+        st.read_blocks(table, 7)
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=["int8", "int4", "int2"])
+def test_batched_with_preemption_and_prefix_hits_equals_alone(tiny_model_dir, policy):
+    llm = make_llm(tiny_model_dir, policy, num_blocks=20, max_num_batched_tokens=16)
+    assert isinstance(llm.engine.storage, PagedQuantizedStorage)
+    prompts, params = workload(llm.config.vocab_size)
+    outs = llm.generate(prompts, params)
+    stats = llm.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_hits"] > 0
+    alone = make_llm(tiny_model_dir, policy, enable_prefix_caching=False)
+    for prompt, p, out in zip(prompts, params, outs):
+        assert out.error is None and len(out.token_ids) == p.max_tokens
+        assert out.token_ids == alone.generate([prompt], p)[0].token_ids
+    assert stats["kv_bytes_total"] == 20 * BS * llm.engine_bytes_per_token
+    assert llm.stats()["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=["int8", "int4", "int2"])
+def test_engine_equals_policy_cache_and_differs_from_float(tiny_model_dir, tiny_llm, policy):
+    llm = make_llm(tiny_model_dir, policy)
+    model = llm.model
+    prompts, params = workload(llm.config.vocab_size, n=4)
+    outs = llm.generate(prompts, params)
+    changed = 0
+    for prompt, p, out in zip(prompts, params, outs):
+        one = BatchGeneration(model, llm.tokenizer, [prompt], [p], llm.max_model_len, llm.eos_ids,
+                              cache=PolicyCache(model, policy)).run()[0]
+        assert out.token_ids == one.token_ids
+        changed += out.token_ids != tiny_llm.generate([prompt], p)[0].token_ids
+    if "bits=2" in policy:
+        assert changed > 0  # 2-bit K/V change a random model's choices: the codes are really used
+
+
+def test_per_token_policy_cache_holds_codes_and_reports_their_bytes(tiny_llm):
+    cache = PolicyCache(tiny_llm.model, POLICIES[1])
+    store = cache.store
+    ids = torch.tensor([list(range(3, 23))])
+    from kvcache.models.step import StepInputs
+
+    tiny_llm.model.forward(StepInputs(ids, None, 0, None), cache)
+    assert store.num_quantized == 20 and store.tail.length == 0
+    c = tiny_llm.config
+    fmt = TokenQuantFormat.from_policy(parse_policy(POLICIES[1]), c.head_dim)
+    assert cache.nbytes_used == 20 * fmt.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
