@@ -178,3 +178,28 @@ def test_attention_shapes_past_the_kernel_limits_are_refused():
     with pytest.raises(ValueError, match="native attention supports"):
         native.decode_attention(q, k, k, torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
                                 torch.tensor([4]), 2, 4, 2 * 4 * 8, 4 * 8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,key_group,value_group,rotate", [(8, 16, 16, False), (4, 8, 16, False),
+                                                               (2, 16, 8, True)])
+def test_paged_quantized_decode_attention_equals_attention_over_dequantized_blocks(dtype, bits, key_group,
+                                                                                   value_group, rotate):
+    from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
+
+    hq, hkv, d, bs, nblocks = 4, 2, 16, 4, 12
+    st = PagedQuantizedStorage(1, nblocks, bs, hkv, d, dtype, "cpu",
+                               TokenQuantFormat(bits, key_group, value_group, clip=bits == 2, rotate_values=rotate))
+    st.zero_blocks(range(nblocks))
+    slots = torch.arange(nblocks * bs)
+    st.write_slots(0, slots, 3 * torch.randn(1, hkv, nblocks * bs, d).to(dtype), torch.randn(1, hkv, nblocks * bs, d).to(dtype))
+    tables = [[7, 2, 9], [0, 11, 3], [5, 0, 0]]
+    lo, hi = torch.tensor([0, 5, 0]), torch.tensor([11, 9, 3])  # row 1 starts past a released stretch
+    q = torch.randn(3, hq, d).to(dtype)
+    table = torch.tensor(tables, dtype=torch.int32)
+    out = st.decode_attention(0, q, table, lo, hi)
+    assert out.dtype == dtype and out.shape == (3, hq, d)
+    keys, values = st.read_rows(0, table.long())  # (B, Hkv, 12, D), dequantized
+    for r in range(3):
+        want = reference_attention(q[r], keys[r, :, lo[r]:hi[r]], values[r, :, lo[r]:hi[r]])
+        torch.testing.assert_close(out[r].float(), want, **TOL[dtype])

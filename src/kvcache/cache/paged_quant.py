@@ -9,9 +9,10 @@ the same tokens, and prefix-cache blocks mean the same to every sequence that hi
 `PolicyCache` runs the same policy one sequence at a time with the same numbers
 (`QuantizedKVStore.quantize_staged`), which is how `kvcache eval` measures its quality.
 
-Attention gathers the rows' blocks and dequantizes them into the model dtype (torch ops);
-the native decode kernel reads float slots only, so decode here pays a gather and a
-dequantize per layer that the float pool does not.
+Decode steps on CPU attend straight from the codes of each row's blocks (a native kernel:
+key scales applied to q . codes per token, value scales folded into the probabilities), so
+no float copy of the history is made; prefill chunks (and other devices) gather the rows'
+blocks and dequantize them into the model dtype with torch ops.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcache import native
 from kvcache.cache.quant import QTensor, dequantize, hadamard, quantize
 from kvcache.cache.spec import KVFormat, kv_tensor_bytes
 from kvcache.errors import KVCacheError
@@ -112,7 +114,6 @@ class _QuantSlots:
 class PagedQuantizedStorage:
     """The paged pool of `storage.PagedKVStorage`, holding per-token quantized K and V."""
 
-    native_readable = False  # the native decode kernel reads float slots only
     saves_sessions = False  # snapshots hold float K/V; re-quantizing them would not give these codes back
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -160,6 +161,20 @@ class PagedQuantizedStorage:
         v = self.v.read_blocks(layer, idx, self.block_size, self.dtype)
         h, d = self.num_kv_heads, self.head_dim
         return k.view(h, b, s, d).transpose(0, 1), v.view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
+
+    @property
+    def native_readable(self) -> bool:
+        """Whether the native kernel can attend from the codes (CPU, a model dtype it supports)."""
+        return native.supports(self.dtype, self.device)
+
+    def decode_attention(self, layer: int, q: torch.Tensor, table: torch.Tensor, lo: torch.Tensor,
+                         hi: torch.Tensor) -> torch.Tensor:
+        """Native attention of one query per row q (B, Hq, D) straight from the codes of its
+        blocks (table (B, NB) int32, tokens lo <= t < hi): no dequantized copy. Returns (B, Hq, D)."""
+        k, v = self.k, self.v
+        return native.paged_quantized_decode_attention(
+            q, k.codes[layer], k.scale[layer], k.zero[layer], v.codes[layer], v.scale[layer], v.zero[layer],
+            table, lo, hi, self.block_size, self.fmt.bits, v.rotation)
 
     def read_blocks(self, block_ids, num_tokens):
         raise KVCacheError("Sessions are saved from a float KV cache; this engine holds its blocks quantized.")

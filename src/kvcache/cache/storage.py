@@ -64,7 +64,11 @@ class PagedKVStorage:
         self._zeroed.update(block_ids)
 
     # -- what a forward pass does with a layer --------------------------------------------
-    native_readable = True  # the native decode kernel can attend straight from these slots
+    @property
+    def native_readable(self) -> bool:
+        """Whether the native decode kernel can attend straight from these slots."""
+        return native.supports(self.dtype, self.device)
+
     saves_sessions = True  # read_blocks / write_blocks move float K/V (session snapshots)
 
     def write_slots(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -87,6 +91,14 @@ class PagedKVStorage:
         k_all = kb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
         v_all = vb.index_select(1, idx).view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
         return k_all, v_all
+
+    def decode_attention(self, layer: int, q: torch.Tensor, table: torch.Tensor, lo: torch.Tensor,
+                         hi: torch.Tensor) -> torch.Tensor:
+        """Native attention of one query per row q (B, Hq, D) over its blocks (table (B, NB) int32,
+        tokens lo <= t < hi), read in place. Returns (B, Hq, D)."""
+        ks, vs = self.k[layer], self.v[layer]  # (Hkv, slots, D)
+        return native.decode_attention(q, ks, vs, table, lo, hi, self.num_kv_heads, self.block_size, 0,
+                                       ks.shape[1] * self.head_dim)
 
     @property
     def bytes_per_token(self) -> int:
@@ -117,8 +129,7 @@ class PagedStepCache(PlainCache):
         the native kernel attend straight from the blocks (no gather, no mask, no padding)."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
         self.kv_len, self.first_block = kv_len, first_block
-        self.native_decode = (kv_lens is not None and storage.native_readable
-                              and native.supports(storage.dtype, storage.device))
+        self.native_decode = kv_lens is not None and storage.native_readable
         if self.native_decode:
             self.table = read_blocks.to(torch.int32).cpu()  # (B, NB)
             self.lo = torch.zeros(len(kv_lens), dtype=torch.int64)  # (B,)
@@ -150,8 +161,5 @@ class PagedStepCache(PlainCache):
         """Attention of a decode step q (B, Hq, 1, D), each row over its own blocks, read in
         place by the native kernel. Returns (B, 1, Hq*D)."""
         b, hq, _, d = q.shape
-        st = self.storage
-        ks, vs = st.k[layer], st.v[layer]  # (Hkv, slots, D)
-        o = native.decode_attention(q.reshape(b, hq, d), ks, vs, self.table, self.lo, self.hi, st.num_kv_heads,
-                                    st.block_size, 0, ks.shape[1] * d)  # (B, Hq, D)
+        o = self.storage.decode_attention(layer, q.reshape(b, hq, d), self.table, self.lo, self.hi)  # (B, Hq, D)
         return o.view(b, 1, hq * d)

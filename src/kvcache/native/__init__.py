@@ -23,6 +23,8 @@ _SIGNATURES = {
     "decode_attn": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F],
 }
 _QUANT_ATTN = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F]
+_PAGED_QUANT_ATTN = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I,
+                     _F]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 #: Limits of the attention kernels' per-thread arrays (MAX_D, MAX_G in kernels.c).
 MAX_HEAD_DIM, MAX_GROUP = 256, 16
@@ -46,6 +48,9 @@ def _functions() -> dict:
             fn = lib.quant_decode_attn_f32
             fn.argtypes, fn.restype = _QUANT_ATTN, None
             _fns[("quant_decode_attn", torch.float32)] = fn
+            fn = lib.paged_quant_decode_attn_f32
+            fn.argtypes, fn.restype = _PAGED_QUANT_ATTN, None
+            _fns[("paged_quant_decode_attn", torch.float32)] = fn
     return _fns
 
 
@@ -144,6 +149,36 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
         _ptr(qv.data), _ptr(qv.scale), _ptr(qv.zero), qv.data.stride(1), qv.scale.stride(1), qv.group_size,
         nq, qk.bits, hq, hkv, d, d ** -0.5)
     return out if rot is None else out @ rot.T
+
+
+def paged_quantized_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
+                                     k_zero: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
+                                     v_zero: torch.Tensor, table: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                                     block_size: int, bits: int, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per row over paged blocks held per-token quantized, from the codes.
+
+    q (B, Hq, D). One layer of `cache.paged_quant.PagedQuantizedStorage`: codes (Hkv, slots, D*bits/8)
+    uint8, scale and zero (Hkv, slots, D/g) fp16 for K and for V (each its own group g). table
+    (B, NB) int32 and lo, hi (B,) int64 as in `decode_attention` (blocks of `block_size` slots). Values stored rotated
+    (`rotation` R) are attended in that space and the output rotated back. Returns (B, Hq, D)
+    in q's dtype (fp32 math).
+    """
+    b, hq, d = q.shape
+    hkv = k_codes.shape[0]
+    _check_shape(d, hq, hkv)
+    for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero):
+        if not t.is_contiguous():
+            raise ValueError("paged quantized storage must be contiguous per layer.")
+    qf = q.float().contiguous()
+    out = torch.empty_like(qf)
+    _functions()[("paged_quant_decode_attn", torch.float32)](
+        _ptr(qf), _ptr(out), _ptr(k_codes), _ptr(k_scale), _ptr(k_zero), _ptr(v_codes), _ptr(v_scale),
+        _ptr(v_zero), _ptr(table), _ptr(lo), _ptr(hi), b, hq, hkv, d, table.shape[1], block_size,
+        k_codes.stride(0), k_scale.stride(0), v_codes.stride(0), v_scale.stride(0), d // k_scale.shape[-1],
+        d // v_scale.shape[-1], bits, d ** -0.5)
+    if rotation is not None:
+        out = out @ rotation.T
+    return out.to(q.dtype)
 
 
 #: Most rows `skinny_matmul` is used for: it streams the weight once per four rows, so past

@@ -179,25 +179,36 @@ static inline void merge_chunks(const float* part, int64_t nchunks, int64_t per,
     for (int64_t d = 0; d < D; d++) o[d] *= inv;
 }
 
+/* Split rows' token ranges into chunks (flash-decoding): 256 tokens, smaller when there are
+ * few (row, KV head) pairs so that every thread gets work. Returns the chunk length; sets
+ * the chunk count per row and the total tokens. */
+static inline int64_t plan_chunks(const int64_t* lo, const int64_t* hi, int64_t B, int64_t Hkv, int64_t* nchunks,
+                                  int64_t* work) {
+    int64_t longest = 0;
+    *work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        int64_t n = hi[b] - lo[b];
+        *work += n;
+        if (n > longest) longest = n;
+    }
+    int threads = omp_get_max_threads();
+    int64_t chunk = 256;
+    if (B * Hkv < 2 * threads) {
+        int64_t want = (2 * threads + B * Hkv - 1) / (B * Hkv);
+        int64_t c = (longest + want - 1) / want;
+        chunk = c < 64 ? 64 : (c < chunk ? c : chunk);
+    }
+    *nchunks = longest > 0 ? (longest + chunk - 1) / chunk : 1;
+    return chunk;
+}
+
 #define DECODE_ATTN(NAME, T, LOAD, STORE)                                                   \
     void NAME(const T* q, T* out, const T* k, const T* v, const int32_t* table,             \
               const int64_t* lo, const int64_t* hi, int64_t B, int64_t Hq, int64_t Hkv,     \
               int64_t D, int64_t NB, int64_t bs, int64_t row_stride, int64_t head_stride,   \
               float scale) {                                                                \
-        int64_t G = Hq / Hkv, longest = 0, work = 0;                                        \
-        for (int64_t b = 0; b < B; b++) {                                                   \
-            int64_t n = hi[b] - lo[b];                                                      \
-            work += n;                                                                      \
-            if (n > longest) longest = n;                                                   \
-        }                                                                                   \
-        int threads = omp_get_max_threads();                                                \
-        int64_t chunk = 256;                                                                \
-        if (B * Hkv < 2 * threads) { /* few (row, head) pairs: smaller chunks */            \
-            int64_t want = (2 * threads + B * Hkv - 1) / (B * Hkv);                         \
-            int64_t c = (longest + want - 1) / want;                                        \
-            chunk = c < 64 ? 64 : (c < chunk ? c : chunk);                                  \
-        }                                                                                   \
-        int64_t nchunks = longest > 0 ? (longest + chunk - 1) / chunk : 1;                  \
+        int64_t G = Hq / Hkv, work, nchunks;                                                \
+        int64_t chunk = plan_chunks(lo, hi, B, Hkv, &nchunks, &work);                       \
         int64_t per = G * (D + 2);                                                          \
         float* part = (float*)malloc((size_t)(B * Hkv * nchunks * per) * sizeof(float));    \
         _Pragma("omp parallel for schedule(dynamic, 1) if(work * Hq >= 4096)")              \
@@ -430,6 +441,99 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
     }
     for (int64_t h = 0; h < Hkv; h++) /* merge the chunks */
         for (int64_t g = 0; g < G; g++) merge_chunks(part + h * nchunks * per, nchunks, per, g, D, out + (h * G + g) * D);
+    free(part);
+}
+
+/* ---- Decode attention over paged blocks held per-token quantized ------------------------
+ * The paged pool of `cache/paged_quant.py`: slot t of KV head h holds K and V codes (packed
+ * in planes, like above) with a fp16 scale and zero per group of gk (K) / gv (V) channels.
+ * q, out (B, Hq, D) fp32; row b attends to its tokens lo[b] <= t < hi[b] through its block
+ * table (B, NB), as decode_attn does. Strides per KV head, in elements: kc_hs / vc_hs codes,
+ * km_hs / vm_hs scale and zero. Per token and group, with c the codes:
+ *   q . (c * s + z) = s (q . c) + z sum(q)      (key scores)
+ *   sum_t p_t (c_t s_t + z_t)                    (values: the scale folds into p_t)
+ * Values stored rotated are attended in the rotated space (the caller rotates back). */
+void paged_quant_decode_attn_f32(const float* q, float* out, const uint8_t* kc, const uint16_t* ks,
+                                 const uint16_t* kz, const uint8_t* vc, const uint16_t* vs, const uint16_t* vz,
+                                 const int32_t* table, const int64_t* lo, const int64_t* hi, int64_t B,
+                                 int64_t Hq, int64_t Hkv, int64_t D, int64_t NB, int64_t bs, int64_t kc_hs,
+                                 int64_t km_hs, int64_t vc_hs, int64_t vm_hs, int64_t gk, int64_t gv,
+                                 int64_t bits, float scale) {
+    int64_t G = Hq / Hkv, Dp = D * bits / 8, ngk = D / gk, ngv = D / gv, work, nchunks;
+    int64_t chunk = plan_chunks(lo, hi, B, Hkv, &nchunks, &work);
+    int64_t per = G * (D + 2);
+    float* part = (float*)malloc((size_t)(B * Hkv * nchunks * per) * sizeof(float));
+    _Pragma("omp parallel for schedule(dynamic, 1) if(work * Hq >= 4096)")
+    for (int64_t task = 0; task < B * Hkv * nchunks; task++) {
+        int64_t c = task % nchunks, bh = task / nchunks, b = bh / Hkv, h = bh % Hkv;
+        float* res = part + task * per;
+        int64_t t0 = lo[b] + c * chunk, t1 = t0 + chunk;
+        if (t1 > hi[b]) t1 = hi[b];
+        for (int64_t g = 0; g < G; g++) { res[g * (D + 2)] = -INFINITY; res[g * (D + 2) + 1] = 0.f; }
+        if (t0 >= t1) continue;
+        float qf[MAX_G][MAX_D], qsum[MAX_G][MAX_D], acc[MAX_G][MAX_D], zacc[MAX_G][MAX_D], sc[MAX_G][256],
+              mx[MAX_G], cf[MAX_D];
+        for (int64_t g = 0; g < G; g++) {
+            const float* qr = q + (b * Hq + h * G + g) * D;
+            for (int64_t d = 0; d < D; d++) { qf[g][d] = qr[d] * scale; acc[g][d] = 0.f; zacc[g][d] = 0.f; }
+            for (int64_t gi = 0; gi < ngk; gi++) {
+                float s = 0.f;
+                for (int64_t d = gi * gk; d < (gi + 1) * gk; d++) s += qf[g][d];
+                qsum[g][gi] = s;
+            }
+            mx[g] = -INFINITY;
+        }
+        const int32_t* tb = table + b * NB;
+        int64_t n = t1 - t0;
+        for (int64_t t = t0, i = 0; t < t1; t++, i++) { /* scores */
+            int64_t slot = (int64_t)tb[t / bs] * bs + t % bs;
+            unpack_row(kc + h * kc_hs + slot * Dp, cf, D, bits);
+            const uint16_t* s16 = ks + h * km_hs + slot * ngk;
+            const uint16_t* z16 = kz + h * km_hs + slot * ngk;
+            for (int64_t g = 0; g < G; g++) {
+                float s;
+                if (ngk == 1) {
+                    s = half_to_f32(s16[0]) * (D == 64 ? dot64(qf[g], cf) : dot(qf[g], cf, D))
+                        + half_to_f32(z16[0]) * qsum[g][0];
+                } else {
+                    s = 0.f;
+                    for (int64_t gi = 0; gi < ngk; gi++)
+                        s += half_to_f32(s16[gi]) * dot(qf[g] + gi * gk, cf + gi * gk, gk)
+                             + half_to_f32(z16[gi]) * qsum[g][gi];
+                }
+                sc[g][i] = s;
+                if (s > mx[g]) mx[g] = s;
+            }
+        }
+        for (int64_t g = 0; g < G; g++) chunk_exp(sc[g], n, mx[g], res + g * (D + 2));
+        for (int64_t t = t0, i = 0; t < t1; t++, i++) { /* probabilities x V */
+            int64_t slot = (int64_t)tb[t / bs] * bs + t % bs;
+            unpack_row(vc + h * vc_hs + slot * Dp, cf, D, bits);
+            const uint16_t* s16 = vs + h * vm_hs + slot * ngv;
+            const uint16_t* z16 = vz + h * vm_hs + slot * ngv;
+            for (int64_t gi = 0; gi < ngv; gi++) {
+                float sv = half_to_f32(s16[gi]), zv = half_to_f32(z16[gi]);
+                for (int64_t g = 0; g < G; g++) {
+                    float p = sc[g][i], w = p * sv;
+                    float* ag = acc[g] + gi * gv;
+                    const float* cg = cf + gi * gv;
+                    _Pragma("omp simd")
+                    for (int64_t d = 0; d < gv; d++) ag[d] += w * cg[d];
+                    zacc[g][gi] += p * zv;
+                }
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            for (int64_t d = 0; d < D; d++) acc[g][d] += zacc[g][d / gv];
+            memcpy(res + g * (D + 2) + 2, acc[g], (size_t)D * sizeof(float));
+        }
+    }
+    _Pragma("omp parallel for if(B * Hkv >= 4)")
+    for (int64_t bh = 0; bh < B * Hkv; bh++) { /* merge the chunks of each (row, head) */
+        int64_t b = bh / Hkv, h = bh % Hkv;
+        for (int64_t g = 0; g < G; g++)
+            merge_chunks(part + bh * nchunks * per, nchunks, per, g, D, out + (b * Hq + h * G + g) * D);
+    }
     free(part);
 }
 
