@@ -182,14 +182,15 @@ def test_attention_shapes_past_the_kernel_limits_are_refused():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits,key_group,value_group,rotate", [(8, 16, 16, False), (4, 8, 16, False),
-                                                               (2, 16, 8, True)])
+                                                               (4, 16, 16, True), (2, 16, 8, True)])
 def test_paged_quantized_decode_attention_equals_attention_over_dequantized_blocks(dtype, bits, key_group,
                                                                                    value_group, rotate):
     from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
 
     hq, hkv, d, bs, nblocks = 4, 2, 16, 4, 12
     st = PagedQuantizedStorage(1, nblocks, bs, hkv, d, dtype, "cpu",
-                               TokenQuantFormat(bits, key_group, value_group, clip=bits == 2, rotate_values=rotate))
+                               TokenQuantFormat(bits, key_group, value_group, clip=bits == 2, rotate_values=rotate,
+                                                rotate_keys=rotate))
     st.zero_blocks(range(nblocks))
     slots = torch.arange(nblocks * bs)
     st.write_slots(0, slots, 3 * torch.randn(1, hkv, nblocks * bs, d).to(dtype), torch.randn(1, hkv, nblocks * bs, d).to(dtype))

@@ -38,6 +38,7 @@ class TokenQuantFormat:
     value_group: int
     clip: bool = False
     rotate_values: bool = False
+    rotate_keys: bool = False
 
     @classmethod
     def from_policy(cls, spec, head_dim: int) -> "TokenQuantFormat":
@@ -49,9 +50,10 @@ class TokenQuantFormat:
         if part is None:
             raise KVCacheError(f"The KV policy '{spec.text}' is not a paged quantized format.")
         p = part.params
-        clip, rotate = quantizer_modes(p, p["bits"])
+        modes = quantizer_modes(p, p["bits"])
         key_group = value_group(p["group_size"], head_dim)
-        return cls(p["bits"], key_group, p["value_group_size"] or key_group, clip, rotate)
+        return cls(p["bits"], key_group, p["value_group_size"] or key_group, modes.clip, modes.rotate_values,
+                   modes.rotate_keys)
 
     def bytes_per_token(self, num_layers: int, kv_heads: int, head_dim: int) -> int:
         """Bytes one token takes in every layer's K and V (codes, scales, zero points), by `cache/spec.py`."""
@@ -122,13 +124,14 @@ class PagedQuantizedStorage:
         self.num_kv_heads, self.head_dim, self.dtype, self.fmt = num_kv_heads, head_dim, dtype, fmt
         self.device = torch.device(device)
         slots = (num_blocks + 1) * block_size
-        rotation = hadamard(head_dim) if fmt.rotate_values else None
-        if fmt.rotate_values and rotation is None:
-            raise KVCacheError(f"Rotated values need head_dim to be a power of two, got {head_dim}.")
+        rotation = hadamard(head_dim)
+        if (fmt.rotate_values or fmt.rotate_keys) and rotation is None:
+            raise KVCacheError(f"Rotated keys or values need head_dim to be a power of two, got {head_dim}.")
         args = (num_layers, num_kv_heads, slots, head_dim, fmt.bits)
-        self.k = _QuantSlots(*args, fmt.key_group, fmt.clip, None, self.device)
+        self.k = _QuantSlots(*args, fmt.key_group, fmt.clip, rotation.to(self.device) if fmt.rotate_keys else None,
+                             self.device)
         self.v = _QuantSlots(*args, fmt.value_group, fmt.clip,
-                             None if rotation is None else rotation.to(self.device), self.device)
+                             rotation.to(self.device) if fmt.rotate_values else None, self.device)
         self.null_block = num_blocks
         self._zeroed: set[int] = set()
         self.zero_blocks([num_blocks])
@@ -171,10 +174,12 @@ class PagedQuantizedStorage:
                          hi: torch.Tensor) -> torch.Tensor:
         """Native attention of one query per row q (B, Hq, D) straight from the codes of its
         blocks (table (B, NB) int32, tokens lo <= t < hi): no dequantized copy. Returns (B, Hq, D)."""
-        k, v = self.k, self.v
+        k, v, dtype = self.k, self.v, q.dtype
+        if k.rotation is not None:  # keys hold K @ R: q . k = (q @ R) . (k @ R)
+            q = q.float() @ k.rotation
         return native.paged_quantized_decode_attention(
             q, k.codes[layer], k.scale[layer], k.zero[layer], v.codes[layer], v.scale[layer], v.zero[layer],
-            table, lo, hi, self.block_size, self.fmt.bits, v.rotation)
+            table, lo, hi, self.block_size, self.fmt.bits, v.rotation).to(dtype)
 
     def read_blocks(self, block_ids, num_tokens):
         raise KVCacheError("Sessions are saved from a float KV cache; this engine holds its blocks quantized.")

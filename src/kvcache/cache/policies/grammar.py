@@ -51,8 +51,10 @@ EXACT_DTYPES = ("model", "fp32", "fp16", "bf16")  # "model": the model's own dty
 # "auto" = mse at 2 bits (where it halves the perplexity cost), none at 8 and 4
 CLIP_MODES = ("auto", "none", "mse")
 # "values": quantize each value vector times a Hadamard matrix (spreads outlier channels; head_dim a power
-# of two), "none", "auto" = values at 2 bits
-ROTATE_MODES = ("auto", "none", "values")
+# of two); "keys" / "both": key vectors too, for keys grouped per token (key_axis=token; a rotation would
+# mix the channels a per-channel group keeps apart); "none"; "auto" = values at 2 bits, and keys when they
+# are grouped per token at 4 or 2 bits (RoPE leaves a few huge key channels that stretch a token's range)
+ROTATE_MODES = ("auto", "none", "values", "keys", "both")
 
 # name -> key -> Param. The policies themselves live in selectors.py and stores.py.
 POLICY_PARAMS: dict[str, dict[str, Param]] = {
@@ -96,11 +98,22 @@ SELECTORS = ("window", "sinks", "evict")  # which tokens to keep
 STORES = ("full", "quantized", "tiered")  # how the kept tokens are held
 
 
-def quantizer_modes(params: dict, bits: int) -> tuple[bool, bool]:
-    """(clip, rotate_values) of a quantized or tiered part at `bits`, its "auto" modes resolved."""
-    clip = params["clip"] == "mse" or (params["clip"] == "auto" and bits == 2)  # auto: 2-bit groups only
-    rotate = params["rotate"] == "values" or (params["rotate"] == "auto" and bits == 2)
-    return clip, rotate
+@dataclass(frozen=True)
+class QuantizerModes:
+    """A quantized or tiered part's "auto" modes resolved for its bit width."""
+
+    clip: bool  # least-error clipped ranges
+    rotate_values: bool  # values quantized in a Hadamard basis
+    rotate_keys: bool  # keys too (keys grouped per token only)
+
+
+def quantizer_modes(params: dict, bits: int) -> QuantizerModes:
+    """The clip and rotation modes of a quantized or tiered part at `bits` (see ROTATE_MODES)."""
+    rotate, per_token_keys = params["rotate"], params.get("key_axis", "channel") == "token"
+    return QuantizerModes(
+        clip=params["clip"] == "mse" or (params["clip"] == "auto" and bits == 2),  # auto: 2-bit groups only
+        rotate_values=rotate in ("values", "both") or (rotate == "auto" and bits == 2),
+        rotate_keys=rotate in ("keys", "both") or (rotate == "auto" and bits <= 4 and per_token_keys))
 
 
 @dataclass(frozen=True)
@@ -207,6 +220,9 @@ def parse_policy(text: str | None) -> PolicySpec:
                 raise KVCacheError("Policy 'evict' needs exactly one of ratio (0 < ratio < 1) or budget (tokens).")
             if ratio >= 1:
                 raise KVCacheError(f"Policy 'evict': ratio is the fraction removed and must be below 1, got {ratio}.")
+    if store.params.get("rotate") in ("keys", "both") and store.params.get("key_axis", "channel") != "token":
+        raise KVCacheError(f"Policy '{store.name}': rotate={store.params['rotate']} needs keys grouped per token "
+                           "(key_axis=token); per-channel key groups must keep their channels apart.")
     if store.name == "tiered" and selectors:
         raise KVCacheError("Policy 'tiered' already decides which tokens to keep; do not combine it with a selector.")
     return PolicySpec(selectors, store, text)

@@ -43,7 +43,7 @@ class QuantizedKVStore:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, bits: int, group_size: int,
                  residual: int, n_sink: int, dtype: torch.dtype, device: torch.device, capacity: int = 256,
                  exact_dtype: torch.dtype | None = None, clip: bool = False, value_group_size: int = 0,
-                 rotate_values: bool = False, key_axis: str = "channel"):
+                 rotate_values: bool = False, key_axis: str = "channel", rotate_keys: bool = False):
         L, H, D = num_layers, num_kv_heads, head_dim
         self.num_layers, self.num_kv_heads, self.head_dim = L, H, D
         self.bits, self.group_size, self.residual, self.n_sink = bits, group_size, residual, n_sink
@@ -55,7 +55,8 @@ class QuantizedKVStore:
         # keys per channel: groups of group_size tokens; per token: group_size channels, like the values
         self.token_group = group_size if key_axis == "channel" else 1  # tokens that quantize together
         key_group = group_size if key_axis == "channel" else value_group(group_size, D)
-        self.qk = QuantizedStore(L, 1, H, D, bits, key_group, key_axis, capacity, device, clip)
+        self.qk = QuantizedStore(L, 1, H, D, bits, key_group, key_axis, capacity, device, clip,
+                                 hadamard(D) if rotate_keys else None)
         self.qv = QuantizedStore(L, 1, H, D, bits, value_group_size or value_group(group_size, D), "token", capacity,
                                  device, clip, hadamard(D) if rotate_values else None)
         self.scratch_k = self.scratch_v = torch.empty(0, dtype=dtype, device=device)
@@ -376,11 +377,11 @@ def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, d
     """The store for a `quantized` or `tiered` policy part (`exact`: dtype of its exact tokens)."""
     c, p = config, part.params
     bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
-    clip, rotate = quantizer_modes(p, bits)
-    extra = dict(clip=clip, value_group_size=p["value_group_size"], rotate_values=rotate)
+    modes = quantizer_modes(p, bits)
+    extra = dict(clip=modes.clip, value_group_size=p["value_group_size"], rotate_values=modes.rotate_values)
     if part.name == "quantized":
         return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, bits, p["group_size"],
                                 p["residual"], p["n_sink"], dtype, device, capacity, exact,
-                                key_axis=p["key_axis"], **extra)
+                                key_axis=p["key_axis"], rotate_keys=modes.rotate_keys, **extra)
     return TieredStore(c.num_layers, c.num_kv_heads, c.head_dim, p["hot"], bits, p["warm"],
                        p["cold"], p["group_size"], dtype, device, capacity, exact, **extra)
