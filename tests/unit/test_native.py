@@ -204,3 +204,23 @@ def test_paged_quantized_decode_attention_equals_attention_over_dequantized_bloc
     for r in range(3):
         want = reference_attention(q[r], keys[r, :, lo[r]:hi[r]], values[r, :, lo[r]:hi[r]])
         torch.testing.assert_close(out[r].float(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("bits,group", [(8, 16), (8, 64), (4, 32), (2, 8)])
+def test_quantize_to_slots_writes_the_bytes_of_torch_quantize(bits, group):
+    from kvcache.cache.quant import quantize
+
+    h, n, d, slots_total = 3, 40, 64, 64
+    x = torch.randn(h, n, d) * torch.logspace(-9, 3, n)[None, :, None]  # tiny (fp16 subnormal) to large rows
+    x[0, 0] = 1.5  # a constant group: scale 0
+    x[1, 1, :group] = 7e4  # past fp16's range: saturates
+    x[2, 2, :] = -3e-8
+    slots = torch.randperm(slots_total)[:n]
+    codes = torch.zeros(h, slots_total, d * bits // 8, dtype=torch.uint8)
+    scale = torch.zeros(h, slots_total, d // group, dtype=torch.float16)
+    zero = torch.zeros_like(scale)
+    native.quantize_to_slots(x, slots, bits, group, codes, scale, zero)
+    q = quantize(x[None], bits, group, "token")
+    assert torch.equal(codes[:, slots], q.data[0])
+    assert torch.equal(scale[:, slots].view(torch.int16), q.scale[0].view(torch.int16))
+    assert torch.equal(zero[:, slots].view(torch.int16), q.zero[0].view(torch.int16))

@@ -71,6 +71,7 @@ class _QuantSlots:
         if head_dim % group or (head_dim * bits) % 8:
             raise KVCacheError(f"head_dim {head_dim} does not split into groups of {group} at {bits} bits.")
         self.bits, self.group, self.clip, self.rotation, self.head_dim = bits, group, clip, rotation, head_dim
+        self.native = native.supports(torch.float32, device)
         lead = (num_layers, kv_heads, slots)
         self.codes = torch.empty(lead + (head_dim * bits // 8,), dtype=torch.uint8, device=device)
         self.scale = torch.empty(lead + (head_dim // group,), dtype=_META, device=device)
@@ -82,6 +83,11 @@ class _QuantSlots:
 
     def write(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Quantize x (Hkv, N, D) and scatter it to `slots` (N,)."""
+        if self.native and not self.clip:  # one pass, straight into the slots (the same bytes)
+            xr = x if self.rotation is None else x.float() @ self.rotation  # (Hkv, N, D), as quant._rotated
+            native.quantize_to_slots(xr, slots, self.bits, self.group, self.codes[layer], self.scale[layer],
+                                     self.zero[layer])
+            return
         q = quantize(x[None], self.bits, self.group, "token", self.clip, self.rotation)  # (1, Hkv, N, ..)
         self.codes[layer].index_copy_(1, slots, q.data[0])
         self.scale[layer].index_copy_(1, slots, q.scale[0])

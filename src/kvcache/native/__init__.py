@@ -48,6 +48,9 @@ def _functions() -> dict:
             fn = lib.quant_decode_attn_f32
             fn.argtypes, fn.restype = _QUANT_ATTN, None
             _fns[("quant_decode_attn", torch.float32)] = fn
+            fn = lib.quantize_to_slots_f32
+            fn.argtypes, fn.restype = [_P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _I], None
+            _fns[("quantize_to_slots", torch.float32)] = fn
             fn = lib.paged_quant_decode_attn_f32
             fn.argtypes, fn.restype = _PAGED_QUANT_ATTN, None
             _fns[("paged_quant_decode_attn", torch.float32)] = fn
@@ -179,6 +182,23 @@ def paged_quantized_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_s
     if rotation is not None:
         out = out @ rotation.T
     return out.to(q.dtype)
+
+
+def quantize_to_slots(x: torch.Tensor, slots: torch.Tensor, bits: int, group: int, codes: torch.Tensor,
+                      scale: torch.Tensor, zero: torch.Tensor) -> None:
+    """Quantize x (Hkv, N, D) per token (groups of `group` channels, min-max, no clipping) and
+    write token i to slot slots[i] of codes (Hkv, S, D*bits/8) uint8 and scale, zero (Hkv, S,
+    D/group) fp16, contiguous. Same bytes as `cache.quant.quantize(x, bits, group, "token")`."""
+    h, n, d = x.shape
+    if d > MAX_HEAD_DIM or d % group or 8 % bits:
+        raise ValueError(f"cannot quantize head_dim {d} in groups of {group} at {bits} bits natively.")
+    for t in (codes, scale, zero):
+        if not t.is_contiguous():
+            raise ValueError("paged quantized storage must be contiguous per layer.")
+    xf = x.float().contiguous()
+    sl = slots.to(torch.int64).contiguous()
+    _functions()[("quantize_to_slots", torch.float32)](_ptr(xf), _ptr(sl), h, n, d, group, bits, _ptr(codes),
+                                                       _ptr(scale), _ptr(zero), codes.stride(0), scale.stride(0))
 
 
 #: Most rows `skinny_matmul` is used for: it streams the weight once per four rows, so past

@@ -537,6 +537,78 @@ void paged_quant_decode_attn_f32(const float* q, float* out, const uint8_t* kc, 
     free(part);
 }
 
+/* ---- Per-token quantization straight into paged slots -----------------------------------
+ * x (Hkv, N, D) fp32; token i of head h goes to slot slots[i]: codes (Hkv, S, D*bits/8) packed
+ * in planes, scale and zero (Hkv, S, D/g) fp16 (strides per head: c_hs, m_hs elements). The
+ * arithmetic is cache/quant.py's, step for step, so both give the same bytes: zero = the
+ * group's min rounded down to fp16, scale = (max - zero) / levels rounded up to fp16,
+ * code = round-half-even((x - zero) * (1 / scale)) clamped to [0, levels]. */
+static inline uint16_t f32_to_half_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u)); /* inf, nan */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504: inf */
+    if (a < 0x38800000u) { /* fp16 subnormal (or zero): units of 2^-24, half-even */
+        float m = fabsf(f) * 16777216.0f; /* exact: a power-of-two scale */
+        return (uint16_t)(sign | (uint32_t)nearbyintf(m));
+    }
+    uint32_t mant = a & 0x7fffffu, e = (a >> 23) - 112u; /* rebias 127 -> 15 */
+    uint32_t h = (e << 10) | (mant >> 13), rest = mant & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++; /* carries into the exponent correctly */
+    return (uint16_t)(sign | h);
+}
+
+static inline uint16_t half_step(uint16_t h, int up) { /* the next fp16 toward +inf (up) or -inf */
+    int neg = (h & 0x8000u) != 0;
+    if ((h & 0x7fffu) == 0) return up ? 0x0001u : 0x8001u;
+    return (uint16_t)((neg == !up) ? h + 1u : h - 1u); /* away from zero: +1 on the magnitude */
+}
+
+static inline uint16_t half_toward(float t, int up) {
+    uint16_t h = f32_to_half_rne(t);
+    float back = half_to_f32(h);
+    if (up ? back < t : back > t) h = half_step(h, up);
+    return h;
+}
+
+void quantize_to_slots_f32(const float* x, const int64_t* slots, int64_t H, int64_t N, int64_t D, int64_t group,
+                           int64_t bits, uint8_t* codes, uint16_t* scale, uint16_t* zero, int64_t c_hs,
+                           int64_t m_hs) {
+    const float FP16_MAX = 65504.0f;
+    int64_t levels = (1 << bits) - 1, per = 8 / bits, Dp = D / per, ng = D / group;
+    _Pragma("omp parallel for if(H * N * D >= 65536)")
+    for (int64_t r = 0; r < H * N; r++) {
+        int64_t h = r / N, i = r % N, slot = slots[i];
+        const float* xr = x + r * D;
+        uint8_t* cr = codes + h * c_hs + slot * Dp;
+        float cf[MAX_D];
+        for (int64_t gi = 0; gi < ng; gi++) {
+            const float* xg = xr + gi * group;
+            float lo = xg[0], hi = xg[0];
+            for (int64_t d = 1; d < group; d++) { lo = xg[d] < lo ? xg[d] : lo; hi = xg[d] > hi ? xg[d] : hi; }
+            lo = lo < -FP16_MAX ? -FP16_MAX : (lo > FP16_MAX ? FP16_MAX : lo);
+            hi = hi < -FP16_MAX ? -FP16_MAX : (hi > FP16_MAX ? FP16_MAX : hi);
+            uint16_t z16 = half_toward(lo, 0);
+            float z = half_to_f32(z16);
+            uint16_t s16 = half_toward((hi - z) / (float)levels, 1);
+            float s = half_to_f32(s16), inv = 1.0f / s;
+            if (isinf(inv)) inv = 0.f; /* a constant group: scale 0 */
+            for (int64_t d = 0; d < group; d++) {
+                float c = nearbyintf((xg[d] - z) * inv);
+                cf[gi * group + d] = c < 0.f ? 0.f : (c > (float)levels ? (float)levels : c);
+            }
+            scale[h * m_hs + slot * ng + gi] = s16;
+            zero[h * m_hs + slot * ng + gi] = z16;
+        }
+        for (int64_t j = 0; j < Dp; j++) { /* planes: code d in byte d % Dp at bit (d / Dp) * bits */
+            uint32_t byte = 0;
+            for (int64_t pl = 0; pl < per; pl++) byte |= (uint32_t)cf[pl * Dp + j] << (pl * bits);
+            cr[j] = (uint8_t)byte;
+        }
+    }
+}
+
 /* ---- Skinny matmuls for decode: y (M, N) = x (M, K) @ W^T, W stored (N, K), M small -------
  * Decode multiplies a few rows by each weight, so the weight streams from memory once per
  * step and the step's speed is that of the stream. Each thread owns a contiguous range of
