@@ -1,8 +1,8 @@
 """Decode speed and capacity of the paged engine with float vs quantized KV blocks.
 
 For each KV policy (`--policies`, the first is the baseline) and each batch size, B requests
-with distinct `--context`-token prompts (real text) are prefilled, then `--steps` decode steps
-of the whole batch are timed (median of `--repeats`). Reported per format: KV bytes per token,
+with distinct `--context`-token prompts (real text) are prefilled once, then `--repeats` runs
+of `--steps` decode steps of the whole batch are timed (the median is reported). Reported per format: KV bytes per token,
 tokens a `--kv-budget` holds, decode tok/s, the ratio to the baseline at the same batch size,
 and the share of the memory-bandwidth limit (weights + the batch's KV read per step, against
 `--bandwidth-gbs`). Writes a PNG of tok/s against batch size with `--plot`.
@@ -54,20 +54,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return a
 
 
-def decode_tok_s(llm: LLM, prompts: list[list[int]], steps: int) -> float:
-    """Prefill every prompt, then time `steps` decode steps of the whole batch: tokens/s."""
+def decode_tok_s(llm: LLM, prompts: list[list[int]], steps: int, repeats: int) -> list[float]:
+    """Prefill every prompt once, then time `repeats` runs of `steps` decode steps of the whole
+    batch: tokens/s of each run."""
     engine = llm.engine
-    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps * repeats + 2, temperature=0.0, ignore_eos=True)
     reqs = [engine.add_request(p, params) for p in prompts]
     while any(not r.output_token_ids for r in reqs):
         engine.step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    dt = time.perf_counter() - t0
+    speeds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        speeds.append(len(prompts) * steps / (time.perf_counter() - t0))
     engine.run_to_completion(reqs)
     engine.kv.reset_prefix_cache()
-    return len(prompts) * steps / dt
+    return speeds
 
 
 def main(argv=None) -> int:
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     rows = []
     weights_bytes = 0
     for policy in args.policy_list:
-        need = max(args.batches) * (args.context + args.steps + 16)
+        need = max(args.batches) * (args.context + args.steps * args.repeats + 16)
         probe = LLM(args.model, dtype=args.dtype, progress=False, kv_policy=policy, kv_cache_memory=1 << 20)
         bpt = probe.engine_bytes_per_token
         llm = LLM(args.model, dtype=args.dtype, threads=args.threads, progress=False, kv_policy=policy,
@@ -88,17 +91,15 @@ def main(argv=None) -> int:
         llm.generate([corpus[:64]], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
         for b in args.batches:
             prompts = [corpus[i * 997 : i * 997 + args.context] for i in range(b)]
-            speeds = []
-            for _ in range(args.repeats):
-                speeds.append(decode_tok_s(llm, prompts, args.steps))
-                err.print(f"  {policy or 'full'} batch {b}: {speeds[-1]:.1f} tok/s")
+            speeds = decode_tok_s(llm, prompts, args.steps, args.repeats)
+            err.print(f"  {policy or 'full'} batch {b}: " + ", ".join(f"{x:.1f}" for x in speeds) + " tok/s")
             rows.append({"policy": policy, "batch": b, "bytes_per_token": bpt, "budget_tokens": budget // bpt,
                          "decode_tok_s": statistics.median(speeds), "runs": speeds})
         del llm
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["policy"] == args.policy_list[0]}
     for r in rows:
         r["vs_baseline"] = r["decode_tok_s"] / base[r["batch"]]
-        kv_per_step = r["batch"] * (args.context + args.steps / 2) * r["bytes_per_token"]
+        kv_per_step = r["batch"] * (args.context + args.steps * args.repeats / 2) * r["bytes_per_token"]
         r["kv_read_per_step_bytes"] = kv_per_step
         steps_s = r["decode_tok_s"] / r["batch"]
         r["bandwidth_share"] = (weights_bytes + kv_per_step) * steps_s / (args.bandwidth_gbs * 1e9)
