@@ -23,6 +23,7 @@ class Param:
     default: object
     choices: tuple = ()
     minimum: float | None = None
+    hint: str = ""  # what a valid value looks like, added to the error
 
     def convert(self, policy: str, key: str, text: str) -> object:
         try:
@@ -35,7 +36,8 @@ class Param:
                 value = self.type(text)
         except ValueError:
             raise KVCacheError(
-                f"Policy '{policy}': {key}={text!r} is not a valid {self.type.__name__}."
+                f"Policy '{policy}': {key}={text!r} is not a valid "
+                f"{getattr(self.type, 'label', self.type.__name__)}{self.hint}."
             ) from None
         if self.choices and value not in self.choices:
             raise KVCacheError(
@@ -53,6 +55,36 @@ CLIP_MODES = ("auto", "none", "mse")
 # "values": quantize each value vector times a Hadamard matrix (spreads outlier channels; head_dim a power
 # of two), "none", "auto" = values at 2 bits
 ROTATE_MODES = ("auto", "none", "values")
+
+
+
+class LayerList(str):
+    """Layer numbers separated by '/' (commas separate keys), e.g. '0/1/29', or 'none'; kept
+    canonical: sorted, without repeats."""
+
+    label = "layer list"
+
+    def __new__(cls, text: str = "none"):
+        if text.lower() == "none":
+            return super().__new__(cls, "none")
+        layers = sorted({int(t) for t in text.split("/")})  # int() raises ValueError on junk
+        if layers[0] < 0:
+            raise ValueError(text)
+        return super().__new__(cls, "/".join(map(str, layers)))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layer numbers (() for 'none')."""
+        return () if self == "none" else tuple(int(t) for t in self.split("/"))
+
+
+_LAYERS_HINT = " (layer numbers separated by '/', e.g. 0/1/29, or none)"
+# mixed precision by layer: the keys (values) of these layers are held at hi_bits instead of bits
+HI_PARAMS = {
+    "hi_keys": Param(LayerList, LayerList(), hint=_LAYERS_HINT),
+    "hi_values": Param(LayerList, LayerList(), hint=_LAYERS_HINT),
+    "hi_bits": Param(int, 4, choices=(8, 4)),
+}
 
 # name -> key -> Param. The policies themselves live in selectors.py and stores.py.
 POLICY_PARAMS: dict[str, dict[str, Param]] = {
@@ -75,6 +107,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "clip": Param(str, "auto", choices=CLIP_MODES),
         "rotate": Param(str, "auto", choices=ROTATE_MODES),
         "value_group_size": Param(int, 0, minimum=0),  # channels per value group; 0: group_size if it divides head_dim
+        **HI_PARAMS,
     },
     "tiered": {
         "hot": Param(int, 256, minimum=1),  # recent tokens, exact
@@ -86,6 +119,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "clip": Param(str, "auto", choices=CLIP_MODES),
         "rotate": Param(str, "auto", choices=ROTATE_MODES),
         "value_group_size": Param(int, 0, minimum=0),  # channels per value group; 0: group_size if it divides head_dim
+        **HI_PARAMS,
     },
 }
 SELECTORS = ("window", "sinks", "evict")  # which tokens to keep
@@ -181,6 +215,11 @@ def parse_policy(text: str | None) -> PolicySpec:
                 raise KVCacheError("Policy 'evict' needs exactly one of ratio (0 < ratio < 1) or budget (tokens).")
             if ratio >= 1:
                 raise KVCacheError(f"Policy 'evict': ratio is the fraction removed and must be below 1, got {ratio}.")
+    if any(store.params.get(k, "none") != "none" for k in ("hi_keys", "hi_values")):
+        bits = store.params.get("bits", store.params.get("warm_bits"))
+        if store.params["hi_bits"] <= bits:
+            raise KVCacheError(f"Policy '{store.name}': hi_bits ({store.params['hi_bits']}) must be above the "
+                               f"other layers' {bits} bits.")
     if store.name == "tiered" and selectors:
         raise KVCacheError("Policy 'tiered' already decides which tokens to keep; do not combine it with a selector.")
     return PolicySpec(selectors, store, text)

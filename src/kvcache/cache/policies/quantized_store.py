@@ -24,7 +24,7 @@ import torch
 
 from kvcache import native
 from kvcache.cache.policies.stores import ExactStore
-from kvcache.cache.quant import QTensor, QuantizedStore, dequantize, hadamard, quantized_scores, unpack_codes
+from kvcache.cache.quant import QTensor, dequantize, hadamard, layer_store, quantized_scores, unpack_codes
 from kvcache.errors import KVCacheError
 
 
@@ -41,7 +41,8 @@ class QuantizedKVStore:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, bits: int, group_size: int,
                  residual: int, n_sink: int, dtype: torch.dtype, device: torch.device, capacity: int = 256,
                  exact_dtype: torch.dtype | None = None, clip: bool = False, value_group_size: int = 0,
-                 rotate_values: bool = False):
+                 rotate_values: bool = False, key_bits: tuple[int, ...] = (), value_bits: tuple[int, ...] = ()):
+        """key_bits, value_bits: a width per layer (mixed precision by layer); () = `bits` everywhere."""
         L, H, D = num_layers, num_kv_heads, head_dim
         self.num_layers, self.num_kv_heads, self.head_dim = L, H, D
         self.bits, self.group_size, self.residual, self.n_sink = bits, group_size, residual, n_sink
@@ -49,9 +50,10 @@ class QuantizedKVStore:
         exact = exact_dtype or dtype  # what the exact sinks and tail are stored in
         self.sinks = ExactStore(L, 1, H, D, exact, device, max(n_sink, 1))
         self.tail = ExactStore(L, 1, H, D, exact, device, residual + group_size + 64)
-        self.qk = QuantizedStore(L, 1, H, D, bits, group_size, "channel", capacity, device, clip)
-        self.qv = QuantizedStore(L, 1, H, D, bits, value_group_size or value_group(group_size, D), "token", capacity,
-                                 device, clip, hadamard(D) if rotate_values else None)
+        self.key_bits, self.value_bits = tuple(key_bits) or (bits,) * L, tuple(value_bits) or (bits,) * L
+        self.qk = layer_store(self.key_bits, 1, H, D, group_size, "channel", capacity, device, clip)
+        self.qv = layer_store(self.value_bits, 1, H, D, value_group_size or value_group(group_size, D), "token",
+                              capacity, device, clip, hadamard(D) if rotate_values else None)
         self.scratch_k = self.scratch_v = torch.empty(0, dtype=dtype, device=device)
         self.evict_unit = group_size  # drops move whole quantized groups
 
@@ -259,9 +261,10 @@ class TieredStore(QuantizedKVStore):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, hot: int, warm_bits: int,
                  warm: int, cold: str, group_size: int, dtype: torch.dtype, device: torch.device,
                  capacity: int = 256, exact_dtype: torch.dtype | None = None, clip: bool = False,
-                 value_group_size: int = 0, rotate_values: bool = False):
+                 value_group_size: int = 0, rotate_values: bool = False, key_bits: tuple[int, ...] = (),
+                 value_bits: tuple[int, ...] = ()):
         super().__init__(num_layers, num_kv_heads, head_dim, warm_bits, group_size, hot, 0, dtype, device, capacity,
-                         exact_dtype, clip, value_group_size, rotate_values)
+                         exact_dtype, clip, value_group_size, rotate_values, key_bits, value_bits)
         self.warm, self.cold = warm, cold
         self.cold_length = 0
         self.dropped = 0
@@ -349,6 +352,21 @@ def _first_tokens(q: QTensor, n: int) -> QTensor:
                    q.bits, q.group_size, q.axis, q.rotation)
 
 
+def layer_bits(part, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Key and value widths per layer of a `quantized` or `tiered` part: `hi_bits` in the layers
+    its `hi_keys` / `hi_values` name, its `bits` (`warm_bits`) elsewhere."""
+    p = part.params
+    bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
+    widths = []
+    for key in ("hi_keys", "hi_values"):
+        hi = p[key].layers
+        if hi and hi[-1] >= num_layers:
+            raise KVCacheError(f"Policy '{part.name}': {key} names layer {hi[-1]}, but the model's layers are "
+                               f"0 to {num_layers - 1}.")
+        widths.append(tuple(p["hi_bits"] if i in hi else bits for i in range(num_layers)))
+    return widths[0], widths[1]
+
+
 def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, device: torch.device,
                          capacity: int):
     """The store for a `quantized` or `tiered` policy part (`exact`: dtype of its exact tokens)."""
@@ -356,7 +374,9 @@ def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, d
     bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
     clip = p["clip"] == "mse" or (p["clip"] == "auto" and bits == 2)  # auto: 2-bit groups only
     rotate = p["rotate"] == "values" or (p["rotate"] == "auto" and bits == 2)
-    extra = dict(clip=clip, value_group_size=p["value_group_size"], rotate_values=rotate)
+    key_bits, value_bits = layer_bits(part, c.num_layers)
+    extra = dict(clip=clip, value_group_size=p["value_group_size"], rotate_values=rotate, key_bits=key_bits,
+                 value_bits=value_bits)
     if part.name == "quantized":
         return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, bits, p["group_size"],
                                 p["residual"], p["n_sink"], dtype, device, capacity, exact, **extra)
