@@ -59,7 +59,7 @@ def test_grammar_says_which_quantized_policies_run_paged():
     assert parse_policy("window:size=64+" + POLICIES[1]).paged_window == 64
     for policy in ("quantized:bits=8", "quantized:bits=8,key_axis=token",  # residual 128 by default
                    "quantized:bits=8,key_axis=token,residual=0,n_sink=4",
-                   "sinks:n_sink=4,window=60+" + POLICIES[0]):
+                   "sinks:n_sink=4,window=60+" + POLICIES[0], POLICIES[2] + ",hi_keys=0"):  # one width per pool
         assert not parse_policy(policy).runs_paged, policy
     with pytest.raises(KVCacheError, match="key_axis must be one of channel, token"):
         parse_policy("quantized:key_axis=head")
@@ -136,3 +136,23 @@ def test_per_token_policy_cache_holds_codes_and_reports_their_bytes(tiny_llm):
     c = tiny_llm.config
     fmt = TokenQuantFormat.from_policy(parse_policy(POLICIES[1]), c.head_dim)
     assert cache.nbytes_used == 20 * fmt.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
+
+
+def test_per_token_keys_with_a_wider_layer_read_each_layer_at_its_width(tiny_llm):
+    """hi_keys with per-token keys (run per sequence, the staged tokens quantized per layer):
+    layer 0's keys hold 4-bit codes (up to 16 levels a group), layer 1's 2-bit ones (4)."""
+    policy = POLICIES[2] + ",hi_keys=0,rotate=none"
+    cache = PolicyCache(tiny_llm.model, policy)
+    from kvcache.models.step import StepInputs
+
+    ids = torch.tensor([list(range(3, 19))])
+    logits = tiny_llm.model.forward(StepInputs(ids, None, 0, None), cache)
+    assert torch.isfinite(logits).all()
+    assert [cache.store.qk.view(i).bits for i in range(2)] == [4, 2]
+
+    def most_levels(layer: int) -> int:  # distinct values in any (head, token, 8-channel group)
+        k, _ = cache.store.read(layer, 0)  # (1, Hkv, 16, D) dequantized
+        groups = k.reshape(-1, 8)
+        return max(len(set(g.tolist())) for g in groups)
+
+    assert most_levels(1) <= 4 < most_levels(0) <= 16

@@ -66,7 +66,8 @@ def feed(model, cache, ids: list[int], chunk: int) -> torch.Tensor:
 def expected_bytes(cache: PolicyCache) -> int:
     """What the memory math (`cache.spec`) says the cache's tokens cost, tier by tier."""
     from kvcache.cache.policies.quantized_store import value_group
-    from kvcache.cache.spec import KVFormat, kv_tensor_bytes
+    from kvcache.cache.policies.quantized_store import layer_bits
+    from kvcache.cache.spec import kv_layers_bytes
 
     store = cache.store
     per_token = cache.bytes_per_token
@@ -75,11 +76,10 @@ def expected_bytes(cache: PolicyCache) -> int:
     c = cache
     exact = (store.sinks.length + store.tail.length) * store.tail.bytes_per_token // per_token
     nq = store.num_quantized
-    fk = KVFormat.parse(f"int{store.bits}", store.group_size)
+    key_bits, value_bits = layer_bits(cache.spec.store, c.num_layers)  # from the policy, not the store
     value_groups = cache.spec.store.params.get("value_group_size") or value_group(store.group_size, c.head_dim)
-    fv = KVFormat.parse(f"int{store.bits}", value_groups)
-    quant = c.num_layers * (kv_tensor_bytes(fk, nq, c.num_kv_heads, c.head_dim, "channel")
-                            + kv_tensor_bytes(fv, nq, c.num_kv_heads, c.head_dim, "token"))
+    quant = (kv_layers_bytes(key_bits, store.group_size, nq, c.num_kv_heads, c.head_dim, "channel")
+             + kv_layers_bytes(value_bits, value_groups, nq, c.num_kv_heads, c.head_dim, "token"))
     return exact * per_token + quant
 
 
@@ -314,7 +314,9 @@ def test_paged_window_frees_blocks_and_matches_the_per_sequence_cache(tiny_model
     ("quantized:bits=4,group_size=16,residual=0,n_sink=4", 0),
     ("quantized:bits=2,group_size=8,residual=24", 24),
     ("quantized:bits=2,group_size=16,value_group_size=8,residual=8,n_sink=2,rotate=values,clip=mse", 8),
+    ("quantized:bits=2,group_size=16,residual=16,n_sink=4,hi_keys=0,hi_values=1,hi_bits=8", 16),
     ("tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16", 16),
+    ("tiered:hot=16,warm_bits=2,warm=32,cold=disk,group_size=16,hi_keys=1", 16),
     ("tiered:hot=16,warm_bits=2,warm=32,cold=drop,group_size=16", 16),
 ])
 def test_quantized_stores_report_their_bytes_and_stay_close(tiny_llm, policy, exact_tail):
@@ -361,6 +363,19 @@ def test_fewer_bits_cost_more_logit_error(tiny_llm):
     assert err[8] < 0.05 and err[8] < err[4] < err[2], err
 
 
+def test_every_layer_at_hi_bits_is_the_uniform_cache(tiny_llm):
+    """hi_keys / hi_values naming every layer give exactly the cache at hi_bits; naming some
+    layers lands in between the two uniform caches."""
+    model = tiny_llm.model
+    ids = text_ids(tiny_llm, 100)
+    base = "group_size=16,residual=16,clip=none,rotate=none"
+    run = {p: feed(model, PolicyCache(model, f"quantized:{base},{p}"), ids, chunk=10)
+           for p in ("bits=8", "bits=2", "bits=2,hi_keys=0/1,hi_values=0/1,hi_bits=8", "bits=2,hi_keys=0/1,hi_bits=8")}
+    assert torch.equal(run["bits=8"], run["bits=2,hi_keys=0/1,hi_values=0/1,hi_bits=8"])
+    err = {p: (x - run["bits=8"]).abs().max().item() for p, x in run.items()}
+    assert 0 < err["bits=2,hi_keys=0/1,hi_bits=8"] < err["bits=2"], err
+
+
 def test_tiered_disk_tier_reads_back_what_it_wrote(tiny_llm):
     """The cold tier holds the warm tier's dequantized tokens: a tiered cache with a disk
     tier and the same quantized cache without one see the same layer-0 K/V (up to fp16 on disk)."""
@@ -400,6 +415,7 @@ def test_sinks_with_int8_stream_with_flat_memory(tiny_llm):
                                     # both runs; a clipped range can flip on the last bits of its input
                                     "quantized:bits=2,group_size=16,residual=16,exact=fp16,clip=none",
                                     "quantized:bits=2,group_size=16,residual=16,clip=none,rotate=values",
+                                    "quantized:bits=2,group_size=16,residual=16,clip=none,hi_keys=0,hi_values=1",
                                     "tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16"])
 def test_decode_from_codes_equals_dequantize_then_attend(tiny_llm, policy):
     """The fused decode path (scales folded into queries and probabilities) computes the

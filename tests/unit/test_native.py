@@ -171,6 +171,22 @@ def test_quantized_decode_attention_with_rotated_values():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("key_bits, value_bits", [(4, 2), (2, 8), (8, 4)])
+def test_quantized_decode_attention_keys_and_values_at_different_bits(key_bits, value_bits):
+    """A layer held at mixed precision (e.g. 4-bit keys over 2-bit values) reads each at its width."""
+    from kvcache.cache.quant import dequantize, quantize
+
+    gen = torch.Generator().manual_seed(key_bits * 10 + value_bits)
+    hq, hkv, d, nq = 6, 2, 64, 320
+    keys, values = torch.randn(1, hkv, nq, d, generator=gen), torch.randn(1, hkv, nq, d, generator=gen)
+    qk, qv = quantize(keys, key_bits, 64, "channel"), quantize(values, value_bits, 32, "token")
+    ek, ev = torch.randn(hkv, 5, d, generator=gen), torch.randn(hkv, 5, d, generator=gen)
+    q = torch.randn(hq, d, generator=gen)
+    got = native.quantized_decode_attention(q, ek, ev, qk, qv)
+    want = reference_attention(q, torch.cat([ek, dequantize(qk)[0]], 1), torch.cat([ev, dequantize(qv)[0]], 1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_shapes_past_the_kernel_limits_are_refused():
     assert native.fits(64, 9, 3) and not native.fits(512, 8, 8) and not native.fits(64, 64, 2)
     q = torch.randn(1, 64, 8)  # 64 query heads on 2 KV heads: past MAX_GROUP

@@ -60,6 +60,8 @@ __all__ = [
     "pack_codes",
     "unpack_codes",
     "QuantizedStore",
+    "LayerBitsStore",
+    "layer_store",
 ]
 
 def hadamard(n: int) -> torch.Tensor | None:
@@ -511,6 +513,11 @@ class QuantizedStore:
         self._lengths = [0] * self.num_layers
 
     @property
+    def layer_bits(self) -> tuple[int, ...]:
+        """Code width of each layer (all equal here; see :class:`LayerBitsStore`)."""
+        return (self.bits,) * self.num_layers
+
+    @property
     def nbytes(self) -> int:
         """Exact bytes of codes and metadata holding the stored tokens, all layers."""
         return sum(self.view(i).nbytes for i in range(self.num_layers))
@@ -519,3 +526,99 @@ class QuantizedStore:
     def nbytes_allocated(self) -> int:
         """Bytes reserved by the storage (the whole capacity)."""
         return sum(t.numel() * t.element_size() for t in (self._data, self._scale, self._zero))
+
+
+class LayerBitsStore:
+    """:class:`QuantizedStore`'s interface for layers of different code widths.
+
+    ``layer_bits[i]`` is layer i's width; the layers of one width share one uniform
+    :class:`QuantizedStore` (so each layer's storage really is packed at its own width),
+    and this class maps a model layer to its store and row there.
+    """
+
+    def __init__(self, layer_bits, batch: int, kv_heads: int, head_dim: int, group_size: int, axis: str,
+                 capacity_tokens: int = 0, device: torch.device | str = "cpu", clip: bool = False,
+                 rotation: torch.Tensor | None = None):
+        layer_bits = tuple(layer_bits)
+        if not layer_bits:
+            raise KVCacheError("layer_bits needs one width per layer, got none.")
+        self.layer_bits, self.num_layers = layer_bits, len(layer_bits)
+        self.group_size, self.axis, self.clip = group_size, axis, clip
+        self._layers = {b: [i for i, x in enumerate(layer_bits) if x == b] for b in sorted(set(layer_bits))}
+        self._stores = {b: QuantizedStore(len(ls), batch, kv_heads, head_dim, b, group_size, axis, capacity_tokens,
+                                          device, clip, rotation) for b, ls in self._layers.items()}
+        self._where = {i: (self._stores[b], j) for b, ls in self._layers.items() for j, i in enumerate(ls)}
+
+    def _at(self, layer: int) -> tuple[QuantizedStore, int]:
+        if isinstance(layer, bool) or layer not in self._where:
+            raise KVCacheError(f"layer must be in [0, {self.num_layers}), got {layer!r}.")
+        return self._where[layer]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens every layer can hold before some storage grows."""
+        return min(s.capacity for s in self._stores.values())
+
+    def reserve(self, num_tokens: int) -> None:
+        for s in self._stores.values():
+            s.reserve(num_tokens)
+
+    def num_tokens(self, layer: int = 0) -> int:
+        store, row = self._at(layer)
+        return store.num_tokens(row)
+
+    def append(self, layer: int, x: torch.Tensor) -> None:
+        """Quantize x (B, Hkv, T, D) at the layer's width after its tokens."""
+        store, row = self._at(layer)
+        store.append(row, x)
+
+    def append_all(self, x: torch.Tensor) -> None:
+        """Quantize x (L, B, Hkv, T, D), one pass per width."""
+        for b, layers in self._layers.items():
+            part = x if len(layers) == self.num_layers else x[layers]  # (L_b, B, Hkv, T, D)
+            self._stores[b].append_all(part)
+
+    def drop_front(self, num_tokens: int) -> None:
+        for s in self._stores.values():
+            s.drop_front(num_tokens)
+
+    def view(self, layer: int) -> QTensor:
+        store, row = self._at(layer)
+        return store.view(row)
+
+    def dequantize_into(self, layer: int, out: torch.Tensor, start: int = 0) -> int:
+        store, row = self._at(layer)
+        return store.dequantize_into(row, out, start)
+
+    def truncate(self, num_tokens: int, layer: int | None = None) -> None:
+        if layer is None:
+            for s in self._stores.values():
+                s.truncate(num_tokens)
+            return
+        store, row = self._at(layer)
+        store.truncate(num_tokens, row)
+
+    def clear(self) -> None:
+        for s in self._stores.values():
+            s.clear()
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes of codes and metadata of the stored tokens, all widths."""
+        return sum(s.nbytes for s in self._stores.values())
+
+    @property
+    def nbytes_allocated(self) -> int:
+        return sum(s.nbytes_allocated for s in self._stores.values())
+
+
+def layer_store(layer_bits, batch: int, kv_heads: int, head_dim: int, group_size: int, axis: str,
+                capacity_tokens: int = 0, device: torch.device | str = "cpu", clip: bool = False,
+                rotation: torch.Tensor | None = None) -> QuantizedStore | LayerBitsStore:
+    """A store with layer i at ``layer_bits[i]`` bits: a plain :class:`QuantizedStore` when all are equal."""
+    layer_bits = tuple(layer_bits)
+    if len(set(layer_bits)) == 1:
+        return QuantizedStore(len(layer_bits), batch, kv_heads, head_dim, layer_bits[0], group_size, axis,
+                              capacity_tokens, device, clip, rotation)
+    return LayerBitsStore(layer_bits, batch, kv_heads, head_dim, group_size, axis, capacity_tokens, device,
+                          clip, rotation)

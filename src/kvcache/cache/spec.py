@@ -39,6 +39,7 @@ __all__ = [
     "kv_bytes",
     "QUANT_AXES",
     "kv_tensor_bytes",
+    "kv_layers_bytes",
     "max_seq_len_in_budget",
     "max_batch_in_budget",
     "parse_size",
@@ -273,6 +274,14 @@ def kv_tensor_bytes(
     else:
         groups = rows * -(-head_dim // fmt.group_size)
     return data + groups * fmt.scale_bytes
+
+
+def kv_layers_bytes(layer_bits: tuple[int, ...], group_size: int, num_tokens: int, kv_heads: int, head_dim: int,
+                    axis: str = "token", batch: int = 1) -> int:
+    """Exact bytes of K (or V) over layers held at ``layer_bits[i]`` bits each (integer formats,
+    mixed precision by layer): the sum of :func:`kv_tensor_bytes` layer by layer."""
+    return sum(kv_tensor_bytes(KVFormat.parse(f"int{b}", group_size), num_tokens, kv_heads, head_dim, axis, batch)
+               for b in layer_bits)
 
 
 def kv_bytes(shape: ModelShape, fmt: KVFormat, seq_len: int, batch: int = 1) -> int:

@@ -22,7 +22,7 @@ _SIGNATURES = {
     "silu_mul": [_P, _P, _I, _I],
     "decode_attn": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F],
 }
-_QUANT_ATTN = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F]
+_QUANT_ATTN = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _F]
 _PAGED_QUANT_ATTN = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I,
                      _F]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -129,15 +129,15 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
 
     exact_k, exact_v (Hkv, ne, D): the exact tokens (sinks and tail, any order). qk, qv:
     `cache.quant.QTensor` views of the quantized keys (per channel) and values (per token),
-    batch 1, sharing bits. Values stored rotated (qv.rotation R) are attended in the rotated
+    batch 1 (keys and values may differ in bits). Values stored rotated (qv.rotation R) are attended in the rotated
     space, the exact ones rotated to join them, and the output rotated back.
     Computes in fp32; returns (Hq, D) fp32.
     """
     hq, d = q.shape
     hkv, nq = qk.shape[1], qk.shape[2]
     _check_shape(d, hq, hkv)
-    if qv.shape[2] != nq or qv.bits != qk.bits or qk.axis != "channel" or qv.axis != "token":
-        raise ValueError("quantized keys must be per channel and values per token, equally long, same bits.")
+    if qv.shape[2] != nq or qk.axis != "channel" or qv.axis != "token":
+        raise ValueError("quantized keys must be per channel and values per token, equally long.")
     q = q.float().contiguous()
     rot = qv.rotation
     ek = exact_k.float().contiguous()
@@ -150,7 +150,7 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
         _ptr(q), _ptr(out), _ptr(ek), _ptr(ev), ek.shape[1],
         _ptr(qk.data), _ptr(qk.scale), _ptr(qk.zero), qk.data.stride(1), qk.scale.stride(1), qk.group_size,
         _ptr(qv.data), _ptr(qv.scale), _ptr(qv.zero), qv.data.stride(1), qv.scale.stride(1), qv.group_size,
-        nq, qk.bits, hq, hkv, d, d ** -0.5)
+        nq, qk.bits, qv.bits, hq, hkv, d, d ** -0.5)
     return out if rot is None else out @ rot.T
 
 

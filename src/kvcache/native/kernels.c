@@ -285,7 +285,8 @@ DECODE_ATTN(decode_attn_bf16, bf16, bf16_to_f32, f32_to_bf16)
  *   exact:     ek, ev (Hkv, ne, D) fp32 (sinks and recent tail; order does not matter)
  *   quantized: nq tokens; K codes per channel in groups of gk tokens, V codes per token in
  *              groups of gv channels; codes packed in planes (code d of a row sits in byte
- *              d % Dp at bit (d / Dp) * bits, Dp = D * bits / 8); scales and zeros fp16.
+ *              d % Dp at bit (d / Dp) * bits, Dp = D * bits / 8; keys at kbits, values at
+ *              vbits); scales and zeros fp16.
  * Strides are per KV head, in elements: kc_hs (K codes), km_hs (K scale/zero), vc_hs, vm_hs.
  * Scores of a K group fold its per-channel scales into the query:
  *   q . (c * s + z) = (q * s) . c + q . z
@@ -340,8 +341,8 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
                            const uint8_t* kc, const uint16_t* ks, const uint16_t* kz, int64_t kc_hs,
                            int64_t km_hs, int64_t gk, const uint8_t* vc, const uint16_t* vs,
                            const uint16_t* vz, int64_t vc_hs, int64_t vm_hs, int64_t gv, int64_t nq,
-                           int64_t bits, int64_t Hq, int64_t Hkv, int64_t D, float scale) {
-    int64_t G = Hq / Hkv, Dp = D * bits / 8, ngv = D / gv;
+                           int64_t kbits, int64_t vbits, int64_t Hq, int64_t Hkv, int64_t D, float scale) {
+    int64_t G = Hq / Hkv, Dpk = D * kbits / 8, Dpv = D * vbits / 8, ngv = D / gv;
     int64_t qchunk = gk * ((256 + gk - 1) / gk); /* whole K groups per chunk */
     int64_t echunks = ne > 0 ? 1 : 0, qchunks = (nq + qchunk - 1) / qchunk;
     int64_t nchunks = echunks + qchunks, per = G * (D + 2);
@@ -386,7 +387,7 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
                         bias[g] = b;
                     }
                 }
-                unpack_row(kc + h * kc_hs + j * Dp, cf, D, bits);
+                unpack_row(kc + h * kc_hs + j * Dpk, cf, D, kbits);
                 for (int64_t g = 0; g < G; g++) {
                     float s = (D == 64 ? dot64(qs[g], cf) : dot(qs[g], cf, D)) + bias[g];
                     sc[g * sclen + i] = s;
@@ -407,7 +408,7 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
             int64_t j0 = (c - echunks) * qchunk;
             for (int64_t i = 0; i < n; i++) {
                 int64_t j = j0 + i;
-                unpack_row(vc + h * vc_hs + j * Dp, cf, D, bits);
+                unpack_row(vc + h * vc_hs + j * Dpv, cf, D, vbits);
                 const uint16_t* s16 = vs + h * vm_hs + j * ngv;
                 const uint16_t* z16 = vz + h * vm_hs + j * ngv;
                 if (gv == 64 && ngv == 1) { /* the common case: one value group per row, constant trip counts */

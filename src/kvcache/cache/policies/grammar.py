@@ -23,6 +23,7 @@ class Param:
     default: object
     choices: tuple = ()
     minimum: float | None = None
+    hint: str = ""  # what a valid value looks like, added to the error
 
     def convert(self, policy: str, key: str, text: str) -> object:
         try:
@@ -35,7 +36,8 @@ class Param:
                 value = self.type(text)
         except ValueError:
             raise KVCacheError(
-                f"Policy '{policy}': {key}={text!r} is not a valid {self.type.__name__}."
+                f"Policy '{policy}': {key}={text!r} is not a valid "
+                f"{getattr(self.type, 'label', self.type.__name__)}{self.hint}."
             ) from None
         if self.choices and value not in self.choices:
             raise KVCacheError(
@@ -55,6 +57,36 @@ CLIP_MODES = ("auto", "none", "mse")
 # mix the channels a per-channel group keeps apart); "none"; "auto" = values at 2 bits, and keys when they
 # are grouped per token at 4 or 2 bits (RoPE leaves a few huge key channels that stretch a token's range)
 ROTATE_MODES = ("auto", "none", "values", "keys", "both")
+
+
+
+class LayerList(str):
+    """Layer numbers separated by '/' (commas separate keys), e.g. '0/1/29', or 'none'; kept
+    canonical: sorted, without repeats."""
+
+    label = "layer list"
+
+    def __new__(cls, text: str = "none"):
+        if text.lower() == "none":
+            return super().__new__(cls, "none")
+        layers = sorted({int(t) for t in text.split("/")})  # int() raises ValueError on junk
+        if layers[0] < 0:
+            raise ValueError(text)
+        return super().__new__(cls, "/".join(map(str, layers)))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The layer numbers (() for 'none')."""
+        return () if self == "none" else tuple(int(t) for t in self.split("/"))
+
+
+_LAYERS_HINT = " (layer numbers separated by '/', e.g. 0/1/29, or none)"
+# mixed precision by layer: the keys (values) of these layers are held at hi_bits instead of bits
+HI_PARAMS = {
+    "hi_keys": Param(LayerList, LayerList(), hint=_LAYERS_HINT),
+    "hi_values": Param(LayerList, LayerList(), hint=_LAYERS_HINT),
+    "hi_bits": Param(int, 4, choices=(8, 4)),
+}
 
 # name -> key -> Param. The policies themselves live in selectors.py and stores.py.
 POLICY_PARAMS: dict[str, dict[str, Param]] = {
@@ -81,6 +113,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         # (group_size channels of one token, llama.cpp's q8_0/q4_0 layout); with residual=0 and n_sink=0
         # every token is quantized as it is written, and the paged engine runs the policy
         "key_axis": Param(str, "channel", choices=("channel", "token")),
+        **HI_PARAMS,
     },
     "tiered": {
         "hot": Param(int, 256, minimum=1),  # recent tokens, exact
@@ -92,6 +125,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "clip": Param(str, "auto", choices=CLIP_MODES),
         "rotate": Param(str, "auto", choices=ROTATE_MODES),
         "value_group_size": Param(int, 0, minimum=0),  # channels per value group; 0: group_size if it divides head_dim
+        **HI_PARAMS,
     },
 }
 SELECTORS = ("window", "sinks", "evict")  # which tokens to keep
@@ -157,7 +191,8 @@ class PolicySpec:
         grouped per token, every token quantized as it is written (`key_axis=token`, residual 0,
         no exact sinks); None otherwise."""
         p = self.store.params
-        if self.store.name == "quantized" and p["key_axis"] == "token" and p["residual"] == 0 and p["n_sink"] == 0:
+        if (self.store.name == "quantized" and p["key_axis"] == "token" and p["residual"] == 0 and p["n_sink"] == 0
+                and p["hi_keys"] == "none" and p["hi_values"] == "none"):  # one code width for every layer
             return self.store
         return None
 
@@ -223,6 +258,11 @@ def parse_policy(text: str | None) -> PolicySpec:
     if store.params.get("rotate") in ("keys", "both") and store.params.get("key_axis", "channel") != "token":
         raise KVCacheError(f"Policy '{store.name}': rotate={store.params['rotate']} needs keys grouped per token "
                            "(key_axis=token); per-channel key groups must keep their channels apart.")
+    if any(store.params.get(k, "none") != "none" for k in ("hi_keys", "hi_values")):
+        bits = store.params.get("bits", store.params.get("warm_bits"))
+        if store.params["hi_bits"] <= bits:
+            raise KVCacheError(f"Policy '{store.name}': hi_bits ({store.params['hi_bits']}) must be above the "
+                               f"other layers' {bits} bits.")
     if store.name == "tiered" and selectors:
         raise KVCacheError("Policy 'tiered' already decides which tokens to keep; do not combine it with a selector.")
     return PolicySpec(selectors, store, text)

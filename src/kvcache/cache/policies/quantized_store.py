@@ -25,7 +25,7 @@ import torch
 from kvcache import native
 from kvcache.cache.policies.grammar import quantizer_modes
 from kvcache.cache.policies.stores import ExactStore
-from kvcache.cache.quant import (QTensor, QuantizedStore, dequantize, hadamard, quantize, quantized_scores,
+from kvcache.cache.quant import (QTensor, dequantize, hadamard, layer_store, quantize, quantized_scores,
                                  unpack_codes)
 from kvcache.errors import KVCacheError
 
@@ -43,7 +43,9 @@ class QuantizedKVStore:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, bits: int, group_size: int,
                  residual: int, n_sink: int, dtype: torch.dtype, device: torch.device, capacity: int = 256,
                  exact_dtype: torch.dtype | None = None, clip: bool = False, value_group_size: int = 0,
-                 rotate_values: bool = False, key_axis: str = "channel", rotate_keys: bool = False):
+                 rotate_values: bool = False, key_axis: str = "channel", rotate_keys: bool = False,
+                 key_bits: tuple[int, ...] = (), value_bits: tuple[int, ...] = ()):
+        """key_bits, value_bits: a width per layer (mixed precision by layer); () = `bits` everywhere."""
         L, H, D = num_layers, num_kv_heads, head_dim
         self.num_layers, self.num_kv_heads, self.head_dim = L, H, D
         self.bits, self.group_size, self.residual, self.n_sink = bits, group_size, residual, n_sink
@@ -55,10 +57,11 @@ class QuantizedKVStore:
         # keys per channel: groups of group_size tokens; per token: group_size channels, like the values
         self.token_group = group_size if key_axis == "channel" else 1  # tokens that quantize together
         key_group = group_size if key_axis == "channel" else value_group(group_size, D)
-        self.qk = QuantizedStore(L, 1, H, D, bits, key_group, key_axis, capacity, device, clip,
-                                 hadamard(D) if rotate_keys else None)
-        self.qv = QuantizedStore(L, 1, H, D, bits, value_group_size or value_group(group_size, D), "token", capacity,
-                                 device, clip, hadamard(D) if rotate_values else None)
+        self.key_bits, self.value_bits = tuple(key_bits) or (bits,) * L, tuple(value_bits) or (bits,) * L
+        self.qk = layer_store(self.key_bits, 1, H, D, key_group, key_axis, capacity, device, clip,
+                              hadamard(D) if rotate_keys else None)
+        self.qv = layer_store(self.value_bits, 1, H, D, value_group_size or value_group(group_size, D), "token",
+                              capacity, device, clip, hadamard(D) if rotate_values else None)
         self.scratch_k = self.scratch_v = torch.empty(0, dtype=dtype, device=device)
         self.evict_unit = self.token_group  # drops move whole quantized groups
         # per-token keys with no exact tail: a step's own tokens are read as they will be stored
@@ -119,7 +122,7 @@ class QuantizedKVStore:
             pos += self.qv.dequantize_into(layer, v, pos)
         tk, tv = self.tail.read(layer, staged)  # (1, Hkv, tail+staged, D)
         if self.quantize_staged and tk.shape[2]:
-            tk, tv = roundtrip(tk, self.qk), roundtrip(tv, self.qv)
+            tk, tv = roundtrip(tk, self.qk, layer), roundtrip(tv, self.qv, layer)
         k[:, :, pos:s], v[:, :, pos:s] = tk, tv
         return k[:, :, :s], v[:, :, :s]
 
@@ -276,9 +279,10 @@ class TieredStore(QuantizedKVStore):
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, hot: int, warm_bits: int,
                  warm: int, cold: str, group_size: int, dtype: torch.dtype, device: torch.device,
                  capacity: int = 256, exact_dtype: torch.dtype | None = None, clip: bool = False,
-                 value_group_size: int = 0, rotate_values: bool = False):
+                 value_group_size: int = 0, rotate_values: bool = False, key_bits: tuple[int, ...] = (),
+                 value_bits: tuple[int, ...] = ()):
         super().__init__(num_layers, num_kv_heads, head_dim, warm_bits, group_size, hot, 0, dtype, device, capacity,
-                         exact_dtype, clip, value_group_size, rotate_values)
+                         exact_dtype, clip, value_group_size, rotate_values, key_bits=key_bits, value_bits=value_bits)
         self.warm, self.cold = warm, cold
         self.cold_length = 0
         self.dropped = 0
@@ -366,10 +370,26 @@ def _first_tokens(q: QTensor, n: int) -> QTensor:
                    q.bits, q.group_size, q.axis, q.rotation)
 
 
-def roundtrip(x: torch.Tensor, store: QuantizedStore) -> torch.Tensor:
-    """x (1, Hkv, T, D) as `store` would give it back after storing it (quantized, then dequantized)."""
-    q = quantize(x, store.bits, store.group_size, store.axis, store.clip, store.rotation)
+def roundtrip(x: torch.Tensor, store, layer: int) -> torch.Tensor:
+    """x (1, Hkv, T, D) as `store` gives back `layer`'s tokens once stored (quantized, then dequantized)."""
+    q = store.view(layer)  # the layer's width, groups and rotation
+    q = quantize(x, q.bits, q.group_size, q.axis, store.clip, q.rotation)
     return dequantize(q, dtype=torch.float32).to(x.dtype)
+
+
+def layer_bits(part, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Key and value widths per layer of a `quantized` or `tiered` part: `hi_bits` in the layers
+    its `hi_keys` / `hi_values` name, its `bits` (`warm_bits`) elsewhere."""
+    p = part.params
+    bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
+    widths = []
+    for key in ("hi_keys", "hi_values"):
+        hi = p[key].layers
+        if hi and hi[-1] >= num_layers:
+            raise KVCacheError(f"Policy '{part.name}': {key} names layer {hi[-1]}, but the model's layers are "
+                               f"0 to {num_layers - 1}.")
+        widths.append(tuple(p["hi_bits"] if i in hi else bits for i in range(num_layers)))
+    return widths[0], widths[1]
 
 
 def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, device: torch.device,
@@ -378,7 +398,9 @@ def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, d
     c, p = config, part.params
     bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
     modes = quantizer_modes(p, bits)
-    extra = dict(clip=modes.clip, value_group_size=p["value_group_size"], rotate_values=modes.rotate_values)
+    key_bits, value_bits = layer_bits(part, c.num_layers)
+    extra = dict(clip=modes.clip, value_group_size=p["value_group_size"], rotate_values=modes.rotate_values,
+                 key_bits=key_bits, value_bits=value_bits)
     if part.name == "quantized":
         return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, bits, p["group_size"],
                                 p["residual"], p["n_sink"], dtype, device, capacity, exact,
