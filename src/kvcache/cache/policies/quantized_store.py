@@ -5,6 +5,9 @@
 Keys are quantized per channel and values per token (`cache/quant.py`, really packed);
 new tokens land in the exact tail, and whole groups of `group_size` tokens move from
 the tail into the quantized part once the tail passes `residual + group_size`.
+With `key_axis=token` keys are grouped per token like the values, so tokens move one at a
+time; with no exact tail and no sinks, a step's own tokens are also read quantized, the
+numbers of the paged engine's quantized blocks (`cache/paged_quant.py`).
 
 `TieredStore` (policy `tiered`, the hierarchical cache) adds a cold tier in front:
   [cold: oldest, on disk (memory-mapped) or dropped] [warm: quantized] [hot: exact]
