@@ -80,7 +80,7 @@ def test_storage_round_trips_tokens_like_quantize_and_counts_spec_bytes(bits, gr
     slots = torch.tensor([table[i // BS] * BS + i % BS for i in range(7)])
     st.zero_blocks(table)
     for layer in range(L):
-        st.write_slots(layer, slots, k[layer], v[layer])
+        st.scatter(layer, slots, k[layer], v[layer])
     for layer in range(L):
         rk, rv = st.read_rows(layer, torch.tensor([table]))  # (1, H, 8, D)
         want_k = dequantize(quantize(k[layer], bits, group, "token", fmt.clip))

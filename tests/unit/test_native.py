@@ -209,7 +209,8 @@ def test_paged_quantized_decode_attention_equals_attention_over_dequantized_bloc
                                                 rotate_keys=rotate))
     st.zero_blocks(range(nblocks))
     slots = torch.arange(nblocks * bs)
-    st.write_slots(0, slots, 3 * torch.randn(1, hkv, nblocks * bs, d).to(dtype), torch.randn(1, hkv, nblocks * bs, d).to(dtype))
+    k, v = 3 * torch.randn(1, hkv, nblocks * bs, d), torch.randn(1, hkv, nblocks * bs, d)  # (B, Hkv, T, D)
+    st.scatter(0, slots, k.to(dtype), v.to(dtype))
     tables = [[7, 2, 9], [0, 11, 3], [5, 0, 0]]
     lo, hi = torch.tensor([0, 5, 0]), torch.tensor([11, 9, 3])  # row 1 starts past a released stretch
     q = torch.randn(3, hq, d).to(dtype)

@@ -152,7 +152,7 @@ class PagedQuantizedStorage:
                 self.k.zero_slots(lo, hi)
                 self.v.zero_slots(lo, hi)
 
-    def write_slots(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize k, v (B, Hkv, T, D) and scatter them to `slots` (B*T,), row-major over (B, T)."""
         b, h, t, d = k.shape
         self.k.write(layer, slots, k.transpose(0, 1).reshape(h, b * t, d))

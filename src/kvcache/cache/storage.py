@@ -71,7 +71,7 @@ class PagedKVStorage:
 
     saves_sessions = True  # read_blocks / write_blocks move float K/V (session snapshots)
 
-    def write_slots(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Scatter k, v (B, Hkv, T, D) to `slots` (B*T,), row-major over (B, T)."""
         b, h, t, d = k.shape
         self.k[layer].index_copy_(1, slots, k.transpose(0, 1).reshape(h, b * t, d))
@@ -145,7 +145,7 @@ class PagedStepCache(PlainCache):
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Scatter k, v (B, Hkv, T, D) into their slots; gather (B, Hkv, S, D) for attention."""
         st = self.storage
-        st.write_slots(layer, self.write_slots, k, v)
+        st.scatter(layer, self.write_slots, k, v)
         if self.native_decode and k.shape[2] == 1:
             return None, None  # the model calls attend()
         s = self.read_blocks.shape[1] * st.block_size

@@ -21,7 +21,6 @@ from kvcache.server.errors import APIError
 from kvcache.server.routes import ERRORS, state_of
 from kvcache.server.schemas import SessionList, SessionLoaded, SessionRequest, SessionSaved
 from kvcache.server.state import ServerState
-from kvcache.server.state import ServerState
 
 router = APIRouter(tags=["sessions"])
 SessionName = Annotated[str, Path(pattern=SESSION_NAME.pattern, description="letters, digits, '-', '_' (1-64)")]
