@@ -61,6 +61,27 @@ def config_from_args(args) -> SweepConfig:
     return cfg
 
 
+def _fit_policies(llm, cfg: SweepConfig, named: bool, log) -> None:
+    """Policies whose layer lists (hi_keys / hi_values) name layers this model lacks: an error
+    before any work when the user named them, dropped with a notice from the default rows."""
+    from kvcache.cache.policies.grammar import parse_policy
+    from kvcache.cache.policies.quantized_store import layer_bits
+
+    kept = []
+    for p in cfg.policies:
+        store = parse_policy(p).store
+        try:
+            if store.name in ("quantized", "tiered"):
+                layer_bits(store, llm.config.num_layers)
+        except KVCacheError as exc:
+            if named:
+                raise
+            log(f"skipping default policy '{p}': {exc}")
+            continue
+        kept.append(p)
+    cfg.policies = kept
+
+
 def _check_lengths(llm, cfg: SweepConfig) -> None:
     longest = max(cfg.contexts + ([] if cfg.skip_needle else [n + 64 for n in cfg.needle_lengths])
                   + ([] if cfg.skip_speed else [cfg.speed_context + 64]))
@@ -85,6 +106,7 @@ def run(args, make_llm) -> int:
     cfg = config_from_args(args)
     llm = make_llm(args)
     _check_lengths(llm, cfg)
+    _fit_policies(llm, cfg, named=args.policies is not None, log=err.print)
     with _progress(err, err.is_terminal) as bar:
         rows = sweep.run_sweep(llm, cfg, bar, log=lambda msg: err.print(msg, markup=False, highlight=False))
     folder = Path(cfg.out_dir)

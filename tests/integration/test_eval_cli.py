@@ -79,6 +79,7 @@ def test_eval_stream_mode(tiny_model_dir, tmp_path):
     ["--speed-steps", "0"],
     ["--stream-tokens", "2"],
     ["--contexts", "100000"],
+    ["--policies", "quantized:bits=2,hi_keys=5"],  # the tiny model has layers 0 and 1
 ])
 def test_bad_eval_flags_are_one_sentence_and_exit_2(tiny_model_dir, args, capsys):
     from kvcache.cli import main
@@ -91,3 +92,16 @@ def test_bad_eval_flags_are_one_sentence_and_exit_2(tiny_model_dir, args, capsys
     assert code == 2, err
     assert "Traceback" not in err
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+
+
+def test_default_rows_naming_missing_layers_are_skipped_with_a_notice(tiny_llm):
+    from kvcache.cli_eval import _fit_policies
+    from kvcache.eval.sweep import DEFAULT_POLICIES, SweepConfig
+
+    mixed = [p for p in DEFAULT_POLICIES if "hi_keys" in p]
+    assert mixed  # the default rows include a mixed-width policy for the default model's 30 layers
+    cfg = SweepConfig(policies=["full", *mixed, "quantized:bits=2,hi_keys=1"])
+    notices = []
+    _fit_policies(tiny_llm, cfg, named=False, log=notices.append)
+    assert cfg.policies == ["full", "quantized:bits=2,hi_keys=1"]
+    assert len(notices) == len(mixed) and "layers are 0 to 1" in notices[0]
