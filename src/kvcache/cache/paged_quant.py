@@ -132,7 +132,8 @@ class PagedQuantizedStorage:
         slots = (num_blocks + 1) * block_size
         rotation = hadamard(head_dim)
         if (fmt.rotate_values or fmt.rotate_keys) and rotation is None:
-            raise KVCacheError(f"Rotated keys or values need head_dim to be a power of two, got {head_dim}.")
+            raise KVCacheError(f"Rotated keys or values need head_dim to be a power of two, got {head_dim}; "
+                               "add rotate=none to the policy.")
         args = (num_layers, num_kv_heads, slots, head_dim, fmt.bits)
         self.k = _QuantSlots(*args, fmt.key_group, fmt.clip, rotation.to(self.device) if fmt.rotate_keys else None,
                              self.device)
