@@ -26,7 +26,9 @@ from kvcache.errors import KVCacheError
 BS = 4
 POLICIES = ["quantized:bits=8,key_axis=token,residual=0",
             "quantized:bits=4,group_size=8,key_axis=token,residual=0",
-            "quantized:bits=2,group_size=8,key_axis=token,residual=0"]
+            "quantized:bits=2,group_size=8,key_axis=token,residual=0",
+            "quantized:bits=4,key_bits=8,group_size=8,key_axis=token,residual=0"]  # 8-bit keys, 4-bit values
+IDS = ["int8", "int4", "int2", "k8v4"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,15 +65,19 @@ def test_grammar_says_which_quantized_policies_run_paged():
         assert not parse_policy(policy).runs_paged, policy
     with pytest.raises(KVCacheError, match="key_axis must be one of channel, token"):
         parse_policy("quantized:key_axis=head")
+    with pytest.raises(KVCacheError, match="key_bits must be one of 0, 8, 4, 2"):
+        parse_policy("quantized:key_bits=3")
+    with pytest.raises(KVCacheError, match="hi_bits"):  # 4-bit layers over 8-bit keys would be narrower
+        parse_policy("quantized:bits=2,key_bits=8,hi_keys=1")
 
 
-@pytest.mark.parametrize("bits,group", [(8, 16), (4, 8), (2, 8)])
-def test_storage_round_trips_tokens_like_quantize_and_counts_spec_bytes(bits, group):
+@pytest.mark.parametrize("bits,group,key_bits", [(8, 16, 0), (4, 8, 0), (2, 8, 0), (4, 8, 8)])
+def test_storage_round_trips_tokens_like_quantize_and_counts_spec_bytes(bits, group, key_bits):
     L, H, D, nb = 2, 2, 16, 6
-    fmt = TokenQuantFormat(bits, group, group, clip=bits == 2, rotate_values=bits == 2)
+    fmt = TokenQuantFormat(bits, group, group, clip=bits == 2, rotate_values=bits == 2, key_bits=key_bits)
     st = PagedQuantizedStorage(L, nb, BS, H, D, torch.float32, "cpu", fmt)
-    name = f"int{bits}"
-    per_layer = 2 * kv_tensor_bytes(KVFormat.parse(name, group), 1, H, D, "token")
+    kb = key_bits or bits
+    per_layer = sum(kv_tensor_bytes(KVFormat.parse(f"int{b}", group), 1, H, D, "token") for b in (kb, bits))
     assert st.bytes_per_token == fmt.bytes_per_token(L, H, D) == L * per_layer
     assert st.nbytes == nb * BS * st.bytes_per_token
     torch.manual_seed(0)
@@ -83,7 +89,7 @@ def test_storage_round_trips_tokens_like_quantize_and_counts_spec_bytes(bits, gr
         st.scatter(layer, slots, k[layer], v[layer])
     for layer in range(L):
         rk, rv = st.read_rows(layer, torch.tensor([table]))  # (1, H, 8, D)
-        want_k = dequantize(quantize(k[layer], bits, group, "token", fmt.clip))
+        want_k = dequantize(quantize(k[layer], kb, group, "token", fmt.clip))
         assert torch.equal(rk[:, :, :7], want_k)
         assert (rv[:, :, :7] - v[layer]).abs().max() < (0.02 if bits == 8 else 1.5)
         assert torch.equal(rk[:, :, 7], torch.zeros(1, H, D))  # a zeroed, never written slot
@@ -93,7 +99,7 @@ def test_storage_round_trips_tokens_like_quantize_and_counts_spec_bytes(bits, gr
         st.read_blocks(table, 7)
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=["int8", "int4", "int2"])
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
 def test_batched_with_preemption_and_prefix_hits_equals_alone(tiny_model_dir, policy):
     llm = make_llm(tiny_model_dir, policy, num_blocks=20, max_num_batched_tokens=16)
     assert isinstance(llm.engine.storage, PagedQuantizedStorage)
@@ -109,7 +115,7 @@ def test_batched_with_preemption_and_prefix_hits_equals_alone(tiny_model_dir, po
     assert llm.stats()["blocks_used"] == 0
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=["int8", "int4", "int2"])
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
 def test_engine_equals_policy_cache_and_differs_from_float(tiny_model_dir, tiny_llm, policy):
     llm = make_llm(tiny_model_dir, policy)
     model = llm.model

@@ -197,16 +197,16 @@ def test_attention_shapes_past_the_kernel_limits_are_refused():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits,key_group,value_group,rotate", [(8, 16, 16, False), (4, 8, 16, False),
-                                                               (4, 16, 16, True), (2, 16, 8, True)])
+@pytest.mark.parametrize("bits,key_group,value_group,rotate,key_bits", [
+    (8, 16, 16, False, 0), (4, 8, 16, False, 0), (4, 16, 16, True, 0), (2, 16, 8, True, 0), (4, 16, 8, False, 8)])
 def test_paged_quantized_decode_attention_equals_attention_over_dequantized_blocks(dtype, bits, key_group,
-                                                                                   value_group, rotate):
+                                                                                   value_group, rotate, key_bits):
     from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
 
     hq, hkv, d, bs, nblocks = 4, 2, 16, 4, 12
     st = PagedQuantizedStorage(1, nblocks, bs, hkv, d, dtype, "cpu",
                                TokenQuantFormat(bits, key_group, value_group, clip=bits == 2, rotate_values=rotate,
-                                                rotate_keys=rotate))
+                                                rotate_keys=rotate, key_bits=key_bits))
     st.zero_blocks(range(nblocks))
     slots = torch.arange(nblocks * bs)
     k, v = 3 * torch.randn(1, hkv, nblocks * bs, d), torch.randn(1, hkv, nblocks * bs, d)  # (B, Hkv, T, D)

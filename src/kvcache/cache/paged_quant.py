@@ -33,12 +33,17 @@ _META = torch.float16
 class TokenQuantFormat:
     """Bits and channel groups of per-token quantized K and V (see the module docstring)."""
 
-    bits: int
+    bits: int  # the values' width
     key_group: int
     value_group: int
     clip: bool = False
     rotate_values: bool = False
     rotate_keys: bool = False
+    key_bits: int = 0  # the keys' width; 0: bits
+
+    @property
+    def k_bits(self) -> int:
+        return self.key_bits or self.bits
 
     @classmethod
     def from_policy(cls, spec, head_dim: int) -> "TokenQuantFormat":
@@ -53,13 +58,12 @@ class TokenQuantFormat:
         modes = quantizer_modes(p, p["bits"])
         key_group = value_group(p["group_size"], head_dim)
         return cls(p["bits"], key_group, p["value_group_size"] or key_group, modes.clip, modes.rotate_values,
-                   modes.rotate_keys)
+                   modes.rotate_keys, p["key_bits"])
 
     def bytes_per_token(self, num_layers: int, kv_heads: int, head_dim: int) -> int:
         """Bytes one token takes in every layer's K and V (codes, scales, zero points), by `cache/spec.py`."""
-        name = f"int{self.bits}"
-        k = kv_tensor_bytes(KVFormat.parse(name, self.key_group), 1, kv_heads, head_dim, "token")
-        v = kv_tensor_bytes(KVFormat.parse(name, self.value_group), 1, kv_heads, head_dim, "token")
+        k = kv_tensor_bytes(KVFormat.parse(f"int{self.k_bits}", self.key_group), 1, kv_heads, head_dim, "token")
+        v = kv_tensor_bytes(KVFormat.parse(f"int{self.bits}", self.value_group), 1, kv_heads, head_dim, "token")
         return num_layers * (k + v)
 
 
@@ -134,10 +138,10 @@ class PagedQuantizedStorage:
         if (fmt.rotate_values or fmt.rotate_keys) and rotation is None:
             raise KVCacheError(f"Rotated keys or values need head_dim to be a power of two, got {head_dim}; "
                                "add rotate=none to the policy.")
-        args = (num_layers, num_kv_heads, slots, head_dim, fmt.bits)
-        self.k = _QuantSlots(*args, fmt.key_group, fmt.clip, rotation.to(self.device) if fmt.rotate_keys else None,
-                             self.device)
-        self.v = _QuantSlots(*args, fmt.value_group, fmt.clip,
+        args = (num_layers, num_kv_heads, slots, head_dim)
+        self.k = _QuantSlots(*args, fmt.k_bits, fmt.key_group, fmt.clip,
+                             rotation.to(self.device) if fmt.rotate_keys else None, self.device)
+        self.v = _QuantSlots(*args, fmt.bits, fmt.value_group, fmt.clip,
                              rotation.to(self.device) if fmt.rotate_values else None, self.device)
         self.null_block = num_blocks
         self._zeroed: set[int] = set()
@@ -186,7 +190,7 @@ class PagedQuantizedStorage:
             q = q.float() @ k.rotation
         return native.paged_quantized_decode_attention(
             q, k.codes[layer], k.scale[layer], k.zero[layer], v.codes[layer], v.scale[layer], v.zero[layer],
-            table, lo, hi, self.block_size, self.fmt.bits, v.rotation).to(dtype)
+            table, lo, hi, self.block_size, k.bits, v.bits, v.rotation).to(dtype)
 
     def read_blocks(self, block_ids, num_tokens):
         raise KVCacheError("Sessions are saved from a float KV cache; this engine holds its blocks quantized.")

@@ -24,7 +24,7 @@ _SIGNATURES = {
 }
 _QUANT_ATTN = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _F]
 _PAGED_QUANT_ATTN = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I,
-                     _F]
+                     _I, _F]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 #: Limits of the attention kernels' per-thread arrays (MAX_D, MAX_G in kernels.c).
 MAX_HEAD_DIM, MAX_GROUP = 256, 16
@@ -157,11 +157,12 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
 def paged_quantized_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
                                      k_zero: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
                                      v_zero: torch.Tensor, table: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                                     block_size: int, bits: int, rotation: torch.Tensor | None = None) -> torch.Tensor:
+                                     block_size: int, key_bits: int, value_bits: int,
+                                     rotation: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per row over paged blocks held per-token quantized, from the codes.
 
     q (B, Hq, D). One layer of `cache.paged_quant.PagedQuantizedStorage`: codes (Hkv, slots, D*bits/8)
-    uint8, scale and zero (Hkv, slots, D/g) fp16 for K and for V (each its own group g). table
+    uint8, scale and zero (Hkv, slots, D/g) fp16 for K and for V (each its own bits and group g). table
     (B, NB) int32 and lo, hi (B,) int64 as in `decode_attention` (blocks of `block_size` slots). Values stored rotated
     (`rotation` R) are attended in that space and the output rotated back. Returns (B, Hq, D)
     in q's dtype (fp32 math).
@@ -178,7 +179,7 @@ def paged_quantized_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_s
         _ptr(qf), _ptr(out), _ptr(k_codes), _ptr(k_scale), _ptr(k_zero), _ptr(v_codes), _ptr(v_scale),
         _ptr(v_zero), _ptr(table), _ptr(lo), _ptr(hi), b, hq, hkv, d, table.shape[1], block_size,
         k_codes.stride(0), k_scale.stride(0), v_codes.stride(0), v_scale.stride(0), d // k_scale.shape[-1],
-        d // v_scale.shape[-1], bits, d ** -0.5)
+        d // v_scale.shape[-1], key_bits, value_bits, d ** -0.5)
     if rotation is not None:
         out = out @ rotation.T
     return out.to(q.dtype)

@@ -447,7 +447,8 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
 
 /* ---- Decode attention over paged blocks held per-token quantized ------------------------
  * The paged pool of `cache/paged_quant.py`: slot t of KV head h holds K and V codes (packed
- * in planes, like above) with a fp16 scale and zero per group of gk (K) / gv (V) channels.
+ * in planes, like above; kbits / vbits wide) with a fp16 scale and zero per group of gk (K) /
+ * gv (V) channels.
  * q, out (B, Hq, D) fp32; row b attends to its tokens lo[b] <= t < hi[b] through its block
  * table (B, NB), as decode_attn does. Strides per KV head, in elements: kc_hs / vc_hs codes,
  * km_hs / vm_hs scale and zero. Per token and group, with c the codes:
@@ -459,8 +460,8 @@ void paged_quant_decode_attn_f32(const float* q, float* out, const uint8_t* kc, 
                                  const int32_t* table, const int64_t* lo, const int64_t* hi, int64_t B,
                                  int64_t Hq, int64_t Hkv, int64_t D, int64_t NB, int64_t bs, int64_t kc_hs,
                                  int64_t km_hs, int64_t vc_hs, int64_t vm_hs, int64_t gk, int64_t gv,
-                                 int64_t bits, float scale) {
-    int64_t G = Hq / Hkv, Dp = D * bits / 8, ngk = D / gk, ngv = D / gv, work, nchunks;
+                                 int64_t kbits, int64_t vbits, float scale) {
+    int64_t G = Hq / Hkv, kDp = D * kbits / 8, vDp = D * vbits / 8, ngk = D / gk, ngv = D / gv, work, nchunks;
     int64_t chunk = plan_chunks(lo, hi, B, Hkv, &nchunks, &work);
     int64_t per = G * (D + 2);
     float* part = (float*)malloc((size_t)(B * Hkv * nchunks * per) * sizeof(float));
@@ -488,7 +489,7 @@ void paged_quant_decode_attn_f32(const float* q, float* out, const uint8_t* kc, 
         int64_t n = t1 - t0;
         for (int64_t t = t0, i = 0; t < t1; t++, i++) { /* scores */
             int64_t slot = (int64_t)tb[t / bs] * bs + t % bs;
-            unpack_row(kc + h * kc_hs + slot * Dp, cf, D, bits);
+            unpack_row(kc + h * kc_hs + slot * kDp, cf, D, kbits);
             const uint16_t* s16 = ks + h * km_hs + slot * ngk;
             const uint16_t* z16 = kz + h * km_hs + slot * ngk;
             for (int64_t g = 0; g < G; g++) {
@@ -509,7 +510,7 @@ void paged_quant_decode_attn_f32(const float* q, float* out, const uint8_t* kc, 
         for (int64_t g = 0; g < G; g++) chunk_exp(sc[g], n, mx[g], res + g * (D + 2));
         for (int64_t t = t0, i = 0; t < t1; t++, i++) { /* probabilities x V */
             int64_t slot = (int64_t)tb[t / bs] * bs + t % bs;
-            unpack_row(vc + h * vc_hs + slot * Dp, cf, D, bits);
+            unpack_row(vc + h * vc_hs + slot * vDp, cf, D, vbits);
             const uint16_t* s16 = vs + h * vm_hs + slot * ngv;
             const uint16_t* z16 = vz + h * vm_hs + slot * ngv;
             for (int64_t gi = 0; gi < ngv; gi++) {

@@ -113,6 +113,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         # (group_size channels of one token, llama.cpp's q8_0/q4_0 layout); with residual=0 and n_sink=0
         # every token is quantized as it is written, and the paged engine runs the policy
         "key_axis": Param(str, "channel", choices=("channel", "token")),
+        "key_bits": Param(int, 0, choices=(0, 8, 4, 2)),  # the keys' own width (e.g. 8 over 4-bit values); 0: bits
         **HI_PARAMS,
     },
     "tiered": {
@@ -142,12 +143,14 @@ class QuantizerModes:
 
 
 def quantizer_modes(params: dict, bits: int) -> QuantizerModes:
-    """The clip and rotation modes of a quantized or tiered part at `bits` (see ROTATE_MODES)."""
+    """The clip and rotation modes of a quantized or tiered part at `bits` (its values' width; keys
+    may have their own, `key_bits`), see ROTATE_MODES."""
     rotate, per_token_keys = params["rotate"], params.get("key_axis", "channel") == "token"
+    key_bits = params.get("key_bits") or bits
     return QuantizerModes(
-        clip=params["clip"] == "mse" or (params["clip"] == "auto" and bits == 2),  # auto: 2-bit groups only
+        clip=params["clip"] == "mse" or (params["clip"] == "auto" and min(bits, key_bits) == 2),  # auto: 2-bit only
         rotate_values=rotate in ("values", "both") or (rotate == "auto" and bits == 2),
-        rotate_keys=rotate in ("keys", "both") or (rotate == "auto" and bits <= 4 and per_token_keys))
+        rotate_keys=rotate in ("keys", "both") or (rotate == "auto" and key_bits <= 4 and per_token_keys))
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ def parse_policy(text: str | None) -> PolicySpec:
         raise KVCacheError(f"Policy '{store.name}': rotate={store.params['rotate']} needs keys grouped per token "
                            "(key_axis=token); per-channel key groups must keep their channels apart.")
     if any(store.params.get(k, "none") != "none" for k in ("hi_keys", "hi_values")):
-        bits = store.params.get("bits", store.params.get("warm_bits"))
+        bits = max(store.params.get("bits", store.params.get("warm_bits")), store.params.get("key_bits", 0))
         if store.params["hi_bits"] <= bits:
             raise KVCacheError(f"Policy '{store.name}': hi_bits ({store.params['hi_bits']}) must be above the "
                                f"other layers' {bits} bits.")

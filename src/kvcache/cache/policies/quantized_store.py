@@ -382,16 +382,16 @@ def roundtrip(x: torch.Tensor, store, layer: int) -> torch.Tensor:
 
 def layer_bits(part, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Key and value widths per layer of a `quantized` or `tiered` part: `hi_bits` in the layers
-    its `hi_keys` / `hi_values` name, its `bits` (`warm_bits`) elsewhere."""
+    its `hi_keys` / `hi_values` name, elsewhere its `bits` (`warm_bits`), or `key_bits` for keys."""
     p = part.params
     bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
     widths = []
-    for key in ("hi_keys", "hi_values"):
+    for key, base in (("hi_keys", p.get("key_bits") or bits), ("hi_values", bits)):
         hi = p[key].layers
         if hi and hi[-1] >= num_layers:
             raise KVCacheError(f"Policy '{part.name}': {key} names layer {hi[-1]}, but the model's layers are "
                                f"0 to {num_layers - 1}.")
-        widths.append(tuple(p["hi_bits"] if i in hi else bits for i in range(num_layers)))
+        widths.append(tuple(p["hi_bits"] if i in hi else base for i in range(num_layers)))
     return widths[0], widths[1]
 
 
