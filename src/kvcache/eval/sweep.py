@@ -42,6 +42,7 @@ DEFAULT_POLICIES = (
      "quantized:bits=2,group_size=64,residual=32,n_sink=4,exact=fp16,hi_keys=8/17/18/24,hi_values=1",
      # per-token groups, every token quantized as written: what the paged engine (and server) hold
      "quantized:bits=8,key_axis=token,residual=0", "quantized:bits=4,group_size=32,key_axis=token,residual=0",
+     "quantized:bits=4,key_bits=8,group_size=32,key_axis=token,residual=0",
      "window:size=1024", "sinks:n_sink=4,window=1020"]
     + [f"evict:scorer={s},ratio={r}" for s in ("h2o", "snapkv", "knorm") for r in EVICT_RATIOS]
     + ["tiered:hot=256,warm_bits=4,warm=1024,cold=disk,exact=fp16",
