@@ -337,6 +337,42 @@ static inline void unpack_row(const uint8_t* row, float* c, int64_t D, int64_t b
     }
 }
 
+/* One token's value row, quantized per token (codes cf, fp16 scale and zero per group of gv
+ * channels), into the sums of the G query heads: acc[g] += (p_g s) c and zacc[g][group] +=
+ * p_g z, with p_g = p[g * p_stride]. `fold_zero_sums` adds the zero sums in at the end:
+ *   sum_t p_t (c_t s_t + z_t) = sum_t (p_t s_t) c_t + sum_t p_t z_t */
+static inline void add_value_row(float acc[][MAX_D], float zacc[][MAX_D], int64_t G, const float* cf,
+                                 const uint16_t* s16, const uint16_t* z16, int64_t ngv, int64_t gv, const float* p,
+                                 int64_t p_stride) {
+    if (gv == 64 && ngv == 1) { /* the common case: one value group per row, constant trip counts */
+        float sv = half_to_f32(s16[0]), zv = half_to_f32(z16[0]);
+        for (int64_t g = 0; g < G; g++) {
+            float pg = p[g * p_stride], w = pg * sv;
+            float* ag = acc[g];
+            _Pragma("omp simd")
+            for (int d = 0; d < 64; d++) ag[d] += w * cf[d];
+            zacc[g][0] += pg * zv;
+        }
+        return;
+    }
+    for (int64_t gi = 0; gi < ngv; gi++) {
+        float sv = half_to_f32(s16[gi]), zv = half_to_f32(z16[gi]);
+        for (int64_t g = 0; g < G; g++) {
+            float pg = p[g * p_stride], w = pg * sv;
+            float* ag = acc[g] + gi * gv;
+            const float* cg = cf + gi * gv;
+            _Pragma("omp simd")
+            for (int64_t d = 0; d < gv; d++) ag[d] += w * cg[d];
+            zacc[g][gi] += pg * zv;
+        }
+    }
+}
+
+static inline void fold_zero_sums(float acc[][MAX_D], float zacc[][MAX_D], int64_t G, int64_t D, int64_t gv) {
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t d = 0; d < D; d++) acc[g][d] += zacc[g][d / gv];
+}
+
 void quant_decode_attn_f32(const float* q, float* out, const float* ek, const float* ev, int64_t ne,
                            const uint8_t* kc, const uint16_t* ks, const uint16_t* kz, int64_t kc_hs,
                            int64_t km_hs, int64_t gk, const uint8_t* vc, const uint16_t* vs,
@@ -409,33 +445,10 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
             for (int64_t i = 0; i < n; i++) {
                 int64_t j = j0 + i;
                 unpack_row(vc + h * vc_hs + j * Dpv, cf, D, vbits);
-                const uint16_t* s16 = vs + h * vm_hs + j * ngv;
-                const uint16_t* z16 = vz + h * vm_hs + j * ngv;
-                if (gv == 64 && ngv == 1) { /* the common case: one value group per row, constant trip counts */
-                    float sv = half_to_f32(s16[0]), zv = half_to_f32(z16[0]);
-                    for (int64_t g = 0; g < G; g++) {
-                        float p = sc[g * sclen + i], w = p * sv;
-                        float* ag = acc[g];
-                        _Pragma("omp simd")
-                        for (int d = 0; d < 64; d++) ag[d] += w * cf[d];
-                        zacc[g][0] += p * zv;
-                    }
-                    continue;
-                }
-                for (int64_t gi = 0; gi < ngv; gi++) {
-                    float sv = half_to_f32(s16[gi]), zv = half_to_f32(z16[gi]);
-                    for (int64_t g = 0; g < G; g++) {
-                        float p = sc[g * sclen + i], w = p * sv;
-                        float* ag = acc[g] + gi * gv;
-                        const float* cg = cf + gi * gv;
-                        _Pragma("omp simd")
-                        for (int64_t d = 0; d < gv; d++) ag[d] += w * cg[d];
-                        zacc[g][gi] += p * zv;
-                    }
-                }
+                add_value_row(acc, zacc, G, cf, vs + h * vm_hs + j * ngv, vz + h * vm_hs + j * ngv, ngv, gv,
+                              sc + i, sclen);
             }
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t d = 0; d < D; d++) acc[g][d] += zacc[g][d / gv];
+            fold_zero_sums(acc, zacc, G, D, gv);
         }
         for (int64_t g = 0; g < G; g++) memcpy(res + g * (D + 2) + 2, acc[g], (size_t)D * sizeof(float));
         free(sc);
@@ -511,24 +524,11 @@ void paged_quant_decode_attn_f32(const float* q, float* out, const uint8_t* kc, 
         for (int64_t t = t0, i = 0; t < t1; t++, i++) { /* probabilities x V */
             int64_t slot = (int64_t)tb[t / bs] * bs + t % bs;
             unpack_row(vc + h * vc_hs + slot * vDp, cf, D, vbits);
-            const uint16_t* s16 = vs + h * vm_hs + slot * ngv;
-            const uint16_t* z16 = vz + h * vm_hs + slot * ngv;
-            for (int64_t gi = 0; gi < ngv; gi++) {
-                float sv = half_to_f32(s16[gi]), zv = half_to_f32(z16[gi]);
-                for (int64_t g = 0; g < G; g++) {
-                    float p = sc[g][i], w = p * sv;
-                    float* ag = acc[g] + gi * gv;
-                    const float* cg = cf + gi * gv;
-                    _Pragma("omp simd")
-                    for (int64_t d = 0; d < gv; d++) ag[d] += w * cg[d];
-                    zacc[g][gi] += p * zv;
-                }
-            }
+            add_value_row(acc, zacc, G, cf, vs + h * vm_hs + slot * ngv, vz + h * vm_hs + slot * ngv, ngv, gv,
+                          &sc[0][i], 256);
         }
-        for (int64_t g = 0; g < G; g++) {
-            for (int64_t d = 0; d < D; d++) acc[g][d] += zacc[g][d / gv];
-            memcpy(res + g * (D + 2) + 2, acc[g], (size_t)D * sizeof(float));
-        }
+        fold_zero_sums(acc, zacc, G, D, gv);
+        for (int64_t g = 0; g < G; g++) memcpy(res + g * (D + 2) + 2, acc[g], (size_t)D * sizeof(float));
     }
     _Pragma("omp parallel for if(B * Hkv >= 4)")
     for (int64_t bh = 0; bh < B * Hkv; bh++) { /* merge the chunks of each (row, head) */
