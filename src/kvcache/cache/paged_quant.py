@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from kvcache import native
-from kvcache.cache.quant import QTensor, dequantize, hadamard, quantize
-from kvcache.cache.spec import KVFormat, kv_tensor_bytes
+from kvcache.cache.quant import QTensor, dequantize, hadamard, quantize, rotated
+from kvcache.cache.spec import kv_layers_bytes
 from kvcache.errors import KVCacheError
 
 _META = torch.float16
@@ -62,9 +62,8 @@ class TokenQuantFormat:
 
     def bytes_per_token(self, num_layers: int, kv_heads: int, head_dim: int) -> int:
         """Bytes one token takes in every layer's K and V (codes, scales, zero points), by `cache/spec.py`."""
-        k = kv_tensor_bytes(KVFormat.parse(f"int{self.k_bits}", self.key_group), 1, kv_heads, head_dim, "token")
-        v = kv_tensor_bytes(KVFormat.parse(f"int{self.bits}", self.value_group), 1, kv_heads, head_dim, "token")
-        return num_layers * (k + v)
+        return (kv_layers_bytes((self.k_bits,) * num_layers, self.key_group, 1, kv_heads, head_dim)
+                + kv_layers_bytes((self.bits,) * num_layers, self.value_group, 1, kv_heads, head_dim))
 
 
 class _QuantSlots:
@@ -88,9 +87,8 @@ class _QuantSlots:
     def write(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Quantize x (Hkv, N, D) and scatter it to `slots` (N,)."""
         if self.native and not self.clip:  # one pass, straight into the slots (the same bytes)
-            xr = x if self.rotation is None else x.float() @ self.rotation  # (Hkv, N, D), as quant._rotated
-            native.quantize_to_slots(xr, slots, self.bits, self.group, self.codes[layer], self.scale[layer],
-                                     self.zero[layer])
+            native.quantize_to_slots(rotated(x, self.rotation), slots, self.bits, self.group, self.codes[layer],
+                                     self.scale[layer], self.zero[layer])
             return
         q = quantize(x[None], self.bits, self.group, "token", self.clip, self.rotation)  # (1, Hkv, N, ..)
         self.codes[layer].index_copy_(1, slots, q.data[0])
@@ -102,7 +100,7 @@ class _QuantSlots:
         h, n = codes.shape[:2]
         q = QTensor(codes[None], scale[None], zero[None], (1, h, n, self.head_dim), self.bits, self.group, "token",
                     self.rotation)
-        return dequantize(q, dtype=torch.float32)[0].to(dtype)  # (Hkv, N, D)
+        return dequantize(q, dtype=dtype)[0]  # (Hkv, N, D)
 
     def read_range(self, layer: int, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
         return self.read(self.codes[layer, :, lo:hi], self.scale[layer, :, lo:hi], self.zero[layer, :, lo:hi], dtype)
@@ -185,12 +183,10 @@ class PagedQuantizedStorage:
                          hi: torch.Tensor) -> torch.Tensor:
         """Native attention of one query per row q (B, Hq, D) straight from the codes of its
         blocks (table (B, NB) int32, tokens lo <= t < hi): no dequantized copy. Returns (B, Hq, D)."""
-        k, v, dtype = self.k, self.v, q.dtype
-        if k.rotation is not None:  # keys hold K @ R: q . k = (q @ R) . (k @ R)
-            q = q.float() @ k.rotation
+        k, v = self.k, self.v
         return native.paged_quantized_decode_attention(
             q, k.codes[layer], k.scale[layer], k.zero[layer], v.codes[layer], v.scale[layer], v.zero[layer],
-            table, lo, hi, self.block_size, k.bits, v.bits, v.rotation).to(dtype)
+            table, lo, hi, self.block_size, k.bits, v.bits, k.rotation, v.rotation)
 
     def read_blocks(self, block_ids, num_tokens):
         raise KVCacheError("Sessions are saved from a float KV cache; this engine holds its blocks quantized.")

@@ -62,6 +62,7 @@ __all__ = [
     "QuantizedStore",
     "LayerBitsStore",
     "layer_store",
+    "rotated",
 ]
 
 def hadamard(n: int) -> torch.Tensor | None:
@@ -238,7 +239,7 @@ def _quantize_into(x: torch.Tensor, bits: int, group_size: int, axis: str,
     zero.copy_(z16.squeeze(dim))
 
 
-def _rotated(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+def rotated(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
     """x (..., D) @ rotation in fp32, or x itself."""
     return x if rotation is None else x.float() @ rotation.to(x.device, torch.float32)
 
@@ -267,7 +268,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, axis: str, clip: bool 
     meta = _meta_shape(x.shape, group_size, axis)
     scale = torch.empty(meta, dtype=_META_DTYPE, device=x.device)
     zero = torch.empty(meta, dtype=_META_DTYPE, device=x.device)
-    _quantize_into(_rotated(x, rotation), bits, group_size, axis, data, scale, zero, clip)
+    _quantize_into(rotated(x, rotation), bits, group_size, axis, data, scale, zero, clip)
     return QTensor(data, scale, zero, (B, H, S, D), bits, group_size, axis, rotation)
 
 
@@ -443,7 +444,7 @@ class QuantizedStore:
         n = self._lengths[layer]
         self.reserve(n + T)
         m0, m1 = self._meta_index(n), self._meta_index(n + T)
-        _quantize_into(_rotated(x.to(self.device), self.rotation), self.bits, self.group_size, self.axis,
+        _quantize_into(rotated(x.to(self.device), self.rotation), self.bits, self.group_size, self.axis,
                        self._data[layer, :, :, n:n + T], self._scale[layer, :, :, m0:m1],
                        self._zero[layer, :, :, m0:m1], self.clip)
         self._lengths[layer] = n + T
@@ -455,7 +456,7 @@ class QuantizedStore:
         L, B, H, T, D = x.shape
         self.reserve(n + T)
         m0, m1 = self._meta_index(n), self._meta_index(n + T)
-        _quantize_into(_rotated(x.reshape(L * B, H, T, D), self.rotation), self.bits, self.group_size, self.axis,
+        _quantize_into(rotated(x.reshape(L * B, H, T, D), self.rotation), self.bits, self.group_size, self.axis,
                        self._data[:, :, :, n:n + T].flatten(0, 1), self._scale[:, :, :, m0:m1].flatten(0, 1),
                        self._zero[:, :, :, m0:m1].flatten(0, 1), self.clip)
         self._lengths = [n + T] * self.num_layers

@@ -18,6 +18,7 @@ import math
 
 from kvcache.eval.corpus import corpus_token_ids
 from kvcache.eval.perplexity import token_losses
+from kvcache.models.loader import DEFAULT_MODEL
 
 #: Where the calibration text starts in the corpus (tokens), and its default length.
 CALIBRATION_OFFSET = 32768
@@ -53,7 +54,7 @@ def most_sensitive(result: dict, part: str, n: int) -> list[int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--policy", required=True)
     ap.add_argument("--hi-bits", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=CALIBRATION_TOKENS)

@@ -22,9 +22,15 @@ _SIGNATURES = {
     "silu_mul": [_P, _P, _I, _I],
     "decode_attn": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F],
 }
-_QUANT_ATTN = [_P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _F]
-_PAGED_QUANT_ATTN = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I,
-                     _I, _F]
+# kernels built for float32 only
+_F32_SIGNATURES = {
+    "matmul_nk": [_P, _P, _P, _I, _I, _I],
+    "quant_decode_attn": [_P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I,
+                          _F],
+    "quantize_to_slots": [_P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _I],
+    "paged_quant_decode_attn": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I,
+                                _I, _I, _I, _I, _F],
+}
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 #: Limits of the attention kernels' per-thread arrays (MAX_D, MAX_G in kernels.c).
 MAX_HEAD_DIM, MAX_GROUP = 256, 16
@@ -37,23 +43,12 @@ def _functions() -> dict:
         lib = load()
         _fns = {}
         if lib is not None:
-            for name, argtypes in _SIGNATURES.items():
-                for dtype, suffix in _SUFFIX.items():
-                    fn = getattr(lib, f"{name}_{suffix}")
-                    fn.argtypes, fn.restype = argtypes, None
-                    _fns[(name, dtype)] = fn
-            fn = lib.matmul_nk_f32
-            fn.argtypes, fn.restype = [_P, _P, _P, _I, _I, _I], None
-            _fns[("matmul", torch.float32)] = fn
-            fn = lib.quant_decode_attn_f32
-            fn.argtypes, fn.restype = _QUANT_ATTN, None
-            _fns[("quant_decode_attn", torch.float32)] = fn
-            fn = lib.quantize_to_slots_f32
-            fn.argtypes, fn.restype = [_P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _I], None
-            _fns[("quantize_to_slots", torch.float32)] = fn
-            fn = lib.paged_quant_decode_attn_f32
-            fn.argtypes, fn.restype = _PAGED_QUANT_ATTN, None
-            _fns[("paged_quant_decode_attn", torch.float32)] = fn
+            wanted = [(name, dtype, args) for name, args in _SIGNATURES.items() for dtype in _SUFFIX]
+            wanted += [(name, torch.float32, args) for name, args in _F32_SIGNATURES.items()]
+            for name, dtype, argtypes in wanted:
+                fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
+                fn.argtypes, fn.restype = argtypes, None
+                _fns[(name, dtype)] = fn
     return _fns
 
 
@@ -75,6 +70,11 @@ def _check_shape(head_dim: int, num_heads: int, num_kv_heads: int) -> None:
 
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
+
+
+def _check_contiguous(*tensors: torch.Tensor) -> None:
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("paged quantized storage must be contiguous per layer.")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -158,30 +158,31 @@ def paged_quantized_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, k_s
                                      k_zero: torch.Tensor, v_codes: torch.Tensor, v_scale: torch.Tensor,
                                      v_zero: torch.Tensor, table: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                                      block_size: int, key_bits: int, value_bits: int,
-                                     rotation: torch.Tensor | None = None) -> torch.Tensor:
+                                     key_rotation: torch.Tensor | None = None,
+                                     value_rotation: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per row over paged blocks held per-token quantized, from the codes.
 
     q (B, Hq, D). One layer of `cache.paged_quant.PagedQuantizedStorage`: codes (Hkv, slots, D*bits/8)
     uint8, scale and zero (Hkv, slots, D/g) fp16 for K and for V (each its own bits and group g). table
-    (B, NB) int32 and lo, hi (B,) int64 as in `decode_attention` (blocks of `block_size` slots). Values stored rotated
-    (`rotation` R) are attended in that space and the output rotated back. Returns (B, Hq, D)
+    (B, NB) int32 and lo, hi (B,) int64 as in `decode_attention` (blocks of `block_size` slots). Keys
+    stored rotated (`key_rotation` R) are scored against q @ R; values stored rotated
+    (`value_rotation`) are attended in that space and the output rotated back. Returns (B, Hq, D)
     in q's dtype (fp32 math).
     """
     b, hq, d = q.shape
     hkv = k_codes.shape[0]
     _check_shape(d, hq, hkv)
-    for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero):
-        if not t.is_contiguous():
-            raise ValueError("paged quantized storage must be contiguous per layer.")
-    qf = q.float().contiguous()
+    _check_contiguous(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    qf = q.float() if key_rotation is None else q.float() @ key_rotation  # keys hold K @ R: q.k = (q @ R).(k @ R)
+    qf = qf.contiguous()
     out = torch.empty_like(qf)
     _functions()[("paged_quant_decode_attn", torch.float32)](
         _ptr(qf), _ptr(out), _ptr(k_codes), _ptr(k_scale), _ptr(k_zero), _ptr(v_codes), _ptr(v_scale),
         _ptr(v_zero), _ptr(table), _ptr(lo), _ptr(hi), b, hq, hkv, d, table.shape[1], block_size,
         k_codes.stride(0), k_scale.stride(0), v_codes.stride(0), v_scale.stride(0), d // k_scale.shape[-1],
         d // v_scale.shape[-1], key_bits, value_bits, d ** -0.5)
-    if rotation is not None:
-        out = out @ rotation.T
+    if value_rotation is not None:
+        out = out @ value_rotation.T
     return out.to(q.dtype)
 
 
@@ -193,9 +194,7 @@ def quantize_to_slots(x: torch.Tensor, slots: torch.Tensor, bits: int, group: in
     h, n, d = x.shape
     if d > MAX_HEAD_DIM or d % group or 8 % bits:
         raise ValueError(f"cannot quantize head_dim {d} in groups of {group} at {bits} bits natively.")
-    for t in (codes, scale, zero):
-        if not t.is_contiguous():
-            raise ValueError("paged quantized storage must be contiguous per layer.")
+    _check_contiguous(codes, scale, zero)
     xf = x.float().contiguous()
     sl = slots.to(torch.int64).contiguous()
     _functions()[("quantize_to_slots", torch.float32)](_ptr(xf), _ptr(sl), h, n, d, group, bits, _ptr(codes),
@@ -215,5 +214,5 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     k = x.shape[-1]
     n = weight.shape[0]
     y = x.new_empty(x.shape[:-1] + (n,))
-    _functions()[("matmul", torch.float32)](_ptr(x), _ptr(weight), _ptr(y), x.numel() // k, k, n)
+    _functions()[("matmul_nk", torch.float32)](_ptr(x), _ptr(weight), _ptr(y), x.numel() // k, k, n)
     return y

@@ -377,7 +377,7 @@ def roundtrip(x: torch.Tensor, store, layer: int) -> torch.Tensor:
     """x (1, Hkv, T, D) as `store` gives back `layer`'s tokens once stored (quantized, then dequantized)."""
     q = store.view(layer)  # the layer's width, groups and rotation
     q = quantize(x, q.bits, q.group_size, q.axis, store.clip, q.rotation)
-    return dequantize(q, dtype=torch.float32).to(x.dtype)
+    return dequantize(q, dtype=x.dtype)
 
 
 def layer_bits(part, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
