@@ -36,7 +36,7 @@ RELEASED = -1  # a table entry whose block was given back (a sliding window no l
 class _SeqBlocks:
     table: list[int] = field(default_factory=list)  # block ids; token t lives in table[t // block_size]
     hashes: list[int] = field(default_factory=list)  # chained hashes of the first len(hashes) full blocks
-    released: int = 0  # leading table entries given back (RELEASED)
+    released: int = 0  # table entries before this index are RELEASED (except any kept head: sinks)
 
 
 class KVCacheManager:
@@ -218,24 +218,26 @@ class KVCacheManager:
         tail first, so its tail is evicted before its head, which is likelier shared."""
         seq = self._seqs.pop(seq_id, None)
         if seq is not None:
-            self.pool.free(reversed(seq.table[seq.released :]))
+            self.pool.free(reversed([b for b in seq.table if b != RELEASED]))
 
-    def release_blocks_before(self, seq_id: str, position: int) -> int:
+    def release_blocks_before(self, seq_id: str, position: int, keep_head: int = 0) -> int:
         """Give back `seq_id`'s blocks that lie wholly before token `position` (a sliding
-        window will not read them again); returns how many were freed. Token positions keep
-        their meaning: the released entries stay in the table as RELEASED."""
+        window will not read them again), except its first `keep_head` blocks (attention
+        sinks); returns how many were freed. Token positions keep their meaning: the
+        released entries stay in the table as RELEASED."""
         seq = self._seqs[seq_id]
         upto = min(max(position, 0) // self.block_size, len(seq.table))
-        if upto <= seq.released:
+        start = max(seq.released, keep_head)
+        if upto <= start:
             return 0
-        self.pool.free(seq.table[seq.released : upto])
-        n = upto - seq.released
-        seq.table[seq.released : upto] = [RELEASED] * n
+        self.pool.free(seq.table[start:upto])
+        seq.table[start:upto] = [RELEASED] * (upto - start)
         seq.released = upto
-        return n
+        return upto - start
 
     def first_live_block(self, seq_id: str) -> int:
-        """Index in `seq_id`'s table of its first block not released."""
+        """Index in `seq_id`'s table of its first block after the released ones (0 when none
+        were; kept head blocks, if any, come before the released run)."""
         return self._seqs[seq_id].released
 
     def reset_prefix_cache(self) -> int:

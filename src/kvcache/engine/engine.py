@@ -10,7 +10,7 @@ import torch
 
 from kvcache.cache.manager import KVCacheManager
 from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
-from kvcache.cache.policies.selectors import Window
+from kvcache.cache.policies.selectors import Sinks, Window
 from kvcache.cache.storage import PagedKVStorage
 from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.request import Request
@@ -31,6 +31,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     sliding_window: int | None = None  # keep only the last N tokens' blocks (policy `window:size=N`)
+    sink_tokens: int | None = None  # with sliding_window: keep the first N tokens too (policy `sinks`)
     quant_format: TokenQuantFormat | None = None  # blocks hold quantized K/V (policy `quantized:...,key_axis=token`)
 
 
@@ -57,9 +58,19 @@ class LLMEngine:
         else:
             self.storage = PagedKVStorage(c.num_layers, config.num_blocks, config.block_size, c.num_kv_heads,
                                           c.head_dim, model.dtype, model.device)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.storage, self.kv)
-        self.window = Window(config.sliding_window) if config.sliding_window else None
+        bs = config.block_size
+        self.sinks = window = None
+        if config.sliding_window and config.sink_tokens is not None:
+            self.sinks = window = Sinks(config.sink_tokens, config.sliding_window)
+        elif config.sliding_window:
+            window = Window(config.sliding_window)
+        self.window = window
+        self._keep_head = self.sinks.sink_blocks(bs) if self.sinks is not None else 0
+        live_bound = None
+        if window is not None:  # what one sequence holds at most: sinks + window + a chunk + partial blocks
+            live_bound = self._keep_head * bs + window.size + config.max_num_batched_tokens + 3 * bs
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, live_bound)
+        self.runner = ModelRunner(model, self.storage, self.kv, self.sinks)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.tokens_generated = 0
@@ -104,7 +115,10 @@ class LLMEngine:
             req = chunk.request
             req.num_computed_tokens += chunk.num_tokens
             self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
-            if self.window is not None:  # the window policy picks the tokens; whole blocks go back
+            if self.sinks is not None:  # sinks stay; window blocks no later query reads go back
+                first = self.sinks.window_start(req.num_computed_tokens, self.config.block_size)
+                self.kv.release_blocks_before(req.request_id, first, keep_head=self._keep_head)
+            elif self.window is not None:  # the window policy picks the tokens; whole blocks go back
                 first = self.window.first_kept(req.num_computed_tokens, self.config.block_size)
                 self.kv.release_blocks_before(req.request_id, first)
             if chunk.num_tokens > 1 or not req.output_token_ids:

@@ -100,8 +100,10 @@ class LLM:
         blocks = blocks_for_budget(budget, block_size, self.engine_bytes_per_token)
         if blocks < 1:
             raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")
+        sinks = self.kv_policy.paged_sinks
         return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched,
-                            sliding_window=self.kv_policy.paged_window, quant_format=self._quant_format)
+                            sliding_window=sinks[1] if sinks else self.kv_policy.paged_window,
+                            sink_tokens=sinks[0] if sinks else None, quant_format=self._quant_format)
 
     @property
     def _quant_format(self):

@@ -2,7 +2,10 @@
 
 All decode rows (one new token each) run as one batch: each row gathers its own blocks
 (right-padded with the null block, masked past its length). Each prefill chunk runs as its own pass, causal
-from its start position. Per-step inputs travel as `StepInputs` + a `PagedStepCache`.
+from its start position. Per-step inputs travel as `StepInputs` + a `PagedStepCache`. Under attention sinks every
+step (decode rows and prefill chunks alike) goes through a `PagedSinksStepCache` instead:
+each row gathers its sink blocks and its live window blocks, and each query sees what its
+own position allows.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from kvcache.cache.manager import KVCacheManager
+from kvcache.cache.paged_sinks import FAR, PagedSinksStepCache
+from kvcache.cache.policies.selectors import Sinks
 from kvcache.cache.storage import PagedKVStorage, PagedStepCache
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel
@@ -19,8 +24,8 @@ from kvcache.models.step import StepInputs, causal_mask
 class ModelRunner:
     """Executes one scheduler step on the model; returns sampled tokens by request id."""
 
-    def __init__(self, model: LlamaModel, storage: PagedKVStorage, kv: KVCacheManager):
-        self.model, self.storage, self.kv = model, storage, kv
+    def __init__(self, model: LlamaModel, storage: PagedKVStorage, kv: KVCacheManager, sinks: Sinks | None = None):
+        self.model, self.storage, self.kv, self.sinks = model, storage, kv, sinks
         self.device = model.device
 
     def _block_rows(self, chunks: list[ScheduledChunk], lengths: list[int]) -> tuple[torch.Tensor, int | None, list[int]]:
@@ -56,7 +61,36 @@ class ModelRunner:
         """Per-row slot counts for the native decode kernel, when the model runs it."""
         return live if self.model.native else None
 
+    def _sinks_step(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Decode rows (one token each) or one prefill chunk under attention sinks: each row
+        reads its sink blocks and its live window blocks; every query is masked by its own
+        position (see `cache.paged_sinks`)."""
+        dev, bs = self.device, self.kv.block_size
+        head = self.sinks.sink_blocks(bs)
+        null = self.storage.null_block
+        tables, positions = [], []
+        for c in chunks:
+            rid = c.request.request_id
+            table, n_blocks = self.kv.block_table(rid), -(-(c.start + c.num_tokens) // bs)
+            lo = max(self.kv.first_live_block(rid), head)
+            sink_blocks = table[: min(head, n_blocks)]
+            tables.append(sink_blocks + [null] * (head - len(sink_blocks)) + table[lo:n_blocks])
+            positions.append(list(range(head * bs)) + list(range(lo * bs, n_blocks * bs)))
+            self.storage.zero_blocks(sink_blocks + table[lo:n_blocks])
+        width = max(len(t) for t in tables)
+        rows = torch.tensor([t + [null] * (width - len(t)) for t in tables], device=dev)  # (B, NB)
+        slot_pos = torch.tensor([p + [FAR] * (width * bs - len(p)) for p in positions], device=dev)  # (B, S)
+        t = chunks[0].num_tokens
+        assert all(c.num_tokens == t for c in chunks), "decode rows, or one prefill chunk"
+        ids = torch.tensor([c.request.all_token_ids[c.start : c.start + t] for c in chunks], device=dev)  # (B, T)
+        query_pos = torch.tensor([list(range(c.start, c.start + t)) for c in chunks], device=dev)  # (B, T)
+        cache = PagedSinksStepCache(self.storage, self._write_slots(chunks), rows, slot_pos, query_pos, self.sinks,
+                                    self.model.rope)
+        return self.model.forward(StepInputs(ids, query_pos, 0, None), cache)  # (B, V)
+
     def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        if self.sinks is not None:
+            return self._sinks_step(chunks)
         dev = self.device
         starts = [c.start for c in chunks]
         ids = torch.tensor([[c.request.all_token_ids[c.start]] for c in chunks], device=dev)  # (B, 1)
@@ -79,6 +113,8 @@ class ModelRunner:
         return self.model.forward(step, cache)  # (B, V)
 
     def _prefill(self, chunk: ScheduledChunk) -> torch.Tensor:
+        if self.sinks is not None:
+            return self._sinks_step([chunk])
         dev = self.device
         start, n = chunk.start, chunk.num_tokens
         ids = torch.tensor([chunk.request.all_token_ids[start : start + n]], device=dev)  # (1, T)

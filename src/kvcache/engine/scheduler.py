@@ -45,8 +45,12 @@ class SchedulerOutput:
 class Scheduler:
     """FCFS continuous-batching scheduler with chunked prefill and recompute preemption."""
 
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_live_tokens: int | None = None):
+        """`max_live_tokens`: the most tokens one sequence holds in blocks at a time, whatever
+        its length (a window or sinks policy gives blocks back), or None (all of them)."""
         self.kv = kv
+        self.max_live_tokens = max_live_tokens
         self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -57,6 +61,13 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def _can_ever_fit(self, request: Request) -> bool:
+        """Whether the request's next step fits the whole (empty) pool."""
+        need = request.num_tokens + 1
+        if self.max_live_tokens is not None:
+            need = min(need, self.max_live_tokens)
+        return self.kv.can_fit(need)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request.request_id)
@@ -90,7 +101,7 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, n) is None:
                 victim = self.running[-1]
-                if victim is req and not self.kv.can_fit(req.num_tokens + 1):
+                if victim is req and not self._can_ever_fit(req):
                     self._fail(req, out)  # it outgrew the whole pool: fail it alone, now
                     break
                 self._preempt(victim, out)
@@ -106,7 +117,7 @@ class Scheduler:
         # 2) waiting requests in FCFS order (none if this step had to preempt)
         while self.waiting and not out.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if not self.kv.can_fit(req.num_tokens + 1):
+            if not self._can_ever_fit(req):
                 self._fail(req, out)
                 continue
             blocks, n_cached = self.kv.get_computed_blocks(req.all_token_ids)

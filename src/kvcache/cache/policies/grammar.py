@@ -212,10 +212,20 @@ class PolicySpec:
         return None
 
     @property
+    def paged_sinks(self) -> tuple[int, int] | None:
+        """(n_sink, window) when the policy is `sinks` over a store the paged engine holds (it
+        keeps the sink blocks and frees window blocks); None for every other policy."""
+        if self._paged_store and len(self.selectors) == 1 and self.selectors[0].name == "sinks":
+            p = self.selectors[0].params
+            return p["n_sink"], p["window"]
+        return None
+
+    @property
     def runs_paged(self) -> bool:
         """Whether the continuous-batching engine over paged blocks runs this policy: `full`,
-        `window`, a paged quantized format, or `window` + that format."""
-        return (not self.selectors and self._paged_store) or self.paged_window is not None
+        `window`, `sinks`, a paged quantized format, or `window` / `sinks` + that format."""
+        return ((not self.selectors and self._paged_store) or self.paged_window is not None
+                or self.paged_sinks is not None)
 
 
 def _parse_part(text: str) -> PolicyPart:

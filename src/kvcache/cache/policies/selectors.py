@@ -78,6 +78,20 @@ class Sinks(Window):
         super().__init__(window)
         self.n_sink = n_sink
 
+    def sink_blocks(self, unit: int) -> int:
+        """Leading blocks of `unit` tokens that hold the sinks (never released)."""
+        return -(-self.n_sink // unit)
+
+    def window_start(self, position: int, unit: int) -> int:
+        """Absolute position of the oldest window token the query at `position` sees."""
+        return max(self.n_sink, self.first_kept(position, unit))
+
+    def query_shift(self, position: int, unit: int) -> int:
+        """Tokens dropped between the sinks and the window when the query at `position`
+        attends: its cache position is `position - query_shift`, and that is the position
+        at which it must meet the sink keys (StreamingLLM's in-cache distances)."""
+        return self.window_start(position, unit) - self.n_sink
+
     def plan(self, held, seen, t, unit, keys):
         if held <= self.n_sink:
             return None

@@ -1,0 +1,92 @@
+"""Attention sinks (StreamingLLM) over paged blocks: one forward pass's view for the engine.
+
+The engine keeps a sinks sequence's first blocks (they hold the sink tokens) and frees window
+blocks as the window moves on, as it does for `window`. Keys stay rotated at their absolute
+positions, as in every paged block, so a block means the same to every sequence that shares
+it through the prefix cache and nothing is ever rewritten. The query at absolute position P
+attends to:
+
+- the sinks, tokens 0 .. n_sink-1, at the distance they have inside the cache: the query
+  meets them rotated back to its cache position P - shift(P), where shift(P) counts the
+  tokens dropped between the sinks and the window, so query-sink distances stay below
+  n_sink + window + block however long the stream (StreamingLLM);
+- the window, tokens window_start(P) .. P (`Sinks.window_start`), at their true distances.
+
+What a query sees depends only on its own position, never on how the prompt was chunked, so
+batched, chunked, preempted and prefix-hit runs compute the same attention as a
+token-by-token run (the per-sequence `PolicyCache` in decode). Attention is computed here
+with torch ops over the gathered live blocks: two score blocks (sinks with the shifted
+query, window with the query as it is) share one softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcache.cache.base import PlainCache
+from kvcache.cache.policies.selectors import Sinks
+from kvcache.models.rope import RotaryTable, apply_rotary
+
+FAR = 1 << 62  # the position of a padding slot: after every query, so always masked
+
+
+class PagedSinksStepCache(PlainCache):
+    """A step's K/V writes and sinks + window attention over each row's live blocks.
+
+    read_blocks (B, NB): per row, its sink blocks (padded with the null block to
+    `Sinks.sink_blocks`) followed by its live window blocks, padded with the null block.
+    slot_positions (B, NB * block_size): the absolute position of every gathered slot (FAR
+    for padding). query_positions (B, T): the absolute positions of the step's tokens.
+    """
+
+    def __init__(self, storage, write_slots: torch.Tensor, read_blocks: torch.Tensor, slot_positions: torch.Tensor,
+                 query_positions: torch.Tensor, sinks: Sinks, rope: RotaryTable):
+        self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
+        self.n_sink = sinks.n_sink
+        self.length = read_blocks.shape[1] * storage.block_size  # the model's default mask only; unused here
+        unit = storage.block_size
+        p = query_positions  # (B, T)
+        first_kept = torch.clamp(torch.div(p - sinks.size, unit, rounding_mode="floor") * unit, min=0)  # (B, T)
+        start = torch.clamp(first_kept, min=sinks.n_sink)  # (B, T) oldest window token each query sees
+        pos = slot_positions[:, None, :]  # (B, 1, S)
+        self.window_mask = (pos >= start[..., None]) & (pos <= p[..., None])  # (B, T, S)
+        sink_ids = torch.arange(self.n_sink, device=p.device)
+        self.sink_mask = sink_ids[None, None, :] <= p[..., None]  # (B, T, n_sink)
+        cos, sin = rope.lookup(start - sinks.n_sink)  # (B, T, 1, D): rotation by the shift...
+        self.sink_cos, self.sink_sin = cos.transpose(1, 2), -sin.transpose(1, 2)  # (B, 1, T, D) ...taken back
+
+    def reserve(self, n_slots: int) -> None:  # blocks were allocated by the scheduler
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[None, None]:
+        """Scatter k, v (B, Hkv, T, D) into their slots; the model then calls `attend`."""
+        self.storage.scatter(layer, self.write_slots, k, v)
+        return None, None
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of q (B, Hq, T, D), rotated at absolute positions, over the row's sinks and
+        window. Returns (B, T, Hq*D)."""
+        k, v = self.storage.read_rows(layer, self.read_blocks)  # (B, Hkv, S, D)
+        b, hq, t, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        scale = d ** -0.5
+        kf = k.float()
+        qw = q.float().reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D): row g*T + t is query t of head g
+        logits = qw @ kf.transpose(-1, -2) * scale  # (B, Hkv, G*T, S)
+        mask = self.window_mask
+        values = v
+        if self.n_sink:
+            qs = apply_rotary(q, self.sink_cos, self.sink_sin)  # (B, Hq, T, D) at the queries' cache positions
+            ks = kf[:, :, : self.n_sink]  # (B, Hkv, n_sink, D): the head slots are positions 0..
+            sink_logits = qs.float().reshape(b, hkv, g * t, d) @ ks.transpose(-1, -2) * scale  # (B, Hkv, G*T, n_sink)
+            logits = torch.cat([sink_logits, logits], -1)  # (B, Hkv, G*T, n_sink + S)
+            mask = torch.cat([self.sink_mask, mask], -1)  # (B, T, n_sink + S)
+            values = torch.cat([v[:, :, : self.n_sink], v], 2)  # (B, Hkv, n_sink + S, D)
+        mask = mask[:, None].repeat(1, 1, g, 1)  # (B, 1, G*T, n_sink + S)
+        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)  # (B, Hkv, G*T, n_sink + S)
+        o = probs.to(values.dtype) @ values  # (B, Hkv, G*T, D)
+        return o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)  # (B, T, Hq*D)
