@@ -17,12 +17,12 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from rich.table import Table
 
-from kvcache.bench.common import consoles, corpus_ids
+from kvcache.bench.common import consoles, corpus_ids, save_figure
+from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import format_bytes, parse_size
 from kvcache.engine.llm import LLM
 from kvcache.engine.sampling import SamplingParams
@@ -52,6 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(a.batches) < 1 or a.context < 2 or a.steps < 1 or a.repeats < 1:
         p.error("batch sizes, --context, --steps and --repeats must be positive")
     return a
+
+
+def attended_tokens(policy: str, context: float) -> float:
+    """Tokens one decode row reads: its whole context, or what a window / sinks policy keeps
+    (the window plus, on average, half a 16-token block not yet given back)."""
+    spec = parse_policy(policy)
+    kept = spec.paged_window or (sum(spec.paged_sinks) if spec.paged_sinks else None)
+    return context if kept is None else min(context, kept + 8)
 
 
 def decode_tok_s(llm: LLM, prompts: list[list[int]], steps: int, repeats: int) -> list[float]:
@@ -99,7 +107,8 @@ def main(argv=None) -> int:
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["policy"] == args.policy_list[0]}
     for r in rows:
         r["vs_baseline"] = r["decode_tok_s"] / base[r["batch"]]
-        kv_per_step = r["batch"] * (args.context + args.steps * args.repeats / 2) * r["bytes_per_token"]
+        kv_per_step = r["batch"] * attended_tokens(r["policy"], args.context + args.steps * args.repeats / 2) \
+            * r["bytes_per_token"]
         r["kv_read_per_step_bytes"] = kv_per_step
         steps_s = r["decode_tok_s"] / r["batch"]
         r["bandwidth_share"] = (weights_bytes + kv_per_step) * steps_s / (args.bandwidth_gbs * 1e9)
@@ -128,10 +137,7 @@ def main(argv=None) -> int:
         ax.set_title(f"paged KV formats, context {args.context}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(args.plot, dpi=120)
-        err.print(f"plot: {args.plot}")
+        save_figure(fig, args.plot, err)
     if args.json:
         print(json.dumps({"config": vars(args), "rows": rows}, default=str))
     return 0

@@ -193,3 +193,43 @@ def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_
         same_as_fp32 += out.token_ids == ref32
     assert same_as_fp32 >= 12, f"int8 changed {16 - same_as_fp32} of 16 greedy continuations"
     assert small.stats()["blocks_used"] == 0
+
+
+SINKS = "sinks:n_sink=4,window=60"
+
+
+def test_sinks_paged_engine_with_preemption_equals_alone_and_the_policy_cache(llm):
+    """12 requests whose prompts pass the window, on sinks blocks (a small pool, prefix caching
+    on, prompts chunked): each equals its run alone, and two equal the per-sequence PolicyCache
+    fed a token at a time."""
+    from kvcache.cache.policies.cache import PolicyCache
+
+    import pydoc_data.topics as topics
+    import random
+
+    rng = random.Random(3)
+    ids = llm.tokenizer(" ".join(topics.topics[k] for k in sorted(topics.topics)[10:20]))["input_ids"]
+    shared = ids[:40]
+    prompts = [(shared if i % 3 == 0 else []) + ids[500 + 150 * i : 500 + 150 * i + rng.randint(30, 140)]
+               for i in range(12)]
+    params = [SamplingParams(max_tokens=rng.randint(10, 40), temperature=0.0, ignore_eos=True) for _ in prompts]
+    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=SINKS, block_size=16,
+                kv_cache_memory=20 * 16 * llm.kv_bytes_per_token, max_num_batched_tokens=64)
+    together = small.generate(prompts, params)
+    stats = small.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_hits"] > 0 and stats["blocks_used"] == 0
+    alone_llm = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=SINKS, kv_cache_memory="64MiB")
+    model = llm.model
+    for p, sp, out in zip(prompts, params, together):
+        assert out.error is None
+        assert out.token_ids == alone_llm.generate([p], sp)[0].token_ids
+    for p, sp, out in list(zip(prompts, params, together))[:2]:
+        cache, token, mine = PolicyCache(model, SINKS), None, []
+        with torch.inference_mode():
+            for t in p + [None] * sp.max_tokens:
+                t = token if t is None else t
+                logits = model.forward(StepInputs(torch.tensor([[t]]), None, cache.next_position, None), cache)
+                if len(mine) < sp.max_tokens and cache.seen >= len(p):
+                    token = int(logits[0].argmax())
+                    mine.append(token)
+        assert out.token_ids == mine

@@ -87,6 +87,29 @@ def test_decode_attention_reads_scattered_blocks(dtype):
         torch.testing.assert_close(out[r].float(), want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_meets_sinks_with_their_own_query_and_skips_the_gap(dtype):
+    """Attention sinks: tokens before sink_end score against qs, those up to gap_end are skipped,
+    the rest against q, all under one softmax; rows differ (the last has no gap yet)."""
+    hq, hkv, d, bs, nblocks = 4, 2, 16, 8, 12
+    ks, vs = (3 * torch.randn(hkv, nblocks * bs, d)).to(dtype), torch.randn(hkv, nblocks * bs, d).to(dtype)
+    tables = torch.tensor([[3, 8, 1, 0], [10, 5, 9, 2], [4, 6, 0, 0]], dtype=torch.int32)
+    hi, sink_end, gap_end = torch.tensor([29, 30, 13]), torch.tensor([4, 2, 4]), torch.tensor([8, 8, 4])
+    q, qs = torch.randn(3, hq, d).to(dtype), torch.randn(3, hq, d).to(dtype)
+    out = native.decode_attention(q, ks, vs, tables, torch.zeros(3, dtype=torch.int64), hi, hkv, bs, 0,
+                                  nblocks * bs * d, (qs, sink_end, gap_end))
+    for r in range(3):
+        slots = torch.tensor([int(blk) * bs + i for blk in tables[r] for i in range(bs)][: hi[r]])
+        keys = ks[:, slots].float().repeat_interleave(hq // hkv, 0)  # (Hq, n, D)
+        values = vs[:, slots].float().repeat_interleave(hq // hkv, 0)
+        scores = (q[r].float()[:, None] @ keys.transpose(-1, -2))[:, 0] * d ** -0.5  # (Hq, n)
+        s_end, g_end = int(sink_end[r]), int(gap_end[r])
+        scores[:, :s_end] = (qs[r].float()[:, None] @ keys[:, :s_end].transpose(-1, -2))[:, 0] * d ** -0.5
+        scores[:, s_end:g_end] = float("-inf")
+        want = (scores.softmax(-1)[:, None] @ values)[:, 0]  # (Hq, D)
+        torch.testing.assert_close(out[r].float(), want, **TOL[dtype])
+
+
 def test_model_decode_with_and_without_native_kernels(tiny_model_dir):
     """Same weights, same prompt: a cached decode step's logits agree, fused or not."""
     from kvcache.models.llama import LlamaModel

@@ -52,3 +52,13 @@ def quiet_transformers() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def save_figure(fig, path, console) -> None:
+    """Lay out and write a matplotlib figure as a PNG (its folder made), and say where."""
+    from pathlib import Path
+
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    console.print(f"plot: {path}")

@@ -14,15 +14,18 @@ attends to:
 
 What a query sees depends only on its own position, never on how the prompt was chunked, so
 batched, chunked, preempted and prefix-hit runs compute the same attention as a
-token-by-token run (the per-sequence `PolicyCache` in decode). Attention is computed here
-with torch ops over the gathered live blocks: two score blocks (sinks with the shifted
-query, window with the query as it is) share one softmax.
+token-by-token run (the per-sequence `PolicyCache` in decode). Prompt chunks attend with
+torch ops over the gathered live blocks: two score blocks (sinks with the shifted query,
+window with the query as it is) share one softmax. Decode rows over float blocks use the
+native kernel, read in place: one run of the row's table in which the sink tokens score
+against the shifted query and the dropped rest of the sinks' blocks is skipped.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvcache import native
 from kvcache.cache.base import PlainCache
 from kvcache.cache.policies.selectors import Sinks
 from kvcache.models.rope import RotaryTable, apply_rotary
@@ -40,7 +43,9 @@ class PagedSinksStepCache(PlainCache):
     """
 
     def __init__(self, storage, write_slots: torch.Tensor, read_blocks: torch.Tensor, slot_positions: torch.Tensor,
-                 query_positions: torch.Tensor, sinks: Sinks, rope: RotaryTable):
+                 query_positions: torch.Tensor, sinks: Sinks, rope: RotaryTable, native_decode: bool = False):
+        """`native_decode`: a decode step (T == 1) over storage whose native kernel takes the
+        sinks' own query (`decode_sinks`): blocks are read in place, no gather."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
         self.n_sink = sinks.n_sink
         self.length = read_blocks.shape[1] * storage.block_size  # the model's default mask only; unused here
@@ -54,6 +59,20 @@ class PagedSinksStepCache(PlainCache):
         self.sink_mask = sink_ids[None, None, :] <= p[..., None]  # (B, T, n_sink)
         cos, sin = rope.lookup(start - sinks.n_sink)  # (B, T, 1, D): rotation by the shift...
         self.sink_cos, self.sink_sin = cos.transpose(1, 2), -sin.transpose(1, 2)  # (B, 1, T, D) ...taken back
+        self.native_decode = native_decode and p.shape[1] == 1
+        if self.native_decode:  # one run of each row's table; the kernel meets the sinks with their own query
+            self.table = read_blocks.to(torch.int32).cpu()  # (B, NB)
+            start_slot = torch.searchsorted(slot_positions, start).reshape(-1).cpu()  # (B,) the window's first slot
+            self.hi = torch.searchsorted(slot_positions, p, right=True).reshape(-1).cpu()  # (B,)
+            if self.n_sink:
+                self.lo = torch.zeros_like(self.hi)
+                self.sink_end = torch.full_like(self.hi, self.n_sink)  # (B,) then skip to the window's start
+                self.gap_end = start_slot
+                shift = (start - sinks.n_sink).reshape(-1)  # (B,)
+                self.shift_cos, self.shift_sin = rope.cos[shift], -rope.sin[shift]  # (B, D) rotations back
+                self.rows = torch.arange(len(shift))  # (B,) row b rotates by table row b
+            else:
+                self.lo = start_slot
 
     def reserve(self, n_slots: int) -> None:  # blocks were allocated by the scheduler
         pass
@@ -69,6 +88,8 @@ class PagedSinksStepCache(PlainCache):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of q (B, Hq, T, D), rotated at absolute positions, over the row's sinks and
         window. Returns (B, T, Hq*D)."""
+        if self.native_decode:
+            return self._attend_native(layer, q)
         k, v = self.storage.read_rows(layer, self.read_blocks)  # (B, Hkv, S, D)
         b, hq, t, d = q.shape
         hkv = k.shape[1]
@@ -90,3 +111,15 @@ class PagedSinksStepCache(PlainCache):
         probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)  # (B, Hkv, G*T, n_sink + S)
         o = probs.to(values.dtype) @ values  # (B, Hkv, G*T, D)
         return o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)  # (B, T, Hq*D)
+
+    def _attend_native(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Decode: one native call per layer, reading the blocks in place; sink tokens score
+        against the query rotated back to its cache position."""
+        b, hq, _, d = q.shape
+        sinks = None
+        if self.n_sink:
+            qs = q.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B, 1, Hq, D), never a view of q
+            native.rotary_(qs, self.shift_cos, self.shift_sin, self.rows, hq)  # in place, row b by -shift_b
+            sinks = (qs.view(b, hq, d), self.sink_end, self.gap_end)
+        o = self.storage.decode_attention(layer, q.reshape(b, hq, d), self.table, self.lo, self.hi, sinks)  # (B, Hq, D)
+        return o.view(b, 1, hq * d)

@@ -70,6 +70,7 @@ class PagedKVStorage:
         return native.supports(self.dtype, self.device)
 
     saves_sessions = True  # read_blocks / write_blocks move float K/V (session snapshots)
+    decode_sinks = True  # decode_attention meets attention sinks with their own query (paged sinks)
 
     def scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Scatter k, v (B, Hkv, T, D) to `slots` (B*T,), row-major over (B, T)."""
@@ -93,12 +94,13 @@ class PagedKVStorage:
         return k_all, v_all
 
     def decode_attention(self, layer: int, q: torch.Tensor, table: torch.Tensor, lo: torch.Tensor,
-                         hi: torch.Tensor) -> torch.Tensor:
+                         hi: torch.Tensor, sinks=None) -> torch.Tensor:
         """Native attention of one query per row q (B, Hq, D) over its blocks (table (B, NB) int32,
-        tokens lo <= t < hi), read in place. Returns (B, Hq, D)."""
+        tokens lo <= t < hi), read in place. Returns (B, Hq, D). `sinks`: see
+        `native.decode_attention` (attention sinks met with their own query)."""
         ks, vs = self.k[layer], self.v[layer]  # (Hkv, slots, D)
         return native.decode_attention(q, ks, vs, table, lo, hi, self.num_kv_heads, self.block_size, 0,
-                                       ks.shape[1] * self.head_dim)
+                                       ks.shape[1] * self.head_dim, sinks)
 
     @property
     def bytes_per_token(self) -> int:

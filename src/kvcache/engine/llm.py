@@ -95,8 +95,13 @@ class LLM:
             if fraction is not None and not 0 < fraction <= 0.9:
                 raise KVCacheError(f"kv_cache_fraction must be in (0, 0.9], got {fraction}.")
             budget = int(available * (fraction if fraction is not None else 0.25))
-            # no point reserving more than every sequence at full length needs
-            budget = min(budget, max_num_seqs * (self.max_model_len + block_size) * self.engine_bytes_per_token)
+            # no point reserving more than every sequence at full length needs (a window or sinks
+            # policy gives blocks back: a sequence then holds at most sinks + window + a chunk)
+            per_seq = self.max_model_len + block_size
+            kept = self.kv_policy.paged_window or (sum(self.kv_policy.paged_sinks) if self.kv_policy.paged_sinks else 0)
+            if kept:
+                per_seq = min(per_seq, kept + max_batched + 4 * block_size)
+            budget = min(budget, max_num_seqs * per_seq * self.engine_bytes_per_token)
         blocks = blocks_for_budget(budget, block_size, self.engine_bytes_per_token)
         if blocks < 1:
             raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")

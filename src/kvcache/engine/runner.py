@@ -84,8 +84,9 @@ class ModelRunner:
         assert all(c.num_tokens == t for c in chunks), "decode rows, or one prefill chunk"
         ids = torch.tensor([c.request.all_token_ids[c.start : c.start + t] for c in chunks], device=dev)  # (B, T)
         query_pos = torch.tensor([list(range(c.start, c.start + t)) for c in chunks], device=dev)  # (B, T)
+        native_decode = t == 1 and self.model.native and getattr(self.storage, "decode_sinks", False)
         cache = PagedSinksStepCache(self.storage, self._write_slots(chunks), rows, slot_pos, query_pos, self.sinks,
-                                    self.model.rope)
+                                    self.model.rope, native_decode)
         return self.model.forward(StepInputs(ids, query_pos, 0, None), cache)  # (B, V)
 
     def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:

@@ -20,7 +20,7 @@ _SIGNATURES = {
     "rms_norm": [_P, _P, _P, _I, _I, _F],
     "rotary": [_P, _P, _P, _P, _I, _I, _I, _I],
     "silu_mul": [_P, _P, _I, _I],
-    "decode_attn": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F],
+    "decode_attn": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P],
 }
 # kernels built for float32 only
 _F32_SIGNATURES = {
@@ -106,21 +106,31 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lo: torch.Tensor,
                      hi: torch.Tensor, num_kv_heads: int, block_size: int, row_stride: int,
-                     head_stride: int) -> torch.Tensor:
+                     head_stride: int, sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """Attention of one query per row, read in place from cache storage (no gather, no mask).
 
     q (B, Hq, D) contiguous. k, v: storage tensors (any shape) whose element for row b, KV
     head h and token t sits at b*row_stride + h*head_stride + slot*D, where
     slot = table[b, t // block_size] * block_size + t % block_size. table (B, NB) int32;
     row b attends to tokens lo[b] <= t < hi[b] (int64). Returns (B, Hq, D).
+    `sinks` = (qs, sink_end, gap_end): attention sinks; row b's tokens t < sink_end[b] score
+    against the query qs[b] (B, Hq, D) instead, and tokens sink_end[b] <= t < gap_end[b] are
+    skipped (the dropped part of the sinks' blocks; int64 (B,) both).
     """
     q = q.contiguous()
     b, hq, d = q.shape
     _check_shape(d, hq, num_kv_heads)
     out = torch.empty_like(q)
+    qs = sink_end = gap_end = None
+    if sinks is not None:
+        qs, sink_end, gap_end = sinks
+        qs = qs.contiguous()
+        if qs.shape != q.shape or qs.dtype != q.dtype or sink_end.shape != (b,) or gap_end.shape != (b,):
+            raise ValueError("sinks needs qs shaped and typed like q and (B,) int64 sink_end and gap_end.")
     _functions()[("decode_attn", q.dtype)](_ptr(q), _ptr(out), _ptr(k), _ptr(v), _ptr(table), _ptr(lo), _ptr(hi),
                                    b, hq, num_kv_heads, d, table.shape[1], block_size, row_stride, head_stride,
-                                   d ** -0.5)
+                                   d ** -0.5, *(None if t is None else _ptr(t) for t in (qs, sink_end, gap_end)))
     return out
 
 

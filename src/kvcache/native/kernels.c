@@ -206,7 +206,7 @@ static inline int64_t plan_chunks(const int64_t* lo, const int64_t* hi, int64_t 
     void NAME(const T* q, T* out, const T* k, const T* v, const int32_t* table,             \
               const int64_t* lo, const int64_t* hi, int64_t B, int64_t Hq, int64_t Hkv,     \
               int64_t D, int64_t NB, int64_t bs, int64_t row_stride, int64_t head_stride,   \
-              float scale) {                                                                \
+              float scale, const T* qs, const int64_t* sink_end, const int64_t* gap_end) {  \
         int64_t G = Hq / Hkv, work, nchunks;                                                \
         int64_t chunk = plan_chunks(lo, hi, B, Hkv, &nchunks, &work);                       \
         int64_t per = G * (D + 2);                                                          \
@@ -221,10 +221,18 @@ static inline int64_t plan_chunks(const int64_t* lo, const int64_t* hi, int64_t 
                 res[g * (D + 2) + 1] = 0.f; }                                               \
             if (t0 >= t1) continue;                                                         \
             float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D], sc[MAX_G][256], mx[MAX_G];           \
+            /* attention sinks: tokens before sink_end score with the query qs, those before  \
+             * gap_end are masked (the window starts there) */                              \
+            int64_t s_end = qs ? sink_end[b] : 0, g_end = qs ? gap_end[b] : 0;              \
+            float qsf[MAX_G][MAX_D];                                                        \
             for (int64_t g = 0; g < G; g++) {                                               \
                 const T* qr = q + (b * Hq + h * G + g) * D;                                 \
                 for (int64_t d = 0; d < D; d++) { qf[g][d] = LOAD(qr[d]) * scale;           \
                     acc[g][d] = 0.f; }                                                      \
+                if (t0 < s_end) {                                                           \
+                    const T* qsr = qs + (b * Hq + h * G + g) * D;                           \
+                    for (int64_t d = 0; d < D; d++) qsf[g][d] = LOAD(qsr[d]) * scale;       \
+                }                                                                           \
                 mx[g] = -INFINITY;                                                          \
             }                                                                               \
             const T* kb = k + b * row_stride + h * head_stride;                             \
@@ -236,10 +244,16 @@ static inline int64_t plan_chunks(const int64_t* lo, const int64_t* hi, int64_t 
                 if (run > t1 - t) run = t1 - t;                                             \
                 const T* kr = kb + ((int64_t)tb[blk] * bs + off) * D;                       \
                 for (int64_t r = 0; r < run; r++, i++, kr += D) {                           \
+                    int64_t tt = t + r;                                                     \
+                    if (tt >= s_end && tt < g_end) {                                        \
+                        for (int64_t g = 0; g < G; g++) sc[g][i] = -INFINITY;               \
+                        continue;                                                           \
+                    }                                                                       \
                     float kf[MAX_D];                                                        \
                     for (int64_t d = 0; d < D; d++) kf[d] = LOAD(kr[d]);                    \
                     for (int64_t g = 0; g < G; g++) {                                       \
-                        float s = D == 64 ? dot64(qf[g], kf) : dot(qf[g], kf, D);            \
+                        const float* qq = tt < s_end ? qsf[g] : qf[g];                      \
+                        float s = D == 64 ? dot64(qq, kf) : dot(qq, kf, D);                  \
                         sc[g][i] = s;                                                       \
                         if (s > mx[g]) mx[g] = s;                                           \
                     }                                                                       \
