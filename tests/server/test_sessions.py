@@ -225,3 +225,36 @@ def test_server_over_int8_blocks_streams_and_refuses_sessions(tiny_model_dir, tm
         assert srv.state.stats()["blocks_used"] == 0
     finally:
         srv.stop()
+
+
+def test_server_over_sinks_blocks_streams_hits_the_prefix_cache_and_saves_sessions(tiny_model_dir, tmp_path,
+                                                                                   one_torch_thread):
+    """A server running attention sinks on its paged engine (the history passes the window)
+    streams what it answers whole, equals LLM.generate under the same policy, serves a resent
+    history from cached blocks, and saves and reloads a session."""
+    policy = "sinks:n_sink=4,window=24"
+    llm = tiny_server_llm(tiny_model_dir, kv_policy=policy)
+    srv = start_server(llm, sessions_dir=tmp_path)
+    try:
+        body = {"model": MODEL_ID, "messages": HISTORY, "max_tokens": 12, "temperature": 0}
+        whole = httpx.post(srv.v1 + "/chat/completions", json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        ids = llm.chat_ids(HISTORY)
+        assert len(ids) > 24 + 16
+        ref = tiny_server_llm(tiny_model_dir, kv_policy=policy).generate(
+            [ids], SamplingParams(max_tokens=12, temperature=0.0))[0]
+        assert whole.json()["choices"][0]["message"]["content"] == ref.text
+        pieces = []
+        with httpx.stream("POST", srv.v1 + "/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    pieces.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+        assert "".join(pieces) == ref.text
+        again = httpx.post(srv.v1 + "/chat/completions", json=body, timeout=60).json()
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
+        saved = httpx.post(srv.v1 + "/sessions/s/save", json={"messages": HISTORY}, timeout=60)
+        assert saved.status_code == 200 and saved.json()["num_tokens"] >= 16, saved.text
+        assert httpx.post(srv.v1 + "/sessions/s/load", timeout=60).status_code == 200
+        assert srv.state.stats()["blocks_used"] == 0
+    finally:
+        srv.stop()
