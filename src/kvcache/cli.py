@@ -200,8 +200,8 @@ def cmd_serve(args) -> int:
     llm = _make_llm(args, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
     if not llm.kv_policy.runs_paged:
         raise KVCacheError(
-            f"The server's paged engine runs full, window, sinks and quantized with key_axis=token,residual=0 "
-            f"(optionally after a window or sinks); '{llm.kv_policy.text}' runs per sequence "
+            f"The server's paged engine runs full, window, sinks, evict (decode=false) and quantized with "
+            f"key_axis=token,residual=0 (optionally after a window or sinks); '{llm.kv_policy.text}' runs per sequence "
             "(LLM.generate, kvcache generate / chat)."
         )
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,

@@ -233,3 +233,38 @@ def test_sinks_paged_engine_with_preemption_equals_alone_and_the_policy_cache(ll
                     token = int(logits[0].argmax())
                     mine.append(token)
         assert out.token_ids == mine
+
+
+def test_snapkv_paged_engine_with_preemption_equals_alone_and_the_policy_cache(llm):
+    """8 requests on snapkv-compressed blocks (half of each prompt evicted after its prefill;
+    a small pool, prefix caching on, prompts chunked): each equals its run alone, and two equal
+    the per-sequence PolicyCache that sees the whole prompt in one chunk."""
+    from kvcache.cache.policies.cache import PolicyCache
+
+    import pydoc_data.topics as topics
+    import random
+
+    policy = "evict:scorer=snapkv,ratio=0.5,window=16"
+    rng = random.Random(4)
+    ids = llm.tokenizer(" ".join(topics.topics[k] for k in sorted(topics.topics)[20:30]))["input_ids"]
+    prompts = [ids[: 48] + ids[300 + 120 * i : 300 + 120 * i + rng.randint(20, 100)] for i in range(8)]
+    params = [SamplingParams(max_tokens=rng.randint(8, 24), temperature=0.0, ignore_eos=True) for _ in prompts]
+    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, block_size=16,
+                kv_cache_memory=14 * 16 * llm.kv_bytes_per_token, max_num_batched_tokens=48)
+    together = small.generate(prompts, params)
+    stats = small.stats()
+    assert stats["preemptions"] > 0 and stats["prefix_hits"] > 0 and stats["blocks_used"] == 0
+    assert stats["tokens_evicted"] >= sum(len(p) // 2 for p in prompts)
+    alone_llm = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, kv_cache_memory="64MiB")
+    for p, sp, out in zip(prompts, params, together):
+        assert out.error is None
+        assert out.token_ids == alone_llm.generate([p], sp)[0].token_ids
+    model = llm.model
+    for p, sp, out in list(zip(prompts, params, together))[:2]:
+        cache, mine = PolicyCache(model, policy), []
+        with torch.inference_mode():
+            logits = model.forward(StepInputs(torch.tensor([p]), None, 0, None), cache)
+            for _ in range(sp.max_tokens):
+                mine.append(int(logits[0].argmax()))
+                logits = model.forward(StepInputs(torch.tensor([[mine[-1]]]), None, cache.next_position, None), cache)
+        assert out.token_ids == mine

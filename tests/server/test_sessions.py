@@ -227,12 +227,12 @@ def test_server_over_int8_blocks_streams_and_refuses_sessions(tiny_model_dir, tm
         srv.stop()
 
 
-def test_server_over_sinks_blocks_streams_hits_the_prefix_cache_and_saves_sessions(tiny_model_dir, tmp_path,
-                                                                                   one_torch_thread):
-    """A server running attention sinks on its paged engine (the history passes the window)
-    streams what it answers whole, equals LLM.generate under the same policy, serves a resent
-    history from cached blocks, and saves and reloads a session."""
-    policy = "sinks:n_sink=4,window=24"
+@pytest.mark.parametrize("policy", ["sinks:n_sink=4,window=24", "evict:scorer=snapkv,ratio=0.5,window=8"])
+def test_server_over_sinks_or_evicted_blocks_streams_hits_the_prefix_cache_and_saves_sessions(
+        tiny_model_dir, tmp_path, one_torch_thread, policy):
+    """A server running attention sinks (the history passes the window) or SnapKV eviction on
+    its paged engine streams what it answers whole, equals LLM.generate under the same policy,
+    serves a resent history from cached blocks, and saves and reloads a session."""
     llm = tiny_server_llm(tiny_model_dir, kv_policy=policy)
     srv = start_server(llm, sessions_dir=tmp_path)
     try:

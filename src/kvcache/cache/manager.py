@@ -37,6 +37,8 @@ class _SeqBlocks:
     table: list[int] = field(default_factory=list)  # block ids; token t lives in table[t // block_size]
     hashes: list[int] = field(default_factory=list)  # chained hashes of the first len(hashes) full blocks
     released: int = 0  # table entries before this index are RELEASED (except any kept head: sinks)
+    offset: int = 0  # positions evicted before the table's first slot: token p sits at slot p - offset
+    cacheable: bool = True  # False once compacted: its blocks no longer hold whole runs of the token ids
 
 
 class KVCacheManager:
@@ -174,7 +176,7 @@ class KVCacheManager:
         hashes = self._computed_hashes(token_ids, computed_blocks) if computed_blocks else []
 
         have = len(seq.table) if seq is not None else len(computed_blocks)
-        total = num_computed_tokens + num_new_tokens
+        total = num_computed_tokens + num_new_tokens - (seq.offset if seq is not None else 0)
         need = max(-(-total // bs) - have, 0)  # ceil(total / bs) - blocks held
         # Touching a free cached block takes it out of the free queue too.
         revived = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_count == 0)
@@ -202,6 +204,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         seq = self._seqs[seq_id]
+        if not seq.cacheable:
+            return
         bs = self.block_size
         num_full = min(num_tokens, len(token_ids)) // bs
         assert num_full <= len(seq.table), "tokens computed beyond the allocated table"
@@ -234,6 +238,31 @@ class KVCacheManager:
         seq.table[start:upto] = [RELEASED] * (upto - start)
         seq.released = upto
         return upto - start
+
+    def compact(self, seq_id: str, keep_tokens: int, evicted: int) -> list[int] | None:
+        """Replace `seq_id`'s blocks by fresh ones for `keep_tokens` tokens (an eviction policy
+        copies the tokens it keeps into them; copy them out first: the old blocks are freed).
+        Later positions move down by `evicted` slots and the sequence's blocks leave the prefix
+        cache's hash chain. The old blocks stay cached if they were (they hold the prompt as
+        computed with full attention). Returns the new table, or None, changing nothing, when
+        the pool cannot supply the blocks."""
+        seq = self._seqs[seq_id]
+        need = -(-keep_tokens // self.block_size)
+        live = [b for b in seq.table if b != RELEASED]
+        freed_by_us = sum(1 for b in live if self.pool.blocks[b].ref_count == 1)
+        if need > self.pool.num_free_blocks + freed_by_us:
+            return None
+        self.pool.free(reversed(live))
+        new = self.pool.allocate(need)
+        assert new is not None  # checked above
+        seq.table, seq.hashes, seq.released = list(new), [], 0
+        seq.offset += evicted
+        seq.cacheable = False
+        return list(new)
+
+    def num_slots(self, seq_id: str, num_tokens: int) -> int:
+        """Slots the first `num_tokens` positions of `seq_id` take (positions minus evicted ones)."""
+        return num_tokens - self._seqs[seq_id].offset
 
     def first_live_block(self, seq_id: str) -> int:
         """Index in `seq_id`'s table of its first block after the released ones (0 when none
@@ -268,23 +297,25 @@ class KVCacheManager:
 
     def slot(self, seq_id: str, position: int) -> int:
         """The flat storage slot of token `position`: block * block_size + offset."""
-        table = self._seqs[seq_id].table
+        seq = self._seqs[seq_id]
+        table, position = seq.table, position - seq.offset
         if not 0 <= position < len(table) * self.block_size:
             raise IndexError(
-                f"Position {position} is outside the {len(table) * self.block_size} slots of {seq_id!r}."
+                f"Position {position + seq.offset} is outside the {len(table) * self.block_size} slots of {seq_id!r}."
             )
         bs = self.block_size
         return table[position // bs] * bs + position % bs
 
     def slots(self, seq_id: str, start: int, end: int) -> list[int]:
         """The flat storage slots of tokens start..end-1 (the runner's slot mapping)."""
-        table = self._seqs[seq_id].table
+        seq = self._seqs[seq_id]
+        table, off = seq.table, seq.offset
         bs = self.block_size
-        if not 0 <= start <= end <= len(table) * bs:
+        if not 0 <= start - off <= end - off <= len(table) * bs:
             raise IndexError(
                 f"Positions [{start}, {end}) are outside the {len(table) * bs} slots of {seq_id!r}."
             )
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        return [table[p // bs] * bs + p % bs for p in range(start - off, end - off)]
 
     def block_owners(self) -> dict[int, list[str]]:
         """Read-only map: block id -> the sequences whose tables hold it (shared prefixes have several)."""

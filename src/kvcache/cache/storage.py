@@ -63,6 +63,17 @@ class PagedKVStorage:
         self.v.index_copy_(2, slots, v.to(self.device, self.dtype))
         self._zeroed.update(block_ids)
 
+    def gather_tokens(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of K and V at per-layer, per-head slots (L, Hkv, K): (L, Hkv, K, D) each
+        (what an eviction policy keeps, head by head)."""
+        idx = slots[..., None].expand(*slots.shape, self.head_dim)  # (L, Hkv, K, D)
+        return torch.gather(self.k, 2, idx), torch.gather(self.v, 2, idx)
+
+    def write_tokens(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (L, Hkv, K, D) to the K slots `slots` (K,) of every layer and head."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+
     # -- what a forward pass does with a layer --------------------------------------------
     @property
     def native_readable(self) -> bool:
@@ -122,14 +133,17 @@ class PagedStepCache(PlainCache):
     """
 
     def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, read_blocks: torch.Tensor,
-                 kv_len: int | None = None, first_block: int | None = None, kv_lens: list[int] | None = None):
+                 kv_len: int | None = None, first_block: int | None = None, kv_lens: list[int] | None = None,
+                 observer=None):
         """`kv_len`: when every row attends to exactly that many slots, the gathered K/V are cut
         to it, so attention needs no padding mask (single sequences, equal-length batches).
         `first_block`: a single row whose blocks are consecutive from this id is read as a
         view of the storage, with no gather copy (common: the pool hands out blocks in order).
         `kv_lens`: each row's slot count; given for a decode step (one token per row), it lets
-        the native kernel attend straight from the blocks (no gather, no mask, no padding)."""
+        the native kernel attend straight from the blocks (no gather, no mask, no padding).
+        `observer(layer, q, k)`: sees each layer's queries and keys (an eviction scorer)."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
+        self.observer = observer
         self.kv_len, self.first_block = kv_len, first_block
         self.native_decode = kv_lens is not None and storage.native_readable
         if self.native_decode:
@@ -143,6 +157,12 @@ class PagedStepCache(PlainCache):
 
     def advance(self, n: int) -> None:
         pass
+
+    def observes(self, t: int) -> bool:
+        return self.observer is not None
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        self.observer(layer, q, k)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Scatter k, v (B, Hkv, T, D) into their slots; gather (B, Hkv, S, D) for attention."""

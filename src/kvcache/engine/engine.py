@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.cache.manager import KVCacheManager
+from kvcache.cache.paged_evict import PagedEvict, PromptScores
 from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
 from kvcache.cache.policies.selectors import Sinks, Window
 from kvcache.cache.storage import PagedKVStorage
@@ -32,6 +33,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     sliding_window: int | None = None  # keep only the last N tokens' blocks (policy `window:size=N`)
     sink_tokens: int | None = None  # with sliding_window: keep the first N tokens too (policy `sinks`)
+    evict: PagedEvict | None = None  # compress each prompt once it is prefilled (policy `evict`, decode=false)
     quant_format: TokenQuantFormat | None = None  # blocks hold quantized K/V (policy `quantized:...,key_axis=token`)
 
 
@@ -69,8 +71,14 @@ class LLMEngine:
         live_bound = None
         if window is not None:  # what one sequence holds at most: sinks + window + a chunk + partial blocks
             live_bound = self._keep_head * bs + window.size + config.max_num_batched_tokens + 3 * bs
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, live_bound)
-        self.runner = ModelRunner(model, self.storage, self.kv, self.sinks)
+        self.evict = config.evict
+        hit_limit = None
+        if self.evict is not None and self.evict.needs_queries:
+            hit_limit = lambda req: self.evict.prefix_hit_limit(len(req.prompt_token_ids))  # noqa: E731
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, live_bound,
+                                   split_at_prompt_end=self.evict is not None, prefix_hit_limit=hit_limit)
+        self.runner = ModelRunner(model, self.storage, self.kv, self.sinks, self.evict)
+        self.tokens_evicted = 0
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.tokens_generated = 0
@@ -107,6 +115,9 @@ class LLMEngine:
         outputs = [StepOutput(r, "", True) for r in sched.failed]
         for r in sched.failed:
             self.requests.pop(r.request_id, None)
+        for r in sched.preempted + sched.failed:  # a recomputed prompt is scored (and compressed) afresh
+            self.runner.prompt_scores.pop(r.request_id, None)
+            r.num_evicted_tokens = 0
         if not sched.chunks:
             return outputs
         sampled = self.runner.execute(sched.chunks)
@@ -121,6 +132,8 @@ class LLMEngine:
             elif self.window is not None:  # the window policy picks the tokens; whole blocks go back
                 first = self.window.first_kept(req.num_computed_tokens, self.config.block_size)
                 self.kv.release_blocks_before(req.request_id, first)
+            elif self.evict is not None and req.num_computed_tokens == len(req.prompt_token_ids):
+                self._compress_prompt(req)
             if chunk.num_tokens > 1 or not req.output_token_ids:
                 self.tokens_prefilled += chunk.num_tokens
             if req.request_id not in sampled:
@@ -132,8 +145,32 @@ class LLMEngine:
                 text += req.detok.flush()
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
+                self.runner.prompt_scores.pop(req.request_id, None)
             outputs.append(StepOutput(req, text, done))
         return outputs
+
+    def _compress_prompt(self, req: Request) -> None:
+        """The eviction policy's one compression, right after the prompt's last token: per layer
+        and KV head the kept tokens are copied, in order, into fresh blocks of the request."""
+        rid, n = req.request_id, len(req.prompt_token_ids)
+        scores = self.runner.prompt_scores.pop(rid, None) or PromptScores(self.evict, n, self.model.config.num_layers)
+        keep = self.evict.target(n)
+        if keep >= n:
+            return
+        slot_of = torch.tensor(self.kv.slots(rid, 0, n), device=self.storage.k.device)  # (n,) position -> slot
+        index = torch.stack([scores.keep(layer, self.storage.k[layer][:, slot_of] if self.evict.scorer == "knorm"
+                                                else None)
+                             for layer in range(self.model.config.num_layers)])  # (L, Hkv, keep) positions
+        k, v = self.storage.gather_tokens(slot_of[index])  # (L, Hkv, keep, D) copies
+        table = self.kv.compact(rid, keep, n - keep)
+        if table is None:  # every block is shared and the pool is full: recompute it later
+            self.scheduler.preempt(req)
+            req.num_evicted_tokens = 0
+            return
+        self.storage.zero_blocks(table)
+        self.storage.write_tokens(torch.tensor(self.kv.slots(rid, n - keep, n), device=k.device), k, v)
+        req.num_evicted_tokens = n - keep
+        self.tokens_evicted += n - keep
 
     def stats(self) -> dict:
         """Blocks total/used/cached/free, prefix hit rate, running/waiting, preemptions, token counts."""
@@ -149,6 +186,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "tokens_generated": self.tokens_generated,
             "tokens_prefilled": self.tokens_prefilled,
+            "tokens_evicted": self.tokens_evicted,
         }
 
     def run_to_completion(self, requests: list[Request], on_step=None) -> None:

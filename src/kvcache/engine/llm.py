@@ -79,6 +79,7 @@ class LLM:
 
     # -- the paged engine ---------------------------------------------------------------
     def _engine_config(self, memory, fraction, block_size, prefix, max_num_seqs, max_batched):
+        from kvcache.cache.paged_evict import PagedEvict
         from kvcache.cache.spec import parse_size
         from kvcache.engine.engine import EngineConfig, available_memory_bytes, blocks_for_budget
 
@@ -105,10 +106,11 @@ class LLM:
         blocks = blocks_for_budget(budget, block_size, self.engine_bytes_per_token)
         if blocks < 1:
             raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")
-        sinks = self.kv_policy.paged_sinks
+        sinks, evict = self.kv_policy.paged_sinks, self.kv_policy.paged_evict
         return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched,
                             sliding_window=sinks[1] if sinks else self.kv_policy.paged_window,
-                            sink_tokens=sinks[0] if sinks else None, quant_format=self._quant_format)
+                            sink_tokens=sinks[0] if sinks else None, quant_format=self._quant_format,
+                            evict=PagedEvict.from_part(evict) if evict else None)
 
     @property
     def _quant_format(self):

@@ -36,6 +36,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first admission (-1 = not admitted yet)
+    num_evicted_tokens: int = 0  # prompt tokens an eviction policy dropped (their K/V are gone)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
@@ -87,7 +88,7 @@ class Request:
             ttft_s=(self.t_first_token - self.arrival) if n else 0.0,
             decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             total_s=end - self.arrival,
-            kv_cache_bytes=self.num_computed_tokens * bytes_per_token,
+            kv_cache_bytes=(self.num_computed_tokens - self.num_evicted_tokens) * bytes_per_token,
             preemptions=self.preemptions,
         )
         text = self.detok.text if self.finished else self.detok.text[: self.detok.emitted]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from kvcache.cache.manager import KVCacheManager
+from kvcache.cache.paged_evict import PagedEvict, PromptScores
 from kvcache.cache.paged_sinks import FAR, PagedSinksStepCache
 from kvcache.cache.policies.selectors import Sinks
 from kvcache.cache.storage import PagedKVStorage, PagedStepCache
@@ -24,9 +25,11 @@ from kvcache.models.step import StepInputs, causal_mask
 class ModelRunner:
     """Executes one scheduler step on the model; returns sampled tokens by request id."""
 
-    def __init__(self, model: LlamaModel, storage: PagedKVStorage, kv: KVCacheManager, sinks: Sinks | None = None):
-        self.model, self.storage, self.kv, self.sinks = model, storage, kv, sinks
+    def __init__(self, model: LlamaModel, storage: PagedKVStorage, kv: KVCacheManager, sinks: Sinks | None = None,
+                 evict: PagedEvict | None = None):
+        self.model, self.storage, self.kv, self.sinks, self.evict = model, storage, kv, sinks, evict
         self.device = model.device
+        self.prompt_scores: dict[str, PromptScores] = {}  # request id -> what its prompt's queries attended
 
     def _block_rows(self, chunks: list[ScheduledChunk], lengths: list[int]) -> tuple[torch.Tensor, int | None, list[int]]:
         """(B, NB) tables of each row's live blocks covering positions [0, length_b) (blocks a
@@ -37,6 +40,7 @@ class ModelRunner:
         tables, live = [], []
         for c, n in zip(chunks, lengths):
             rid = c.request.request_id
+            n = self.kv.num_slots(rid, n)  # positions an eviction policy dropped take no slots
             lo = self.kv.first_live_block(rid)
             tables.append(self.kv.block_table(rid)[lo : -(-n // bs)])
             live.append(n - lo * bs)
@@ -113,6 +117,17 @@ class ModelRunner:
             step = StepInputs(ids, positions, 0, valid[:, None, None, :])
         return self.model.forward(step, cache)  # (B, V)
 
+    def _observer(self, chunk: ScheduledChunk):
+        """What sees a prompt chunk's queries when an eviction scorer needs them, else None."""
+        req = chunk.request
+        prompt = len(req.prompt_token_ids)
+        if self.evict is None or not self.evict.needs_queries or chunk.start >= prompt:
+            return None
+        scores = self.prompt_scores.get(req.request_id)
+        if scores is None:
+            scores = self.prompt_scores[req.request_id] = PromptScores(self.evict, prompt, len(self.model.layers))
+        return lambda layer, q, k: scores.observe(layer, q, k, chunk.start)
+
     def _prefill(self, chunk: ScheduledChunk) -> torch.Tensor:
         if self.sinks is not None:
             return self._sinks_step([chunk])
@@ -122,20 +137,21 @@ class ModelRunner:
         blocks, first, live = self._block_rows([chunk], [start + n])  # (1, NB)
         step = StepInputs(ids, None, start, causal_mask(None, 1, live[0] - n, n, dev))  # (1, 1, T, live)
         cache = PagedStepCache(self.storage, self._write_slots([chunk]), blocks, kv_len=live[0],
-                               first_block=first)
+                               first_block=first, observer=self._observer(chunk))
         return self.model.forward(step, cache)  # (1, V)
 
     def execute(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """Run every chunk; sample the next token for those that reached their sequence's end."""
         sampled: dict[str, int] = {}
         with torch.inference_mode():
-            decodes = [c for c in chunks if c.num_tokens == 1]
+            decodes = [c for c in chunks if c.num_tokens == 1 and self._observer(c) is None]
             rows: list[tuple[ScheduledChunk, torch.Tensor]] = []
             if decodes:
                 logits = self._decode(decodes)
                 rows += [(c, logits[b]) for b, c in enumerate(decodes)]
+            decoded = {id(c) for c in decodes}
             for c in chunks:
-                if c.num_tokens > 1:
+                if id(c) not in decoded:
                     logits = self._prefill(c)
                     rows.append((c, logits[0]))
             rows = [(c, lg) for c, lg in rows if c.samples]

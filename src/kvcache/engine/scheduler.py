@@ -12,6 +12,7 @@ hits make that cheap). The scheduler moves block ids through `KVCacheManager`, n
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvcache.cache.manager import KVCacheManager
@@ -46,11 +47,16 @@ class Scheduler:
     """FCFS continuous-batching scheduler with chunked prefill and recompute preemption."""
 
     def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 max_live_tokens: int | None = None):
+                 max_live_tokens: int | None = None, split_at_prompt_end: bool = False,
+                 prefix_hit_limit: Callable[[Request], int | None] | None = None):
         """`max_live_tokens`: the most tokens one sequence holds in blocks at a time, whatever
-        its length (a window or sinks policy gives blocks back), or None (all of them)."""
+        its length (a window or sinks policy gives blocks back), or None (all of them).
+        `split_at_prompt_end`: no chunk runs past a request's prompt (an eviction policy
+        compresses the prompt there). `prefix_hit_limit(request)`: the most tokens a
+        prefix-cache hit may cover (None: no limit)."""
         self.kv = kv
         self.max_live_tokens = max_live_tokens
+        self.split_at_prompt_end, self.prefix_hit_limit = split_at_prompt_end, prefix_hit_limit
         self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -68,6 +74,18 @@ class Scheduler:
         if self.max_live_tokens is not None:
             need = min(need, self.max_live_tokens)
         return self.kv.can_fit(need)
+
+    def _chunk(self, request: Request, computed: int, budget: int) -> int:
+        """Tokens of `request` to compute this step, from `computed` on."""
+        n = min(request.num_tokens - computed, budget)
+        prompt = len(request.prompt_token_ids)
+        if self.split_at_prompt_end and computed < prompt:
+            n = min(n, prompt - computed)
+        return n
+
+    def preempt(self, request: Request) -> None:
+        """Send a running request back to the head of the queue, its blocks freed (recomputed later)."""
+        self._preempt(request, SchedulerOutput())
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request.request_id)
@@ -98,7 +116,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req, req.num_computed_tokens, budget)
             while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, n) is None:
                 victim = self.running[-1]
                 if victim is req and not self._can_ever_fit(req):
@@ -121,7 +139,11 @@ class Scheduler:
                 self._fail(req, out)
                 continue
             blocks, n_cached = self.kv.get_computed_blocks(req.all_token_ids)
-            n = min(req.num_tokens - n_cached, budget)
+            limit = self.prefix_hit_limit(req) if self.prefix_hit_limit is not None else None
+            if limit is not None and n_cached > limit:
+                blocks = blocks[: max(limit, 0) // self.kv.block_size]
+                n_cached = len(blocks) * self.kv.block_size
+            n = self._chunk(req, n_cached, budget)
             if self.kv.allocate_slots(req.request_id, req.all_token_ids, n_cached, n, blocks) is None:
                 break  # head of the queue waits for blocks; FCFS keeps later ones behind it
             self.waiting.popleft()

@@ -221,11 +221,21 @@ class PolicySpec:
         return None
 
     @property
+    def paged_evict(self) -> PolicyPart | None:
+        """The `evict` part when the policy is eviction after the prompt only (decode=false) over
+        float paged blocks (the engine compresses each prompt once); None otherwise."""
+        if (self._plain_store and len(self.selectors) == 1 and self.selectors[0].name == "evict"
+                and not self.selectors[0].params["decode"]):
+            return self.selectors[0]
+        return None
+
+    @property
     def runs_paged(self) -> bool:
         """Whether the continuous-batching engine over paged blocks runs this policy: `full`,
-        `window`, `sinks`, a paged quantized format, or `window` / `sinks` + that format."""
+        `window`, `sinks`, a paged quantized format, `window` / `sinks` + that format, or
+        `evict` after the prompt (decode=false) over float blocks."""
         return ((not self.selectors and self._paged_store) or self.paged_window is not None
-                or self.paged_sinks is not None)
+                or self.paged_sinks is not None or self.paged_evict is not None)
 
 
 def _parse_part(text: str) -> PolicyPart:

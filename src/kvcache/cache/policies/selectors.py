@@ -123,27 +123,14 @@ class Evict(Selector):
         return self.scorer != "knorm" and (t > 1 or self.decode)
 
     def observe(self, layer, q, k):
-        b, hq, t, d = q.shape
-        hkv, s = k.shape[1], k.shape[2]
-        g = hq // hkv
+        t = q.shape[2]
         if self.scorer == "snapkv" and t > 1:
-            q = q[:, :, -self.window :]
-            t = q.shape[2]
-        acc = torch.zeros(b, hkv, s, dtype=torch.float32, device=q.device)  # (B, Hkv, S)
-        for c0 in range(0, t, 256):  # query chunks bound the (B, Hkv, G*Tc, S) probabilities
-            qc = q[:, :, c0 : c0 + 256].float()
-            tc = qc.shape[2]
-            logits = qc.reshape(b, hkv, g * tc, d) @ k.float().transpose(-1, -2) / math.sqrt(d)  # (B, Hkv, G*Tc, S)
-            q_slot = torch.arange(s - t + c0, s - t + c0 + tc, device=q.device).repeat(g)  # (G*Tc,)
-            logits.masked_fill_(torch.arange(s, device=q.device)[None, :] > q_slot[:, None], float("-inf"))
-            acc += logits.softmax(-1).sum(2)
-        if self.scorer == "snapkv" and t > 1:
-            acc = F.avg_pool1d(acc, kernel_size=7, stride=1, padding=3, count_include_pad=False)
-            self.scores[layer] = acc
+            self.scores[layer] = snapkv_pool(attention_mass(q[:, :, -self.window :], k))
             return
+        acc = attention_mass(q, k)  # (B, Hkv, S)
         prev = self.scores[layer]
         if prev is not None:
-            acc[:, :, : prev.shape[2]] += prev[:, :, : min(prev.shape[2], s)]
+            acc[:, :, : prev.shape[2]] += prev[:, :, : min(prev.shape[2], acc.shape[2])]
         self.scores[layer] = acc
 
     def plan(self, held, seen, t, unit, keys):
@@ -153,15 +140,7 @@ class Evict(Selector):
         slack = unit - 1 if t == 1 else 0
         if held <= target + slack:
             return None
-        recent = min(self.window, target)
-        n_old = held - recent
-        top = target - recent
-        per_layer = []
-        for layer, score in enumerate(self._layer_scores(held, keys)):
-            old = score[:, :, :n_old]  # (B, Hkv, n_old)
-            keep_old = old.topk(top, dim=-1).indices.sort(-1).values if top else old[:, :, :0].long()
-            tail = torch.arange(n_old, held, device=old.device).expand(*old.shape[:2], recent)
-            per_layer.append(torch.cat([keep_old, tail], -1))  # (B, Hkv, target)
+        per_layer = [keep_index(score, target, self.window) for score in self._layer_scores(held, keys)]
         return KeepPlan(index=torch.stack(per_layer))  # (L, B, Hkv, target)
 
     def _layer_scores(self, held: int, keys):
@@ -180,6 +159,40 @@ class Evict(Selector):
                 self.scores[layer] = torch.gather(s[:, :, :held_before], 2, plan.index[layer])
             else:
                 self.scores[layer] = torch.cat([s[:, :, : plan.drop_start], s[:, :, plan.drop_end : held_before]], 2)
+
+
+def attention_mass(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The attention each key gets from the queries q (B, Hq, T, D), the last T of the S keys k
+    (B, Hkv, S, D), causal, summed over queries and the query heads of each KV head: (B, Hkv, S) fp32."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = hq // hkv
+    acc = torch.zeros(b, hkv, s, dtype=torch.float32, device=q.device)  # (B, Hkv, S)
+    for c0 in range(0, t, 256):  # query chunks bound the (B, Hkv, G*Tc, S) probabilities
+        qc = q[:, :, c0 : c0 + 256].float()
+        tc = qc.shape[2]
+        logits = qc.reshape(b, hkv, g * tc, d) @ k.float().transpose(-1, -2) / math.sqrt(d)  # (B, Hkv, G*Tc, S)
+        q_slot = torch.arange(s - t + c0, s - t + c0 + tc, device=q.device).repeat(g)  # (G*Tc,)
+        logits.masked_fill_(torch.arange(s, device=q.device)[None, :] > q_slot[:, None], float("-inf"))
+        acc += logits.softmax(-1).sum(2)
+    return acc
+
+
+def snapkv_pool(mass: torch.Tensor) -> torch.Tensor:
+    """SnapKV's smoothing of attention mass (B, Hkv, S): a mean over 7 neighbouring keys."""
+    return F.avg_pool1d(mass, kernel_size=7, stride=1, padding=3, count_include_pad=False)
+
+
+def keep_index(score: torch.Tensor, target: int, window: int) -> torch.Tensor:
+    """Which of `held` tokens to keep, score (B, Hkv, held): the last min(window, target), and
+    the best-scored of the rest up to `target` in all, in order. Returns (B, Hkv, target)."""
+    held = score.shape[2]
+    recent = min(window, target)
+    n_old, top = held - recent, target - recent
+    old = score[:, :, :n_old]  # (B, Hkv, n_old)
+    keep_old = old.topk(top, dim=-1).indices.sort(-1).values if top else old[:, :, :0].long()
+    tail = torch.arange(n_old, held, device=old.device).expand(*old.shape[:2], recent)
+    return torch.cat([keep_old, tail], -1)  # (B, Hkv, target)
 
 
 def make_selector(part: PolicyPart, num_layers: int, device: torch.device) -> Selector:

@@ -1,0 +1,105 @@
+"""Importance eviction on the paged engine (policy `evict:...`, decode=false).
+
+The engine prefills each prompt with full attention, scoring it chunk by chunk, then keeps
+per layer and KV head the best tokens plus the recent window in fresh blocks of the request.
+So a request's tokens equal the per-sequence `PolicyCache` that sees the whole prompt in one
+chunk (kvpress's way), whatever the chunking, batching, preemption or prefix hits.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import kvcache
+from kvcache import SamplingParams
+from kvcache.cache.policies.cache import PolicyCache
+from kvcache.cache.policies.grammar import parse_policy
+from kvcache.models.step import StepInputs
+
+BS = 16
+POLICIES = ["evict:scorer=knorm,ratio=0.5,window=8", "evict:scorer=snapkv,ratio=0.6,window=8",
+            "evict:scorer=h2o,budget=20,window=4"]
+IDS = ["knorm", "snapkv", "h2o"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here runs on the tiny model with one torch thread."""
+
+
+def make_llm(tiny_model_dir, policy: str, blocks: int = 256, **kw) -> kvcache.LLM:
+    probe = kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy=policy, kv_cache_memory=1 << 20)
+    return kvcache.LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False, kv_policy=policy,
+                       kv_cache_memory=blocks * BS * probe.engine_bytes_per_token, block_size=BS, **kw)
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def policy_cache_tokens(llm, policy: str, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens on a PolicyCache that sees the whole prompt as one chunk, then decodes."""
+    model, cache = llm.model, PolicyCache(llm.model, policy)
+    out = []
+    with torch.inference_mode():
+        logits = model.forward(StepInputs(torch.tensor([prompt]), None, 0, None), cache)
+        for _ in range(n):
+            out.append(int(logits[0].argmax()))
+            logits = model.forward(StepInputs(torch.tensor([[out[-1]]]), None, cache.next_position, None), cache)
+    return out
+
+
+def workload(vocab: int, n: int = 10):
+    """Greedy requests: a third share a 32-id prefix; prompts 3-80 ids, 5-25 new tokens."""
+    rng = random.Random(5)
+    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
+    shared = ids(32)
+    prompts = [(shared if i % 3 == 0 else []) + ids(rng.randint(3, 48)) for i in range(n)]
+    return prompts, [greedy(rng.randint(5, 25)) for _ in range(n)]
+
+
+def test_grammar_runs_evict_after_the_prompt_paged():
+    assert parse_policy(POLICIES[0]).paged_evict is not None and parse_policy(POLICIES[0]).runs_paged
+    assert not parse_policy("evict:ratio=0.5,decode=true").runs_paged  # evicting while decoding: per sequence
+    assert not parse_policy("evict:ratio=0.5+quantized:bits=8,key_axis=token,residual=0").runs_paged
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_each_request_equals_the_policy_cache_over_its_whole_prompt(tiny_model_dir, policy):
+    llm = make_llm(tiny_model_dir, policy, max_num_batched_tokens=24)  # prompts run in chunks
+    prompts, params = workload(llm.config.vocab_size)
+    outs = llm.generate(prompts, params)
+    stats = llm.stats()
+    assert stats["tokens_evicted"] > 0 and stats["blocks_used"] == 0
+    for p, sp, out in zip(prompts, params, outs):
+        assert out.token_ids == policy_cache_tokens(llm, policy, p, sp.max_tokens)
+        kept = min(p.__len__(), parse_policy(policy).selectors[0].params["budget"] or -(-len(p) // 2))
+        if "knorm" in policy:  # ratio 0.5: half the prompt's K/V stay
+            assert out.metrics.kv_cache_bytes == (kept + len(out.token_ids) - 1) * llm.kv_bytes_per_token
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=IDS)
+def test_batched_with_preemption_and_prefix_hits_equals_alone(tiny_model_dir, policy):
+    small = make_llm(tiny_model_dir, policy, blocks=10, max_num_batched_tokens=32)
+    prompts, params = workload(small.config.vocab_size)
+    outs = small.generate(prompts, params)
+    stats = small.stats()
+    assert stats["preemptions"] > 0 and stats["blocks_used"] == 0
+    if "knorm" in policy:  # scorers that need queries cap or refuse prefix hits
+        assert stats["prefix_hits"] > 0
+    alone = make_llm(tiny_model_dir, policy, max_num_batched_tokens=512, enable_prefix_caching=False)
+    for p, sp, out in zip(prompts, params, outs):
+        assert out.token_ids == alone.generate([p], sp)[0].token_ids
+
+
+def test_compressed_blocks_leave_the_prefix_cache_but_the_prompt_blocks_stay(tiny_model_dir):
+    """A repeated prompt hits the blocks its first run prefilled (full attention, shareable);
+    the compressed copy is the request's own."""
+    llm = make_llm(tiny_model_dir, POLICIES[0])
+    prompt = list(range(5, 5 + 70))
+    first = llm.generate([prompt], greedy(6))[0]
+    again = llm.generate([prompt], greedy(6))[0]
+    assert again.metrics.cached_prompt_tokens == 64 and again.token_ids == first.token_ids
