@@ -44,3 +44,20 @@ def imported_top_modules(path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             tops.add((node.module or "").split(".")[0])
     return tops
+
+
+def paged_llm(model_dir, policy: str, blocks: int, block_size: int = 16, **kw):
+    """An LLM on `model_dir` (fp32, CPU) whose paged pool holds `blocks` blocks under `policy`."""
+    import kvcache
+
+    probe = kvcache.LLM(str(model_dir), progress=False, kv_policy=policy, kv_cache_memory=1 << 20)
+    return kvcache.LLM(str(model_dir), dtype="float32", device="cpu", progress=False, kv_policy=policy,
+                       kv_cache_memory=blocks * block_size * probe.engine_bytes_per_token, block_size=block_size,
+                       **kw)
+
+
+def greedy(n: int):
+    """Greedy sampling of exactly n tokens (EOS ignored)."""
+    from kvcache import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import kvcache
-from kvcache import SamplingParams
 from kvcache.cache.policies.cache import PolicyCache
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.models.step import StepInputs
+from tests.helpers import greedy, paged_llm
 
 BS = 16
 POLICIES = ["evict:scorer=knorm,ratio=0.5,window=8", "evict:scorer=snapkv,ratio=0.6,window=8",
@@ -31,13 +31,7 @@ def _one_thread(one_torch_thread):
 
 
 def make_llm(tiny_model_dir, policy: str, blocks: int = 256, **kw) -> kvcache.LLM:
-    probe = kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy=policy, kv_cache_memory=1 << 20)
-    return kvcache.LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False, kv_policy=policy,
-                       kv_cache_memory=blocks * BS * probe.engine_bytes_per_token, block_size=BS, **kw)
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return paged_llm(tiny_model_dir, policy, blocks, BS, **kw)
 
 
 def policy_cache_tokens(llm, policy: str, prompt: list[int], n: int) -> list[int]:

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import kvcache
-from kvcache import SamplingParams
 from kvcache.cache.manager import RELEASED
 from kvcache.cache.policies.cache import PolicyCache
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.models.step import StepInputs
+from tests.helpers import greedy, paged_llm
 
 BS = 16  # PolicyCache drops 16-token units: the same boundaries as these blocks
 POLICY = "sinks:n_sink=4,window=24"
@@ -31,13 +31,7 @@ def _one_thread(one_torch_thread):
 
 
 def make_llm(tiny_model_dir, policy: str = POLICY, blocks: int = 512, **kw) -> kvcache.LLM:
-    probe = kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy=policy, kv_cache_memory=1 << 20)
-    return kvcache.LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False, kv_policy=policy,
-                       kv_cache_memory=blocks * BS * probe.engine_bytes_per_token, block_size=BS, **kw)
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    return paged_llm(tiny_model_dir, policy, blocks, BS, **kw)
 
 
 def alone_token_by_token(llm, policy: str, prompt: list[int], n: int) -> list[int]:
