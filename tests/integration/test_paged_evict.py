@@ -20,9 +20,11 @@ from kvcache.models.step import StepInputs
 from tests.helpers import greedy, paged_llm
 
 BS = 16
+INT8 = "+quantized:bits=8,group_size=8,key_axis=token,residual=0"  # evicted over quantized blocks
 POLICIES = ["evict:scorer=knorm,ratio=0.5,window=8", "evict:scorer=snapkv,ratio=0.6,window=8",
-            "evict:scorer=h2o,budget=20,window=4"]
-IDS = ["knorm", "snapkv", "h2o"]
+            "evict:scorer=h2o,budget=20,window=4", "evict:scorer=knorm,ratio=0.5,window=8" + INT8,
+            "evict:scorer=snapkv,ratio=0.6,window=8" + INT8]
+IDS = ["knorm", "snapkv", "h2o", "knorm-int8", "snapkv-int8"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,7 +60,8 @@ def workload(vocab: int, n: int = 10):
 def test_grammar_runs_evict_after_the_prompt_paged():
     assert parse_policy(POLICIES[0]).paged_evict is not None and parse_policy(POLICIES[0]).runs_paged
     assert not parse_policy("evict:ratio=0.5,decode=true").runs_paged  # evicting while decoding: per sequence
-    assert not parse_policy("evict:ratio=0.5+quantized:bits=8,key_axis=token,residual=0").runs_paged
+    assert parse_policy("evict:ratio=0.5+quantized:bits=8,key_axis=token,residual=0").runs_paged
+    assert not parse_policy("evict:ratio=0.5+quantized:bits=8").runs_paged  # KIVI's exact tail: per sequence
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=IDS)
@@ -72,7 +75,8 @@ def test_each_request_equals_the_policy_cache_over_its_whole_prompt(tiny_model_d
         assert out.token_ids == policy_cache_tokens(llm, policy, p, sp.max_tokens)
         kept = min(p.__len__(), parse_policy(policy).selectors[0].params["budget"] or -(-len(p) // 2))
         if "knorm" in policy:  # ratio 0.5: half the prompt's K/V stay
-            assert out.metrics.kv_cache_bytes == (kept + len(out.token_ids) - 1) * llm.kv_bytes_per_token
+            bpt = llm.engine.storage.bytes_per_token
+            assert out.metrics.kv_cache_bytes == (kept + len(out.token_ids) - 1) * bpt
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=IDS)

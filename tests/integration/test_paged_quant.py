@@ -62,7 +62,7 @@ def test_grammar_says_which_quantized_policies_run_paged():
     assert parse_policy("sinks:n_sink=4,window=60+" + POLICIES[0]).paged_sinks == (4, 60)
     for policy in ("quantized:bits=8", "quantized:bits=8,key_axis=token",  # residual 128 by default
                    "quantized:bits=8,key_axis=token,residual=0,n_sink=4",
-                   "evict:ratio=0.5+" + POLICIES[0], POLICIES[2] + ",hi_keys=0"):  # one width per pool
+                   "evict:ratio=0.5,decode=true+" + POLICIES[0], POLICIES[2] + ",hi_keys=0"):  # one width per pool
         assert not parse_policy(policy).runs_paged, policy
     with pytest.raises(KVCacheError, match="key_axis must be one of channel, token"):
         parse_policy("quantized:key_axis=head")

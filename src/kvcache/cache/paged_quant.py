@@ -115,6 +115,16 @@ class _QuantSlots:
 
         return self.read(pick(self.codes), pick(self.scale), pick(self.zero), dtype)
 
+    def gather(self, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Copies of codes, scale and zero at per-layer, per-head slots (L, Hkv, K)."""
+        return tuple(torch.gather(t, 2, slots[..., None].expand(*slots.shape, t.shape[-1]))
+                     for t in (self.codes, self.scale, self.zero))
+
+    def put(self, slots: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> None:
+        """Write what `gather` copied to the slots `slots` (K,) of every layer and head, as they are."""
+        for t, part in zip((self.codes, self.scale, self.zero), parts):
+            t.index_copy_(2, slots, part)
+
     @property
     def bytes_per_slot(self) -> int:
         """Bytes of one token in one layer."""
@@ -173,6 +183,21 @@ class PagedQuantizedStorage:
         v = self.v.read_blocks(layer, idx, self.block_size, self.dtype)
         h, d = self.num_kv_heads, self.head_dim
         return k.view(h, b, s, d).transpose(0, 1), v.view(h, b, s, d).transpose(0, 1)  # (B, Hkv, S, D)
+
+    def gather_tokens(self, slots: torch.Tensor) -> tuple[tuple, tuple]:
+        """Copies of the codes of K and V at per-layer, per-head slots (L, Hkv, K) (an eviction
+        policy's keeps, moved as codes: nothing is quantized twice)."""
+        return self.k.gather(slots), self.v.gather(slots)
+
+    def write_tokens(self, slots: torch.Tensor, k: tuple, v: tuple) -> None:
+        """Write what `gather_tokens` copied to the slots `slots` (K,) of every layer and head."""
+        self.k.put(slots, k)
+        self.v.put(slots, v)
+
+    def keys_at(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """Keys of `layer` at `slots` (N,), dequantized (in the stored basis): (Hkv, N, D)."""
+        k = self.k
+        return k.read(k.codes[layer][:, slots], k.scale[layer][:, slots], k.zero[layer][:, slots], self.dtype)
 
     @property
     def native_readable(self) -> bool:

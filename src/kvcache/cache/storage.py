@@ -74,6 +74,10 @@ class PagedKVStorage:
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
 
+    def keys_at(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
+        """Keys of `layer` at `slots` (N,): (Hkv, N, D) (knorm scores them)."""
+        return self.k[layer][:, slots]
+
     # -- what a forward pass does with a layer --------------------------------------------
     @property
     def native_readable(self) -> bool:

@@ -157,18 +157,18 @@ class LLMEngine:
         keep = self.evict.target(n)
         if keep >= n:
             return
-        slot_of = torch.tensor(self.kv.slots(rid, 0, n), device=self.storage.k.device)  # (n,) position -> slot
-        index = torch.stack([scores.keep(layer, self.storage.k[layer][:, slot_of] if self.evict.scorer == "knorm"
-                                                else None)
+        slot_of = torch.tensor(self.kv.slots(rid, 0, n), device=self.storage.device)  # (n,) position -> slot
+        knorm = self.evict.scorer == "knorm"
+        index = torch.stack([scores.keep(layer, self.storage.keys_at(layer, slot_of) if knorm else None)
                              for layer in range(self.model.config.num_layers)])  # (L, Hkv, keep) positions
-        k, v = self.storage.gather_tokens(slot_of[index])  # (L, Hkv, keep, D) copies
+        k, v = self.storage.gather_tokens(slot_of[index])  # (L, Hkv, keep, ...) copies
         table = self.kv.compact(rid, keep, n - keep)
         if table is None:  # every block is shared and the pool is full: recompute it later
             self.scheduler.preempt(req)
             req.num_evicted_tokens = 0
             return
         self.storage.zero_blocks(table)
-        self.storage.write_tokens(torch.tensor(self.kv.slots(rid, n - keep, n), device=k.device), k, v)
+        self.storage.write_tokens(torch.tensor(self.kv.slots(rid, n - keep, n), device=self.storage.device), k, v)
         req.num_evicted_tokens = n - keep
         self.tokens_evicted += n - keep
 

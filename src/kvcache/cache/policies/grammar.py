@@ -223,8 +223,8 @@ class PolicySpec:
     @property
     def paged_evict(self) -> PolicyPart | None:
         """The `evict` part when the policy is eviction after the prompt only (decode=false) over
-        float paged blocks (the engine compresses each prompt once); None otherwise."""
-        if (self._plain_store and len(self.selectors) == 1 and self.selectors[0].name == "evict"
+        paged blocks, float or quantized (the engine compresses each prompt once); None otherwise."""
+        if (self._paged_store and len(self.selectors) == 1 and self.selectors[0].name == "evict"
                 and not self.selectors[0].params["decode"]):
             return self.selectors[0]
         return None
@@ -233,7 +233,7 @@ class PolicySpec:
     def runs_paged(self) -> bool:
         """Whether the continuous-batching engine over paged blocks runs this policy: `full`,
         `window`, `sinks`, a paged quantized format, `window` / `sinks` + that format, or
-        `evict` after the prompt (decode=false) over float blocks."""
+        `evict` after the prompt (decode=false) over either."""
         return ((not self.selectors and self._paged_store) or self.paged_window is not None
                 or self.paged_sinks is not None or self.paged_evict is not None)
 
