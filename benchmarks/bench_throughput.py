@@ -47,6 +47,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvcache.cache.manager import RELEASED
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
 from kvcache.bench.common import consoles, corpus_ids, quiet_transformers
@@ -320,16 +321,17 @@ def run_capacity(llm: LLM, wl: Workload, progress: Progress) -> tuple[dict, list
     def probe(_outputs) -> None:
         held: dict[int, int] = {}
         for r in sched.running:
-            n = r.num_computed_tokens
-            for i, b in enumerate(kv.block_table(r.request_id)):
+            n = kv.num_slots(r.request_id, r.num_computed_tokens) if r.request_id in kv else 0  # evicted: no slot
+            for i, b in enumerate(kv.block_table(r.request_id) if r.request_id in kv else []):
                 k = min(bs, n - i * bs)
                 if k <= 0:
                     break
-                if k > held.get(b, 0):
+                if b != RELEASED and k > held.get(b, 0):  # a window gave this block back
                     held[b] = k
         gen = engine.tokens_generated - gen0
         records.append(StepRecord(time.perf_counter() - t0, gen, kv.usage()["blocks_used"], sum(held.values()),
-                                  sum(r.num_computed_tokens for r in sched.running), len(sched.running),
+                                  sum(r.num_computed_tokens - r.num_evicted_tokens for r in sched.running),
+                                  len(sched.running),
                                   len(sched.waiting)))
         progress.update(task, completed=gen)
 
