@@ -16,6 +16,7 @@ import torch
 import kvcache
 from kvcache.cache.policies.cache import PolicyCache
 from kvcache.cache.policies.grammar import parse_policy
+from kvcache.errors import KVCacheError
 from kvcache.models.step import StepInputs
 from tests.helpers import greedy, paged_llm
 
@@ -62,6 +63,9 @@ def test_grammar_runs_evict_after_the_prompt_paged():
     assert not parse_policy("evict:ratio=0.5,decode=true").runs_paged  # evicting while decoding: per sequence
     assert parse_policy("evict:ratio=0.5+quantized:bits=8,key_axis=token,residual=0").runs_paged
     assert not parse_policy("evict:ratio=0.5+quantized:bits=8").runs_paged  # KIVI's exact tail: per sequence
+    assert parse_policy("evict:ratio=0.5,pool=7").selectors[0].params["pool"] == 7
+    with pytest.raises(KVCacheError, match="pool must be odd"):
+        parse_policy("evict:ratio=0.5,pool=8")
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=IDS)

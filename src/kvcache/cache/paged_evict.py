@@ -34,11 +34,12 @@ class PagedEvict:
     ratio: float  # fraction removed (or 0)
     budget: int  # tokens kept (or 0)
     window: int  # recent prompt tokens always kept; snapkv's observation window
+    pool: int = 31  # snapkv's smoothing kernel (odd)
 
     @classmethod
     def from_part(cls, part) -> "PagedEvict":
         p = part.params
-        return cls(p["scorer"], p["ratio"], p["budget"], p["window"])
+        return cls(p["scorer"], p["ratio"], p["budget"], p["window"], p["pool"])
 
     def target(self, prompt_tokens: int) -> int:
         """Tokens of the prompt kept (all of a prompt no longer than that)."""
@@ -86,5 +87,5 @@ class PromptScores:
             score = -keys.float().norm(dim=-1)  # (Hkv, n): low-norm keys draw attention
         else:
             score = self.mass[layer]
-            score = snapkv_pool(score[None])[0] if spec.scorer == "snapkv" else score  # (Hkv, n)
+            score = snapkv_pool(score[None], spec.pool)[0] if spec.scorer == "snapkv" else score  # (Hkv, n)
         return keep_index(score[None], spec.target(n), spec.window)[0]  # (Hkv, target)

@@ -98,6 +98,9 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
         "ratio": Param(float, 0.0, minimum=0.0),
         "budget": Param(int, 0, minimum=0),
         "window": Param(int, 32, minimum=1),  # recent tokens always kept (and SnapKV's observation window)
+        # SnapKV's smoothing: a key scores the mean attention of the `pool` keys around it (odd). 31 keeps
+        # a whole planted fact when its first tokens are found; 7 (the paper's) lost its later digits here
+        "pool": Param(int, 31, minimum=1),
         "decode": Param(bool, False),  # keep evicting during generation, not only after prefill
     },
     "quantized": {
@@ -278,6 +281,8 @@ def parse_policy(text: str | None) -> PolicySpec:
                 raise KVCacheError("Policy 'evict' needs exactly one of ratio (0 < ratio < 1) or budget (tokens).")
             if ratio >= 1:
                 raise KVCacheError(f"Policy 'evict': ratio is the fraction removed and must be below 1, got {ratio}.")
+            if s.params["pool"] % 2 == 0:
+                raise KVCacheError(f"Policy 'evict': pool must be odd (keys on both sides), got {s.params['pool']}.")
     if store.params.get("rotate") in ("keys", "both") and store.params.get("key_axis", "channel") != "token":
         raise KVCacheError(f"Policy '{store.name}': rotate={store.params['rotate']} needs keys grouped per token "
                            "(key_axis=token); per-channel key groups must keep their channels apart.")

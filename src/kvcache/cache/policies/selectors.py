@@ -110,8 +110,9 @@ class Evict(Selector):
     """
 
     def __init__(self, scorer: str, ratio: float, budget: int, window: int, decode: bool,
-                 num_layers: int, device: torch.device):
+                 num_layers: int, device: torch.device, pool: int = 31):
         self.scorer, self.ratio, self.budget, self.window, self.decode = scorer, ratio, budget, window, decode
+        self.pool = pool  # snapkv's smoothing kernel (odd)
         self.scores: list[torch.Tensor | None] = [None] * num_layers  # (B, Hkv, S) float32 per layer
         self.device = device
 
@@ -125,7 +126,7 @@ class Evict(Selector):
     def observe(self, layer, q, k):
         t = q.shape[2]
         if self.scorer == "snapkv" and t > 1:
-            self.scores[layer] = snapkv_pool(attention_mass(q[:, :, -self.window :], k))
+            self.scores[layer] = snapkv_pool(attention_mass(q[:, :, -self.window :], k), self.pool)
             return
         acc = attention_mass(q, k)  # (B, Hkv, S)
         prev = self.scores[layer]
@@ -178,9 +179,9 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def snapkv_pool(mass: torch.Tensor) -> torch.Tensor:
-    """SnapKV's smoothing of attention mass (B, Hkv, S): a mean over 7 neighbouring keys."""
-    return F.avg_pool1d(mass, kernel_size=7, stride=1, padding=3, count_include_pad=False)
+def snapkv_pool(mass: torch.Tensor, kernel: int) -> torch.Tensor:
+    """SnapKV's smoothing of attention mass (B, Hkv, S): a mean over `kernel` (odd) neighbouring keys."""
+    return F.avg_pool1d(mass, kernel_size=kernel, stride=1, padding=kernel // 2, count_include_pad=False)
 
 
 def keep_index(score: torch.Tensor, target: int, window: int) -> torch.Tensor:
@@ -202,5 +203,5 @@ def make_selector(part: PolicyPart, num_layers: int, device: torch.device) -> Se
     if part.name == "sinks":
         return Sinks(p["n_sink"], p["window"])
     if part.name == "evict":
-        return Evict(p["scorer"], p["ratio"], p["budget"], p["window"], p["decode"], num_layers, device)
+        return Evict(p["scorer"], p["ratio"], p["budget"], p["window"], p["decode"], num_layers, device, p["pool"])
     raise AssertionError(part.name)
