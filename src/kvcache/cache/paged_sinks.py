@@ -51,14 +51,10 @@ class PagedSinksStepCache(PlainCache):
         self.length = read_blocks.shape[1] * storage.block_size  # the model's default mask only; unused here
         unit = storage.block_size
         p = query_positions  # (B, T)
+        # Window.first_kept / Sinks.window_start for every query at once
         first_kept = torch.clamp(torch.div(p - sinks.size, unit, rounding_mode="floor") * unit, min=0)  # (B, T)
         start = torch.clamp(first_kept, min=sinks.n_sink)  # (B, T) oldest window token each query sees
-        pos = slot_positions[:, None, :]  # (B, 1, S)
-        self.window_mask = (pos >= start[..., None]) & (pos <= p[..., None])  # (B, T, S)
-        sink_ids = torch.arange(self.n_sink, device=p.device)
-        self.sink_mask = sink_ids[None, None, :] <= p[..., None]  # (B, T, n_sink)
-        cos, sin = rope.lookup(start - sinks.n_sink)  # (B, T, 1, D): rotation by the shift...
-        self.sink_cos, self.sink_sin = cos.transpose(1, 2), -sin.transpose(1, 2)  # (B, 1, T, D) ...taken back
+        cos, sin = rope.lookup(start - sinks.n_sink)  # (B, T, 1, D): rotation by the shift (grows the table)
         self.native_decode = native_decode and p.shape[1] == 1
         if self.native_decode:  # one run of each row's table; the kernel meets the sinks with their own query
             self.table = read_blocks.to(torch.int32).cpu()  # (B, NB)
@@ -68,11 +64,16 @@ class PagedSinksStepCache(PlainCache):
                 self.lo = torch.zeros_like(self.hi)
                 self.sink_end = torch.full_like(self.hi, self.n_sink)  # (B,) then skip to the window's start
                 self.gap_end = start_slot
-                shift = (start - sinks.n_sink).reshape(-1)  # (B,)
-                self.shift_cos, self.shift_sin = rope.cos[shift], -rope.sin[shift]  # (B, D) rotations back
-                self.rows = torch.arange(len(shift))  # (B,) row b rotates by table row b
+                self.shift_cos, self.shift_sin = cos[:, 0, 0], -sin[:, 0, 0]  # (B, D) rotations back
+                self.rows = torch.arange(p.shape[0])  # (B,) row b rotates by table row b
             else:
                 self.lo = start_slot
+            return
+        pos = slot_positions[:, None, :]  # (B, 1, S)
+        self.window_mask = (pos >= start[..., None]) & (pos <= p[..., None])  # (B, T, S)
+        sink_ids = torch.arange(self.n_sink, device=p.device)
+        self.sink_mask = sink_ids[None, None, :] <= p[..., None]  # (B, T, n_sink)
+        self.sink_cos, self.sink_sin = cos.transpose(1, 2), -sin.transpose(1, 2)  # (B, 1, T, D) ...taken back
 
     def reserve(self, n_slots: int) -> None:  # blocks were allocated by the scheduler
         pass

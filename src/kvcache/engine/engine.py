@@ -69,11 +69,11 @@ class LLMEngine:
         self.window = window
         self._keep_head = self.sinks.sink_blocks(bs) if self.sinks is not None else 0
         live_bound = None
-        if window is not None:  # what one sequence holds at most: sinks + window + a chunk + partial blocks
-            live_bound = self._keep_head * bs + window.size + config.max_num_batched_tokens + 3 * bs
+        if window is not None:
+            live_bound = windowed_live_tokens(window.size, config.sink_tokens or 0, bs, config.max_num_batched_tokens)
         self.evict = config.evict
         hit_limit = None
-        if self.evict is not None and self.evict.needs_queries:
+        if self.evict is not None:
             hit_limit = lambda req: self.evict.prefix_hit_limit(len(req.prompt_token_ids))  # noqa: E731
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, live_bound,
                                    split_at_prompt_end=self.evict is not None, prefix_hit_limit=hit_limit)
@@ -198,6 +198,12 @@ class LLMEngine:
             sched = self.last_schedule
             if not (sched.chunks or sched.preempted or sched.failed):
                 raise KVCacheError("The scheduler cannot make progress: the KV pool is too small for the queue head.")
+
+
+def windowed_live_tokens(window: int, sink_tokens: int, block_size: int, chunk: int) -> int:
+    """The most tokens a `window` / `sinks` sequence holds in blocks at once, however long it
+    runs: its sink blocks, the window, a prefill chunk and the partly filled blocks around them."""
+    return -(-sink_tokens // block_size) * block_size + window + chunk + 3 * block_size
 
 
 def blocks_for_budget(budget_bytes: int, block_size: int, bytes_per_token: int) -> int:

@@ -81,7 +81,7 @@ class LLM:
     def _engine_config(self, memory, fraction, block_size, prefix, max_num_seqs, max_batched):
         from kvcache.cache.paged_evict import PagedEvict
         from kvcache.cache.spec import parse_size
-        from kvcache.engine.engine import EngineConfig, available_memory_bytes, blocks_for_budget
+        from kvcache.engine.engine import EngineConfig, available_memory_bytes, blocks_for_budget, windowed_live_tokens
 
         if block_size <= 0 or max_num_seqs <= 0 or max_batched <= 0:
             raise KVCacheError("block_size, max_num_seqs and max_num_batched_tokens must be positive.")
@@ -99,9 +99,9 @@ class LLM:
             # no point reserving more than every sequence at full length needs (a window or sinks
             # policy gives blocks back: a sequence then holds at most sinks + window + a chunk)
             per_seq = self.max_model_len + block_size
-            kept = self.kv_policy.paged_window or (sum(self.kv_policy.paged_sinks) if self.kv_policy.paged_sinks else 0)
-            if kept:
-                per_seq = min(per_seq, kept + max_batched + 4 * block_size)
+            n_sink, window = self.kv_policy.paged_sinks or (0, self.kv_policy.paged_window)
+            if window:
+                per_seq = min(per_seq, windowed_live_tokens(window, n_sink, block_size, max_batched))
             budget = min(budget, max_num_seqs * per_seq * self.engine_bytes_per_token)
         blocks = blocks_for_budget(budget, block_size, self.engine_bytes_per_token)
         if blocks < 1:

@@ -72,18 +72,23 @@ class ModelRunner:
         dev, bs = self.device, self.kv.block_size
         head = self.sinks.sink_blocks(bs)
         null = self.storage.null_block
-        tables, positions = [], []
+        tables, first_window = [], []
         for c in chunks:
             rid = c.request.request_id
             table, n_blocks = self.kv.block_table(rid), -(-(c.start + c.num_tokens) // bs)
             lo = max(self.kv.first_live_block(rid), head)
             sink_blocks = table[: min(head, n_blocks)]
             tables.append(sink_blocks + [null] * (head - len(sink_blocks)) + table[lo:n_blocks])
-            positions.append(list(range(head * bs)) + list(range(lo * bs, n_blocks * bs)))
+            first_window.append(lo)
             self.storage.zero_blocks(sink_blocks + table[lo:n_blocks])
         width = max(len(t) for t in tables)
         rows = torch.tensor([t + [null] * (width - len(t)) for t in tables], device=dev)  # (B, NB)
-        slot_pos = torch.tensor([p + [FAR] * (width * bs - len(p)) for p in positions], device=dev)  # (B, S)
+        # entry j holds positions j*bs.. in the sink blocks, (lo + j - head)*bs.. after them; FAR past the row
+        j = torch.arange(width, device=dev)  # (NB,)
+        lo = torch.tensor(first_window, device=dev)[:, None]  # (B, 1)
+        block_pos = torch.where(j < head, j, lo + j - head) * bs  # (B, NB)
+        block_pos = block_pos.masked_fill(j >= torch.tensor([len(t) for t in tables], device=dev)[:, None], FAR)
+        slot_pos = (block_pos[..., None] + torch.arange(bs, device=dev)).reshape(len(chunks), -1)  # (B, S)
         t = chunks[0].num_tokens
         assert all(c.num_tokens == t for c in chunks), "decode rows, or one prefill chunk"
         ids = torch.tensor([c.request.all_token_ids[c.start : c.start + t] for c in chunks], device=dev)  # (B, T)

@@ -86,12 +86,6 @@ class Sinks(Window):
         """Absolute position of the oldest window token the query at `position` sees."""
         return max(self.n_sink, self.first_kept(position, unit))
 
-    def query_shift(self, position: int, unit: int) -> int:
-        """Tokens dropped between the sinks and the window when the query at `position`
-        attends: its cache position is `position - query_shift`, and that is the position
-        at which it must meet the sink keys (StreamingLLM's in-cache distances)."""
-        return self.window_start(position, unit) - self.n_sink
-
     def plan(self, held, seen, t, unit, keys):
         if held <= self.n_sink:
             return None
