@@ -61,3 +61,33 @@ def greedy(n: int):
     from kvcache import SamplingParams
 
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def random_requests(vocab: int, n: int, seed: int, shared: int, shares, prompt: tuple[int, int],
+                    new: tuple[int, int]):
+    """n greedy requests of random ids: a `shared`-id prefix for the requests i with shares(i),
+    then randint(*prompt) ids each; randint(*new) new tokens each (deterministic for `seed`)."""
+    import random
+
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
+    prefix = ids(shared)
+    prompts = [(prefix if shares(i) else []) + ids(rng.randint(*prompt)) for i in range(n)]
+    return prompts, [greedy(rng.randint(*new)) for _ in range(n)]
+
+
+def policy_cache_greedy(model, policy: str, prompt: list[int], n: int, token_at_a_time: bool) -> list[int]:
+    """Greedy tokens of one prompt on a one-sequence PolicyCache: the prompt fed a token at a
+    time (no chunk effects) or as one chunk (an eviction policy sees all of it), then decoded."""
+    from kvcache.cache.policies.cache import PolicyCache
+    from kvcache.models.step import StepInputs
+
+    cache, out = PolicyCache(model, policy), []
+    with torch.inference_mode():
+        pieces = [[t] for t in prompt] if token_at_a_time else [prompt]
+        for piece in pieces:
+            logits = model.forward(StepInputs(torch.tensor([piece]), None, cache.next_position, None), cache)
+        for _ in range(n):
+            out.append(int(logits[0].argmax()))
+            logits = model.forward(StepInputs(torch.tensor([[out[-1]]]), None, cache.next_position, None), cache)
+    return out

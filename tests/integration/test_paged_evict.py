@@ -8,17 +8,13 @@ chunk (kvpress's way), whatever the chunking, batching, preemption or prefix hit
 
 from __future__ import annotations
 
-import random
 
 import pytest
-import torch
 
 import kvcache
-from kvcache.cache.policies.cache import PolicyCache
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.errors import KVCacheError
-from kvcache.models.step import StepInputs
-from tests.helpers import greedy, paged_llm
+from tests.helpers import greedy, paged_llm, policy_cache_greedy, random_requests
 
 BS = 16
 INT8 = "+quantized:bits=8,group_size=8,key_axis=token,residual=0"  # evicted over quantized blocks
@@ -39,23 +35,12 @@ def make_llm(tiny_model_dir, policy: str, blocks: int = 256, **kw) -> kvcache.LL
 
 def policy_cache_tokens(llm, policy: str, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens on a PolicyCache that sees the whole prompt as one chunk, then decodes."""
-    model, cache = llm.model, PolicyCache(llm.model, policy)
-    out = []
-    with torch.inference_mode():
-        logits = model.forward(StepInputs(torch.tensor([prompt]), None, 0, None), cache)
-        for _ in range(n):
-            out.append(int(logits[0].argmax()))
-            logits = model.forward(StepInputs(torch.tensor([[out[-1]]]), None, cache.next_position, None), cache)
-    return out
+    return policy_cache_greedy(llm.model, policy, prompt, n, token_at_a_time=False)
 
 
 def workload(vocab: int, n: int = 10):
     """Greedy requests: a third share a 32-id prefix; prompts 3-80 ids, 5-25 new tokens."""
-    rng = random.Random(5)
-    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
-    shared = ids(32)
-    prompts = [(shared if i % 3 == 0 else []) + ids(rng.randint(3, 48)) for i in range(n)]
-    return prompts, [greedy(rng.randint(5, 25)) for _ in range(n)]
+    return random_requests(vocab, n, 5, 32, lambda i: i % 3 == 0, (3, 48), (5, 25))
 
 
 def test_grammar_runs_evict_after_the_prompt_paged():

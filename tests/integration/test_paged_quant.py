@@ -8,7 +8,6 @@ same policy one sequence at a time.
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from kvcache.cache.quant import dequantize, quantize
 from kvcache.cache.spec import KVFormat, kv_tensor_bytes
 from kvcache.engine.generate import BatchGeneration
 from kvcache.errors import KVCacheError
+from tests.helpers import random_requests
 
 BS = 4
 POLICIES = ["quantized:bits=8,key_axis=token,residual=0",
@@ -49,11 +49,7 @@ def greedy(n: int) -> SamplingParams:
 
 def workload(vocab: int, n: int = 12) -> tuple[list[list[int]], list[SamplingParams]]:
     """Greedy requests: half share a 10-id prefix, prompts 3-30 ids, 4-20 new tokens."""
-    rng = random.Random(7)
-    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
-    shared = ids(10)
-    prompts = [(shared if i % 2 else []) + ids(rng.randint(3, 20)) for i in range(n)]
-    return prompts, [greedy(rng.randint(4, 20)) for _ in range(n)]
+    return random_requests(vocab, n, 7, 10, lambda i: i % 2, (3, 20), (4, 20))
 
 
 def test_grammar_says_which_quantized_policies_run_paged():

@@ -9,17 +9,13 @@ length with a bounded number of blocks.
 
 from __future__ import annotations
 
-import random
 
 import pytest
-import torch
 
 import kvcache
 from kvcache.cache.manager import RELEASED
-from kvcache.cache.policies.cache import PolicyCache
 from kvcache.cache.policies.grammar import parse_policy
-from kvcache.models.step import StepInputs
-from tests.helpers import greedy, paged_llm
+from tests.helpers import greedy, paged_llm, policy_cache_greedy, random_requests
 
 BS = 16  # PolicyCache drops 16-token units: the same boundaries as these blocks
 POLICY = "sinks:n_sink=4,window=24"
@@ -36,25 +32,12 @@ def make_llm(tiny_model_dir, policy: str = POLICY, blocks: int = 512, **kw) -> k
 
 def alone_token_by_token(llm, policy: str, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens of one prompt on a PolicyCache fed a token at a time (no chunk effects)."""
-    model, cache = llm.model, PolicyCache(llm.model, policy)
-    out, token = [], None
-    with torch.inference_mode():
-        for t in prompt + [None] * n:
-            t = token if t is None else t
-            logits = model.forward(StepInputs(torch.tensor([[t]]), None, cache.next_position, None), cache)
-            if len(out) < n and cache.seen >= len(prompt):
-                token = int(logits[0].argmax())
-                out.append(token)
-    return out
+    return policy_cache_greedy(llm.model, policy, prompt, n, token_at_a_time=True)
 
 
 def workload(vocab: int, n: int = 10):
     """Greedy requests: half share a 20-id prefix; prompts 5-70 ids (most past the window), 10-50 new."""
-    rng = random.Random(11)
-    ids = lambda k: [rng.randrange(3, vocab) for _ in range(k)]  # noqa: E731
-    shared = ids(20)
-    prompts = [(shared if i % 2 else []) + ids(rng.randint(5, 50)) for i in range(n)]
-    return prompts, [greedy(rng.randint(10, 50)) for _ in range(n)]
+    return random_requests(vocab, n, 11, 20, lambda i: i % 2, (5, 50), (10, 50))
 
 
 def test_grammar_runs_sinks_paged_alone_or_over_paged_quantized_blocks():

@@ -11,7 +11,7 @@ from kvcache import LLM, SamplingParams
 from kvcache.cache.spec import KVFormat, ModelShape, kv_bytes
 from kvcache.models.loader import DEFAULT_MODEL, load_model, packaged_gguf
 from kvcache.models.step import StepInputs, causal_mask
-from tests.helpers import assert_same_tokens
+from tests.helpers import assert_same_tokens, policy_cache_greedy
 
 pytestmark = pytest.mark.real_model
 
@@ -202,8 +202,6 @@ def test_sinks_paged_engine_with_preemption_equals_alone_and_the_policy_cache(ll
     """12 requests whose prompts pass the window, on sinks blocks (a small pool, prefix caching
     on, prompts chunked): each equals its run alone, and two equal the per-sequence PolicyCache
     fed a token at a time."""
-    from kvcache.cache.policies.cache import PolicyCache
-
     import pydoc_data.topics as topics
     import random
 
@@ -224,23 +222,13 @@ def test_sinks_paged_engine_with_preemption_equals_alone_and_the_policy_cache(ll
         assert out.error is None
         assert out.token_ids == alone_llm.generate([p], sp)[0].token_ids
     for p, sp, out in list(zip(prompts, params, together))[:2]:
-        cache, token, mine = PolicyCache(model, SINKS), None, []
-        with torch.inference_mode():
-            for t in p + [None] * sp.max_tokens:
-                t = token if t is None else t
-                logits = model.forward(StepInputs(torch.tensor([[t]]), None, cache.next_position, None), cache)
-                if len(mine) < sp.max_tokens and cache.seen >= len(p):
-                    token = int(logits[0].argmax())
-                    mine.append(token)
-        assert out.token_ids == mine
+        assert out.token_ids == policy_cache_greedy(model, SINKS, p, sp.max_tokens, token_at_a_time=True)
 
 
 def test_snapkv_paged_engine_with_preemption_equals_alone_and_the_policy_cache(llm):
     """8 requests on snapkv-compressed blocks (half of each prompt evicted after its prefill;
     a small pool, prefix caching on, prompts chunked): each equals its run alone, and two equal
     the per-sequence PolicyCache that sees the whole prompt in one chunk."""
-    from kvcache.cache.policies.cache import PolicyCache
-
     import pydoc_data.topics as topics
     import random
 
@@ -261,10 +249,4 @@ def test_snapkv_paged_engine_with_preemption_equals_alone_and_the_policy_cache(l
         assert out.token_ids == alone_llm.generate([p], sp)[0].token_ids
     model = llm.model
     for p, sp, out in list(zip(prompts, params, together))[:2]:
-        cache, mine = PolicyCache(model, policy), []
-        with torch.inference_mode():
-            logits = model.forward(StepInputs(torch.tensor([p]), None, 0, None), cache)
-            for _ in range(sp.max_tokens):
-                mine.append(int(logits[0].argmax()))
-                logits = model.forward(StepInputs(torch.tensor([[mine[-1]]]), None, cache.next_position, None), cache)
-        assert out.token_ids == mine
+        assert out.token_ids == policy_cache_greedy(model, policy, p, sp.max_tokens, token_at_a_time=False)
