@@ -55,8 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_policy(args, policy: str) -> dict:
     llm = LLM(args.model, dtype=args.dtype, threads=args.threads, progress=False, kv_policy=policy,
               kv_cache_memory=args.kv_cache_memory)
-    if not llm.kv_policy.runs_paged:
-        raise SystemExit(f"'{policy}' does not run on the paged engine.")
     cases = make_cases(llm.tokenizer, args.length_list, args.depth_list, args.seed)
     prompts = [sum(prompt_parts(llm.tokenizer, c), []) for c in cases]
     engine, peak = llm.engine, 0

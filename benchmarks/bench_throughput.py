@@ -131,8 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         a.kv_budget_bytes = parse_size(a.kv_budget)
         parse_dtype(a.dtype)
-        if a.kv_policy is not None and not parse_policy(a.kv_policy).runs_paged:
-            raise KVCacheError(f"--kv-policy '{a.kv_policy}' does not run on the paged engine.")
+        if a.kv_policy is not None:
+            parse_policy(a.kv_policy)
     except KVCacheError as exc:
         p.error(str(exc))
     return a
@@ -320,7 +320,9 @@ def run_capacity(llm: LLM, wl: Workload, progress: Progress) -> tuple[dict, list
 
     def probe(_outputs) -> None:
         held: dict[int, int] = {}
-        for r in sched.running:
+        if engine.config.row_policy is not None:  # per-request caches: the bytes they hold, in tokens at the rate
+            held[0] = engine.stats()["kv_bytes_held"] // engine.storage.bytes_per_token
+        for r in sched.running if engine.config.row_policy is None else ():
             n = kv.num_slots(r.request_id, r.num_computed_tokens) if r.request_id in kv else 0  # evicted: no slot
             for i, b in enumerate(kv.block_table(r.request_id) if r.request_id in kv else []):
                 k = min(bs, n - i * bs)

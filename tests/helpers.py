@@ -76,15 +76,18 @@ def random_requests(vocab: int, n: int, seed: int, shared: int, shares, prompt: 
     return prompts, [greedy(rng.randint(*new)) for _ in range(n)]
 
 
-def policy_cache_greedy(model, policy: str, prompt: list[int], n: int, token_at_a_time: bool) -> list[int]:
+def policy_cache_greedy(model, policy: str, prompt: list[int], n: int, token_at_a_time: bool = False,
+                        piece: int | None = None) -> list[int]:
     """Greedy tokens of one prompt on a one-sequence PolicyCache: the prompt fed a token at a
-    time (no chunk effects) or as one chunk (an eviction policy sees all of it), then decoded."""
+    time (no chunk effects), in pieces of `piece` tokens, or as one chunk (an eviction policy
+    sees all of it), then decoded."""
     from kvcache.cache.policies.cache import PolicyCache
     from kvcache.models.step import StepInputs
 
     cache, out = PolicyCache(model, policy), []
+    step = 1 if token_at_a_time else piece or len(prompt)
     with torch.inference_mode():
-        pieces = [[t] for t in prompt] if token_at_a_time else [prompt]
+        pieces = [prompt[i : i + step] for i in range(0, len(prompt), step)]
         for piece in pieces:
             logits = model.forward(StepInputs(torch.tensor([piece]), None, cache.next_position, None), cache)
         for _ in range(n):

@@ -198,12 +198,6 @@ def cmd_serve(args) -> int:
     if args.max_queue < 0:
         raise KVCacheError(f"--max-queue must be >= 0, got {args.max_queue}.")
     llm = _make_llm(args, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
-    if not llm.kv_policy.runs_paged:
-        raise KVCacheError(
-            f"The server's paged engine runs full, window, sinks, evict (decode=false) and quantized with "
-            f"key_axis=token,residual=0 (optionally after a window or sinks); '{llm.kv_policy.text}' runs per sequence "
-            "(LLM.generate, kvcache generate / chat)."
-        )
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
                           max_queue=args.max_queue, sessions_dir=args.sessions_dir)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -17,7 +17,7 @@ def _serve(*args: str) -> list[str]:
 
 @pytest.mark.parametrize("policy, words", [
     ("window:size=abc", "not a valid int"),
-    ("quantized:bits=4", "runs per sequence"),
+    ("tiered+window", "do not combine it with a selector"),
 ])
 def test_kv_policy_the_server_cannot_run_is_one_sentence(tiny_model_dir, policy, words):
     r = subprocess.run(_serve("--model", str(tiny_model_dir), "--kv-policy", policy),

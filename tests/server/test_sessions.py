@@ -227,6 +227,16 @@ def test_server_over_int8_blocks_streams_and_refuses_sessions(tiny_model_dir, tm
         srv.stop()
 
 
+def streamed_text(srv, body: dict) -> str:
+    """The content of a streamed chat completion, its deltas joined."""
+    pieces = []
+    with httpx.stream("POST", srv.v1 + "/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                pieces.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+    return "".join(pieces)
+
+
 @pytest.mark.parametrize("policy", ["sinks:n_sink=4,window=24", "evict:scorer=snapkv,ratio=0.5,window=8"])
 def test_server_over_sinks_or_evicted_blocks_streams_hits_the_prefix_cache_and_saves_sessions(
         tiny_model_dir, tmp_path, one_torch_thread, policy):
@@ -244,17 +254,41 @@ def test_server_over_sinks_or_evicted_blocks_streams_hits_the_prefix_cache_and_s
         ref = tiny_server_llm(tiny_model_dir, kv_policy=policy).generate(
             [ids], SamplingParams(max_tokens=12, temperature=0.0))[0]
         assert whole.json()["choices"][0]["message"]["content"] == ref.text
-        pieces = []
-        with httpx.stream("POST", srv.v1 + "/chat/completions", json={**body, "stream": True}, timeout=60) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    pieces.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
-        assert "".join(pieces) == ref.text
+        assert streamed_text(srv, body) == ref.text
         again = httpx.post(srv.v1 + "/chat/completions", json=body, timeout=60).json()
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
         saved = httpx.post(srv.v1 + "/sessions/s/save", json={"messages": HISTORY}, timeout=60)
         assert saved.status_code == 200 and saved.json()["num_tokens"] >= 16, saved.text
         assert httpx.post(srv.v1 + "/sessions/s/load", timeout=60).status_code == 200
+        assert srv.state.stats()["blocks_used"] == 0
+    finally:
+        srv.stop()
+
+
+def test_server_over_per_request_policy_caches_streams_and_refuses_sessions(tiny_model_dir, tmp_path,
+                                                                           one_torch_thread):
+    """A policy paged blocks cannot hold (KIVI per-channel keys + exact residual) is served on
+    per-request caches in the same continuous batch: streamed equals whole equals
+    LLM.generate; several requests at once each equal their own answer; sessions, which need
+    float blocks, are refused with a 400."""
+    policy = "quantized:bits=4,group_size=16,residual=16"
+    llm = tiny_server_llm(tiny_model_dir, kv_policy=policy)
+    srv = start_server(llm, sessions_dir=tmp_path)
+    try:
+        body = {"model": MODEL_ID, "messages": HISTORY, "max_tokens": 12, "temperature": 0}
+        ids = llm.chat_ids(HISTORY)
+        ref = tiny_server_llm(tiny_model_dir, kv_policy=policy).generate(
+            [ids], SamplingParams(max_tokens=12, temperature=0.0))[0]
+        whole = httpx.post(srv.v1 + "/chat/completions", json=body, timeout=60)
+        assert whole.status_code == 200 and whole.json()["choices"][0]["message"]["content"] == ref.text
+        assert streamed_text(srv, body) == ref.text
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: httpx.post(srv.v1 + "/chat/completions", json=body, timeout=60), range(4)))
+        assert all(a.json()["choices"][0]["message"]["content"] == ref.text for a in answers)
+        saved = httpx.post(srv.v1 + "/sessions/s/save", json={"messages": HISTORY}, timeout=60)
+        assert saved.status_code == 400 and saved.json()["error"]["code"] == "sessions_unsupported"
         assert srv.state.stats()["blocks_used"] == 0
     finally:
         srv.stop()

@@ -422,3 +422,46 @@ def test_blocked_queue_head_counts_its_prefix_hits_once():
     assert usage["prefix_hits"] == b.num_cached_tokens
     assert usage["prefix_queries"] == 13 + 16 + 17
     run_all(sched)
+
+
+# -- per-request policy caches: fixed prefill pieces, reserved slots ----------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefill_pieces_end_at_multiples_and_outputs_go_one_at_a_time(seed):
+    """With `prefill_piece`, every prompt chunk ends at a multiple of it or at the prompt's end
+    however the budget is shared, recomputed outputs after a preemption go one token a step,
+    and every request still finishes."""
+    rng = random.Random(seed)
+    sched = Scheduler(KVCacheManager(16, 4, False), 8, 24, prefill_piece=8)
+    reqs = [make_request(f"r{i}", rng.randint(1, 40), rng.randint(1, 12)) for i in range(12)]
+    for r in reqs:
+        sched.add(r)
+    steps = 0
+    while sched.has_work():
+        out = simulate_step(sched)
+        for c in out.chunks:
+            end, prompt = c.start + c.num_tokens, len(c.request.prompt_token_ids)
+            if c.start < prompt:
+                assert end == prompt or end % 8 == 0, (c.start, end, prompt)
+            else:
+                assert c.num_tokens == 1
+        steps += 1
+        assert steps < 10_000
+    assert sched.num_preemptions > 0 and all(r.finished and r.error is None for r in reqs)
+
+
+def test_reserved_slots_count_against_the_pool_and_a_request_that_cannot_fit_them_fails():
+    sched = Scheduler(KVCacheManager(7, 4, False), 8, 64, reserve_tokens=12)  # 3 blocks a sequence up front
+    a, b = make_request("a", 4, 3), make_request("b", 4, 3)
+    sched.add(a)
+    sched.add(b)
+    simulate_step(sched)
+    assert len(sched.kv.block_table("a")) == 4  # 12 reserved + 4 prompt slots
+    assert sched.kv.num_free_blocks == 3 and sched.waiting[0] is b  # b needs 4 blocks: it waits
+    run_all(sched)
+    assert a.error is None and b.error is None and sched.kv.num_free_blocks == 7
+    big = make_request("big", 20, 1)  # 21 slots fit the 28 without the reserve, not with it
+    sched.add(big)
+    run_all(sched)
+    assert big.finish_reason == "error"

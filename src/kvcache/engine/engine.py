@@ -11,9 +11,12 @@ import torch
 from kvcache.cache.manager import KVCacheManager
 from kvcache.cache.paged_evict import PagedEvict, PromptScores
 from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
+from kvcache.cache.policies.grammar import PolicySpec
 from kvcache.cache.policies.selectors import Sinks, Window
+from kvcache.cache.row_policy import RowPolicyStorage, policy_footprint
 from kvcache.cache.storage import PagedKVStorage
 from kvcache.engine.detokenizer import IncrementalDetokenizer
+from kvcache.engine.policy_runner import PolicyRowRunner
 from kvcache.engine.request import Request
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import Sampler, SamplingParams
@@ -35,6 +38,9 @@ class EngineConfig:
     sink_tokens: int | None = None  # with sliding_window: keep the first N tokens too (policy `sinks`)
     evict: PagedEvict | None = None  # compress each prompt once it is prefilled (policy `evict`, decode=false)
     quant_format: TokenQuantFormat | None = None  # blocks hold quantized K/V (policy `quantized:...,key_axis=token`)
+    # a policy paged blocks cannot hold: each request gets its own PolicyCache (`cache.row_policy`)
+    row_policy: PolicySpec | None = None
+    prefill_piece: int | None = None  # with row_policy: prompts are computed in pieces of this (default: budget / 2)
 
 
 @dataclass
@@ -53,21 +59,28 @@ class LLMEngine:
         c = model.config
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, frozenset(eos_ids)
         self.max_model_len, self.config = max_model_len, config
-        self.kv = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
-        if config.quant_format is not None:
-            self.storage = PagedQuantizedStorage(c.num_layers, config.num_blocks, config.block_size, c.num_kv_heads,
+        bs = config.block_size
+        rows = config.row_policy
+        self.kv = KVCacheManager(config.num_blocks, bs, config.enable_prefix_caching and rows is None)
+        reserve = 0
+        if rows is not None:
+            footprint = policy_footprint(rows, c, model.dtype)
+            self.storage = RowPolicyStorage(config.num_blocks, bs, footprint, model.dtype, model.device)
+            reserve = footprint.reserve_tokens()
+        elif config.quant_format is not None:
+            self.storage = PagedQuantizedStorage(c.num_layers, config.num_blocks, bs, c.num_kv_heads,
                                                  c.head_dim, model.dtype, model.device, config.quant_format)
         else:
-            self.storage = PagedKVStorage(c.num_layers, config.num_blocks, config.block_size, c.num_kv_heads,
+            self.storage = PagedKVStorage(c.num_layers, config.num_blocks, bs, c.num_kv_heads,
                                           c.head_dim, model.dtype, model.device)
-        bs = config.block_size
         self.sinks = window = None
         if config.sliding_window and config.sink_tokens is not None:
             self.sinks = window = Sinks(config.sink_tokens, config.sliding_window)
         elif config.sliding_window:
             window = Window(config.sliding_window)
         self.window = window
-        self._keep_head = self.sinks.sink_blocks(bs) if self.sinks is not None else 0
+        # blocks a windowed sequence never gives back: its reserved slots, then its sink tokens'
+        self._keep_head = -(-(reserve + (self.sinks.n_sink if self.sinks is not None else 0)) // bs)
         live_bound = None
         if window is not None:
             live_bound = windowed_live_tokens(window.size, config.sink_tokens or 0, bs, config.max_num_batched_tokens)
@@ -75,9 +88,16 @@ class LLMEngine:
         hit_limit = None
         if self.evict is not None:
             hit_limit = lambda req: self.evict.prefix_hit_limit(len(req.prompt_token_ids))  # noqa: E731
+        piece = None
+        if rows is not None:
+            piece = config.prefill_piece or max(1, config.max_num_batched_tokens // 2)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, live_bound,
-                                   split_at_prompt_end=self.evict is not None, prefix_hit_limit=hit_limit)
-        self.runner = ModelRunner(model, self.storage, self.kv, self.sinks, self.evict)
+                                   split_at_prompt_end=self.evict is not None, prefix_hit_limit=hit_limit,
+                                   prefill_piece=piece, reserve_tokens=reserve)
+        if rows is not None:
+            self.runner = PolicyRowRunner(model, rows, piece)
+        else:
+            self.runner = ModelRunner(model, self.storage, self.kv, self.sinks, self.evict)
         self.tokens_evicted = 0
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -105,6 +125,7 @@ class LLMEngine:
         if req is not None and not req.finished:
             req.finish_reason = req.finish_reason or "abort"
             self.scheduler.finish(req)
+            self.runner.forget(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -116,7 +137,7 @@ class LLMEngine:
         for r in sched.failed:
             self.requests.pop(r.request_id, None)
         for r in sched.preempted + sched.failed:  # a recomputed prompt is scored (and compressed) afresh
-            self.runner.prompt_scores.pop(r.request_id, None)
+            self.runner.forget(r.request_id)
             r.num_evicted_tokens = 0
         if not sched.chunks:
             return outputs
@@ -136,6 +157,8 @@ class LLMEngine:
                 self._compress_prompt(req)
             if chunk.num_tokens > 1 or not req.output_token_ids:
                 self.tokens_prefilled += chunk.num_tokens
+            if self.config.row_policy is not None:
+                req.kv_bytes = self.runner.bytes_held(req.request_id)
             if req.request_id not in sampled:
                 continue
             text = req.append_token(sampled[req.request_id], now)
@@ -145,7 +168,7 @@ class LLMEngine:
                 text += req.detok.flush()
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
-                self.runner.prompt_scores.pop(req.request_id, None)
+                self.runner.forget(req.request_id)
             outputs.append(StepOutput(req, text, done))
         return outputs
 
@@ -181,6 +204,7 @@ class LLMEngine:
             "block_size": self.config.block_size,
             "kv_bytes_total": self.storage.nbytes,
             "kv_bytes_used": u["blocks_used"] * self.config.block_size * bpt,
+            "kv_bytes_held": self._bytes_held(u["blocks_used"] * self.config.block_size * bpt),
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions,
@@ -188,6 +212,13 @@ class LLMEngine:
             "tokens_prefilled": self.tokens_prefilled,
             "tokens_evicted": self.tokens_evicted,
         }
+
+    def _bytes_held(self, block_bytes: int) -> int:
+        """Bytes the requests' K/V really take: their blocks, or under per-request policy caches
+        what those caches hold (at most the blocks they were granted)."""
+        if self.config.row_policy is None:
+            return block_bytes
+        return sum(self.runner.bytes_held(rid) for rid in list(self.runner.caches))
 
     def run_to_completion(self, requests: list[Request], on_step=None) -> None:
         """Step until every given request finished (others in flight keep running too)."""

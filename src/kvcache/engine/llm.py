@@ -99,18 +99,45 @@ class LLM:
             # no point reserving more than every sequence at full length needs (a window or sinks
             # policy gives blocks back: a sequence then holds at most sinks + window + a chunk)
             per_seq = self.max_model_len + block_size
-            n_sink, window = self.kv_policy.paged_sinks or (0, self.kv_policy.paged_window)
+            n_sink, window = self._windowed
             if window:
                 per_seq = min(per_seq, windowed_live_tokens(window, n_sink, block_size, max_batched))
+            if self._footprint is not None:  # a per-request cache's exact part
+                per_seq += self._footprint.reserve_tokens()
             budget = min(budget, max_num_seqs * per_seq * self.engine_bytes_per_token)
         blocks = blocks_for_budget(budget, block_size, self.engine_bytes_per_token)
         if blocks < 1:
             raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")
-        sinks, evict = self.kv_policy.paged_sinks, self.kv_policy.paged_evict
-        return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched,
-                            sliding_window=sinks[1] if sinks else self.kv_policy.paged_window,
-                            sink_tokens=sinks[0] if sinks else None, quant_format=self._quant_format,
-                            evict=PagedEvict.from_part(evict) if evict else None)
+        evict = self.kv_policy.paged_evict
+        n_sink, window = self._windowed
+        return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched, sliding_window=window,
+                            sink_tokens=n_sink if self._has_sinks else None, quant_format=self._quant_format,
+                            evict=PagedEvict.from_part(evict) if evict else None,
+                            row_policy=None if self.kv_policy.runs_paged else self.kv_policy)
+
+    @property
+    def _has_sinks(self) -> bool:
+        sel = self.kv_policy.selectors
+        return len(sel) == 1 and sel[0].name == "sinks"
+
+    @property
+    def _windowed(self) -> tuple[int, int | None]:
+        """(n_sink, window) when the policy's one selector is a window or sinks (the engine gives
+        the blocks behind the window back); (0, None) otherwise."""
+        sel = self.kv_policy.selectors
+        if len(sel) != 1 or sel[0].name not in ("window", "sinks"):
+            return 0, None
+        p = sel[0].params
+        return (p["n_sink"], p["window"]) if sel[0].name == "sinks" else (0, p["size"])
+
+    @property
+    def _footprint(self):
+        """The per-request cache footprint of a policy paged blocks cannot hold (None for the others)."""
+        if self.kv_policy.runs_paged:
+            return None
+        from kvcache.cache.row_policy import policy_footprint
+
+        return policy_footprint(self.kv_policy, self.config, self.dtype)
 
     @property
     def _quant_format(self):
@@ -123,8 +150,11 @@ class LLM:
 
     @property
     def engine_bytes_per_token(self) -> int:
-        """Bytes a token takes in the paged engine's blocks: the model dtype's, or the paged
-        quantized format's (`quantized:...,key_axis=token,residual=0`)."""
+        """Bytes a token takes in the paged engine's blocks: the model dtype's, the paged
+        quantized format's (`quantized:...,key_axis=token,residual=0`), or for per-request
+        policy caches their packed rate (`cache.row_policy`)."""
+        if self._footprint is not None:
+            return self._footprint.rate
         fmt = self._quant_format
         if fmt is None:
             return self.kv_bytes_per_token
@@ -204,14 +234,13 @@ class LLM:
         """Generate for a list of prompts (strings or token-id lists), in the order given.
 
         With the cache, all prompts go through the continuous-batching scheduler over the
-        paged KV pool. `use_cache=False` recomputes the whole sequence at every step.
+        paged KV pool (policies blocks cannot hold run on per-request caches in the same
+        batch). `use_cache=False` recomputes the whole sequence at every step.
         """
         ids, plist = self._prepare(prompts, params)
         if not use_cache:
             return BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
                                    use_cache=False).run()
-        if not self.kv_policy.runs_paged:
-            return [self._policy_generation(p, sp).run()[0] for p, sp in zip(ids, plist)]
         engine = self.engine
         requests = [engine.add_request(p, sp, eos_ids=self.eos_ids) for p, sp in zip(ids, plist)]
         engine.run_to_completion(requests)
@@ -223,9 +252,6 @@ class LLM:
         if not use_cache:
             yield from BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
                                        use_cache=False).text_pieces()
-            return
-        if not self.kv_policy.runs_paged:
-            yield from self._policy_generation(ids[0], plist[0]).text_pieces()
             return
         engine = self.engine
         req = engine.add_request(ids[0], plist[0], eos_ids=self.eos_ids)
@@ -242,11 +268,6 @@ class LLM:
         from kvcache.cache.policies.cache import PolicyCache
 
         return PolicyCache(self.model, self.kv_policy if kv_policy is None else kv_policy)
-
-    def _policy_generation(self, ids: list[int], params: SamplingParams) -> BatchGeneration:
-        """One prompt on its own policy cache (policies run one sequence at a time)."""
-        return BatchGeneration(self.model, self.tokenizer, [ids], [params], self.max_model_len, self.eos_ids,
-                               use_cache=True, cache=self.new_policy_cache())
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """One reply to a conversation (list of {'role', 'content'}), no state kept."""

@@ -37,6 +37,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first admission (-1 = not admitted yet)
     num_evicted_tokens: int = 0  # prompt tokens an eviction policy dropped (their K/V are gone)
+    kv_bytes: int | None = None  # bytes its own policy cache holds (per-request policies; None: its blocks)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
@@ -88,7 +89,8 @@ class Request:
             ttft_s=(self.t_first_token - self.arrival) if n else 0.0,
             decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             total_s=end - self.arrival,
-            kv_cache_bytes=(self.num_computed_tokens - self.num_evicted_tokens) * bytes_per_token,
+            kv_cache_bytes=(self.kv_bytes if self.kv_bytes is not None
+                            else (self.num_computed_tokens - self.num_evicted_tokens) * bytes_per_token),
             preemptions=self.preemptions,
         )
         text = self.detok.text if self.finished else self.detok.text[: self.detok.emitted]

@@ -147,7 +147,6 @@ class ModelRunner:
 
     def execute(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """Run every chunk; sample the next token for those that reached their sequence's end."""
-        sampled: dict[str, int] = {}
         with torch.inference_mode():
             decodes = [c for c in chunks if c.num_tokens == 1 and self._observer(c) is None]
             rows: list[tuple[ScheduledChunk, torch.Tensor]] = []
@@ -159,17 +158,28 @@ class ModelRunner:
                 if id(c) not in decoded:
                     logits = self._prefill(c)
                     rows.append((c, logits[0]))
-            rows = [(c, lg) for c, lg in rows if c.samples]
-            greedy = [(c, lg) for c, lg in rows if c.request.params.greedy and c.request.params.repetition_penalty == 1.0]
-            if greedy:
-                tokens = torch.stack([lg for _, lg in greedy]).argmax(-1).tolist()
-                sampled.update({c.request.request_id: t for (c, _), t in zip(greedy, tokens)})
-            for c, lg in rows:
-                req = c.request
-                if req.request_id in sampled:
-                    continue
-                seen = None
-                if req.params.repetition_penalty != 1.0:
-                    seen = torch.tensor(req.all_token_ids, device=lg.device)
-                sampled[req.request_id] = req.sampler(lg, seen)
-        return sampled
+            return sample_rows(rows)
+
+    def forget(self, request_id: str) -> None:
+        """Drop what the runner keeps for a request that finished, failed or was preempted."""
+        self.prompt_scores.pop(request_id, None)
+
+
+def sample_rows(rows: list[tuple[ScheduledChunk, torch.Tensor]]) -> dict[str, int]:
+    """The next token of each chunk that reached its sequence's end, from its logits (V,):
+    greedy rows in one argmax, the rest through their request's sampler."""
+    sampled: dict[str, int] = {}
+    rows = [(c, lg) for c, lg in rows if c.samples]
+    greedy = [(c, lg) for c, lg in rows if c.request.params.greedy and c.request.params.repetition_penalty == 1.0]
+    if greedy:
+        tokens = torch.stack([lg for _, lg in greedy]).argmax(-1).tolist()
+        sampled.update({c.request.request_id: t for (c, _), t in zip(greedy, tokens)})
+    for c, lg in rows:
+        req = c.request
+        if req.request_id in sampled:
+            continue
+        seen = None
+        if req.params.repetition_penalty != 1.0:
+            seen = torch.tensor(req.all_token_ids, device=lg.device)
+        sampled[req.request_id] = req.sampler(lg, seen)
+    return sampled

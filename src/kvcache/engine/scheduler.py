@@ -48,15 +48,25 @@ class Scheduler:
 
     def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_live_tokens: int | None = None, split_at_prompt_end: bool = False,
-                 prefix_hit_limit: Callable[[Request], int | None] | None = None):
+                 prefix_hit_limit: Callable[[Request], int | None] | None = None, prefill_piece: int | None = None,
+                 reserve_tokens: int = 0):
         """`max_live_tokens`: the most tokens one sequence holds in blocks at a time, whatever
         its length (a window or sinks policy gives blocks back), or None (all of them).
         `split_at_prompt_end`: no chunk runs past a request's prompt (an eviction policy
         compresses the prompt there). `prefix_hit_limit(request)`: the most tokens a
-        prefix-cache hit may cover (None: no limit)."""
+        prefix-cache hit may cover (None: no limit).
+        `prefill_piece`: per-request policy caches, whose results depend on how a prompt is cut:
+        prompt chunks end only at multiples of it (or at the prompt's end), so a prompt is always
+        computed in the same pieces however the batch around it looks, and tokens after the
+        prompt (recomputed outputs) go one at a time, as they were decoded.
+        `reserve_tokens`: blocks' worth of tokens each sequence holds on top of its own (a
+        per-request cache's exact part, see `cache.row_policy`)."""
+        if prefill_piece is not None and not 0 < prefill_piece <= max_num_batched_tokens:
+            raise ValueError(f"prefill_piece must be in 1..{max_num_batched_tokens}, got {prefill_piece}.")
         self.kv = kv
         self.max_live_tokens = max_live_tokens
         self.split_at_prompt_end, self.prefix_hit_limit = split_at_prompt_end, prefix_hit_limit
+        self.prefill_piece, self.reserve_tokens = prefill_piece, reserve_tokens
         self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -73,14 +83,21 @@ class Scheduler:
         need = request.num_tokens + 1
         if self.max_live_tokens is not None:
             need = min(need, self.max_live_tokens)
-        return self.kv.can_fit(need)
+        return self.kv.can_fit(need + self.reserve_tokens)
 
     def _chunk(self, request: Request, computed: int, budget: int) -> int:
         """Tokens of `request` to compute this step, from `computed` on."""
         n = min(request.num_tokens - computed, budget)
         prompt = len(request.prompt_token_ids)
-        if self.split_at_prompt_end and computed < prompt:
+        if (self.split_at_prompt_end or self.prefill_piece) and computed < prompt:
             n = min(n, prompt - computed)
+        if self.prefill_piece:
+            if computed >= prompt:
+                return min(n, 1)  # as decoded: one token a step
+            end = computed + n
+            if end < prompt:  # whole pieces only (0: wait for a step with more budget left)
+                n = end // self.prefill_piece * self.prefill_piece - computed
+            n = max(n, 0)
         return n
 
     def preempt(self, request: Request) -> None:
@@ -117,6 +134,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = self._chunk(req, req.num_computed_tokens, budget)
+            if n == 0:  # its next prefill piece does not fit this step's budget
+                i += 1
+                continue
             while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, n) is None:
                 victim = self.running[-1]
                 if victim is req and not self._can_ever_fit(req):
@@ -144,7 +164,8 @@ class Scheduler:
                 blocks = blocks[: max(limit, 0) // self.kv.block_size]
                 n_cached = len(blocks) * self.kv.block_size
             n = self._chunk(req, n_cached, budget)
-            if self.kv.allocate_slots(req.request_id, req.all_token_ids, n_cached, n, blocks) is None:
+            if n == 0 or self.kv.allocate_slots(req.request_id, req.all_token_ids, n_cached, n, blocks,
+                                                reserve_tokens=self.reserve_tokens) is None:
                 break  # head of the queue waits for blocks; FCFS keeps later ones behind it
             self.waiting.popleft()
             if req.num_cached_tokens < 0:

@@ -44,7 +44,7 @@ def _history_ids(state: ServerState, body: SessionRequest) -> tuple[list[int], l
 
 def _check_float_blocks(state: ServerState) -> None:
     if not state.llm.engine.storage.saves_sessions:
-        raise APIError(400, f"Sessions are saved from float KV blocks; this server holds its KV cache quantized "
+        raise APIError(400, f"Sessions are saved from float KV blocks; this server holds its KV cache otherwise "
                        f"('{state.llm.kv_policy.text}').", "name", "sessions_unsupported")
 
 

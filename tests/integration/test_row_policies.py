@@ -1,0 +1,110 @@
+"""Policies paged blocks cannot hold, run on the engine with per-request caches.
+
+KIVI `quantized` (per-channel keys, exact residual and sinks), `tiered`, `evict:decode=true`
+and compositions run in the continuous batch, each request on its own `PolicyCache`
+(`cache.row_policy`). Prompts are computed in fixed pieces, so every request equals a
+`PolicyCache` fed the same pieces alone, batched or preempted; and what a request's cache
+holds never passes the blocks the scheduler granted it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kvcache.cache.policies.grammar import parse_policy
+from kvcache.cache.row_policy import policy_footprint
+from tests.helpers import paged_llm, policy_cache_greedy, random_requests
+
+BS = 16
+PIECE = 16  # max_num_batched_tokens=32 below: prompts are computed in 16-token pieces
+POLICIES = [
+    "quantized:bits=4,group_size=16,residual=16",  # KIVI: keys per channel, exact tail
+    "quantized:bits=2,group_size=16,residual=8,n_sink=4",  # exact sinks too
+    "tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16",  # oldest tokens to a memory-mapped file
+    "evict:scorer=h2o,budget=40,decode=true",  # evicting while decoding
+    "evict:scorer=snapkv,ratio=0.5,window=8+quantized:bits=4,group_size=16,residual=16",  # after each piece
+    "sinks:n_sink=4,window=28+quantized:bits=8,group_size=16,residual=16",  # windowed: blocks go back
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_torch_thread):
+    """Every test here runs on the tiny model with one torch thread."""
+
+
+def workload(vocab: int, n: int = 8):
+    """Greedy requests: prompts 5-60 ids (most span several pieces and pass the residual), 10-40 new."""
+    return random_requests(vocab, n, 5, 0, lambda i: False, (5, 60), (10, 40))
+
+
+def alone(llm, policy: str, prompt: list[int], n: int) -> list[int]:
+    return policy_cache_greedy(llm.model, policy, prompt, n, piece=PIECE)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_grammar_sends_them_to_per_request_caches(policy):
+    assert not parse_policy(policy).runs_paged
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_batched_with_preemption_equals_each_request_alone(tiny_model_dir, policy):
+    llm = paged_llm(tiny_model_dir, policy, blocks=64, max_num_batched_tokens=32)
+    fp = policy_footprint(llm.kv_policy, llm.config, llm.dtype)
+    # a pool for about two sequences at once: preemption is forced
+    reserve = fp.reserve_tokens()
+    blocks = -(-max(2 * reserve + 60, reserve + 110) // BS)  # the longest request (100 tokens) fits alone
+    llm = paged_llm(tiny_model_dir, policy, blocks=blocks, max_num_batched_tokens=32)
+    prompts, params = workload(llm.config.vocab_size)
+    engine, rate = llm.engine, llm.engine_bytes_per_token
+    worst = []
+
+    def watch(_):  # what each cache holds against the blocks granted to its request
+        for rid in engine.runner.caches:
+            granted = len(engine.kv.block_table(rid)) * BS * rate
+            worst.append(engine.runner.bytes_held(rid) / granted)
+        assert engine.stats()["kv_bytes_held"] == sum(engine.runner.bytes_held(r) for r in engine.runner.caches)
+
+    requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    engine.run_to_completion(requests, on_step=watch)
+    for p, sp, r in zip(prompts, params, requests):
+        assert r.error is None and r.output_token_ids == alone(llm, policy, p, sp.max_tokens), r.request_id
+    assert engine.scheduler.num_preemptions > 0
+    assert 0 < max(worst) <= 1.0
+    st = llm.stats()
+    assert st["blocks_used"] == 0 and st["running"] == 0 and not engine.runner.caches
+
+
+def test_generate_runs_them_in_one_batch_and_reports_what_each_cache_held(tiny_model_dir):
+    policy = POLICIES[0]
+    llm = paged_llm(tiny_model_dir, policy, blocks=4096, max_num_batched_tokens=32)
+    prompts, params = workload(llm.config.vocab_size, 6)
+    outs = llm.generate(prompts, params)
+    for p, sp, out in zip(prompts, params, outs):
+        assert out.token_ids == alone(llm, policy, p, sp.max_tokens)
+        # the cache's own report: quantized groups + exact tail, less than the dense cache
+        assert 0 < out.metrics.kv_cache_bytes < (len(p) + sp.max_tokens) * llm.kv_bytes_per_token
+
+
+def test_a_window_over_a_per_request_cache_gives_blocks_back(tiny_model_dir):
+    policy = POLICIES[-1]
+    llm = paged_llm(tiny_model_dir, policy, blocks=4096, max_num_batched_tokens=32, max_model_len=1024)
+    engine = llm.engine
+    reserve = engine.storage.footprint.reserve_tokens()
+    peak = 0
+
+    def watch(_):
+        nonlocal peak
+        for rid in engine.runner.caches:
+            peak = max(peak, sum(1 for b in engine.kv.block_table(rid) if b >= 0))
+
+    req = engine.add_request(list(range(3, 40)), policy_greedy(300))
+    engine.run_to_completion([req], on_step=watch)
+    assert req.output_token_ids == alone(llm, policy, list(range(3, 40)), 300)
+    # reserved slots + sinks + window + a piece, never the 337 tokens of the sequence
+    assert peak <= -(-(reserve + 4) // BS) + (28 + 32) // BS + 3
+
+
+def policy_greedy(n: int):
+    from tests.helpers import greedy
+
+    return greedy(n)
