@@ -250,3 +250,39 @@ def test_snapkv_paged_engine_with_preemption_equals_alone_and_the_policy_cache(l
     model = llm.model
     for p, sp, out in list(zip(prompts, params, together))[:2]:
         assert out.token_ids == policy_cache_greedy(model, policy, p, sp.max_tokens, token_at_a_time=False)
+
+
+@pytest.mark.parametrize("policy", ["quantized:bits=2,group_size=32,residual=64,n_sink=4",
+                                    "tiered:hot=64,warm_bits=4,warm=128,cold=disk,group_size=32"])
+def test_per_request_policy_caches_with_preemption_equal_the_policy_cache_alone(llm, policy):
+    """KIVI int2 (per-channel keys, exact residual and sinks) and tiered (hot / warm / cold on
+    disk), which paged blocks cannot hold, on the engine's per-request caches: 8 requests in a
+    pool small enough to preempt, prompts in 32-token pieces; each equals a PolicyCache fed
+    the same pieces alone, and no cache held more than the blocks granted to it."""
+    import pydoc_data.topics as topics
+    import random
+
+    from kvcache.cache.policies.grammar import parse_policy
+    from kvcache.cache.row_policy import policy_footprint
+
+    rng = random.Random(5)
+    ids = llm.tokenizer(" ".join(topics.topics[k] for k in sorted(topics.topics)[30:40]))["input_ids"]
+    prompts = [ids[150 * i : 150 * i + rng.randint(40, 260)] for i in range(8)]
+    params = [SamplingParams(max_tokens=rng.randint(8, 40), temperature=0.0, ignore_eos=True) for _ in prompts]
+    fp = policy_footprint(parse_policy(policy), llm.config, torch.float32)
+    tokens = 3 * fp.reserve_tokens() + 400  # about three requests at once
+    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, block_size=16,
+                kv_cache_memory=tokens * fp.rate, max_num_batched_tokens=64)
+    engine, worst = small.engine, []
+
+    def watch(_):
+        for rid in engine.runner.caches:
+            worst.append(engine.runner.bytes_held(rid) / (len(engine.kv.block_table(rid)) * 16 * fp.rate))
+
+    requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    engine.run_to_completion(requests, on_step=watch)
+    assert engine.scheduler.num_preemptions > 0 and small.stats()["blocks_used"] == 0
+    assert 0 < max(worst) <= 1.0
+    for p, sp, r in zip(prompts, params, requests):
+        assert r.error is None
+        assert r.output_token_ids == policy_cache_greedy(llm.model, policy, p, sp.max_tokens, piece=32)

@@ -25,7 +25,7 @@ _SIGNATURES = {
 # kernels built for float32 only
 _F32_SIGNATURES = {
     "matmul_nk": [_P, _P, _P, _I, _I, _I],
-    "quant_decode_attn": [_P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I,
+    "quant_decode_attn": [_P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I,
                           _F],
     "quantize_to_slots": [_P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _I],
     "paged_quant_decode_attn": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I,
@@ -134,10 +134,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: t
     return out
 
 
+def _heads_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x (H, n, D) with each head's (n, D) rows contiguous (heads may sit apart: a view of a
+    longer store is read in place); copied only when they are not."""
+    return x if x.stride(2) == 1 and (x.shape[1] <= 1 or x.stride(1) == x.shape[2]) else x.contiguous()
+
+
 def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor, qk, qv) -> torch.Tensor:
     """Attention of one query (Hq, D) over a KIVI-quantized layer of batch 1, from the codes.
 
-    exact_k, exact_v (Hkv, ne, D): the exact tokens (sinks and tail, any order). qk, qv:
+    exact_k, exact_v (Hkv, ne, D): the exact tokens (sinks and tail, any order; each head's
+    rows contiguous, heads at any stride, or they are copied). qk, qv:
     `cache.quant.QTensor` views of the quantized keys (per channel) and values (per token),
     batch 1 (keys and values may differ in bits). Values stored rotated (qv.rotation R) are attended in the rotated
     space, the exact ones rotated to join them, and the output rotated back.
@@ -150,14 +157,14 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
         raise ValueError("quantized keys must be per channel and values per token, equally long.")
     q = q.float().contiguous()
     rot = qv.rotation
-    ek = exact_k.float().contiguous()
-    ev = (exact_v.float() if rot is None else exact_v.float() @ rot).contiguous()  # (Hkv, ne, D)
+    ek = _heads_contiguous(exact_k.float())
+    ev = _heads_contiguous(exact_v.float() if rot is None else exact_v.float() @ rot)  # (Hkv, ne, D)
     out = torch.empty((hq, d), dtype=torch.float32)
     for t in (qk.data, qk.scale, qk.zero, qv.data, qv.scale, qv.zero):
         if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
             raise ValueError("quantized tensors must be contiguous within each head.")
     _functions()[("quant_decode_attn", torch.float32)](
-        _ptr(q), _ptr(out), _ptr(ek), _ptr(ev), ek.shape[1],
+        _ptr(q), _ptr(out), _ptr(ek), _ptr(ev), ek.shape[1], ek.stride(0), ev.stride(0),
         _ptr(qk.data), _ptr(qk.scale), _ptr(qk.zero), qk.data.stride(1), qk.scale.stride(1), qk.group_size,
         _ptr(qv.data), _ptr(qv.scale), _ptr(qv.zero), qv.data.stride(1), qv.scale.stride(1), qv.group_size,
         nq, qk.bits, qv.bits, hq, hkv, d, d ** -0.5)

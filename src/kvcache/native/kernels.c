@@ -388,7 +388,7 @@ static inline void fold_zero_sums(float acc[][MAX_D], float zacc[][MAX_D], int64
 }
 
 void quant_decode_attn_f32(const float* q, float* out, const float* ek, const float* ev, int64_t ne,
-                           const uint8_t* kc, const uint16_t* ks, const uint16_t* kz, int64_t kc_hs,
+                           int64_t ek_hs, int64_t ev_hs, const uint8_t* kc, const uint16_t* ks, const uint16_t* kz, int64_t kc_hs,
                            int64_t km_hs, int64_t gk, const uint8_t* vc, const uint16_t* vs,
                            const uint16_t* vz, int64_t vc_hs, int64_t vm_hs, int64_t gv, int64_t nq,
                            int64_t kbits, int64_t vbits, int64_t Hq, int64_t Hkv, int64_t D, float scale) {
@@ -412,7 +412,7 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
         int64_t n;
         if (c < echunks) { /* the exact tokens */
             n = ne;
-            const float* kb = ek + h * ne * D;
+            const float* kb = ek + h * ek_hs;
             for (int64_t i = 0; i < n; i++)
                 for (int64_t g = 0; g < G; g++) {
                     float s = D == 64 ? dot64(qf[g], kb + i * D) : dot(qf[g], kb + i * D, D);
@@ -447,7 +447,7 @@ void quant_decode_attn_f32(const float* q, float* out, const float* ek, const fl
         }
         for (int64_t g = 0; g < G; g++) chunk_exp(sc + g * sclen, n, mx[g], res + g * (D + 2));
         if (c < echunks) {
-            const float* vb = ev + h * ne * D;
+            const float* vb = ev + h * ev_hs;
             for (int64_t i = 0; i < n; i++)
                 for (int64_t g = 0; g < G; g++) {
                     float w = sc[g * sclen + i];

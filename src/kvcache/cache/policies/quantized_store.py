@@ -150,8 +150,8 @@ class QuantizedKVStore:
         ks, vs = self.front(layer)  # (1, Hkv, ns, D)
         kt, vt = self.tail.read(layer, staged)  # (1, Hkv, nt, D)
         if native.supports(torch.float32, self.device) and native.fits(d, hq, h):  # one fused pass over the codes
-            o = native.quantized_decode_attention(q.reshape(hq, d), torch.cat([ks[0], kt[0]], 1),
-                                                  torch.cat([vs[0], vt[0]], 1), self.qk.view(layer),
+            ek, ev = (kt[0], vt[0]) if ks.shape[2] == 0 else (torch.cat([ks[0], kt[0]], 1), torch.cat([vs[0], vt[0]], 1))
+            o = native.quantized_decode_attention(q.reshape(hq, d), ek, ev, self.qk.view(layer),
                                                   self.qv.view(layer))  # (Hq, D) fp32
             return o.to(q.dtype).view(1, 1, hq * d)
         qf = q.reshape(1, h, g, d)  # (1, Hkv, G, D): a KV group's query heads side by side
