@@ -2,7 +2,10 @@
 
 For each KV policy (`--policies`, the first is the baseline) and each batch size, B requests
 with distinct `--context`-token prompts (real text) are prefilled once, then `--repeats` runs
-of `--steps` decode steps of the whole batch are timed (the median is reported). Reported per format: KV bytes per token,
+of `--steps` decode steps of the whole batch are timed (the median is reported). Policies the
+paged blocks cannot hold (KIVI with its exact tail, tiered) run on per-request caches in the same
+batch; their bytes per token are the packed rate, plus an exact part per sequence that the
+bandwidth share counts. Reported per format: KV bytes per token,
 tokens a `--kv-budget` holds, decode tok/s, the ratio to the baseline at the same batch size,
 and the share of the memory-bandwidth limit (weights + the batch's KV read per step, against
 `--bandwidth-gbs`). Writes a PNG of tok/s against batch size with `--plot`.
@@ -89,9 +92,13 @@ def main(argv=None) -> int:
     rows = []
     weights_bytes = 0
     for policy in args.policy_list:
-        need = max(args.batches) * (args.context + args.steps * args.repeats + 16)
         probe = LLM(args.model, dtype=args.dtype, progress=False, kv_policy=policy, kv_cache_memory=1 << 20)
         bpt = probe.engine_bytes_per_token
+        # a per-request policy cache (KIVI, tiered, ...) is granted its exact tail and sinks at their own cost
+        footprint = probe.policy_footprint(2048)
+        tokens = args.context + args.steps * args.repeats + 16
+        need = max(args.batches) * (footprint.slots(tokens) if footprint is not None else tokens)
+        fixed = footprint.exact_tokens * (footprint.exact - footprint.rate) if footprint is not None else 0
         llm = LLM(args.model, dtype=args.dtype, threads=args.threads, progress=False, kv_policy=policy,
                   kv_cache_memory=need * bpt, max_num_seqs=max(args.batches), max_num_batched_tokens=2048)
         weights_bytes = llm.model.bytes_read_per_token  # weights streamed once per decode step
@@ -101,14 +108,15 @@ def main(argv=None) -> int:
             prompts = [corpus[i * 997 : i * 997 + args.context] for i in range(b)]
             speeds = decode_tok_s(llm, prompts, args.steps, args.repeats)
             err.print(f"  {policy or 'full'} batch {b}: " + ", ".join(f"{x:.1f}" for x in speeds) + " tok/s")
-            rows.append({"policy": policy, "batch": b, "bytes_per_token": bpt, "budget_tokens": budget // bpt,
+            rows.append({"policy": policy, "batch": b, "bytes_per_token": bpt, "exact_bytes_per_seq": fixed,
+                         "budget_tokens": budget // bpt,
                          "decode_tok_s": statistics.median(speeds), "runs": speeds})
         del llm
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["policy"] == args.policy_list[0]}
     for r in rows:
         r["vs_baseline"] = r["decode_tok_s"] / base[r["batch"]]
         kv_per_step = r["batch"] * attended_tokens(r["policy"], args.context + args.steps * args.repeats / 2) \
-            * r["bytes_per_token"]
+            * r["bytes_per_token"] + r["batch"] * r["exact_bytes_per_seq"]
         r["kv_read_per_step_bytes"] = kv_per_step
         steps_s = r["decode_tok_s"] / r["batch"]
         r["bandwidth_share"] = (weights_bytes + kv_per_step) * steps_s / (args.bandwidth_gbs * 1e9)

@@ -269,8 +269,8 @@ def test_per_request_policy_caches_with_preemption_equal_the_policy_cache_alone(
     ids = llm.tokenizer(" ".join(topics.topics[k] for k in sorted(topics.topics)[30:40]))["input_ids"]
     prompts = [ids[150 * i : 150 * i + rng.randint(40, 260)] for i in range(8)]
     params = [SamplingParams(max_tokens=rng.randint(8, 40), temperature=0.0, ignore_eos=True) for _ in prompts]
-    fp = policy_footprint(parse_policy(policy), llm.config, torch.float32)
-    tokens = 3 * fp.reserve_tokens() + 400  # about three requests at once
+    fp = policy_footprint(parse_policy(policy), llm.config, torch.float32, 32)
+    tokens = 3 * fp.slots(150)  # about three requests at once
     small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, block_size=16,
                 kv_cache_memory=tokens * fp.rate, max_num_batched_tokens=64)
     engine, worst = small.engine, []

@@ -13,7 +13,7 @@ import pytest
 
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.row_policy import policy_footprint
-from tests.helpers import paged_llm, policy_cache_greedy, random_requests
+from tests.helpers import greedy, paged_llm, policy_cache_greedy, random_requests
 
 BS = 16
 PIECE = 16  # max_num_batched_tokens=32 below: prompts are computed in 16-token pieces
@@ -49,10 +49,9 @@ def test_grammar_sends_them_to_per_request_caches(policy):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_batched_with_preemption_equals_each_request_alone(tiny_model_dir, policy):
     llm = paged_llm(tiny_model_dir, policy, blocks=64, max_num_batched_tokens=32)
-    fp = policy_footprint(llm.kv_policy, llm.config, llm.dtype)
+    fp = policy_footprint(llm.kv_policy, llm.config, llm.dtype, PIECE)
     # a pool for about two sequences at once: preemption is forced
-    reserve = fp.reserve_tokens()
-    blocks = -(-max(2 * reserve + 60, reserve + 110) // BS)  # the longest request (100 tokens) fits alone
+    blocks = -(-max(2 * fp.slots(60), fp.slots(110)) // BS)  # the longest request (100 tokens) fits alone
     llm = paged_llm(tiny_model_dir, policy, blocks=blocks, max_num_batched_tokens=32)
     prompts, params = workload(llm.config.vocab_size)
     engine, rate = llm.engine, llm.engine_bytes_per_token
@@ -85,26 +84,23 @@ def test_generate_runs_them_in_one_batch_and_reports_what_each_cache_held(tiny_m
         assert 0 < out.metrics.kv_cache_bytes < (len(p) + sp.max_tokens) * llm.kv_bytes_per_token
 
 
-def test_a_window_over_a_per_request_cache_gives_blocks_back(tiny_model_dir):
+def test_a_window_over_a_per_request_cache_holds_a_bounded_grant(tiny_model_dir):
+    """sinks + KIVI on a 337-token stream: the grant stops growing at what sinks + window (+ a
+    unit and a piece) can hold, well under what the same store without sinks needs."""
     policy = POLICIES[-1]
     llm = paged_llm(tiny_model_dir, policy, blocks=4096, max_num_batched_tokens=32, max_model_len=1024)
     engine = llm.engine
-    reserve = engine.storage.footprint.reserve_tokens()
+    fp = engine.storage.footprint
     peak = 0
 
     def watch(_):
         nonlocal peak
         for rid in engine.runner.caches:
-            peak = max(peak, sum(1 for b in engine.kv.block_table(rid) if b >= 0))
+            peak = max(peak, len(engine.kv.block_table(rid)))
 
-    req = engine.add_request(list(range(3, 40)), policy_greedy(300))
+    req = engine.add_request(list(range(3, 40)), greedy(300))
     engine.run_to_completion([req], on_step=watch)
     assert req.output_token_ids == alone(llm, policy, list(range(3, 40)), 300)
-    # reserved slots + sinks + window + a piece, never the 337 tokens of the sequence
-    assert peak <= -(-(reserve + 4) // BS) + (28 + 32) // BS + 3
-
-
-def policy_greedy(n: int):
-    from tests.helpers import greedy
-
-    return greedy(n)
+    assert fp.held_cap == 4 + 28 + 16 + PIECE and fp.slots(10**6) == fp.slots(fp.held_cap)
+    unbounded = policy_footprint(parse_policy(policy.split("+")[1]), llm.config, llm.dtype, PIECE)
+    assert peak == -(-fp.slots(fp.held_cap) // BS) < -(-unbounded.slots(337) // BS)

@@ -451,17 +451,20 @@ def test_prefill_pieces_end_at_multiples_and_outputs_go_one_at_a_time(seed):
     assert sched.num_preemptions > 0 and all(r.finished and r.error is None for r in reqs)
 
 
-def test_reserved_slots_count_against_the_pool_and_a_request_that_cannot_fit_them_fails():
-    sched = Scheduler(KVCacheManager(7, 4, False), 8, 64, reserve_tokens=12)  # 3 blocks a sequence up front
-    a, b = make_request("a", 4, 3), make_request("b", 4, 3)
+def test_slots_for_grants_blocks_by_cost_and_a_request_that_cannot_fit_its_cost_fails():
+    """With `slots_for` a sequence is granted the slots its cost needs (here 3 a token), not
+    one a token: it waits for them, is admitted by them, and fails alone when the pool cannot
+    hold its cost, though its tokens alone would fit."""
+    sched = Scheduler(KVCacheManager(7, 4, False), 8, 64, slots_for=lambda n: 3 * n)
+    a, b = make_request("a", 5, 3), make_request("b", 5, 3)
     sched.add(a)
     sched.add(b)
     simulate_step(sched)
-    assert len(sched.kv.block_table("a")) == 4  # 12 reserved + 4 prompt slots
+    assert len(sched.kv.block_table("a")) == 4  # 15 slots for its 5 tokens
     assert sched.kv.num_free_blocks == 3 and sched.waiting[0] is b  # b needs 4 blocks: it waits
     run_all(sched)
     assert a.error is None and b.error is None and sched.kv.num_free_blocks == 7
-    big = make_request("big", 20, 1)  # 21 slots fit the 28 without the reserve, not with it
+    big = make_request("big", 9, 1)  # 10 tokens fit 28 slots; 30 slots do not
     sched.add(big)
     run_all(sched)
     assert big.finish_reason == "error"

@@ -38,7 +38,6 @@ class _SeqBlocks:
     hashes: list[int] = field(default_factory=list)  # chained hashes of the first len(hashes) full blocks
     released: int = 0  # table entries before this index are RELEASED (except any kept head: sinks)
     offset: int = 0  # positions evicted before the table's first slot: token p sits at slot p - offset
-    #                  (negative: slots reserved before position 0)
     cacheable: bool = True  # False once compacted: its blocks no longer hold whole runs of the token ids
 
 
@@ -152,13 +151,10 @@ class KVCacheManager:
 
     # -- allocation ---------------------------------------------------------------------
     def allocate_slots(self, seq_id: str, token_ids: Sequence[int], num_computed_tokens: int,
-                       num_new_tokens: int, computed_blocks: Sequence[int] = (),
-                       reserve_tokens: int = 0) -> list[int] | None:
+                       num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> list[int] | None:
         """Grow `seq_id`'s block table to cover num_computed_tokens + num_new_tokens tokens.
         On the sequence's first call, `computed_blocks` (prefix hits from
-        get_computed_blocks, covering num_computed_tokens) become the head of its table, and
-        `reserve_tokens` more slots are held for as long as the sequence lives (blocks that
-        stand for a per-request cache's fixed part; they come before its tokens).
+        get_computed_blocks, covering num_computed_tokens) become the head of its table.
         Returns the table, or None with no state change if too few blocks are free."""
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError(
@@ -179,11 +175,8 @@ class KVCacheManager:
             )
         hashes = self._computed_hashes(token_ids, computed_blocks) if computed_blocks else []
 
-        if reserve_tokens and (not first or computed_blocks):
-            raise ValueError("reserve_tokens is for a sequence's first call, with no prefix hits.")
         have = len(seq.table) if seq is not None else len(computed_blocks)
-        offset = seq.offset if seq is not None else -reserve_tokens  # reserved slots sit before position 0
-        total = num_computed_tokens + num_new_tokens - offset
+        total = num_computed_tokens + num_new_tokens - (seq.offset if seq is not None else 0)
         need = max(-(-total // bs) - have, 0)  # ceil(total / bs) - blocks held
         # Touching a free cached block takes it out of the free queue too.
         revived = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_count == 0)
@@ -194,7 +187,7 @@ class KVCacheManager:
             # hit-rate accounting per admitted sequence (a queue head retried while blocked counts once)
             self.prefix_queries += len(token_ids)
             self.prefix_hits += num_computed_tokens
-            seq = self._seqs[seq_id] = _SeqBlocks(offset=offset)
+            seq = self._seqs[seq_id] = _SeqBlocks()
             if computed_blocks:
                 self.pool.touch(computed_blocks)  # before allocate: they must not be evicted
                 seq.table.extend(computed_blocks)
@@ -234,10 +227,10 @@ class KVCacheManager:
     def release_blocks_before(self, seq_id: str, position: int, keep_head: int = 0) -> int:
         """Give back `seq_id`'s blocks that lie wholly before token `position` (a sliding
         window will not read them again), except its first `keep_head` blocks (attention
-        sinks, or the slots a sequence reserved); returns how many were freed. Token positions keep their meaning: the
+        sinks); returns how many were freed. Token positions keep their meaning: the
         released entries stay in the table as RELEASED."""
         seq = self._seqs[seq_id]
-        upto = min(max(position - seq.offset, 0) // self.block_size, len(seq.table))  # in slots
+        upto = min(max(position, 0) // self.block_size, len(seq.table))
         start = max(seq.released, keep_head)
         if upto <= start:
             return 0

@@ -8,8 +8,9 @@ own one-sequence `PolicyCache` (the same object `kvcache eval` measures) and the
 still decides who runs, by need, in blocks:
 
 - blocks are an accounting unit here (`RowPolicyStorage` holds no bytes): a block stands
-  for `block_size` tokens at the policy's packed rate (`PolicyFootprint.rate`), and each
-  sequence reserves its fixed part once (exact tail and sinks, `PolicyFootprint.fixed`), so
+  for `block_size` tokens at the policy's packed rate (`PolicyFootprint.rate`), and a
+  sequence of n tokens is granted `PolicyFootprint.slots(n)` of them: its exact tokens (tail,
+  sinks) at their own cost, its packed ones at the rate, no more than its selector keeps; so
   what a request really holds never passes what the scheduler granted it;
 - a decode step runs every row's projections and MLP as one batch; attention is per row,
   each over its own cache (`RowsStepCache`): the fused quantized kernel, or the float
@@ -29,26 +30,42 @@ from kvcache.models.llama import attend
 
 @dataclass(frozen=True)
 class PolicyFootprint:
-    """An upper bound on the bytes one sequence's `PolicyCache` holds: fixed + rate x tokens."""
+    """An upper bound on the bytes one sequence's `PolicyCache` holds after n tokens:
+    `rate` a token, plus `exact - rate` for each of its exact tokens (at most `exact_tokens`),
+    over at most `held_cap` tokens when its selector bounds what it keeps (a window, sinks, a
+    budget) and at most `packed_cap` of them packed (`tiered`'s warm tier; the cold one is on
+    disk or dropped)."""
 
     rate: int  # bytes per token of the bulk of the history (packed codes, or the exact store's)
-    fixed: int  # bytes of the exact tokens a sequence holds at most (sinks + residual tail + a group)
+    exact: int  # bytes per exact token (residual tail, sinks; the whole store when it is `full`)
+    exact_tokens: int  # the most exact tokens a sequence holds between steps
+    held_cap: int | None = None  # the most tokens it holds, or None (all it has seen)
+    packed_cap: int | None = None  # the most tokens it holds packed, or None
 
-    def reserve_tokens(self) -> int:
-        """The fixed part in tokens at `rate` (what a sequence reserves in blocks up front)."""
-        return -(-self.fixed // self.rate)
+    def bytes_bound(self, n: int) -> int:
+        """The most bytes the cache holds after n tokens."""
+        held = n if self.held_cap is None else min(n, self.held_cap)
+        exact = min(held, self.exact_tokens)
+        packed = held - exact if self.packed_cap is None else min(held - exact, self.packed_cap)
+        return exact * self.exact + packed * self.rate
+
+    def slots(self, n: int) -> int:
+        """Block slots (tokens at `rate`) a sequence of n tokens is granted; never decreases with n."""
+        return -(-self.bytes_bound(n) // self.rate)
 
 
-def policy_footprint(spec, config, dtype: torch.dtype) -> PolicyFootprint:
-    """The footprint of a policy's store on a model: its exact tokens (tail, sinks) are bounded,
-    the rest costs `rate` bytes a token. Selectors only ever hold fewer tokens."""
+def policy_footprint(spec, config, dtype: torch.dtype, prefill_piece: int = 0) -> PolicyFootprint:
+    """The footprint of a policy on a model (see `PolicyFootprint`). `prefill_piece`: the prompt
+    pieces a sequence is fed in; a selector evicts after each, so it may hold one more piece."""
     from kvcache.cache.policies.cache import exact_dtype
     from kvcache.cache.policies.quantized_store import layer_bits, value_group
+    from kvcache.cache.policies.selectors import EVICT_UNIT
 
     c, part = config, spec.store
     exact = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty(0, dtype=exact_dtype(part, dtype)).element_size()
+    held_cap = _held_cap(spec, EVICT_UNIT + prefill_piece)
     if part.name == "full":
-        return PolicyFootprint(exact, 0)
+        return PolicyFootprint(exact, exact, 0, held_cap)
     p = part.params
     per_channel = part.name == "tiered" or p["key_axis"] == "channel"
     tokens = p["group_size"] if per_channel else 1  # tokens that quantize together
@@ -57,8 +74,23 @@ def policy_footprint(spec, config, dtype: torch.dtype) -> PolicyFootprint:
     kg = p["group_size"] if per_channel else value_group(p["group_size"], c.head_dim)
     packed = (kv_layers_bytes(key_bits, kg, tokens, c.num_kv_heads, c.head_dim, "channel" if per_channel else "token")
               + kv_layers_bytes(value_bits, vg, tokens, c.num_kv_heads, c.head_dim))
-    exact_tokens = (p["residual"] + p["n_sink"]) if part.name == "quantized" else p["hot"]
-    return PolicyFootprint(-(-packed // tokens), exact * (exact_tokens + tokens - 1))
+    if part.name == "quantized":
+        return PolicyFootprint(-(-packed // tokens), exact, p["residual"] + p["n_sink"] + tokens - 1, held_cap)
+    return PolicyFootprint(-(-packed // tokens), exact, p["hot"] + tokens - 1, held_cap, p["warm"] + tokens)
+
+
+def _held_cap(spec, slack: int) -> int | None:
+    """The most tokens the policy's selectors keep (None: no bound), `slack` (a unit and a piece) included."""
+    caps = []
+    for sel in spec.selectors:
+        p = sel.params
+        if sel.name == "window":
+            caps.append(p["size"] + slack)
+        elif sel.name == "sinks":
+            caps.append(p["n_sink"] + p["window"] + slack)
+        elif sel.name == "evict" and p["budget"] and p["decode"]:
+            caps.append(p["budget"] + slack)
+    return min(caps) if caps else None
 
 
 class RowPolicyStorage:

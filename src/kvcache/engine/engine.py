@@ -62,11 +62,12 @@ class LLMEngine:
         bs = config.block_size
         rows = config.row_policy
         self.kv = KVCacheManager(config.num_blocks, bs, config.enable_prefix_caching and rows is None)
-        reserve = 0
+        piece = slots_for = None
         if rows is not None:
-            footprint = policy_footprint(rows, c, model.dtype)
+            piece = config.prefill_piece or default_prefill_piece(config.max_num_batched_tokens)
+            footprint = policy_footprint(rows, c, model.dtype, piece)
             self.storage = RowPolicyStorage(config.num_blocks, bs, footprint, model.dtype, model.device)
-            reserve = footprint.reserve_tokens()
+            slots_for = footprint.slots
         elif config.quant_format is not None:
             self.storage = PagedQuantizedStorage(c.num_layers, config.num_blocks, bs, c.num_kv_heads,
                                                  c.head_dim, model.dtype, model.device, config.quant_format)
@@ -79,8 +80,7 @@ class LLMEngine:
         elif config.sliding_window:
             window = Window(config.sliding_window)
         self.window = window
-        # blocks a windowed sequence never gives back: its reserved slots, then its sink tokens'
-        self._keep_head = -(-(reserve + (self.sinks.n_sink if self.sinks is not None else 0)) // bs)
+        self._keep_head = self.sinks.sink_blocks(bs) if self.sinks is not None else 0
         live_bound = None
         if window is not None:
             live_bound = windowed_live_tokens(window.size, config.sink_tokens or 0, bs, config.max_num_batched_tokens)
@@ -88,12 +88,9 @@ class LLMEngine:
         hit_limit = None
         if self.evict is not None:
             hit_limit = lambda req: self.evict.prefix_hit_limit(len(req.prompt_token_ids))  # noqa: E731
-        piece = None
-        if rows is not None:
-            piece = config.prefill_piece or max(1, config.max_num_batched_tokens // 2)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, live_bound,
                                    split_at_prompt_end=self.evict is not None, prefix_hit_limit=hit_limit,
-                                   prefill_piece=piece, reserve_tokens=reserve)
+                                   prefill_piece=piece, slots_for=slots_for)
         if rows is not None:
             self.runner = PolicyRowRunner(model, rows, piece)
         else:
@@ -229,6 +226,12 @@ class LLMEngine:
             sched = self.last_schedule
             if not (sched.chunks or sched.preempted or sched.failed):
                 raise KVCacheError("The scheduler cannot make progress: the KV pool is too small for the queue head.")
+
+
+def default_prefill_piece(max_num_batched_tokens: int) -> int:
+    """The prompt pieces of per-request policy caches: half the token budget, so a piece fits
+    a step that also decodes or prefills others."""
+    return max(1, max_num_batched_tokens // 2)
 
 
 def windowed_live_tokens(window: int, sink_tokens: int, block_size: int, chunk: int) -> int:

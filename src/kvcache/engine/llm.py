@@ -99,45 +99,33 @@ class LLM:
             # no point reserving more than every sequence at full length needs (a window or sinks
             # policy gives blocks back: a sequence then holds at most sinks + window + a chunk)
             per_seq = self.max_model_len + block_size
-            n_sink, window = self._windowed
+            n_sink, window = self.kv_policy.paged_sinks or (0, self.kv_policy.paged_window)
             if window:
                 per_seq = min(per_seq, windowed_live_tokens(window, n_sink, block_size, max_batched))
-            if self._footprint is not None:  # a per-request cache's exact part
-                per_seq += self._footprint.reserve_tokens()
+            footprint = self.policy_footprint(max_batched)
+            if footprint is not None:  # a per-request cache: its exact part, its selector's bound
+                per_seq = footprint.slots(self.max_model_len + block_size)
             budget = min(budget, max_num_seqs * per_seq * self.engine_bytes_per_token)
         blocks = blocks_for_budget(budget, block_size, self.engine_bytes_per_token)
         if blocks < 1:
             raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")
-        evict = self.kv_policy.paged_evict
-        n_sink, window = self._windowed
-        return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched, sliding_window=window,
-                            sink_tokens=n_sink if self._has_sinks else None, quant_format=self._quant_format,
+        sinks, evict = self.kv_policy.paged_sinks, self.kv_policy.paged_evict
+        return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched,
+                            sliding_window=sinks[1] if sinks else self.kv_policy.paged_window,
+                            sink_tokens=sinks[0] if sinks else None, quant_format=self._quant_format,
                             evict=PagedEvict.from_part(evict) if evict else None,
                             row_policy=None if self.kv_policy.runs_paged else self.kv_policy)
 
-    @property
-    def _has_sinks(self) -> bool:
-        sel = self.kv_policy.selectors
-        return len(sel) == 1 and sel[0].name == "sinks"
-
-    @property
-    def _windowed(self) -> tuple[int, int | None]:
-        """(n_sink, window) when the policy's one selector is a window or sinks (the engine gives
-        the blocks behind the window back); (0, None) otherwise."""
-        sel = self.kv_policy.selectors
-        if len(sel) != 1 or sel[0].name not in ("window", "sinks"):
-            return 0, None
-        p = sel[0].params
-        return (p["n_sink"], p["window"]) if sel[0].name == "sinks" else (0, p["size"])
-
-    @property
-    def _footprint(self):
-        """The per-request cache footprint of a policy paged blocks cannot hold (None for the others)."""
+    def policy_footprint(self, max_num_batched_tokens: int = 512):
+        """The byte bound of a per-request cache (`cache.row_policy.PolicyFootprint`) under a policy
+        paged blocks cannot hold, with the engine's default prompt pieces; None for the others."""
         if self.kv_policy.runs_paged:
             return None
         from kvcache.cache.row_policy import policy_footprint
+        from kvcache.engine.engine import default_prefill_piece
 
-        return policy_footprint(self.kv_policy, self.config, self.dtype)
+        piece = default_prefill_piece(max_num_batched_tokens)
+        return policy_footprint(self.kv_policy, self.config, self.dtype, piece)
 
     @property
     def _quant_format(self):
@@ -153,8 +141,9 @@ class LLM:
         """Bytes a token takes in the paged engine's blocks: the model dtype's, the paged
         quantized format's (`quantized:...,key_axis=token,residual=0`), or for per-request
         policy caches their packed rate (`cache.row_policy`)."""
-        if self._footprint is not None:
-            return self._footprint.rate
+        footprint = self.policy_footprint()
+        if footprint is not None:
+            return footprint.rate
         fmt = self._quant_format
         if fmt is None:
             return self.kv_bytes_per_token

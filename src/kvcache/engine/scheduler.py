@@ -49,7 +49,7 @@ class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_live_tokens: int | None = None, split_at_prompt_end: bool = False,
                  prefix_hit_limit: Callable[[Request], int | None] | None = None, prefill_piece: int | None = None,
-                 reserve_tokens: int = 0):
+                 slots_for: Callable[[int], int] | None = None):
         """`max_live_tokens`: the most tokens one sequence holds in blocks at a time, whatever
         its length (a window or sinks policy gives blocks back), or None (all of them).
         `split_at_prompt_end`: no chunk runs past a request's prompt (an eviction policy
@@ -59,14 +59,15 @@ class Scheduler:
         prompt chunks end only at multiples of it (or at the prompt's end), so a prompt is always
         computed in the same pieces however the batch around it looks, and tokens after the
         prompt (recomputed outputs) go one at a time, as they were decoded.
-        `reserve_tokens`: blocks' worth of tokens each sequence holds on top of its own (a
-        per-request cache's exact part, see `cache.row_policy`)."""
+        `slots_for(n)`: the block slots a sequence of n tokens is granted, when they are not its
+        tokens (a per-request cache's byte bound at its packed rate, see `cache.row_policy`;
+        non-decreasing in n); None: one slot a token."""
         if prefill_piece is not None and not 0 < prefill_piece <= max_num_batched_tokens:
             raise ValueError(f"prefill_piece must be in 1..{max_num_batched_tokens}, got {prefill_piece}.")
         self.kv = kv
         self.max_live_tokens = max_live_tokens
         self.split_at_prompt_end, self.prefix_hit_limit = split_at_prompt_end, prefix_hit_limit
-        self.prefill_piece, self.reserve_tokens = prefill_piece, reserve_tokens
+        self.prefill_piece, self.slots_for = prefill_piece, slots_for
         self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -83,7 +84,13 @@ class Scheduler:
         need = request.num_tokens + 1
         if self.max_live_tokens is not None:
             need = min(need, self.max_live_tokens)
-        return self.kv.can_fit(need + self.reserve_tokens)
+        return self.kv.can_fit(self.slots_for(need) if self.slots_for is not None else need)
+
+    def _allocate(self, request: Request, computed: int, n: int, blocks=()) -> list[int] | None:
+        """Grow the request's blocks to cover `computed + n` tokens (their slots under `slots_for`)."""
+        if self.slots_for is not None:
+            computed, n = self.slots_for(computed), self.slots_for(computed + n) - self.slots_for(computed)
+        return self.kv.allocate_slots(request.request_id, request.all_token_ids, computed, n, blocks)
 
     def _chunk(self, request: Request, computed: int, budget: int) -> int:
         """Tokens of `request` to compute this step, from `computed` on."""
@@ -137,7 +144,7 @@ class Scheduler:
             if n == 0:  # its next prefill piece does not fit this step's budget
                 i += 1
                 continue
-            while self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, n) is None:
+            while self._allocate(req, req.num_computed_tokens, n) is None:
                 victim = self.running[-1]
                 if victim is req and not self._can_ever_fit(req):
                     self._fail(req, out)  # it outgrew the whole pool: fail it alone, now
@@ -164,8 +171,7 @@ class Scheduler:
                 blocks = blocks[: max(limit, 0) // self.kv.block_size]
                 n_cached = len(blocks) * self.kv.block_size
             n = self._chunk(req, n_cached, budget)
-            if n == 0 or self.kv.allocate_slots(req.request_id, req.all_token_ids, n_cached, n, blocks,
-                                                reserve_tokens=self.reserve_tokens) is None:
+            if n == 0 or self._allocate(req, n_cached, n, blocks) is None:
                 break  # head of the queue waits for blocks; FCFS keeps later ones behind it
             self.waiting.popleft()
             if req.num_cached_tokens < 0:
