@@ -90,8 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-budget", default="256MiB", help="KV cache memory of every engine run (default 256MiB)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--kv-policy", default=None,
-                   help="KV policy of our engine runs, one the paged engine holds, e.g. "
-                        "quantized:bits=8,key_axis=token,residual=0 (default: full, the model dtype)")
+                   help="KV policy of our engine runs, e.g. quantized:bits=8,key_axis=token,residual=0 "
+                        "(paged blocks) or quantized:bits=4 (KIVI, per-request caches) (default: full, the model dtype)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="engine: most tokens per step (default 512)")

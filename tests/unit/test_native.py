@@ -194,6 +194,35 @@ def test_quantized_decode_attention_with_rotated_values():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rotate", [False, True])
+def test_quantized_decode_attention_rows_equal_each_row_alone(rotate):
+    """Several sequences in one call (each with its own lengths, exact tail read in place from
+    a longer store): each row's output is the one it gets alone, bit for bit (up to the
+    rounding of the batched rotation back, with rotated values)."""
+    from kvcache.cache.quant import hadamard, quantize
+
+    gen = torch.Generator().manual_seed(11)
+    hq, hkv, d = 6, 2, 64
+    rows, alone = [], []
+    for nq, ne in ((0, 5), (64, 0), (320, 40), (128, 130)):  # no quantized part; no exact part; both
+        keys, values = torch.randn(1, hkv, nq, d, generator=gen), torch.randn(1, hkv, nq, d, generator=gen)
+        qk = quantize(keys, 4, 32, "channel")
+        qv = quantize(values, 4, 64, "token", rotation=hadamard(d) if rotate else None)
+        store = torch.randn(2, hkv, ne + 7, d, generator=gen)  # a longer store: heads (ne + 7) * D apart
+        ek, ev = store[0, :, :ne], store[1, :, :ne]
+        q = torch.randn(hq, d, generator=gen)
+        rows.append((ek, ev, qk, qv))
+        alone.append(native.quantized_decode_attention(q, ek.contiguous(), ev.contiguous(), qk, qv))
+        alone[-1] = (q, alone[-1])
+    qs = torch.stack([q for q, _ in alone])  # (B, Hq, D)
+    got = native.quantized_decode_attention_rows(qs, rows)
+    for b, (_, want) in enumerate(alone):
+        if rotate:
+            torch.testing.assert_close(got[b], want, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(got[b], want), b
+
+
 @pytest.mark.parametrize("key_bits, value_bits", [(4, 2), (2, 8), (8, 4)])
 def test_quantized_decode_attention_keys_and_values_at_different_bits(key_bits, value_bits):
     """A layer held at mixed precision (e.g. 4-bit keys over 2-bit values) reads each at its width."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcache import native
 from kvcache.cache.spec import kv_layers_bytes
 from kvcache.models.llama import attend
 
@@ -104,10 +105,9 @@ class RowPolicyStorage:
                  device: torch.device | str):
         self.num_blocks, self.block_size, self.footprint = num_blocks, block_size, footprint
         self.dtype, self.device = dtype, torch.device(device)
-        self.null_block = num_blocks
 
     def zero_blocks(self, block_ids) -> None:
-        pass
+        """Nothing to zero: the blocks hold no memory."""
 
     @property
     def bytes_per_token(self) -> int:
@@ -145,16 +145,26 @@ class RowsStepCache:
         return None, None
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Row b's query q[b] (Hq, 1, D) over cache b. Returns (B, 1, Hq*D)."""
-        out = []
+        """Row b's query q[b] (Hq, 1, D) over cache b. Returns (B, 1, Hq*D). Rows whose stores
+        score the codes natively attend in one kernel call."""
+        b_, hq, _, d = q.shape
+        out: list[torch.Tensor | None] = [None] * b_
+        coded = [b for b, (k, _) in enumerate(self._kv) if k is None]
+        inputs = [self.caches[b].native_attend_inputs(layer, hq) for b in coded]
+        if coded and all(x is not None for x in inputs):
+            o = native.quantized_decode_attention_rows(q[coded, :, 0], inputs)  # (F, Hq, D) fp32
+            for i, b in enumerate(coded):
+                out[b] = o[i].to(q.dtype).view(1, 1, hq * d)
         for b, (cache, (k, v)) in enumerate(zip(self.caches, self._kv)):
+            if out[b] is not None:
+                continue
             qb = q[b : b + 1]  # (1, Hq, 1, D)
             if k is None:  # the store attends from its codes
-                out.append(cache.attend(layer, qb))
+                out[b] = cache.attend(layer, qb)
                 continue
             if cache.observes(1):
                 cache.observe(layer, qb, k)
-            out.append(attend(qb, k, v, None))  # (1, 1, Hq*D)
+            out[b] = attend(qb, k, v, None)  # (1, 1, Hq*D)
         return torch.cat(out)  # (B, 1, Hq*D)
 
     def advance(self, t: int) -> None:

@@ -128,7 +128,9 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status, request.finish_reason = Status.FINISHED, "error"
-        request.error = (f"The request needs {request.num_tokens + 1} tokens of KV cache but the whole pool holds "
+        n = request.num_tokens + 1
+        need = f"{n} tokens" if self.slots_for is None else f"{self.slots_for(n)} token slots (for its {n} tokens)"
+        request.error = (f"The request needs {need} of KV cache but the whole pool holds "
                          f"{self.kv.num_blocks * self.kv.block_size}.")
         out.failed.append(request)
 

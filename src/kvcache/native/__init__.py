@@ -25,8 +25,7 @@ _SIGNATURES = {
 # kernels built for float32 only
 _F32_SIGNATURES = {
     "matmul_nk": [_P, _P, _P, _I, _I, _I],
-    "quant_decode_attn": [_P, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I,
-                          _F],
+    "quant_decode_attn_rows": [_P, _I, _I, _I, _I, _I, _I, _I, _I, _F],
     "quantize_to_slots": [_P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _I],
     "paged_quant_decode_attn": [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _I, _I,
                                 _I, _I, _I, _I, _F],
@@ -150,24 +149,39 @@ def quantized_decode_attention(q: torch.Tensor, exact_k: torch.Tensor, exact_v: 
     space, the exact ones rotated to join them, and the output rotated back.
     Computes in fp32; returns (Hq, D) fp32.
     """
-    hq, d = q.shape
-    hkv, nq = qk.shape[1], qk.shape[2]
+    return quantized_decode_attention_rows(q[None], [(exact_k, exact_v, qk, qv)])[0]
+
+
+def quantized_decode_attention_rows(q: torch.Tensor, rows: list[tuple]) -> torch.Tensor:
+    """`quantized_decode_attention` for B sequences in one native call: q (B, Hq, D), rows[b] =
+    (exact_k, exact_v, qk, qv) of sequence b's layer, all of one format (the same groups,
+    widths and value rotation). Returns (B, Hq, D) fp32."""
+    b, hq, d = q.shape
+    qk0, qv0 = rows[0][2], rows[0][3]
+    hkv = qk0.shape[1]
     _check_shape(d, hq, hkv)
-    if qv.shape[2] != nq or qk.axis != "channel" or qv.axis != "token":
-        raise ValueError("quantized keys must be per channel and values per token, equally long.")
+    rot = qv0.rotation
     q = q.float().contiguous()
-    rot = qv.rotation
-    ek = _heads_contiguous(exact_k.float())
-    ev = _heads_contiguous(exact_v.float() if rot is None else exact_v.float() @ rot)  # (Hkv, ne, D)
-    out = torch.empty((hq, d), dtype=torch.float32)
-    for t in (qk.data, qk.scale, qk.zero, qv.data, qv.scale, qv.zero):
-        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
-            raise ValueError("quantized tensors must be contiguous within each head.")
-    _functions()[("quant_decode_attn", torch.float32)](
-        _ptr(q), _ptr(out), _ptr(ek), _ptr(ev), ek.shape[1], ek.stride(0), ev.stride(0),
-        _ptr(qk.data), _ptr(qk.scale), _ptr(qk.zero), qk.data.stride(1), qk.scale.stride(1), qk.group_size,
-        _ptr(qv.data), _ptr(qv.scale), _ptr(qv.zero), qv.data.stride(1), qv.scale.stride(1), qv.group_size,
-        nq, qk.bits, qv.bits, hq, hkv, d, d ** -0.5)
+    out = torch.empty((b, hq, d), dtype=torch.float32)
+    keep, meta = [], []  # keep: tensors made here must live until the call returns
+    for i, (exact_k, exact_v, qk, qv) in enumerate(rows):
+        nq = qk.shape[2]
+        if qv.shape[2] != nq or qk.axis != "channel" or qv.axis != "token":
+            raise ValueError("quantized keys must be per channel and values per token, equally long.")
+        if (qk.bits, qk.group_size, qv.bits, qv.group_size) != (qk0.bits, qk0.group_size, qv0.bits, qv0.group_size):
+            raise ValueError("every row must hold the same quantized format.")
+        for t in (qk.data, qk.scale, qk.zero, qv.data, qv.scale, qv.zero):
+            if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+                raise ValueError("quantized tensors must be contiguous within each head.")
+        ek = _heads_contiguous(exact_k.float())
+        ev = _heads_contiguous(exact_v.float() if rot is None else exact_v.float() @ rot)  # (Hkv, ne, D)
+        keep += [ek, ev]
+        meta += [_ptr(q[i]), _ptr(out[i]), _ptr(ek), _ptr(ev), ek.shape[1], ek.stride(0), ev.stride(0),
+                 _ptr(qk.data), _ptr(qk.scale), _ptr(qk.zero), qk.data.stride(1), qk.scale.stride(1),
+                 _ptr(qv.data), _ptr(qv.scale), _ptr(qv.zero), qv.data.stride(1), qv.scale.stride(1), nq]
+    m = torch.tensor(meta, dtype=torch.int64)  # (B * 18,)
+    _functions()[("quant_decode_attn_rows", torch.float32)](
+        _ptr(m), b, qk0.group_size, qv0.group_size, qk0.bits, qv0.bits, hq, hkv, d, d ** -0.5)
     return out if rot is None else out @ rot.T
 
 

@@ -295,8 +295,10 @@ DECODE_ATTN(decode_attn_f32, float, ID, ID)
 DECODE_ATTN(decode_attn_bf16, bf16, bf16_to_f32, f32_to_bf16)
 
 /* ---- Decode attention over a KIVI-quantized cache, from the codes ------------------------
- * One query token, batch 1, fp32. The keys and values of KV head h are
- *   exact:     ek, ev (Hkv, ne, D) fp32 (sinks and recent tail; order does not matter)
+ * One query token per sequence, fp32; B sequences per call (each its own operands). The
+ * keys and values of KV head h of a sequence are
+ *   exact:     ek, ev (Hkv, ne, D) fp32 (sinks and recent tail; order does not matter; each
+ *              head's rows contiguous, heads ek_hs / ev_hs elements apart)
  *   quantized: nq tokens; K codes per channel in groups of gk tokens, V codes per token in
  *              groups of gv channels; codes packed in planes (code d of a row sits in byte
  *              d % Dp at bit (d / Dp) * bits, Dp = D * bits / 8; keys at kbits, values at
@@ -387,89 +389,141 @@ static inline void fold_zero_sums(float acc[][MAX_D], float zacc[][MAX_D], int64
         for (int64_t d = 0; d < D; d++) acc[g][d] += zacc[g][d / gv];
 }
 
-void quant_decode_attn_f32(const float* q, float* out, const float* ek, const float* ev, int64_t ne,
-                           int64_t ek_hs, int64_t ev_hs, const uint8_t* kc, const uint16_t* ks, const uint16_t* kz, int64_t kc_hs,
-                           int64_t km_hs, int64_t gk, const uint8_t* vc, const uint16_t* vs,
-                           const uint16_t* vz, int64_t vc_hs, int64_t vm_hs, int64_t gv, int64_t nq,
-                           int64_t kbits, int64_t vbits, int64_t Hq, int64_t Hkv, int64_t D, float scale) {
-    int64_t G = Hq / Hkv, Dpk = D * kbits / 8, Dpv = D * vbits / 8, ngv = D / gv;
-    int64_t qchunk = gk * ((256 + gk - 1) / gk); /* whole K groups per chunk */
-    int64_t echunks = ne > 0 ? 1 : 0, qchunks = (nq + qchunk - 1) / qchunk;
-    int64_t nchunks = echunks + qchunks, per = G * (D + 2);
+/* One sequence's operands (see above). */
+typedef struct {
+    const float *q, *ek, *ev;
+    float* out;
+    int64_t ne, ek_hs, ev_hs, kc_hs, km_hs, vc_hs, vm_hs, nq;
+    const uint8_t *kc, *vc;
+    const uint16_t *ks, *kz, *vs, *vz;
+} qrow_t;
+
+static int64_t qrow_chunks(const qrow_t* r, int64_t qchunk) {
+    return (r->ne > 0 ? 1 : 0) + (r->nq + qchunk - 1) / qchunk;
+}
+
+/* Chunk c of KV head h of one sequence: the exact tokens (c == 0 when there are any) or
+ * qchunk quantized ones; writes (max, sum, acc[D]) per query head of the group to res. */
+static void quant_chunk(const qrow_t* r, int64_t h, int64_t c, float* res, int64_t qchunk, int64_t gk, int64_t gv,
+                        int64_t kbits, int64_t vbits, int64_t G, int64_t D, float scale) {
+    int64_t Dpk = D * kbits / 8, Dpv = D * vbits / 8, ngv = D / gv;
+    int64_t ne = r->ne, nq = r->nq, echunks = ne > 0 ? 1 : 0;
     int64_t sclen = ne > qchunk ? ne : qchunk;
-    float* part = (float*)malloc((size_t)(Hkv * (nchunks > 0 ? nchunks : 1) * per) * sizeof(float));
-    _Pragma("omp parallel for schedule(dynamic, 1) if((ne + nq) * Hq >= 4096)")
-    for (int64_t task = 0; task < Hkv * nchunks; task++) {
-        int64_t h = task / nchunks, c = task % nchunks;
-        float* res = part + task * per;
-        float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D], zacc[MAX_G][MAX_D], mx[MAX_G], cf[MAX_D];
-        float* sc = (float*)malloc((size_t)(G * sclen) * sizeof(float));
-        for (int64_t g = 0; g < G; g++) {
-            for (int64_t d = 0; d < D; d++) { qf[g][d] = q[(h * G + g) * D + d] * scale; acc[g][d] = 0.f;
-                                              zacc[g][d] = 0.f; }
-            mx[g] = -INFINITY;
-        }
-        int64_t n;
-        if (c < echunks) { /* the exact tokens */
-            n = ne;
-            const float* kb = ek + h * ek_hs;
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t g = 0; g < G; g++) {
-                    float s = D == 64 ? dot64(qf[g], kb + i * D) : dot(qf[g], kb + i * D, D);
-                    sc[g * sclen + i] = s;
-                    if (s > mx[g]) mx[g] = s;
-                }
-        } else { /* quantized tokens j0 .. j0+n */
-            int64_t j0 = (c - echunks) * qchunk;
-            n = nq - j0 < qchunk ? nq - j0 : qchunk;
-            float qs[MAX_G][MAX_D], bias[MAX_G];
-            for (int64_t i = 0; i < n; i++) {
-                int64_t j = j0 + i;
-                if (j % gk == 0 || i == 0) { /* a new K group: fold its scales into the query */
-                    const uint16_t* s16 = ks + h * km_hs + (j / gk) * D;
-                    const uint16_t* z16 = kz + h * km_hs + (j / gk) * D;
-                    for (int64_t g = 0; g < G; g++) {
-                        float b = 0.f;
-                        for (int64_t d = 0; d < D; d++) {
-                            qs[g][d] = qf[g][d] * half_to_f32(s16[d]);
-                            b += qf[g][d] * half_to_f32(z16[d]);
-                        }
-                        bias[g] = b;
-                    }
-                }
-                unpack_row(kc + h * kc_hs + j * Dpk, cf, D, kbits);
-                for (int64_t g = 0; g < G; g++) {
-                    float s = (D == 64 ? dot64(qs[g], cf) : dot(qs[g], cf, D)) + bias[g];
-                    sc[g * sclen + i] = s;
-                    if (s > mx[g]) mx[g] = s;
-                }
-            }
-        }
-        for (int64_t g = 0; g < G; g++) chunk_exp(sc + g * sclen, n, mx[g], res + g * (D + 2));
-        if (c < echunks) {
-            const float* vb = ev + h * ev_hs;
-            for (int64_t i = 0; i < n; i++)
-                for (int64_t g = 0; g < G; g++) {
-                    float w = sc[g * sclen + i];
-                    _Pragma("omp simd")
-                    for (int64_t d = 0; d < D; d++) acc[g][d] += w * vb[i * D + d];
-                }
-        } else {
-            int64_t j0 = (c - echunks) * qchunk;
-            for (int64_t i = 0; i < n; i++) {
-                int64_t j = j0 + i;
-                unpack_row(vc + h * vc_hs + j * Dpv, cf, D, vbits);
-                add_value_row(acc, zacc, G, cf, vs + h * vm_hs + j * ngv, vz + h * vm_hs + j * ngv, ngv, gv,
-                              sc + i, sclen);
-            }
-            fold_zero_sums(acc, zacc, G, D, gv);
-        }
-        for (int64_t g = 0; g < G; g++) memcpy(res + g * (D + 2) + 2, acc[g], (size_t)D * sizeof(float));
-        free(sc);
+    float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D], zacc[MAX_G][MAX_D], mx[MAX_G], cf[MAX_D];
+    float* sc = (float*)malloc((size_t)(G * sclen) * sizeof(float));
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t d = 0; d < D; d++) { qf[g][d] = r->q[(h * G + g) * D + d] * scale; acc[g][d] = 0.f;
+                                          zacc[g][d] = 0.f; }
+        mx[g] = -INFINITY;
     }
-    for (int64_t h = 0; h < Hkv; h++) /* merge the chunks */
-        for (int64_t g = 0; g < G; g++) merge_chunks(part + h * nchunks * per, nchunks, per, g, D, out + (h * G + g) * D);
+    int64_t n;
+    if (c < echunks) { /* the exact tokens */
+        n = ne;
+        const float* kb = r->ek + h * r->ek_hs;
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t g = 0; g < G; g++) {
+                float s = D == 64 ? dot64(qf[g], kb + i * D) : dot(qf[g], kb + i * D, D);
+                sc[g * sclen + i] = s;
+                if (s > mx[g]) mx[g] = s;
+            }
+    } else { /* quantized tokens j0 .. j0+n */
+        int64_t j0 = (c - echunks) * qchunk;
+        n = nq - j0 < qchunk ? nq - j0 : qchunk;
+        float qs[MAX_G][MAX_D], bias[MAX_G];
+        for (int64_t i = 0; i < n; i++) {
+            int64_t j = j0 + i;
+            if (j % gk == 0 || i == 0) { /* a new K group: fold its scales into the query */
+                const uint16_t* s16 = r->ks + h * r->km_hs + (j / gk) * D;
+                const uint16_t* z16 = r->kz + h * r->km_hs + (j / gk) * D;
+                for (int64_t g = 0; g < G; g++) {
+                    float b = 0.f;
+                    for (int64_t d = 0; d < D; d++) {
+                        qs[g][d] = qf[g][d] * half_to_f32(s16[d]);
+                        b += qf[g][d] * half_to_f32(z16[d]);
+                    }
+                    bias[g] = b;
+                }
+            }
+            unpack_row(r->kc + h * r->kc_hs + j * Dpk, cf, D, kbits);
+            for (int64_t g = 0; g < G; g++) {
+                float s = (D == 64 ? dot64(qs[g], cf) : dot(qs[g], cf, D)) + bias[g];
+                sc[g * sclen + i] = s;
+                if (s > mx[g]) mx[g] = s;
+            }
+        }
+    }
+    for (int64_t g = 0; g < G; g++) chunk_exp(sc + g * sclen, n, mx[g], res + g * (D + 2));
+    if (c < echunks) {
+        const float* vb = r->ev + h * r->ev_hs;
+        for (int64_t i = 0; i < n; i++)
+            for (int64_t g = 0; g < G; g++) {
+                float w = sc[g * sclen + i];
+                _Pragma("omp simd")
+                for (int64_t d = 0; d < D; d++) acc[g][d] += w * vb[i * D + d];
+            }
+    } else {
+        int64_t j0 = (c - echunks) * qchunk;
+        for (int64_t i = 0; i < n; i++) {
+            int64_t j = j0 + i;
+            unpack_row(r->vc + h * r->vc_hs + j * Dpv, cf, D, vbits);
+            add_value_row(acc, zacc, G, cf, r->vs + h * r->vm_hs + j * ngv, r->vz + h * r->vm_hs + j * ngv, ngv, gv,
+                          sc + i, sclen);
+        }
+        fold_zero_sums(acc, zacc, G, D, gv);
+    }
+    for (int64_t g = 0; g < G; g++) memcpy(res + g * (D + 2) + 2, acc[g], (size_t)D * sizeof(float));
+    free(sc);
+}
+
+/* B sequences at once (one task per sequence, KV head and chunk, in one parallel region),
+ * then each sequence's chunks merged into its own out. */
+static void quant_decode_rows(const qrow_t* rows, int64_t B, int64_t gk, int64_t gv, int64_t kbits, int64_t vbits,
+                              int64_t Hq, int64_t Hkv, int64_t D, float scale) {
+    int64_t G = Hq / Hkv, per = G * (D + 2);
+    int64_t qchunk = gk * ((256 + gk - 1) / gk); /* whole K groups per chunk */
+    int64_t* first = (int64_t*)malloc((size_t)(B + 1) * sizeof(int64_t)); /* first task of each row */
+    int64_t work = 0;
+    first[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        first[b + 1] = first[b] + Hkv * qrow_chunks(rows + b, qchunk);
+        work += rows[b].ne + rows[b].nq;
+    }
+    int64_t tasks = first[B];
+    float* part = (float*)malloc((size_t)((tasks > 0 ? tasks : 1) * per) * sizeof(float));
+    _Pragma("omp parallel for schedule(dynamic, 1) if(work * Hq >= 4096)")
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t b = 0;
+        while (first[b + 1] <= task) b++;
+        int64_t nchunks = qrow_chunks(rows + b, qchunk), t = task - first[b];
+        quant_chunk(rows + b, t / nchunks, t % nchunks, part + task * per, qchunk, gk, gv, kbits, vbits, G, D, scale);
+    }
+    for (int64_t b = 0; b < B; b++) { /* merge each row's chunks */
+        int64_t nchunks = qrow_chunks(rows + b, qchunk);
+        for (int64_t h = 0; h < Hkv; h++)
+            for (int64_t g = 0; g < G; g++)
+                merge_chunks(part + (first[b] + h * nchunks) * per, nchunks, per, g, D, rows[b].out + (h * G + g) * D);
+    }
     free(part);
+    free(first);
+}
+
+/* The entry point. meta (B, 18) int64 per sequence: q, out, ek, ev (addresses), ne, ek_hs,
+ * ev_hs, kc, ks, kz (addresses), kc_hs, km_hs, vc, vs, vz (addresses), vc_hs, vm_hs, nq.
+ * Shared: group sizes, widths, heads, head_dim, scale. */
+void quant_decode_attn_rows_f32(const int64_t* meta, int64_t B, int64_t gk, int64_t gv, int64_t kbits,
+                                int64_t vbits, int64_t Hq, int64_t Hkv, int64_t D, float scale) {
+    qrow_t* rows = (qrow_t*)malloc((size_t)(B > 0 ? B : 1) * sizeof(qrow_t));
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t* m = meta + b * 18;
+        qrow_t r = {(const float*)(intptr_t)m[0], (const float*)(intptr_t)m[2], (const float*)(intptr_t)m[3],
+                    (float*)(intptr_t)m[1], m[4], m[5], m[6], m[10], m[11], m[15], m[16], m[17],
+                    (const uint8_t*)(intptr_t)m[7], (const uint8_t*)(intptr_t)m[12],
+                    (const uint16_t*)(intptr_t)m[8], (const uint16_t*)(intptr_t)m[9],
+                    (const uint16_t*)(intptr_t)m[13], (const uint16_t*)(intptr_t)m[14]};
+        rows[b] = r;
+    }
+    quant_decode_rows(rows, B, gk, gv, kbits, vbits, Hq, Hkv, D, scale);
+    free(rows);
 }
 
 /* ---- Decode attention over paged blocks held per-token quantized ------------------------

@@ -105,6 +105,12 @@ class PolicyCache:
         """Attention of this step's single query q (1, Hq, 1, D) over the layer, done by the store."""
         return self.store.attend(layer, q, 1)
 
+    def native_attend_inputs(self, layer: int, num_heads: int) -> tuple | None:
+        """When `write` returned (None, None): what the store's native kernel attends from
+        (`QuantizedKVStore.native_inputs`), so several caches can attend in one call; None
+        where that kernel cannot run."""
+        return self.store.native_inputs(layer, 1, num_heads)
+
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         for s in self.selectors:
             if s.observes(q.shape[2]):

@@ -147,13 +147,12 @@ class QuantizedKVStore:
         h = self.num_kv_heads
         g = hq // h
         nq = self.num_quantized
+        inputs = self.native_inputs(layer, staged, hq)
+        if inputs is not None:  # one fused pass over the codes
+            o = native.quantized_decode_attention(q.reshape(hq, d), *inputs)  # (Hq, D) fp32
+            return o.to(q.dtype).view(1, 1, hq * d)
         ks, vs = self.front(layer)  # (1, Hkv, ns, D)
         kt, vt = self.tail.read(layer, staged)  # (1, Hkv, nt, D)
-        if native.supports(torch.float32, self.device) and native.fits(d, hq, h):  # one fused pass over the codes
-            ek, ev = (kt[0], vt[0]) if ks.shape[2] == 0 else (torch.cat([ks[0], kt[0]], 1), torch.cat([vs[0], vt[0]], 1))
-            o = native.quantized_decode_attention(q.reshape(hq, d), ek, ev, self.qk.view(layer),
-                                                  self.qv.view(layer))  # (Hq, D) fp32
-            return o.to(q.dtype).view(1, 1, hq * d)
         qf = q.reshape(1, h, g, d)  # (1, Hkv, G, D): a KV group's query heads side by side
         ks, vs, kt, vt = (x.to(q.dtype) for x in (ks, vs, kt, vt))
         codes = self._codes(nq)  # (1, Hkv, nq, D) float scratch
@@ -176,6 +175,16 @@ class QuantizedKVStore:
         if qv.rotation is not None:
             o = o @ qv.rotation.T.to(o)
         return o.reshape(1, hq, 1, d).transpose(1, 2).reshape(1, 1, hq * d)
+
+    def native_inputs(self, layer: int, staged: int, num_heads: int) -> tuple | None:
+        """What the native kernel attends from for `layer`: (exact K, exact V (Hkv, ne, D), key
+        and value QTensor views), or None where it cannot run (device, dtype, shape)."""
+        if not (native.supports(torch.float32, self.device) and native.fits(self.head_dim, num_heads, self.num_kv_heads)):
+            return None
+        ks, vs = self.front(layer)  # (1, Hkv, ns, D)
+        kt, vt = self.tail.read(layer, staged)  # (1, Hkv, nt, D): read in place by the kernel
+        ek, ev = (kt[0], vt[0]) if ks.shape[2] == 0 else (torch.cat([ks[0], kt[0]], 1), torch.cat([vs[0], vt[0]], 1))
+        return ek, ev, self.qk.view(layer), self.qv.view(layer)
 
     def _codes(self, n: int) -> torch.Tensor:
         """A contiguous (1, Hkv, n, D) float scratch, reused from step to step."""
