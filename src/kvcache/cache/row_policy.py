@@ -13,8 +13,8 @@ still decides who runs, by need, in blocks:
   sinks) at their own cost, its packed ones at the rate, no more than its selector keeps; so
   what a request really holds never passes what the scheduler granted it;
 - a decode step runs every row's projections and MLP as one batch; attention is per row,
-  each over its own cache (`RowsStepCache`): the fused quantized kernel, or the float
-  history its store assembles;
+  each over its own cache (`RowsStepCache`): all KIVI rows in one native call over their
+  codes, other stores over the float history they assemble;
 - no prefix caching (a cache's bytes are private to its request) and preemption recomputes.
 """
 
@@ -123,7 +123,7 @@ class RowPolicyStorage:
 class RowsStepCache:
     """One decode step (one token per row) over several sequences' own `PolicyCache`s, with
     the interface `LlamaModel.forward` drives: the rows' K/V go to their caches and each row
-    attends over its own (a row whose store scores the codes attends itself)."""
+    attends over its own (rows whose stores score the codes natively, in one call)."""
 
     length = 0  # no shared length: rows carry their positions in the step's inputs
 
