@@ -90,3 +90,32 @@ def test_compressed_blocks_leave_the_prefix_cache_but_the_prompt_blocks_stay(tin
     first = llm.generate([prompt], greedy(6))[0]
     again = llm.generate([prompt], greedy(6))[0]
     assert again.metrics.cached_prompt_tokens == 64 and again.token_ids == first.token_ids
+
+
+def test_a_compression_that_finds_no_blocks_preempts_and_the_rerun_equals_the_policy_cache(tiny_model_dir):
+    """Two requests hit the same cached prompt blocks while the pool is full: the first to
+    compress cannot get fresh blocks (every prompt block it holds is shared), so it is
+    preempted instead, recomputed later, and still gives the PolicyCache's tokens; nothing leaks."""
+    policy = "evict:scorer=knorm,ratio=0.25,window=8"
+    llm = make_llm(tiny_model_dir, policy, blocks=9, max_num_batched_tokens=64)
+    engine = llm.engine
+    failed, compact = [], engine.kv.compact
+
+    def watched(*args, **kw):
+        table = compact(*args, **kw)
+        failed.append(table is None)
+        return table
+
+    engine.kv.compact = watched
+    prompt = list(range(5, 69))  # 64 ids: 3 blocks served from the cache, the last computed
+    first = engine.add_request(prompt, greedy(30))
+    while not first.output_token_ids:
+        engine.step()
+    twins = [engine.add_request(prompt, greedy(6)) for _ in range(2)]  # both hit first's cached prompt blocks
+    engine.run_to_completion([first, *twins])
+    assert any(failed) and engine.scheduler.num_preemptions >= 1
+    want = policy_cache_tokens(llm, policy, prompt, 30)
+    for r in (first, *twins):
+        assert r.error is None and r.output_token_ids == want[: len(r.output_token_ids)]
+    assert all(r.num_evicted_tokens == 64 - 48 for r in twins)
+    assert llm.stats()["blocks_used"] == 0
