@@ -520,8 +520,11 @@ class QuantizedStore:
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes of codes and metadata holding the stored tokens, all layers."""
-        return sum(self.view(i).nbytes for i in range(self.num_layers))
+        """Exact bytes of codes and metadata holding the stored tokens, all layers (what the
+        layers' `view(...).nbytes` add up to, counted from their lengths: no views built)."""
+        per_token = self._data[0, :, :, 0].numel() * self._data.element_size()  # B * Hkv * packed row
+        per_meta = 2 * self._scale[0, :, :, 0].numel() * self._scale.element_size()  # a scale and a zero row
+        return sum(n * per_token + self._meta_index(n) * per_meta for n in self._lengths)
 
     @property
     def nbytes_allocated(self) -> int:
