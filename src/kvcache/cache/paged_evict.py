@@ -18,12 +18,11 @@ takes no prefix-cache hits (`prefix_hit_limit`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from kvcache.cache.policies.selectors import attention_mass, keep_index, snapkv_pool
+from kvcache.cache.policies.selectors import attention_mass, evict_target, keep_index, knorm_score, snapkv_pool
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,7 @@ class PagedEvict:
 
     def target(self, prompt_tokens: int) -> int:
         """Tokens of the prompt kept (all of a prompt no longer than that)."""
-        kept = self.budget if self.budget else math.ceil((1.0 - self.ratio) * prompt_tokens)
-        return min(max(kept, 1), prompt_tokens)
+        return min(evict_target(self.ratio, self.budget, prompt_tokens), prompt_tokens)
 
     @property
     def needs_queries(self) -> bool:
@@ -84,7 +82,7 @@ class PromptScores:
         scores the layer's prompt keys (Hkv, prompt_tokens, D)."""
         spec, n = self.spec, self.prompt_tokens
         if spec.scorer == "knorm":
-            score = -keys.float().norm(dim=-1)  # (Hkv, n): low-norm keys draw attention
+            score = knorm_score(keys)  # (Hkv, n)
         else:
             score = self.mass[layer]
             score = snapkv_pool(score[None], spec.pool)[0] if spec.scorer == "snapkv" else score  # (Hkv, n)

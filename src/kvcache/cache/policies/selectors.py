@@ -111,8 +111,7 @@ class Evict(Selector):
         self.device = device
 
     def target(self, seen: int) -> int:
-        kept = self.budget if self.budget else math.ceil((1.0 - self.ratio) * seen)
-        return max(kept, 1)
+        return evict_target(self.ratio, self.budget, seen)
 
     def observes(self, t: int) -> bool:
         return self.scorer != "knorm" and (t > 1 or self.decode)
@@ -142,7 +141,7 @@ class Evict(Selector):
         for layer in range(len(self.scores)):
             if self.scorer == "knorm":
                 k, _ = keys(layer)
-                yield -k.float().norm(dim=-1)  # (B, Hkv, S): low-norm keys draw attention
+                yield knorm_score(k)  # (B, Hkv, S)
             else:
                 yield self.scores[layer][:, :, :held]
 
@@ -154,6 +153,17 @@ class Evict(Selector):
                 self.scores[layer] = torch.gather(s[:, :, :held_before], 2, plan.index[layer])
             else:
                 self.scores[layer] = torch.cat([s[:, :, : plan.drop_start], s[:, :, plan.drop_end : held_before]], 2)
+
+
+def evict_target(ratio: float, budget: int, seen: int) -> int:
+    """Tokens an `evict` policy keeps of `seen`: its budget, or the (1 - ratio) share (at least 1)."""
+    kept = budget if budget else math.ceil((1.0 - ratio) * seen)
+    return max(kept, 1)
+
+
+def knorm_score(keys: torch.Tensor) -> torch.Tensor:
+    """knorm's score of keys (..., S, D): minus their norm (low-norm keys draw attention): (..., S)."""
+    return -keys.float().norm(dim=-1)
 
 
 def attention_mass(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
