@@ -17,14 +17,13 @@ and the share of the memory-bandwidth limit (weights + the batch's KV read per s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 from rich.table import Table
 
-from kvcache.bench.common import consoles, corpus_ids, save_figure
+from kvcache.bench.common import consoles, corpus_ids, print_json, save_figure
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import format_bytes, parse_size
 from kvcache.engine.llm import LLM
@@ -146,8 +145,7 @@ def main(argv=None) -> int:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         save_figure(fig, args.plot, err)
-    if args.json:
-        print(json.dumps({"config": vars(args), "rows": rows}, default=str))
+    print_json(args, rows=rows)
     return 0
 
 

@@ -15,14 +15,13 @@ the peak of blocks in use, and wall time. Writes a PNG of accuracy against KV by
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 from rich.table import Table
 
-from kvcache.bench.common import consoles, save_figure
+from kvcache.bench.common import consoles, print_json, save_figure
 from kvcache.engine.llm import LLM
 from kvcache.engine.sampling import SamplingParams
 from kvcache.eval.needle import is_correct, make_cases, prompt_parts
@@ -114,8 +113,7 @@ def main(argv=None) -> int:
         ax.grid(alpha=0.3)
         ax.set_title("needle in a haystack on the paged engine")
         save_figure(fig, args.plot, err)
-    if args.json:
-        print(json.dumps({"config": vars(args), "rows": rows}, default=str))
+    print_json(args, rows=rows)
     return 0
 
 

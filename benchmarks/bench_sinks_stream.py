@@ -14,14 +14,13 @@ ends it; sinks run on with flat memory. Prints a table, writes a PNG with `--plo
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 from rich.progress import Progress
 from rich.table import Table
 
-from kvcache.bench.common import consoles, corpus_ids, save_figure
+from kvcache.bench.common import consoles, corpus_ids, print_json, save_figure
 from kvcache.engine.llm import LLM
 from kvcache.engine.sampling import SamplingParams
 from kvcache.models.loader import DEFAULT_MODEL
@@ -112,8 +111,7 @@ def main(argv=None) -> int:
             ax.legend(fontsize=7)
         fig.suptitle("one long stream on the paged engine")
         save_figure(fig, args.plot, err)
-    if args.json:
-        print(json.dumps({"config": vars(args), "results": results}, default=str))
+    print_json(args, results=results)
     return 0
 
 

@@ -62,3 +62,11 @@ def save_figure(fig, path, console) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     console.print(f"plot: {path}")
+
+
+def print_json(args, **results) -> None:
+    """With `--json`, one JSON object on stdout: the run's options under "config", then `results`."""
+    import json
+
+    if args.json:
+        print(json.dumps({"config": vars(args), **results}, default=str))
