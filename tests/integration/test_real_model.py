@@ -198,15 +198,29 @@ def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_
 SINKS = "sinks:n_sink=4,window=60"
 
 
+def topic_ids(llm, lo: int, hi: int) -> list[int]:
+    """Token ids of Python's pydoc topics lo..hi-1 (in sorted order), joined: public real text."""
+    import pydoc_data.topics as topics
+
+    return llm.tokenizer(" ".join(topics.topics[k] for k in sorted(topics.topics)[lo:hi]))["input_ids"]
+
+
+def assert_each_equals_alone(policy: str, prompts, params, outputs) -> None:
+    """Each output came without error and equals its prompt generated alone under `policy`."""
+    alone_llm = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, kv_cache_memory="64MiB")
+    for p, sp, out in zip(prompts, params, outputs):
+        assert out.error is None
+        assert out.token_ids == alone_llm.generate([p], sp)[0].token_ids
+
+
 def test_sinks_paged_engine_with_preemption_equals_alone_and_the_policy_cache(llm):
     """12 requests whose prompts pass the window, on sinks blocks (a small pool, prefix caching
     on, prompts chunked): each equals its run alone, and two equal the per-sequence PolicyCache
     fed a token at a time."""
-    import pydoc_data.topics as topics
     import random
 
     rng = random.Random(3)
-    ids = llm.tokenizer(" ".join(topics.topics[k] for k in sorted(topics.topics)[10:20]))["input_ids"]
+    ids = topic_ids(llm, 10, 20)
     shared = ids[:40]
     prompts = [(shared if i % 3 == 0 else []) + ids[500 + 150 * i : 500 + 150 * i + rng.randint(30, 140)]
                for i in range(12)]
@@ -216,25 +230,20 @@ def test_sinks_paged_engine_with_preemption_equals_alone_and_the_policy_cache(ll
     together = small.generate(prompts, params)
     stats = small.stats()
     assert stats["preemptions"] > 0 and stats["prefix_hits"] > 0 and stats["blocks_used"] == 0
-    alone_llm = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=SINKS, kv_cache_memory="64MiB")
-    model = llm.model
-    for p, sp, out in zip(prompts, params, together):
-        assert out.error is None
-        assert out.token_ids == alone_llm.generate([p], sp)[0].token_ids
+    assert_each_equals_alone(SINKS, prompts, params, together)
     for p, sp, out in list(zip(prompts, params, together))[:2]:
-        assert out.token_ids == policy_cache_greedy(model, SINKS, p, sp.max_tokens, token_at_a_time=True)
+        assert out.token_ids == policy_cache_greedy(llm.model, SINKS, p, sp.max_tokens, token_at_a_time=True)
 
 
 def test_snapkv_paged_engine_with_preemption_equals_alone_and_the_policy_cache(llm):
     """8 requests on snapkv-compressed blocks (half of each prompt evicted after its prefill;
     a small pool, prefix caching on, prompts chunked): each equals its run alone, and two equal
     the per-sequence PolicyCache that sees the whole prompt in one chunk."""
-    import pydoc_data.topics as topics
     import random
 
     policy = "evict:scorer=snapkv,ratio=0.5,window=16"
     rng = random.Random(4)
-    ids = llm.tokenizer(" ".join(topics.topics[k] for k in sorted(topics.topics)[20:30]))["input_ids"]
+    ids = topic_ids(llm, 20, 30)
     prompts = [ids[: 48] + ids[300 + 120 * i : 300 + 120 * i + rng.randint(20, 100)] for i in range(8)]
     params = [SamplingParams(max_tokens=rng.randint(8, 24), temperature=0.0, ignore_eos=True) for _ in prompts]
     small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, block_size=16,
@@ -243,13 +252,9 @@ def test_snapkv_paged_engine_with_preemption_equals_alone_and_the_policy_cache(l
     stats = small.stats()
     assert stats["preemptions"] > 0 and stats["prefix_hits"] > 0 and stats["blocks_used"] == 0
     assert stats["tokens_evicted"] >= sum(len(p) // 2 for p in prompts)
-    alone_llm = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, kv_cache_memory="64MiB")
-    for p, sp, out in zip(prompts, params, together):
-        assert out.error is None
-        assert out.token_ids == alone_llm.generate([p], sp)[0].token_ids
-    model = llm.model
+    assert_each_equals_alone(policy, prompts, params, together)
     for p, sp, out in list(zip(prompts, params, together))[:2]:
-        assert out.token_ids == policy_cache_greedy(model, policy, p, sp.max_tokens, token_at_a_time=False)
+        assert out.token_ids == policy_cache_greedy(llm.model, policy, p, sp.max_tokens, token_at_a_time=False)
 
 
 @pytest.mark.parametrize("policy", ["quantized:bits=2,group_size=32,residual=64,n_sink=4",
@@ -259,14 +264,13 @@ def test_per_request_policy_caches_with_preemption_equal_the_policy_cache_alone(
     disk), which paged blocks cannot hold, on the engine's per-request caches: 8 requests in a
     pool small enough to preempt, prompts in 32-token pieces; each equals a PolicyCache fed
     the same pieces alone, and no cache held more than the blocks granted to it."""
-    import pydoc_data.topics as topics
     import random
 
     from kvcache.cache.policies.grammar import parse_policy
     from kvcache.cache.row_policy import policy_footprint
 
     rng = random.Random(5)
-    ids = llm.tokenizer(" ".join(topics.topics[k] for k in sorted(topics.topics)[30:40]))["input_ids"]
+    ids = topic_ids(llm, 30, 40)
     prompts = [ids[150 * i : 150 * i + rng.randint(40, 260)] for i in range(8)]
     params = [SamplingParams(max_tokens=rng.randint(8, 40), temperature=0.0, ignore_eos=True) for _ in prompts]
     fp = policy_footprint(parse_policy(policy), llm.config, torch.float32, 32)
