@@ -99,12 +99,9 @@ class RowPolicyStorage:
     accounting of its blocks (see the module docstring)."""
 
     saves_sessions = False  # the K/V live in each request's own cache, not in blocks
-    decode_sinks = False
 
-    def __init__(self, num_blocks: int, block_size: int, footprint: PolicyFootprint, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(self, num_blocks: int, block_size: int, footprint: PolicyFootprint):
         self.num_blocks, self.block_size, self.footprint = num_blocks, block_size, footprint
-        self.dtype, self.device = dtype, torch.device(device)
 
     def zero_blocks(self, block_ids) -> None:
         """Nothing to zero: the blocks hold no memory."""

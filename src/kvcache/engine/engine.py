@@ -66,7 +66,7 @@ class LLMEngine:
         if rows is not None:
             piece = config.prefill_piece or default_prefill_piece(config.max_num_batched_tokens)
             footprint = policy_footprint(rows, c, model.dtype, piece)
-            self.storage = RowPolicyStorage(config.num_blocks, bs, footprint, model.dtype, model.device)
+            self.storage = RowPolicyStorage(config.num_blocks, bs, footprint)
             slots_for = footprint.slots
         elif config.quant_format is not None:
             self.storage = PagedQuantizedStorage(c.num_layers, config.num_blocks, bs, c.num_kv_heads,
