@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcache import native
+from kvcache.models.llama import attend
 from kvcache.models.rope import apply_rotary
 
 pytestmark = pytest.mark.skipif(not native.supports(torch.float32, "cpu"), reason="no C compiler on this machine")
@@ -34,6 +35,46 @@ def test_silu_mul(dtype):
     gu = (3 * torch.randn(4, 2, 2 * 40)).to(dtype)
     gate, up = gu.float().chunk(2, -1)
     torch.testing.assert_close(native.silu_mul(gu).float(), F.silu(gate) * up, **TOL[dtype])
+
+
+def test_silu_mul_bf16_rounds_the_fp32_result_to_nearest_even():
+    gu = (3 * torch.randn(5, 2 * 37)).to(torch.bfloat16)  # 37: two 16-lane vectors and a scalar tail
+    want = native.silu_mul(gu.float()).to(torch.bfloat16)  # the same fp32 math, rounded by torch
+    assert torch.equal(native.silu_mul(gu).view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 15, 16, 49, 1000])
+def test_argmax_rows_equals_torch_with_ties_and_nan(dtype, n):
+    x = torch.randn(6, n).to(dtype)
+    x[1] = x[1].round()  # many ties: the first index wins
+    x[2] = -torch.inf
+    x[3, n // 2] = torch.nan  # NaN counts as the largest
+    x[4, -1] = 1e4  # the largest in the scalar tail
+    x[5, : n // 2 + 1] = 1e4  # a tie between the vector part and the tail
+    assert torch.equal(native.argmax_rows(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,prefix,hq,hkv", [(1, 0, 9, 3), (5, 3, 9, 3), (16, 0, 4, 4), (37, 21, 9, 3), (70, 0, 8, 2)])
+def test_prefill_attention_equals_causal_sdpa(dtype, t, prefix, hq, hkv):
+    from kvcache.models.step import causal_mask
+
+    s = prefix + t
+    qkv = torch.randn(1, t, hq + 2 * hkv, 64).to(dtype)  # the fused projection's layout, read in place
+    q = qkv[:, :, :hq].transpose(1, 2)  # (1, Hq, T, D), not contiguous
+    k, v = torch.randn(1, hkv, s, 64).to(dtype), torch.randn(1, hkv, s, 64).to(dtype)
+    if not native.prefill_attention_fits(q, k):
+        pytest.skip("the native prefill kernel needs an AVX-512 build")
+    want = attend(q.float(), k.float(), v.float(), causal_mask(None, 1, prefix, t, "cpu"))  # (1, T, Hq*D)
+    torch.testing.assert_close(native.prefill_attention(q, k, v).float(), want, **TOL[dtype])
+
+
+def test_prefill_attention_refuses_what_it_cannot_read():
+    q = torch.randn(1, 9, 4, 64)  # (1, Hq, T, D) contiguous: a token's heads are not side by side
+    assert not native.prefill_attention_fits(q, torch.randn(1, 3, 4, 64))
+    q = torch.randn(1, 4, 9, 32).transpose(1, 2)  # head_dim 32
+    assert not native.prefill_attention_fits(q, torch.randn(1, 3, 4, 32))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -20,6 +20,8 @@ _SIGNATURES = {
     "rms_norm": [_P, _P, _P, _I, _I, _F],
     "rotary": [_P, _P, _P, _P, _I, _I, _I, _I],
     "silu_mul": [_P, _P, _I, _I],
+    "argmax_rows": [_P, _P, _I, _I],
+    "prefill_attn": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F],
     "decode_attn": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P],
 }
 # kernels built for float32 only
@@ -100,6 +102,38 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = gate_up.shape[-1] // 2
     out = gate_up.new_empty(gate_up.shape[:-1] + (inter,))
     _functions()[("silu_mul", gate_up.dtype)](_ptr(gate_up), _ptr(out), gate_up.numel() // (2 * inter), inter)
+    return out
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, -1) for x (B, V): the first index of each row's largest value (NaN
+    counts as largest). Returns (B,) int64."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _functions()[("argmax_rows", x.dtype)](_ptr(x), _ptr(out), x.shape[0], x.shape[-1])
+    return out
+
+
+def prefill_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether `prefill_attention` takes these operands: head_dim 64 on an AVX-512 build,
+    each query token's heads side by side, each KV head's keys one contiguous run."""
+    lib = load()
+    return (lib is not None and bool(lib.prefill_attn_available()) and q.shape[-1] == 64 and q.shape[0] == 1
+            and q.stride(3) == 1 and q.stride(1) == 64 and k.stride(3) == 1 and k.stride(2) == 64
+            and q.shape[1] // k.shape[1] <= MAX_GROUP)  # v: checked by prefill_attention
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a prompt chunk: q (1, Hq, T, D) at the last T of the S positions
+    of k, v (1, Hkv, S, D); query t sees keys 0 .. S - T + t. Returns (1, T, Hq*D), as
+    `models.llama.attend` with a causal mask does (fp32 math; GQA heads share K/V reads)."""
+    _, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    if v.stride() != k.stride():
+        raise ValueError("prefill_attention needs k and v laid out alike.")
+    out = q.new_empty(1, t, hq * d)
+    _functions()[("prefill_attn", q.dtype)](_ptr(q), _ptr(k), _ptr(v), _ptr(out), t, s - t, hq, hkv, q.stride(2),
+                                            k.stride(1), d ** -0.5)
     return out
 
 

@@ -49,6 +49,49 @@ static inline float exp_approx(float x) {
     return x <= -87.0f ? 0.f : p * scale;
 }
 
+/* AVX-512 (where the compiler targets it): 16 floats per vector; bf16 widens by a shift and
+ * narrows with round-to-nearest-even, as f32_to_bf16 does. */
+#if defined(__AVX512F__)
+#define HAVE_AVX512 1
+#include <immintrin.h>
+
+static inline __m512 load16_f32(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const bf16* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+static inline void store16_f32(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+static inline void store16_bf16(bf16* p, __m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); /* NaN stays NaN */
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+}
+
+/* exp_approx on 16 lanes, the same operations in the same order (equal results). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 k = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                                  _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(k, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(k, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(0.5f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LE_OQ), _mm512_setzero_ps());
+}
+#else
+#define HAVE_AVX512 0
+#endif
+
 /* ---- RMSNorm: out[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)), rows of n -------------- */
 
 #define RMS_NORM(NAME, T, LOAD, STORE)                                                      \
@@ -101,15 +144,27 @@ ROTARY(rotary_bf16, bf16, bf16_to_f32, f32_to_bf16)
 
 /* ---- SwiGLU: out[r] = silu(gu[r, :I]) * gu[r, I:] -------------------------------------- */
 
-#define SILU_MUL(NAME, T, LOAD, STORE)                                                      \
+#if HAVE_AVX512
+#define SILU16(SUF)                                                                         \
+    for (; i + 16 <= inter; i += 16) {                                                      \
+        __m512 a = load16_##SUF(g + i);                                                     \
+        __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), a));                            \
+        __m512 silu = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), e));             \
+        store16_##SUF(o + i, _mm512_mul_ps(silu, load16_##SUF(u + i)));                     \
+    }
+#else
+#define SILU16(SUF)
+#endif
+#define SILU_MUL(NAME, SUF, T, LOAD, STORE)                                                      \
     void NAME(const T* gu, T* out, int64_t rows, int64_t inter) {                           \
         _Pragma("omp parallel for if(rows >= 16)")                                          \
         for (int64_t r = 0; r < rows; r++) {                                                \
             const T* g = gu + r * 2 * inter;                                                \
             const T* u = g + inter;                                                         \
             T* o = out + r * inter;                                                         \
-            _Pragma("omp simd")                                                             \
-            for (int64_t i = 0; i < inter; i++) {                                           \
+            int64_t i = 0;                                                                  \
+            SILU16(SUF)                                                                     \
+            for (; i < inter; i++) {                                                        \
                 float a = LOAD(g[i]);                                                       \
                 float silu = a / (1.0f + exp_approx(-a));                                   \
                 o[i] = STORE(silu * LOAD(u[i]));                                            \
@@ -117,8 +172,61 @@ ROTARY(rotary_bf16, bf16, bf16_to_f32, f32_to_bf16)
         }                                                                                   \
     }
 
-SILU_MUL(silu_mul_f32, float, ID, ID)
-SILU_MUL(silu_mul_bf16, bf16, bf16_to_f32, f32_to_bf16)
+SILU_MUL(silu_mul_f32, f32, float, ID, ID)
+SILU_MUL(silu_mul_bf16, bf16, bf16, bf16_to_f32, f32_to_bf16)
+
+/* ---- Greedy sampling: the first index of each row's largest value (NaN counts as the
+ * largest, as in torch.argmax). rows of n; out int64 (rows,). */
+
+#if HAVE_AVX512
+#define ARGMAX16(SUF)                                                                       \
+    __m512 vm = _mm512_set1_ps(-INFINITY);                                                  \
+    __m512i vi = _mm512_setzero_si512(), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, \
+                                                                 9, 10, 11, 12, 13, 14, 15); \
+    __mmask16 nan = 0;                                                                      \
+    for (; i + 16 <= n; i += 16) {                                                          \
+        __m512 x = load16_##SUF(xr + i);                                                    \
+        __mmask16 gt = _mm512_cmp_ps_mask(x, vm, _CMP_GT_OQ);                               \
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);                                      \
+        vm = _mm512_mask_mov_ps(vm, gt, x);                                                 \
+        vi = _mm512_mask_mov_epi32(vi, gt, idx);                                            \
+        idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));                                 \
+    }                                                                                       \
+    if (nan) i = 0; /* rare: let the scalar scan find the first NaN */                      \
+    else if (i > 0) {                                                                       \
+        float lane_m[16];                                                                   \
+        int32_t lane_i[16];                                                                 \
+        _mm512_storeu_ps(lane_m, vm);                                                       \
+        _mm512_storeu_si512(lane_i, vi);                                                    \
+        for (int l = 0; l < 16; l++)                                                        \
+            if (lane_m[l] > best || (lane_m[l] == best && lane_i[l] < at)) {                \
+                best = lane_m[l];                                                           \
+                at = lane_i[l];                                                             \
+            }                                                                               \
+    }
+#else
+#define ARGMAX16(SUF)
+#endif
+
+#define ARGMAX_ROWS(NAME, SUF, T, LOAD)                                                     \
+    void NAME(const T* x, int64_t* out, int64_t rows, int64_t n) {                          \
+        _Pragma("omp parallel for if(rows >= 2)")                                           \
+        for (int64_t r = 0; r < rows; r++) {                                                \
+            const T* xr = x + r * n;                                                        \
+            float best = -INFINITY;                                                         \
+            int64_t at = 0, i = 0;                                                          \
+            ARGMAX16(SUF)                                                                   \
+            for (; i < n; i++) {                                                            \
+                float v = LOAD(xr[i]);                                                      \
+                if (v != v) { at = i; break; }                                              \
+                if (v > best) { best = v; at = i; }                                         \
+            }                                                                               \
+            out[r] = at;                                                                    \
+        }                                                                                   \
+    }
+
+ARGMAX_ROWS(argmax_rows_f32, f32, float, ID)
+ARGMAX_ROWS(argmax_rows_bf16, bf16, bf16, bf16_to_f32)
 
 /* ---- Decode attention straight from the cache's storage ---------------------------------
  * One query token per row. q, out: (B, Hq, D). The K/V element of row b, KV head h and
@@ -202,7 +310,145 @@ static inline int64_t plan_chunks(const int64_t* lo, const int64_t* hi, int64_t 
     return chunk;
 }
 
-#define DECODE_ATTN(NAME, T, LOAD, STORE)                                                   \
+/* The task body for head_dim 64 with AVX-512: a K or V row is four 16-lane vectors, widened
+ * once per token for all G query heads; scores and the weighted V sums are fused multiply-adds
+ * in registers (G is a compile-time constant in the common cases, so the accumulators stay in
+ * registers). Same chunk result as the generic body, summed in another order. */
+#if HAVE_AVX512
+
+/* The four horizontal sums of a, b, c, d, in one vector (lanes 0..3). */
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)); /* per 128 bits: a a' b b' */
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+    /* lane l of each 128-bit quarter: a partial sum of the l-th input; add the four quarters */
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+#ifndef PF_AHEAD
+#define PF_AHEAD 2
+#endif
+#define DECODE_TASK64(SUF, T)                                                               \
+    static inline __attribute__((always_inline)) void task64_##SUF(                         \
+        const T* q, const T* qs, const T* kb, const T* vb, const int32_t* tb, int64_t bs,   \
+        int64_t t0, int64_t t1, int64_t s_end, int64_t g_end, const int64_t G, float scale, \
+        float* res) {                                                                       \
+        __m512 qv[MAX_G][4], qsv[MAX_G][4], acc[MAX_G][4];                                  \
+        float sc[MAX_G][256], mx[MAX_G];                                                    \
+        __m512 sv = _mm512_set1_ps(scale);                                                  \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+            for (int j = 0; j < 4; j++) {                                                   \
+                qv[g][j] = _mm512_mul_ps(load16_##SUF(q + g * 64 + 16 * j), sv);            \
+                qsv[g][j] = t0 < s_end ? _mm512_mul_ps(load16_##SUF(qs + g * 64 + 16 * j), sv) \
+                                       : qv[g][j];                                          \
+                acc[g][j] = _mm512_setzero_ps();                                            \
+            }                                                                               \
+            mx[g] = -INFINITY;                                                              \
+        }                                                                                   \
+        for (int64_t t = t0, i = 0; t < t1;) { /* scores, block by block */                 \
+            int64_t blk = t / bs, off = t % bs, run = bs - off;                             \
+            if (run > t1 - t) run = t1 - t;                                                 \
+            const T* kr = kb + ((int64_t)tb[blk] * bs + off) * 64;                          \
+            /* blocks sit anywhere in the pool: fetch the next block's keys and this block's  \
+             * values (read by the second pass) while these keys are scored */                \
+            int64_t ahead = blk + PF_AHEAD;                                                 \
+            const T* nk = ahead * bs < t1 ? kb + (int64_t)tb[ahead] * bs * 64 : NULL;       \
+            const T* nv = ahead * bs < t1 ? vb + (int64_t)tb[ahead] * bs * 64 : NULL;       \
+            for (int64_t l = 0; nk && l < bs * 64 * (int64_t)sizeof(T); l += 64) {          \
+                _mm_prefetch((const char*)nk + l, _MM_HINT_T0);                             \
+                _mm_prefetch((const char*)nv + l, _MM_HINT_T1);                             \
+            }                                                                               \
+            int64_t r = 0;                                                                  \
+            if (t >= g_end) /* past the sinks and the gap: four keys per reduction */       \
+                for (; r + 4 <= run; r += 4, i += 4, kr += 256) {                           \
+                    __m512 k[4][4];                                                         \
+                    for (int u = 0; u < 4; u++)                                             \
+                        for (int j = 0; j < 4; j++) k[u][j] = load16_##SUF(kr + 64 * u + 16 * j); \
+                    for (int64_t g = 0; g < G; g++) {                                       \
+                        __m512 a[4];                                                        \
+                        for (int u = 0; u < 4; u++) {                                       \
+                            __m512 x = _mm512_mul_ps(qv[g][0], k[u][0]);                    \
+                            __m512 y = _mm512_mul_ps(qv[g][2], k[u][2]);                    \
+                            x = _mm512_fmadd_ps(qv[g][1], k[u][1], x);                      \
+                            y = _mm512_fmadd_ps(qv[g][3], k[u][3], y);                      \
+                            a[u] = _mm512_add_ps(x, y);                                     \
+                        }                                                                   \
+                        __m128 s4 = hsum4(a[0], a[1], a[2], a[3]);                          \
+                        _mm_storeu_ps(&sc[g][i], s4);                                       \
+                        float m4 = _mm_cvtss_f32(_mm_max_ps(_mm_max_ps(s4, _mm_movehl_ps(s4, s4)), \
+                                   _mm_shuffle_ps(_mm_max_ps(s4, _mm_movehl_ps(s4, s4)),   \
+                                                  _mm_max_ps(s4, _mm_movehl_ps(s4, s4)), 1))); \
+                        if (m4 > mx[g]) mx[g] = m4;                                         \
+                    }                                                                       \
+                }                                                                           \
+            for (; r < run; r++, i++, kr += 64) {                                           \
+                int64_t tt = t + r;                                                         \
+                if (tt >= s_end && tt < g_end) {                                            \
+                    for (int64_t g = 0; g < G; g++) sc[g][i] = -INFINITY;                   \
+                    continue;                                                               \
+                }                                                                           \
+                __m512 k0 = load16_##SUF(kr), k1 = load16_##SUF(kr + 16);                   \
+                __m512 k2 = load16_##SUF(kr + 32), k3 = load16_##SUF(kr + 48);              \
+                int sink = tt < s_end;                                                      \
+                for (int64_t g = 0; g < G; g++) {                                           \
+                    const __m512* qq = sink ? qsv[g] : qv[g];                               \
+                    __m512 a = _mm512_mul_ps(qq[0], k0);                                    \
+                    __m512 b2 = _mm512_mul_ps(qq[2], k2);                                   \
+                    a = _mm512_fmadd_ps(qq[1], k1, a);                                      \
+                    b2 = _mm512_fmadd_ps(qq[3], k3, b2);                                    \
+                    float s = _mm512_reduce_add_ps(_mm512_add_ps(a, b2));                   \
+                    sc[g][i] = s;                                                           \
+                    if (s > mx[g]) mx[g] = s;                                               \
+                }                                                                           \
+            }                                                                               \
+            t += run;                                                                       \
+        }                                                                                   \
+        int64_t n = t1 - t0;                                                                \
+        for (int64_t g = 0; g < G; g++) chunk_exp(sc[g], n, mx[g], res + g * 66);           \
+        for (int64_t t = t0, i = 0; t < t1;) { /* probabilities x V */                      \
+            int64_t blk = t / bs, off = t % bs, run = bs - off;                             \
+            if (run > t1 - t) run = t1 - t;                                                 \
+            const T* vr = vb + ((int64_t)tb[blk] * bs + off) * 64;                          \
+            for (int64_t r = 0; r < run; r++, i++, vr += 64) {                              \
+                __m512 v0 = load16_##SUF(vr), v1 = load16_##SUF(vr + 16);                   \
+                __m512 v2 = load16_##SUF(vr + 32), v3 = load16_##SUF(vr + 48);              \
+                for (int64_t g = 0; g < G; g++) {                                           \
+                    __m512 w = _mm512_set1_ps(sc[g][i]);                                    \
+                    acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);                          \
+                    acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);                          \
+                    acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);                          \
+                    acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);                          \
+                }                                                                           \
+            }                                                                               \
+            t += run;                                                                       \
+        }                                                                                   \
+        for (int64_t g = 0; g < G; g++)                                                     \
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(res + g * 66 + 2 + 16 * j, acc[g][j]); \
+    }                                                                                       \
+    /* G fixed for the usual group sizes, so the compiler keeps qv and acc in registers */  \
+    static void task64_dispatch_##SUF(const T* q, const T* qs, const T* kb, const T* vb,    \
+                                      const int32_t* tb, int64_t bs, int64_t t0, int64_t t1, \
+                                      int64_t s_end, int64_t g_end, int64_t G, float scale, \
+                                      float* res) {                                         \
+        switch (G) {                                                                        \
+        case 1: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 1, scale, res); break; \
+        case 2: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 2, scale, res); break; \
+        case 3: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 3, scale, res); break; \
+        case 4: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 4, scale, res); break; \
+        default: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, G, scale, res);  \
+        }                                                                                   \
+    }
+
+DECODE_TASK64(f32, float)
+DECODE_TASK64(bf16, bf16)
+#define HAVE_TASK64 1
+#else
+#define HAVE_TASK64 0
+#endif
+
+#define DECODE_ATTN(NAME, SUF, T, LOAD, STORE)                                                   \
     void NAME(const T* q, T* out, const T* k, const T* v, const int32_t* table,             \
               const int64_t* lo, const int64_t* hi, int64_t B, int64_t Hq, int64_t Hkv,     \
               int64_t D, int64_t NB, int64_t bs, int64_t row_stride, int64_t head_stride,   \
@@ -220,6 +466,13 @@ static inline int64_t plan_chunks(const int64_t* lo, const int64_t* hi, int64_t 
             for (int64_t g = 0; g < G; g++) { res[g * (D + 2)] = -INFINITY;                 \
                 res[g * (D + 2) + 1] = 0.f; }                                               \
             if (t0 >= t1) continue;                                                         \
+            if (HAVE_TASK64 && D == 64) {                                                   \
+                int64_t qo = (b * Hq + h * G) * D;                                          \
+                TASK64(SUF)(q + qo, qs ? qs + qo : q + qo, k + b * row_stride + h * head_stride, \
+                            v + b * row_stride + h * head_stride, table + b * NB, bs, t0, t1, \
+                            qs ? sink_end[b] : 0, qs ? gap_end[b] : 0, G, scale, res);      \
+                continue;                                                                   \
+            }                                                                               \
             float qf[MAX_G][MAX_D], acc[MAX_G][MAX_D], sc[MAX_G][256], mx[MAX_G];           \
             /* attention sinks: tokens before sink_end score with the query qs, those before  \
              * gap_end are masked (the window starts there) */                              \
@@ -291,8 +544,111 @@ static inline int64_t plan_chunks(const int64_t* lo, const int64_t* hi, int64_t 
         free(part);                                                                         \
     }
 
-DECODE_ATTN(decode_attn_f32, float, ID, ID)
-DECODE_ATTN(decode_attn_bf16, bf16, bf16_to_f32, f32_to_bf16)
+#if HAVE_TASK64
+#define TASK64(SUF) task64_dispatch_##SUF
+#else
+#define TASK64(SUF) (void)
+#endif
+DECODE_ATTN(decode_attn_f32, f32, float, ID, ID)
+DECODE_ATTN(decode_attn_bf16, bf16, bf16, bf16_to_f32, f32_to_bf16)
+
+/* ---- Causal attention of a prompt chunk (flash attention, head_dim 64, AVX-512) ----------
+ * T queries at positions start..start+T-1 attend to keys 0..their own position. q element
+ * (token t, head hq, d) at t*q_ts + hq*D + d (the fused QKV projection's layout); k, v element
+ * (KV head h, key j, d) at h*kv_hs + j*D + d; out (T, Hq*D) contiguous. A task is one KV head
+ * and 16 queries, i.e. 16*G query rows that share every K/V tile: a tile of 16 keys is widened
+ * and transposed once, then each row's 16 scores are 64 fused multiply-adds (broadcast query
+ * channel times 16 keys) and its V sum 64 more; softmax runs online, tile by tile, and tiles
+ * past a block's last query are never read (the causal half is skipped). */
+#if HAVE_AVX512
+#define PREFILL_ATTN(NAME, SUF, T, LOAD, STORE)                                             \
+    void NAME(const T* q, const T* k, const T* v, T* out, int64_t Tq, int64_t start,       \
+              int64_t Hq, int64_t Hkv, int64_t q_ts, int64_t kv_hs, float scale) {         \
+        const int64_t D = 64, G = Hq / Hkv, QB = 16;                                        \
+        int64_t nqb = (Tq + QB - 1) / QB;                                                   \
+        _Pragma("omp parallel for schedule(dynamic, 1)")                                    \
+        for (int64_t task = 0; task < Hkv * nqb; task++) {                                  \
+            int64_t h = task % Hkv, qb = nqb - 1 - task / Hkv; /* longest blocks first */   \
+            int64_t t0 = qb * QB, t1 = t0 + QB < Tq ? t0 + QB : Tq, rows = (t1 - t0) * G;   \
+            float qf[16 * MAX_G][64], acc[16 * MAX_G][64], m[16 * MAX_G], l[16 * MAX_G];    \
+            float kt[64][16], vf[16][64], pj[16];                                           \
+            const __m512i stride16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \
+                                                       10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16)); \
+            int64_t qpos[16 * MAX_G];                                                       \
+            for (int64_t r = 0; r < rows; r++) { /* row r: query t0 + r / G, head h*G + r % G */ \
+                int64_t t = t0 + r / G, hq = h * G + r % G;                                 \
+                for (int64_t d = 0; d < D; d++) { qf[r][d] = LOAD(q[t * q_ts + hq * D + d]) * scale; \
+                    acc[r][d] = 0.f; }                                                      \
+                m[r] = -INFINITY;                                                           \
+                l[r] = 0.f;                                                                 \
+                qpos[r] = start + t;                                                        \
+            }                                                                               \
+            int64_t kend = start + t1; /* keys the block's last query sees */               \
+            const T* kh = k + h * kv_hs;                                                    \
+            const T* vh = v + h * kv_hs;                                                    \
+            for (int64_t j0 = 0; j0 < kend; j0 += 16) {                                     \
+                int64_t nk = kend - j0 < 16 ? kend - j0 : 16;                               \
+                for (int64_t j = 0; j < 16; j++) { /* widen the tile; keys transposed */    \
+                    for (int c = 0; c < 4; c++) {                                           \
+                        __m512 kx = j < nk ? load16_##SUF(kh + (j0 + j) * D + 16 * c) : _mm512_setzero_ps(); \
+                        __m512 vx = j < nk ? load16_##SUF(vh + (j0 + j) * D + 16 * c) : _mm512_setzero_ps(); \
+                        _mm512_storeu_ps(vf[j] + 16 * c, vx);                               \
+                        _mm512_i32scatter_ps(&kt[16 * c][j], stride16, kx, 4);              \
+                    }                                                                       \
+                }                                                                           \
+                for (int64_t r = 0; r < rows; r++) {                                        \
+                    int64_t see = qpos[r] - j0 + 1; /* keys of this tile row r sees */      \
+                    if (see <= 0) continue;                                                 \
+                    if (see > nk) see = nk;                                                 \
+                    __m512 sa[8]; /* eight independent sums: the FMA latency stays hidden */ \
+                    for (int u = 0; u < 8; u++)                                             \
+                        sa[u] = _mm512_mul_ps(_mm512_set1_ps(qf[r][u]), _mm512_loadu_ps(kt[u])); \
+                    for (int64_t d = 8; d < D; d += 8)                                      \
+                        for (int u = 0; u < 8; u++)                                         \
+                            sa[u] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r][d + u]), _mm512_loadu_ps(kt[d + u]), sa[u]); \
+                    __m512 sc = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(sa[0], sa[1]), _mm512_add_ps(sa[2], sa[3])), \
+                                              _mm512_add_ps(_mm512_add_ps(sa[4], sa[5]), _mm512_add_ps(sa[6], sa[7]))); \
+                    __mmask16 live = (__mmask16)((1u << see) - 1u);                         \
+                    sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sc);           \
+                    float mt = _mm512_reduce_max_ps(sc);                                    \
+                    float mn = mt > m[r] ? mt : m[r];                                       \
+                    __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(mn)))); \
+                    float alpha = m[r] == -INFINITY ? 0.f : exp_approx(m[r] - mn);          \
+                    l[r] = l[r] * alpha + _mm512_reduce_add_ps(p);                          \
+                    m[r] = mn;                                                              \
+                    _mm512_storeu_ps(pj, p);                                                \
+                    __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(acc[r]), _mm512_set1_ps(alpha)); \
+                    __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + 16), _mm512_set1_ps(alpha)); \
+                    __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + 32), _mm512_set1_ps(alpha)); \
+                    __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + 48), _mm512_set1_ps(alpha)); \
+                    for (int64_t j = 0; j < see; j++) {                                     \
+                        __m512 w = _mm512_set1_ps(pj[j]);                                   \
+                        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vf[j]), a0);                \
+                        a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vf[j] + 16), a1);           \
+                        a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vf[j] + 32), a2);           \
+                        a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vf[j] + 48), a3);           \
+                    }                                                                       \
+                    _mm512_storeu_ps(acc[r], a0);                                           \
+                    _mm512_storeu_ps(acc[r] + 16, a1);                                      \
+                    _mm512_storeu_ps(acc[r] + 32, a2);                                      \
+                    _mm512_storeu_ps(acc[r] + 48, a3);                                      \
+                }                                                                           \
+            }                                                                               \
+            for (int64_t r = 0; r < rows; r++) {                                            \
+                int64_t t = t0 + r / G, hq = h * G + r % G;                                 \
+                float inv = 1.0f / l[r];                                                    \
+                T* o = out + t * Hq * D + hq * D;                                           \
+                for (int64_t d = 0; d < D; d++) o[d] = STORE(acc[r][d] * inv);              \
+            }                                                                               \
+        }                                                                                   \
+    }
+PREFILL_ATTN(prefill_attn_f32, f32, float, ID, ID)
+PREFILL_ATTN(prefill_attn_bf16, bf16, bf16, bf16_to_f32, f32_to_bf16)
+#define HAVE_PREFILL_ATTN 1
+#else
+#define HAVE_PREFILL_ATTN 0
+#endif
+int prefill_attn_available(void) { return HAVE_PREFILL_ATTN; }
 
 /* ---- Decode attention over a KIVI-quantized cache, from the codes ------------------------
  * One query token per sequence, fp32; B sequences per call (each its own operands). The
