@@ -133,6 +133,43 @@ def test_concurrent_requests_equal_each_alone(request, tiny_model_dir, bpt, ref_
     check_pool_empty(llm)
 
 
+def test_mixed_steps_run_in_one_forward_and_equal_separate_passes(request, tiny_model_dir, bpt, ref_llm):
+    """Decode rows and prompt chunks of a step share one forward pass (`cache.mixed_step`);
+    the tokens equal those of separate passes, with preemption and chunked prompts."""
+    prompts, params = workload("mixed", ref_llm.config.vocab_size)
+    tokens, passes = {}, {}
+    for mixed in (True, False):
+        llm = make_llm(tiny_model_dir, bpt, max_num_batched_tokens=16)
+        eng = llm.engine
+        eng.runner.mixed_steps = mixed
+        calls = []
+        forward, step = eng.model.forward, eng.step
+
+        def counted_forward(*a, **kw):
+            calls[-1][1] += 1
+            return forward(*a, **kw)
+
+        def counted_step():
+            calls.append([None, 0])
+            outs = step()
+            chunks = eng.last_schedule.chunks
+            calls[-1][0] = (any(c.num_tokens == 1 for c in chunks), sum(c.num_tokens > 1 for c in chunks))
+            return outs
+
+        eng.model.forward, eng.step = counted_forward, counted_step
+        outs = llm.generate(prompts, params)
+        assert llm.stats()["preemptions"] > 0
+        tokens[mixed] = [o.token_ids for o in outs]
+        passes[mixed] = [(kind, n) for kind, n in calls if kind is not None and kind[1] > 0]
+        eng.model.forward = forward
+        check_pool_empty(llm)
+    assert passes[True] and all(n == 1 for _, n in passes[True])  # every step with a prompt chunk: one pass
+    both = [n for (has_decode, _), n in passes[False] if has_decode]
+    assert both and all(n >= 2 for n in both)  # separately: the decode batch, then each chunk
+    for prompt, a, b in zip(prompts, tokens[True], tokens[False]):
+        check_same(request, prompt, a, b)
+
+
 def test_engine_reference_agrees_with_uncached(request, ref_llm, tiny_llm):
     """The references above (recomputed without a cache) match the paged engine run alone."""
     prompts, params = workload("mixed", tiny_llm.config.vocab_size)

@@ -26,14 +26,14 @@ from __future__ import annotations
 import torch
 
 from kvcache import native
-from kvcache.cache.base import PlainCache
+from kvcache.cache.storage import SlotStepCache
 from kvcache.cache.policies.selectors import Sinks
 from kvcache.models.rope import RotaryTable, apply_rotary
 
 FAR = 1 << 62  # the position of a padding slot: after every query, so always masked
 
 
-class PagedSinksStepCache(PlainCache):
+class PagedSinksStepCache(SlotStepCache):
     """A step's K/V writes and sinks + window attention over each row's live blocks.
 
     read_blocks (B, NB): per row, its sink blocks (padded with the null block to
@@ -74,17 +74,6 @@ class PagedSinksStepCache(PlainCache):
         sink_ids = torch.arange(self.n_sink, device=p.device)
         self.sink_mask = sink_ids[None, None, :] <= p[..., None]  # (B, T, n_sink)
         self.sink_cos, self.sink_sin = cos.transpose(1, 2), -sin.transpose(1, 2)  # (B, 1, T, D) ...taken back
-
-    def reserve(self, n_slots: int) -> None:  # blocks were allocated by the scheduler
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[None, None]:
-        """Scatter k, v (B, Hkv, T, D) into their slots; the model then calls `attend`."""
-        self.storage.scatter(layer, self.write_slots, k, v)
-        return None, None
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of q (B, Hq, T, D), rotated at absolute positions, over the row's sinks and

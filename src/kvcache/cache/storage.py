@@ -127,7 +127,26 @@ class PagedKVStorage:
         return self.num_blocks * self.block_size * self.bytes_per_token
 
 
-class PagedStepCache(PlainCache):
+class SlotStepCache(PlainCache):
+    """A forward pass's view of paged storage whose blocks the scheduler already allocated:
+    nothing to reserve or advance; `write` scatters the step's K/V (B, Hkv, T, D) to
+    `self.write_slots` (row-major over (B, T)) and returns None, so the model calls `attend`."""
+
+    storage: "PagedKVStorage"
+    write_slots: torch.Tensor
+
+    def reserve(self, n_slots: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[None, None]:
+        self.storage.scatter(layer, self.write_slots, k, v)
+        return None, None
+
+
+class PagedStepCache(SlotStepCache):
     """One forward pass's view of paged storage, with the interface `LlamaModel.forward` uses.
 
     write_slots (N,): where the step's new tokens go, row-major over (B, T).
@@ -155,12 +174,6 @@ class PagedStepCache(PlainCache):
             self.lo = torch.zeros(len(kv_lens), dtype=torch.int64)  # (B,)
             self.hi = torch.tensor(kv_lens, dtype=torch.int64)  # (B,)
         self.length = read_blocks.shape[1] * storage.block_size  # only for a default mask; runners pass one
-
-    def reserve(self, n_slots: int) -> None:  # blocks were allocated by the scheduler
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
 
     def observes(self, t: int) -> bool:
         return self.observer is not None

@@ -41,6 +41,7 @@ class EngineConfig:
     # a policy paged blocks cannot hold: each request gets its own PolicyCache (`cache.row_policy`)
     row_policy: PolicySpec | None = None
     prefill_piece: int | None = None  # with row_policy: prompts are computed in pieces of this (default: budget / 2)
+    mixed_steps: bool = True  # a step's decode rows and prompt chunks in one forward pass (`cache.mixed_step`)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class LLMEngine:
         if rows is not None:
             self.runner = PolicyRowRunner(model, rows, piece)
         else:
-            self.runner = ModelRunner(model, self.storage, self.kv, self.sinks, self.evict)
+            self.runner = ModelRunner(model, self.storage, self.kv, self.sinks, self.evict, config.mixed_steps)
         self.tokens_evicted = 0
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

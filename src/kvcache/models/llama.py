@@ -139,7 +139,8 @@ class LlamaModel:
     def forward(self, step: StepInputs, cache: KVCache | None) -> torch.Tensor:
         """Run the decoder over step.input_ids, appending their K/V to `cache` when given.
 
-        Returns logits (B, V) for the last position, or (B, T, V) with logits_for="all".
+        Returns logits (B, V) for the last position, (B, T, V) with logits_for="all", or (R, V)
+        for the positions `step.logits_at`.
         """
         c = self.config
         hq, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
@@ -149,9 +150,11 @@ class LlamaModel:
         if cache is not None:
             cache.reserve(cache.length + t)
             raw_keys, observe = cache.rotates_keys, cache.observes(t)
-        # fused native ops for single-token steps, where per-op overhead dominates; longer steps
-        # keep torch's ops, whose rounding transformers shares (its logits agree to the last bit)
-        nat = self.native and t == 1
+        # fused native ops for single-token steps, where per-op overhead dominates, and for every
+        # bf16 step (its oneDNN matmuls round unlike transformers' anyway; the native ops are
+        # 3-5x faster than torch's here); fp32 prompts keep torch's ops, whose rounding
+        # transformers shares (its logits agree to the last bit)
+        nat = self.native and (t == 1 or self.dtype != torch.float32)
         if step.positions is None:
             cos, sin = self.rope.slice(step.start_pos, t)  # (1, T, 1, D)
             if nat:
@@ -162,7 +165,7 @@ class LlamaModel:
             if nat:
                 pos = step.positions.reshape(-1).to(torch.int64).contiguous()  # (B*T,)
         mask = step.attn_mask
-        if mask is None and t > 1:  # None means causal; only a single query needs no mask
+        if mask is None and t > 1 and not getattr(cache, "masks_itself", False):  # None means causal
             mask = causal_mask(None, b, 0 if cache is None else cache.length, t, ids.device)
         x = self.embed[ids]  # (B, T, H)
         hidden = (c.hidden_size,)
@@ -199,7 +202,9 @@ class LlamaModel:
             x = x + lw.down(act)  # (B, T, H)
         if cache is not None:
             cache.advance(t)
-        if step.logits_for == "last":
+        if step.logits_at is not None:
+            x = x[0].index_select(0, step.logits_at)  # (R, H)
+        elif step.logits_for == "last":
             x = x[:, -1]  # (B, H)
         x = native.rms_norm(x, self.final_norm, eps) if nat else F.rms_norm(x, hidden, self.final_norm, eps)
         return self.lm_head(x)  # (B, [T,] V)

@@ -13,7 +13,9 @@ class StepInputs:
 
     input_ids: (B, T) token ids. positions: (B, T) RoPE positions, or None when every row
     uses positions start_pos .. start_pos+T-1. attn_mask: bool (B, 1, T, S) over the
-    S = cached + T keys (True = may attend), or None for "everything before and at me".
+    S = cached + T keys (True = may attend), or None for "everything before and at me"
+    (a cache with `masks_itself` brings its own masks). logits_at: a step of several
+    sequences laid out as one row (`cache.mixed_step`) asks for the logits of their ends.
     """
 
     input_ids: torch.Tensor  # (B, T)
@@ -21,6 +23,7 @@ class StepInputs:
     start_pos: int
     attn_mask: torch.Tensor | None  # (B, 1, T, S)
     logits_for: str = "last"  # "last" | "all"
+    logits_at: torch.Tensor | None = None  # (R,) with B = 1: logits of these positions only, (R, V)
 
 
 def causal_mask(key_valid: torch.Tensor | None, batch: int, start: int, t: int, device) -> torch.Tensor | None:
