@@ -290,3 +290,45 @@ def test_per_request_policy_caches_with_preemption_equal_the_policy_cache_alone(
     for p, sp, r in zip(prompts, params, requests):
         assert r.error is None
         assert r.output_token_ids == policy_cache_greedy(llm.model, policy, p, sp.max_tokens, piece=32)
+
+
+def test_bf16_engine_steps_through_native_kernels_track_fp32(llm):
+    """A bf16 engine step (one forward pass for a decode row and a prompt chunk; native norms,
+    RoPE, SwiGLU and causal prefill attention) gives logits close to the fp32 model's."""
+    from kvcache import native
+    from kvcache.cache import mixed_step
+
+    bf = LLM(DEFAULT_MODEL, dtype="bfloat16", progress=False, kv_cache_memory="32MiB")
+    prompts = [topic_ids(llm, 0, 3)[:40], topic_ids(llm, 3, 6)[:300]]
+    calls, captured = [], []
+    kernel, forward = native.prefill_attention, bf.engine.model.forward
+
+    def counting_kernel(*a):
+        calls.append(a[0].shape[2])
+        return kernel(*a)
+
+    def capturing_forward(step, cache):
+        logits = forward(step, cache)
+        captured.append((step, logits.float()))
+        return logits
+
+    mixed_step.native.prefill_attention, bf.engine.model.forward = counting_kernel, capturing_forward
+    try:
+        eng = bf.engine
+        eng.add_request(prompts[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        eng.step()  # the short prompt alone
+        eng.add_request(prompts[1], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        eng.step()  # its first decode row and the long prompt, in one pass
+    finally:
+        mixed_step.native.prefill_attention = kernel
+    assert calls == [40] * 30 + [300] * 30  # each prompt chunk through the native kernel, once per layer
+    step, logits = captured[-1]
+    assert step.input_ids.shape == (1, 301) and logits.shape[0] == 2  # one row: decode token + chunk
+    with torch.inference_mode():
+        x = torch.tensor([prompts[1]])
+        want = llm.model.forward(StepInputs(x, None, 0, causal_mask(None, 1, 0, x.shape[1], "cpu")), None)[0]
+    got = logits[1]
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16: within 5% of the largest logit
+    top2 = want.topk(2).values
+    if top2[0] - top2[1] > 0.5:
+        assert got.argmax() == want.argmax()

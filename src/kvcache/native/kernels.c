@@ -328,23 +328,68 @@ static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 
 #ifndef PF_AHEAD
-#define PF_AHEAD 2
+#define PF_AHEAD 1
 #endif
+#ifndef PF_HINT_K
+#define PF_HINT_K _MM_HINT_T0
+#define PF_HINT_V _MM_HINT_T1
+#endif
+/* A query and a key row of 64 for scoring, per storage type: fp32 rows are 4 vectors (the
+ * query pre-scaled); bf16 rows stay packed for the bf16 dot-product instruction where the CPU
+ * has it (32 exact products per instruction, summed in fp32; the score scaled after), and are
+ * widened like fp32 otherwise. qk_dot gives 16 partial sums whose total is the score. */
+typedef struct { __m512 v[4]; } qk_f32_t;
+static inline qk_f32_t qk_load_f32(const float* p, __m512 sv) {
+    qk_f32_t r;
+    for (int j = 0; j < 4; j++) r.v[j] = _mm512_mul_ps(_mm512_loadu_ps(p + 16 * j), sv);
+    return r;
+}
+static inline __m512 qk_dot_f32(const qk_f32_t* q, const qk_f32_t* k) {
+    __m512 a = _mm512_mul_ps(q->v[0], k->v[0]), b = _mm512_mul_ps(q->v[2], k->v[2]);
+    a = _mm512_fmadd_ps(q->v[1], k->v[1], a);
+    b = _mm512_fmadd_ps(q->v[3], k->v[3], b);
+    return _mm512_add_ps(a, b);
+}
+#define QK_POST_f32 0 /* the scale is in the query */
+#if defined(__AVX512BF16__)
+typedef struct { __m512bh v[2]; } qk_bf16_t;
+static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
+    (void)sv;
+    qk_bf16_t r;
+    r.v[0] = (__m512bh)_mm512_loadu_si512(p);
+    r.v[1] = (__m512bh)_mm512_loadu_si512(p + 32);
+    return r;
+}
+static inline __m512 qk_dot_bf16(const qk_bf16_t* q, const qk_bf16_t* k) {
+    return _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), q->v[0], k->v[0]), q->v[1], k->v[1]);
+}
+#define QK_POST_bf16 1
+#else
+typedef qk_f32_t qk_bf16_t;
+static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
+    qk_bf16_t r;
+    for (int j = 0; j < 4; j++) r.v[j] = _mm512_mul_ps(load16_bf16(p + 16 * j), sv);
+    return r;
+}
+#define qk_dot_bf16 qk_dot_f32
+#define QK_POST_bf16 0
+#endif
+
 #define DECODE_TASK64(SUF, T)                                                               \
     static inline __attribute__((always_inline)) void task64_##SUF(                         \
         const T* q, const T* qs, const T* kb, const T* vb, const int32_t* tb, int64_t bs,   \
         int64_t t0, int64_t t1, int64_t s_end, int64_t g_end, const int64_t G, float scale, \
         float* res) {                                                                       \
-        __m512 qv[MAX_G][4], qsv[MAX_G][4], acc[MAX_G][4];                                  \
+        qk_##SUF##_t qv[MAX_G], qsv[MAX_G];                                                 \
+        __m512 acc[MAX_G][4];                                                               \
         float sc[MAX_G][256], mx[MAX_G];                                                    \
-        __m512 sv = _mm512_set1_ps(scale);                                                  \
+        const float post = QK_POST_##SUF ? scale : 1.0f;                                    \
+        const __m512 one = _mm512_set1_ps(1.0f); /* keys are not scaled */                  \
+        __m512 sv = _mm512_set1_ps(QK_POST_##SUF ? 1.0f : scale);                           \
         for (int64_t g = 0; g < G; g++) {                                                   \
-            for (int j = 0; j < 4; j++) {                                                   \
-                qv[g][j] = _mm512_mul_ps(load16_##SUF(q + g * 64 + 16 * j), sv);            \
-                qsv[g][j] = t0 < s_end ? _mm512_mul_ps(load16_##SUF(qs + g * 64 + 16 * j), sv) \
-                                       : qv[g][j];                                          \
-                acc[g][j] = _mm512_setzero_ps();                                            \
-            }                                                                               \
+            qv[g] = qk_load_##SUF(q + g * 64, sv);                                          \
+            qsv[g] = t0 < s_end ? qk_load_##SUF(qs + g * 64, sv) : qv[g];                   \
+            for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_ps();                    \
             mx[g] = -INFINITY;                                                              \
         }                                                                                   \
         for (int64_t t = t0, i = 0; t < t1;) { /* scores, block by block */                 \
@@ -357,25 +402,19 @@ static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
             const T* nk = ahead * bs < t1 ? kb + (int64_t)tb[ahead] * bs * 64 : NULL;       \
             const T* nv = ahead * bs < t1 ? vb + (int64_t)tb[ahead] * bs * 64 : NULL;       \
             for (int64_t l = 0; nk && l < bs * 64 * (int64_t)sizeof(T); l += 64) {          \
-                _mm_prefetch((const char*)nk + l, _MM_HINT_T0);                             \
-                _mm_prefetch((const char*)nv + l, _MM_HINT_T1);                             \
+                _mm_prefetch((const char*)nk + l, PF_HINT_K);                             \
+                _mm_prefetch((const char*)nv + l, PF_HINT_V);                             \
             }                                                                               \
             int64_t r = 0;                                                                  \
             if (t >= g_end) /* past the sinks and the gap: four keys per reduction */       \
                 for (; r + 4 <= run; r += 4, i += 4, kr += 256) {                           \
-                    __m512 k[4][4];                                                         \
-                    for (int u = 0; u < 4; u++)                                             \
-                        for (int j = 0; j < 4; j++) k[u][j] = load16_##SUF(kr + 64 * u + 16 * j); \
+                    qk_##SUF##_t k[4];                                                      \
+                    for (int u = 0; u < 4; u++) k[u] = qk_load_##SUF(kr + 64 * u, one);     \
                     for (int64_t g = 0; g < G; g++) {                                       \
                         __m512 a[4];                                                        \
-                        for (int u = 0; u < 4; u++) {                                       \
-                            __m512 x = _mm512_mul_ps(qv[g][0], k[u][0]);                    \
-                            __m512 y = _mm512_mul_ps(qv[g][2], k[u][2]);                    \
-                            x = _mm512_fmadd_ps(qv[g][1], k[u][1], x);                      \
-                            y = _mm512_fmadd_ps(qv[g][3], k[u][3], y);                      \
-                            a[u] = _mm512_add_ps(x, y);                                     \
-                        }                                                                   \
+                        for (int u = 0; u < 4; u++) a[u] = qk_dot_##SUF(&qv[g], &k[u]);     \
                         __m128 s4 = hsum4(a[0], a[1], a[2], a[3]);                          \
+                        if (QK_POST_##SUF) s4 = _mm_mul_ps(s4, _mm_set1_ps(post));          \
                         _mm_storeu_ps(&sc[g][i], s4);                                       \
                         float m4 = _mm_cvtss_f32(_mm_max_ps(_mm_max_ps(s4, _mm_movehl_ps(s4, s4)), \
                                    _mm_shuffle_ps(_mm_max_ps(s4, _mm_movehl_ps(s4, s4)),   \
@@ -389,16 +428,10 @@ static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
                     for (int64_t g = 0; g < G; g++) sc[g][i] = -INFINITY;                   \
                     continue;                                                               \
                 }                                                                           \
-                __m512 k0 = load16_##SUF(kr), k1 = load16_##SUF(kr + 16);                   \
-                __m512 k2 = load16_##SUF(kr + 32), k3 = load16_##SUF(kr + 48);              \
+                qk_##SUF##_t kk = qk_load_##SUF(kr, one);                                   \
                 int sink = tt < s_end;                                                      \
                 for (int64_t g = 0; g < G; g++) {                                           \
-                    const __m512* qq = sink ? qsv[g] : qv[g];                               \
-                    __m512 a = _mm512_mul_ps(qq[0], k0);                                    \
-                    __m512 b2 = _mm512_mul_ps(qq[2], k2);                                   \
-                    a = _mm512_fmadd_ps(qq[1], k1, a);                                      \
-                    b2 = _mm512_fmadd_ps(qq[3], k3, b2);                                    \
-                    float s = _mm512_reduce_add_ps(_mm512_add_ps(a, b2));                   \
+                    float s = _mm512_reduce_add_ps(qk_dot_##SUF(sink ? &qsv[g] : &qv[g], &kk)) * post; \
                     sc[g][i] = s;                                                           \
                     if (s > mx[g]) mx[g] = s;                                               \
                 }                                                                           \
@@ -561,6 +594,76 @@ DECODE_ATTN(decode_attn_bf16, bf16, bf16, bf16_to_f32, f32_to_bf16)
  * channel times 16 keys) and its V sum 64 more; softmax runs online, tile by tile, and tiles
  * past a block's last query are never read (the causal half is skipped). */
 #if HAVE_AVX512
+/* A query row and a transposed 16-key tile for the prefill kernel's scores: fp32 (the query
+ * widened and scaled; keys transposed per channel), or for bf16 with the dot-product
+ * instruction, pairs of channels kept packed (query pairs broadcast against 16 keys' pairs;
+ * the score scaled after). pa_score returns the 16 keys' scores of one row. */
+typedef struct { float v[64]; } pa_q_f32_t;
+typedef struct { float v[64][16]; } pa_kt_f32_t;
+static inline void pa_qrow_f32(pa_q_f32_t* r, const float* q, float scale) {
+    for (int d = 0; d < 64; d++) r->v[d] = q[d] * scale;
+}
+static inline void pa_qrow_bf16w(pa_q_f32_t* r, const bf16* q, float scale) {
+    for (int d = 0; d < 64; d++) r->v[d] = bf16_to_f32(q[d]) * scale;
+}
+static inline void pa_key_f32(pa_kt_f32_t* kt, int j, __m512 x0, __m512 x1, __m512 x2, __m512 x3, __m512i stride) {
+    _mm512_i32scatter_ps(&kt->v[0][j], stride, x0, 4);
+    _mm512_i32scatter_ps(&kt->v[16][j], stride, x1, 4);
+    _mm512_i32scatter_ps(&kt->v[32][j], stride, x2, 4);
+    _mm512_i32scatter_ps(&kt->v[48][j], stride, x3, 4);
+}
+static inline __m512 pa_score_f32(const pa_q_f32_t* q, const pa_kt_f32_t* kt) {
+    __m512 sa[8]; /* eight independent sums: the FMA latency stays hidden */
+    for (int u = 0; u < 8; u++) sa[u] = _mm512_mul_ps(_mm512_set1_ps(q->v[u]), _mm512_loadu_ps(kt->v[u]));
+    for (int d = 8; d < 64; d += 8)
+        for (int u = 0; u < 8; u++) sa[u] = _mm512_fmadd_ps(_mm512_set1_ps(q->v[d + u]), _mm512_loadu_ps(kt->v[d + u]), sa[u]);
+    return _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(sa[0], sa[1]), _mm512_add_ps(sa[2], sa[3])),
+                         _mm512_add_ps(_mm512_add_ps(sa[4], sa[5]), _mm512_add_ps(sa[6], sa[7])));
+}
+#define PA_F32(T, SRC) /* the tile of key j from a row of T: widened, transposed */          \
+    pa_key_f32(&kt, (int)j, load16_##T(SRC), load16_##T(SRC + 16), load16_##T(SRC + 32), load16_##T(SRC + 48), stride16)
+#define PA_Q_f32 pa_q_f32_t
+#define PA_KT_f32 pa_kt_f32_t
+#define PA_QROW_f32 pa_qrow_f32
+#define PA_KEY_f32(SRC) PA_F32(f32, SRC)
+#define PA_SCORE_f32 pa_score_f32
+#if defined(__AVX512BF16__)
+typedef struct { uint32_t v[32]; float scale; } pa_q_bf16_t;
+typedef struct { uint32_t v[32][16]; } pa_kt_bf16_t;
+static inline void pa_qrow_bf16(pa_q_bf16_t* r, const bf16* q, float scale) {
+    memcpy(r->v, q, 128);
+    r->scale = scale;
+}
+static inline void pa_key_bf16(pa_kt_bf16_t* kt, int j, const bf16* src, __m512i stride) {
+    __m512i lo = src ? _mm512_loadu_si512(src) : _mm512_setzero_si512();
+    __m512i hi = src ? _mm512_loadu_si512(src + 32) : _mm512_setzero_si512();
+    _mm512_i32scatter_epi32(&kt->v[0][j], stride, lo, 4);
+    _mm512_i32scatter_epi32(&kt->v[16][j], stride, hi, 4);
+}
+static inline __m512 pa_score_bf16(const pa_q_bf16_t* q, const pa_kt_bf16_t* kt) {
+    __m512 sa[8];
+    for (int u = 0; u < 8; u++) sa[u] = _mm512_setzero_ps();
+    for (int i = 0; i < 32; i += 8)
+        for (int u = 0; u < 8; u++)
+            sa[u] = _mm512_dpbf16_ps(sa[u], (__m512bh)_mm512_set1_epi32((int)q->v[i + u]),
+                                     (__m512bh)_mm512_loadu_si512(kt->v[i + u]));
+    __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(sa[0], sa[1]), _mm512_add_ps(sa[2], sa[3])),
+                             _mm512_add_ps(_mm512_add_ps(sa[4], sa[5]), _mm512_add_ps(sa[6], sa[7])));
+    return _mm512_mul_ps(s, _mm512_set1_ps(q->scale));
+}
+#define PA_Q_bf16 pa_q_bf16_t
+#define PA_KT_bf16 pa_kt_bf16_t
+#define PA_QROW_bf16 pa_qrow_bf16
+#define PA_KEY_bf16(SRC) pa_key_bf16(&kt, (int)j, SRC, stride16)
+#define PA_SCORE_bf16 pa_score_bf16
+#else
+#define PA_Q_bf16 pa_q_f32_t
+#define PA_KT_bf16 pa_kt_f32_t
+#define PA_QROW_bf16 pa_qrow_bf16w
+#define PA_KEY_bf16(SRC) PA_F32(bf16, SRC)
+#define PA_SCORE_bf16 pa_score_f32
+#endif
+
 #define PREFILL_ATTN(NAME, SUF, T, LOAD, STORE)                                             \
     void NAME(const T* q, const T* k, const T* v, T* out, int64_t Tq, int64_t start,       \
               int64_t Hq, int64_t Hkv, int64_t q_ts, int64_t kv_hs, float scale) {         \
@@ -570,15 +673,17 @@ DECODE_ATTN(decode_attn_bf16, bf16, bf16, bf16_to_f32, f32_to_bf16)
         for (int64_t task = 0; task < Hkv * nqb; task++) {                                  \
             int64_t h = task % Hkv, qb = nqb - 1 - task / Hkv; /* longest blocks first */   \
             int64_t t0 = qb * QB, t1 = t0 + QB < Tq ? t0 + QB : Tq, rows = (t1 - t0) * G;   \
-            float qf[16 * MAX_G][64], acc[16 * MAX_G][64], m[16 * MAX_G], l[16 * MAX_G];    \
-            float kt[64][16], vf[16][64], pj[16];                                           \
+            PA_Q_##SUF qf[16 * MAX_G];                                                      \
+            PA_KT_##SUF kt;                                                                 \
+            float acc[16 * MAX_G][64], m[16 * MAX_G], l[16 * MAX_G], vf[16][64], pj[16];    \
             const __m512i stride16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \
                                                        10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16)); \
             int64_t qpos[16 * MAX_G];                                                       \
+            static const T zeros64[64] = {0};                                               \
             for (int64_t r = 0; r < rows; r++) { /* row r: query t0 + r / G, head h*G + r % G */ \
                 int64_t t = t0 + r / G, hq = h * G + r % G;                                 \
-                for (int64_t d = 0; d < D; d++) { qf[r][d] = LOAD(q[t * q_ts + hq * D + d]) * scale; \
-                    acc[r][d] = 0.f; }                                                      \
+                PA_QROW_##SUF(&qf[r], q + t * q_ts + hq * D, scale);                        \
+                for (int64_t d = 0; d < D; d++) acc[r][d] = 0.f;                            \
                 m[r] = -INFINITY;                                                           \
                 l[r] = 0.f;                                                                 \
                 qpos[r] = start + t;                                                        \
@@ -588,26 +693,18 @@ DECODE_ATTN(decode_attn_bf16, bf16, bf16, bf16_to_f32, f32_to_bf16)
             const T* vh = v + h * kv_hs;                                                    \
             for (int64_t j0 = 0; j0 < kend; j0 += 16) {                                     \
                 int64_t nk = kend - j0 < 16 ? kend - j0 : 16;                               \
-                for (int64_t j = 0; j < 16; j++) { /* widen the tile; keys transposed */    \
-                    for (int c = 0; c < 4; c++) {                                           \
-                        __m512 kx = j < nk ? load16_##SUF(kh + (j0 + j) * D + 16 * c) : _mm512_setzero_ps(); \
-                        __m512 vx = j < nk ? load16_##SUF(vh + (j0 + j) * D + 16 * c) : _mm512_setzero_ps(); \
-                        _mm512_storeu_ps(vf[j] + 16 * c, vx);                               \
-                        _mm512_i32scatter_ps(&kt[16 * c][j], stride16, kx, 4);              \
-                    }                                                                       \
+                for (int64_t j = 0; j < 16; j++) { /* the tile: keys transposed, values widened */ \
+                    const T* kr = j < nk ? kh + (j0 + j) * D : zeros64;                     \
+                    PA_KEY_##SUF(kr);                                                       \
+                    for (int c = 0; c < 4; c++)                                             \
+                        _mm512_storeu_ps(vf[j] + 16 * c, j < nk ? load16_##SUF(vh + (j0 + j) * D + 16 * c) \
+                                                                 : _mm512_setzero_ps());    \
                 }                                                                           \
                 for (int64_t r = 0; r < rows; r++) {                                        \
                     int64_t see = qpos[r] - j0 + 1; /* keys of this tile row r sees */      \
                     if (see <= 0) continue;                                                 \
                     if (see > nk) see = nk;                                                 \
-                    __m512 sa[8]; /* eight independent sums: the FMA latency stays hidden */ \
-                    for (int u = 0; u < 8; u++)                                             \
-                        sa[u] = _mm512_mul_ps(_mm512_set1_ps(qf[r][u]), _mm512_loadu_ps(kt[u])); \
-                    for (int64_t d = 8; d < D; d += 8)                                      \
-                        for (int u = 0; u < 8; u++)                                         \
-                            sa[u] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r][d + u]), _mm512_loadu_ps(kt[d + u]), sa[u]); \
-                    __m512 sc = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(sa[0], sa[1]), _mm512_add_ps(sa[2], sa[3])), \
-                                              _mm512_add_ps(_mm512_add_ps(sa[4], sa[5]), _mm512_add_ps(sa[6], sa[7]))); \
+                    __m512 sc = PA_SCORE_##SUF(&qf[r], &kt);                                \
                     __mmask16 live = (__mmask16)((1u << see) - 1u);                         \
                     sc = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sc);           \
                     float mt = _mm512_reduce_max_ps(sc);                                    \
