@@ -138,10 +138,12 @@ def test_mixed_steps_run_in_one_forward_and_equal_separate_passes(request, tiny_
     the tokens equal those of separate passes, with preemption and chunked prompts."""
     prompts, params = workload("mixed", ref_llm.config.vocab_size)
     tokens, passes = {}, {}
-    for mixed in (True, False):
+    for mixed in (True, False, "torch"):  # "torch": mixed, with no native kernels (as on CUDA)
         llm = make_llm(tiny_model_dir, bpt, max_num_batched_tokens=16)
         eng = llm.engine
-        eng.runner.mixed_steps = mixed
+        eng.runner.mixed_steps = bool(mixed)
+        native_before = eng.model.native
+        eng.model.native = mixed != "torch"
         calls = []
         forward, step = eng.model.forward, eng.step
 
@@ -161,13 +163,15 @@ def test_mixed_steps_run_in_one_forward_and_equal_separate_passes(request, tiny_
         assert llm.stats()["preemptions"] > 0
         tokens[mixed] = [o.token_ids for o in outs]
         passes[mixed] = [(kind, n) for kind, n in calls if kind is not None and kind[1] > 0]
-        eng.model.forward = forward
+        eng.model.forward, eng.model.native = forward, native_before
         check_pool_empty(llm)
     assert passes[True] and all(n == 1 for _, n in passes[True])  # every step with a prompt chunk: one pass
     both = [n for (has_decode, _), n in passes[False] if has_decode]
     assert both and all(n >= 2 for n in both)  # separately: the decode batch, then each chunk
-    for prompt, a, b in zip(prompts, tokens[True], tokens[False]):
+    assert passes["torch"] and all(n == 1 for _, n in passes["torch"])
+    for prompt, a, b, c in zip(prompts, tokens[True], tokens[False], tokens["torch"]):
         check_same(request, prompt, a, b)
+        check_same(request, prompt, c, b)
 
 
 def test_engine_reference_agrees_with_uncached(request, ref_llm, tiny_llm):
