@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from kvcache import native
-from kvcache.cache.storage import PagedKVStorage, SlotStepCache
+from kvcache.cache.storage import PagedKVStorage, SlotStepCache, native_decode_rows, slot_mask
 from kvcache.models.llama import attend
+from kvcache.models.step import causal_mask
 
 
 @dataclass
@@ -28,7 +29,10 @@ class ChunkSegment:
     read_blocks: torch.Tensor  # (1, NB) its block table
     kv_len: int  # slots it attends to (its own tokens included)
     first_block: int | None  # its blocks are consecutive from this id: read as a view
-    mask: torch.Tensor  # (1, 1, T, kv_len) causal from its start
+
+    def mask(self, device) -> torch.Tensor:
+        """Bool (1, 1, T, kv_len): each of its queries sees the slots up to its own."""
+        return causal_mask(None, 1, self.kv_len - self.num_tokens, self.num_tokens, device)
 
 
 @dataclass
@@ -50,21 +54,19 @@ class MixedStepCache(SlotStepCache):
     masks_itself = True  # the model builds no mask: each segment brings its own
 
     def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, decode: DecodeSegment | None,
-                 chunks: list[ChunkSegment], native_decode: bool):
+                 chunks: list[ChunkSegment], use_native: bool):
+        """`use_native`: the model runs the native kernels (CPU); the decode rows then attend in
+        place, and bf16 chunks through the native causal kernel (1.2-1.5x SDPA's speed on long
+        chunks; fp32 keeps SDPA, whose rounding transformers shares)."""
         self.storage, self.write_slots, self.decode, self.chunks = storage, write_slots, decode, chunks
-        self.native_decode = decode is not None and native_decode and storage.native_readable
-        # bf16 chunks through the native causal kernel (1.2-1.5x SDPA's speed on long chunks);
-        # fp32 keeps SDPA, whose rounding transformers shares
-        self.native_prompts = native_decode and storage.dtype == torch.bfloat16 and storage.native_readable
-        if decode is not None:
-            if self.native_decode:
-                self.table = decode.read_blocks.to(torch.int32).cpu()  # (B, NB)
-                self.lo = torch.zeros(decode.num_rows, dtype=torch.int64)  # (B,)
-                self.hi = torch.tensor(decode.kv_lens, dtype=torch.int64)  # (B,)
-            else:
-                s_all = decode.read_blocks.shape[1] * storage.block_size
-                lens = torch.tensor(decode.kv_lens, device=decode.read_blocks.device)[:, None]  # (B, 1)
-                self.valid = (torch.arange(s_all, device=lens.device)[None] < lens)[:, None, None, :]  # (B, 1, 1, S)
+        native_ok = use_native and storage.native_readable
+        self.native_decode = decode is not None and native_ok
+        self.native_prompts = native_ok and storage.dtype == torch.bfloat16
+        self.masks: dict[int, torch.Tensor] = {}  # chunk index -> its causal mask, made once a step
+        if self.native_decode:
+            self.table, self.lo, self.hi = native_decode_rows(decode.read_blocks, decode.kv_lens)  # (B, NB), (B,), (B,)
+        elif decode is not None:
+            self.valid = slot_mask(decode.read_blocks, decode.kv_lens, storage.block_size)  # (B, 1, 1, S)
         self.length = 0
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,7 @@ class MixedStepCache(SlotStepCache):
             else:
                 k_all, v_all = st.read_rows(layer, self.decode.read_blocks)  # (B, Hkv, S, D)
                 out[0, :b] = attend(qd[:, :, None], k_all, v_all, self.valid)[:, 0]  # (B, Hq*D)
-        for c in self.chunks:
+        for i, c in enumerate(self.chunks):
             if c.first_block is not None:  # consecutive blocks: a view, no copy
                 lo = c.first_block * st.block_size
                 k_all, v_all = st.read_range(layer, lo, lo + c.kv_len)  # (1, Hkv, S, D)
@@ -92,6 +94,8 @@ class MixedStepCache(SlotStepCache):
             if self.native_prompts and native.prefill_attention_fits(qc, k_all):
                 o = native.prefill_attention(qc, k_all, v_all)  # (1, T, Hq*D), causal from S - T
             else:
-                o = attend(qc, k_all, v_all, c.mask)  # (1, T, Hq*D)
+                if i not in self.masks:
+                    self.masks[i] = c.mask(q.device)  # (1, 1, T, kv_len)
+                o = attend(qc, k_all, v_all, self.masks[i])  # (1, T, Hq*D)
             out[:, c.offset : c.offset + c.num_tokens] = o
         return out

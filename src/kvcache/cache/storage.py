@@ -127,6 +127,21 @@ class PagedKVStorage:
         return self.num_blocks * self.block_size * self.bytes_per_token
 
 
+def native_decode_rows(read_blocks: torch.Tensor, kv_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The native decode kernel's per-row inputs: block table (B, NB) int32 and token range
+    lo, hi (B,) int64 (each row attends to its first kv_lens[b] slots)."""
+    return (read_blocks.to(torch.int32).cpu(), torch.zeros(len(kv_lens), dtype=torch.int64),
+            torch.tensor(kv_lens, dtype=torch.int64))
+
+
+def slot_mask(read_blocks: torch.Tensor, kv_lens: list[int], block_size: int) -> torch.Tensor:
+    """Bool (B, 1, 1, S) over the S = NB * block_size gathered slots: True for each row's
+    first kv_lens[b] (one decode query per row; the rest is padding)."""
+    s_all = read_blocks.shape[1] * block_size
+    lens = torch.tensor(kv_lens, device=read_blocks.device)[:, None]  # (B, 1)
+    return (torch.arange(s_all, device=read_blocks.device)[None] < lens)[:, None, None, :]  # (B, 1, 1, S)
+
+
 class SlotStepCache(PlainCache):
     """A forward pass's view of paged storage whose blocks the scheduler already allocated:
     nothing to reserve or advance; `write` scatters the step's K/V (B, Hkv, T, D) to
@@ -170,9 +185,7 @@ class PagedStepCache(SlotStepCache):
         self.kv_len, self.first_block = kv_len, first_block
         self.native_decode = kv_lens is not None and storage.native_readable
         if self.native_decode:
-            self.table = read_blocks.to(torch.int32).cpu()  # (B, NB)
-            self.lo = torch.zeros(len(kv_lens), dtype=torch.int64)  # (B,)
-            self.hi = torch.tensor(kv_lens, dtype=torch.int64)  # (B,)
+            self.table, self.lo, self.hi = native_decode_rows(read_blocks, kv_lens)  # (B, NB), (B,), (B,)
         self.length = read_blocks.shape[1] * storage.block_size  # only for a default mask; runners pass one
 
     def observes(self, t: int) -> bool:

@@ -22,7 +22,7 @@ from kvcache.cache.mixed_step import ChunkSegment, DecodeSegment, MixedStepCache
 from kvcache.cache.paged_evict import PagedEvict, PromptScores
 from kvcache.cache.paged_sinks import FAR, PagedSinksStepCache
 from kvcache.cache.policies.selectors import Sinks
-from kvcache.cache.storage import PagedKVStorage, PagedStepCache
+from kvcache.cache.storage import PagedKVStorage, PagedStepCache, slot_mask
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel
 from kvcache.models.step import StepInputs, causal_mask
@@ -123,10 +123,7 @@ class ModelRunner:
         if cache.native_decode:  # the kernel reads each row's own length: no mask
             step = StepInputs(ids, positions, 0, None)
         else:
-            s_all = blocks.shape[1] * self.kv.block_size
-            lens = torch.tensor(live, device=dev)[:, None]  # (B, 1)
-            valid = torch.arange(s_all, device=dev)[None] < lens  # (B, S)
-            step = StepInputs(ids, positions, 0, valid[:, None, None, :])
+            step = StepInputs(ids, positions, 0, slot_mask(blocks, live, self.kv.block_size))  # (B, 1, 1, S)
         return self.model.forward(step, cache)  # (B, V)
 
     def _observer(self, chunk: ScheduledChunk):
@@ -169,11 +166,9 @@ class ModelRunner:
             decode = DecodeSegment(len(decodes), blocks, live)
         segments, offset = [], len(decodes)
         for c in prompts:
-            n = c.num_tokens
-            blocks, first, live = self._block_rows([c], [c.start + n])  # (1, NB)
-            mask = causal_mask(None, 1, live[0] - n, n, dev)  # (1, 1, T, live)
-            segments.append(ChunkSegment(offset, n, blocks, live[0], first, mask))
-            offset += n
+            blocks, first, live = self._block_rows([c], [c.start + c.num_tokens])  # (1, NB)
+            segments.append(ChunkSegment(offset, c.num_tokens, blocks, live[0], first))
+            offset += c.num_tokens
         cache = MixedStepCache(self.storage, self._write_slots(decodes + prompts), decode, segments, self.model.native)
         step = StepInputs(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev), 0, None,
                           logits_at=torch.tensor(ends, device=dev))  # (1, N) tokens and positions

@@ -114,11 +114,22 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+_prefill_built: bool | None = None
+
+
+def _prefill_attn_built() -> bool:
+    """Whether the library has the prefill kernel (an AVX-512 build); asked once."""
+    global _prefill_built
+    if _prefill_built is None:
+        lib = load()
+        _prefill_built = lib is not None and bool(lib.prefill_attn_available())
+    return _prefill_built
+
+
 def prefill_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `prefill_attention` takes these operands: head_dim 64 on an AVX-512 build,
     each query token's heads side by side, each KV head's keys one contiguous run."""
-    lib = load()
-    return (lib is not None and bool(lib.prefill_attn_available()) and q.shape[-1] == 64 and q.shape[0] == 1
+    return (_prefill_attn_built() and q.shape[-1] == 64 and q.shape[0] == 1
             and q.stride(3) == 1 and q.stride(1) == 64 and k.stride(3) == 1 and k.stride(2) == 64
             and q.shape[1] // k.shape[1] <= MAX_GROUP)  # v: checked by prefill_attention
 
