@@ -327,13 +327,6 @@ static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-#ifndef PF_AHEAD
-#define PF_AHEAD 1
-#endif
-#ifndef PF_HINT_K
-#define PF_HINT_K _MM_HINT_T0
-#define PF_HINT_V _MM_HINT_T1
-#endif
 /* A query and a key row of 64 for scoring, per storage type: fp32 rows are 4 vectors (the
  * query pre-scaled); bf16 rows stay packed for the bf16 dot-product instruction where the CPU
  * has it (32 exact products per instruction, summed in fp32; the score scaled after), and are
@@ -396,14 +389,13 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
             int64_t blk = t / bs, off = t % bs, run = bs - off;                             \
             if (run > t1 - t) run = t1 - t;                                                 \
             const T* kr = kb + ((int64_t)tb[blk] * bs + off) * 64;                          \
-            /* blocks sit anywhere in the pool: fetch the next block's keys and this block's  \
-             * values (read by the second pass) while these keys are scored */                \
-            int64_t ahead = blk + PF_AHEAD;                                                 \
-            const T* nk = ahead * bs < t1 ? kb + (int64_t)tb[ahead] * bs * 64 : NULL;       \
-            const T* nv = ahead * bs < t1 ? vb + (int64_t)tb[ahead] * bs * 64 : NULL;       \
+            /* blocks sit anywhere in the pool: fetch the next block's keys (and, into L2,   \
+             * its values, read by the second pass) while these keys are scored */            \
+            const T* nk = (blk + 1) * bs < t1 ? kb + (int64_t)tb[blk + 1] * bs * 64 : NULL;  \
+            const T* nv = (blk + 1) * bs < t1 ? vb + (int64_t)tb[blk + 1] * bs * 64 : NULL;  \
             for (int64_t l = 0; nk && l < bs * 64 * (int64_t)sizeof(T); l += 64) {          \
-                _mm_prefetch((const char*)nk + l, PF_HINT_K);                             \
-                _mm_prefetch((const char*)nv + l, PF_HINT_V);                             \
+                _mm_prefetch((const char*)nk + l, _MM_HINT_T0);                             \
+                _mm_prefetch((const char*)nv + l, _MM_HINT_T1);                             \
             }                                                                               \
             int64_t r = 0;                                                                  \
             if (t >= g_end) /* past the sinks and the gap: four keys per reduction */       \
@@ -416,9 +408,8 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
                         __m128 s4 = hsum4(a[0], a[1], a[2], a[3]);                          \
                         if (QK_POST_##SUF) s4 = _mm_mul_ps(s4, _mm_set1_ps(post));          \
                         _mm_storeu_ps(&sc[g][i], s4);                                       \
-                        float m4 = _mm_cvtss_f32(_mm_max_ps(_mm_max_ps(s4, _mm_movehl_ps(s4, s4)), \
-                                   _mm_shuffle_ps(_mm_max_ps(s4, _mm_movehl_ps(s4, s4)),   \
-                                                  _mm_max_ps(s4, _mm_movehl_ps(s4, s4)), 1))); \
+                        __m128 h2 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4)); /* lanes 0, 1 */ \
+                        float m4 = _mm_cvtss_f32(_mm_max_ss(h2, _mm_shuffle_ps(h2, h2, 1)));   \
                         if (m4 > mx[g]) mx[g] = m4;                                         \
                     }                                                                       \
                 }                                                                           \
@@ -476,9 +467,6 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
 
 DECODE_TASK64(f32, float)
 DECODE_TASK64(bf16, bf16)
-#define HAVE_TASK64 1
-#else
-#define HAVE_TASK64 0
 #endif
 
 #define DECODE_ATTN(NAME, SUF, T, LOAD, STORE)                                                   \
@@ -499,7 +487,7 @@ DECODE_TASK64(bf16, bf16)
             for (int64_t g = 0; g < G; g++) { res[g * (D + 2)] = -INFINITY;                 \
                 res[g * (D + 2) + 1] = 0.f; }                                               \
             if (t0 >= t1) continue;                                                         \
-            if (HAVE_TASK64 && D == 64) {                                                   \
+            if (HAVE_AVX512 && D == 64) {                                                   \
                 int64_t qo = (b * Hq + h * G) * D;                                          \
                 TASK64(SUF)(q + qo, qs ? qs + qo : q + qo, k + b * row_stride + h * head_stride, \
                             v + b * row_stride + h * head_stride, table + b * NB, bs, t0, t1, \
@@ -577,10 +565,10 @@ DECODE_TASK64(bf16, bf16)
         free(part);                                                                         \
     }
 
-#if HAVE_TASK64
+#if HAVE_AVX512
 #define TASK64(SUF) task64_dispatch_##SUF
 #else
-#define TASK64(SUF) (void)
+#define TASK64(SUF) (void) /* never called: the branch is compiled out */
 #endif
 DECODE_ATTN(decode_attn_f32, f32, float, ID, ID)
 DECODE_ATTN(decode_attn_bf16, bf16, bf16, bf16_to_f32, f32_to_bf16)
@@ -635,10 +623,8 @@ static inline void pa_qrow_bf16(pa_q_bf16_t* r, const bf16* q, float scale) {
     r->scale = scale;
 }
 static inline void pa_key_bf16(pa_kt_bf16_t* kt, int j, const bf16* src, __m512i stride) {
-    __m512i lo = src ? _mm512_loadu_si512(src) : _mm512_setzero_si512();
-    __m512i hi = src ? _mm512_loadu_si512(src + 32) : _mm512_setzero_si512();
-    _mm512_i32scatter_epi32(&kt->v[0][j], stride, lo, 4);
-    _mm512_i32scatter_epi32(&kt->v[16][j], stride, hi, 4);
+    _mm512_i32scatter_epi32(&kt->v[0][j], stride, _mm512_loadu_si512(src), 4);
+    _mm512_i32scatter_epi32(&kt->v[16][j], stride, _mm512_loadu_si512(src + 32), 4);
 }
 static inline __m512 pa_score_bf16(const pa_q_bf16_t* q, const pa_kt_bf16_t* kt) {
     __m512 sa[8];
