@@ -334,3 +334,23 @@ def test_quantize_to_slots_writes_the_bytes_of_torch_quantize(bits, group):
     assert torch.equal(codes[:, slots], q.data[0])
     assert torch.equal(scale[:, slots].view(torch.int16), q.scale[0].view(torch.int16))
     assert torch.equal(zero[:, slots].view(torch.int16), q.zero[0].view(torch.int16))
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the x86 vector targets")
+@pytest.mark.parametrize("target", [["-mno-avx512f"], ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                                       "-mavx512bf16"]], ids=["avx2", "avx512"])
+def test_library_builds_for_both_vector_targets_with_every_symbol_it_binds(target, tmp_path):
+    """A machine of the other kind compiles other code paths: each must build and export the
+    kernels `native` binds (a build without AVX-512 once lacked the prefill kernel's symbols).
+    Only `prefill_attn_available` (a constant) is called: this CPU may not run AVX-512 code."""
+    import ctypes
+
+    from kvcache.native import build
+
+    so = tmp_path / "kernels.so"
+    build.compile_to(build._compiler(), [*build.FLAGS, *target], so)
+    lib = ctypes.CDLL(str(so))
+    names = [f"{name}_{native._SUFFIX[dtype]}" for name, dtype, _ in native.symbols(lib)]
+    assert ("prefill_attn_f32" in names) == ("-mavx512f" in target)
+    missing = [n for n in names if not hasattr(lib, n)]
+    assert not missing, missing

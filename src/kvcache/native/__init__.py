@@ -38,15 +38,22 @@ MAX_HEAD_DIM, MAX_GROUP = 256, 16
 _fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] | None = None
 
 
+def symbols(lib: ctypes.CDLL) -> list[tuple[str, torch.dtype, list]]:
+    """(name, dtype, argtypes) of every kernel to bind from this build of the library: the
+    prefill kernel only where it was compiled (AVX-512); the symbol is `name_suffix`."""
+    wanted = [(name, dtype, args) for name, args in _SIGNATURES.items() for dtype in _SUFFIX]
+    wanted += [(name, torch.float32, args) for name, args in _F32_SIGNATURES.items()]
+    has_prefill = bool(lib.prefill_attn_available())
+    return [w for w in wanted if w[0] != "prefill_attn" or has_prefill]
+
+
 def _functions() -> dict:
     global _fns
     if _fns is None:
         lib = load()
         _fns = {}
         if lib is not None:
-            wanted = [(name, dtype, args) for name, args in _SIGNATURES.items() for dtype in _SUFFIX]
-            wanted += [(name, torch.float32, args) for name, args in _F32_SIGNATURES.items()]
-            for name, dtype, argtypes in wanted:
+            for name, dtype, argtypes in symbols(lib):
                 fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
                 fn.argtypes, fn.restype = argtypes, None
                 _fns[(name, dtype)] = fn

@@ -38,6 +38,14 @@ def _target(cc: str) -> Path:
     return cache_home() / "native" / f"kernels-{digest}.so"
 
 
+def compile_to(cc: str, flags: list[str], out: Path) -> None:
+    """Compile `kernels.c` with these flags into the shared object `out` (raises on failure)."""
+    proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
+
+
 def build() -> Path:
     """Compile the kernels if needed; return the shared object's path (raises on failure)."""
     cc = _compiler()
@@ -50,10 +58,7 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
+        compile_to(cc, FLAGS, Path(tmp))
         os.replace(tmp, target)  # atomic: concurrent builders agree on one file
     finally:
         if os.path.exists(tmp):
