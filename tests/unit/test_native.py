@@ -113,12 +113,22 @@ def test_decode_attention_dense_rows_with_left_padding(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_attention_reads_scattered_blocks(dtype):
-    hq, hkv, d, bs, nblocks = 4, 2, 8, 4, 12
+@pytest.mark.parametrize("hq,hkv,d,bs,lens", [
+    (4, 2, 8, 4, [11, 9, 3]),
+    # head_dim 64 takes the vector task body (AVX-512 or AVX2): G = 3, 1, 4 and 5 (the generic
+    # G), runs not a multiple of four keys, more tokens than one 256-token chunk
+    (9, 3, 64, 16, [300, 37, 5]),
+    (2, 2, 64, 16, [70, 3, 18]),
+    (8, 2, 64, 8, [41, 258, 1]),
+    (5, 1, 64, 16, [90, 16, 33]),
+], ids=["d8", "d64-g3", "d64-g1", "d64-g4", "d64-g5"])
+def test_decode_attention_reads_scattered_blocks(dtype, hq, hkv, d, bs, lens):
+    nb = max((n + bs - 1) // bs for n in lens)
+    nblocks = 3 * nb + 2
     ks = torch.randn(hkv, nblocks * bs, d).to(dtype)  # paged storage: (Hkv, slots, D)
     vs = torch.randn(hkv, nblocks * bs, d).to(dtype)
-    tables = [[7, 2, 9], [0, 11, 3], [5, 0, 0]]  # the last row uses one block (padded)
-    lens = [11, 9, 3]
+    gen = torch.Generator().manual_seed(nb)
+    tables = [torch.randperm(nblocks, generator=gen)[:nb].tolist() for _ in lens]  # unused tails: padding
     q = torch.randn(3, hq, d).to(dtype)
     out = native.decode_attention(q, ks, vs, torch.tensor(tables, dtype=torch.int32), torch.zeros(3, dtype=torch.int64),
                                   torch.tensor(lens), hkv, bs, 0, nblocks * bs * d)
@@ -129,10 +139,11 @@ def test_decode_attention_reads_scattered_blocks(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_attention_meets_sinks_with_their_own_query_and_skips_the_gap(dtype):
+@pytest.mark.parametrize("d,hq", [(16, 4), (64, 6)])
+def test_decode_attention_meets_sinks_with_their_own_query_and_skips_the_gap(dtype, d, hq):
     """Attention sinks: tokens before sink_end score against qs, those up to gap_end are skipped,
     the rest against q, all under one softmax; rows differ (the last has no gap yet)."""
-    hq, hkv, d, bs, nblocks = 4, 2, 16, 8, 12
+    hkv, bs, nblocks = 2, 8, 12
     ks, vs = (3 * torch.randn(hkv, nblocks * bs, d)).to(dtype), torch.randn(hkv, nblocks * bs, d).to(dtype)
     tables = torch.tensor([[3, 8, 1, 0], [10, 5, 9, 2], [4, 6, 0, 0]], dtype=torch.int32)
     hi, sink_end, gap_end = torch.tensor([29, 30, 13]), torch.tensor([4, 2, 4]), torch.tensor([8, 8, 4])

@@ -92,6 +92,51 @@ static inline __m512 exp16(__m512 x) {
 #define HAVE_AVX512 0
 #endif
 
+/* AVX2 with FMA, where AVX-512 is not targeted (AMD Zen 2/3, older Intel): 8 floats per vector,
+ * the same widening, rounding and exp as above. */
+#if !HAVE_AVX512 && defined(__AVX2__) && defined(__FMA__)
+#define HAVE_AVX2 1
+#include <immintrin.h>
+
+static inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8_bf16(const bf16* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline void store8_f32(float* p, __m256 x) { _mm256_storeu_ps(p, x); }
+static inline void store8_bf16(bf16* p, __m256 x) {
+    __m256i u = _mm256_castps_si256(x);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)); /* NaN stays NaN */
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    /* 8 x u32 (each < 2^16) to u16: the pack works per 128-bit half, the permute joins the halves */
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
+}
+
+/* exp_approx on 8 lanes, the same operations in the same order (equal results). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 k = _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                             _mm256_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(k, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(k, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(0.5f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LE_OQ), y);
+}
+#else
+#define HAVE_AVX2 0
+#endif
+
 /* ---- RMSNorm: out[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)), rows of n -------------- */
 
 #define RMS_NORM(NAME, T, LOAD, STORE)                                                      \
@@ -152,6 +197,14 @@ ROTARY(rotary_bf16, bf16, bf16_to_f32, f32_to_bf16)
         __m512 silu = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), e));             \
         store16_##SUF(o + i, _mm512_mul_ps(silu, load16_##SUF(u + i)));                     \
     }
+#elif HAVE_AVX2
+#define SILU16(SUF)                                                                         \
+    for (; i + 8 <= inter; i += 8) {                                                        \
+        __m256 a = load8_##SUF(g + i);                                                      \
+        __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), a));                             \
+        __m256 silu = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), e));             \
+        store8_##SUF(o + i, _mm256_mul_ps(silu, load8_##SUF(u + i)));                       \
+    }
 #else
 #define SILU16(SUF)
 #endif
@@ -199,6 +252,30 @@ SILU_MUL(silu_mul_bf16, bf16, bf16, bf16_to_f32, f32_to_bf16)
         _mm512_storeu_ps(lane_m, vm);                                                       \
         _mm512_storeu_si512(lane_i, vi);                                                    \
         for (int l = 0; l < 16; l++)                                                        \
+            if (lane_m[l] > best || (lane_m[l] == best && lane_i[l] < at)) {                \
+                best = lane_m[l];                                                           \
+                at = lane_i[l];                                                             \
+            }                                                                               \
+    }
+#elif HAVE_AVX2
+#define ARGMAX16(SUF)                                                                       \
+    __m256 vm = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();                       \
+    __m256i vi = _mm256_setzero_si256(), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);   \
+    for (; i + 8 <= n; i += 8) {                                                            \
+        __m256 x = load8_##SUF(xr + i);                                                     \
+        __m256 gt = _mm256_cmp_ps(x, vm, _CMP_GT_OQ);                                       \
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));                         \
+        vm = _mm256_blendv_ps(vm, x, gt);                                                   \
+        vi = _mm256_blendv_epi8(vi, idx, _mm256_castps_si256(gt));                          \
+        idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));                                  \
+    }                                                                                       \
+    if (_mm256_movemask_ps(nan)) i = 0; /* rare: let the scalar scan find the first NaN */  \
+    else if (i > 0) {                                                                       \
+        float lane_m[8];                                                                    \
+        int32_t lane_i[8];                                                                  \
+        _mm256_storeu_ps(lane_m, vm);                                                       \
+        _mm256_storeu_si256((__m256i*)lane_i, vi);                                          \
+        for (int l = 0; l < 8; l++)                                                         \
             if (lane_m[l] > best || (lane_m[l] == best && lane_i[l] < at)) {                \
                 best = lane_m[l];                                                           \
                 at = lane_i[l];                                                             \
@@ -309,6 +386,22 @@ static inline int64_t plan_chunks(const int64_t* lo, const int64_t* hi, int64_t 
     *nchunks = longest > 0 ? (longest + chunk - 1) / chunk : 1;
     return chunk;
 }
+
+/* G fixed for the usual group sizes, so the compiler keeps the queries and sums in registers */
+#define TASK64_DISPATCH(SUF, T)                                                             \
+    static void task64_dispatch_##SUF(const T* q, const T* qs, const T* kb, const T* vb,    \
+                                      const int32_t* tb, int64_t bs, int64_t t0, int64_t t1, \
+                                      int64_t s_end, int64_t g_end, int64_t G, float scale, \
+                                      float* res) {                                         \
+        switch (G) {                                                                        \
+        case 1: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 1, scale, res); break; \
+        case 2: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 2, scale, res); break; \
+        case 3: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 3, scale, res); break; \
+        case 4: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 4, scale, res); break; \
+        default: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, G, scale, res);  \
+        }                                                                                   \
+    }
+
 
 /* The task body for head_dim 64 with AVX-512: a K or V row is four 16-lane vectors, widened
  * once per token for all G query heads; scores and the weighted V sums are fused multiply-adds
@@ -450,23 +543,127 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
         }                                                                                   \
         for (int64_t g = 0; g < G; g++)                                                     \
             for (int j = 0; j < 4; j++) _mm512_storeu_ps(res + g * 66 + 2 + 16 * j, acc[g][j]); \
-    }                                                                                       \
-    /* G fixed for the usual group sizes, so the compiler keeps qv and acc in registers */  \
-    static void task64_dispatch_##SUF(const T* q, const T* qs, const T* kb, const T* vb,    \
-                                      const int32_t* tb, int64_t bs, int64_t t0, int64_t t1, \
-                                      int64_t s_end, int64_t g_end, int64_t G, float scale, \
-                                      float* res) {                                         \
-        switch (G) {                                                                        \
-        case 1: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 1, scale, res); break; \
-        case 2: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 2, scale, res); break; \
-        case 3: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 3, scale, res); break; \
-        case 4: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, 4, scale, res); break; \
-        default: task64_##SUF(q, qs, kb, vb, tb, bs, t0, t1, s_end, g_end, G, scale, res);  \
-        }                                                                                   \
     }
 
 DECODE_TASK64(f32, float)
 DECODE_TASK64(bf16, bf16)
+TASK64_DISPATCH(f32, float)
+TASK64_DISPATCH(bf16, bf16)
+#endif
+
+/* The task body for head_dim 64 with AVX2: the same two passes with 8-lane vectors. The
+ * queries (widened, scaled) stay in L1 and feed the multiply-adds from memory, so that four
+ * keys x G heads of partial sums fit the 16 registers; the V pass runs once per half of D,
+ * keeping G x 4 accumulators in registers. Same chunk result, summed in another order. */
+#if HAVE_AVX2
+/* The four horizontal sums of a, b, c, d, in one vector (lanes 0..3). */
+static inline __m128 hsum4_8(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d)); /* per 128 bits: a b c d */
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+static inline float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+
+#define DECODE_TASK64_AVX2(SUF, T)                                                          \
+    static inline __attribute__((always_inline)) void task64_##SUF(                         \
+        const T* q, const T* qs, const T* kb, const T* vb, const int32_t* tb, int64_t bs,   \
+        int64_t t0, int64_t t1, int64_t s_end, int64_t g_end, const int64_t G, float scale, \
+        float* res) {                                                                       \
+        float qf[MAX_G][64] __attribute__((aligned(32))), qsf[MAX_G][64] __attribute__((aligned(32))); \
+        float sc[MAX_G][256], mx[MAX_G];                                                    \
+        const __m256 sv = _mm256_set1_ps(scale);                                            \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+            for (int j = 0; j < 8; j++) {                                                   \
+                _mm256_store_ps(qf[g] + 8 * j, _mm256_mul_ps(load8_##SUF(q + g * 64 + 8 * j), sv)); \
+                if (t0 < s_end)                                                             \
+                    _mm256_store_ps(qsf[g] + 8 * j, _mm256_mul_ps(load8_##SUF(qs + g * 64 + 8 * j), sv)); \
+            }                                                                               \
+            mx[g] = -INFINITY;                                                              \
+        }                                                                                   \
+        for (int64_t t = t0, i = 0; t < t1;) { /* scores, block by block */                 \
+            int64_t blk = t / bs, off = t % bs, run = bs - off;                             \
+            if (run > t1 - t) run = t1 - t;                                                 \
+            const T* kr = kb + ((int64_t)tb[blk] * bs + off) * 64;                          \
+            const T* nk = (blk + 1) * bs < t1 ? kb + (int64_t)tb[blk + 1] * bs * 64 : NULL;  \
+            const T* nv = (blk + 1) * bs < t1 ? vb + (int64_t)tb[blk + 1] * bs * 64 : NULL;  \
+            for (int64_t l = 0; nk && l < bs * 64 * (int64_t)sizeof(T); l += 64) {          \
+                _mm_prefetch((const char*)nk + l, _MM_HINT_T0);                             \
+                _mm_prefetch((const char*)nv + l, _MM_HINT_T1);                             \
+            }                                                                               \
+            int64_t r = 0;                                                                  \
+            if (t >= g_end) /* past the sinks and the gap: four keys per reduction */       \
+                for (; r + 4 <= run; r += 4, i += 4, kr += 256) {                           \
+                    __m256 a[4][MAX_G];                                                     \
+                    for (int u = 0; u < 4; u++)                                             \
+                        for (int64_t g = 0; g < G; g++) a[u][g] = _mm256_setzero_ps();      \
+                    for (int j = 0; j < 8; j++)                                             \
+                        for (int u = 0; u < 4; u++) {                                       \
+                            __m256 kv = load8_##SUF(kr + 64 * u + 8 * j);                   \
+                            for (int64_t g = 0; g < G; g++)                                 \
+                                a[u][g] = _mm256_fmadd_ps(_mm256_load_ps(qf[g] + 8 * j), kv, a[u][g]); \
+                        }                                                                   \
+                    for (int64_t g = 0; g < G; g++) {                                       \
+                        __m128 s4 = hsum4_8(a[0][g], a[1][g], a[2][g], a[3][g]);            \
+                        _mm_storeu_ps(&sc[g][i], s4);                                       \
+                        __m128 h2 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4)); /* lanes 0, 1 */ \
+                        float m4 = _mm_cvtss_f32(_mm_max_ss(h2, _mm_shuffle_ps(h2, h2, 1)));   \
+                        if (m4 > mx[g]) mx[g] = m4;                                         \
+                    }                                                                       \
+                }                                                                           \
+            for (; r < run; r++, i++, kr += 64) {                                           \
+                int64_t tt = t + r;                                                         \
+                if (tt >= s_end && tt < g_end) {                                            \
+                    for (int64_t g = 0; g < G; g++) sc[g][i] = -INFINITY;                   \
+                    continue;                                                               \
+                }                                                                           \
+                for (int64_t g = 0; g < G; g++) {                                           \
+                    const float* qq = tt < s_end ? qsf[g] : qf[g];                          \
+                    __m256 a0 = _mm256_setzero_ps();                                        \
+                    for (int j = 0; j < 8; j++)                                             \
+                        a0 = _mm256_fmadd_ps(_mm256_load_ps(qq + 8 * j), load8_##SUF(kr + 8 * j), a0); \
+                    float s = hsum8(a0);                                                    \
+                    sc[g][i] = s;                                                           \
+                    if (s > mx[g]) mx[g] = s;                                               \
+                }                                                                           \
+            }                                                                               \
+            t += run;                                                                       \
+        }                                                                                   \
+        int64_t n = t1 - t0;                                                                \
+        for (int64_t g = 0; g < G; g++) chunk_exp(sc[g], n, mx[g], res + g * 66);           \
+        for (int half = 0; half < 2; half++) { /* probabilities x V, 32 channels at a time */ \
+            __m256 acc[MAX_G][4];                                                           \
+            for (int64_t g = 0; g < G; g++)                                                 \
+                for (int j = 0; j < 4; j++) acc[g][j] = _mm256_setzero_ps();                \
+            for (int64_t t = t0, i = 0; t < t1;) {                                          \
+                int64_t blk = t / bs, off = t % bs, run = bs - off;                         \
+                if (run > t1 - t) run = t1 - t;                                             \
+                const T* vr = vb + ((int64_t)tb[blk] * bs + off) * 64 + 32 * half;          \
+                for (int64_t r = 0; r < run; r++, i++, vr += 64) {                          \
+                    __m256 v0 = load8_##SUF(vr), v1 = load8_##SUF(vr + 8);                  \
+                    __m256 v2 = load8_##SUF(vr + 16), v3 = load8_##SUF(vr + 24);            \
+                    for (int64_t g = 0; g < G; g++) {                                       \
+                        __m256 w = _mm256_set1_ps(sc[g][i]);                                \
+                        acc[g][0] = _mm256_fmadd_ps(w, v0, acc[g][0]);                      \
+                        acc[g][1] = _mm256_fmadd_ps(w, v1, acc[g][1]);                      \
+                        acc[g][2] = _mm256_fmadd_ps(w, v2, acc[g][2]);                      \
+                        acc[g][3] = _mm256_fmadd_ps(w, v3, acc[g][3]);                      \
+                    }                                                                       \
+                }                                                                           \
+                t += run;                                                                   \
+            }                                                                               \
+            for (int64_t g = 0; g < G; g++)                                                 \
+                for (int j = 0; j < 4; j++)                                                 \
+                    _mm256_storeu_ps(res + g * 66 + 2 + 32 * half + 8 * j, acc[g][j]);      \
+        }                                                                                   \
+    }
+
+DECODE_TASK64_AVX2(f32, float)
+DECODE_TASK64_AVX2(bf16, bf16)
+TASK64_DISPATCH(f32, float)
+TASK64_DISPATCH(bf16, bf16)
 #endif
 
 #define DECODE_ATTN(NAME, SUF, T, LOAD, STORE)                                                   \
@@ -487,7 +684,7 @@ DECODE_TASK64(bf16, bf16)
             for (int64_t g = 0; g < G; g++) { res[g * (D + 2)] = -INFINITY;                 \
                 res[g * (D + 2) + 1] = 0.f; }                                               \
             if (t0 >= t1) continue;                                                         \
-            if (HAVE_AVX512 && D == 64) {                                                   \
+            if ((HAVE_AVX512 || HAVE_AVX2) && D == 64) {                                                   \
                 int64_t qo = (b * Hq + h * G) * D;                                          \
                 TASK64(SUF)(q + qo, qs ? qs + qo : q + qo, k + b * row_stride + h * head_stride, \
                             v + b * row_stride + h * head_stride, table + b * NB, bs, t0, t1, \
@@ -565,7 +762,7 @@ DECODE_TASK64(bf16, bf16)
         free(part);                                                                         \
     }
 
-#if HAVE_AVX512
+#if HAVE_AVX512 || HAVE_AVX2
 #define TASK64(SUF) task64_dispatch_##SUF
 #else
 #define TASK64(SUF) (void) /* never called: the branch is compiled out */
