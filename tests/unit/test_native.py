@@ -210,10 +210,11 @@ def test_quantized_decode_attention_equals_attention_over_dequantized(bits, grou
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 3, native.SKINNY_ROWS])
-def test_skinny_matmul_matches_linear_and_rows_are_independent(rows):
-    w = torch.randn(200, 96)  # (N, K), F.linear's layout
-    x = torch.randn(1, rows, 96)
+@pytest.mark.parametrize("rows", [1, 3, 6, 7, native.SKINNY_ROWS])
+@pytest.mark.parametrize("k", [96, 101])  # 101: a tail past the last full vector
+def test_skinny_matmul_matches_linear_and_rows_are_independent(rows, k):
+    w = torch.randn(200, k)  # (N, K), F.linear's layout; 200 outputs: partial output tiles too
+    x = torch.randn(1, rows, k)
     y = native.skinny_matmul(x, w)
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
     for r in range(rows):  # a row alone gives the very same bits as inside the batch

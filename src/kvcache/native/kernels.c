@@ -1322,6 +1322,64 @@ void quantize_to_slots_f32(const float* x, const int64_t* slots, int64_t H, int6
  * rows per pass).
  * A row's result never depends on the other rows of x (the same sums in the same order). */
 
+#if HAVE_AVX2
+/* AVX2: a thread owns blocks of 24 weight rows (outputs); a block is read from memory once and
+ * stays in cache while every x row meets it, four x rows x three outputs at a time: twelve fused
+ * multiply-add chains in registers over K. Each (row, output) sum runs the same way in any
+ * tile (8 lanes over K, a fixed halving sum, the K tail in order), so a row's result never
+ * depends on the other rows. */
+static inline __attribute__((always_inline)) void mm_tile(const float* x, const float* w, float* y, int64_t K,
+                                                          int64_t N, const int R, const int C) {
+    __m256 acc[4][3];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 wv[3];
+        for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_ps(w + c * K + k);
+        for (int r = 0; r < R; r++) {
+            __m256 xv = _mm256_loadu_ps(x + r * K + k);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = hsum8(acc[r][c]);
+            for (int64_t i = k; i < K; i++) s += x[r * K + i] * w[c * K + i];
+            y[r * N + c] = s;
+        }
+}
+
+void matmul_nk_f32(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
+    const int64_t OB = 24; /* outputs per task: a multiple of the tile's three */
+    _Pragma("omp parallel for schedule(static)")
+    for (int64_t o0 = 0; o0 < N; o0 += OB) {
+        int64_t o1 = o0 + OB < N ? o0 + OB : N;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            int64_t rows = M - m0 < 4 ? M - m0 : 4;
+            for (int64_t o = o0; o < o1; o += 3) {
+                const float *xt = x + m0 * K, *wt = w + o * K;
+                float* yt = y + m0 * N + o;
+                int64_t outs = o1 - o < 3 ? o1 - o : 3;
+                switch (rows * 4 + outs) { /* constant tile shapes, unrolled */
+                case 16 + 3: mm_tile(xt, wt, yt, K, N, 4, 3); break;
+                case 16 + 2: mm_tile(xt, wt, yt, K, N, 4, 2); break;
+                case 16 + 1: mm_tile(xt, wt, yt, K, N, 4, 1); break;
+                case 12 + 3: mm_tile(xt, wt, yt, K, N, 3, 3); break;
+                case 12 + 2: mm_tile(xt, wt, yt, K, N, 3, 2); break;
+                case 12 + 1: mm_tile(xt, wt, yt, K, N, 3, 1); break;
+                case 8 + 3: mm_tile(xt, wt, yt, K, N, 2, 3); break;
+                case 8 + 2: mm_tile(xt, wt, yt, K, N, 2, 2); break;
+                case 8 + 1: mm_tile(xt, wt, yt, K, N, 2, 1); break;
+                case 4 + 3: mm_tile(xt, wt, yt, K, N, 1, 3); break;
+                case 4 + 2: mm_tile(xt, wt, yt, K, N, 1, 2); break;
+                default: mm_tile(xt, wt, yt, K, N, 1, 1);
+                }
+            }
+        }
+    }
+}
+#else
 void matmul_nk_f32(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) { /* four rows per pass over W: past that the dots stall */
         int64_t m1 = m0 + 4 < M ? m0 + 4 : M;
@@ -1338,3 +1396,4 @@ void matmul_nk_f32(const float* x, const float* w, float* y, int64_t M, int64_t 
         }
     }
 }
+#endif
