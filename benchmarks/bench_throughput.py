@@ -13,7 +13,8 @@ its length.
    c. `transformers` generate, left-padded batches of 8 in workload order (same weights,
       same dtype); only each request's own prompt and requested output count;
    d. `llama-cpp-python` on the same GGUF, one by one (skipped when not installed).
-   `--max-requests-baseline N` runs b, c and d on the first N requests only.
+   `--max-requests-baseline N` runs b, c and d on the first N requests only. `--repeats N`
+   runs each of a-d N times (a and b interleaved) and reports the median wall times.
 2. Capacity in a fixed `--kv-budget`: the workload runs through `LLMEngine.run_to_completion`
    with a per-step probe (blocks used, tokens held, requests resident); compared with how many
    requests fit if each reserved max_model_len tokens, or prompt + max_tokens, up front.
@@ -95,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="engine: most tokens per step (default 512)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run each throughput measurement (2a-2d) this many times, ours interleaved, and report "
+                        "median wall times (default 1)")
     p.add_argument("--hf-batch-size", type=int, default=8, help="transformers batch size (default 8)")
     p.add_argument("--max-requests-baseline", type=int, default=None, metavar="N",
                    help="run the slow baselines (one by one, transformers, llama.cpp) on the first N "
@@ -118,7 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.min_output is None:
         a.min_output = max(1, a.max_output // 8)
     for name in ("threads", "num_requests", "max_prompt", "min_prompt", "max_output", "min_output", "block_size",
-                 "max_num_seqs", "max_num_batched_tokens", "hf_batch_size", "prefix_requests", "prefix_tokens",
+                 "max_num_seqs", "max_num_batched_tokens", "hf_batch_size", "repeats", "prefix_requests",
+                 "prefix_tokens",
                  "question_tokens", "prefix_max_tokens"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -205,8 +210,24 @@ class RunResult:
     of_requests: int  # requests in the whole workload (requests < of_requests: a subset)
     prompt_tokens: int
     generated_tokens: int
-    wall_s: float
+    wall_s: float  # the median of walls_s
     note: str = ""
+    walls_s: tuple[float, ...] = ()  # every repeat's wall time, in run order
+
+    @classmethod
+    def median_of(cls, runs: list["RunResult"]) -> "RunResult":
+        """One result for repeats of the same run: the median wall time, every wall kept."""
+        walls = tuple(r.wall_s for r in runs)
+        first = runs[0]
+        return cls(first.name, first.requests, first.of_requests, first.prompt_tokens, first.generated_tokens,
+                   statistics.median(walls), first.note, walls)
+
+    @property
+    def spread(self) -> str:
+        """'median of N (min-max s)' where repeated, else ''."""
+        if len(self.walls_s) < 2:
+            return ""
+        return f"median of {len(self.walls_s)}: {min(self.walls_s):.1f}-{max(self.walls_s):.1f} s"
 
     @property
     def subset(self) -> bool:
@@ -224,7 +245,8 @@ class RunResult:
         return {"name": self.name, "requests": self.requests, "of_requests": self.of_requests,
                 "subset": self.subset, "prompt_tokens": self.prompt_tokens,
                 "generated_tokens": self.generated_tokens, "wall_s": self.wall_s,
-                "total_tok_s": self.total_tok_s, "gen_tok_s": self.gen_tok_s, "note": self.note}
+                "total_tok_s": self.total_tok_s, "gen_tok_s": self.gen_tok_s, "note": self.note,
+                "walls_s": list(self.walls_s or (self.wall_s,))}
 
 
 def _finite(x):
@@ -595,7 +617,7 @@ def build_report(args, wl: Workload, runs: dict, cap: dict | None, static: dict 
 
     a = runs["ours_batched"]
     row("throughput", "2a ours, all at once: tok/s (gen tok/s)", f"{a.total_tok_s:,.0f} ({a.gen_tok_s:,.0f})")
-    row("", "   wall time", f"{a.wall_s:.1f} s  [dim]{a.note}[/dim]")
+    row("", "   wall time", f"{a.wall_s:.1f} s  [dim]{a.note}[/dim]" + (f"  [dim]({a.spread})[/dim]" if a.spread else ""))
     for key, label, short, goal_x in (
             ("ours_one_by_one", "2b ours, one by one", "2b", GOAL_VS_ONE_BY_ONE),
             ("hf", f"2c transformers, batches of {args.hf_batch_size}", "2c", GOAL_VS_HF),
@@ -606,7 +628,8 @@ def build_report(args, wl: Workload, runs: dict, cap: dict | None, static: dict 
                 f"2a >= {goal_x:g}x", None, f"ours_vs_{key.removeprefix('ours_')}", None, goal_x)
             continue
         sub = f" [yellow]\\[first {r.requests}/{r.of_requests} requests][/yellow]" if r.subset else ""
-        row("", f"{label}: tok/s (gen tok/s){sub}", f"{r.total_tok_s:,.0f} ({r.gen_tok_s:,.0f})")
+        row("", f"{label}: tok/s (gen tok/s){sub}", f"{r.total_tok_s:,.0f} ({r.gen_tok_s:,.0f})"
+            + (f"  [dim]({r.spread})[/dim]" if r.spread else ""))
         speed = _ratio(a.total_tok_s, r.total_tok_s)
         row("", f"   2a / {short} (total tok/s)", _x(speed),
             f">= {goal_x:g}x", speed >= goal_x, f"ours_vs_{key.removeprefix('ours_')}", speed, goal_x)
@@ -688,11 +711,16 @@ def main(argv: list[str] | None = None) -> dict:
         base = wl.head(n_base)
 
         warm_up(llm, corpus)
-        runs["ours_batched"] = run_ours_batched(llm, wl, progress)
+        batched, alone = [], []
+        for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits both
+            batched.append(run_ours_batched(llm, wl, progress))
+            if not args.skip_one_by_one:
+                alone.append(run_ours_one_by_one(llm, base, len(wl), progress))
+        runs["ours_batched"] = RunResult.median_of(batched)
         if args.skip_one_by_one:
             skipped["ours_one_by_one"] = "--skip-one-by-one"
         else:
-            runs["ours_one_by_one"] = run_ours_one_by_one(llm, base, len(wl), progress)
+            runs["ours_one_by_one"] = RunResult.median_of(alone)
 
         if not args.skip_capacity:
             cap, records = run_capacity(llm, wl, progress)
@@ -721,14 +749,15 @@ def main(argv: list[str] | None = None) -> dict:
         if args.skip_hf:
             skipped["hf"] = "--skip-hf"
         else:
-            runs["hf"] = run_hf(llm, base, len(wl), args, progress)
+            runs["hf"] = RunResult.median_of([run_hf(llm, base, len(wl), args, progress) for _ in range(args.repeats)])
             gc.collect()  # the transformers model
 
         if args.skip_llamacpp:
             skipped["llamacpp"] = "--skip-llamacpp"
         else:
             try:
-                runs["llamacpp"] = run_llamacpp(base, len(wl), args, progress)
+                runs["llamacpp"] = RunResult.median_of([run_llamacpp(base, len(wl), args, progress)
+                                                         for _ in range(args.repeats)])
             except ImportError:
                 err.print("skipped: llama-cpp-python not installed")
                 skipped["llamacpp"] = "llama-cpp-python not installed"
@@ -765,7 +794,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "seed": args.seed, "kv_budget": args.kv_budget, "kv_budget_bytes": args.kv_budget_bytes,
                    "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens, "hf_batch_size": args.hf_batch_size,
-                   "max_requests_baseline": args.max_requests_baseline},
+                   "max_requests_baseline": args.max_requests_baseline, "repeats": args.repeats},
         "workload": summary,
         "throughput": {k: r.to_dict() for k, r in runs.items()},
         "speedups": {f"ours_vs_{k.removeprefix('ours_')}": _ratio(a.total_tok_s, r.total_tok_s)
