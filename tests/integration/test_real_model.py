@@ -160,6 +160,11 @@ def test_32_requests_with_preemption_equal_each_alone(llm, mixed_alone, prefix_c
 
 
 INT8_PAGED = "quantized:bits=8,key_axis=token,residual=0"
+# Near-tie bound for int8 caches: a different fp32 summation order upstream (the skinny
+# matmul of a decode row against F.linear of a batch) flips some rounded codes, and the logits
+# move by up to ~0.02 where the full cache moves them by ~1e-5 (measured on four of these
+# requests on an AVX2 CPU); 0.065 was seen on one. A wrong block or scale moves them by whole units.
+INT8_NEAR_TIE = 0.1
 
 
 def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_alone):
@@ -189,7 +194,7 @@ def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_
     for p, sp, out, ref32 in zip(prompts, params, together, fp32_alone):
         alone = BatchGeneration(model, llm.tokenizer, [p], [sp], llm.max_model_len, llm.eos_ids,
                                 cache=PolicyCache(model, INT8_PAGED)).run()[0].token_ids
-        assert_same_tokens(policy_logits, p, out.token_ids, alone)
+        assert_same_tokens(policy_logits, p, out.token_ids, alone, tol=INT8_NEAR_TIE)
         same_as_fp32 += out.token_ids == ref32
     assert same_as_fp32 >= 12, f"int8 changed {16 - same_as_fp32} of 16 greedy continuations"
     assert small.stats()["blocks_used"] == 0
@@ -321,7 +326,9 @@ def test_bf16_engine_steps_through_native_kernels_track_fp32(llm):
         eng.step()  # its first decode row and the long prompt, in one pass
     finally:
         mixed_step.native.prefill_attention = kernel
-    assert calls == [40] * 30 + [300] * 30  # each prompt chunk through the native kernel, once per layer
+    # each prompt chunk through the native kernel, once per layer (an AVX-512 build; without
+    # AVX-512 there is no prefill kernel and SDPA takes the chunks)
+    assert calls == ([40] * 30 + [300] * 30 if native.prefill_attention_built() else [])
     step, logits = captured[-1]
     assert step.input_ids.shape == (1, 301) and logits.shape[0] == 2  # one row: decode token + chunk
     with torch.inference_mode():

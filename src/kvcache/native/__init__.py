@@ -124,7 +124,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 _prefill_built: bool | None = None
 
 
-def _prefill_attn_built() -> bool:
+def prefill_attention_built() -> bool:
     """Whether the library has the prefill kernel (an AVX-512 build); asked once."""
     global _prefill_built
     if _prefill_built is None:
@@ -136,7 +136,7 @@ def _prefill_attn_built() -> bool:
 def prefill_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `prefill_attention` takes these operands: head_dim 64 on an AVX-512 build,
     each query token's heads side by side, each KV head's keys one contiguous run."""
-    return (_prefill_attn_built() and q.shape[-1] == 64 and q.shape[0] == 1
+    return (prefill_attention_built() and q.shape[-1] == 64 and q.shape[0] == 1
             and q.stride(3) == 1 and q.stride(1) == 64 and k.stride(3) == 1 and k.stride(2) == 64
             and q.shape[1] // k.shape[1] <= MAX_GROUP)  # v: checked by prefill_attention
 
