@@ -51,7 +51,7 @@ from rich.table import Table
 from kvcache.cache.manager import RELEASED
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
-from kvcache.bench.common import consoles, corpus_ids, quiet_transformers
+from kvcache.bench.common import consoles, corpus_ids, machine_info, quiet_transformers
 from kvcache.engine.llm import LLM, parse_dtype
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
@@ -704,6 +704,10 @@ def main(argv: list[str] | None = None) -> dict:
         if longest > llm.max_model_len:
             raise SystemExit(f"A request needs {longest} tokens, more than max_model_len {llm.max_model_len}.")
         s = wl.summary()
+        m = machine_info()
+        err.print(f"machine: {m['cpu']}, {m['cores']} cores, "
+                  f"{'AVX-512' if m['avx512f'] else 'AVX2' if m['avx2'] else 'no AVX2'}"
+                  f"{' with bf16' if m['avx512_bf16'] else ''}")
         err.print(f"workload: {len(wl)} requests; prompt tokens min/median/max "
                   f"{s['prompt_len']['min']}/{s['prompt_len']['median']:g}/{s['prompt_len']['max']}; "
                   f"output tokens {s['output_len']['min']}/{s['output_len']['median']:g}/{s['output_len']['max']}")
@@ -795,6 +799,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens, "hf_batch_size": args.hf_batch_size,
                    "max_requests_baseline": args.max_requests_baseline, "repeats": args.repeats},
+        "machine": machine_info(),
         "workload": summary,
         "throughput": {k: r.to_dict() for k, r in runs.items()},
         "speedups": {f"ours_vs_{k.removeprefix('ours_')}": _ratio(a.total_tok_s, r.total_tok_s)

@@ -70,3 +70,28 @@ def print_json(args, **results) -> None:
 
     if args.json:
         print(json.dumps({"config": vars(args), **results}, default=str))
+
+
+def machine_info() -> dict:
+    """The CPU the figures come from: model name, core count, its vector extensions (x86), and
+    whether the native kernels were built with the prefill kernel (AVX-512 builds only)."""
+    import os
+    import platform
+
+    from kvcache import native
+
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:  # Linux; elsewhere only the architecture is known
+            for line in f:
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    return {"cpu": name, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "native_prefill_kernel": native.prefill_attention_built()}
+
