@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -10,6 +11,7 @@ from kvcache.engine.generate import BatchGeneration
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError, PromptTooLongError
+from kvcache.models.linear import slow_dtype_reason
 from kvcache.models.llama import LlamaModel
 from kvcache.models.loader import DEFAULT_MODEL, load_model
 
@@ -56,6 +58,9 @@ class LLM:
             torch.set_num_threads(threads)
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device) if device is not None else default_device()
+        slow = slow_dtype_reason(self.dtype, self.device)
+        if slow:
+            warnings.warn(slow, RuntimeWarning, stacklevel=2)
         loaded = load_model(model, progress=progress)
         self.name, self.model_dir, self.config = model, loaded.model_dir, loaded.config
         self.tokenizer = loaded.tokenizer
