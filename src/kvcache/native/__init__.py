@@ -121,16 +121,9 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_prefill_built: bool | None = None
-
-
 def prefill_attention_built() -> bool:
-    """Whether the library has the prefill kernel (an AVX-512 build); asked once."""
-    global _prefill_built
-    if _prefill_built is None:
-        lib = load()
-        _prefill_built = lib is not None and bool(lib.prefill_attn_available())
-    return _prefill_built
+    """Whether the library has the prefill kernel (an AVX-512 build): `symbols` bound it."""
+    return ("prefill_attn", torch.float32) in _functions()
 
 
 def prefill_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
