@@ -593,6 +593,16 @@ def _x(r: float) -> str:
     return "∞" if r == float("inf") else ("n/a" if math.isnan(r) else f"{r:.2f}x")
 
 
+def prompts_fill(prompt_lens: list[int], pool_tokens: int) -> int:
+    """The most requests, taken in arrival order, whose prompts fit `pool_tokens` together."""
+    total = 0
+    for i, n in enumerate(prompt_lens):
+        total += n
+        if total > pool_tokens:
+            return i
+    return len(prompt_lens)
+
+
 def build_report(args, wl: Workload, runs: dict, cap: dict | None, static: dict | None,
                  prefix: dict | None, skipped: dict) -> tuple[Table, dict, list[dict]]:
     t = Table(box=box.SIMPLE_HEAD, title=(
@@ -648,6 +658,11 @@ def build_report(args, wl: Workload, runs: dict, cap: dict | None, static: dict 
         row("", f"   if each reserved prompt + max_tokens (mean {static['mean_total_len']:.0f})",
             f"{static['full_reserve_requests']}  → {_x(r2)}", f">= {GOAL_VS_FULL_RESERVE:g}x",
             r2 >= GOAL_VS_FULL_RESERVE, "capacity_vs_full_reserve", r2, GOAL_VS_FULL_RESERVE)
+        r3 = _ratio(cap["peak_running"], static["cap_reserve_requests"])
+        row("", f"   if each reserved prompt + the output cap ({static['output_cap']}; a client "
+                "cannot know the length)", f"{static['cap_reserve_requests']}  → {_x(r3)}")
+        row("", "   requests whose prompts alone fill the pool, in arrival order",
+            f"{static['prompts_fill_pool_at']}")
         row("", "allocated KV not holding a token (time-weighted)", f"{cap['waste_fraction']:.2%}",
             f"< {GOAL_WASTE:.0%}", cap["waste_fraction"] < GOAL_WASTE, "kv_waste", cap["waste_fraction"], GOAL_WASTE)
         row("", "   worst step", f"{cap['waste_fraction_max']:.2%}")
@@ -744,6 +759,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "max_len_requests_fractional": args.kv_budget_bytes / (llm.max_model_len * bpt),
                 "mean_total_len": mean_total,
                 "full_reserve_requests": int(args.kv_budget_bytes // (mean_total * bpt)),
+                # what a client that cannot know an answer's length reserves: the workload's output cap
+                "output_cap": args.max_output,
+                "cap_reserve_requests": int(args.kv_budget_bytes
+                                            // ((s["prompt_len"]["mean"] + args.max_output) * bpt)),
+                # arrival order: how many requests' prompts alone fill the pool (FCFS admits them in turn)
+                "prompts_fill_pool_at": prompts_fill(wl.prompt_lens, cap["pool_tokens"]),
             }
             static["ours_vs_max_len_reserve"] = _ratio(cap["peak_running"], static["max_len_requests"])
             static["ours_vs_full_reserve"] = _ratio(cap["peak_running"], static["full_reserve_requests"])
