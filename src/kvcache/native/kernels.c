@@ -49,6 +49,26 @@ static inline float exp_approx(float x) {
     return x <= -87.0f ? 0.f : p * scale;
 }
 
+/* exp_approx on a vector of floats, the same operations in the same order (equal results),
+ * for P = _mm512 (V __m512, VI __m512i, W 512) or _mm256; ROUND_DOWN(v) floors, ZERO_LE(x, y)
+ * is y with 0 where x <= -87. */
+#define EXP_VEC(NAME, P, V, VI, W, ROUND_DOWN, ZERO_LE)                                     \
+    static inline V NAME(V x) {                                                             \
+        x = P##_min_ps(P##_max_ps(x, P##_set1_ps(-87.0f)), P##_set1_ps(88.0f));             \
+        V k = ROUND_DOWN(P##_add_ps(P##_mul_ps(x, P##_set1_ps(1.44269504088896341f)), P##_set1_ps(0.5f))); \
+        V r = P##_sub_ps(x, P##_mul_ps(k, P##_set1_ps(0.693359375f)));                      \
+        r = P##_sub_ps(r, P##_mul_ps(k, P##_set1_ps(-2.12194440e-4f)));                     \
+        V p = P##_set1_ps(1.f / 720.f);                                                     \
+        p = P##_add_ps(P##_mul_ps(p, r), P##_set1_ps(1.f / 120.f));                         \
+        p = P##_add_ps(P##_mul_ps(p, r), P##_set1_ps(1.f / 24.f));                          \
+        p = P##_add_ps(P##_mul_ps(p, r), P##_set1_ps(1.f / 6.f));                           \
+        p = P##_add_ps(P##_mul_ps(p, r), P##_set1_ps(0.5f));                                \
+        p = P##_add_ps(P##_mul_ps(p, r), P##_set1_ps(1.f));                                 \
+        p = P##_add_ps(P##_mul_ps(p, r), P##_set1_ps(1.f));                                 \
+        VI e = P##_slli_epi32(P##_add_epi32(P##_cvtps_epi32(k), P##_set1_epi32(127)), 23);  \
+        return ZERO_LE(x, P##_mul_ps(p, P##_castsi##W##_ps(e)));                            \
+    }
+
 /* AVX-512 (where the compiler targets it): 16 floats per vector; bf16 widens by a shift and
  * narrows with round-to-nearest-even, as f32_to_bf16 does. */
 #if defined(__AVX512F__)
@@ -70,24 +90,11 @@ static inline void store16_bf16(bf16* p, __m512 x) {
     _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
 }
 
-/* exp_approx on 16 lanes, the same operations in the same order (equal results). */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    __m512 k = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                                  _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(k, _mm512_set1_ps(0.693359375f)));
-    r = _mm512_sub_ps(r, _mm512_mul_ps(k, _mm512_set1_ps(-2.12194440e-4f)));
-    __m512 p = _mm512_set1_ps(1.f / 720.f);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(0.5f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f));
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-    __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+static inline __m512 floor16(__m512 v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline __m512 zero_le16(__m512 x, __m512 y) {
     return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LE_OQ), _mm512_setzero_ps());
 }
+EXP_VEC(exp16, _mm512, __m512, __m512i, 512, floor16, zero_le16)
 #else
 #define HAVE_AVX512 0
 #endif
@@ -115,24 +122,11 @@ static inline void store8_bf16(bf16* p, __m256 x) {
     _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(packed));
 }
 
-/* exp_approx on 8 lanes, the same operations in the same order (equal results). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    __m256 k = _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                             _mm256_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(k, _mm256_set1_ps(0.693359375f)));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(k, _mm256_set1_ps(-2.12194440e-4f)));
-    __m256 p = _mm256_set1_ps(1.f / 720.f);
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 120.f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 24.f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f / 6.f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(0.5f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+static inline __m256 floor8(__m256 v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline __m256 zero_le8(__m256 x, __m256 y) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LE_OQ), y);
 }
+EXP_VEC(exp8, _mm256, __m256, __m256i, 256, floor8, zero_le8)
 #else
 #define HAVE_AVX2 0
 #endif
