@@ -332,8 +332,27 @@ static inline float dot64(const float* a, const float* b) {
  * result row starts with [m, sum of exponentials]. */
 static inline void chunk_exp(float* sg, int64_t n, float m, float* res) {
     float total = 0.f;
-    _Pragma("omp simd reduction(+:total)")
-    for (int64_t i = 0; i < n; i++) { float e = exp_approx(sg[i] - m); sg[i] = e; total += e; }
+    int64_t i = 0;
+#if HAVE_AVX512 /* exp16 gives exp_approx's values; the sum runs in 16 lanes, then across them */
+    __m512 mv = _mm512_set1_ps(m), tv = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + i), mv));
+        _mm512_storeu_ps(sg + i, e);
+        tv = _mm512_add_ps(tv, e);
+    }
+    total = _mm512_reduce_add_ps(tv);
+#elif HAVE_AVX2
+    __m256 mv = _mm256_set1_ps(m), tv = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + i), mv));
+        _mm256_storeu_ps(sg + i, e);
+        tv = _mm256_add_ps(tv, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, tv);
+    for (int l = 0; l < 8; l++) total += lanes[l];
+#endif
+    for (; i < n; i++) { float e = exp_approx(sg[i] - m); sg[i] = e; total += e; }
     res[0] = m;
     res[1] = total;
 }
@@ -463,6 +482,7 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
         qk_##SUF##_t qv[MAX_G], qsv[MAX_G];                                                 \
         __m512 acc[MAX_G][4];                                                               \
         float sc[MAX_G][256], mx[MAX_G];                                                    \
+        __m128 mx4[MAX_G]; /* running maxima of the four-key path, per lane */              \
         const float post = QK_POST_##SUF ? scale : 1.0f;                                    \
         const __m512 one = _mm512_set1_ps(1.0f); /* keys are not scaled */                  \
         __m512 sv = _mm512_set1_ps(QK_POST_##SUF ? 1.0f : scale);                           \
@@ -471,6 +491,7 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
             qsv[g] = t0 < s_end ? qk_load_##SUF(qs + g * 64, sv) : qv[g];                   \
             for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_ps();                    \
             mx[g] = -INFINITY;                                                              \
+            mx4[g] = _mm_set1_ps(-INFINITY);                                                \
         }                                                                                   \
         for (int64_t t = t0, i = 0; t < t1;) { /* scores, block by block */                 \
             int64_t blk = t / bs, off = t % bs, run = bs - off;                             \
@@ -495,9 +516,7 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
                         __m128 s4 = hsum4(a[0], a[1], a[2], a[3]);                          \
                         if (QK_POST_##SUF) s4 = _mm_mul_ps(s4, _mm_set1_ps(post));          \
                         _mm_storeu_ps(&sc[g][i], s4);                                       \
-                        __m128 h2 = _mm_max_ps(s4, _mm_movehl_ps(s4, s4)); /* lanes 0, 1 */ \
-                        float m4 = _mm_cvtss_f32(_mm_max_ss(h2, _mm_shuffle_ps(h2, h2, 1)));   \
-                        if (m4 > mx[g]) mx[g] = m4;                                         \
+                        mx4[g] = _mm_max_ps(mx4[g], s4);                                    \
                     }                                                                       \
                 }                                                                           \
             for (; r < run; r++, i++, kr += 64) {                                           \
@@ -517,6 +536,11 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
             t += run;                                                                       \
         }                                                                                   \
         int64_t n = t1 - t0;                                                                \
+        for (int64_t g = 0; g < G; g++) { /* fold the four-key maxima in */                 \
+            __m128 h2 = _mm_max_ps(mx4[g], _mm_movehl_ps(mx4[g], mx4[g])); /* lanes 0, 1 */ \
+            float m4 = _mm_cvtss_f32(_mm_max_ss(h2, _mm_shuffle_ps(h2, h2, 1)));           \
+            if (m4 > mx[g]) mx[g] = m4;                                                     \
+        }                                                                                   \
         for (int64_t g = 0; g < G; g++) chunk_exp(sc[g], n, mx[g], res + g * 66);           \
         for (int64_t t = t0, i = 0; t < t1;) { /* probabilities x V */                      \
             int64_t blk = t / bs, off = t % bs, run = bs - off;                             \
