@@ -127,6 +127,13 @@ static inline __m256 zero_le8(__m256 x, __m256 y) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LE_OQ), y);
 }
 EXP_VEC(exp8, _mm256, __m256, __m256i, 256, floor8, zero_le8)
+
+/* The sum of a vector's 8 lanes. */
+static inline float hsum8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
 #else
 #define HAVE_AVX2 0
 #endif
@@ -348,9 +355,7 @@ static inline void chunk_exp(float* sg, int64_t n, float m, float* res) {
         _mm256_storeu_ps(sg + i, e);
         tv = _mm256_add_ps(tv, e);
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, tv);
-    for (int l = 0; l < 8; l++) total += lanes[l];
+    total = hsum8(tv);
 #endif
     for (; i < n; i++) { float e = exp_approx(sg[i] - m); sg[i] = e; total += e; }
     res[0] = m;
@@ -578,11 +583,6 @@ TASK64_DISPATCH(bf16, bf16)
 static inline __m128 hsum4_8(__m256 a, __m256 b, __m256 c, __m256 d) {
     __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d)); /* per 128 bits: a b c d */
     return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-static inline float hsum8(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
 #define DECODE_TASK64_AVX2(SUF, T)                                                          \
