@@ -174,3 +174,36 @@ def test_stop_equivalent_to_cutting_the_full_text(stop):
         ptok = PieceTokenizer(sorted(set(chunks)))
         check_stream(ptok, ptok.ids(*chunks), [stop], expected)
     check_stream(tok, [tok.pieces.index(c) for c in text], [stop], expected)
+
+
+# ----------------------------------------------------------------------------- cost per token
+
+
+class CountingTokenizer(ByteTokenizer):
+    """A ByteTokenizer that records how many ids each decode call was given."""
+
+    def __init__(self):
+        self.sizes: list[int] = []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.sizes.append(len(ids))
+        return super().decode(ids, skip_special_tokens)
+
+
+def test_each_token_decodes_a_short_window_not_the_whole_output():
+    tok = CountingTokenizer()
+    text = "a long answer, é 東京 🙂, " * 40  # ~1,000 bytes, multibyte characters split across ids
+    deltas = run(IncrementalDetokenizer(tok), tok.encode(text))
+    assert "".join(deltas) == text
+    assert max(tok.sizes) <= 8  # a 4-byte character and its context, however long the output
+
+
+def test_random_ids_match_a_full_decode(tiny_tokenizer):
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(len(tiny_tokenizer)) for _ in range(rng.randrange(1, 60))]
+        detok = IncrementalDetokenizer(tiny_tokenizer)
+        deltas = run(detok, ids)
+        assert "".join(deltas) == detok.text == tiny_tokenizer.decode(ids, skip_special_tokens=True)

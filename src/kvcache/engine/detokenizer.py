@@ -8,6 +8,9 @@ class IncrementalDetokenizer:
 
     Text is held back while it ends in an incomplete UTF-8 character (shown as U+FFFD)
     or could still be the start of a stop string; a stop string ends the text before it.
+    Each call decodes only the ids since the last complete character, with the few before
+    them as context (so a tokenizer that treats a leading piece specially decodes it alike
+    both times): O(1) per token instead of decoding the whole output again.
     """
 
     def __init__(self, tokenizer, stop: list[str] | None = None):
@@ -18,11 +21,19 @@ class IncrementalDetokenizer:
         self.text = ""  # full decoded text so far (up to a stop string)
         self.emitted = 0  # characters already handed out
         self.stopped = False
+        self._start = 0  # ids[_start:_mark]: the context decoded before the new ids
+        self._mark = 0  # ids[:_mark] are decoded into _done, ending on a complete character
+        self._done = ""
 
     def add(self, token_id: int) -> str:
         """Add one id; return the new text that is safe to show now."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        head = self.tokenizer.decode(self.ids[self._start : self._mark], skip_special_tokens=True)
+        window = self.tokenizer.decode(self.ids[self._start :], skip_special_tokens=True)
+        tail = window[len(head) :] if window.startswith(head) else window
+        text = self._done + tail
+        if not tail.endswith("\ufffd"):  # complete: the next call decodes from here
+            self._done, self._start, self._mark = text, self._mark, len(self.ids)
         for s in self.stop:
             at = text.find(s, max(0, self.emitted - len(s)))
             if at != -1:
