@@ -479,13 +479,100 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
 #define QK_POST_bf16 0
 #endif
 
+/* The V pass of the head_dim-64 AVX-512 body: o + g * 66 (o: the chunk result's sums) gets
+ * sum_i sc[g][i] * V(t0 + i), token by token in fp32 multiply-adds. */
+#define PV_FMA(SUF, T)                                                                      \
+    static inline __attribute__((always_inline)) void pv_fma_##SUF(                         \
+        const T* vb, const int32_t* tb, int64_t bs, int64_t t0, int64_t t1, float (*sc)[256], \
+        const int64_t G, float* o) {                                                        \
+        __m512 acc[MAX_G][4];                                                               \
+        for (int64_t g = 0; g < G; g++)                                                     \
+            for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_ps();                    \
+        for (int64_t t = t0, i = 0; t < t1;) {                                              \
+            int64_t blk = t / bs, off = t % bs, run = bs - off;                             \
+            if (run > t1 - t) run = t1 - t;                                                 \
+            const T* vr = vb + ((int64_t)tb[blk] * bs + off) * 64;                          \
+            for (int64_t r = 0; r < run; r++, i++, vr += 64) {                              \
+                __m512 v0 = load16_##SUF(vr), v1 = load16_##SUF(vr + 16);                   \
+                __m512 v2 = load16_##SUF(vr + 32), v3 = load16_##SUF(vr + 48);              \
+                for (int64_t g = 0; g < G; g++) {                                           \
+                    __m512 w = _mm512_set1_ps(sc[g][i]);                                    \
+                    acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);                          \
+                    acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);                          \
+                    acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);                          \
+                    acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);                          \
+                }                                                                           \
+            }                                                                               \
+            t += run;                                                                       \
+        }                                                                                   \
+        for (int64_t g = 0; g < G; g++)                                                     \
+            for (int j = 0; j < 4; j++) _mm512_storeu_ps(o + g * 66 + 16 * j, acc[g][j]);   \
+    }
+PV_FMA(f32, float)
+PV_FMA(bf16, bf16)
+#define pv_f32 pv_fma_f32
+#if defined(__AVX512BF16__)
+/* The V pass for bf16 storage with the bf16 dot-product instruction: two tokens at a time,
+ * their V rows interleaved channel by channel (unpacklo/hi within 128-bit lanes), times each
+ * head's pair of exponentials rounded to bf16 (as transformers' eager attention rounds its
+ * probabilities to the model dtype), summed in fp32: 8 instructions per pair and head
+ * instead of 8 multiply-adds per token. The sums come out in the interleaved channel
+ * order; two permutes per 32 channels put them back. */
+static inline __attribute__((always_inline)) void pv_bf16(const bf16* vb, const int32_t* tb, int64_t bs, int64_t t0,
+                                                          int64_t t1, float (*sc)[256], const int64_t G, float* o) {
+    const int64_t n = t1 - t0;
+    const bf16* vrow[256];
+    bf16 pb[MAX_G][256] __attribute__((aligned(64))); /* exponentials as bf16, 0 past n */
+    for (int64_t t = t0, i = 0; t < t1;) {
+        int64_t blk = t / bs, off = t % bs, run = bs - off;
+        if (run > t1 - t) run = t1 - t;
+        const bf16* vr = vb + ((int64_t)tb[blk] * bs + off) * 64;
+        for (int64_t r = 0; r < run; r++, i++, vr += 64) vrow[i] = vr;
+        t += run;
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+            __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, sc[g] + i));
+            _mm256_store_si256((__m256i*)(pb[g] + i), (__m256i)h);
+        }
+    __m512 acc[MAX_G][4];
+    for (int64_t g = 0; g < G; g++)
+        for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 2) {
+        const bf16* a = vrow[i];
+        const bf16* b = i + 1 < n ? vrow[i + 1] : a; /* its weight is 0 */
+        __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 32);
+        __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 32);
+        __m512bh x[4] = {(__m512bh)_mm512_unpacklo_epi16(a0, b0), (__m512bh)_mm512_unpackhi_epi16(a0, b0),
+                         (__m512bh)_mm512_unpacklo_epi16(a1, b1), (__m512bh)_mm512_unpackhi_epi16(a1, b1)};
+        for (int64_t g = 0; g < G; g++) {
+            uint32_t pair;
+            memcpy(&pair, pb[g] + i, 4);
+            __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int j = 0; j < 4; j++) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], w, x[j]);
+        }
+    }
+    /* lanes of unpacklo: channels 0-3, 8-11, 16-19, 24-27 of its 32; unpackhi: 4-7, 12-15, ... */
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int64_t g = 0; g < G; g++)
+        for (int h = 0; h < 2; h++) {
+            __m512 lo = acc[g][2 * h], hi = acc[g][2 * h + 1];
+            _mm512_storeu_ps(o + g * 66 + 32 * h, _mm512_permutex2var_ps(lo, first, hi));
+            _mm512_storeu_ps(o + g * 66 + 32 * h + 16, _mm512_permutex2var_ps(lo, second, hi));
+        }
+}
+#else
+#define pv_bf16 pv_fma_bf16
+#endif
+
 #define DECODE_TASK64(SUF, T)                                                               \
     static inline __attribute__((always_inline)) void task64_##SUF(                         \
         const T* q, const T* qs, const T* kb, const T* vb, const int32_t* tb, int64_t bs,   \
         int64_t t0, int64_t t1, int64_t s_end, int64_t g_end, const int64_t G, float scale, \
         float* res) {                                                                       \
         qk_##SUF##_t qv[MAX_G], qsv[MAX_G];                                                 \
-        __m512 acc[MAX_G][4];                                                               \
         float sc[MAX_G][256], mx[MAX_G];                                                    \
         __m128 mx4[MAX_G]; /* running maxima of the four-key path, per lane */              \
         const float post = QK_POST_##SUF ? scale : 1.0f;                                    \
@@ -494,7 +581,6 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
         for (int64_t g = 0; g < G; g++) {                                                   \
             qv[g] = qk_load_##SUF(q + g * 64, sv);                                          \
             qsv[g] = t0 < s_end ? qk_load_##SUF(qs + g * 64, sv) : qv[g];                   \
-            for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_ps();                    \
             mx[g] = -INFINITY;                                                              \
             mx4[g] = _mm_set1_ps(-INFINITY);                                                \
         }                                                                                   \
@@ -547,25 +633,7 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
             if (m4 > mx[g]) mx[g] = m4;                                                     \
         }                                                                                   \
         for (int64_t g = 0; g < G; g++) chunk_exp(sc[g], n, mx[g], res + g * 66);           \
-        for (int64_t t = t0, i = 0; t < t1;) { /* probabilities x V */                      \
-            int64_t blk = t / bs, off = t % bs, run = bs - off;                             \
-            if (run > t1 - t) run = t1 - t;                                                 \
-            const T* vr = vb + ((int64_t)tb[blk] * bs + off) * 64;                          \
-            for (int64_t r = 0; r < run; r++, i++, vr += 64) {                              \
-                __m512 v0 = load16_##SUF(vr), v1 = load16_##SUF(vr + 16);                   \
-                __m512 v2 = load16_##SUF(vr + 32), v3 = load16_##SUF(vr + 48);              \
-                for (int64_t g = 0; g < G; g++) {                                           \
-                    __m512 w = _mm512_set1_ps(sc[g][i]);                                    \
-                    acc[g][0] = _mm512_fmadd_ps(w, v0, acc[g][0]);                          \
-                    acc[g][1] = _mm512_fmadd_ps(w, v1, acc[g][1]);                          \
-                    acc[g][2] = _mm512_fmadd_ps(w, v2, acc[g][2]);                          \
-                    acc[g][3] = _mm512_fmadd_ps(w, v3, acc[g][3]);                          \
-                }                                                                           \
-            }                                                                               \
-            t += run;                                                                       \
-        }                                                                                   \
-        for (int64_t g = 0; g < G; g++)                                                     \
-            for (int j = 0; j < 4; j++) _mm512_storeu_ps(res + g * 66 + 2 + 16 * j, acc[g][j]); \
+        pv_##SUF(vb, tb, bs, t0, t1, sc, G, res + 2); /* probabilities x V */              \
     }
 
 DECODE_TASK64(f32, float)
@@ -865,6 +933,85 @@ static inline __m512 pa_score_bf16(const pa_q_bf16_t* q, const pa_kt_bf16_t* kt)
 #define PA_SCORE_bf16 pa_score_f32
 #endif
 
+/* The V side of a 16-key tile and what a row does with it: values widened to fp32 (one
+ * multiply-add per key and 16 channels), or for bf16 with the dot-product instruction, pairs
+ * of keys interleaved channel by channel (unpacklo/hi within 128-bit lanes, as in pv_bf16)
+ * and multiplied by the row's probabilities rounded to bf16 in pairs (as transformers' eager
+ * attention rounds its probabilities to the model dtype): half the instructions. pa_out
+ * writes a row's normalized sums; the paired tile leaves them in the interleaved order. */
+typedef struct { float v[16][64]; } pa_vt_f32_t;
+#define PA_VTILE_W(NAME, SUF, T)                                                            \
+    static inline void NAME(pa_vt_f32_t* vt, const T* src, int64_t nk) {                    \
+        for (int64_t j = 0; j < 16; j++)                                                    \
+            for (int c = 0; c < 4; c++)                                                     \
+                _mm512_storeu_ps(vt->v[j] + 16 * c, j < nk ? load16_##SUF(src + j * 64 + 16 * c) \
+                                                           : _mm512_setzero_ps());          \
+    }
+PA_VTILE_W(pa_vtile_f32, f32, float)
+PA_VTILE_W(pa_vtile_bf16w, bf16, bf16)
+static inline void pa_pv_f32(__m512* a, __m512 p, int64_t see, const pa_vt_f32_t* vt) {
+    float pj[16];
+    _mm512_storeu_ps(pj, p);
+    for (int64_t j = 0; j < see; j++) {
+        __m512 w = _mm512_set1_ps(pj[j]);
+        for (int c = 0; c < 4; c++) a[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vt->v[j] + 16 * c), a[c]);
+    }
+}
+static inline void pa_out_f32(const float* acc, float inv, float* o) {
+    for (int64_t d = 0; d < 64; d++) o[d] = acc[d] * inv;
+}
+static inline void pa_out_bf16w(const float* acc, float inv, bf16* o) {
+    for (int64_t d = 0; d < 64; d++) o[d] = f32_to_bf16(acc[d] * inv);
+}
+#define PA_VT_f32 pa_vt_f32_t
+#define PA_VTILE_f32 pa_vtile_f32
+#define PA_PV_f32 pa_pv_f32
+#define PA_OUT_f32 pa_out_f32
+#if defined(__AVX512BF16__)
+typedef struct { __m512i v[8][4]; } pa_vt_bf16_t;
+static inline void pa_vtile_bf16(pa_vt_bf16_t* vt, const bf16* src, int64_t nk) {
+    const __m512i z = _mm512_setzero_si512();
+    for (int64_t j2 = 0; j2 < 8; j2++) {
+        const bf16* a = src + 2 * j2 * 64;
+        const bf16* b = a + 64;
+        __m512i a0 = 2 * j2 < nk ? _mm512_loadu_si512(a) : z, a1 = 2 * j2 < nk ? _mm512_loadu_si512(a + 32) : z;
+        __m512i b0 = 2 * j2 + 1 < nk ? _mm512_loadu_si512(b) : z, b1 = 2 * j2 + 1 < nk ? _mm512_loadu_si512(b + 32) : z;
+        vt->v[j2][0] = _mm512_unpacklo_epi16(a0, b0);
+        vt->v[j2][1] = _mm512_unpackhi_epi16(a0, b0);
+        vt->v[j2][2] = _mm512_unpacklo_epi16(a1, b1);
+        vt->v[j2][3] = _mm512_unpackhi_epi16(a1, b1);
+    }
+}
+static inline void pa_pv_bf16(__m512* a, __m512 p, int64_t see, const pa_vt_bf16_t* vt) {
+    uint32_t pw[8]; /* (p[2i], p[2i+1]) as bf16 pairs */
+    _mm256_storeu_si256((__m256i*)pw, (__m256i)_mm512_cvtneps_pbh(p));
+    for (int64_t j2 = 0; 2 * j2 < see; j2++) {
+        __m512bh w = (__m512bh)_mm512_set1_epi32((int)pw[j2]);
+        for (int c = 0; c < 4; c++) a[c] = _mm512_dpbf16_ps(a[c], w, (__m512bh)vt->v[j2][c]);
+    }
+}
+static inline void pa_out_bf16(const float* acc, float inv, bf16* o) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    const __m512 iv = _mm512_set1_ps(inv);
+    for (int h = 0; h < 2; h++) {
+        __m512 lo = _mm512_loadu_ps(acc + 32 * h), hi = _mm512_loadu_ps(acc + 32 * h + 16);
+        store16_bf16(o + 32 * h, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), iv));
+        store16_bf16(o + 32 * h + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), iv));
+    }
+}
+#define PA_VT_bf16 pa_vt_bf16_t
+#define PA_VTILE_bf16 pa_vtile_bf16
+#define PA_PV_bf16 pa_pv_bf16
+#define PA_OUT_bf16 pa_out_bf16
+#else
+#define PA_VT_bf16 pa_vt_f32_t
+#define PA_VTILE_bf16 pa_vtile_bf16w
+#define PA_PV_bf16 pa_pv_f32
+#define PA_OUT_bf16 pa_out_bf16w
+#endif
+
+
 #define PREFILL_ATTN(NAME, SUF, T, LOAD, STORE)                                             \
     void NAME(const T* q, const T* k, const T* v, T* out, int64_t Tq, int64_t start,       \
               int64_t Hq, int64_t Hkv, int64_t q_ts, int64_t kv_hs, float scale) {         \
@@ -876,7 +1023,8 @@ static inline __m512 pa_score_bf16(const pa_q_bf16_t* q, const pa_kt_bf16_t* kt)
             int64_t t0 = qb * QB, t1 = t0 + QB < Tq ? t0 + QB : Tq, rows = (t1 - t0) * G;   \
             PA_Q_##SUF qf[16 * MAX_G];                                                      \
             PA_KT_##SUF kt;                                                                 \
-            float acc[16 * MAX_G][64], m[16 * MAX_G], l[16 * MAX_G], vf[16][64], pj[16];    \
+            PA_VT_##SUF vt;                                                                 \
+            float acc[16 * MAX_G][64], m[16 * MAX_G], l[16 * MAX_G];                        \
             const __m512i stride16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \
                                                        10, 11, 12, 13, 14, 15), _mm512_set1_epi32(16)); \
             int64_t qpos[16 * MAX_G];                                                       \
@@ -894,13 +1042,11 @@ static inline __m512 pa_score_bf16(const pa_q_bf16_t* q, const pa_kt_bf16_t* kt)
             const T* vh = v + h * kv_hs;                                                    \
             for (int64_t j0 = 0; j0 < kend; j0 += 16) {                                     \
                 int64_t nk = kend - j0 < 16 ? kend - j0 : 16;                               \
-                for (int64_t j = 0; j < 16; j++) { /* the tile: keys transposed, values widened */ \
+                for (int64_t j = 0; j < 16; j++) { /* the tile: keys transposed */          \
                     const T* kr = j < nk ? kh + (j0 + j) * D : zeros64;                     \
                     PA_KEY_##SUF(kr);                                                       \
-                    for (int c = 0; c < 4; c++)                                             \
-                        _mm512_storeu_ps(vf[j] + 16 * c, j < nk ? load16_##SUF(vh + (j0 + j) * D + 16 * c) \
-                                                                 : _mm512_setzero_ps());    \
                 }                                                                           \
+                PA_VTILE_##SUF(&vt, vh + j0 * D, nk);                                       \
                 for (int64_t r = 0; r < rows; r++) {                                        \
                     int64_t see = qpos[r] - j0 + 1; /* keys of this tile row r sees */      \
                     if (see <= 0) continue;                                                 \
@@ -914,29 +1060,16 @@ static inline __m512 pa_score_bf16(const pa_q_bf16_t* q, const pa_kt_bf16_t* kt)
                     float alpha = m[r] == -INFINITY ? 0.f : exp_approx(m[r] - mn);          \
                     l[r] = l[r] * alpha + _mm512_reduce_add_ps(p);                          \
                     m[r] = mn;                                                              \
-                    _mm512_storeu_ps(pj, p);                                                \
-                    __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(acc[r]), _mm512_set1_ps(alpha)); \
-                    __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + 16), _mm512_set1_ps(alpha)); \
-                    __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + 32), _mm512_set1_ps(alpha)); \
-                    __m512 a3 = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + 48), _mm512_set1_ps(alpha)); \
-                    for (int64_t j = 0; j < see; j++) {                                     \
-                        __m512 w = _mm512_set1_ps(pj[j]);                                   \
-                        a0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vf[j]), a0);                \
-                        a1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vf[j] + 16), a1);           \
-                        a2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vf[j] + 32), a2);           \
-                        a3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(vf[j] + 48), a3);           \
-                    }                                                                       \
-                    _mm512_storeu_ps(acc[r], a0);                                           \
-                    _mm512_storeu_ps(acc[r] + 16, a1);                                      \
-                    _mm512_storeu_ps(acc[r] + 32, a2);                                      \
-                    _mm512_storeu_ps(acc[r] + 48, a3);                                      \
+                    __m512 a[4];                                                            \
+                    for (int c = 0; c < 4; c++)                                             \
+                        a[c] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + 16 * c), _mm512_set1_ps(alpha)); \
+                    PA_PV_##SUF(a, p, see, &vt);                                            \
+                    for (int c = 0; c < 4; c++) _mm512_storeu_ps(acc[r] + 16 * c, a[c]);    \
                 }                                                                           \
             }                                                                               \
             for (int64_t r = 0; r < rows; r++) {                                            \
                 int64_t t = t0 + r / G, hq = h * G + r % G;                                 \
-                float inv = 1.0f / l[r];                                                    \
-                T* o = out + t * Hq * D + hq * D;                                           \
-                for (int64_t d = 0; d < D; d++) o[d] = STORE(acc[r][d] * inv);              \
+                PA_OUT_##SUF(acc[r], 1.0f / l[r], out + t * Hq * D + hq * D);               \
             }                                                                               \
         }                                                                                   \
     }
