@@ -481,7 +481,7 @@ static inline qk_bf16_t qk_load_bf16(const bf16* p, __m512 sv) {
 
 /* Software prefetch distances of the head_dim-64 AVX-512 body, against DRAM latency: keys
  * three blocks ahead of the K pass, values 48 tokens ahead of the V pass (a full bf16 pool:
- * 12.4-16.9 -> 10.1-12.4 ms a step against one block ahead, issued all at once per block) */
+ * ~12-17 -> ~10-13 ms a step against one block ahead, issued all at once per block) */
 #define KEYS_AHEAD 3
 #define V_AHEAD 48
 static inline __attribute__((always_inline)) void prefetch_rows(const char* p, int64_t bytes) {
