@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
-import time
 
 import torch
 from rich import box
 from rich.table import Table
 
 from kvcache.bench.common import consoles, machine_info
-from kvcache.cache.spec import parse_size
+from kvcache.bench.timing import median_time
+from kvcache.cache.spec import KVFormat, kv_bytes_per_token, parse_size
 from kvcache.cache.storage import PagedKVStorage, native_decode_rows, slot_mask
+from kvcache.engine.engine import blocks_for_budget
 from kvcache.engine.llm import parse_dtype
 from kvcache.errors import KVCacheError
 from kvcache.models.llama import attend
@@ -67,24 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
-def median_ms(step, repeats: int) -> float:
-    """Median wall time of `step()` in ms, after two untimed calls."""
-    step(), step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     console, _ = consoles(args.json)
     sh, bs = args.shape, args.block_size
-    probe = PagedKVStorage(sh.num_layers, 1, bs, sh.num_kv_heads, sh.head_dim, args.torch_dtype)
-    num_blocks = args.kv_budget_bytes // (bs * probe.bytes_per_token)
+    num_blocks = blocks_for_budget(args.kv_budget_bytes, bs, kv_bytes_per_token(sh, KVFormat.parse(args.dtype)))
     per_row = -(-args.tokens // bs)
     if args.batch * per_row > num_blocks:
         raise SystemExit(f"{args.batch} rows of {args.tokens} tokens need {args.batch * per_row} blocks; "
@@ -120,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name, step in kernels:
         for where, layers in (("from memory", range(sh.num_layers)), ("in cache", [0] * sh.num_layers)):
-            ms = median_ms(lambda: step(layers), args.repeats)
+            ms = 1e3 * median_time(lambda: step(layers), args.repeats, warmup=2)
             gbs = step_bytes / ms / 1e6
             rows.append({"kernel": name, "reads": where, "ms_per_step": ms, "gbs": gbs,
                          "bandwidth_fraction": gbs / args.bandwidth_gbs})
@@ -150,4 +137,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()
