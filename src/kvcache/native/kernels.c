@@ -488,6 +488,27 @@ static inline __attribute__((always_inline)) void prefetch_rows(const char* p, i
     for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
 }
 
+#if defined(__AVX512BF16__)
+/* Two bf16 rows of 64 channels as dot-product operands: x[j] holds (a[d], b[d]) pairs,
+ * interleaved within 128-bit lanes (x[0]: channels 0-3, 8-11, 16-19, 24-27; x[1]: 4-7, 12-15,
+ * 20-23, 28-31; x[2], x[3] the same for channels 32-63). */
+static inline __attribute__((always_inline)) void pair_rows(const bf16* a, const bf16* b, __m512i x[4]) {
+    __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 32);
+    __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 32);
+    x[0] = _mm512_unpacklo_epi16(a0, b0);
+    x[1] = _mm512_unpackhi_epi16(a0, b0);
+    x[2] = _mm512_unpacklo_epi16(a1, b1);
+    x[3] = _mm512_unpackhi_epi16(a1, b1);
+}
+/* Sums accumulated against pair_rows' x[2h] (lo) and x[2h+1] (hi), back in channel order:
+ * channels 32h..32h+15 and 32h+16..32h+31. */
+static inline __attribute__((always_inline)) void unpair_sums(__m512 lo, __m512 hi, __m512* first, __m512* second) {
+    *first = _mm512_permutex2var_ps(lo, _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23), hi);
+    *second = _mm512_permutex2var_ps(lo, _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31), hi);
+}
+static const bf16 zero_row_bf16[64] __attribute__((aligned(64)));
+#endif
+
 /* The V pass of the head_dim-64 AVX-512 body: o + g * 66 (o: the chunk result's sums) gets
  * sum_i sc[g][i] * V(t0 + i), token by token in fp32 multiply-adds. */
 #define PV_FMA(SUF, T)                                                                      \
@@ -524,11 +545,10 @@ PV_FMA(bf16, bf16)
 #define pv_f32 pv_fma_f32
 #if defined(__AVX512BF16__)
 /* The V pass for bf16 storage with the bf16 dot-product instruction: two tokens at a time,
- * their V rows interleaved channel by channel (unpacklo/hi within 128-bit lanes), times each
+ * their V rows interleaved channel by channel (pair_rows), times each
  * head's pair of exponentials rounded to bf16 (as transformers' eager attention rounds its
  * probabilities to the model dtype), summed in fp32: 8 instructions per pair and head
- * instead of 8 multiply-adds per token. The sums come out in the interleaved channel
- * order; two permutes per 32 channels put them back. */
+ * instead of 8 multiply-adds per token. unpair_sums puts the sums back in channel order. */
 static inline __attribute__((always_inline)) void pv_bf16(const bf16* vb, const int32_t* tb, int64_t bs, int64_t t0,
                                                           int64_t t1, float (*sc)[256], const int64_t G, float* o) {
     const int64_t n = t1 - t0;
@@ -552,31 +572,23 @@ static inline __attribute__((always_inline)) void pv_bf16(const bf16* vb, const 
         for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_ps();
     for (int64_t i = 0; i < V_AHEAD && i < n; i++) prefetch_rows((const char*)vrow[i], 128);
     for (int64_t i = 0; i < n; i += 2) {
-        if (i + V_AHEAD + 1 < n) { /* two rows V_AHEAD tokens on */
-            prefetch_rows((const char*)vrow[i + V_AHEAD], 128);
-            prefetch_rows((const char*)vrow[i + V_AHEAD + 1], 128);
-        }
-        const bf16* a = vrow[i];
-        const bf16* b = i + 1 < n ? vrow[i + 1] : a; /* its weight is 0 */
-        __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 32);
-        __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 32);
-        __m512bh x[4] = {(__m512bh)_mm512_unpacklo_epi16(a0, b0), (__m512bh)_mm512_unpackhi_epi16(a0, b0),
-                         (__m512bh)_mm512_unpacklo_epi16(a1, b1), (__m512bh)_mm512_unpackhi_epi16(a1, b1)};
+        for (int64_t f = i + V_AHEAD; f < i + V_AHEAD + 2 && f < n; f++) /* rows V_AHEAD tokens on */
+            prefetch_rows((const char*)vrow[f], 128);
+        __m512i x[4];
+        pair_rows(vrow[i], i + 1 < n ? vrow[i + 1] : vrow[i], x); /* a lone last row: its weight is 0 */
         for (int64_t g = 0; g < G; g++) {
             uint32_t pair;
             memcpy(&pair, pb[g] + i, 4);
             __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
-            for (int j = 0; j < 4; j++) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], w, x[j]);
+            for (int j = 0; j < 4; j++) acc[g][j] = _mm512_dpbf16_ps(acc[g][j], w, (__m512bh)x[j]);
         }
     }
-    /* lanes of unpacklo: channels 0-3, 8-11, 16-19, 24-27 of its 32; unpackhi: 4-7, 12-15, ... */
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     for (int64_t g = 0; g < G; g++)
         for (int h = 0; h < 2; h++) {
-            __m512 lo = acc[g][2 * h], hi = acc[g][2 * h + 1];
-            _mm512_storeu_ps(o + g * 66 + 32 * h, _mm512_permutex2var_ps(lo, first, hi));
-            _mm512_storeu_ps(o + g * 66 + 32 * h + 16, _mm512_permutex2var_ps(lo, second, hi));
+            __m512 c0, c1;
+            unpair_sums(acc[g][2 * h], acc[g][2 * h + 1], &c0, &c1);
+            _mm512_storeu_ps(o + g * 66 + 32 * h, c0);
+            _mm512_storeu_ps(o + g * 66 + 32 * h + 16, c1);
         }
 }
 #else
@@ -953,7 +965,7 @@ static inline __m512 pa_score_bf16(const pa_q_bf16_t* q, const pa_kt_bf16_t* kt)
 
 /* The V side of a 16-key tile and what a row does with it: values widened to fp32 (one
  * multiply-add per key and 16 channels), or for bf16 with the dot-product instruction, pairs
- * of keys interleaved channel by channel (unpacklo/hi within 128-bit lanes, as in pv_bf16)
+ * of keys interleaved channel by channel (pair_rows, as in pv_bf16)
  * and multiplied by the row's probabilities rounded to bf16 in pairs (as transformers' eager
  * attention rounds its probabilities to the model dtype): half the instructions. pa_out
  * writes a row's normalized sums; the paired tile leaves them in the interleaved order. */
@@ -988,17 +1000,9 @@ static inline void pa_out_bf16w(const float* acc, float inv, bf16* o) {
 #if defined(__AVX512BF16__)
 typedef struct { __m512i v[8][4]; } pa_vt_bf16_t;
 static inline void pa_vtile_bf16(pa_vt_bf16_t* vt, const bf16* src, int64_t nk) {
-    const __m512i z = _mm512_setzero_si512();
-    for (int64_t j2 = 0; j2 < 8; j2++) {
-        const bf16* a = src + 2 * j2 * 64;
-        const bf16* b = a + 64;
-        __m512i a0 = 2 * j2 < nk ? _mm512_loadu_si512(a) : z, a1 = 2 * j2 < nk ? _mm512_loadu_si512(a + 32) : z;
-        __m512i b0 = 2 * j2 + 1 < nk ? _mm512_loadu_si512(b) : z, b1 = 2 * j2 + 1 < nk ? _mm512_loadu_si512(b + 32) : z;
-        vt->v[j2][0] = _mm512_unpacklo_epi16(a0, b0);
-        vt->v[j2][1] = _mm512_unpackhi_epi16(a0, b0);
-        vt->v[j2][2] = _mm512_unpacklo_epi16(a1, b1);
-        vt->v[j2][3] = _mm512_unpackhi_epi16(a1, b1);
-    }
+    for (int64_t j2 = 0; j2 < 8; j2++) /* rows past nk are zeros */
+        pair_rows(2 * j2 < nk ? src + 2 * j2 * 64 : zero_row_bf16, 2 * j2 + 1 < nk ? src + (2 * j2 + 1) * 64 : zero_row_bf16,
+                  vt->v[j2]);
 }
 static inline void pa_pv_bf16(__m512* a, __m512 p, int64_t see, const pa_vt_bf16_t* vt) {
     uint32_t pw[8]; /* (p[2i], p[2i+1]) as bf16 pairs */
@@ -1009,13 +1013,12 @@ static inline void pa_pv_bf16(__m512* a, __m512 p, int64_t see, const pa_vt_bf16
     }
 }
 static inline void pa_out_bf16(const float* acc, float inv, bf16* o) {
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     const __m512 iv = _mm512_set1_ps(inv);
     for (int h = 0; h < 2; h++) {
-        __m512 lo = _mm512_loadu_ps(acc + 32 * h), hi = _mm512_loadu_ps(acc + 32 * h + 16);
-        store16_bf16(o + 32 * h, _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), iv));
-        store16_bf16(o + 32 * h + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), iv));
+        __m512 c0, c1;
+        unpair_sums(_mm512_loadu_ps(acc + 32 * h), _mm512_loadu_ps(acc + 32 * h + 16), &c0, &c1);
+        store16_bf16(o + 32 * h, _mm512_mul_ps(c0, iv));
+        store16_bf16(o + 32 * h + 16, _mm512_mul_ps(c1, iv));
     }
 }
 #define PA_VT_bf16 pa_vt_bf16_t
