@@ -207,3 +207,19 @@ def test_random_ids_match_a_full_decode(tiny_tokenizer):
         detok = IncrementalDetokenizer(tiny_tokenizer)
         deltas = run(detok, ids)
         assert "".join(deltas) == detok.text == tiny_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class CleanupTokenizer(PieceTokenizer):
+    """Joins pieces, then drops a space before punctuation (clean_up_tokenization_spaces):
+    a piece can change how the text before it decodes."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return super().decode(ids, skip_special_tokens).replace(" ,", ",").replace(" .", ".")
+
+
+def test_context_that_decodes_differently_with_the_new_id_falls_back_to_a_full_decode():
+    tok = CleanupTokenizer(["Hi", " ", ",", "you", "."])
+    ids = tok.ids("Hi", " ", ",", " ", "you", " ", ".")
+    detok = IncrementalDetokenizer(tok)
+    run(detok, ids)
+    assert detok.text == tok.decode(ids) == "Hi, you."

@@ -30,8 +30,11 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         head = self.tokenizer.decode(self.ids[self._start : self._mark], skip_special_tokens=True)
         window = self.tokenizer.decode(self.ids[self._start :], skip_special_tokens=True)
-        tail = window[len(head) :] if window.startswith(head) else window
-        text = self._done + tail
+        if window.startswith(head):
+            text = self._done + window[len(head) :]
+        else:  # the new ids changed how the context decodes (e.g. space clean-up): decode it all
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        tail = text[len(self._done) :]
         if not tail.endswith("\ufffd"):  # complete: the next call decodes from here
             self._done, self._start, self._mark = text, self._mark, len(self.ids)
         for s in self.stop:
