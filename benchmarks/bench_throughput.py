@@ -16,8 +16,12 @@ its length.
    `--max-requests-baseline N` runs b, c and d on the first N requests only. `--repeats N`
    runs each of a-d N times (a and b interleaved) and reports the median wall times.
 2. Capacity in a fixed `--kv-budget`: the workload runs through `LLMEngine.run_to_completion`
-   with a per-step probe (blocks used, tokens held, requests resident); compared with how many
-   requests fit if each reserved max_model_len tokens, or prompt + max_tokens, up front.
+   with a per-step probe (blocks used, tokens held, requests resident). Here, as from a chat
+   client, every request carries `max_tokens` = `--max-output` (the cap) and ends at its length
+   as if the model emitted EOS there (the probe aborts it), so the scheduler does not know any
+   length in advance. Compared with how many requests fit if each reserved max_model_len
+   tokens, or prompt + max_tokens, up front (and, for reference, prompt + its exact output,
+   which only an oracle could reserve).
 3. Prefix caching: `--prefix-requests` requests sharing a `--prefix-tokens` system prompt plus
    a distinct ~`--question-tokens` question each, submitted together, on a fresh LLM with
    prefix caching on and on one with it off: TTFT (queueing included), hit rate, wall time.
@@ -331,8 +335,13 @@ class StepRecord:
     waiting: int
 
 
-def run_capacity(llm: LLM, wl: Workload, progress: Progress) -> tuple[dict, list[StepRecord]]:
-    """All requests through run_to_completion, probing the pool after every step."""
+def run_capacity(llm: LLM, wl: Workload, output_cap: int, progress: Progress) -> tuple[dict, list[StepRecord]]:
+    """All requests through run_to_completion, probing the pool after every step.
+
+    As a chat client would, every request carries `max_tokens=output_cap`, not its length;
+    the probe ends each one when it has generated its workload length, as if the model had
+    emitted EOS there (aborted before the next step is scheduled, its blocks freed at once).
+    The scheduler never learns a request's length before it ends."""
     engine = llm.engine
     kv, sched, bs = engine.kv, engine.scheduler, engine.config.block_size
     kv.reset_prefix_cache()
@@ -341,6 +350,9 @@ def run_capacity(llm: LLM, wl: Workload, progress: Progress) -> tuple[dict, list
     gen0, pre0 = engine.tokens_generated, sched.num_preemptions
 
     def probe(_outputs) -> None:
+        for r in list(sched.running):  # the workload's EOS: the request reached its length
+            if not r.finished and len(r.output_token_ids) >= length_of[r.request_id]:
+                engine.abort(r.request_id)
         held: dict[int, int] = {}
         if engine.config.row_policy is not None:  # per-request caches: the bytes they hold, in tokens at the rate
             held[0] = engine.stats()["kv_bytes_held"] // engine.storage.bytes_per_token
@@ -360,7 +372,9 @@ def run_capacity(llm: LLM, wl: Workload, progress: Progress) -> tuple[dict, list
         progress.update(task, completed=gen)
 
     t0 = time.perf_counter()
-    reqs = [engine.add_request(p, greedy(n), eos_ids=llm.eos_ids) for p, n in zip(wl.prompts, wl.outputs)]
+    reqs = [engine.add_request(p, greedy(max(output_cap, n)), eos_ids=llm.eos_ids)
+            for p, n in zip(wl.prompts, wl.outputs)]
+    length_of = {r.request_id: n for r, n in zip(reqs, wl.outputs)}
     engine.run_to_completion(reqs, on_step=probe)
     wall = time.perf_counter() - t0
     check_outputs([r.to_output() for r in reqs], wl, "ours (capacity run)")
@@ -437,18 +451,23 @@ def run_hf(llm: LLM, wl: Workload, of: int, args, progress: Progress) -> RunResu
                      wall, "useful tokens only (no padding, no tokens past a request's own length)")
 
 
-def run_llamacpp(wl: Workload, of: int, args, progress: Progress) -> RunResult:
-    import llama_cpp  # ImportError: the caller reports it as skipped
+class LlamaCppFailed(RuntimeError):
+    """llama.cpp's child process died or raised: 2d is reported as skipped with the reason."""
+
+
+def _llamacpp_walls(prompts: list[list[int]], outputs: list[int], model_name: str, threads: int, repeats: int,
+                    tick) -> tuple[str, list[float]]:
+    """2d's timed loop (in the child): every request once per repeat; (GGUF name, walls)."""
+    import llama_cpp  # ImportError: reported as skipped
 
     from kvcache.models.loader import packaged_gguf
 
-    gguf = packaged_gguf(args.model) if args.model == DEFAULT_MODEL else Path(args.model)
+    gguf = packaged_gguf(model_name) if model_name == DEFAULT_MODEL else Path(model_name)
     if gguf.suffix != ".gguf" or not gguf.is_file():
-        raise FileNotFoundError(f"no GGUF file for model {args.model}")
-    n_ctx = max(2048, max(p + o for p, o in zip(wl.prompt_lens, wl.outputs)) + 1)
-    model = llama_cpp.Llama(model_path=str(gguf), n_threads=args.threads, n_threads_batch=args.threads,
+        raise FileNotFoundError(f"no GGUF file for model {model_name}")
+    n_ctx = max(2048, max(len(p) + o for p, o in zip(prompts, outputs)) + 1)
+    model = llama_cpp.Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads,
                             n_ctx=n_ctx, logits_all=False, verbose=False)
-    task = progress.add_task(f"2d llama.cpp, one by one ({len(wl)} requests)", total=len(wl))
 
     def generate(ids: list[int], n: int) -> int:
         # Llama.generate never stops on EOS by itself: stop after exactly n tokens.
@@ -461,16 +480,70 @@ def run_llamacpp(wl: Workload, of: int, args, progress: Progress) -> RunResult:
                 break
         return count
 
-    generate(wl.prompts[-1][:8], 2)  # warm-up, untimed
-    t0 = time.perf_counter()
-    for p, n in zip(wl.prompts, wl.outputs):
-        got = generate(p, n)
-        if got != n:
-            raise RuntimeError(f"llama.cpp generated {got} tokens, expected {n}")
-        progress.advance(task)
-    wall = time.perf_counter() - t0
-    return RunResult(f"llama.cpp ({gguf.name}), one by one", len(wl), of, sum(wl.prompt_lens), sum(wl.outputs),
-                     wall, "quantized GGUF weights, greedy")
+    walls = []
+    for _ in range(repeats):
+        generate(prompts[-1][:8], 2)  # warm-up, untimed
+        t0 = time.perf_counter()
+        for p, n in zip(prompts, outputs):
+            got = generate(p, n)
+            if got != n:
+                raise RuntimeError(f"llama.cpp generated {got} tokens, expected {n}")
+            tick()
+        walls.append(time.perf_counter() - t0)
+    return gguf.name, walls
+
+
+def _llamacpp_child(conn, prompts, outputs, model_name, threads, repeats) -> None:
+    torch.set_num_threads(1)  # nothing of torch runs here; keep its pool off llama.cpp's cores
+    try:
+        conn.send(("done", _llamacpp_walls(prompts, outputs, model_name, threads, repeats,
+                                           lambda: conn.send(("tick", None)))))
+    except ImportError:
+        conn.send(("skip", "llama-cpp-python not installed"))
+    except FileNotFoundError as exc:
+        conn.send(("skip", str(exc)))
+    except Exception as exc:  # noqa: BLE001 - any failure of the baseline is reported, not raised
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def run_llamacpp(wl: Workload, of: int, args, progress: Progress) -> RunResult:
+    """2d in a spawned child process, so that a crash in llama.cpp's native code (seen: its AMX
+    kernels on a VM that refuses tile instructions) costs only this baseline, not the run."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_llamacpp_child, daemon=True,
+                       args=(send, wl.prompts, wl.outputs, args.model, args.threads, args.repeats))
+    proc.start()
+    send.close()
+    task = progress.add_task(f"2d llama.cpp, one by one ({len(wl)} requests)", total=len(wl) * args.repeats)
+    result = None
+    while result is None:
+        try:
+            kind, value = recv.recv()
+        except EOFError:  # the child died without a word
+            break
+        if kind == "tick":
+            progress.advance(task)
+        else:
+            result = (kind, value)
+    proc.join()
+    if result is None:
+        code = proc.exitcode
+        why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        raise LlamaCppFailed(f"llama.cpp's process died ({why}); its native code crashed")
+    kind, value = result
+    if kind == "skip":
+        raise LlamaCppFailed(value)
+    if kind == "error":
+        raise LlamaCppFailed(f"llama.cpp failed: {value}")
+    name, walls = value
+    runs = [RunResult(f"llama.cpp ({name}), one by one", len(wl), of, sum(wl.prompt_lens), sum(wl.outputs),
+                      w, "quantized GGUF weights, greedy") for w in walls]
+    return RunResult.median_of(runs)
 
 
 # ----------------------------------------------------------------------------------------
@@ -655,12 +728,13 @@ def build_report(args, wl: Workload, runs: dict, cap: dict | None, static: dict 
             f"{static['max_len_requests']}  → {_x(r1)}", f">= {GOAL_VS_MAX_LEN_RESERVE:g}x",
             r1 >= GOAL_VS_MAX_LEN_RESERVE, "capacity_vs_max_len_reserve", r1, GOAL_VS_MAX_LEN_RESERVE)
         r2 = _ratio(cap["peak_running"], static["full_reserve_requests"])
-        row("", f"   if each reserved prompt + max_tokens (mean {static['mean_total_len']:.0f})",
+        row("", f"   if each reserved prompt + max_tokens ({static['max_tokens']}; mean "
+                f"{static['mean_reserved_len']:.0f})",
             f"{static['full_reserve_requests']}  → {_x(r2)}", f">= {GOAL_VS_FULL_RESERVE:g}x",
             r2 >= GOAL_VS_FULL_RESERVE, "capacity_vs_full_reserve", r2, GOAL_VS_FULL_RESERVE)
-        r3 = _ratio(cap["peak_running"], static["cap_reserve_requests"])
-        row("", f"   if each reserved prompt + the output cap ({static['output_cap']}; a client "
-                "cannot know the length)", f"{static['cap_reserve_requests']}  → {_x(r3)}")
+        r3 = _ratio(cap["peak_running"], static["oracle_reserve_requests"])
+        row("", f"   if each reserved prompt + its exact output (an oracle; mean "
+                f"{static['mean_total_len']:.0f})", f"{static['oracle_reserve_requests']}  → {_x(r3)}")
         row("", "   requests whose prompts alone fill the pool, in arrival order",
             f"{static['prompts_fill_pool_at']}")
         row("", "allocated KV not holding a token (time-weighted)", f"{cap['waste_fraction']:.2%}",
@@ -742,7 +816,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs["ours_one_by_one"] = RunResult.median_of(alone)
 
         if not args.skip_capacity:
-            cap, records = run_capacity(llm, wl, progress)
+            cap, records = run_capacity(llm, wl, args.max_output, progress)
             shape = ModelShape.from_hf_config(read_hf_config(llm.model_dir), name=args.model)
             bpt = kv_bytes_per_token(shape, KVFormat.parse(_DTYPE_NAMES.get(parse_dtype(args.dtype), args.dtype)))
             if llm.kv_policy.paged_quantized is not None:  # reservations in the same quantized format
@@ -757,17 +831,20 @@ def main(argv: list[str] | None = None) -> dict:
                 "max_model_len": llm.max_model_len,
                 "max_len_requests": args.kv_budget_bytes // (llm.max_model_len * bpt),
                 "max_len_requests_fractional": args.kv_budget_bytes / (llm.max_model_len * bpt),
+                # what each request asks for (max_tokens, the cap): what a static allocator reserves
+                "max_tokens": args.max_output,
+                "mean_reserved_len": s["prompt_len"]["mean"] + args.max_output,
+                "full_reserve_requests": int(args.kv_budget_bytes
+                                             // ((s["prompt_len"]["mean"] + args.max_output) * bpt)),
+                # an allocator told every answer's length in advance (no server is)
                 "mean_total_len": mean_total,
-                "full_reserve_requests": int(args.kv_budget_bytes // (mean_total * bpt)),
-                # what a client that cannot know an answer's length reserves: the workload's output cap
-                "output_cap": args.max_output,
-                "cap_reserve_requests": int(args.kv_budget_bytes
-                                            // ((s["prompt_len"]["mean"] + args.max_output) * bpt)),
+                "oracle_reserve_requests": int(args.kv_budget_bytes // (mean_total * bpt)),
                 # arrival order: how many requests' prompts alone fill the pool (FCFS admits them in turn)
                 "prompts_fill_pool_at": prompts_fill(wl.prompt_lens, cap["pool_tokens"]),
             }
             static["ours_vs_max_len_reserve"] = _ratio(cap["peak_running"], static["max_len_requests"])
             static["ours_vs_full_reserve"] = _ratio(cap["peak_running"], static["full_reserve_requests"])
+            static["ours_vs_oracle_reserve"] = _ratio(cap["peak_running"], static["oracle_reserve_requests"])
         else:
             skipped["capacity"] = "--skip-capacity"
 
@@ -781,12 +858,8 @@ def main(argv: list[str] | None = None) -> dict:
             skipped["llamacpp"] = "--skip-llamacpp"
         else:
             try:
-                runs["llamacpp"] = RunResult.median_of([run_llamacpp(base, len(wl), args, progress)
-                                                         for _ in range(args.repeats)])
-            except ImportError:
-                err.print("skipped: llama-cpp-python not installed")
-                skipped["llamacpp"] = "llama-cpp-python not installed"
-            except FileNotFoundError as exc:
+                runs["llamacpp"] = run_llamacpp(base, len(wl), args, progress)
+            except LlamaCppFailed as exc:
                 err.print(f"skipped llama.cpp: {exc}")
                 skipped["llamacpp"] = str(exc)
         model_dir = str(llm.model_dir)
