@@ -351,7 +351,7 @@ def run_capacity(llm: LLM, wl: Workload, output_cap: int, progress: Progress) ->
 
     def probe(_outputs) -> None:
         for r in list(sched.running):  # the workload's EOS: the request reached its length
-            if not r.finished and len(r.output_token_ids) >= length_of[r.request_id]:
+            if len(r.output_token_ids) >= length_of[r.request_id]:
                 engine.abort(r.request_id)
         held: dict[int, int] = {}
         if engine.config.row_policy is not None:  # per-request caches: the bytes they hold, in tokens at the rate
@@ -825,6 +825,7 @@ def main(argv: list[str] | None = None) -> dict:
                 err.print(f"[yellow]note: spec bytes/token {bpt} != engine bytes/token {cap['bytes_per_token']}"
                           "[/yellow]")
             mean_total = s["total_len_mean"]
+            reserved = s["prompt_len"]["mean"] + args.max_output  # prompt + max_tokens, at the mean prompt
             static = {
                 "budget_bytes": args.kv_budget_bytes,
                 "bytes_per_token": bpt,
@@ -833,9 +834,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "max_len_requests_fractional": args.kv_budget_bytes / (llm.max_model_len * bpt),
                 # what each request asks for (max_tokens, the cap): what a static allocator reserves
                 "max_tokens": args.max_output,
-                "mean_reserved_len": s["prompt_len"]["mean"] + args.max_output,
-                "full_reserve_requests": int(args.kv_budget_bytes
-                                             // ((s["prompt_len"]["mean"] + args.max_output) * bpt)),
+                "mean_reserved_len": reserved,
+                "full_reserve_requests": int(args.kv_budget_bytes // (reserved * bpt)),
                 # an allocator told every answer's length in advance (no server is)
                 "mean_total_len": mean_total,
                 "oracle_reserve_requests": int(args.kv_budget_bytes // (mean_total * bpt)),
