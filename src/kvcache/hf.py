@@ -26,8 +26,8 @@ How it maps onto transformers 5.x (`transformers.cache_utils.Cache`):
   so each query-key distance is the distance inside the cache, as our own model does with
   queries at cache positions. Positions come from the `position_ids` the model passes along,
   else seen + i.
-- Scorers that need the queries (h2o, snapkv) cannot work here: transformers hands the cache
-  keys and values only. `knorm` (key norms) can.
+- Scorers that need the queries (`needs_queries`: h2o, snapkv, ...) cannot work here: transformers hands the
+  cache keys and values only. Those that score the keys alone (`knorm`) can.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcache.cache.policies.cache import PolicyCache as _PolicyCore
 from kvcache.cache.policies.grammar import PolicySpec, parse_policy
+from kvcache.cache.policies.scorers import SCORERS
 from kvcache.errors import KVCacheError
 from kvcache.models.config import LlamaConfig
 from kvcache.models.rope import RotaryTable, apply_rotary
 
-KEY_ONLY_SCORERS = ("knorm",)  # eviction scorers that need no queries, so work through transformers
+# eviction scorers that need no queries, so work through transformers
+KEY_ONLY_SCORERS = tuple(name for name, s in SCORERS.items() if not s.needs_queries)
 
 __all__ = ["PolicyCache", "WindowCache", "SinkCache", "KnormCache", "QuantizedCache", "KEY_ONLY_SCORERS"]
 

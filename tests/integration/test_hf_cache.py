@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import kvcache.hf
+from kvcache.cache.policies.scorers import SCORERS
+from kvcache.hf import KEY_ONLY_SCORERS
 from kvcache.cache.policies.cache import PolicyCache as CorePolicyCache
 from kvcache.errors import KVCacheError
 from kvcache.models.config import LlamaConfig
@@ -75,6 +77,8 @@ def test_keep_everything_gives_dynamic_cache_tokens(hf_tiny, prompt):
     ("window:size=16", lambda cfg: kvcache.hf.WindowCache(16, config=cfg)),
     ("sinks:n_sink=4,window=16", lambda cfg: kvcache.hf.SinkCache(n_sink=4, window=16, config=cfg)),
     ("evict:scorer=knorm,ratio=0.5,window=8", lambda cfg: kvcache.hf.KnormCache(0.5, window=8, config=cfg)),
+    *((f"evict:scorer={name},ratio=0.5,window=8", lambda cfg, name=name: kvcache.hf.PolicyCache(
+        f"evict:scorer={name},ratio=0.5,window=8", config=cfg)) for name in KEY_ONLY_SCORERS),
     ("evict:scorer=knorm,budget=20,window=4,decode=true+window:size=24",
      lambda cfg: kvcache.hf.PolicyCache("evict:scorer=knorm,budget=20,window=4,decode=true+window:size=24",
                                         config=cfg)),
@@ -147,8 +151,8 @@ def test_crop_and_reset(hf_tiny, prompt):
 @pytest.mark.parametrize("policy, message", [
     ("lru:size=3", "Unknown KV policy"),
     ("window:width=3", "no key 'width'"),
-    ("evict:scorer=h2o,ratio=0.5", "needs the attention queries.*knorm"),
-    ("evict:scorer=snapkv,budget=64", "needs the attention queries.*knorm"),
+    *((f"evict:scorer={name},ratio=0.5", "needs the attention queries.*knorm")
+      for name, scorer in SCORERS.items() if scorer.needs_queries),
 ])
 def test_bad_policies_are_kvcache_errors(hf_tiny, policy, message):
     with pytest.raises(KVCacheError, match=message):

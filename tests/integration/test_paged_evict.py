@@ -13,15 +13,22 @@ import pytest
 
 import kvcache
 from kvcache.cache.policies.grammar import parse_policy
+from kvcache.cache.policies.scorers import SCORERS
 from kvcache.errors import KVCacheError
 from tests.helpers import greedy, paged_llm, policy_cache_greedy, random_requests
 
 BS = 16
 INT8 = "+quantized:bits=8,group_size=8,key_axis=token,residual=0"  # evicted over quantized blocks
-POLICIES = ["evict:scorer=knorm,ratio=0.5,window=8", "evict:scorer=snapkv,ratio=0.6,window=8",
-            "evict:scorer=h2o,budget=20,window=4", "evict:scorer=knorm,ratio=0.5,window=8" + INT8,
-            "evict:scorer=snapkv,ratio=0.6,window=8" + INT8]
-IDS = ["knorm", "snapkv", "h2o", "knorm-int8", "snapkv-int8"]
+# every registered scorer, over float and over quantized blocks, and one budget instead of a ratio
+POLICIES = [f"evict:scorer={name},ratio=0.5,window=8{store}" for name in SCORERS for store in ("", INT8)]
+POLICIES.append("evict:scorer=h2o,budget=20,window=4")
+IDS = [p.split(",")[0].removeprefix("evict:scorer=") + ("-int8" if "quantized" in p else "") for p in POLICIES]
+IDS[-1] = "h2o-budget"
+
+
+def key_only(policy: str) -> bool:
+    """Whether the policy's scorer ranks by the keys alone (so its prompts may hit the prefix cache)."""
+    return not SCORERS[parse_policy(policy).selectors[0].params["scorer"]].needs_queries
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +70,7 @@ def test_each_request_equals_the_policy_cache_over_its_whole_prompt(tiny_model_d
     for p, sp, out in zip(prompts, params, outs):
         assert out.token_ids == policy_cache_tokens(llm, policy, p, sp.max_tokens)
         kept = min(p.__len__(), parse_policy(policy).selectors[0].params["budget"] or -(-len(p) // 2))
-        if "knorm" in policy:  # ratio 0.5: half the prompt's K/V stay
+        if "ratio=0.5" in policy and "quantized" not in policy:  # half the prompt's K/V stay
             bpt = llm.engine.storage.bytes_per_token
             assert out.metrics.kv_cache_bytes == (kept + len(out.token_ids) - 1) * bpt
 
@@ -75,7 +82,7 @@ def test_batched_with_preemption_and_prefix_hits_equals_alone(tiny_model_dir, po
     outs = small.generate(prompts, params)
     stats = small.stats()
     assert stats["preemptions"] > 0 and stats["blocks_used"] == 0
-    if "knorm" in policy:  # scorers that need queries cap or refuse prefix hits
+    if key_only(policy):  # scorers that need queries cap or refuse prefix hits
         assert stats["prefix_hits"] > 0
     alone = make_llm(tiny_model_dir, policy, max_num_batched_tokens=512, enable_prefix_caching=False)
     for p, sp, out in zip(prompts, params, outs):
@@ -85,7 +92,7 @@ def test_batched_with_preemption_and_prefix_hits_equals_alone(tiny_model_dir, po
 def test_compressed_blocks_leave_the_prefix_cache_but_the_prompt_blocks_stay(tiny_model_dir):
     """A repeated prompt hits the blocks its first run prefilled (full attention, shareable);
     the compressed copy is the request's own."""
-    llm = make_llm(tiny_model_dir, POLICIES[0])
+    llm = make_llm(tiny_model_dir, "evict:scorer=knorm,ratio=0.5,window=8")  # keys alone: prefix hits allowed
     prompt = list(range(5, 5 + 70))
     first = llm.generate([prompt], greedy(6))[0]
     again = llm.generate([prompt], greedy(6))[0]

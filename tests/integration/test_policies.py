@@ -17,6 +17,7 @@ import kvcache
 from kvcache import KVCacheError, SamplingParams
 from kvcache.cache.policies.cache import PolicyCache
 from kvcache.cache.policies.grammar import POLICY_PARAMS, parse_policy
+from kvcache.cache.policies.scorers import SCORERS
 from kvcache.cache.policies.selectors import EVICT_UNIT
 from kvcache.engine.generate import BatchGeneration
 from kvcache.models.step import StepInputs
@@ -26,9 +27,7 @@ KEEP_ALL = [
     "full",
     f"window:size={BIG}",
     f"sinks:n_sink=4,window={BIG}",
-    f"evict:scorer=h2o,budget={BIG},decode=true",
-    f"evict:scorer=snapkv,budget={BIG},decode=true",
-    f"evict:scorer=knorm,budget={BIG},decode=true",
+    *(f"evict:scorer={name},budget={BIG},decode=true" for name in SCORERS),
     f"sinks:n_sink=2,window={BIG}+evict:scorer=h2o,budget={BIG}",
     f"quantized:bits=2,residual={BIG}",
     f"tiered:hot={BIG}",
@@ -39,7 +38,7 @@ EVICTING = [
     "sinks:n_sink=4,window=36",
     "evict:scorer=h2o,ratio=0.5",
     "evict:scorer=snapkv,ratio=0.5,window=8",
-    "evict:scorer=knorm,budget=32,decode=true",
+    *(f"evict:scorer={name},budget=32,decode=true" for name in SCORERS),
     "sinks:n_sink=4,window=60+evict:scorer=knorm,ratio=0.5",
     "sinks:n_sink=4,window=32+quantized:bits=4,group_size=16,residual=16",
     "evict:scorer=h2o,ratio=0.5+quantized:bits=8,group_size=16,residual=8",

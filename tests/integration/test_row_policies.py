@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from kvcache.cache.policies.grammar import parse_policy
+from kvcache.cache.policies.scorers import SCORERS
 from kvcache.cache.row_policy import policy_footprint
 from tests.helpers import greedy, paged_llm, policy_cache_greedy, random_requests
 
@@ -21,7 +22,7 @@ POLICIES = [
     "quantized:bits=4,group_size=16,residual=16",  # KIVI: keys per channel, exact tail
     "quantized:bits=2,group_size=16,residual=8,n_sink=4",  # exact sinks too
     "tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16",  # oldest tokens to a memory-mapped file
-    "evict:scorer=h2o,budget=40,decode=true",  # evicting while decoding
+    *(f"evict:scorer={name},budget=40,decode=true" for name in SCORERS),  # evicting while decoding
     "evict:scorer=snapkv,ratio=0.5,window=8+quantized:bits=4,group_size=16,residual=16",  # after each piece
     "sinks:n_sink=4,window=28+quantized:bits=8,group_size=16,residual=16",  # windowed: blocks go back
 ]

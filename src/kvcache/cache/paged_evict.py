@@ -8,12 +8,13 @@ copied in order into fresh blocks that belong to the sequence alone. Generation 
 those and appends after them. Keys are rotated before they are stored, so positions stay
 absolute: a token at position p sits at slot p - evicted.
 
-Scorers: `knorm` (low key norm, from the stored keys), `snapkv` (attention the last `window`
-prompt queries pay, pooled), `h2o` (attention from every prompt query). `PromptScores` adds up
+The scorer (`policies/scorers/`) names the prompt queries it observes (`first_observed`: all
+of them for h2o, the last `window` for snapkv) and turns their attention
+into a score (`prompt_score`), or scores the stored keys alone (knorm). `PromptScores` adds up
 the attention of the observed queries chunk by chunk; the sums equal one pass over the whole
 prompt, so what is kept does not depend on how the prompt was chunked. Queries of cached
-blocks are never computed, so snapkv leaves the last `window` prompt tokens to compute and h2o
-takes no prefix-cache hits (`prefix_hit_limit`).
+blocks are never computed, so a prefix-cache hit may cover only the prompt before the first
+observed query (`prefix_hit_limit`).
 """
 
 from __future__ import annotations
@@ -22,23 +23,23 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.cache.policies.selectors import attention_mass, evict_target, keep_index, knorm_score, snapkv_pool
+from kvcache.cache.policies.scorers import Scorer, attention_mass, make_scorer
+from kvcache.cache.policies.selectors import evict_target, keep_index
 
 
 @dataclass(frozen=True)
 class PagedEvict:
     """The settings of an `evict` policy the paged engine runs (once, after the prompt)."""
 
-    scorer: str  # knorm | snapkv | h2o
+    scorer: Scorer  # ranks the prompt's tokens (policies/scorers/)
     ratio: float  # fraction removed (or 0)
     budget: int  # tokens kept (or 0)
-    window: int  # recent prompt tokens always kept; snapkv's observation window
-    pool: int = 31  # snapkv's smoothing kernel (odd)
+    window: int  # recent prompt tokens always kept (and the scorer's observation window)
 
     @classmethod
     def from_part(cls, part) -> "PagedEvict":
         p = part.params
-        return cls(p["scorer"], p["ratio"], p["budget"], p["window"], p["pool"])
+        return cls(make_scorer(p), p["ratio"], p["budget"], p["window"])
 
     def target(self, prompt_tokens: int) -> int:
         """Tokens of the prompt kept (all of a prompt no longer than that)."""
@@ -46,16 +47,12 @@ class PagedEvict:
 
     @property
     def needs_queries(self) -> bool:
-        return self.scorer != "knorm"
-
-    def first_observed(self, prompt_tokens: int) -> int:
-        """Position of the first prompt query whose attention is scored."""
-        return max(0, prompt_tokens - self.window) if self.scorer == "snapkv" else 0
+        return self.scorer.needs_queries
 
     def prefix_hit_limit(self, prompt_tokens: int) -> int | None:
         """The most prompt tokens a prefix-cache hit may cover (their queries are never
         computed), or None for no limit."""
-        return None if not self.needs_queries else self.first_observed(prompt_tokens)
+        return self.scorer.first_observed(prompt_tokens) if self.needs_queries else None
 
 
 class PromptScores:
@@ -63,7 +60,7 @@ class PromptScores:
 
     def __init__(self, spec: PagedEvict, prompt_tokens: int, num_layers: int):
         self.spec, self.prompt_tokens = spec, prompt_tokens
-        self.first = spec.first_observed(prompt_tokens)
+        self.first = spec.scorer.first_observed(prompt_tokens)
         self.mass: list[torch.Tensor | None] = [None] * num_layers  # (Hkv, prompt_tokens) fp32
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, start: int) -> None:
@@ -78,12 +75,11 @@ class PromptScores:
         self.mass[layer][:, : mass.shape[1]] += mass
 
     def keep(self, layer: int, keys: torch.Tensor | None = None) -> torch.Tensor:
-        """Prompt positions to keep in `layer`, per KV head, in order: (Hkv, target). knorm
-        scores the layer's prompt keys (Hkv, prompt_tokens, D)."""
+        """Prompt positions to keep in `layer`, per KV head, in order: (Hkv, target). A scorer
+        that needs no queries scores the layer's prompt keys (Hkv, prompt_tokens, D)."""
         spec, n = self.spec, self.prompt_tokens
-        if spec.scorer == "knorm":
-            score = knorm_score(keys)  # (Hkv, n)
+        if not spec.needs_queries:
+            score = spec.scorer.key_score(keys)[None]  # (1, Hkv, n)
         else:
-            score = self.mass[layer]
-            score = snapkv_pool(score[None], spec.pool)[0] if spec.scorer == "snapkv" else score  # (Hkv, n)
-        return keep_index(score[None], spec.target(n), spec.window)[0]  # (Hkv, target)
+            score = spec.scorer.prompt_score(self.mass[layer][None])  # (1, Hkv, n)
+        return keep_index(score, spec.target(n), spec.window)[0]  # (Hkv, target)

@@ -174,13 +174,13 @@ class LLMEngine:
         """The eviction policy's one compression, right after the prompt's last token: per layer
         and KV head the kept tokens are copied, in order, into fresh blocks of the request."""
         rid, n = req.request_id, len(req.prompt_token_ids)
-        scores = self.runner.prompt_scores.pop(rid, None) or PromptScores(self.evict, n, self.model.config.num_layers)
+        scores = self.runner.take_prompt_scores(rid) or PromptScores(self.evict, n, self.model.config.num_layers)
         keep = self.evict.target(n)
         if keep >= n:
             return
         slot_of = torch.tensor(self.kv.slots(rid, 0, n), device=self.storage.device)  # (n,) position -> slot
-        knorm = self.evict.scorer == "knorm"
-        index = torch.stack([scores.keep(layer, self.storage.keys_at(layer, slot_of) if knorm else None)
+        by_keys = not self.evict.needs_queries
+        index = torch.stack([scores.keep(layer, self.storage.keys_at(layer, slot_of) if by_keys else None)
                              for layer in range(self.model.config.num_layers)])  # (L, Hkv, keep) positions
         k, v = self.storage.gather_tokens(slot_of[index])  # (L, Hkv, keep, ...) copies
         table = self.kv.compact(rid, keep, n - keep)

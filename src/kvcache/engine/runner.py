@@ -192,6 +192,11 @@ class ModelRunner:
                 rows.append((c, logits[0]))
             return sample_rows(rows)
 
+    def take_prompt_scores(self, request_id: str) -> PromptScores | None:
+        """What the request's prompt queries attended (an eviction scorer's input), handed over
+        once the prompt is computed; None when no query was observed."""
+        return self.prompt_scores.pop(request_id, None)
+
     def forget(self, request_id: str) -> None:
         """Drop what the runner keeps for a request that finished, failed or was preempted."""
         self.prompt_scores.pop(request_id, None)

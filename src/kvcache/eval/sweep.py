@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvcache.cache.policies.scorers import SCORERS
 from kvcache.errors import KVCacheError
 from kvcache.eval import kvpress, needle, speed
 from kvcache.eval.corpus import corpus_token_ids
@@ -44,7 +45,7 @@ DEFAULT_POLICIES = (
      "quantized:bits=8,key_axis=token,residual=0", "quantized:bits=4,group_size=32,key_axis=token,residual=0",
      "quantized:bits=4,key_bits=8,group_size=32,key_axis=token,residual=0",
      "window:size=1024", "sinks:n_sink=4,window=1020"]
-    + [f"evict:scorer={s},ratio={r}" for s in ("h2o", "snapkv", "knorm") for r in EVICT_RATIOS]
+    + [f"evict:scorer={s},ratio={r}" for s in SCORERS for r in EVICT_RATIOS]
     + ["tiered:hot=256,warm_bits=4,warm=1024,cold=disk,exact=fp16",
        "sinks:n_sink=4,window=2044+quantized:bits=8,residual=0,exact=fp16"]
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvcache.cache.policies.scorers import SCORERS
 from kvcache.errors import KVCacheError
 
 
@@ -94,7 +95,7 @@ POLICY_PARAMS: dict[str, dict[str, Param]] = {
     "window": {"size": Param(int, 1024, minimum=1)},
     "sinks": {"n_sink": Param(int, 4, minimum=0), "window": Param(int, 1020, minimum=1)},
     "evict": {
-        "scorer": Param(str, "snapkv", choices=("h2o", "snapkv", "knorm")),
+        "scorer": Param(str, "snapkv", choices=tuple(SCORERS)),  # scorers/: one class a file
         "ratio": Param(float, 0.0, minimum=0.0),
         "budget": Param(int, 0, minimum=0),
         "window": Param(int, 32, minimum=1),  # recent tokens always kept (and SnapKV's observation window)

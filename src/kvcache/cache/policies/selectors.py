@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kvcache.cache.policies.grammar import PolicyPart
+from kvcache.cache.policies.scorers import Scorer, make_scorer
 
 EVICT_UNIT = 16  # tokens; one paged block
 
@@ -97,35 +97,24 @@ class Sinks(Window):
 class Evict(Selector):
     """Keep the tokens that matter: top scores per layer and KV head, plus the last `window`.
 
-    Scorers: `knorm` (low key norm = attended, no queries needed), `snapkv` (attention the
-    last `window` queries of a prompt chunk pay, pooled), `h2o` (attention accumulated over
-    every query seen). Runs after each prompt chunk (t > 1), and with decode=true also
-    while generating. `ratio` is the fraction removed; `budget` the tokens kept.
+    The `scorer` (`scorers/`, one class each) ranks the held tokens: from each step's queries
+    (`Scorer.update`) or from the keys alone (`Scorer.key_score`). Runs after each prompt chunk
+    (t > 1), and with decode=true also while generating. `ratio` is the fraction removed;
+    `budget` the tokens kept.
     """
 
-    def __init__(self, scorer: str, ratio: float, budget: int, window: int, decode: bool,
-                 num_layers: int, device: torch.device, pool: int = 31):
+    def __init__(self, scorer: Scorer, ratio: float, budget: int, window: int, decode: bool, num_layers: int):
         self.scorer, self.ratio, self.budget, self.window, self.decode = scorer, ratio, budget, window, decode
-        self.pool = pool  # snapkv's smoothing kernel (odd)
         self.scores: list[torch.Tensor | None] = [None] * num_layers  # (B, Hkv, S) float32 per layer
-        self.device = device
 
     def target(self, seen: int) -> int:
         return evict_target(self.ratio, self.budget, seen)
 
     def observes(self, t: int) -> bool:
-        return self.scorer != "knorm" and (t > 1 or self.decode)
+        return self.scorer.needs_queries and (t > 1 or self.decode)
 
     def observe(self, layer, q, k):
-        t = q.shape[2]
-        if self.scorer == "snapkv" and t > 1:
-            self.scores[layer] = snapkv_pool(attention_mass(q[:, :, -self.window :], k), self.pool)
-            return
-        acc = attention_mass(q, k)  # (B, Hkv, S)
-        prev = self.scores[layer]
-        if prev is not None:
-            acc[:, :, : prev.shape[2]] += prev[:, :, : min(prev.shape[2], acc.shape[2])]
-        self.scores[layer] = acc
+        self.scores[layer] = self.scorer.update(self.scores[layer], q, k)  # (B, Hkv, S)
 
     def plan(self, held, seen, t, unit, keys):
         if t == 1 and not self.decode:
@@ -139,9 +128,9 @@ class Evict(Selector):
 
     def _layer_scores(self, held: int, keys):
         for layer in range(len(self.scores)):
-            if self.scorer == "knorm":
+            if not self.scorer.needs_queries:
                 k, _ = keys(layer)
-                yield knorm_score(k)  # (B, Hkv, S)
+                yield self.scorer.key_score(k)  # (B, Hkv, S)
             else:
                 yield self.scores[layer][:, :, :held]
 
@@ -159,33 +148,6 @@ def evict_target(ratio: float, budget: int, seen: int) -> int:
     """Tokens an `evict` policy keeps of `seen`: its budget, or the (1 - ratio) share (at least 1)."""
     kept = budget if budget else math.ceil((1.0 - ratio) * seen)
     return max(kept, 1)
-
-
-def knorm_score(keys: torch.Tensor) -> torch.Tensor:
-    """knorm's score of keys (..., S, D): minus their norm (low-norm keys draw attention): (..., S)."""
-    return -keys.float().norm(dim=-1)
-
-
-def attention_mass(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The attention each key gets from the queries q (B, Hq, T, D), the last T of the S keys k
-    (B, Hkv, S, D), causal, summed over queries and the query heads of each KV head: (B, Hkv, S) fp32."""
-    b, hq, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g = hq // hkv
-    acc = torch.zeros(b, hkv, s, dtype=torch.float32, device=q.device)  # (B, Hkv, S)
-    for c0 in range(0, t, 256):  # query chunks bound the (B, Hkv, G*Tc, S) probabilities
-        qc = q[:, :, c0 : c0 + 256].float()
-        tc = qc.shape[2]
-        logits = qc.reshape(b, hkv, g * tc, d) @ k.float().transpose(-1, -2) / math.sqrt(d)  # (B, Hkv, G*Tc, S)
-        q_slot = torch.arange(s - t + c0, s - t + c0 + tc, device=q.device).repeat(g)  # (G*Tc,)
-        logits.masked_fill_(torch.arange(s, device=q.device)[None, :] > q_slot[:, None], float("-inf"))
-        acc += logits.softmax(-1).sum(2)
-    return acc
-
-
-def snapkv_pool(mass: torch.Tensor, kernel: int) -> torch.Tensor:
-    """SnapKV's smoothing of attention mass (B, Hkv, S): a mean over `kernel` (odd) neighbouring keys."""
-    return F.avg_pool1d(mass, kernel_size=kernel, stride=1, padding=kernel // 2, count_include_pad=False)
 
 
 def keep_index(score: torch.Tensor, target: int, window: int) -> torch.Tensor:
@@ -207,5 +169,5 @@ def make_selector(part: PolicyPart, num_layers: int, device: torch.device) -> Se
     if part.name == "sinks":
         return Sinks(p["n_sink"], p["window"])
     if part.name == "evict":
-        return Evict(p["scorer"], p["ratio"], p["budget"], p["window"], p["decode"], num_layers, device, p["pool"])
+        return Evict(make_scorer(p), p["ratio"], p["budget"], p["window"], p["decode"], num_layers)
     raise AssertionError(part.name)
