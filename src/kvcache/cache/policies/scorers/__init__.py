@@ -6,6 +6,7 @@ from kvcache.cache.policies.scorers.base import Scorer, attention_mass
 from kvcache.cache.policies.scorers.h2o import H2O  # noqa: F401  (each import registers a scorer)
 from kvcache.cache.policies.scorers.snapkv import SnapKV  # noqa: F401
 from kvcache.cache.policies.scorers.knorm import Knorm  # noqa: F401
+from kvcache.cache.policies.scorers.tova import TOVA  # noqa: F401
 
 SCORERS: dict[str, type[Scorer]] = {s.name: s for s in Scorer.__subclasses__()}  # in import order
 
