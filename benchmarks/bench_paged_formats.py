@@ -24,6 +24,7 @@ import torch
 from rich.table import Table
 
 from kvcache.bench.common import consoles, corpus_ids, print_json, save_figure
+from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import format_bytes, parse_size
 from kvcache.engine.llm import LLM
@@ -60,7 +61,8 @@ def attended_tokens(policy: str, context: float) -> float:
     """Tokens one decode row reads: its whole context, or what a window / sinks policy keeps
     (the window plus, on average, half a 16-token block not yet given back)."""
     spec = parse_policy(policy)
-    kept = spec.paged_window or (sum(spec.paged_sinks) if spec.paged_sinks else None)
+    plan = paged_plan(spec)
+    kept = (sum(plan.sinks) if plan.sinks else plan.window) if plan else None
     return context if kept is None else min(context, kept + 8)
 
 

@@ -819,7 +819,7 @@ def main(argv: list[str] | None = None) -> dict:
             cap, records = run_capacity(llm, wl, args.max_output, progress)
             shape = ModelShape.from_hf_config(read_hf_config(llm.model_dir), name=args.model)
             bpt = kv_bytes_per_token(shape, KVFormat.parse(_DTYPE_NAMES.get(parse_dtype(args.dtype), args.dtype)))
-            if llm.kv_policy.paged_quantized is not None:  # reservations in the same quantized format
+            if llm.paged_plan is not None and llm.paged_plan.quantized is not None:  # reservations in the same quantized format
                 bpt = llm.engine_bytes_per_token
             if bpt != cap["bytes_per_token"]:
                 err.print(f"[yellow]note: spec bytes/token {bpt} != engine bytes/token {cap['bytes_per_token']}"

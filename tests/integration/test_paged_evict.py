@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 import kvcache
+from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.policies.scorers import SCORERS
 from kvcache.errors import KVCacheError
@@ -51,10 +52,10 @@ def workload(vocab: int, n: int = 10):
 
 
 def test_grammar_runs_evict_after_the_prompt_paged():
-    assert parse_policy(POLICIES[0]).paged_evict is not None and parse_policy(POLICIES[0]).runs_paged
-    assert not parse_policy("evict:ratio=0.5,decode=true").runs_paged  # evicting while decoding: per sequence
-    assert parse_policy("evict:ratio=0.5+quantized:bits=8,key_axis=token,residual=0").runs_paged
-    assert not parse_policy("evict:ratio=0.5+quantized:bits=8").runs_paged  # KIVI's exact tail: per sequence
+    assert paged_plan(parse_policy(POLICIES[0])).evict is not None and paged_plan(parse_policy(POLICIES[0])) is not None
+    assert paged_plan(parse_policy("evict:ratio=0.5,decode=true")) is None  # evicting while decoding: per sequence
+    assert paged_plan(parse_policy("evict:ratio=0.5+quantized:bits=8,key_axis=token,residual=0")) is not None
+    assert paged_plan(parse_policy("evict:ratio=0.5+quantized:bits=8")) is None  # KIVI's exact tail: per sequence
     assert parse_policy("evict:ratio=0.5,pool=7").selectors[0].params["pool"] == 7
     with pytest.raises(KVCacheError, match="pool must be odd"):
         parse_policy("evict:ratio=0.5,pool=8")

@@ -16,6 +16,7 @@ import kvcache
 from kvcache import SamplingParams
 from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
 from kvcache.cache.policies.cache import PolicyCache
+from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.quant import dequantize, quantize
 from kvcache.cache.spec import KVFormat, kv_tensor_bytes
@@ -53,13 +54,13 @@ def workload(vocab: int, n: int = 12) -> tuple[list[list[int]], list[SamplingPar
 
 
 def test_grammar_says_which_quantized_policies_run_paged():
-    assert parse_policy(POLICIES[0]).runs_paged
-    assert parse_policy("window:size=64+" + POLICIES[1]).paged_window == 64
-    assert parse_policy("sinks:n_sink=4,window=60+" + POLICIES[0]).paged_sinks == (4, 60)
+    assert paged_plan(parse_policy(POLICIES[0])) is not None
+    assert paged_plan(parse_policy("window:size=64+" + POLICIES[1])).window == 64
+    assert paged_plan(parse_policy("sinks:n_sink=4,window=60+" + POLICIES[0])).sinks == (4, 60)
     for policy in ("quantized:bits=8", "quantized:bits=8,key_axis=token",  # residual 128 by default
                    "quantized:bits=8,key_axis=token,residual=0,n_sink=4",
                    "evict:ratio=0.5,decode=true+" + POLICIES[0], POLICIES[2] + ",hi_keys=0"):  # one width per pool
-        assert not parse_policy(policy).runs_paged, policy
+        assert paged_plan(parse_policy(policy)) is None, policy
     with pytest.raises(KVCacheError, match="key_axis must be one of channel, token"):
         parse_policy("quantized:key_axis=head")
     with pytest.raises(KVCacheError, match="key_bits must be one of 0, 8, 4, 2"):

@@ -14,6 +14,7 @@ import pytest
 
 import kvcache
 from kvcache.cache.manager import RELEASED
+from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
 from tests.helpers import greedy, paged_llm, policy_cache_greedy, random_requests
 
@@ -41,10 +42,10 @@ def workload(vocab: int, n: int = 10):
 
 
 def test_grammar_runs_sinks_paged_alone_or_over_paged_quantized_blocks():
-    assert parse_policy(POLICY).paged_sinks == (4, 24)
-    assert parse_policy("sinks:n_sink=4,window=60+quantized:bits=8,key_axis=token,residual=0").runs_paged
-    assert not parse_policy("sinks:n_sink=4,window=60+quantized:bits=8").runs_paged  # KIVI exact tail
-    assert not parse_policy("sinks+evict:ratio=0.5").runs_paged
+    assert paged_plan(parse_policy(POLICY)).sinks == (4, 24)
+    assert paged_plan(parse_policy("sinks:n_sink=4,window=60+quantized:bits=8,key_axis=token,residual=0")) is not None
+    assert paged_plan(parse_policy("sinks:n_sink=4,window=60+quantized:bits=8")) is None  # KIVI exact tail
+    assert paged_plan(parse_policy("sinks+evict:ratio=0.5")) is None
 
 
 def test_each_request_equals_the_per_sequence_cache_token_by_token(tiny_model_dir):

@@ -126,6 +126,26 @@ def test_every_policy_name_has_documented_defaults():
             assert isinstance(p.default, p.type), (name, key)
 
 
+def test_the_grammar_is_the_policy_classes_declarations():
+    from kvcache.cache.policies.registry import POLICIES
+
+    assert set(POLICY_PARAMS) == set(POLICIES) == {"window", "sinks", "evict", "full", "quantized", "tiered"}
+    for name, cls in POLICIES.items():
+        assert POLICY_PARAMS[name] is cls.params and cls.role in ("selector", "store")
+        assert parse_policy(name if name != "evict" else "evict:ratio=0.5").canonical.count(name) >= (name != "full")
+
+
+@pytest.mark.parametrize("text, n_sink", [
+    ("quantized:bits=2", 4),  # KIVI at 2 bits: exact sinks by default (+1.1% vs +85% perplexity at 1k tokens)
+    ("quantized:bits=2,n_sink=0", 0),  # what the user says wins
+    ("quantized:bits=2,key_axis=token,residual=0", 0),  # the paged format stays paged
+    ("quantized:bits=4", 0),
+    ("quantized", 0),
+])
+def test_two_bit_kivi_keeps_four_exact_sinks_by_default(text, n_sink):
+    assert parse_policy(text).store.params["n_sink"] == n_sink
+
+
 # ------------------------------------------------------------- keep-everything == dense
 
 
@@ -280,7 +300,7 @@ def test_paged_window_frees_blocks_and_matches_the_per_sequence_cache(tiny_model
     """`window` runs in the continuous-batching engine by freeing whole blocks; a ragged
     batch there gives exactly the tokens each prompt gets alone on a PolicyCache."""
     llm = kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy="window:size=24", block_size=16)
-    assert llm.kv_policy.runs_paged
+    assert llm.paged_plan is not None
     prompts = ["Once upon a time there was a little robot who loved to read books about the stars",
                "Hello", "The weather today is sunny with a light breeze from the west, and tomorrow"]
     params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
@@ -367,7 +387,7 @@ def test_every_layer_at_hi_bits_is_the_uniform_cache(tiny_llm):
     layers lands in between the two uniform caches."""
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 100)
-    base = "group_size=16,residual=16,clip=none,rotate=none"
+    base = "group_size=16,residual=16,n_sink=0,clip=none,rotate=none"
     run = {p: feed(model, PolicyCache(model, f"quantized:{base},{p}"), ids, chunk=10)
            for p in ("bits=8", "bits=2", "bits=2,hi_keys=0/1,hi_values=0/1,hi_bits=8", "bits=2,hi_keys=0/1,hi_bits=8")}
     assert torch.equal(run["bits=8"], run["bits=2,hi_keys=0/1,hi_values=0/1,hi_bits=8"])
@@ -412,7 +432,7 @@ def test_sinks_with_int8_stream_with_flat_memory(tiny_llm):
                                     "quantized:bits=4,group_size=32,residual=0",
                                     # min-max ranges: groups quantized during decode must come out the same in
                                     # both runs; a clipped range can flip on the last bits of its input
-                                    "quantized:bits=2,group_size=16,residual=16,exact=fp16,clip=none",
+                                    "quantized:bits=2,group_size=16,residual=16,n_sink=0,exact=fp16,clip=none",
                                     "quantized:bits=2,group_size=16,residual=16,clip=none,rotate=values",
                                     "quantized:bits=2,group_size=16,residual=16,clip=none,hi_keys=0,hi_values=1",
                                     "tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16"])

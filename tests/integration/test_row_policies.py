@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.policies.scorers import SCORERS
 from kvcache.cache.row_policy import policy_footprint
@@ -44,7 +45,7 @@ def alone(llm, policy: str, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_grammar_sends_them_to_per_request_caches(policy):
-    assert not parse_policy(policy).runs_paged
+    assert paged_plan(parse_policy(policy)) is None
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -47,11 +47,13 @@ class TokenQuantFormat:
 
     @classmethod
     def from_policy(cls, spec, head_dim: int) -> "TokenQuantFormat":
-        """The format of a policy's paged quantized store (`PolicySpec.paged_quantized`)."""
-        from kvcache.cache.policies.grammar import quantizer_modes
+        """The format of a policy's paged quantized store (`PagedPlan.quantized`)."""
+        from kvcache.cache.paged_plan import paged_plan
+        from kvcache.cache.policies.params import quantizer_modes
         from kvcache.cache.policies.quantized_store import value_group
 
-        part = spec.paged_quantized
+        plan = paged_plan(spec)
+        part = plan.quantized if plan else None
         if part is None:
             raise KVCacheError(f"The KV policy '{spec.text}' is not a paged quantized format.")
         p = part.params

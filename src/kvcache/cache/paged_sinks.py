@@ -27,7 +27,7 @@ import torch
 
 from kvcache import native
 from kvcache.cache.storage import SlotStepCache
-from kvcache.cache.policies.selectors import Sinks
+from kvcache.cache.policies.sinks import Sinks
 from kvcache.models.rope import RotaryTable, apply_rotary
 
 FAR = 1 << 62  # the position of a padding slot: after every query, so always masked

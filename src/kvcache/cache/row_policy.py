@@ -58,7 +58,7 @@ class PolicyFootprint:
 def policy_footprint(spec, config, dtype: torch.dtype, prefill_piece: int = 0) -> PolicyFootprint:
     """The footprint of a policy on a model (see `PolicyFootprint`). `prefill_piece`: the prompt
     pieces a sequence is fed in; a selector evicts after each, so it may hold one more piece."""
-    from kvcache.cache.policies.cache import exact_dtype
+    from kvcache.cache.policies.full import exact_dtype
     from kvcache.cache.policies.quantized_store import layer_bits, value_group
     from kvcache.cache.policies.selectors import EVICT_UNIT
 
@@ -82,15 +82,9 @@ def policy_footprint(spec, config, dtype: torch.dtype, prefill_piece: int = 0) -
 
 def _held_cap(spec, slack: int) -> int | None:
     """The most tokens the policy's selectors keep (None: no bound), `slack` (a unit and a piece) included."""
-    caps = []
-    for sel in spec.selectors:
-        p = sel.params
-        if sel.name == "window":
-            caps.append(p["size"] + slack)
-        elif sel.name == "sinks":
-            caps.append(p["n_sink"] + p["window"] + slack)
-        elif sel.name == "evict" and p["budget"] and p["decode"]:
-            caps.append(p["budget"] + slack)
+    from kvcache.cache.policies.registry import POLICIES
+
+    caps = [cap for sel in spec.selectors if (cap := POLICIES[sel.name].held_cap(sel.params, slack)) is not None]
     return min(caps) if caps else None
 
 

@@ -12,7 +12,8 @@ from kvcache.cache.manager import KVCacheManager
 from kvcache.cache.paged_evict import PagedEvict, PromptScores
 from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
 from kvcache.cache.policies.grammar import PolicySpec
-from kvcache.cache.policies.selectors import Sinks, Window
+from kvcache.cache.policies.sinks import Sinks
+from kvcache.cache.policies.window import Window
 from kvcache.cache.row_policy import RowPolicyStorage, policy_footprint
 from kvcache.cache.storage import PagedKVStorage
 from kvcache.engine.detokenizer import IncrementalDetokenizer

@@ -75,9 +75,11 @@ class LLM:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos
+        from kvcache.cache.paged_plan import paged_plan
         from kvcache.cache.policies.grammar import parse_policy
 
         self.kv_policy = parse_policy(kv_policy)  # bad policy strings fail here, before any work
+        self.paged_plan = paged_plan(self.kv_policy)  # how the paged engine runs it (None: per-request stores)
         self._engine_args = self._engine_config(kv_cache_memory, kv_cache_fraction, block_size,
                                                 enable_prefix_caching, max_num_seqs, max_num_batched_tokens)
         self._engine = None
@@ -104,7 +106,8 @@ class LLM:
             # no point reserving more than every sequence at full length needs (a window or sinks
             # policy gives blocks back: a sequence then holds at most sinks + window + a chunk)
             per_seq = self.max_model_len + block_size
-            n_sink, window = self.kv_policy.paged_sinks or (0, self.kv_policy.paged_window)
+            plan = self.paged_plan
+            n_sink, window = plan.sinks if plan and plan.sinks else (0, plan.window if plan else None)
             if window:
                 per_seq = min(per_seq, windowed_live_tokens(window, n_sink, block_size, max_batched))
             footprint = self.policy_footprint(max_batched)
@@ -114,17 +117,17 @@ class LLM:
         blocks = blocks_for_budget(budget, block_size, self.engine_bytes_per_token)
         if blocks < 1:
             raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")
-        sinks, evict = self.kv_policy.paged_sinks, self.kv_policy.paged_evict
+        plan = self.paged_plan
         return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched,
-                            sliding_window=sinks[1] if sinks else self.kv_policy.paged_window,
-                            sink_tokens=sinks[0] if sinks else None, quant_format=self._quant_format,
-                            evict=PagedEvict.from_part(evict) if evict else None,
-                            row_policy=None if self.kv_policy.runs_paged else self.kv_policy)
+                            sliding_window=plan.window if plan else None,
+                            sink_tokens=plan.sinks[0] if plan and plan.sinks else None, quant_format=self._quant_format,
+                            evict=PagedEvict.from_part(plan.evict) if plan and plan.evict else None,
+                            row_policy=None if plan else self.kv_policy)
 
     def policy_footprint(self, max_num_batched_tokens: int = 512):
         """The byte bound of a per-request cache (`cache.row_policy.PolicyFootprint`) under a policy
         paged blocks cannot hold, with the engine's default prompt pieces; None for the others."""
-        if self.kv_policy.runs_paged:
+        if self.paged_plan is not None:
             return None
         from kvcache.cache.row_policy import policy_footprint
         from kvcache.engine.engine import default_prefill_piece
@@ -135,7 +138,7 @@ class LLM:
     @property
     def _quant_format(self):
         """The paged blocks' quantized format under this LLM's policy, or None (float blocks)."""
-        if self.kv_policy.paged_quantized is None:
+        if self.paged_plan is None or self.paged_plan.quantized is None:
             return None
         from kvcache.cache.paged_quant import TokenQuantFormat
 

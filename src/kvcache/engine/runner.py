@@ -21,7 +21,7 @@ from kvcache.cache.manager import KVCacheManager
 from kvcache.cache.mixed_step import ChunkSegment, DecodeSegment, MixedStepCache
 from kvcache.cache.paged_evict import PagedEvict, PromptScores
 from kvcache.cache.paged_sinks import FAR, PagedSinksStepCache
-from kvcache.cache.policies.selectors import Sinks
+from kvcache.cache.policies.sinks import Sinks
 from kvcache.cache.storage import PagedKVStorage, PagedStepCache, slot_mask
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel

@@ -35,8 +35,8 @@ DEFAULT_POLICIES = (
     ["full", "full:dtype=fp16",
      "quantized:bits=8,residual=0,exact=fp16",  # llama.cpp q8_0-like: 8.5 bits a value
      "quantized:bits=4,group_size=128,residual=128,exact=fp16",
-     "quantized:bits=2,group_size=32,residual=128,exact=fp16",  # KIVI-2's settings
-     "quantized:bits=2,group_size=64,residual=64,exact=fp16",
+     "quantized:bits=2,group_size=32,residual=128,n_sink=0,exact=fp16",  # KIVI-2's settings
+     "quantized:bits=2,group_size=64,residual=64,n_sink=0,exact=fp16",
      "quantized:bits=2,group_size=64,residual=64,n_sink=4,exact=fp16",  # the attention sinks exact too
      # + the 5 most sensitive layers' keys/values at 4 bits (`python -m kvcache.eval.calibrate`, on the
      # default model's 30 layers; another model needs its own list)

@@ -15,28 +15,10 @@ from __future__ import annotations
 import torch
 
 from kvcache.cache.policies.grammar import PolicySpec, parse_policy
-from kvcache.cache.policies.selectors import EVICT_UNIT, KeepPlan, make_selector
-from kvcache.cache.policies.stores import ExactStore
+from kvcache.cache.policies.registry import make_selector, make_store
+from kvcache.cache.policies.selectors import EVICT_UNIT, KeepPlan
 from kvcache.errors import KVCacheError
 from kvcache.models.rope import apply_rotary
-
-
-_EXACT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def exact_dtype(part, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a store keeps its exact tokens in (its `dtype` / `exact` key; default the model's)."""
-    name = part.params.get("dtype", part.params.get("exact", "model"))
-    return _EXACT.get(name, model_dtype)
-
-
-def make_store(spec: PolicySpec, config, dtype: torch.dtype, device: torch.device, capacity: int):
-    c, part = config, spec.store
-    if part.name == "full":
-        return ExactStore(c.num_layers, 1, c.num_kv_heads, c.head_dim, exact_dtype(part, dtype), device, capacity)
-    from kvcache.cache.policies.quantized_store import make_quantized_store
-
-    return make_quantized_store(part, c, dtype, exact_dtype(part, dtype), device, capacity)
 
 
 class PolicyCache:
@@ -51,7 +33,7 @@ class PolicyCache:
         self.dtype, self.device = model.dtype, model.device
         self.rope = model.rope
         self.store = make_store(self.spec, c, self.dtype, self.device, capacity)
-        self.selectors = [make_selector(p, c.num_layers, self.device) for p in self.spec.selectors]
+        self.selectors = [make_selector(p, c.num_layers) for p in self.spec.selectors]
         self.rotates_keys = any(s.cache_positions for s in self.selectors)
         # RoPE position of slot 0 when the cache rotates keys: 0 for our model, whose queries sit at
         # cache positions; `kvcache.hf` moves it so that query-key distances stay those in the cache.

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from kvcache import native
-from kvcache.cache.policies.grammar import quantizer_modes
+from kvcache.cache.policies.params import quantizer_modes
 from kvcache.cache.policies.stores import ExactStore
 from kvcache.cache.quant import (QTensor, dequantize, hadamard, layer_store, quantize, quantized_scores,
                                  unpack_codes)

@@ -1,0 +1,39 @@
+"""How the paged engine runs a policy on its shared blocks, or that it cannot.
+
+Each policy class says whether its part runs on paged blocks (`Policy.on_paged_blocks`); the
+engine runs a policy there when its store does and it has at most one selector that does.
+Everything else gets a per-request store (`row_policy.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvcache.cache.policies.grammar import PolicyPart, PolicySpec
+from kvcache.cache.policies.registry import POLICIES
+
+
+@dataclass(frozen=True)
+class PagedPlan:
+    """What the paged engine does for a policy: free blocks behind a window, keep sink blocks,
+    compress each prompt once, hold quantized codes; all None/empty for `full`."""
+
+    window: int | None = None  # `window:size`, or the window of `sinks`
+    sinks: tuple[int, int] | None = None  # (n_sink, window)
+    evict: PolicyPart | None = None  # the `evict` part (decode=false)
+    quantized: PolicyPart | None = None  # the store part when the blocks hold quantized codes
+
+
+def paged_plan(spec: PolicySpec) -> PagedPlan | None:
+    """The plan for `spec`, or None when the paged engine cannot run it on its blocks."""
+    parts = [*spec.selectors, spec.store]
+    if len(spec.selectors) > 1 or not all(POLICIES[p.name].on_paged_blocks(p.params) for p in parts):
+        return None
+    sel = spec.selectors[0] if spec.selectors else None
+    name, p = (sel.name, sel.params) if sel else ("", {})
+    return PagedPlan(
+        window=p["size"] if name == "window" else p["window"] if name == "sinks" else None,
+        sinks=(p["n_sink"], p["window"]) if name == "sinks" else None,
+        evict=sel if name == "evict" else None,
+        quantized=spec.store if spec.store.name == "quantized" else None,
+    )

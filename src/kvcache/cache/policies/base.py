@@ -1,0 +1,48 @@
+"""What a policy is: one named part of a policy string, declared by one class in its own file.
+
+A policy class declares
+- `name` and `role`: a "selector" chooses which tokens are kept (window, sinks, evict), a
+  "store" how the kept tokens are held (full, quantized, tiered); a policy string has any
+  selectors and at most one store;
+- `params`: its keys (`params.Param`: type, default, range), from which the grammar parses,
+  checks and fills a part (`fill`, then `check` for rules between keys);
+- where it runs: `on_paged_blocks(params)`, whether the paged engine runs it on its blocks;
+  otherwise each request gets a per-request store (`row_policy`);
+- its memory: `held_cap` (selectors: the most tokens kept) and, for stores, `make_store`.
+
+The registry (`policies/registry.py`) lists the classes; a new policy is one file there.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from kvcache.cache.policies.params import Param
+
+
+class Policy:
+    """Base of every policy class; subclasses set `name`, `role` and `params`."""
+
+    name: ClassVar[str] = ""
+    role: ClassVar[str] = ""  # "selector" | "store"
+    params: ClassVar[dict[str, Param]] = {}
+    combines_with_selectors: ClassVar[bool] = True  # stores only: False where the store chooses tokens itself
+
+    @classmethod
+    def fill(cls, given: dict) -> dict:
+        """The part's keys: the values given, the declared defaults for the rest."""
+        return {k: given.get(k, p.default) for k, p in cls.params.items()}
+
+    @classmethod
+    def check(cls, params: dict) -> None:
+        """Raise KVCacheError (one sentence) where keys contradict each other."""
+
+    @classmethod
+    def on_paged_blocks(cls, params: dict) -> bool:
+        """Whether the paged engine runs this part on its shared blocks (False: a per-request store)."""
+        return False
+
+    @classmethod
+    def held_cap(cls, params: dict, slack: int) -> int | None:
+        """The most tokens a sequence keeps under this part (None: no bound), `slack` included."""
+        return None
