@@ -5,16 +5,32 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kvcache import native
+from kvcache.native import build
 from kvcache.models.llama import attend
 from kvcache.models.rope import apply_rotary
 
-pytestmark = pytest.mark.skipif(not native.supports(torch.float32, "cpu"), reason="no C compiler on this machine")
+pytestmark = pytest.mark.skipif(not build.wanted(), reason="no C compiler on this machine, or KVCACHE_NATIVE=0")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels_built():
+    """With a compiler at hand the kernels must build: a compile error fails every test here
+    with the compiler's message (it is not a machine without native kernels)."""
+    try:
+        build.build()
+        failure = None
+    except build.BuildError as exc:
+        failure = str(exc)
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    assert native.supports(torch.float32, "cpu"), "the kernels built but did not load (see the warning above)"
 
 # fp32 math in both; bf16 output rounded once (half an ulp of values around 1-8 is <= 2^-6)
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=4e-2)}
@@ -191,6 +207,26 @@ def test_disabled_by_environment_falls_back_to_torch():
     assert out.stdout.strip() == "False", out.stderr
 
 
+def test_a_failed_build_is_one_warning_naming_the_log_of_the_compiler_output(tmp_path, monkeypatch):
+    """A source the compiler rejects: torch ops take over after a one-line warning, and the log
+    it names (beside the build cache) holds the compiler's error."""
+    bad = tmp_path / "kernels.c"
+    bad.write_text(build.SOURCE.read_text() + "int broken = ;\n")
+    monkeypatch.setenv("KVCACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(build, "SOURCE", bad)
+    monkeypatch.setattr(build, "_tried", False)
+    monkeypatch.setattr(build, "_lib", None)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert build.load() is None
+    message = str(caught[0].message)
+    assert len(caught) == 1 and "\n" not in message and "failed to build" in message
+    log = Path(message.rsplit(" ", 1)[-1])
+    assert log.parent == tmp_path / "home" / "native" and log.suffix == ".log"
+    assert "broken" in log.read_text() and "error" in log.read_text()
+    with pytest.raises(build.BuildError, match=r"kernels\.c:\d+:\d+: error: "):  # what `_kernels_built` reports
+        build.build()
+
+
 @pytest.mark.parametrize("bits,group_size", [(8, 128), (4, 64), (2, 32), (4, 16)])
 @pytest.mark.parametrize("exact_tokens", [0, 37])
 def test_quantized_decode_attention_equals_attention_over_dequantized(bits, group_size, exact_tokens):
@@ -356,8 +392,6 @@ def test_library_builds_for_both_vector_targets_with_every_symbol_it_binds(targe
     kernels `native` binds (a build without AVX-512 once lacked the prefill kernel's symbols).
     Only `prefill_attn_available` (a constant) is called: this CPU may not run AVX-512 code."""
     import ctypes
-
-    from kvcache.native import build
 
     so = tmp_path / "kernels.so"
     build.compile_to(build._compiler(), [*build.FLAGS, *target], so)

@@ -2,7 +2,10 @@
 
 The shared object is cached under `cache_home()/native/`, named by a hash of the source,
 the flags and the compiler's version, so an edit or a new machine triggers a rebuild. A
-machine without a compiler (or `KVCACHE_NATIVE=0`) gets None, and callers use torch.
+machine without a compiler (or `KVCACHE_NATIVE=0`) gets None, and callers use torch. A
+compiler that rejects the source is a bug, not a missing feature: the build writes the
+compiler's output to a log beside the cache, `load` warns in one line naming that log and
+falls back to torch, and `tests/unit/test_native.py` fails with the compiler's message.
 """
 
 from __future__ import annotations
@@ -25,9 +28,22 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
+class BuildError(RuntimeError):
+    """The compiler rejected `kernels.c`; `log` holds its full output."""
+
+    def __init__(self, message: str, log: Path):
+        super().__init__(message)
+        self.log = log
+
+
 def _compiler() -> str | None:
     cc = os.environ.get("CC", "cc")
     return shutil.which(cc)
+
+
+def wanted() -> bool:
+    """Whether this machine should run the native kernels: a C compiler and `KVCACHE_NATIVE` not 0."""
+    return os.environ.get("KVCACHE_NATIVE", "1") != "0" and _compiler() is not None
 
 
 def _target(cc: str) -> Path:
@@ -38,12 +54,18 @@ def _target(cc: str) -> Path:
     return cache_home() / "native" / f"kernels-{digest}.so"
 
 
-def compile_to(cc: str, flags: list[str], out: Path) -> None:
-    """Compile `kernels.c` with these flags into the shared object `out` (raises on failure)."""
-    proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True,
-                          timeout=300)
+def compile_to(cc: str, flags: list[str], out: Path, log: Path | None = None) -> None:
+    """Compile `kernels.c` with these flags into the shared object `out`. On failure raise
+    `BuildError` with the compiler's error lines, its whole output written to `log`
+    (default: beside `out`)."""
+    cmd = [cc, *flags, str(SOURCE), "-o", str(out), "-lm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
+        log = log or out.with_suffix(".log")
+        log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}exit status {proc.returncode}\n")
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line] or proc.stderr.splitlines()
+        raise BuildError(f"{cc} could not compile {SOURCE.name} (full output in {log}):\n"
+                         + "\n".join(errors[:20]), log)
 
 
 def build() -> Path:
@@ -58,7 +80,7 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        compile_to(cc, FLAGS, Path(tmp))
+        compile_to(cc, FLAGS, Path(tmp), log=target.with_suffix(".log"))
         os.replace(tmp, target)  # atomic: concurrent builders agree on one file
     finally:
         if os.path.exists(tmp):
@@ -79,9 +101,11 @@ def load() -> ctypes.CDLL | None:
                 import torch  # noqa: F401  (its libgomp must be loaded first, so both share one OpenMP runtime)
 
                 _lib = ctypes.CDLL(str(build()))
-            except Exception as exc:  # a missing compiler is not an error: torch ops take over
+            except BuildError as exc:
+                warnings.warn(f"kvcache native kernels failed to build, using torch ops; compiler output in "
+                              f"{exc.log}", RuntimeWarning, stacklevel=2)
+            except Exception as exc:  # no compiler, an unwritable cache: torch ops take over
                 warnings.warn(f"kvcache native kernels unavailable, using torch ops ({exc})", RuntimeWarning,
                               stacklevel=2)
-                _lib = None
         _tried = True
         return _lib
