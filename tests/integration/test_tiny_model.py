@@ -70,13 +70,13 @@ def full_logits(model: LlamaModel, ids: torch.Tensor) -> torch.Tensor:
 def build_model(tiny_model_dir, variant: str) -> LlamaModel:
     """Our model from the folder's weights with the given matmul kernels ("torch" / "onednn" / "native")."""
     loaded = load_model(str(tiny_model_dir), progress=False)
-    from kvcache import native
     from kvcache.models.linear import onednn_available
+    from kvcache.native import build
 
     if variant == "onednn" and not onednn_available(torch.float32, torch.device("cpu")):
         pytest.skip("oneDNN kernels are not available here")
-    if variant == "native" and not native.supports(torch.float32, "cpu"):
-        pytest.skip("native kernels are not available here")
+    if variant == "native" and not build.wanted():  # with a compiler, a failed build fails here
+        pytest.skip("no C compiler on this machine, or KVCACHE_NATIVE=0")
     return LlamaModel.from_state_dict(loaded.config, loaded.state_dict, torch.float32, "cpu", kernels=variant)
 
 
