@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcache.cache.block_pool import Block, BlockPool
-from kvcache.cache.prefix import block_hashes, hash_block
+from kvcache.cache.prefix import hash_block
 from kvcache.errors import KVCacheError
 from tests.helpers import imported_top_modules
 
@@ -38,24 +38,6 @@ def test_hash_block_is_stable_across_processes():
     # Golden values: Python's str hash() is randomised per process; ours must not be.
     assert hash_block(7, [1, 2, 3], extra=("m", "fp16")) == 290486850096007055
     assert hash_block(None, [0, 1, 2, 3]) == 2823699892572788195
-
-
-def test_block_hashes_cover_full_blocks_only():
-    tokens = list(range(10))
-    hs = block_hashes(tokens, 4)
-    assert len(hs) == 2
-    assert hs[0] == hash_block(None, tokens[0:4])
-    assert hs[1] == hash_block(hs[0], tokens[4:8])
-    assert block_hashes(tokens[:3], 4) == []
-    with pytest.raises(KVCacheError):
-        block_hashes(tokens, 0)
-
-
-@given(st.lists(st.integers(0, 50_000), max_size=40), st.integers(1, 8))
-@settings(max_examples=50, deadline=None)
-def test_block_hashes_of_shared_prefix_agree(tokens, bs):
-    hs = block_hashes(tokens, bs)
-    assert hs == block_hashes(tokens + [1, 2, 3], bs)[: len(hs)]
 
 
 # -- pool basics ----------------------------------------------------------------------

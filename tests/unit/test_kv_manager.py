@@ -9,7 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import kvcache.cache.manager as manager_mod
 from kvcache.cache.manager import KVCacheManager
-from kvcache.cache.prefix import block_hashes
+from kvcache.cache.prefix import hash_block
 
 
 def run_prompt(mgr: KVCacheManager, seq_id: str, tokens: list[int]) -> list[int] | None:
@@ -188,9 +188,9 @@ def test_cache_full_blocks_is_idempotent_and_follows_decode():
         mgr.cache_full_blocks("a", tokens, len(tokens))
         mgr.cache_full_blocks("a", tokens, len(tokens))
     table = mgr.block_table("a")
-    hashes = block_hashes(tokens, 4)
-    assert len(hashes) == 3
-    assert [mgr.pool.blocks[b].block_hash for b in table[:3]] == hashes
+    h0 = hash_block(None, tokens[0:4])  # each full block's key chains its predecessor's
+    h1 = hash_block(h0, tokens[4:8])
+    assert [mgr.pool.blocks[b].block_hash for b in table[:3]] == [h0, h1, hash_block(h1, tokens[8:12])]
     assert mgr.pool.blocks[table[3]].block_hash is None  # partial tail
     mgr.pool.check_invariants()
 
@@ -200,7 +200,7 @@ def test_hash_extra_separates_caches():
     a = KVCacheManager(8, 4, hash_extra="model-a")
     run_prompt(a, "s", prompt)
     assert a.get_computed_blocks(prompt)[1] == 8
-    assert a.pool.blocks[0].block_hash != block_hashes(prompt, 4)[0]
+    assert a.pool.blocks[0].block_hash != hash_block(None, prompt[:4])
 
 
 def test_prefix_caching_off():

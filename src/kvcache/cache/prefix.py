@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from kvcache.errors import KVCacheError
 
-__all__ = ["hash_block", "block_hashes"]
+__all__ = ["hash_block"]
 
 _DIGEST_BYTES = 8  # 64-bit block hashes
 
@@ -54,16 +54,3 @@ def hash_block(parent_hash: int | None, token_ids: Sequence[int], extra: object 
     h.update(struct.pack(f"<{n}q", *token_ids))  # 8 bytes per token id
     h.update(_encode_extra(extra))
     return int.from_bytes(h.digest(), "little")
-
-
-def block_hashes(token_ids: Sequence[int], block_size: int, extra: object = None) -> list[int]:
-    """The chained keys of every full block of `token_ids` (a trailing partial block has
-    none): len(result) == len(token_ids) // block_size."""
-    if block_size <= 0:
-        raise KVCacheError(f"block_size must be a positive number of tokens, got {block_size}.")
-    out: list[int] = []
-    parent: int | None = None
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size], extra)
-        out.append(parent)
-    return out
