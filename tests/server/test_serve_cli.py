@@ -57,3 +57,23 @@ def test_serve_starts_answers_and_stops(tiny_model_dir, tmp_path):
         proc.terminate()
         assert proc.wait(timeout=20) in (0, -15)  # uvicorn shuts down gracefully, then re-raises SIGTERM
     assert "Traceback" not in proc.stderr.read()
+
+
+@pytest.mark.parametrize("host, api_key, warned", [
+    ("0.0.0.0", None, True), ("192.168.1.20", None, True), ("0.0.0.0", "k", False),
+    ("127.0.0.1", None, False), ("localhost", None, False), ("::1", None, False),
+])
+def test_a_non_loopback_host_without_api_key_is_warned_about(monkeypatch, capsys, host, api_key, warned):
+    """Anyone who can reach a non-loopback address can use an open server: one warning line
+    before it starts; loopback, or an API key, starts it quietly."""
+    import kvcache.server
+    from kvcache import cli
+
+    served = []
+    monkeypatch.setattr(cli, "_make_llm", lambda args, **engine: "llm")
+    monkeypatch.setattr(kvcache.server, "serve", lambda llm, config, host, port, log_level: served.append(host))
+    assert cli.main(["serve", "--host", host, *(["--api-key", api_key] if api_key else [])]) == 0
+    err = capsys.readouterr().err
+    assert served == [host]
+    want = f"warning: serving on {host} without --api-key; anyone who can reach it can use it.\n"
+    assert err == (want if warned else "")
