@@ -321,3 +321,23 @@ class ManagerMachine(RuleBasedStateMachine):
 
 ManagerMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 test_manager_state_machine = ManagerMachine.TestCase
+
+
+# -- bytes held -------------------------------------------------------------------------
+
+
+def test_bytes_held_counts_allocated_blocks_whole_and_skips_released_ones():
+    mgr = KVCacheManager(num_blocks=10, block_size=4, block_bytes=100)
+    system = list(range(50, 58))  # a shared 2-block system prompt
+    run_prompt(mgr, "a", system + [1, 2, 3])  # 11 tokens: 3 blocks, the last one 3/4 full
+    run_prompt(mgr, "b", system + [7])  # shares a's first 2 blocks: 3 blocks
+    assert mgr.blocks_held("a") == 3 and mgr.bytes_held("a") == 300  # the partly filled block counts whole
+    assert mgr.bytes_held("b") == 300  # shared blocks count in each holder's figure
+    assert mgr.bytes_held() == 4 * 100 == mgr.usage()["blocks_used"] * 100  # ...once in the total
+    assert mgr.release_blocks_before("a", 4) == 1  # the first block: still b's, so no block goes free
+    assert mgr.bytes_held("a") == 200 and mgr.bytes_held() == 400
+    assert mgr.compact("b", 2, 7) is not None  # 2 kept tokens: one fresh block
+    assert mgr.bytes_held("b") == 100 and mgr.bytes_held() == 300
+    mgr.free("a")
+    assert mgr.bytes_held("a") == 0 and mgr.bytes_held() == 100
+    assert KVCacheManager(4, 4).bytes_held() == 0  # no block bytes given: bookkeeping only

@@ -45,11 +45,14 @@ class KVCacheManager:
     """Block tables per sequence over one `BlockPool`, with prefix caching."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 *, hash_extra: object = None):
+                 *, hash_extra: object = None, block_bytes: int = 0):
         """`hash_extra`: a fingerprint (model, dtype, policy, ...) mixed into every block
-        hash, so caches that must not share blocks never do; needs a stable `repr`."""
+        hash, so caches that must not share blocks never do; needs a stable `repr`.
+        `block_bytes`: what one block takes in the storage behind the pool (its format's
+        `bytes_per_block`); `bytes_held` counts in it (0: bookkeeping only)."""
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.block_size = block_size  # tokens per block
+        self.block_bytes = block_bytes
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_extra = hash_extra
@@ -277,6 +280,19 @@ class KVCacheManager:
     def block_table(self, seq_id: str) -> list[int]:
         """A copy of `seq_id`'s block table (block ids in token order; RELEASED where given back)."""
         return list(self._seqs[seq_id].table)
+
+    def blocks_held(self, seq_id: str) -> int:
+        """Blocks in `seq_id`'s table now (released ones not counted; 0 for an unknown sequence)."""
+        seq = self._seqs.get(seq_id)
+        return 0 if seq is None else sum(1 for b in seq.table if b != RELEASED)
+
+    def bytes_held(self, seq_id: str | None = None) -> int:
+        """Bytes of the blocks `seq_id` holds now, or with no id of every block some sequence
+        holds (each counted once). A block counts whole once allocated, its last one too while
+        partly filled: the storage has set its bytes aside. A block shared through the prefix
+        cache counts in the figure of each sequence holding it, once in the total."""
+        n = self.pool.num_used_blocks if seq_id is None else self.blocks_held(seq_id)
+        return n * self.block_bytes
 
     def __contains__(self, seq_id: object) -> bool:
         return seq_id in self._seqs

@@ -226,6 +226,11 @@ class PagedQuantizedStorage:
         return self.num_layers * (self.k.bytes_per_slot + self.v.bytes_per_slot)
 
     @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes: block_size slots of codes, scales and zero points, all layers."""
+        return self.block_size * self.bytes_per_token
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the blocks (the null block excluded): num_blocks x block_size x bytes/token."""
-        return self.num_blocks * self.block_size * self.bytes_per_token
+        """Bytes of the blocks (the null block excluded): num_blocks x bytes per block."""
+        return self.num_blocks * self.bytes_per_block

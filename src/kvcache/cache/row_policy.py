@@ -106,9 +106,14 @@ class RowPolicyStorage:
         return self.footprint.rate
 
     @property
+    def bytes_per_block(self) -> int:
+        """What a block stands for: block_size tokens at the packed rate (a grant, not memory)."""
+        return self.block_size * self.footprint.rate
+
+    @property
     def nbytes(self) -> int:
-        """The budget the blocks stand for: num_blocks x block_size x rate."""
-        return self.num_blocks * self.block_size * self.footprint.rate
+        """The budget the blocks stand for: num_blocks x bytes per block."""
+        return self.num_blocks * self.bytes_per_block
 
 
 class RowsStepCache:

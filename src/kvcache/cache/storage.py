@@ -122,9 +122,14 @@ class PagedKVStorage:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
 
     @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block takes (block_size slots, all layers, K and V)."""
+        return self.block_size * self.bytes_per_token
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the blocks (the null block excluded): num_blocks x block_size x bytes/token."""
-        return self.num_blocks * self.block_size * self.bytes_per_token
+        """Bytes of the blocks (the null block excluded): num_blocks x bytes per block."""
+        return self.num_blocks * self.bytes_per_block
 
 
 def native_decode_rows(read_blocks: torch.Tensor, kv_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

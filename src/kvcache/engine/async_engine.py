@@ -139,7 +139,6 @@ class AsyncEngine:
                 _resolve(done, None)
 
     def _run(self) -> None:
-        bpt = self.engine.storage.bytes_per_token
         while not self._stop:
             self._drain_commands()
             if not self.engine.has_unfinished():
@@ -157,7 +156,7 @@ class AsyncEngine:
             for o in outs:
                 rid = o.request.request_id
                 if o.text or o.finished:
-                    self._deliver(rid, StreamOutput(rid, o.text, o.finished, o.request.to_output(bpt)))
+                    self._deliver(rid, StreamOutput(rid, o.text, o.finished, o.request.to_output()))
                 if o.finished:
                     self._streams.pop(rid, None)
 

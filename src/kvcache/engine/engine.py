@@ -63,7 +63,6 @@ class LLMEngine:
         self.max_model_len, self.config = max_model_len, config
         bs = config.block_size
         rows = config.row_policy
-        self.kv = KVCacheManager(config.num_blocks, bs, config.enable_prefix_caching and rows is None)
         piece = slots_for = None
         if rows is not None:
             piece = config.prefill_piece or default_prefill_piece(config.max_num_batched_tokens)
@@ -76,6 +75,8 @@ class LLMEngine:
         else:
             self.storage = PagedKVStorage(c.num_layers, config.num_blocks, bs, c.num_kv_heads,
                                           c.head_dim, model.dtype, model.device)
+        self.kv = KVCacheManager(config.num_blocks, bs, config.enable_prefix_caching and rows is None,
+                                 block_bytes=self.storage.bytes_per_block)
         self.sinks = window = None
         if config.sliding_window and config.sink_tokens is not None:
             self.sinks = window = Sinks(config.sink_tokens, config.sliding_window)
@@ -138,6 +139,7 @@ class LLMEngine:
         for r in sched.preempted + sched.failed:  # a recomputed prompt is scored (and compressed) afresh
             self.runner.forget(r.request_id)
             r.num_evicted_tokens = 0
+            r.kv_bytes = 0  # its blocks went back
         if not sched.chunks:
             return outputs
         sampled = self.runner.execute(sched.chunks)
@@ -156,8 +158,7 @@ class LLMEngine:
                 self._compress_prompt(req)
             if chunk.num_tokens > 1 or not req.output_token_ids:
                 self.tokens_prefilled += chunk.num_tokens
-            if self.config.row_policy is not None:
-                req.kv_bytes = self.runner.bytes_held(req.request_id)
+            req.kv_bytes = self.request_bytes(req.request_id)  # before a finish frees its blocks
             if req.request_id not in sampled:
                 continue
             text = req.append_token(sampled[req.request_id], now)
@@ -197,13 +198,12 @@ class LLMEngine:
     def stats(self) -> dict:
         """Blocks total/used/cached/free, prefix hit rate, running/waiting, preemptions, token counts."""
         u = self.kv.usage()
-        bpt = self.storage.bytes_per_token
         return {
             **u,
             "block_size": self.config.block_size,
             "kv_bytes_total": self.storage.nbytes,
-            "kv_bytes_used": u["blocks_used"] * self.config.block_size * bpt,
-            "kv_bytes_held": self._bytes_held(u["blocks_used"] * self.config.block_size * bpt),
+            "kv_bytes_used": u["blocks_used"] * self.storage.bytes_per_block,
+            "kv_bytes_held": self.bytes_held(),
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions,
@@ -212,12 +212,20 @@ class LLMEngine:
             "tokens_evicted": self.tokens_evicted,
         }
 
-    def _bytes_held(self, block_bytes: int) -> int:
-        """Bytes the requests' K/V really take: their blocks, or under per-request policy caches
-        what those caches hold (at most the blocks they were granted)."""
-        if self.config.row_policy is None:
-            return block_bytes
-        return sum(self.runner.bytes_held(rid) for rid in list(self.runner.caches))
+    def request_bytes(self, request_id: str) -> int:
+        """Bytes a request's K/V take now: the blocks it holds in the pool (`KVCacheManager.bytes_held`:
+        whole blocks, in the storage's format), or under per-request policy caches what its cache
+        holds (blocks there are a grant, not memory). 0 when it holds nothing."""
+        if self.config.row_policy is not None:
+            return self.runner.bytes_held(request_id)
+        return self.kv.bytes_held(request_id)
+
+    def bytes_held(self) -> int:
+        """Bytes all requests' K/V take now, by the rule of `request_bytes`; a block shared by
+        several requests counts once here (in each one's own figure)."""
+        if self.config.row_policy is not None:
+            return sum(self.runner.bytes_held(rid) for rid in list(self.runner.caches))
+        return self.kv.bytes_held()
 
     def run_to_completion(self, requests: list[Request], on_step=None) -> None:
         """Step until every given request finished (others in flight keep running too)."""

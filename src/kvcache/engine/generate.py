@@ -147,8 +147,8 @@ class BatchGeneration:
         for b, r in enumerate(self.rows):
             r.detok.flush()
             r.status = Status.FINISHED
-            r.num_computed_tokens = self.cache.row_tokens(b) if self.cache is not None else 0
-        return [r.to_output(per_token) for r in self.rows]
+            r.kv_bytes = self.cache.row_tokens(b) * per_token if self.cache is not None else 0  # its own tokens
+        return [r.to_output() for r in self.rows]
 
     def run(self) -> list[RequestOutput]:
         """Generate to the end and return the outputs."""

@@ -241,7 +241,7 @@ class LLM:
         engine = self.engine
         requests = [engine.add_request(p, sp, eos_ids=self.eos_ids) for p, sp in zip(ids, plist)]
         engine.run_to_completion(requests)
-        return [r.to_output(engine.storage.bytes_per_token) for r in requests]
+        return [r.to_output() for r in requests]
 
     def stream(self, prompt, params: SamplingParams | None = None, use_cache: bool = True) -> Iterator[str]:
         """Yield text pieces of one prompt's completion as they are produced."""

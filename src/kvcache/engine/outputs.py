@@ -7,7 +7,16 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class RequestMetrics:
-    """Per-request counts and timings."""
+    """Per-request counts and timings.
+
+    `kv_cache_bytes` is what the request's K/V took at its last step. On the paged engine: the
+    blocks it held in the pool times a block's bytes in the pool's format (float, or codes plus
+    scales), each allocated block whole, the partly filled last one too, blocks shared with other
+    requests through the prefix cache included; released window blocks and evicted tokens' old
+    blocks are gone and not counted (`KVCacheManager.bytes_held`, the rule of the engine's
+    `stats()["kv_bytes_held"]`). Under per-request policy caches: the bytes its cache held. On
+    the dense batch path: its row's tokens.
+    """
 
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose K/V was reused, not computed
@@ -15,7 +24,7 @@ class RequestMetrics:
     ttft_s: float = 0.0  # request start -> first token sampled
     decode_tok_s: float = 0.0  # generated tokens after the first / time spent on them
     total_s: float = 0.0
-    kv_cache_bytes: int = 0  # bytes of real tokens the cache held at the end (this request's rows)
+    kv_cache_bytes: int = 0  # bytes its K/V took at its last step (see above)
     history_truncated: bool = False  # a chat session dropped old turns to fit
     history_summarized: bool = False  # a chat session condensed old turns into a summary note
     preemptions: int = 0  # times the scheduler evicted this request to free blocks (recomputed after)

@@ -37,7 +37,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first admission (-1 = not admitted yet)
     num_evicted_tokens: int = 0  # prompt tokens an eviction policy dropped (their K/V are gone)
-    kv_bytes: int | None = None  # bytes its own policy cache holds (per-request policies; None: its blocks)
+    kv_bytes: int = 0  # bytes its K/V take, as of its last step (set by what runs it; see RequestMetrics)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     error: str | None = None
@@ -77,7 +77,7 @@ class Request:
             self.finish_reason = "length"
         return delta
 
-    def to_output(self, bytes_per_token: int = 0) -> RequestOutput:
+    def to_output(self) -> RequestOutput:
         """The request's result so far (final once finished)."""
         n = len(self.output_token_ids)
         decode_s = self.t_last_token - self.t_first_token
@@ -89,8 +89,7 @@ class Request:
             ttft_s=(self.t_first_token - self.arrival) if n else 0.0,
             decode_tok_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             total_s=end - self.arrival,
-            kv_cache_bytes=(self.kv_bytes if self.kv_bytes is not None
-                            else (self.num_computed_tokens - self.num_evicted_tokens) * bytes_per_token),
+            kv_cache_bytes=self.kv_bytes,
             preemptions=self.preemptions,
         )
         text = self.detok.text if self.finished else self.detok.text[: self.detok.emitted]
