@@ -14,6 +14,7 @@ import pytest
 
 from kvcache.cache.manager import RELEASED
 from kvcache.cache.paged_quant import PagedQuantizedStorage
+from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import POLICY_PARAMS, parse_policy
 from kvcache.cache.policies.scorers import SCORERS
 from tests.helpers import greedy, paged_llm, random_requests
@@ -60,13 +61,13 @@ def measured_block_bytes(storage) -> int:
 
 def test_the_list_holds_every_policy_the_paged_engine_runs():
     specs = [parse_policy(p) for p in PAGED.values()]
-    assert all(s.runs_paged for s in specs)
+    assert all(paged_plan(s) is not None for s in specs)
     assert {s.selectors[0].params["scorer"] for s in specs if s.selectors and s.selectors[0].name == "evict"} \
         == set(SCORERS)
     covered = {part.name for s in specs for part in (*s.selectors, s.store)}
     for name in POLICY_PARAMS:  # a policy missing here runs on per-request caches (tiered)
-        assert name in covered or not parse_policy(name).runs_paged, name
-    assert not any(parse_policy(p).runs_paged for p in PER_REQUEST.values())
+        assert name in covered or paged_plan(parse_policy(name)) is None, name
+    assert all(paged_plan(parse_policy(p)) is None for p in PER_REQUEST.values())
 
 
 @pytest.mark.parametrize("policy", PAGED.values(), ids=PAGED.keys())
@@ -105,7 +106,7 @@ def test_reported_bytes_are_the_blocks_each_request_holds(tiny_model_dir, policy
     requests = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     engine.run_to_completion(requests, on_step=check)
     assert engine.scheduler.num_preemptions > 0
-    assert kv.prefix_hits > 0 or parse_policy(policy).paged_evict is not None  # scorers may refuse hits
+    assert kv.prefix_hits > 0 or paged_plan(parse_policy(policy)).evict is not None  # scorers may refuse hits
     for r in requests:
         assert r.error is None
         assert r.to_output().metrics.kv_cache_bytes == at_finish[r.request_id] > 0
