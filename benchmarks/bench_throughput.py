@@ -31,6 +31,12 @@ its length.
         --skip-hf --skip-llamacpp                                           # seconds
     python benchmarks/bench_throughput.py --json > throughput.json
     python benchmarks/bench_throughput.py --plot out/throughput.png
+    python benchmarks/bench_throughput.py --kv-policy full --kv-policy quantized:bits=8,key_axis=token,residual=0
+
+Several `--kv-policy` values compare policies within one run: every policy's engine is loaded
+once, 2a and 2b run interleaved over the policies in each repeat, the baselines (c, d) once.
+Each run writes its record (command, commit, CPU, every wall time of ours and of the
+baselines) to `--record-dir` (default benchmarks/results); `--no-record` writes none.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from rich.table import Table
 from kvcache.cache.manager import RELEASED
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
+from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, machine_info, quiet_transformers
 from kvcache.engine.llm import LLM, parse_dtype
 from kvcache.engine.sampling import SamplingParams
@@ -94,9 +101,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="shortest output in tokens (default max-output / 8, i.e. 32)")
     p.add_argument("--kv-budget", default="256MiB", help="KV cache memory of every engine run (default 256MiB)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
-    p.add_argument("--kv-policy", default=None,
+    p.add_argument("--kv-policy", action="append", default=None, metavar="POLICY",
                    help="KV policy of our engine runs, e.g. quantized:bits=8,key_axis=token,residual=0 "
-                        "(paged blocks) or quantized:bits=4 (KIVI, per-request caches) (default: full, the model dtype)")
+                        "(paged blocks) or quantized:bits=4 (KIVI, per-request caches); repeat the flag (or "
+                        "separate policies with ';') to compare several in one run (default: full, the model dtype)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="engine: most tokens per step (default 512)")
@@ -120,6 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="write a PNG of the capacity run over time (generated tok/s, KV memory, requests)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
+    record.add_arguments(p)
     a = p.parse_args(argv)
     if a.min_prompt is None:
         a.min_prompt = max(1, a.max_prompt // 16)
@@ -140,11 +149,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         a.kv_budget_bytes = parse_size(a.kv_budget)
         parse_dtype(a.dtype)
-        if a.kv_policy is not None:
-            parse_policy(a.kv_policy)
+        a.kv_policies = policy_list(a.kv_policy)
+        a.record_folder = record.folder_from_args(a)
     except KVCacheError as exc:
         p.error(str(exc))
     return a
+
+
+def policy_list(values: list[str] | None) -> list[str]:
+    """The `--kv-policy` values (each may hold several, separated by ';'), checked, in order,
+    without repeats; ["full"] when none was given."""
+    if values is None:
+        return ["full"]
+    policies = []
+    for value in values:
+        for text in value.split(";"):
+            text = text.strip()
+            if text and text not in policies:
+                parse_policy(text)  # KVCacheError names the mistake
+                policies.append(text)
+    if not policies:
+        raise KVCacheError("--kv-policy needs at least one policy.")
+    return policies
 
 
 # ----------------------------------------------------------------------------------------
@@ -253,17 +279,6 @@ class RunResult:
                 "walls_s": list(self.walls_s or (self.wall_s,))}
 
 
-def _finite(x):
-    """JSON-safe: NaN and infinities become None, recursively."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def _ratio(a: float, b: float) -> float:
     if b == 0:
         return float("inf") if a > 0 else float("nan")
@@ -278,11 +293,11 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def make_llm(args, prefix_caching: bool = True) -> LLM:
+def make_llm(args, policy: str, prefix_caching: bool = True) -> LLM:
     return LLM(args.model, dtype=args.dtype, threads=args.threads, progress=False,
                kv_cache_memory=args.kv_budget_bytes, block_size=args.block_size,
                enable_prefix_caching=prefix_caching, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, kernels=args.kernels, kv_policy=args.kv_policy)
+               max_num_batched_tokens=args.max_num_batched_tokens, kernels=args.kernels, kv_policy=policy)
 
 
 def warm_up(llm: LLM, corpus: list[int]) -> None:
@@ -566,10 +581,10 @@ def prefix_workload(tokenizer, corpus: list[int], args) -> list[list[int]]:
     return prompts
 
 
-def run_prefix(args, corpus: list[int], caching: bool, progress: Progress) -> dict:
+def run_prefix(args, policy: str, corpus: list[int], caching: bool, progress: Progress) -> dict:
     label = "on" if caching else "off"
-    task = progress.add_task(f"4 prefix caching {label}: {args.prefix_requests} requests", total=None)
-    llm = make_llm(args, prefix_caching=caching)
+    task = progress.add_task(f"4 prefix caching {label}: {args.prefix_requests} requests ({policy})", total=None)
+    llm = make_llm(args, policy, prefix_caching=caching)
     prompts = prefix_workload(llm.tokenizer, corpus, args)
     warm_up(llm, corpus)
     u0 = llm.engine.kv.usage()
@@ -592,6 +607,7 @@ def run_prefix(args, corpus: list[int], caching: bool, progress: Progress) -> di
         "ttft_mean_s": statistics.fmean(ttft),
         "ttft_median_s": statistics.median(ttft),
         "ttft_max_s": max(ttft),
+        "ttft_s": ttft,  # every request's, in submission order
         "wall_s": wall,
         "prefix_hit_rate": hits / queries if queries else 0.0,
         "prefix_hit_rate_engine": llm.stats()["prefix_hit_rate"],  # since the engine started (warm-up included)
@@ -676,10 +692,10 @@ def prompts_fill(prompt_lens: list[int], pool_tokens: int) -> int:
     return len(prompt_lens)
 
 
-def build_report(args, wl: Workload, runs: dict, cap: dict | None, static: dict | None,
+def build_report(args, policy: str, wl: Workload, runs: dict, cap: dict | None, static: dict | None,
                  prefix: dict | None, skipped: dict) -> tuple[Table, dict, list[dict]]:
     t = Table(box=box.SIMPLE_HEAD, title=(
-        f"Throughput: {args.model}, {args.dtype}, kernels {args.kernels}, {args.threads} threads, "
+        f"Throughput: {args.model}, {args.dtype}, KV policy {policy}, kernels {args.kernels}, {args.threads} threads, "
         f"KV budget {format_bytes(args.kv_budget_bytes)}, {len(wl)} requests (seed {args.seed})"))
     for col in ("", "figure", "value", "goal", ""):
         t.add_column(col, justify="right" if col == "value" else "left", no_wrap=col != "figure")
@@ -771,144 +787,222 @@ def build_report(args, wl: Workload, runs: dict, cap: dict | None, static: dict 
 # main
 # ----------------------------------------------------------------------------------------
 
+def static_reservations(args, llm: LLM, wl: Workload, cap: dict, err) -> dict:
+    """What a static allocator with the same budget and bytes/token would hold: requests that fit
+    reserving max_model_len, prompt + max_tokens (the cap), or an oracle's exact lengths."""
+    shape = ModelShape.from_hf_config(read_hf_config(llm.model_dir), name=args.model)
+    bpt = kv_bytes_per_token(shape, KVFormat.parse(_DTYPE_NAMES.get(parse_dtype(args.dtype), args.dtype)))
+    if llm.paged_plan is not None and llm.paged_plan.quantized is not None:  # reservations in the same format
+        bpt = llm.engine_bytes_per_token
+    if bpt != cap["bytes_per_token"]:
+        err.print(f"[yellow]note: spec bytes/token {bpt} != engine bytes/token {cap['bytes_per_token']}[/yellow]")
+    s = wl.summary()
+    mean_total = s["total_len_mean"]
+    reserved = s["prompt_len"]["mean"] + args.max_output  # prompt + max_tokens, at the mean prompt
+    static = {
+        "budget_bytes": args.kv_budget_bytes,
+        "bytes_per_token": bpt,
+        "max_model_len": llm.max_model_len,
+        "max_len_requests": args.kv_budget_bytes // (llm.max_model_len * bpt),
+        "max_len_requests_fractional": args.kv_budget_bytes / (llm.max_model_len * bpt),
+        # what each request asks for (max_tokens, the cap): what a static allocator reserves
+        "max_tokens": args.max_output,
+        "mean_reserved_len": reserved,
+        "full_reserve_requests": int(args.kv_budget_bytes // (reserved * bpt)),
+        # an allocator told every answer's length in advance (no server is)
+        "mean_total_len": mean_total,
+        "oracle_reserve_requests": int(args.kv_budget_bytes // (mean_total * bpt)),
+        # arrival order: how many requests' prompts alone fill the pool (FCFS admits them in turn)
+        "prompts_fill_pool_at": prompts_fill(wl.prompt_lens, cap["pool_tokens"]),
+    }
+    static["ours_vs_max_len_reserve"] = _ratio(cap["peak_running"], static["max_len_requests"])
+    static["ours_vs_full_reserve"] = _ratio(cap["peak_running"], static["full_reserve_requests"])
+    static["ours_vs_oracle_reserve"] = _ratio(cap["peak_running"], static["oracle_reserve_requests"])
+    return static
+
+
+def plot_path(path: str, policy: str, several: bool) -> str:
+    """`--plot` as given for one policy; with several, one file each: the policy in its name."""
+    if not several:
+        return path
+    p = Path(path)
+    slug = "".join(c if c.isalnum() else "-" for c in policy).strip("-")
+    return str(p.with_name(f"{p.stem}.{slug}{p.suffix}"))
+
+
+def comparison_table(args, wl: Workload, results: list[dict]) -> Table:
+    """One line per policy, all measured in this run: the figures policies are compared by."""
+    t = Table(box=box.SIMPLE_HEAD, title=f"Policies compared in one run: {args.model}, {args.dtype}, "
+              f"{args.threads} threads, KV budget {format_bytes(args.kv_budget_bytes)}, {len(wl)} requests")
+    for col in ("policy", "2a tok/s", "2b tok/s", "2a / 2b", "bytes/token", "peak resident", "preemptions",
+                "prefix TTFT off/on"):
+        t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col != "policy")
+    for r in results:
+        a, b = r["throughput"]["ours_batched"], r["throughput"].get("ours_one_by_one")
+        cap, pre = r["capacity"], r["prefix_caching"]
+        t.add_row(r["kv_policy"], f"{a['total_tok_s']:,.0f}", f"{b['total_tok_s']:,.0f}" if b else "-",
+                  _x(r["speedups"]["ours_vs_one_by_one"]) if b else "-",
+                  f"{cap['bytes_per_token']:,}" if cap else "-", str(cap["peak_running"]) if cap else "-",
+                  str(cap["preemptions"]) if cap else "-", _x(pre["ttft_mean_ratio"]) if pre else "-")
+    return t
+
+
+def record_timings(results: list[dict], baselines: dict) -> tuple[dict, dict]:
+    """(ours, the baselines'): every raw wall time and TTFT of the run, per policy for ours."""
+    ours = {}
+    for r in results:
+        t = {f"{k}_walls_s": v["walls_s"] for k, v in r["throughput"].items()}
+        if r["capacity"]:
+            t["capacity_wall_s"] = [r["capacity"]["wall_s"]]
+        if r["prefix_caching"]:
+            t["prefix_on_ttft_s"] = r["prefix_caching"]["on"]["ttft_s"]
+            t["prefix_off_ttft_s"] = r["prefix_caching"]["off"]["ttft_s"]
+        ours[r["kv_policy"]] = t
+    return ours, {f"{k}_walls_s": v["walls_s"] for k, v in baselines.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet_transformers()
     console, err = consoles(args.json)
+    policies = args.kv_policies
 
-    runs: dict[str, RunResult] = {}
+    alone_runs: dict[str, list[RunResult]] = {p: [] for p in policies}
+    batched_runs: dict[str, list[RunResult]] = {p: [] for p in policies}
+    baselines: dict[str, RunResult] = {}
     skipped: dict[str, str] = {}
-    cap = static = prefix = None
-    records: list[StepRecord] = []
+    caps: dict[str, tuple[dict, dict, list[StepRecord]]] = {}
+    prefixes: dict[str, dict] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
-        load = progress.add_task("loading the model", total=None)
-        llm = make_llm(args)
-        progress.update(load, total=1, completed=1)
-        corpus = corpus_ids(llm.tokenizer)
+        load = progress.add_task("loading the model" + (f" ({len(policies)} policies)" if len(policies) > 1 else ""),
+                                 total=len(policies))
+        llms = {}
+        for policy in policies:  # all loaded before any timing, so the runs can interleave
+            llms[policy] = make_llm(args, policy)
+            progress.advance(load)
+        first = llms[policies[0]]
+        corpus = corpus_ids(first.tokenizer)
         wl = make_workload(corpus, args.num_requests, args.seed, args.min_prompt, args.max_prompt,
                            args.min_output, args.max_output)
         longest = max(p + o for p, o in zip(wl.prompt_lens, wl.outputs))
-        if longest > llm.max_model_len:
-            raise SystemExit(f"A request needs {longest} tokens, more than max_model_len {llm.max_model_len}.")
+        if longest > first.max_model_len:
+            raise SystemExit(f"A request needs {longest} tokens, more than max_model_len {first.max_model_len}.")
         s = wl.summary()
         m = machine_info()
         err.print(f"machine: {m['cpu']}, {m['cores']} cores, "
                   f"{'AVX-512' if m['avx512f'] else 'AVX2' if m['avx2'] else 'no AVX2'}"
-                  f"{' with bf16' if m['avx512_bf16'] else ''}")
+                  f"{' with bf16' if m['avx512_bf16'] else ''}{', AMX' if m['amx'] else ''}")
         err.print(f"workload: {len(wl)} requests; prompt tokens min/median/max "
                   f"{s['prompt_len']['min']}/{s['prompt_len']['median']:g}/{s['prompt_len']['max']}; "
                   f"output tokens {s['output_len']['min']}/{s['output_len']['median']:g}/{s['output_len']['max']}")
         n_base = min(args.max_requests_baseline or len(wl), len(wl))
         base = wl.head(n_base)
 
-        warm_up(llm, corpus)
-        batched, alone = [], []
-        for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits both
-            batched.append(run_ours_batched(llm, wl, progress))
-            if not args.skip_one_by_one:
-                alone.append(run_ours_one_by_one(llm, base, len(wl), progress))
-        runs["ours_batched"] = RunResult.median_of(batched)
+        for llm in llms.values():
+            warm_up(llm, corpus)
+        for _ in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every run
+            for policy in policies:
+                batched_runs[policy].append(run_ours_batched(llms[policy], wl, progress))
+                if not args.skip_one_by_one:
+                    alone_runs[policy].append(run_ours_one_by_one(llms[policy], base, len(wl), progress))
         if args.skip_one_by_one:
             skipped["ours_one_by_one"] = "--skip-one-by-one"
-        else:
-            runs["ours_one_by_one"] = RunResult.median_of(alone)
 
-        if not args.skip_capacity:
-            cap, records = run_capacity(llm, wl, args.max_output, progress)
-            shape = ModelShape.from_hf_config(read_hf_config(llm.model_dir), name=args.model)
-            bpt = kv_bytes_per_token(shape, KVFormat.parse(_DTYPE_NAMES.get(parse_dtype(args.dtype), args.dtype)))
-            if llm.paged_plan is not None and llm.paged_plan.quantized is not None:  # reservations in the same quantized format
-                bpt = llm.engine_bytes_per_token
-            if bpt != cap["bytes_per_token"]:
-                err.print(f"[yellow]note: spec bytes/token {bpt} != engine bytes/token {cap['bytes_per_token']}"
-                          "[/yellow]")
-            mean_total = s["total_len_mean"]
-            reserved = s["prompt_len"]["mean"] + args.max_output  # prompt + max_tokens, at the mean prompt
-            static = {
-                "budget_bytes": args.kv_budget_bytes,
-                "bytes_per_token": bpt,
-                "max_model_len": llm.max_model_len,
-                "max_len_requests": args.kv_budget_bytes // (llm.max_model_len * bpt),
-                "max_len_requests_fractional": args.kv_budget_bytes / (llm.max_model_len * bpt),
-                # what each request asks for (max_tokens, the cap): what a static allocator reserves
-                "max_tokens": args.max_output,
-                "mean_reserved_len": reserved,
-                "full_reserve_requests": int(args.kv_budget_bytes // (reserved * bpt)),
-                # an allocator told every answer's length in advance (no server is)
-                "mean_total_len": mean_total,
-                "oracle_reserve_requests": int(args.kv_budget_bytes // (mean_total * bpt)),
-                # arrival order: how many requests' prompts alone fill the pool (FCFS admits them in turn)
-                "prompts_fill_pool_at": prompts_fill(wl.prompt_lens, cap["pool_tokens"]),
-            }
-            static["ours_vs_max_len_reserve"] = _ratio(cap["peak_running"], static["max_len_requests"])
-            static["ours_vs_full_reserve"] = _ratio(cap["peak_running"], static["full_reserve_requests"])
-            static["ours_vs_oracle_reserve"] = _ratio(cap["peak_running"], static["oracle_reserve_requests"])
-        else:
+        if args.skip_capacity:
             skipped["capacity"] = "--skip-capacity"
+        else:
+            for policy in policies:
+                cap, steps = run_capacity(llms[policy], wl, args.max_output, progress)
+                caps[policy] = (cap, static_reservations(args, llms[policy], wl, cap, err), steps)
 
         if args.skip_hf:
             skipped["hf"] = "--skip-hf"
         else:
-            runs["hf"] = RunResult.median_of([run_hf(llm, base, len(wl), args, progress) for _ in range(args.repeats)])
+            baselines["hf"] = RunResult.median_of([run_hf(first, base, len(wl), args, progress)
+                                                   for _ in range(args.repeats)])
             gc.collect()  # the transformers model
 
         if args.skip_llamacpp:
             skipped["llamacpp"] = "--skip-llamacpp"
         else:
             try:
-                runs["llamacpp"] = run_llamacpp(base, len(wl), args, progress)
+                baselines["llamacpp"] = run_llamacpp(base, len(wl), args, progress)
             except LlamaCppFailed as exc:
                 err.print(f"skipped llama.cpp: {exc}")
                 skipped["llamacpp"] = str(exc)
-        model_dir = str(llm.model_dir)
-        del llm
+        model_dir = str(first.model_dir)
+        del llms, first
         gc.collect()
 
         if args.skip_prefix:
             skipped["prefix"] = "--skip-prefix"
         else:
-            on = run_prefix(args, corpus, True, progress)
-            off = run_prefix(args, corpus, False, progress)
-            prefix = {"on": on, "off": off,
-                      "ttft_mean_ratio": _ratio(off["ttft_mean_s"], on["ttft_mean_s"]),
-                      "ttft_median_ratio": _ratio(off["ttft_median_s"], on["ttft_median_s"]),
-                      "wall_ratio": _ratio(off["wall_s"], on["wall_s"])}
+            for policy in policies:
+                on = run_prefix(args, policy, corpus, True, progress)
+                off = run_prefix(args, policy, corpus, False, progress)
+                prefixes[policy] = {"on": on, "off": off,
+                                    "ttft_mean_ratio": _ratio(off["ttft_mean_s"], on["ttft_mean_s"]),
+                                    "ttft_median_ratio": _ratio(off["ttft_median_s"], on["ttft_median_s"]),
+                                    "wall_ratio": _ratio(off["wall_s"], on["wall_s"])}
 
-    table, summary, goals = build_report(args, wl, runs, cap, static, prefix, skipped)
-    console.print(table)
-    if args.plot:
-        if records:
-            write_plot(args.plot, records, cap, f"{args.model}: {len(wl)} requests in "
-                       f"{format_bytes(cap['pool_bytes'])} of KV ({args.dtype}, {args.threads} threads)")
-            err.print(f"plot written to {args.plot}")
-        else:
-            err.print("[yellow]no plot: the capacity run was skipped[/yellow]")
+    results = []
+    for policy in policies:
+        runs = {"ours_batched": RunResult.median_of(batched_runs[policy])}
+        if alone_runs[policy]:
+            runs["ours_one_by_one"] = RunResult.median_of(alone_runs[policy])
+        cap, static, steps = caps.get(policy, (None, None, []))
+        prefix = prefixes.get(policy)
+        table, summary, goals = build_report(args, policy, wl, {**runs, **baselines}, cap, static, prefix, skipped)
+        console.print(table)
+        if args.plot:
+            if steps:
+                path = plot_path(args.plot, policy, len(policies) > 1)
+                write_plot(path, steps, cap, f"{args.model}, {policy}: {len(wl)} requests in "
+                           f"{format_bytes(cap['pool_bytes'])} of KV ({args.dtype}, {args.threads} threads)")
+                err.print(f"plot written to {path}")
+            else:
+                err.print("[yellow]no plot: the capacity run was skipped[/yellow]")
+        a = runs["ours_batched"]
+        results.append({
+            "kv_policy": policy,
+            "throughput": {k: r.to_dict() for k, r in runs.items()},
+            "speedups": {f"ours_vs_{k.removeprefix('ours_')}": _ratio(a.total_tok_s, r.total_tok_s)
+                         for k, r in {**runs, **baselines}.items() if k != "ours_batched"},
+            "capacity": None if cap is None else {**cap, "static": static},
+            "prefix_caching": prefix,
+            "goals": goals,
+        })
+    if len(policies) > 1:
+        console.print(comparison_table(args, wl, results))
 
-    a = runs["ours_batched"]
     result = {
         "config": {"model": args.model, "model_dir": model_dir, "dtype": args.dtype, "threads": args.threads,
                    "seed": args.seed, "kv_budget": args.kv_budget, "kv_budget_bytes": args.kv_budget_bytes,
                    "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens, "hf_batch_size": args.hf_batch_size,
-                   "max_requests_baseline": args.max_requests_baseline, "repeats": args.repeats},
+                   "max_requests_baseline": args.max_requests_baseline, "repeats": args.repeats,
+                   "kv_policies": policies},
         "machine": machine_info(),
         "workload": summary,
-        "throughput": {k: r.to_dict() for k, r in runs.items()},
-        "speedups": {f"ours_vs_{k.removeprefix('ours_')}": _ratio(a.total_tok_s, r.total_tok_s)
-                     for k, r in runs.items() if k != "ours_batched"},
+        "baselines": {k: r.to_dict() for k, r in baselines.items()},
         "skipped": skipped,
-        "capacity": None if cap is None else {**cap, "static": static},
-        "prefix_caching": prefix,
-        "goals": goals,
+        "policies": results,
     }
-    result = _finite(result)
+    result = record.json_safe(result)
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         sys.stdout.flush()
+    ours, theirs = record_timings(result["policies"], result["baselines"])
+    record.save("bench_throughput", "python benchmarks/bench_throughput.py", argv, args.record_folder,
+                threads=args.threads, config=result["config"], machine=result["machine"], timings=ours,
+                baseline_timings=theirs, results=result)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KVCacheError as exc:
+        sys.exit(f"error: {exc}")

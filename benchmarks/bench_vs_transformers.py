@@ -16,6 +16,9 @@ warm-up of each; medians are reported. Achieved memory bandwidth of our decode i
     python benchmarks/bench_vs_transformers.py                      # full run
     python benchmarks/bench_vs_transformers.py --new-tokens 16 --repeats 1 --dtypes float32
     python benchmarks/bench_vs_transformers.py --json > results.json
+
+Each run writes its record (command, commit, CPU, every repeat of both sides) to
+`--record-dir` (default benchmarks/results); `--no-record` writes none.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich import box
@@ -34,9 +37,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, quiet_transformers
 from kvcache.engine.llm import LLM, parse_dtype
 from kvcache.engine.sampling import SamplingParams
+from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -54,6 +59,8 @@ class DtypeResult:
     bandwidth_fraction: float
     tokens_match: int  # leading generated tokens where ours == theirs
     new_tokens: int
+    ours_runs: dict = field(default_factory=dict)  # every timed repeat: decode_tok_s, ttft_s
+    hf_runs: dict = field(default_factory=dict)  # every timed repeat: total_s (N new tokens), prefill_s (1)
 
     @property
     def speedup(self) -> float:
@@ -89,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bandwidth-gbs", type=float, default=27.0,
                    help="memory bandwidth limit of this machine in GB/s (default 27)")
     p.add_argument("--json", action="store_true", help="print one JSON list on stdout (table goes to stderr)")
+    record.add_arguments(p)
     args = p.parse_args(argv)
     if args.prompt_tokens < 1:
         p.error("--prompt-tokens must be at least 1")
@@ -103,6 +111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtype_list = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not args.dtype_list:
         p.error("--dtypes is empty")
+    try:
+        args.record_folder = record.folder_from_args(args)
+    except KVCacheError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -192,7 +204,9 @@ def bench_dtype(args, dtype_name: str, progress: Progress, console: Console) -> 
     del llm, hf
     gc.collect()
     return DtypeResult(name, ours, theirs, statistics.median(ours_ttft), t_pre, bytes_per_step, gbs,
-                       gbs / args.bandwidth_gbs, match, n_new)
+                       gbs / args.bandwidth_gbs, match, n_new,
+                       {"decode_tok_s": ours_tok_s, "ttft_s": ours_ttft},
+                       {"total_s": hf_total, "prefill_s": hf_prefill})
 
 
 def results_table(results: list[DtypeResult], args) -> Table:
@@ -225,8 +239,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         sys.stdout.flush()
+    config = {k: v for k, v in vars(args).items() if k != "record_folder"}
+    record.save("bench_vs_transformers", "python benchmarks/bench_vs_transformers.py", argv, args.record_folder,
+                threads=args.threads, config=config, results=rows,
+                timings={r.dtype: r.ours_runs for r in results}, baseline_timings={r.dtype: r.hf_runs for r in results})
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KVCacheError as exc:
+        sys.exit(f"error: {exc}")

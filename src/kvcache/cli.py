@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from kvcache.bench import record
 from kvcache.errors import KVCacheError
 
 EXIT_USAGE = 2
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--json", action="store_true")
     bc.add_argument("--plot", default=None, help="write a PNG here")
     _model_options(bc)
+    record.add_arguments(bc)
     bh = bsub.add_parser("chat", help="time to first token of a late chat turn: session cache vs recompute")
     bh.add_argument("--turns", type=_positive_int, default=5)
     bh.add_argument("--words", type=_positive_int, default=150, help="words per user message")
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--repeats", type=_positive_int, default=3)
     bh.add_argument("--json", action="store_true")
     _model_options(bh)
+    record.add_arguments(bh)
 
     e = sub.add_parser("eval", help="evaluate KV policies: perplexity, needle, decode speed, compression")
     e.add_argument("--policies", default=None,
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-plots", action="store_true")
     e.add_argument("--json", action="store_true", help="print the rows as a JSON list (the table goes to stderr)")
     _model_options(e)
+    record.add_arguments(e)
     return parser
 
 
@@ -238,6 +242,7 @@ def cmd_bench(args) -> int:
         raise KVCacheError(f"--positions must be comma-separated integers, got '{args.positions}'.") from None
     if not positions or min(positions) < 1:
         raise KVCacheError("--positions needs at least one position >= 1.")
+    records = record.folder_from_args(args)
     llm = _make_llm(args)
     if max(positions) + 1 > llm.max_model_len:
         raise KVCacheError(f"Position {max(positions)} is past max_model_len {llm.max_model_len}.")
@@ -247,6 +252,7 @@ def cmd_bench(args) -> int:
         cache_bench.plot(points, args.plot, f"{llm.name} ({args.dtype}): KV cache vs full recompute")
     if args.json:
         print(json.dumps(cache_bench.to_json(points)))
+        _save_record(args, "bench_cache", records, **cache_bench.record_fields(points, e2e))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -264,6 +270,7 @@ def cmd_bench(args) -> int:
     )
     if args.plot:
         console.print(f"plot written to {args.plot}")
+    _save_record(args, "bench_cache", records, **cache_bench.record_fields(points, e2e))
     return 0
 
 
@@ -272,21 +279,32 @@ def cmd_bench_chat(args) -> int:
 
     if args.turns < 2:
         raise KVCacheError("--turns must be at least 2 so that there is a history to reuse.")
+    records = record.folder_from_args(args)
     llm = _make_llm(args)
     r = chat_bench.run(llm, args.turns, args.words, args.reply_tokens, args.repeats)
     if args.json:
         print(json.dumps(chat_bench.to_json(r)))
+        _save_record(args, "bench_chat", records, **chat_bench.record_fields(r))
         return 0
     print(f"turn {r.turn}: {r.history_tokens} prompt tokens, {r.cached_prompt_tokens} reused from the session cache")
     print(f"time to first token: session {r.session_ttft_ms:.0f} ms, recompute {r.recompute_ttft_ms:.0f} ms "
           f"-> {r.speedup:.1f}x faster (median of {args.repeats}); same reply: {r.same_reply}")
+    _save_record(args, "bench_chat", records, **chat_bench.record_fields(r))
     return 0
+
+
+def _save_record(args, benchmark: str, folder, **fields) -> None:
+    """The run's JSON record (kvcache.bench.record), after its results are shown."""
+    import torch
+
+    config = {k: v for k, v in vars(args).items() if k != "argv"}
+    record.save(benchmark, "kvcache", args.argv, folder, threads=torch.get_num_threads(), config=config, **fields)
 
 
 def cmd_eval(args) -> int:
     from kvcache.cli_eval import run
 
-    return run(args, _make_llm)
+    return run(args, _make_llm, _save_record)
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "memory": cmd_memory, "bench": cmd_bench,
@@ -295,6 +313,7 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "memory": cmd_memory, "b
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for benchmark records
     try:
         return COMMANDS[args.command](args)
     except KVCacheError as exc:

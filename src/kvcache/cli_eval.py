@@ -97,16 +97,27 @@ def _progress(err, enabled: bool):
                     TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True, disable=not enabled)
 
 
-def run(args, make_llm) -> int:
+def record_fields(rows) -> dict:
+    """The benchmark record's parts: every row's decode repeats (ours per policy; the baselines'
+    transformers rows), and every row in full."""
+    return {"timings": {r.policy: {"decode_tok_s": r.decode_tok_s_runs} for r in rows if r.kind == "policy"},
+            "baseline_timings": {r.policy: {"decode_tok_s": r.decode_tok_s_runs} for r in rows if r.kind == "hf"},
+            "results": [r.to_dict() for r in rows]}
+
+
+def run(args, make_llm, save_record=None) -> int:
+    """`save_record(args, benchmark, folder, **fields)` writes the run's record (kvcache.cli's)."""
+    from kvcache.bench import record
     from kvcache.bench.common import consoles
 
     out, err = consoles(args.json)
     if args.stream_tokens is not None:
-        return run_stream(args, make_llm, out, err)
+        return run_stream(args, make_llm, out, err, save_record)
     cfg = config_from_args(args)
     llm = make_llm(args)
     _check_lengths(llm, cfg)
     _fit_policies(llm, cfg, named=args.policies is not None, log=err.print)
+    records = record.folder_from_args(args) if save_record else None
     with _progress(err, err.is_terminal) as bar:
         rows = sweep.run_sweep(llm, cfg, bar, log=lambda msg: err.print(msg, markup=False, highlight=False))
     folder = Path(cfg.out_dir)
@@ -130,10 +141,13 @@ def run(args, make_llm) -> int:
         print(json.dumps([r.to_dict() for r in rows]))
     out.print(report.terminal_table(rows, cfg.contexts, f"kvcache eval: {llm.name} ({args.dtype})"))
     out.print("written: " + ", ".join(map(str, paths)), markup=False, highlight=False)
+    if save_record:
+        save_record(args, "eval", records, **record_fields(rows))
     return 0
 
 
-def run_stream(args, make_llm, out, err) -> int:
+def run_stream(args, make_llm, out, err, save_record=None) -> int:
+    from kvcache.bench import record
     from kvcache.cache.policies.grammar import parse_policy
     from kvcache.cache.spec import format_bytes
     from kvcache.eval.stream import DEFAULT_STREAM_POLICIES, plot_stream
@@ -147,6 +161,7 @@ def run_stream(args, make_llm, out, err) -> int:
     if edge < 2:
         raise KVCacheError("--stream-tokens must be at least 8.")
     llm = make_llm(args)
+    records = record.folder_from_args(args) if save_record else None
     results = []
     with _progress(err, err.is_terminal) as bar:
         for p in policies:
@@ -172,4 +187,7 @@ def run_stream(args, make_llm, out, err) -> int:
                   format_bytes(r.kv_bytes_max))
     out.print(t)
     out.print("written: " + ", ".join(map(str, written)), markup=False, highlight=False)
+    if save_record:  # a quality check: no timings, the figures are in the results
+        save_record(args, "eval_stream", records, timings={}, baseline_timings={},
+                    results=[r.to_dict() for r in results])
     return 0

@@ -17,9 +17,13 @@ SMALL = ["--contexts", "64,128", "--needle-lengths", "96", "--needle-depths", "0
 
 def test_eval_json_has_the_documented_fields(tiny_model_dir, tmp_path):
     r = run_cli("eval", "--model", str(tiny_model_dir), "--policies", "full; full:dtype=fp16; window:size=32", *SMALL,
-                "--baselines", "hf", "--out", str(tmp_path), "--json")
+                "--baselines", "hf", "--out", str(tmp_path), "--json", "--record-dir", str(tmp_path / "records"))
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
+    (path,) = (tmp_path / "records").glob("eval-*.json")  # the run's record: every repeat, ours and theirs
+    rec = json.loads(path.read_text())
+    assert rec["results"] == rows and len(rec["timings"]["window:size=32"]["decode_tok_s"]) == 1
+    assert len(rec["baseline_timings"]["hf:dynamic"]["decode_tok_s"]) == 1
     by = {row["policy"]: row for row in rows}
     assert ["full", "full:dtype=fp16", "window:size=32"] == [row["policy"] for row in rows[:3]]
     for row in rows:
@@ -46,7 +50,7 @@ def test_eval_json_has_the_documented_fields(tiny_model_dir, tmp_path):
 def test_eval_skip_flags_leave_their_fields_empty(tiny_model_dir, tmp_path):
     r = run_cli("eval", "--model", str(tiny_model_dir), "--policies", "evict:scorer=knorm,ratio=0.5;quantized:bits=4",
                 "--contexts", "64", "--skip-needle", "--skip-speed", "--baselines", "none", "--no-plots",
-                "--threads", "1", "--out", str(tmp_path), "--json")
+                "--threads", "1", "--out", str(tmp_path), "--json", "--no-record")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert rows[0]["needle_accuracy"] is None and rows[0]["decode_tok_s"] is None
@@ -58,9 +62,10 @@ def test_eval_skip_flags_leave_their_fields_empty(tiny_model_dir, tmp_path):
 def test_eval_stream_mode(tiny_model_dir, tmp_path):
     r = run_cli("eval", "--model", str(tiny_model_dir), "--stream-tokens", "300",
                 "--stream-policies", "sinks:n_sink=4,window=60", "--chunk", "16", "--threads", "1",
-                "--out", str(tmp_path), "--json")
+                "--out", str(tmp_path), "--json", "--record-dir", str(tmp_path / "records"))
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
+    assert len(list((tmp_path / "records").glob("eval_stream-*.json"))) == 1
     assert row["policy"] == "sinks:n_sink=4,window=60" and row["tokens"] == 300
     assert row["ppl_first"] > 0 and row["ppl_last"] > 0 and row["kv_bytes_after_fill"][1] <= row["kv_bytes_max"]
     assert (tmp_path / "stream.png").stat().st_size > 0
@@ -85,7 +90,8 @@ def test_bad_eval_flags_are_one_sentence_and_exit_2(tiny_model_dir, args, capsys
     from kvcache.cli import main
 
     try:  # in-process: argparse mistakes raise SystemExit(2), ours return 2
-        code = main(["eval", "--model", str(tiny_model_dir), "--threads", "1", "--out", "/nonexistent", *args])
+        code = main(["eval", "--model", str(tiny_model_dir), "--threads", "1", "--out", "/nonexistent", "--no-record",
+                     *args])
     except SystemExit as exc:
         code = exc.code
     err = capsys.readouterr().err

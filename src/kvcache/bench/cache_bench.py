@@ -7,12 +7,13 @@ Then end-to-end tok/s of the same generation with and without the cache.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import statistics
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from kvcache.bench.common import corpus_ids
-from kvcache.bench.timing import median_time
+from kvcache.bench.timing import sample_times
 from kvcache.engine.sampling import SamplingParams
 from kvcache.models.step import StepInputs, causal_mask
 
@@ -23,6 +24,8 @@ class CachePoint:
     cached_ms: float
     uncached_ms: float
     speedup: float
+    cached_ms_runs: list[float] = field(default_factory=list)  # every timed repeat
+    uncached_ms_runs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -51,9 +54,10 @@ def measure_position(llm, position: int, repeats: int) -> CachePoint:
             mask = causal_mask(None, 1, 0, position + 1, dev)
             model.forward(StepInputs(ids, None, 0, mask), None).argmax(-1).tolist()
 
-        cached = median_time(cached_step, repeats)
-        uncached = median_time(uncached_step, max(3, repeats // 4))
-    return CachePoint(position, cached * 1e3, uncached * 1e3, uncached / cached)
+        cached = [t * 1e3 for t in sample_times(cached_step, repeats)]
+        uncached = [t * 1e3 for t in sample_times(uncached_step, max(3, repeats // 4))]
+    c, u = statistics.median(cached), statistics.median(uncached)
+    return CachePoint(position, c, u, u / c, cached, uncached)
 
 
 def measure_end_to_end(llm, prompt_tokens: int, new_tokens: int) -> EndToEnd:
@@ -84,7 +88,17 @@ def run(llm, positions: list[int], repeats: int = 20, prompt_tokens: int = 128, 
 
 
 def to_json(points: list[CachePoint]) -> list[dict]:
-    return [asdict(p) for p in points]
+    """The points without their raw repeats (the record keeps those)."""
+    return [{k: v for k, v in asdict(p).items() if not k.endswith("_runs")} for p in points]
+
+
+def record_fields(points: list[CachePoint], e2e: EndToEnd) -> dict:
+    """The benchmark record's parts: ours is the cached step, the baseline recomputes every token."""
+    return {"timings": {"cached_step_ms": {str(p.position): p.cached_ms_runs for p in points},
+                        "end_to_end_cached_tok_s": [e2e.cached_tok_s]},
+            "baseline_timings": {"uncached_step_ms": {str(p.position): p.uncached_ms_runs for p in points},
+                                 "end_to_end_uncached_tok_s": [e2e.uncached_tok_s]},
+            "results": {"points": to_json(points), "end_to_end": asdict(e2e)}}
 
 
 def plot(points: list[CachePoint], path: str, title: str) -> None:

@@ -9,7 +9,7 @@ same reply; the figure is their TTFT ratio at turn N (medians over repeats).
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from kvcache.bench.common import corpus_text
 from kvcache.engine.sampling import SamplingParams
@@ -24,6 +24,8 @@ class ChatTurnResult:
     recompute_ttft_ms: float
     speedup: float
     same_reply: bool
+    session_ttft_ms_runs: list[float] = field(default_factory=list)  # every repeat
+    recompute_ttft_ms_runs: list[float] = field(default_factory=list)
 
 
 def _messages(n_turns: int, words: int) -> list[str]:
@@ -52,8 +54,17 @@ def run(llm, turns: int = 5, words: int = 150, reply_tokens: int = 32, repeats: 
         same = same and ref.token_ids == last.token_ids
     s, r = statistics.median(session_ttft), statistics.median(recompute_ttft)
     return ChatTurnResult(turns, last.metrics.prompt_tokens, last.metrics.cached_prompt_tokens,
-                          s * 1e3, r * 1e3, r / s, same)
+                          s * 1e3, r * 1e3, r / s, same, [t * 1e3 for t in session_ttft],
+                          [t * 1e3 for t in recompute_ttft])
 
 
 def to_json(result: ChatTurnResult) -> dict:
-    return asdict(result)
+    """The result without its raw repeats (the record keeps those)."""
+    return {k: v for k, v in asdict(result).items() if not k.endswith("_runs")}
+
+
+def record_fields(result: ChatTurnResult) -> dict:
+    """The benchmark record's parts: ours is the session cache, the baseline recomputes the history."""
+    return {"timings": {"session_ttft_ms": result.session_ttft_ms_runs},
+            "baseline_timings": {"recompute_ttft_ms": result.recompute_ttft_ms_runs},
+            "results": to_json(result)}

@@ -72,26 +72,43 @@ def print_json(args, **results) -> None:
         print(json.dumps({"config": vars(args), **results}, default=str))
 
 
-def machine_info() -> dict:
-    """The CPU the figures come from: model name, core count, its vector extensions (x86), and
-    whether the native kernels were built with the prefill kernel (AVX-512 builds only)."""
+# CPU features that decide which kernels run (x86 /proc/cpuinfo names)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """The CPU's model name, logical core count and which of CPU_FLAGS it has, read from
+    /proc/cpuinfo (or the given text of one); elsewhere the platform's name and no flags."""
     import os
     import platform
 
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    name, flags, processors = "", set(), 0
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "processor":
+            processors += 1
+        elif key == "model name" and not name:
+            name = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return {"model": name or platform.processor() or platform.machine(),
+            "cores": processors or os.cpu_count(),
+            "flags": {f: f in flags for f in CPU_FLAGS}}
+
+
+def machine_info() -> dict:
+    """The CPU the figures come from: model name, core count, its vector extensions (x86), and
+    whether the native kernels were built with the prefill kernel (AVX-512 builds only)."""
     from kvcache import native
 
-    name, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:  # Linux; elsewhere only the architecture is known
-            for line in f:
-                if line.startswith("model name") and not name:
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine()
-    return {"cpu": name, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "native_prefill_kernel": native.prefill_attention_built()}
-
+    cpu = cpu_info()
+    return {"cpu": cpu["model"], "cores": cpu["cores"], **cpu["flags"],
+            "amx": any(cpu["flags"][f] for f in ("amx_tile", "amx_bf16", "amx_int8")),
+            "native_prefill_kernel": native.prefill_attention_built()}

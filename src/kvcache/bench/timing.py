@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `fn()` in seconds over `repeats` runs, after `warmup` runs."""
+def sample_times(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """Wall time of each of `repeats` runs of `fn()` in seconds, after `warmup` untimed runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -16,4 +16,9 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> floa
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in seconds over `repeats` runs, after `warmup` runs."""
+    return statistics.median(sample_times(fn, repeats, warmup))

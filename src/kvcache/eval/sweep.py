@@ -93,6 +93,7 @@ class Row:
     needle_by_length: dict[str, float] = field(default_factory=dict)
     needle_answers: list[dict] = field(default_factory=list)
     decode_tok_s: float | None = None
+    decode_tok_s_runs: list[float] = field(default_factory=list)  # every timed repeat
     decode_context: int | None = None
     note: str = ""
 
@@ -138,7 +139,7 @@ def run_policy(llm, policy: str, cfg: SweepConfig, cases: list[needle.NeedleCase
         else:
             del cache
             r = speed.decode_speed(llm, policy, cfg.speed_context, cfg.speed_steps, cfg.speed_repeats)
-        row.decode_tok_s, row.decode_context = r.tok_s, r.context
+        row.decode_tok_s, row.decode_tok_s_runs, row.decode_context = r.tok_s, r.runs, r.context
         advance(speed_units(cfg))
     if cases:
         answers = []
@@ -161,7 +162,8 @@ def hf_rows(llm, cfg: SweepConfig, advance: Callable[[float], None]) -> list[Row
     rows = []
     for kind in ("dynamic", "quantized"):
         r = speed.hf_decode_speed(llm, hf_model, kind, cfg.speed_context, cfg.speed_steps, cfg.speed_repeats)
-        rows.append(Row(r.name, kind="hf", decode_tok_s=r.tok_s, decode_context=r.context, note=r.note))
+        rows.append(Row(r.name, kind="hf", decode_tok_s=r.tok_s, decode_tok_s_runs=r.runs, decode_context=r.context,
+                        note=r.note))
         advance(speed_units(cfg) + cfg.speed_context)
     return rows
 
