@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 from rich import box
 from rich.table import Table
 
+from kvcache.bench import record
 from kvcache.bench.common import consoles, machine_info
-from kvcache.bench.timing import median_time
+from kvcache.bench.timing import sample_times
 from kvcache.cache.spec import KVFormat, kv_bytes_per_token, parse_size
 from kvcache.cache.storage import PagedKVStorage, native_decode_rows, slot_mask
 from kvcache.engine.engine import blocks_for_budget
@@ -53,10 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "over 1 GiB, 2 threads, measured here)")
     p.add_argument("--seed", type=int, default=0, help="block placement seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
+    record.add_arguments(p)
     a = p.parse_args(argv)
     for name in ("block_size", "batch", "tokens", "threads", "repeats"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    a.record_folder = record.parse_folder(p, a)
     try:
         a.kv_budget_bytes = parse_size(a.kv_budget)
         a.torch_dtype = parse_dtype(a.dtype)
@@ -107,10 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name, step in kernels:
         for where, layers in (("from memory", range(sh.num_layers)), ("in cache", [0] * sh.num_layers)):
-            ms = 1e3 * median_time(lambda: step(layers), args.repeats, warmup=2)
+            runs = [1e3 * t for t in sample_times(lambda: step(layers), args.repeats, warmup=2)]
+            ms = statistics.median(runs)
             gbs = step_bytes / ms / 1e6
             rows.append({"kernel": name, "reads": where, "ms_per_step": ms, "gbs": gbs,
-                         "bandwidth_fraction": gbs / args.bandwidth_gbs})
+                         "bandwidth_fraction": gbs / args.bandwidth_gbs, "ms_runs": runs})
     by = {(r["kernel"], r["reads"]): r["ms_per_step"] for r in rows}
     speedups = {where: by[("torch (gather + SDPA)", where)] / by[("native", where)]
                 for where in ("from memory", "in cache") if ("native", where) in by}
@@ -128,11 +133,16 @@ def main(argv: list[str] | None = None) -> dict:
     for where, x in speedups.items():
         console.print(f"native vs torch, {where}: {x:.2f}x")
     console.print(f"max |native - torch| on layer 0: {err:.2e}")
-    result = {"config": {k: v for k, v in vars(args).items() if k not in ("torch_dtype", "shape")},
-              "machine": m, "num_blocks": num_blocks, "bytes_per_step": step_bytes, "rows": rows,
+    config = {k: v for k, v in vars(args).items() if k not in ("torch_dtype", "shape", "record_folder")}
+    result = {"config": config, "machine": m, "num_blocks": num_blocks, "bytes_per_step": step_bytes, "rows": rows,
               "speedups": speedups, "max_abs_diff": err}
     if args.json:
         print(json.dumps(result, indent=2))
+    native = [r for r in rows if r["kernel"] == "native"]
+    record.save("bench_decode_attention", "python benchmarks/bench_decode_attention.py", argv, args.record_folder,
+                threads=args.threads, config=config, machine=m, results=result,
+                timings={f"native {r['reads']}": r["ms_runs"] for r in native},
+                baseline_timings={f"torch {r['reads']}": r["ms_runs"] for r in rows if r not in native})
     return result
 
 

@@ -23,6 +23,7 @@ import time
 import torch
 from rich.table import Table
 
+from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, print_json, save_figure
 from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
@@ -49,11 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth-gbs", type=float, default=27.0, help="memory bandwidth, GB/s (default 27)")
     p.add_argument("--plot", default=None, metavar="PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    record.add_arguments(p)
     a = p.parse_args(argv)
     a.batches = [int(x) for x in a.batch_sizes.split(",")]
     a.policy_list = [x.strip() for x in a.policies.split(";") if x.strip()]
     if min(a.batches) < 1 or a.context < 2 or a.steps < 1 or a.repeats < 1:
         p.error("batch sizes, --context, --steps and --repeats must be positive")
+    a.record_folder = record.parse_folder(p, a)
     return a
 
 
@@ -148,6 +151,11 @@ def main(argv=None) -> int:
         ax.legend(fontsize=7)
         save_figure(fig, args.plot, err)
     print_json(args, rows=rows)
+    first = args.policy_list[0]
+    record.save("bench_paged_formats", "python benchmarks/bench_paged_formats.py", argv, args.record_folder,
+                threads=args.threads, config=vars(args), results={"rows": rows},
+                timings={f"{r['policy']} batch {r['batch']}": r["runs"] for r in rows if r["policy"] != first},
+                baseline_timings={f"{r['policy']} batch {r['batch']}": r["runs"] for r in rows if r["policy"] == first})
     return 0
 
 

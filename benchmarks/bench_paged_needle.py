@@ -21,6 +21,7 @@ import time
 import torch
 from rich.table import Table
 
+from kvcache.bench import record
 from kvcache.bench.common import consoles, print_json, save_figure
 from kvcache.engine.llm import LLM
 from kvcache.engine.sampling import SamplingParams
@@ -44,10 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory", default="1GiB")
     p.add_argument("--plot", default=None, metavar="PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    record.add_arguments(p)
     a = p.parse_args(argv)
     a.policy_list = [x.strip() for x in a.policies.split(";") if x.strip()]
     a.length_list = [int(x) for x in a.lengths.split(",")]
     a.depth_list = [float(x) for x in a.depths.split(",")]
+    a.record_folder = record.parse_folder(p, a)
     return a
 
 
@@ -114,6 +117,10 @@ def main(argv=None) -> int:
         ax.set_title("needle in a haystack on the paged engine")
         save_figure(fig, args.plot, err)
     print_json(args, rows=rows)
+    record.save("bench_paged_needle", "python benchmarks/bench_paged_needle.py", argv, args.record_folder,
+                threads=args.threads, config=vars(args), results={"rows": rows},
+                timings={r["policy"]: {"wall_s": [r["wall_s"]]} for r in rows[1:]},
+                baseline_timings={rows[0]["policy"]: {"wall_s": [rows[0]["wall_s"]]}})
     return 0
 
 

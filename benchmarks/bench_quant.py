@@ -18,12 +18,14 @@ Medians over ``--repeats`` runs, one thread by default.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvcache.bench.timing import median_time
+from kvcache.bench import record
+from kvcache.bench.timing import sample_times
 from kvcache.cache.quant import BITS, QuantizedStore, dequantize, quantize, quantized_scores
 
 
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    record.add_arguments(ap)
     args = ap.parse_args(argv)
+    folder = record.parse_folder(ap, args)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -45,9 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(1, H, S, D)  # (B, Hkv, S, D) one layer's K (or V)
     exact = x.to(dtype)  # the float cache's copy
     out = torch.empty(1, H, S, D, dtype=dtype)  # the attention path's scratch buffer
-    us = 1e6
+    ours: dict[str, list[float]] = {}  # every repeat, microseconds: the quantized paths
+    theirs: dict[str, list[float]] = {}  # and the float ones they are compared with
 
-    copy_us = median_time(lambda: out.copy_(exact), reps, warmup=3) * us
+    def median_us(fn, label: str, into: dict) -> float:
+        into[label] = [t * 1e6 for t in sample_times(fn, reps, warmup=3)]
+        return statistics.median(into[label])
+
+    copy_us = median_us(lambda: out.copy_(exact), "copy", theirs)
     title = f"quant micro-benchmark: one layer (1, {H}, {S}, {D}), group {g}, {args.dtype}, " \
             f"{args.threads} thread(s), median of {reps}"
     table = Table(title=title)
@@ -60,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         for axis in ("channel", "token"):
             store = QuantizedStore(1, 1, H, D, bits, g, axis, capacity_tokens=S)
             store.append(0, x)
-            deq_us = median_time(lambda: store.dequantize_into(0, out), reps, warmup=3) * us
+            deq_us = median_us(lambda: store.dequantize_into(0, out), f"dequantize int{bits} {axis}", ours)
             step = g if axis == "channel" else 1
             piece = x[:, :, :step]
 
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 store.truncate(S - step if axis == "token" else S - g)
                 store.append(0, piece)
 
-            q_us = median_time(append, reps, warmup=3) * us
+            q_us = median_us(append, f"quantize int{bits} {axis}", ours)
             table.add_row(f"int{bits}", axis, f"{store.nbytes / 1024:.0f}", f"{deq_us:.0f}",
                           f"{deq_us / copy_us:.2f}x", f"{q_us:.0f}", f"{step} token{'s' * (step > 1)}")
     console = Console(width=110)
@@ -78,13 +87,17 @@ def main(argv: list[str] | None = None) -> None:
     scores = Table(title=f"decode scores q @ K^T, {args.queries} queries x {S} keys per KV head")
     for col in ("keys", "from codes us", "dequantize + matmul us", f"{args.dtype} keys us"):
         scores.add_column(col, justify="right")
-    float_us = median_time(lambda: query @ exact.transpose(-1, -2), reps, warmup=3) * us
+    float_us = median_us(lambda: query @ exact.transpose(-1, -2), "scores float", theirs)
     for bits in BITS:
         k = quantize(x, bits, g, "channel")
-        direct = median_time(lambda: quantized_scores(query, k, codes_out=out), reps, 3) * us
-        via = median_time(lambda: query @ dequantize(k, out=out).transpose(-1, -2), reps, 3) * us
+        direct = median_us(lambda: quantized_scores(query, k, codes_out=out), f"scores int{bits} from codes", ours)
+        via = median_us(lambda: query @ dequantize(k, out=out).transpose(-1, -2),
+                        f"scores int{bits} dequantize + matmul", ours)
         scores.add_row(f"int{bits} per channel", f"{direct:.0f}", f"{via:.0f}", f"{float_us:.0f}")
     console.print(scores)
+    medians = {k: statistics.median(v) for k, v in {**ours, **theirs}.items()}
+    record.save("bench_quant", "python benchmarks/bench_quant.py", argv, folder, threads=args.threads,
+                config=vars(args), results={"median_us": medians}, timings=ours, baseline_timings=theirs)
 
 
 if __name__ == "__main__":

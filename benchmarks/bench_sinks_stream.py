@@ -20,6 +20,7 @@ import torch
 from rich.progress import Progress
 from rich.table import Table
 
+from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, print_json, save_figure
 from kvcache.engine.llm import LLM
 from kvcache.engine.sampling import SamplingParams
@@ -40,10 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory", default="1GiB")
     p.add_argument("--plot", default=None, metavar="PNG")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    record.add_arguments(p)
     a = p.parse_args(argv)
     a.policy_list = [x.strip() for x in a.policies.split(";") if x.strip()]
     if a.tokens < 2 or a.segment < 1 or a.prompt_tokens < 1:
         p.error("--tokens, --segment and --prompt-tokens must be positive")
+    a.record_folder = record.parse_folder(p, a)
     return a
 
 
@@ -112,6 +115,12 @@ def main(argv=None) -> int:
         fig.suptitle("one long stream on the paged engine")
         save_figure(fig, args.plot, err)
     print_json(args, results=results)
+    first = args.policy_list[0]
+    record.save("bench_sinks_stream", "python benchmarks/bench_sinks_stream.py", argv, args.record_folder,
+                threads=args.threads, config=vars(args),
+                results={"policies": [{"policy": p, "segments": rows} for p, rows in results.items()]},
+                timings={p: [r["tok_s"] for r in rows] for p, rows in results.items() if p != first},
+                baseline_timings={first: [r["tok_s"] for r in results[first]]})
     return 0
 
 

@@ -111,10 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtype_list = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if not args.dtype_list:
         p.error("--dtypes is empty")
-    try:
-        args.record_folder = record.folder_from_args(args)
-    except KVCacheError as exc:
-        p.error(str(exc))
+    args.record_folder = record.parse_folder(p, args)
     return args
 
 
@@ -239,9 +236,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         sys.stdout.flush()
-    config = {k: v for k, v in vars(args).items() if k != "record_folder"}
     record.save("bench_vs_transformers", "python benchmarks/bench_vs_transformers.py", argv, args.record_folder,
-                threads=args.threads, config=config, results=rows,
+                threads=args.threads, config=vars(args), results=rows,
                 timings={r.dtype: r.ours_runs for r in results}, baseline_timings={r.dtype: r.hf_runs for r in results})
     return rows
 

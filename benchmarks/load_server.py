@@ -30,6 +30,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from kvcache.bench import record
+
 SYSTEM = "You are a helpful assistant. Answer briefly."
 
 
@@ -203,6 +205,7 @@ async def run(args) -> dict:
         "blocks_used_after": end["kvcache_kv_blocks_used"], "blocks_total": end["kvcache_kv_blocks_total"],
         "rss_after_warmup_bytes": rss0, "rss_after_run_bytes": rss1, "rss_change": rss_change,
         "errors": totals.errors,
+        "ttft_s": [round(t, 6) for t in totals.ttft_s],  # every completed request's, in completion order
     }
     result["checks"] = {
         "zero_failures": totals.failed == 0,
@@ -290,7 +293,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--disconnect-fraction", type=float, default=0.1)
     p.add_argument("--json-out", default="out/load_server.json")
+    record.add_arguments(p)
     args = p.parse_args(argv)
+    folder = record.parse_folder(p, args)
     if args.url and urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         p.error("--url must be a loopback address")
     if args.clients < 1 or args.duration <= 0 or args.turns < 1:
@@ -307,6 +312,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"JSON written to {out}")
+    record.save("load_server", "python benchmarks/load_server.py", argv, folder, threads=args.threads,
+                config=vars(args), results=result, timings={"ttft_s": result["ttft_s"]}, baseline_timings={})
     return 0 if all(result["checks"].values()) else 1
 
 

@@ -106,3 +106,29 @@ def test_cli_bench_refuses_an_unwritable_record_folder_before_any_work(tiny_mode
     code = main(["bench", "chat", "--model", str(tiny_model_dir), "--record-dir", str(blocker / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "Cannot create the record folder" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, args, ours, theirs", [
+    ("bench_paged_formats", ["--policies", "full;window:size=32", "--batch-sizes", "1,2", "--context", "16",
+                             "--steps", "2", "--repeats", "2", "--kv-budget", "1MiB"],
+     "window:size=32 batch 2", "full batch 1"),
+    ("bench_sinks_stream", ["--policies", "full;sinks:n_sink=4,window=28", "--tokens", "40", "--segment", "20",
+                            "--prompt-tokens", "8", "--kv-cache-memory", "4MiB"],
+     "sinks:n_sink=4,window=28", "full"),
+    ("bench_paged_needle", ["--policies", "full;evict:scorer=knorm,ratio=0.5", "--lengths", "96", "--depths", "0.5",
+                            "--max-new-tokens", "4", "--kv-cache-memory", "4MiB"],
+     "evict:scorer=knorm,ratio=0.5", "full"),
+])
+def test_policy_benchmarks_record_the_baseline_policy_apart(tiny_model_dir, tmp_path, name, args, ours, theirs):
+    assert load(name).main(["--model", str(tiny_model_dir), "--threads", "1", *args,
+                            "--record-dir", str(tmp_path)]) == 0
+    rec = only_record(tmp_path)
+    assert rec["benchmark"] == name and rec["timings"][ours] and rec["baseline_timings"][theirs]
+    assert theirs not in rec["timings"]
+
+
+def test_quant_micro_benchmark_records_every_repeat(tmp_path):
+    load("bench_quant").main(["--tokens", "64", "--repeats", "2", "--record-dir", str(tmp_path)])
+    rec = only_record(tmp_path)
+    assert len(rec["timings"]["dequantize int4 channel"]) == 2 and len(rec["baseline_timings"]["copy"]) == 2
+    assert set(rec["results"]["median_us"]) == set(rec["timings"]) | set(rec["baseline_timings"])

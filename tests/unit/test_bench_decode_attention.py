@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,13 @@ def load_bench():
 
 
 @pytest.mark.parametrize("dtype,tokens", [("float32", 40), ("bfloat16", 37)])  # 37: a partial block, masked
-def test_native_and_torch_agree_and_are_timed(dtype, tokens, capsys):
+def test_native_and_torch_agree_and_are_timed(dtype, tokens, capsys, tmp_path):
     bench = load_bench()
-    out = bench.main(["--kv-budget", "8MiB", "--batch", "3", "--tokens", str(tokens), "--repeats", "1",
-                      "--dtype", dtype])
+    out = bench.main(["--kv-budget", "8MiB", "--batch", "3", "--tokens", str(tokens), "--repeats", "2",
+                      "--dtype", dtype, "--record-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("bench_decode_attention-*.json")
+    rec = json.loads(path.read_text())
+    assert all(len(runs) == 2 for runs in rec["baseline_timings"].values()) and rec["baseline_timings"]
     assert out["max_abs_diff"] < (1e-5 if dtype == "float32" else 2e-2)
     kernels = {r["kernel"] for r in out["rows"]}
     assert "torch (gather + SDPA)" in kernels
@@ -32,4 +36,4 @@ def test_native_and_torch_agree_and_are_timed(dtype, tokens, capsys):
 
 def test_a_batch_larger_than_the_pool_is_refused():
     with pytest.raises(SystemExit, match="blocks"):
-        load_bench().main(["--kv-budget", "1MiB", "--batch", "64", "--tokens", "1000"])
+        load_bench().main(["--kv-budget", "1MiB", "--batch", "64", "--tokens", "1000", "--no-record"])

@@ -27,14 +27,17 @@ SCHEMA = 1
 
 
 def json_safe(x):
-    """NaN and infinities become None (JSON has neither), recursively; tuples become lists."""
+    """NaN and infinities become None (JSON has neither), recursively; tuples become lists and
+    anything else JSON cannot hold (a path, a dtype) its text."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
         return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
-    return x
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return str(x)
 
 
 def command_line(prog: str, argv: list[str] | None = None) -> str:
@@ -159,3 +162,12 @@ def add_arguments(parser) -> None:
 def folder_from_args(args) -> Path | None:
     """The checked record folder of parsed `add_arguments` flags, or None with --no-record."""
     return None if args.no_record else prepare_dir(args.record_dir)
+
+
+def parse_folder(parser, args) -> Path | None:
+    """`folder_from_args` for a benchmark script: a folder that cannot be written is the parser's
+    error (one sentence, exit 2)."""
+    try:
+        return folder_from_args(args)
+    except KVCacheError as exc:
+        parser.error(str(exc))
