@@ -70,7 +70,7 @@ def run_policy(args, policy: str) -> dict:
     t0 = time.perf_counter()
     engine.run_to_completion(reqs, on_step=watch)
     wall = time.perf_counter() - t0
-    outs = [r.to_output(engine.storage.bytes_per_token) for r in reqs]
+    outs = [r.to_output() for r in reqs]
     correct = [is_correct(o.text, c.answer) for o, c in zip(outs, cases)]
     return {"policy": policy, "cases": len(cases), "accuracy": sum(correct) / len(correct),
             "correct": {c.id: ok for c, ok in zip(cases, correct)},
