@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache import native
+from kvcache.cache.base import PlainCache
 from kvcache.cache.spec import kv_layers_bytes
 from kvcache.models.llama import attend
 
@@ -116,7 +117,7 @@ class RowPolicyStorage:
         return self.num_blocks * self.bytes_per_block
 
 
-class RowsStepCache:
+class RowsStepCache(PlainCache):
     """One decode step (one token per row) over several sequences' own `PolicyCache`s, with
     the interface `LlamaModel.forward` drives: the rows' K/V go to their caches and each row
     attends over its own (rows whose stores score the codes natively, in one call)."""

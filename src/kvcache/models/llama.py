@@ -23,7 +23,7 @@ from kvcache.cache.dense import KVCache
 from kvcache.models.config import LlamaConfig
 from kvcache.models.linear import Linear, resolve_kernels
 from kvcache.models.rope import RotaryTable, apply_rotary
-from kvcache.models.step import StepInputs, causal_mask
+from kvcache.models.step import StepInputs, StepKV, causal_mask
 
 
 @dataclass
@@ -136,7 +136,7 @@ class LlamaModel:
         return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device,
                        native_attention=self.native)
 
-    def forward(self, step: StepInputs, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, step: StepInputs, cache: StepKV | None) -> torch.Tensor:
         """Run the decoder over step.input_ids, appending their K/V to `cache` when given.
 
         Returns logits (B, V) for the last position, (B, T, V) with logits_for="all", or (R, V)
@@ -165,7 +165,7 @@ class LlamaModel:
             if nat:
                 pos = step.positions.reshape(-1).to(torch.int64).contiguous()  # (B*T,)
         mask = step.attn_mask
-        if mask is None and t > 1 and not getattr(cache, "masks_itself", False):  # None means causal
+        if mask is None and t > 1 and not (cache is not None and cache.masks_itself):  # None means causal
             mask = causal_mask(None, b, 0 if cache is None else cache.length, t, ids.device)
         x = self.embed[ids]  # (B, T, H)
         hidden = (c.hidden_size,)

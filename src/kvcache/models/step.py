@@ -1,8 +1,10 @@
-"""Per-step inputs of a forward pass, passed explicitly (never global)."""
+"""What a forward pass is given: the step's inputs (`StepInputs`, never global) and the KV store
+it reads and writes (`StepKV`, the one interface between the model and every KV layout)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -24,6 +26,43 @@ class StepInputs:
     attn_mask: torch.Tensor | None  # (B, 1, T, S)
     logits_for: str = "last"  # "last" | "all"
     logits_at: torch.Tensor | None = None  # (R,) with B = 1: logits of these positions only, (R, V)
+
+
+@runtime_checkable
+class StepKV(Protocol):
+    """What `LlamaModel.forward` asks of the KV store it runs a step against.
+
+    Per step: `reserve(length + T)`; per layer, `write` the step's keys and values and get back
+    the K/V to attend over, or (None, None) when the store attends itself (`attend`: paged
+    blocks read in place, quantized codes, per-sequence rows); `observe` the queries when
+    `observes(T)` (eviction scorers); after the last layer, `advance(T)`. The dense cache, the
+    policy cache and every paged step view implement it; nothing else is probed.
+    """
+
+    rotates_keys: ClassVar[bool] | bool  # keys arrive unrotated: the store rotates them at its own positions
+    masks_itself: ClassVar[bool] | bool  # the store brings each query's mask (the model builds none)
+
+    @property
+    def length(self) -> int:
+        """Tokens before this step (where the step's causal mask starts)."""
+
+    def reserve(self, n_slots: int) -> None:
+        """Make room for `n_slots` tokens in all."""
+
+    def observes(self, t: int) -> bool:
+        """Whether the model passes this step's queries to `observe`."""
+
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """A layer's queries q (B, Hq, T, D) and the keys k (B, Hkv, S, D) they attend to."""
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Store k, v (B, Hkv, T, D); return K, V (B, Hkv, S, D) to attend over, or (None, None)."""
+
+    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Attention of q (B, Hq, T, D) over the layer's store, where `write` returned None: (B, T, Hq*D)."""
+
+    def advance(self, t: int) -> None:
+        """Commit the step's t tokens."""
 
 
 def causal_mask(key_valid: torch.Tensor | None, batch: int, start: int, t: int, device) -> torch.Tensor | None:

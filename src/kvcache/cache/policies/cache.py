@@ -25,6 +25,7 @@ class PolicyCache:
     """One sequence's KV cache under a policy (see module docstring)."""
 
     batch = 1
+    masks_itself = False  # the model builds the causal mask over `length` kept tokens
 
     def __init__(self, model, policy: str | PolicySpec, capacity: int = 256):
         self.spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
