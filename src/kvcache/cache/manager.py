@@ -284,7 +284,7 @@ class KVCacheManager:
     def blocks_held(self, seq_id: str) -> int:
         """Blocks in `seq_id`'s table now (released ones not counted; 0 for an unknown sequence)."""
         seq = self._seqs.get(seq_id)
-        return 0 if seq is None else sum(1 for b in seq.table if b != RELEASED)
+        return 0 if seq is None else len(seq.table) - seq.table.count(RELEASED)
 
     def bytes_held(self, seq_id: str | None = None) -> int:
         """Bytes of the blocks `seq_id` holds now, or with no id of every block some sequence
