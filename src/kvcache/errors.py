@@ -19,3 +19,7 @@ class ModelFormatError(KVCacheError):
 
 class PromptTooLongError(KVCacheError):
     """The prompt (plus requested tokens) does not fit in max_model_len."""
+
+
+class MaxTokensTooLargeError(PromptTooLongError):
+    """max_tokens asks for more tokens than the context leaves after the prompt."""

@@ -389,9 +389,14 @@ def test_prompt_truncated_left(llm16_left):
 @pytest.mark.parametrize("prompt_len", [10, 15])
 def test_generation_stops_at_max_model_len(llm16, tiny_llm, hf_tiny, prompt_len):
     prompt = random_ids(prompt_len, llm16.config.vocab_size, seed=9)[0].tolist()
-    out = llm16.generate([prompt], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))[0]
-    assert out.finish_reason == "length"
-    assert len(prompt) + len(out.token_ids) == 16
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
+    with pytest.raises(PromptTooLongError, match="at most"):  # the API refuses what cannot fit
+        llm16.generate([prompt], greedy(50))
+    req = llm16.engine.add_request(prompt, greedy(50), eos_ids=set())  # below it the engine still stops
+    llm16.engine.run_to_completion([req])
+    out = llm16.generate([prompt], greedy(16 - prompt_len))[0]
+    assert out.finish_reason == req.finish_reason == "length"
+    assert len(prompt) + len(out.token_ids) == 16 and req.output_token_ids == out.token_ids
     unlimited = tiny_llm.generate([prompt], SamplingParams(max_tokens=16 - prompt_len, temperature=0.0,
                                                            ignore_eos=True))[0]
     assert_same_tokens(hf_tiny, prompt, out.token_ids, unlimited.token_ids)

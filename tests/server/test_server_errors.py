@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from kvcache import SamplingParams
 from tests.server.harness import MODEL_ID, start_server, tiny_server_llm, wait_for
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about the robot and the library."}]
@@ -50,6 +51,21 @@ def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="gpt-7", messages=MESSAGES, max_tokens=4)
     assert info.value.body["code"] == "model_not_found" and "gpt-7" in info.value.body["message"]
+
+
+def test_max_tokens_past_the_context_is_the_apis_own_error(server):
+    llm, ids = server.state.llm, [5, 6, 7, 8]
+    limit = llm.max_model_len
+    for max_tokens in (limit - len(ids) + 1, 100_000_000):
+        r = httpx.post(server.v1 + "/completions", json={"model": MODEL_ID, "prompt": ids, "max_tokens": max_tokens})
+        err = error_of(r)
+        assert r.status_code == 400 and err["param"] == "max_tokens" and err["code"] == "context_length_exceeded"
+        with pytest.raises(ValueError) as info:  # the same rule, word for word, in the Python API
+            llm.generate([ids], SamplingParams(max_tokens=max_tokens))
+        assert err["message"] == str(info.value)
+    r = httpx.post(server.v1 + "/completions", json={"model": MODEL_ID, "prompt": ids, "max_tokens": limit - len(ids),
+                                                     "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == limit - len(ids)
 
 
 def test_prompt_longer_than_the_context(client, server):

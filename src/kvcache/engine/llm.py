@@ -8,9 +8,10 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from kvcache.engine.generate import BatchGeneration
+from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
-from kvcache.errors import KVCacheError, PromptTooLongError
+from kvcache.errors import KVCacheError
 from kvcache.models.linear import slow_dtype_reason
 from kvcache.models.llama import LlamaModel
 from kvcache.models.loader import DEFAULT_MODEL, load_model
@@ -186,15 +187,10 @@ class LLM:
         return ids
 
     def fit_prompt(self, ids: list[int], max_tokens: int) -> list[int]:
-        """Apply max_model_len: error, or keep the last tokens ('left') leaving room to generate."""
-        limit = self.max_model_len
-        if len(ids) < limit:
-            return ids
-        if self.truncation == "error":
-            raise PromptTooLongError(
-                f"The prompt has {len(ids)} tokens but max_model_len is {limit}, leaving no room to generate."
-            )
-        return ids[-max(1, limit - max_tokens):]
+        """Apply the length rule (prompt + max_tokens <= max_model_len): a `ValueError` in one
+        sentence, or with truncation 'left' keep the prompt's last tokens that leave room."""
+        check_length(max_tokens, self.max_model_len, len(ids), self.truncation)
+        return ids[-(self.max_model_len - max_tokens):]
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template, ready for the reply."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from kvcache.engine.generate import BatchGeneration
+from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError, PromptTooLongError
@@ -118,6 +119,7 @@ class ChatSession:
         params = params or SamplingParams()
         if not isinstance(text, str) or not text.strip():
             raise KVCacheError("The message is empty.")
+        check_length(params.max_tokens, self.llm.max_model_len)  # no history can make room for more
         messages, ids, remedy = self._fit(self.messages + [{"role": "user", "content": text}], params.max_tokens)
         reuse = common_prefix_len(self.cached_ids, ids)
         reuse = min(reuse, len(ids) - 1)  # at least one token must be computed for the logits

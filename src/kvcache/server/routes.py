@@ -18,8 +18,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from kvcache.engine.async_engine import StreamOutput
+from kvcache.engine.length_rule import check_length
 from kvcache.engine.sampling import SamplingParams
-from kvcache.errors import KVCacheError, PromptTooLongError
+from kvcache.errors import KVCacheError, MaxTokensTooLargeError, PromptTooLongError
 from kvcache.server.errors import APIError, error_body, log
 from kvcache.server.schemas import (
     ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice, CompletionRequest, ErrorBody,
@@ -64,17 +65,13 @@ def sampling_params(llm, body, prompt_len: int, max_tokens: int | None) -> Sampl
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
     limit = llm.max_model_len
     room = limit - prompt_len
-    if llm.truncation == "error":
-        if room < 1:
-            raise APIError.from_user_error(PromptTooLongError(
-                f"The prompt has {prompt_len} tokens but the context is {limit}, leaving no room to generate."),
-                "messages" if isinstance(body, ChatCompletionRequest) else "prompt")
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"max_tokens is {max_tokens} but the prompt has {prompt_len} tokens and the "
-                           f"context is {limit}, so at most {room} can be generated.", "max_tokens",
-                           "context_length_exceeded")
-    if max_tokens is not None and max_tokens >= limit:
-        raise APIError(400, f"max_tokens is {max_tokens} but the context is {limit}.", "max_tokens")
+    try:
+        check_length(1 if max_tokens is None else max_tokens, limit, prompt_len, llm.truncation)
+    except MaxTokensTooLargeError as exc:
+        raise APIError.from_user_error(exc, "max_tokens") from None
+    except PromptTooLongError as exc:
+        raise APIError.from_user_error(exc, "messages" if isinstance(body, ChatCompletionRequest) else "prompt") \
+            from None
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     try:
         return SamplingParams(
