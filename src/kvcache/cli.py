@@ -11,6 +11,8 @@ import os
 import sys
 
 from kvcache.bench import record
+from kvcache.cli_paths import check_output_dir, check_output_file, os_error_sentence
+from kvcache.engine.length_rule import check_length
 from kvcache.errors import KVCacheError
 
 EXIT_USAGE = 2
@@ -18,17 +20,25 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one sentence, exit 2 (argparse's own convention)
-        self.print_usage(sys.stderr)
-        print(f"error: {message}.", file=sys.stderr)
+        print(f"error: {message}; see '{self.prog} --help'.", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
-    return value
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_count = _int_at_least(0, "an integer >= 0")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -50,7 +60,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=_positive_int, default=0)
+    p.add_argument("--top-k", type=_count, default=0, help="0 = off (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
@@ -86,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-memory", default="2GiB", help="KV block pool size, committed at start (default 2GiB)")
     s.add_argument("--api-key", default=os.environ.get("KVCACHE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default $KVCACHE_API_KEY)")
-    s.add_argument("--max-queue", type=_positive_int, default=256,
+    s.add_argument("--max-queue", type=_count, default=256,
                    help="requests that may wait beyond the running batch; more get 429 (default 256)")
     s.add_argument("--max-num-seqs", type=_positive_int, default=64, help="requests decoded together (default 64)")
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
@@ -161,8 +171,11 @@ def _make_llm(args, **engine):
 
 
 def _params(args):
+    """Sampling flags, checked before the model loads (against --max-model-len when given)."""
     from kvcache import SamplingParams
 
+    if args.max_model_len is not None:
+        check_length(args.max_tokens, args.max_model_len)
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                           stop=args.stop)
@@ -188,6 +201,7 @@ def cmd_chat(args) -> int:
 
     params = _params(args)
     llm = _make_llm(args)
+    check_length(args.max_tokens, llm.max_model_len)  # before the first message, not at it
     session = llm.session(system=args.system, overflow=args.overflow, max_history_tokens=args.max_history_tokens)
     if args.message is not None:
         return one_shot(session, args.message, params)
@@ -199,8 +213,8 @@ def cmd_serve(args) -> int:
 
     if not 1 <= args.port <= 65535:
         raise KVCacheError(f"--port must be in 1..65535, got {args.port}.")
-    if args.max_queue < 0:
-        raise KVCacheError(f"--max-queue must be >= 0, got {args.max_queue}.")
+    if args.sessions_dir is not None:
+        check_output_dir(args.sessions_dir, "--sessions-dir")
     llm = _make_llm(args, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
                           max_queue=args.max_queue, sessions_dir=args.sessions_dir)
@@ -243,9 +257,12 @@ def cmd_bench(args) -> int:
     if not positions or min(positions) < 1:
         raise KVCacheError("--positions needs at least one position >= 1.")
     records = record.folder_from_args(args)
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     llm = _make_llm(args)
     if max(positions) + 1 > llm.max_model_len:
         raise KVCacheError(f"Position {max(positions)} is past max_model_len {llm.max_model_len}.")
+    check_length(args.new_tokens, llm.max_model_len, args.prompt_tokens)  # the end-to-end run
     points, e2e = cache_bench.run(llm, positions, args.repeats, args.prompt_tokens, args.new_tokens,
                                   progress=not args.json)
     if args.plot:
@@ -281,6 +298,7 @@ def cmd_bench_chat(args) -> int:
         raise KVCacheError("--turns must be at least 2 so that there is a history to reuse.")
     records = record.folder_from_args(args)
     llm = _make_llm(args)
+    check_length(args.reply_tokens, llm.max_model_len)
     r = chat_bench.run(llm, args.turns, args.words, args.reply_tokens, args.repeats)
     if args.json:
         print(json.dumps(chat_bench.to_json(r)))
@@ -318,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KVCacheError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # a path that cannot be read or written: one sentence, no traceback
+        print(f"error: {os_error_sentence(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from kvcache.cache.spec import format_bytes
+from kvcache.cli_paths import os_error_sentence
 from kvcache.errors import KVCacheError
 
 HELP = ("commands: /reset (forget the conversation), /stats (cache figures), /save NAME and /load NAME "
@@ -90,6 +91,9 @@ def repl(session, params, sessions_dir=None) -> int:
                 print(session_command(session, store, cmd))
             except KVCacheError as exc:
                 print(f"error: {exc}", file=sys.stderr)
+            except OSError as exc:  # e.g. a sessions folder that cannot be written: keep chatting
+                print(f"error: {cmd.split(' ')[0]} failed, the conversation is kept: {os_error_sentence(exc)}",
+                      file=sys.stderr)
             continue
         if cmd.startswith("/"):
             print(f"unknown command {cmd}; {HELP}")

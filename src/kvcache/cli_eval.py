@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kvcache.cli_paths import check_output_dir, prepare_output_dir
 from kvcache.errors import KVCacheError
 from kvcache.eval import sweep
 from kvcache.eval.sweep import SweepConfig, parse_list
@@ -45,6 +46,9 @@ def config_from_args(args) -> SweepConfig:
         kvpress_python=args.kvpress_python,
         kvpress_presses=tuple(p.strip() for p in args.kvpress_presses.split(",") if p.strip()),
         chunk=args.chunk, seed=args.seed, out_dir=args.out)
+    if "kvpress" in cfg.baselines and cfg.kvpress_python and not Path(cfg.kvpress_python).is_file():
+        raise KVCacheError(f"--kvpress-python {cfg.kvpress_python} is not a file (give the python of a venv with "
+                           "kvpress).")
     if min(cfg.contexts) < 2:
         raise KVCacheError("--contexts must be at least 2 tokens each.")
     if min(cfg.speed_context, cfg.speed_steps, cfg.speed_repeats, cfg.chunk) < 1:
@@ -114,13 +118,14 @@ def run(args, make_llm, save_record=None) -> int:
     if args.stream_tokens is not None:
         return run_stream(args, make_llm, out, err, save_record)
     cfg = config_from_args(args)
+    check_output_dir(cfg.out_dir, "--out")
     llm = make_llm(args)
     _check_lengths(llm, cfg)
     _fit_policies(llm, cfg, named=args.policies is not None, log=err.print)
     records = record.folder_from_args(args) if save_record else None
+    folder = prepare_output_dir(cfg.out_dir, "--out")  # the sweep's results must have somewhere to go
     with _progress(err, err.is_terminal) as bar:
         rows = sweep.run_sweep(llm, cfg, bar, log=lambda msg: err.print(msg, markup=False, highlight=False))
-    folder = Path(cfg.out_dir)
     title = (f"{llm.name}, {args.dtype}: perplexity over the first {max(cfg.contexts)} corpus tokens "
              f"(chunks of {cfg.chunk})")
     from kvcache.eval import report
@@ -160,15 +165,15 @@ def run_stream(args, make_llm, out, err, save_record=None) -> int:
     edge = min(1000, n // 4)
     if edge < 2:
         raise KVCacheError("--stream-tokens must be at least 8.")
+    check_output_dir(args.out, "--out")
     llm = make_llm(args)
     records = record.folder_from_args(args) if save_record else None
+    folder = prepare_output_dir(args.out, "--out")
     results = []
     with _progress(err, err.is_terminal) as bar:
         for p in policies:
             task = bar.add_task(p, total=n)
             results.append(stream_one(llm, p, n, edge, args.chunk, on_chunk=lambda t, task=task: bar.advance(task, t)))
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "stream.json").write_text(json.dumps([r.to_dict() for r in results]))
     written = [folder / "stream.json"]
     if not args.no_plots:

@@ -73,6 +73,8 @@ def test_memory_of_a_model_folder_uses_its_config(tiny_model_dir):
     ["memory", "llama-2-7b", "--dtype", "int3"],
     ["memory", "llama-2-7b", "--budget", "lots"],
     ["bench", "cache", "--positions", "a,b"],
+    ["bench", "chat", "--repeats", "0"],
+    ["bench", "cache", "--plot", "missing/dir/x.png"],
 ])
 def test_bad_input_is_one_sentence_and_exit_2(args):
     r = run_cli(*args)
@@ -81,8 +83,105 @@ def test_bad_input_is_one_sentence_and_exit_2(args):
     assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
 
 
+def main_in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `kvcache ARGV` run here: argparse mistakes raise SystemExit(2)."""
+    from kvcache.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_sentence_exit_2(capsys, *argv: str, words: str = "") -> str:
+    """Runs `kvcache ARGV` here; exit 2, nothing on stdout, one 'error:' line on stderr (returned)."""
+    code, out, err = main_in_process(capsys, *argv)
+    assert code == 2 and out == "", err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert words in err, err
+    return err
+
+
+@pytest.mark.parametrize("args", [
+    ["bench", "cache", "--repeats", "-3"],
+    ["bench", "chat", "--words", "0"],
+    ["generate", "--prompt", "hi", "--max-tokens", "100000000", "--max-model-len", "512"],
+    ["generate"],
+    ["eval", "--out", "{file}/eval"],
+    ["eval", "--out", "{file}/eval", "--stream-tokens", "40"],
+    ["eval", "--kvpress-python", "{file}/python"],
+    ["serve", "--sessions-dir", "{file}"],
+])
+def test_flags_are_checked_before_the_model_loads(capsys, tmp_path, args):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = [a.format(file=blocker) for a in args]
+    err = assert_one_sentence_exit_2(capsys, *args, "--model", "no-such-model-xyz")
+    assert "no-such-model-xyz" not in err  # found before the model is looked up
+
+
+def test_max_tokens_past_the_context_is_one_sentence(tiny_model_dir, capsys, one_torch_thread):
+    model = ["--model", str(tiny_model_dir)]
+    assert_one_sentence_exit_2(capsys, "generate", *model, "--prompt", "hi", "--max-tokens", "100000000",
+                               words="max_tokens is 100000000 but the prompt has")
+    assert_one_sentence_exit_2(capsys, "generate", *model, "--prompt", "word " * 20, "--max-model-len", "64",
+                               "--max-tokens", "60", words="but the prompt has")
+    assert_one_sentence_exit_2(capsys, "chat", *model, "--message", "hi", "--max-tokens", "100000000",
+                               words="the context is 256")
+    assert_one_sentence_exit_2(capsys, "chat", *model, "--max-tokens", "256",  # before the REPL starts
+                               words="the context is 256")
+    assert_one_sentence_exit_2(capsys, "bench", "chat", *model, "--reply-tokens", "300", words="max_tokens is 300")
+    assert_one_sentence_exit_2(capsys, "bench", "cache", *model, "--positions", "8", "--prompt-tokens", "200",
+                               "--new-tokens", "100", words="max_tokens is 100 but the prompt has 200 tokens")
+
+
+def test_output_paths_are_checked_before_the_work(tiny_model_dir, tmp_path, capsys, one_torch_thread):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    model = ["--model", str(tiny_model_dir)]
+    bench = ["bench", "cache", *model, "--positions", "8", "--repeats", "1", "--new-tokens", "2"]
+    assert_one_sentence_exit_2(capsys, *bench, "--plot", str(blocker / "x.png"), words="is not a folder")
+    assert_one_sentence_exit_2(capsys, *bench, "--plot", str(tmp_path), words="is a folder")
+    small = ["eval", *model, "--policies", "full", "--contexts", "64", "--skip-needle", "--skip-speed",
+             "--baselines", "none", "--no-plots"]
+    for flag in ([], ["--stream-tokens", "40"]):
+        assert_one_sentence_exit_2(capsys, *small, "--out", str(blocker / "eval"), *flag,
+                                   words="a-file is a file, not a folder")
+    code, _, err = main_in_process(capsys, *small, "--out", str(tmp_path / "new" / "eval"))
+    assert code == 0, err
+    assert (tmp_path / "new" / "eval" / "results.json").stat().st_size > 0  # a missing folder is still made
+
+
+def test_failed_save_keeps_the_repl_and_the_conversation(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "sessions"
+    blocker.write_text("a file where the sessions folder should be")
+    script = "hello there\n/save first\nand one more thing\n/stats\nexit\n"
+    r = run_cli("chat", "--model", str(tiny_model_dir), "--max-tokens", "4", "--threads", "1",
+                "--sessions-dir", str(blocker), stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "/save failed, the conversation is kept" in errors[0]
+    stats = [line for line in r.stdout.splitlines() if "turns" in line]
+    assert len(stats) == 1 and stats[0].split("turns ")[1].startswith("2,")  # both messages answered
+
+
+def test_an_os_error_is_one_sentence_and_exit_2(monkeypatch, capsys):
+    from kvcache import cli
+
+    def fails(args):
+        raise PermissionError(13, "Permission denied", "/results/x.json")
+
+    monkeypatch.setitem(cli.COMMANDS, "memory", fails)
+    assert cli.main(["memory", "llama-2-7b"]) == 2
+    assert capsys.readouterr().err == "error: Permission denied (/results/x.json).\n"
+
+
 def test_prompt_longer_than_max_model_len_exits_2(tiny_model_dir):
-    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "word " * 50, "--max-model-len", "8")
+    r = run_cli("generate", "--model", str(tiny_model_dir), "--prompt", "word " * 50, "--max-model-len", "8",
+                "--max-tokens", "4")
     assert r.returncode == 2 and "max_model_len" in r.stderr and "Traceback" not in r.stderr
 
 
