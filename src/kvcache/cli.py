@@ -226,8 +226,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_memory(args) -> int:
-    from kvcache.cache.spec import KVFormat, memory_report, parse_size
-    from kvcache.models.loader import model_shape
+    from kvcache.cache.spec import KVFormat, memory_report, model_shape, parse_size
 
     fmt = KVFormat.parse(args.dtype, group_size=args.group_size)
     budget = parse_size(args.budget) if args.budget else None

@@ -15,6 +15,7 @@ import torch
 
 import kvcache
 from kvcache import KVCacheError, SamplingParams
+from kvcache.cache.dense import KVCache
 from kvcache.cache.policies.cache import PolicyCache
 from kvcache.cache.policies.grammar import POLICY_PARAMS, parse_policy
 from kvcache.cache.policies.scorers import SCORERS
@@ -153,7 +154,7 @@ def test_two_bit_kivi_keeps_four_exact_sinks_by_default(text, n_sink):
 def test_a_policy_that_keeps_everything_matches_the_dense_cache(tiny_llm, policy):
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 70)
-    dense = feed(model, model.new_cache(1, 16), ids, chunk=16)
+    dense = feed(model, KVCache.for_model(model, 1, 16), ids, chunk=16)
     cache = PolicyCache(model, policy)
     ours = feed(model, cache, ids, chunk=16)
     assert cache.length == cache.seen == len(ids)
@@ -217,7 +218,7 @@ def test_window_keeps_exactly_the_most_recent_tokens(tiny_llm):
     its position) equal the dense cache's last K."""
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 90)
-    dense = model.new_cache(1, 16)
+    dense = KVCache.for_model(model, 1, 16)
     feed(model, dense, ids, chunk=10)
     cache = PolicyCache(model, "window:size=32")
     feed(model, cache, ids, chunk=10)
@@ -230,7 +231,7 @@ def test_window_keeps_exactly_the_most_recent_tokens(tiny_llm):
 def test_knorm_keeps_the_lowest_norm_keys_and_the_recent_window(tiny_llm):
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 64)
-    dense = model.new_cache(1, 16)
+    dense = KVCache.for_model(model, 1, 16)
     feed(model, dense, ids, chunk=64)
     cache = PolicyCache(model, "evict:scorer=knorm,budget=24,window=8")
     feed(model, cache, ids, chunk=64)
@@ -341,7 +342,7 @@ def test_paged_window_frees_blocks_and_matches_the_per_sequence_cache(tiny_model
 def test_quantized_stores_report_their_bytes_and_stay_close(tiny_llm, policy, exact_tail):
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 100)
-    dense = feed(model, model.new_cache(1, 16), ids, chunk=10)
+    dense = feed(model, KVCache.for_model(model, 1, 16), ids, chunk=10)
     cache = PolicyCache(model, policy)
     ours = feed(model, cache, ids, chunk=10)
     store = cache.store
@@ -362,7 +363,7 @@ def test_quantized_stores_report_their_bytes_and_stay_close(tiny_llm, policy, ex
 def test_exact_tokens_can_be_kept_in_a_smaller_dtype(tiny_llm, policy, exact):
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 60)
-    dense = feed(model, model.new_cache(1, 16), ids, chunk=10)
+    dense = feed(model, KVCache.for_model(model, 1, 16), ids, chunk=10)
     cache = PolicyCache(model, policy)
     ours = feed(model, cache, ids, chunk=10)
     store = cache.store if cache.store.kind == "full" else cache.store.tail
@@ -374,7 +375,7 @@ def test_exact_tokens_can_be_kept_in_a_smaller_dtype(tiny_llm, policy, exact):
 def test_fewer_bits_cost_more_logit_error(tiny_llm):
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 100)
-    dense = feed(model, model.new_cache(1, 16), ids, chunk=10)
+    dense = feed(model, KVCache.for_model(model, 1, 16), ids, chunk=10)
     err = {}
     for bits in (8, 4, 2):
         ours = feed(model, PolicyCache(model, f"quantized:bits={bits},group_size=16,residual=16"), ids, chunk=10)

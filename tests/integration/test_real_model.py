@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvcache import LLM, SamplingParams
+from kvcache.cache.dense import KVCache
 from kvcache.cache.spec import KVFormat, ModelShape, kv_bytes
 from kvcache.models.loader import DEFAULT_MODEL, load_model, packaged_gguf
 from kvcache.models.step import StepInputs, causal_mask
@@ -57,7 +58,7 @@ def test_decode_step_logits_match_transformers(llm, hf_model):
     ids = torch.tensor([llm.chat_ids([{"role": "user", "content": "Name a large animal."}])])
     with torch.inference_mode():
         ref = hf_model(ids).logits[0, -3:]  # (3, V)
-        cache = llm.model.new_cache(1, ids.shape[1])
+        cache = KVCache.for_model(llm.model, 1, ids.shape[1])
         llm.model.forward(StepInputs(ids[:, :-3], None, 0, None), cache)
         steps = [llm.model.forward(StepInputs(ids[:, i : i + 1], None, cache.length, None), cache)[0]
                  for i in range(ids.shape[1] - 3, ids.shape[1])]

@@ -12,6 +12,7 @@ import inspect
 import pytest
 import torch
 
+from kvcache.cache.dense import KVCache
 from kvcache.cache.policies.cache import PolicyCache
 from kvcache.models.llama import LlamaModel
 from kvcache.models.step import StepInputs, StepKV
@@ -49,7 +50,7 @@ def test_the_protocol_names_what_forward_uses():
 def test_every_kv_object_forward_sees_implements_the_protocol(tiny_model_dir, tiny_llm, seen):
     model = tiny_llm.model
     ids = torch.arange(3, 40)[None]  # (1, 37)
-    model.forward(StepInputs(ids, None, 0, None), model.new_cache(1, 64))  # dense
+    model.forward(StepInputs(ids, None, 0, None), KVCache.for_model(model, 1, 64))  # dense
     model.forward(StepInputs(ids, None, 0, None), PolicyCache(model, "window:size=32"))
     prompts = [list(range(3, 3 + n)) for n in (40, 9, 27)]
     for policy, mixed in [("", True), ("", False), ("sinks:n_sink=4,window=32", True),

@@ -13,6 +13,7 @@ import torch
 
 import kvcache
 from kvcache import KVCacheError, SamplingParams
+from kvcache.cache.dense import KVCache
 from kvcache.cache.spec import KVFormat, ModelShape, kv_bytes, kv_bytes_per_token
 from kvcache.engine.generate import BatchGeneration
 from kvcache.errors import ModelNotFoundError, PromptTooLongError
@@ -151,7 +152,7 @@ def test_incremental_decode_matches_full_forward(tiny_llm, hf_tiny):
     full = full_logits(model, ids)[0]
     torch.testing.assert_close(full, hf_logits(hf_tiny, ids[0].tolist()), atol=ATOL, rtol=0)
 
-    cache = model.new_cache(1, 4)  # small on purpose: must grow while decoding
+    cache = KVCache.for_model(model, 1, 4)  # small on purpose: must grow while decoding
     got = []
     with torch.inference_mode():
         prefill = StepInputs(ids[:, :5], None, 0, causal_mask(None, 1, 0, 5, "cpu"), logits_for="all")

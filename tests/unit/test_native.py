@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcache import native
+from kvcache.cache.dense import KVCache
 from kvcache.native import build
 from kvcache.models.llama import attend
 from kvcache.models.rope import apply_rotary
@@ -192,7 +193,7 @@ def test_model_decode_with_and_without_native_kernels(tiny_model_dir):
     logits = {}
     with torch.inference_mode():
         for flag, m in models.items():
-            cache = m.new_cache(2, 16)
+            cache = KVCache.for_model(m, 2, 16)
             m.forward(StepInputs(ids, None, 0, None), cache)
             steps = [m.forward(StepInputs(torch.tensor([[t], [t + 1]]), None, cache.length, None), cache)
                      for t in (11, 23, 4)]

@@ -14,6 +14,7 @@ import torch
 
 from kvcache.bench.common import corpus_ids
 from kvcache.bench.timing import sample_times
+from kvcache.cache.dense import KVCache
 from kvcache.engine.sampling import SamplingParams
 from kvcache.models.step import StepInputs, causal_mask
 
@@ -42,7 +43,7 @@ def measure_position(llm, position: int, repeats: int) -> CachePoint:
     model, dev = llm.model, llm.device
     ids = torch.tensor([corpus_ids(llm.tokenizer, position + 1)], device=dev)  # (1, p+1)
     with torch.inference_mode():
-        cache = model.new_cache(1, position + 1)
+        cache = KVCache.for_model(model, 1, position + 1)
         model.forward(StepInputs(ids[:, :position], None, 0, causal_mask(None, 1, 0, position, dev)), cache)
         last = ids[:, position:]  # (1, 1)
 

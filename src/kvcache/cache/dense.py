@@ -33,6 +33,13 @@ class KVCache(PlainCache):
         self.native_attention = native_attention and native.supports(dtype, self.device)
         self._table = torch.zeros((batch, 1), dtype=torch.int32)  # (B, 1): one "block" 0 spanning the capacity
 
+    @classmethod
+    def for_model(cls, model, batch: int, capacity: int) -> KVCache:
+        """An empty cache for a `LlamaModel`, sized for `capacity` tokens per row, in its dtype and device."""
+        c = model.config
+        return cls(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, model.dtype, model.device,
+                   native_attention=model.native)
+
     @property
     def seen(self) -> int:
         """Tokens appended so far (all kept, in a dense cache)."""

@@ -412,6 +412,41 @@ def preset(name: str) -> ModelShape | None:
     return found
 
 
+def model_shape(name: str) -> ModelShape:
+    """The `ModelShape` of a preset, a config.json path, or any name the model loader accepts.
+
+    Presets and config files need no weights; a .gguf is read for its metadata only.
+    """
+    import json
+    from pathlib import Path
+
+    from kvcache.errors import ModelFormatError, ModelNotFoundError
+    from kvcache.models.loader import read_hf_config, resolve_model_dir
+
+    found = preset(name)
+    if found is not None:
+        return found
+    path = Path(name).expanduser()
+    if path.is_file() and path.name.endswith(".json"):
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelFormatError(f"Could not read {path} as JSON ({exc}).") from None
+        return ModelShape.from_hf_config(cfg, name=path.parent.name or path.stem)
+    if path.is_file() and path.suffix == ".gguf":
+        from kvcache.models.gguf_convert import gguf_config
+
+        return ModelShape.from_hf_config(gguf_config(path), name=path.stem)
+    try:
+        model_dir = resolve_model_dir(name)
+    except ModelNotFoundError:
+        raise ModelNotFoundError(
+            f"Unknown model '{name}': give a preset ({', '.join(sorted(PRESETS))}), a config.json, "
+            "a .gguf file, a model folder or a hub id."
+        ) from None
+    return ModelShape.from_hf_config(read_hf_config(model_dir), name=name)
+
+
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class BatchGeneration:
         longest = max(len(ids) for ids in prompts)
         if use_cache and cache is None:
             most_new = max(min(p.max_tokens, max_model_len - len(ids)) for ids, p in zip(prompts, params))
-            cache = model.new_cache(len(self.rows), longest + max(0, most_new))
+            cache = KVCache.for_model(model, len(self.rows), longest + max(0, most_new))
             cache.row_start = [longest - len(ids) for ids in prompts]
         self.cache = cache
 

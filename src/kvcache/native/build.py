@@ -47,7 +47,7 @@ def wanted() -> bool:
 
 
 def _target(cc: str) -> Path:
-    from kvcache.models.loader import cache_home
+    from kvcache.paths import cache_home
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
