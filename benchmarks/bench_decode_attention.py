@@ -33,7 +33,7 @@ from kvcache.bench.common import consoles, machine_info
 from kvcache.bench.timing import sample_times
 from kvcache.cache.spec import KVFormat, kv_bytes_per_token, model_shape, parse_size
 from kvcache.cache.storage import PagedKVStorage, native_decode_rows, slot_mask
-from kvcache.engine.engine import blocks_for_budget
+from kvcache.engine.config import blocks_for_budget
 from kvcache.engine.llm import parse_dtype
 from kvcache.errors import KVCacheError
 from kvcache.models.llama import attend

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.cache.manager import KVCacheManager
-from kvcache.cache.paged_evict import PagedEvict, PromptScores
-from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
-from kvcache.cache.policies.grammar import PolicySpec
+from kvcache.cache.paged_evict import PromptScores
+from kvcache.cache.paged_quant import PagedQuantizedStorage
 from kvcache.cache.policies.sinks import Sinks
 from kvcache.cache.policies.window import Window
 from kvcache.cache.row_policy import RowPolicyStorage, policy_footprint
 from kvcache.cache.storage import PagedKVStorage
+from kvcache.engine.config import EngineConfig, default_prefill_piece, windowed_live_tokens
 from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.policy_runner import PolicyRowRunner
 from kvcache.engine.request import Request
@@ -24,25 +24,6 @@ from kvcache.engine.sampling import Sampler, SamplingParams
 from kvcache.engine.scheduler import Scheduler
 from kvcache.errors import KVCacheError
 from kvcache.models.llama import LlamaModel
-
-
-@dataclass
-class EngineConfig:
-    """Sizes of the paged cache and the batch."""
-
-    num_blocks: int
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    sliding_window: int | None = None  # keep only the last N tokens' blocks (policy `window:size=N`)
-    sink_tokens: int | None = None  # with sliding_window: keep the first N tokens too (policy `sinks`)
-    evict: PagedEvict | None = None  # compress each prompt once it is prefilled (policy `evict`, decode=false)
-    quant_format: TokenQuantFormat | None = None  # blocks hold quantized K/V (policy `quantized:...,key_axis=token`)
-    # a policy paged blocks cannot hold: each request gets its own PolicyCache (`cache.row_policy`)
-    row_policy: PolicySpec | None = None
-    prefill_piece: int | None = None  # with row_policy: prompts are computed in pieces of this (default: budget / 2)
-    mixed_steps: bool = True  # a step's decode rows and prompt chunks in one forward pass (`cache.mixed_step`)
 
 
 @dataclass
@@ -236,37 +217,3 @@ class LLMEngine:
             sched = self.last_schedule
             if not (sched.chunks or sched.preempted or sched.failed):
                 raise KVCacheError("The scheduler cannot make progress: the KV pool is too small for the queue head.")
-
-
-def default_prefill_piece(max_num_batched_tokens: int) -> int:
-    """The prompt pieces of per-request policy caches: half the token budget, so a piece fits
-    a step that also decodes or prefills others."""
-    return max(1, max_num_batched_tokens // 2)
-
-
-def windowed_live_tokens(window: int, sink_tokens: int, block_size: int, chunk: int) -> int:
-    """The most tokens a `window` / `sinks` sequence holds in blocks at once, however long it
-    runs: its sink blocks, the window, a prefill chunk and the partly filled blocks around them."""
-    return -(-sink_tokens // block_size) * block_size + window + chunk + 3 * block_size
-
-
-def blocks_for_budget(budget_bytes: int, block_size: int, bytes_per_token: int) -> int:
-    """Whole blocks a byte budget holds."""
-    return budget_bytes // (block_size * bytes_per_token)
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    """Free memory of the device the cache lives on (RAM on CPU, free GPU memory on CUDA)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from kvcache.engine.config import EngineConfig, bytes_per_token, dense_bytes_per_token, row_footprint
 from kvcache.engine.generate import BatchGeneration
 from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
@@ -81,83 +82,23 @@ class LLM:
 
         self.kv_policy = parse_policy(kv_policy)  # bad policy strings fail here, before any work
         self.paged_plan = paged_plan(self.kv_policy)  # how the paged engine runs it (None: per-request stores)
-        self._engine_args = self._engine_config(kv_cache_memory, kv_cache_fraction, block_size,
-                                                enable_prefix_caching, max_num_seqs, max_num_batched_tokens)
+        self._engine_args = EngineConfig.from_budget(
+            self.kv_policy, self.config, self.dtype, self.device, self.max_model_len, kv_cache_memory,
+            kv_cache_fraction, block_size, enable_prefix_caching, max_num_seqs, max_num_batched_tokens)
         self._engine = None
 
     # -- the paged engine ---------------------------------------------------------------
-    def _engine_config(self, memory, fraction, block_size, prefix, max_num_seqs, max_batched):
-        from kvcache.cache.paged_evict import PagedEvict
-        from kvcache.cache.spec import parse_size
-        from kvcache.engine.engine import EngineConfig, available_memory_bytes, blocks_for_budget, windowed_live_tokens
-
-        if block_size <= 0 or max_num_seqs <= 0 or max_batched <= 0:
-            raise KVCacheError("block_size, max_num_seqs and max_num_batched_tokens must be positive.")
-        if memory is not None and fraction is not None:
-            raise KVCacheError("Give kv_cache_memory or kv_cache_fraction, not both.")
-        available = available_memory_bytes(self.device)
-        if memory is not None:
-            budget = parse_size(memory) if isinstance(memory, str) else int(memory)
-            if budget > available:
-                raise KVCacheError(f"kv_cache_memory {budget} bytes is more than the {available} bytes available.")
-        else:
-            if fraction is not None and not 0 < fraction <= 0.9:
-                raise KVCacheError(f"kv_cache_fraction must be in (0, 0.9], got {fraction}.")
-            budget = int(available * (fraction if fraction is not None else 0.25))
-            # no point reserving more than every sequence at full length needs (a window or sinks
-            # policy gives blocks back: a sequence then holds at most sinks + window + a chunk)
-            per_seq = self.max_model_len + block_size
-            plan = self.paged_plan
-            n_sink, window = plan.sinks if plan and plan.sinks else (0, plan.window if plan else None)
-            if window:
-                per_seq = min(per_seq, windowed_live_tokens(window, n_sink, block_size, max_batched))
-            footprint = self.policy_footprint(max_batched)
-            if footprint is not None:  # a per-request cache: its exact part, its selector's bound
-                per_seq = footprint.slots(self.max_model_len + block_size)
-            budget = min(budget, max_num_seqs * per_seq * self.engine_bytes_per_token)
-        blocks = blocks_for_budget(budget, block_size, self.engine_bytes_per_token)
-        if blocks < 1:
-            raise KVCacheError(f"A KV cache budget of {budget} bytes holds no {block_size}-token block.")
-        plan = self.paged_plan
-        return EngineConfig(blocks, block_size, prefix, max_num_seqs, max_batched,
-                            sliding_window=plan.window if plan else None,
-                            sink_tokens=plan.sinks[0] if plan and plan.sinks else None, quant_format=self._quant_format,
-                            evict=PagedEvict.from_part(plan.evict) if plan and plan.evict else None,
-                            row_policy=None if plan else self.kv_policy)
-
     def policy_footprint(self, max_num_batched_tokens: int = 512):
         """The byte bound of a per-request cache (`cache.row_policy.PolicyFootprint`) under a policy
         paged blocks cannot hold, with the engine's default prompt pieces; None for the others."""
-        if self.paged_plan is not None:
-            return None
-        from kvcache.cache.row_policy import policy_footprint
-        from kvcache.engine.engine import default_prefill_piece
-
-        piece = default_prefill_piece(max_num_batched_tokens)
-        return policy_footprint(self.kv_policy, self.config, self.dtype, piece)
-
-    @property
-    def _quant_format(self):
-        """The paged blocks' quantized format under this LLM's policy, or None (float blocks)."""
-        if self.paged_plan is None or self.paged_plan.quantized is None:
-            return None
-        from kvcache.cache.paged_quant import TokenQuantFormat
-
-        return TokenQuantFormat.from_policy(self.kv_policy, self.config.head_dim)
+        return row_footprint(self.kv_policy, self.config, self.dtype, max_num_batched_tokens)
 
     @property
     def engine_bytes_per_token(self) -> int:
         """Bytes a token takes in the paged engine's blocks: the model dtype's, the paged
         quantized format's (`quantized:...,key_axis=token,residual=0`), or for per-request
         policy caches their packed rate (`cache.row_policy`)."""
-        footprint = self.policy_footprint()
-        if footprint is not None:
-            return footprint.rate
-        fmt = self._quant_format
-        if fmt is None:
-            return self.kv_bytes_per_token
-        c = self.config
-        return fmt.bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)
+        return bytes_per_token(self.kv_policy, self.config, self.dtype)
 
     @property
     def engine(self):
@@ -271,12 +212,11 @@ class LLM:
 
         overflow: "truncate" | "summarize" | "error" when the history would pass
         `max_history_tokens` (default max_model_len)."""
-        from kvcache.engine.session import ChatSession
+        from kvcache.api.session import ChatSession
 
         return ChatSession(self, system=system, overflow=overflow, max_history_tokens=max_history_tokens)
 
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes the dense cache spends per token in this model's dtype."""
-        c = self.config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty(0, dtype=self.dtype).element_size()
+        return dense_bytes_per_token(self.config, self.dtype)
