@@ -28,13 +28,13 @@ import torch
 from rich import box
 from rich.table import Table
 
+from kvcache.api.llm import parse_dtype
 from kvcache.bench import record
 from kvcache.bench.common import consoles, machine_info
 from kvcache.bench.timing import sample_times
 from kvcache.cache.spec import KVFormat, kv_bytes_per_token, model_shape, parse_size
 from kvcache.cache.storage import PagedKVStorage, native_decode_rows, slot_mask
 from kvcache.engine.config import blocks_for_budget
-from kvcache.engine.llm import parse_dtype
 from kvcache.errors import KVCacheError
 from kvcache.models.llama import attend
 from kvcache.models.loader import DEFAULT_MODEL

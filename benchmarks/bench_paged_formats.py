@@ -23,12 +23,12 @@ import time
 import torch
 from rich.table import Table
 
+from kvcache.api.llm import LLM
 from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, print_json, save_figure
 from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import format_bytes, parse_size
-from kvcache.engine.llm import LLM
 from kvcache.engine.sampling import SamplingParams
 from kvcache.models.loader import DEFAULT_MODEL
 

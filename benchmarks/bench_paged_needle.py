@@ -21,9 +21,9 @@ import time
 import torch
 from rich.table import Table
 
+from kvcache.api.llm import LLM
 from kvcache.bench import record
 from kvcache.bench.common import consoles, print_json, save_figure
-from kvcache.engine.llm import LLM
 from kvcache.engine.sampling import SamplingParams
 from kvcache.eval.needle import is_correct, make_cases, prompt_parts
 from kvcache.models.loader import DEFAULT_MODEL

@@ -20,9 +20,9 @@ import torch
 from rich.progress import Progress
 from rich.table import Table
 
+from kvcache.api.llm import LLM
 from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, print_json, save_figure
-from kvcache.engine.llm import LLM
 from kvcache.engine.sampling import SamplingParams
 from kvcache.models.loader import DEFAULT_MODEL
 

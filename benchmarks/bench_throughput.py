@@ -58,12 +58,12 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvcache.api.llm import LLM, parse_dtype
 from kvcache.cache.manager import RELEASED
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
 from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, machine_info, quiet_transformers
-from kvcache.engine.llm import LLM, parse_dtype
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL, read_hf_config

@@ -37,9 +37,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kvcache.api.llm import LLM, parse_dtype
 from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, quiet_transformers
-from kvcache.engine.llm import LLM, parse_dtype
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL

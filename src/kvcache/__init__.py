@@ -1,6 +1,6 @@
 """kvcache: an LLM inference engine built around an explicit, measurable KV cache."""
 
-from kvcache.engine.llm import LLM
+from kvcache.api.llm import LLM
 from kvcache.engine.outputs import RequestMetrics, RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError

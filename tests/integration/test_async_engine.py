@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from kvcache import KVCacheError, SamplingParams
-from kvcache.engine.async_engine import AsyncEngine
+from kvcache.api.async_engine import AsyncEngine
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 PROMPTS = ["Once upon a time", "The little robot", "What is the capital", "read a book"]

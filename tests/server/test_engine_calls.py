@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from kvcache import SamplingParams
-from kvcache.engine.async_engine import AsyncEngine
+from kvcache.api.async_engine import AsyncEngine
 
 LONG = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
 

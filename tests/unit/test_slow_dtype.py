@@ -22,7 +22,7 @@ def test_bf16_is_called_slow_exactly_where_onednn_has_no_bf16_kernels(monkeypatc
 def test_llm_warns_before_loading_a_bf16_model_on_such_a_cpu(monkeypatch):
     import pytest
 
-    from kvcache.engine import llm as llm_mod
+    from kvcache.api import llm as llm_mod
 
     monkeypatch.setattr(llm_mod, "slow_dtype_reason", lambda dtype, device: "slow here; use dtype='float32'.")
     monkeypatch.setattr(llm_mod, "load_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from kvcache.engine.async_engine import StreamOutput
+from kvcache.api.async_engine import StreamOutput
 from kvcache.engine.length_rule import check_length
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError, MaxTokensTooLargeError, PromptTooLongError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcache.engine.async_engine import AsyncEngine
+from kvcache.api.async_engine import AsyncEngine
 from kvcache.engine.persist import SessionStore, default_sessions_dir
 from kvcache.server.errors import APIError
 from kvcache.server.metrics import ServerMetrics

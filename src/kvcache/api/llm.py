@@ -154,7 +154,10 @@ class LLM:
             raise KVCacheError(f"Got {len(params)} SamplingParams for {n} prompts.")
         return params
 
-    def _prepare(self, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
+    def preprocess(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                   ) -> tuple[list[list[int]], list[SamplingParams]]:
+        """Validated token ids (fitted to max_model_len) and one SamplingParams per prompt, for a
+        prompt or a list of prompts (text or token ids); bad input raises `KVCacheError`."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -171,7 +174,7 @@ class LLM:
         paged KV pool (policies blocks cannot hold run on per-request caches in the same
         batch). `use_cache=False` recomputes the whole sequence at every step.
         """
-        ids, plist = self._prepare(prompts, params)
+        ids, plist = self.preprocess(prompts, params)
         if not use_cache:
             return BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
                                    use_cache=False).run()
@@ -182,7 +185,7 @@ class LLM:
 
     def stream(self, prompt, params: SamplingParams | None = None, use_cache: bool = True) -> Iterator[str]:
         """Yield text pieces of one prompt's completion as they are produced."""
-        ids, plist = self._prepare([prompt], params)
+        ids, plist = self.preprocess([prompt], params)
         if not use_cache:
             yield from BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
                                        use_cache=False).text_pieces()

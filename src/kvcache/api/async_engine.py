@@ -55,7 +55,7 @@ class AsyncEngine:
         Bad input raises `KVCacheError` here, before anything is queued. Leaving the
         iteration early (or the task being cancelled) aborts the request and frees its blocks.
         """
-        ids, plist = self.llm._prepare([prompt], params)
+        ids, plist = self.llm.preprocess([prompt], params)
         rid = request_id or uuid.uuid4().hex
         if rid in self._streams:
             raise KVCacheError(f"Request id '{rid}' is already in use.")

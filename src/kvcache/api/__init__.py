@@ -1,0 +1,1 @@
+"""The Python facade: `LLM` (load, generate, stream, chat), `ChatSession` and `AsyncEngine`."""
