@@ -1,5 +1,5 @@
 # kvcache: `make demo` installs everything and answers one chat message on the default
-# model; `make test` installs the test dependencies and runs the whole suite.
+# model; `make test` installs the test dependencies, checks the import layers and runs the whole suite.
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -28,6 +28,7 @@ demo: install
 	$(VENV)/bin/kvcache chat --threads 2 --message "What is a KV cache in a language model? Answer in two sentences."
 
 test: install-test browser
+	$(VENV)/bin/lint-imports --no-logo   # the layer contract in pyproject.toml
 	$(PY) -m pytest -q
 
 test-fast: install-test browser
