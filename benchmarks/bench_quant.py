@@ -2,7 +2,7 @@
 
 One layer of SmolLM2's cache at 4k tokens, (1, 3, 4096, 64), groups of 32:
 
-1. dequantize the layer into a preallocated buffer (``QuantizedStore.dequantize_into``),
+1. dequantize the layer into a preallocated buffer (``QuantizedBuffer.dequantize_into``),
    int8/int4/int2, keys per channel and values per token, against copying the same layer
    from a float32 cache into the buffer (what a float cache's attention read costs);
 2. quantize cost per appended group: 32 tokens of keys (per channel), 1 token of values;
@@ -26,7 +26,7 @@ from rich.table import Table
 
 from kvcache.bench import record
 from kvcache.bench.timing import sample_times
-from kvcache.cache.quant import BITS, QuantizedStore, dequantize, quantize, quantized_scores
+from kvcache.cache.quant import BITS, QuantizedBuffer, dequantize, quantize, quantized_scores
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{copy_us:.0f}", "1.00x", "-", "-")
     for bits in BITS:
         for axis in ("channel", "token"):
-            store = QuantizedStore(1, 1, H, D, bits, g, axis, capacity_tokens=S)
+            store = QuantizedBuffer(1, 1, H, D, bits, g, axis, capacity_tokens=S)
             store.append(0, x)
             deq_us = median_us(lambda: store.dequantize_into(0, out), f"dequantize int{bits} {axis}", ours)
             step = g if axis == "channel" else 1

@@ -78,13 +78,13 @@ def random_requests(vocab: int, n: int, seed: int, shared: int, shares, prompt: 
 
 def policy_cache_greedy(model, policy: str, prompt: list[int], n: int, token_at_a_time: bool = False,
                         piece: int | None = None) -> list[int]:
-    """Greedy tokens of one prompt on a one-sequence PolicyCache: the prompt fed a token at a
+    """Greedy tokens of one prompt on a one-sequence SequenceCache: the prompt fed a token at a
     time (no chunk effects), in pieces of `piece` tokens, or as one chunk (an eviction policy
     sees all of it), then decoded."""
-    from kvcache.cache.policies.cache import PolicyCache
+    from kvcache.cache.policies.cache import SequenceCache
     from kvcache.models.step import StepInputs
 
-    cache, out = PolicyCache(model, policy), []
+    cache, out = SequenceCache(model, policy), []
     step = 1 if token_at_a_time else piece or len(prompt)
     with torch.inference_mode():
         pieces = [prompt[i : i + step] for i in range(0, len(prompt), step)]

@@ -13,7 +13,7 @@
 How it maps onto transformers 5.x (`transformers.cache_utils.Cache`):
 - Each attention layer calls `update(k, v, layer_idx, ...)` with this step's keys, already
   rotated at their absolute positions, and attends to what it returns. We append into our
-  `kvcache.cache.policies.PolicyCache` and return the kept tokens plus the new ones. The step is
+  `kvcache.cache.policies.cache.SequenceCache` and return the kept tokens plus the new ones. The step is
   committed (and the policy evicts) when the cache is next used - the next step's first
   `update`, or any size query - never between a layer's `update` and its attention, whose K/V
   are views of the storage that eviction rewrites.
@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvcache.cache.policies.cache import PolicyCache as _PolicyCore
+from kvcache.cache.policies.cache import SequenceCache as _PolicyCore
 from kvcache.cache.policies.grammar import PolicySpec, parse_policy
 from kvcache.cache.policies.scorers import SCORERS
 from kvcache.errors import KVCacheError

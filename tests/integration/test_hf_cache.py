@@ -1,7 +1,7 @@
 """kvcache.hf: our KV policies as transformers Cache objects, on the tiny random Llama.
 
 Checked against transformers' own DynamicCache (keep-everything must give the same tokens)
-and against our own LlamaModel driving kvcache's PolicyCache with the same policy on the
+and against our own LlamaModel driving kvcache's SequenceCache with the same policy on the
 same weights (window, sinks, knorm must give the same tokens, up to near-ties).
 """
 
@@ -13,7 +13,7 @@ import torch
 import kvcache.hf
 from kvcache.cache.policies.scorers import SCORERS
 from kvcache.hf import KEY_ONLY_SCORERS
-from kvcache.cache.policies.cache import PolicyCache as CorePolicyCache
+from kvcache.cache.policies.cache import SequenceCache
 from kvcache.errors import KVCacheError
 from kvcache.models.config import LlamaConfig
 from kvcache.models.llama import LlamaModel
@@ -46,8 +46,8 @@ def hf_generate(model, ids, cache, n=NEW_TOKENS):
 
 
 def ours_generate(model, policy, ids, n=NEW_TOKENS):
-    """Greedy tokens from our own model and kvcache's PolicyCache."""
-    cache = CorePolicyCache(model, policy)
+    """Greedy tokens from our own model and kvcache's SequenceCache."""
+    cache = SequenceCache(model, policy)
     tokens = []
     with torch.inference_mode():
         logits = model.forward(StepInputs(ids, None, 0, None), cache)

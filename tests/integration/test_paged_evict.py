@@ -2,7 +2,7 @@
 
 The engine prefills each prompt with full attention, scoring it chunk by chunk, then keeps
 per layer and KV head the best tokens plus the recent window in fresh blocks of the request.
-So a request's tokens equal the per-sequence `PolicyCache` that sees the whole prompt in one
+So a request's tokens equal the per-sequence `SequenceCache` that sees the whole prompt in one
 chunk (kvpress's way), whatever the chunking, batching, preemption or prefix hits.
 """
 
@@ -42,7 +42,7 @@ def make_llm(tiny_model_dir, policy: str, blocks: int = 256, **kw) -> kvcache.LL
 
 
 def policy_cache_tokens(llm, policy: str, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens on a PolicyCache that sees the whole prompt as one chunk, then decodes."""
+    """Greedy tokens on a SequenceCache that sees the whole prompt as one chunk, then decodes."""
     return policy_cache_greedy(llm.model, policy, prompt, n, token_at_a_time=False)
 
 
@@ -103,7 +103,7 @@ def test_compressed_blocks_leave_the_prefix_cache_but_the_prompt_blocks_stay(tin
 def test_a_compression_that_finds_no_blocks_preempts_and_the_rerun_equals_the_policy_cache(tiny_model_dir):
     """Two requests hit the same cached prompt blocks while the pool is full: the first to
     compress cannot get fresh blocks (every prompt block it holds is shared), so it is
-    preempted instead, recomputed later, and still gives the PolicyCache's tokens; nothing leaks."""
+    preempted instead, recomputed later, and still gives the SequenceCache's tokens; nothing leaks."""
     policy = "evict:scorer=knorm,ratio=0.25,window=8"
     llm = make_llm(tiny_model_dir, policy, blocks=9, max_num_batched_tokens=64)
     engine = llm.engine

@@ -2,7 +2,7 @@
 
 Every token is quantized when written and read back dequantized, its own step included,
 so a request's tokens do not depend on batching, chunking, preemption or prefix hits:
-batched greedy output must equal each request alone, and equal `PolicyCache` running the
+batched greedy output must equal each request alone, and equal `SequenceCache` running the
 same policy one sequence at a time.
 """
 
@@ -15,7 +15,7 @@ import torch
 import kvcache
 from kvcache import SamplingParams
 from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
-from kvcache.cache.policies.cache import PolicyCache
+from kvcache.cache.policies.cache import SequenceCache
 from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.quant import dequantize, quantize
@@ -122,7 +122,7 @@ def test_engine_equals_policy_cache_and_differs_from_float(tiny_model_dir, tiny_
     changed = 0
     for prompt, p, out in zip(prompts, params, outs):
         one = BatchGeneration(model, llm.tokenizer, [prompt], [p], llm.max_model_len, llm.eos_ids,
-                              cache=PolicyCache(model, policy)).run()[0]
+                              cache=SequenceCache(model, policy)).run()[0]
         assert out.token_ids == one.token_ids
         changed += out.token_ids != tiny_llm.generate([prompt], p)[0].token_ids
     if "bits=2" in policy:
@@ -130,7 +130,7 @@ def test_engine_equals_policy_cache_and_differs_from_float(tiny_model_dir, tiny_
 
 
 def test_per_token_policy_cache_holds_codes_and_reports_their_bytes(tiny_llm):
-    cache = PolicyCache(tiny_llm.model, POLICIES[1])
+    cache = SequenceCache(tiny_llm.model, POLICIES[1])
     store = cache.store
     ids = torch.tensor([list(range(3, 23))])
     from kvcache.models.step import StepInputs
@@ -146,7 +146,7 @@ def test_per_token_keys_with_a_wider_layer_read_each_layer_at_its_width(tiny_llm
     """hi_keys with per-token keys (run per sequence, the staged tokens quantized per layer):
     layer 0's keys hold 4-bit codes (up to 16 levels a group), layer 1's 2-bit ones (4)."""
     policy = POLICIES[2] + ",hi_keys=0,rotate=none"
-    cache = PolicyCache(tiny_llm.model, policy)
+    cache = SequenceCache(tiny_llm.model, policy)
     from kvcache.models.step import StepInputs
 
     ids = torch.tensor([list(range(3, 19))])

@@ -2,7 +2,7 @@
 
 The engine keeps each sequence's sink blocks, frees window blocks as the window moves, and
 masks every query by its own position; the sinks meet the query at its cache position. So a
-request's tokens equal the per-sequence `PolicyCache` fed one token at a time, whatever the
+request's tokens equal the per-sequence `SequenceCache` fed one token at a time, whatever the
 batching, chunking, preemption or prefix hits, and streams run past the model's trained
 length with a bounded number of blocks.
 """
@@ -18,7 +18,7 @@ from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
 from tests.helpers import greedy, paged_llm, policy_cache_greedy, random_requests
 
-BS = 16  # PolicyCache drops 16-token units: the same boundaries as these blocks
+BS = 16  # SequenceCache drops 16-token units: the same boundaries as these blocks
 POLICY = "sinks:n_sink=4,window=24"
 
 
@@ -32,7 +32,7 @@ def make_llm(tiny_model_dir, policy: str = POLICY, blocks: int = 512, **kw) -> k
 
 
 def alone_token_by_token(llm, policy: str, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens of one prompt on a PolicyCache fed a token at a time (no chunk effects)."""
+    """Greedy tokens of one prompt on a SequenceCache fed a token at a time (no chunk effects)."""
     return policy_cache_greedy(llm.model, policy, prompt, n, token_at_a_time=True)
 
 

@@ -16,7 +16,7 @@ import torch
 import kvcache
 from kvcache import KVCacheError, SamplingParams
 from kvcache.cache.dense import KVCache
-from kvcache.cache.policies.cache import PolicyCache
+from kvcache.cache.policies.cache import SequenceCache
 from kvcache.cache.policies.grammar import POLICY_PARAMS, parse_policy
 from kvcache.cache.policies.scorers import SCORERS
 from kvcache.cache.policies.selectors import EVICT_UNIT
@@ -63,7 +63,7 @@ def feed(model, cache, ids: list[int], chunk: int) -> torch.Tensor:
     return torch.cat(out)  # (T, V)
 
 
-def expected_bytes(cache: PolicyCache) -> int:
+def expected_bytes(cache: SequenceCache) -> int:
     """What the memory math (`cache.spec`) says the cache's tokens cost, tier by tier."""
     from kvcache.cache.policies.quantized_store import value_group
     from kvcache.cache.policies.quantized_store import layer_bits
@@ -155,12 +155,12 @@ def test_a_policy_that_keeps_everything_matches_the_dense_cache(tiny_llm, policy
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 70)
     dense = feed(model, KVCache.for_model(model, 1, 16), ids, chunk=16)
-    cache = PolicyCache(model, policy)
+    cache = SequenceCache(model, policy)
     ours = feed(model, cache, ids, chunk=16)
     assert cache.length == cache.seen == len(ids)
     torch.testing.assert_close(ours, dense, rtol=0, atol=1e-5)
     gen = BatchGeneration(model, tiny_llm.tokenizer, [ids], [GREEDY], tiny_llm.max_model_len, tiny_llm.eos_ids,
-                          cache=PolicyCache(model, policy)).run()[0]
+                          cache=SequenceCache(model, policy)).run()[0]
     ref = BatchGeneration(model, tiny_llm.tokenizer, [ids], [GREEDY], tiny_llm.max_model_len, tiny_llm.eos_ids,
                           cache=None).run()[0]
     assert gen.token_ids == ref.token_ids
@@ -191,7 +191,7 @@ def test_llm_kv_policy_runs_generate_stream_and_session(tiny_model_dir):
 def test_eviction_keeps_what_the_policy_promises(tiny_llm, policy):
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 120)
-    cache = PolicyCache(model, policy)
+    cache = SequenceCache(model, policy)
     logits = feed(model, cache, ids[:100], chunk=20)
     assert torch.isfinite(logits).all()
     for t in ids[100:]:  # decode steps
@@ -220,7 +220,7 @@ def test_window_keeps_exactly_the_most_recent_tokens(tiny_llm):
     ids = text_ids(tiny_llm, 90)
     dense = KVCache.for_model(model, 1, 16)
     feed(model, dense, ids, chunk=10)
-    cache = PolicyCache(model, "window:size=32")
+    cache = SequenceCache(model, "window:size=32")
     feed(model, cache, ids, chunk=10)
     n = cache.length
     assert 32 <= n < 32 + EVICT_UNIT
@@ -233,7 +233,7 @@ def test_knorm_keeps_the_lowest_norm_keys_and_the_recent_window(tiny_llm):
     ids = text_ids(tiny_llm, 64)
     dense = KVCache.for_model(model, 1, 16)
     feed(model, dense, ids, chunk=64)
-    cache = PolicyCache(model, "evict:scorer=knorm,budget=24,window=8")
+    cache = SequenceCache(model, "evict:scorer=knorm,budget=24,window=8")
     feed(model, cache, ids, chunk=64)
     assert cache.length == 24
     for layer in range(model.config.num_layers):
@@ -249,7 +249,7 @@ def test_h2o_keeps_the_tokens_with_the_most_attention(tiny_llm):
     """The kept set is the top accumulated attention, computed here independently."""
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 48)
-    cache = PolicyCache(model, "evict:scorer=h2o,budget=20,window=4")
+    cache = SequenceCache(model, "evict:scorer=h2o,budget=20,window=4")
     seen: dict[int, torch.Tensor] = {}
     orig = cache.observe
 
@@ -280,7 +280,7 @@ def test_sinks_stream_past_three_times_the_trained_length(tiny_llm):
     limit = model.config.max_position_embeddings
     ids = text_ids(tiny_llm, 500)
     stream = (ids * 10)[: 3 * limit + 100]
-    cache = PolicyCache(model, "sinks:n_sink=4,window=60")
+    cache = SequenceCache(model, "sinks:n_sink=4,window=60")
     resident = []
     with torch.inference_mode():
         logits = feed(model, cache, stream[:64], chunk=64)
@@ -299,7 +299,7 @@ def test_sinks_stream_past_three_times_the_trained_length(tiny_llm):
 
 def test_paged_window_frees_blocks_and_matches_the_per_sequence_cache(tiny_model_dir):
     """`window` runs in the continuous-batching engine by freeing whole blocks; a ragged
-    batch there gives exactly the tokens each prompt gets alone on a PolicyCache."""
+    batch there gives exactly the tokens each prompt gets alone on a SequenceCache."""
     llm = kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy="window:size=24", block_size=16)
     assert llm.paged_plan is not None
     prompts = ["Once upon a time there was a little robot who loved to read books about the stars",
@@ -322,7 +322,7 @@ def test_paged_window_frees_blocks_and_matches_the_per_sequence_cache(tiny_model
     assert engine.stats()["blocks_used"] == 0
     for p, r in zip(prompts, reqs):
         alone = BatchGeneration(llm.model, llm.tokenizer, [llm.encode(p)], [params], llm.max_model_len, llm.eos_ids,
-                                cache=PolicyCache(llm.model, "window:size=24")).run()[0]
+                                cache=SequenceCache(llm.model, "window:size=24")).run()[0]
         assert r.output_token_ids == alone.token_ids
 
 
@@ -343,7 +343,7 @@ def test_quantized_stores_report_their_bytes_and_stay_close(tiny_llm, policy, ex
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 100)
     dense = feed(model, KVCache.for_model(model, 1, 16), ids, chunk=10)
-    cache = PolicyCache(model, policy)
+    cache = SequenceCache(model, policy)
     ours = feed(model, cache, ids, chunk=10)
     store = cache.store
     assert store.tail.length <= exact_tail + store.group_size - 1
@@ -364,7 +364,7 @@ def test_exact_tokens_can_be_kept_in_a_smaller_dtype(tiny_llm, policy, exact):
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 60)
     dense = feed(model, KVCache.for_model(model, 1, 16), ids, chunk=10)
-    cache = PolicyCache(model, policy)
+    cache = SequenceCache(model, policy)
     ours = feed(model, cache, ids, chunk=10)
     store = cache.store if cache.store.kind == "full" else cache.store.tail
     assert store.k.dtype == exact and not cache.spec.is_full
@@ -378,7 +378,7 @@ def test_fewer_bits_cost_more_logit_error(tiny_llm):
     dense = feed(model, KVCache.for_model(model, 1, 16), ids, chunk=10)
     err = {}
     for bits in (8, 4, 2):
-        ours = feed(model, PolicyCache(model, f"quantized:bits={bits},group_size=16,residual=16"), ids, chunk=10)
+        ours = feed(model, SequenceCache(model, f"quantized:bits={bits},group_size=16,residual=16"), ids, chunk=10)
         err[bits] = ((ours - dense).abs().max() / dense.abs().max()).item()  # relative to the logit scale
     assert err[8] < 0.05 and err[8] < err[4] < err[2], err
 
@@ -389,7 +389,7 @@ def test_every_layer_at_hi_bits_is_the_uniform_cache(tiny_llm):
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 100)
     base = "group_size=16,residual=16,n_sink=0,clip=none,rotate=none"
-    run = {p: feed(model, PolicyCache(model, f"quantized:{base},{p}"), ids, chunk=10)
+    run = {p: feed(model, SequenceCache(model, f"quantized:{base},{p}"), ids, chunk=10)
            for p in ("bits=8", "bits=2", "bits=2,hi_keys=0/1,hi_values=0/1,hi_bits=8", "bits=2,hi_keys=0/1,hi_bits=8")}
     assert torch.equal(run["bits=8"], run["bits=2,hi_keys=0/1,hi_values=0/1,hi_bits=8"])
     err = {p: (x - run["bits=8"]).abs().max().item() for p, x in run.items()}
@@ -401,8 +401,8 @@ def test_tiered_disk_tier_reads_back_what_it_wrote(tiny_llm):
     tier and the same quantized cache without one see the same layer-0 K/V (up to fp16 on disk)."""
     model = tiny_llm.model
     ids = text_ids(tiny_llm, 96)
-    tiered = PolicyCache(model, "tiered:hot=16,warm_bits=8,warm=16,cold=disk,group_size=16")
-    plain = PolicyCache(model, "quantized:bits=8,group_size=16,residual=16")
+    tiered = SequenceCache(model, "tiered:hot=16,warm_bits=8,warm=16,cold=disk,group_size=16")
+    plain = SequenceCache(model, "quantized:bits=8,group_size=16,residual=16")
     feed(model, tiered, ids, chunk=8)
     feed(model, plain, ids, chunk=8)
     assert tiered.store.cold_length >= 48
@@ -416,7 +416,7 @@ def test_tiered_disk_tier_reads_back_what_it_wrote(tiny_llm):
 def test_sinks_with_int8_stream_with_flat_memory(tiny_llm):
     model = tiny_llm.model
     stream = (text_ids(tiny_llm, 500) * 2)[:800]
-    cache = PolicyCache(model, "sinks:n_sink=4,window=64+quantized:bits=8,group_size=16,residual=16")
+    cache = SequenceCache(model, "sinks:n_sink=4,window=64+quantized:bits=8,group_size=16,residual=16")
     held = []
     with torch.inference_mode():
         feed(model, cache, stream[:32], chunk=32)
@@ -444,7 +444,7 @@ def test_decode_from_codes_equals_dequantize_then_attend(tiny_llm, policy):
     ids = text_ids(tiny_llm, 110)
     logits = {}
     for fused in (True, False):
-        cache = PolicyCache(model, policy)
+        cache = SequenceCache(model, policy)
         cache.fused_attention = fused
         feed(model, cache, ids[:80], chunk=40)
         out = []

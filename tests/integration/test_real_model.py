@@ -171,9 +171,9 @@ INT8_NEAR_TIE = 0.1
 
 def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_alone):
     """16 mixed requests on int8 blocks (a pool far too small, prefix caching on) give each
-    request's tokens run alone on a one-sequence PolicyCache under the same policy; the int8
+    request's tokens run alone on a one-sequence SequenceCache under the same policy; the int8
     pool holds 3.8x the tokens of the fp32 one in the same bytes."""
-    from kvcache.cache.policies.cache import PolicyCache
+    from kvcache.cache.policies.cache import SequenceCache
     from kvcache.engine.generate import BatchGeneration
 
     prompts, params, fp32_alone = (x[:16] for x in mixed_alone)
@@ -187,7 +187,7 @@ def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_
     model = llm.model
 
     def policy_logits(ids):
-        cache = PolicyCache(model, INT8_PAGED)
+        cache = SequenceCache(model, INT8_PAGED)
         x = torch.tensor([ids])
         with torch.inference_mode():
             return model.forward(StepInputs(x, None, 0, None), cache)[0]
@@ -195,7 +195,7 @@ def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_
     same_as_fp32 = 0
     for p, sp, out, ref32 in zip(prompts, params, together, fp32_alone):
         alone = BatchGeneration(model, llm.tokenizer, [p], [sp], llm.max_model_len, llm.eos_ids,
-                                cache=PolicyCache(model, INT8_PAGED)).run()[0].token_ids
+                                cache=SequenceCache(model, INT8_PAGED)).run()[0].token_ids
         assert_same_tokens(policy_logits, p, out.token_ids, alone, tol=INT8_NEAR_TIE)
         same_as_fp32 += out.token_ids == ref32
     assert same_as_fp32 >= 12, f"int8 changed {16 - same_as_fp32} of 16 greedy continuations"
@@ -222,7 +222,7 @@ def assert_each_equals_alone(policy: str, prompts, params, outputs) -> None:
 
 def test_sinks_paged_engine_with_preemption_equals_alone_and_the_policy_cache(llm):
     """12 requests whose prompts pass the window, on sinks blocks (a small pool, prefix caching
-    on, prompts chunked): each equals its run alone, and two equal the per-sequence PolicyCache
+    on, prompts chunked): each equals its run alone, and two equal the per-sequence SequenceCache
     fed a token at a time."""
     import random
 
@@ -245,7 +245,7 @@ def test_sinks_paged_engine_with_preemption_equals_alone_and_the_policy_cache(ll
 def test_snapkv_paged_engine_with_preemption_equals_alone_and_the_policy_cache(llm):
     """8 requests on snapkv-compressed blocks (half of each prompt evicted after its prefill;
     a small pool, prefix caching on, prompts chunked): each equals its run alone, and two equal
-    the per-sequence PolicyCache that sees the whole prompt in one chunk."""
+    the per-sequence SequenceCache that sees the whole prompt in one chunk."""
     import random
 
     policy = "evict:scorer=snapkv,ratio=0.5,window=16"
@@ -269,7 +269,7 @@ def test_snapkv_paged_engine_with_preemption_equals_alone_and_the_policy_cache(l
 def test_per_request_policy_caches_with_preemption_equal_the_policy_cache_alone(llm, policy):
     """KIVI int2 (per-channel keys, exact residual and sinks) and tiered (hot / warm / cold on
     disk), which paged blocks cannot hold, on the engine's per-request caches: 8 requests in a
-    pool small enough to preempt, prompts in 32-token pieces; each equals a PolicyCache fed
+    pool small enough to preempt, prompts in 32-token pieces; each equals a SequenceCache fed
     the same pieces alone, and no cache held more than the blocks granted to it."""
     import random
 

@@ -1,9 +1,9 @@
 """Policies paged blocks cannot hold, run on the engine with per-request caches.
 
 KIVI `quantized` (per-channel keys, exact residual and sinks), `tiered`, `evict:decode=true`
-and compositions run in the continuous batch, each request on its own `PolicyCache`
+and compositions run in the continuous batch, each request on its own `SequenceCache`
 (`cache.row_policy`). Prompts are computed in fixed pieces, so every request equals a
-`PolicyCache` fed the same pieces alone, batched or preempted; and what a request's cache
+`SequenceCache` fed the same pieces alone, batched or preempted; and what a request's cache
 holds never passes the blocks the scheduler granted it.
 """
 

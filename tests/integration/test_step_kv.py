@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvcache.cache.dense import KVCache
-from kvcache.cache.policies.cache import PolicyCache
+from kvcache.cache.policies.cache import SequenceCache
 from kvcache.models.llama import LlamaModel
 from kvcache.models.step import StepInputs, StepKV
 from tests.helpers import greedy, paged_llm
@@ -51,15 +51,15 @@ def test_every_kv_object_forward_sees_implements_the_protocol(tiny_model_dir, ti
     model = tiny_llm.model
     ids = torch.arange(3, 40)[None]  # (1, 37)
     model.forward(StepInputs(ids, None, 0, None), KVCache.for_model(model, 1, 64))  # dense
-    model.forward(StepInputs(ids, None, 0, None), PolicyCache(model, "window:size=32"))
+    model.forward(StepInputs(ids, None, 0, None), SequenceCache(model, "window:size=32"))
     prompts = [list(range(3, 3 + n)) for n in (40, 9, 27)]
     for policy, mixed in [("", True), ("", False), ("sinks:n_sink=4,window=32", True),
                           ("quantized:bits=4,group_size=16,residual=16", True)]:
         engine = paged_llm(tiny_model_dir, policy, blocks=32, max_num_batched_tokens=32).engine
         engine.runner.mixed_steps = mixed
         engine.run_to_completion([engine.add_request(p, greedy(6)) for p in prompts])
-    assert {"KVCache", "PolicyCache", "PagedStepCache", "MixedStepCache", "PagedSinksStepCache",
-            "RowsStepCache"} <= set(seen), set(seen)
+    assert {"KVCache", "SequenceCache", "PagedStepView", "MixedStepView", "PagedSinksStepView",
+            "RowsStepView"} <= set(seen), set(seen)
     for name, cache in seen.items():
         assert isinstance(cache, StepKV), name
         assert isinstance(cache.rotates_keys, bool) and isinstance(cache.masks_itself, bool), name

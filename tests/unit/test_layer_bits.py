@@ -9,7 +9,7 @@ import torch
 
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.policies.quantized_store import QuantizedKVStore, layer_bits, make_quantized_store
-from kvcache.cache.quant import LayerBitsStore, QuantizedStore, dequantize, layer_store, quantize
+from kvcache.cache.quant import LayerBitsBuffer, QuantizedBuffer, dequantize, layer_store, quantize
 from kvcache.cache.spec import kv_layers_bytes
 from kvcache.errors import KVCacheError
 
@@ -23,7 +23,7 @@ def _x(seed: int, shape) -> torch.Tensor:
 
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_each_layer_is_stored_at_its_own_width(axis):
-    store = LayerBitsStore(BITS, 1, H, D, 4, axis)
+    store = LayerBitsBuffer(BITS, 1, H, D, 4, axis)
     x = _x(0, (len(BITS), 1, H, 8, D))  # (L, B, Hkv, T, D)
     store.append_all(x)
     for i, b in enumerate(BITS):
@@ -35,7 +35,7 @@ def test_each_layer_is_stored_at_its_own_width(axis):
 
 
 def test_wider_layers_have_smaller_error():
-    store = LayerBitsStore(BITS, 1, H, D, 4, "token")
+    store = LayerBitsBuffer(BITS, 1, H, D, 4, "token")
     x = _x(1, (1, 1, H, 32, D)).expand(len(BITS), 1, H, 32, D)  # the same tokens in every layer
     store.append_all(x)
     err = {b: (dequantize(store.view(i)) - x[i]).abs().max().item() for i, b in enumerate(BITS)}
@@ -44,7 +44,7 @@ def test_wider_layers_have_smaller_error():
 
 @pytest.mark.parametrize("axis", ["channel", "token"])
 def test_nbytes_equals_the_calculator(axis):
-    store = LayerBitsStore(BITS, 2, H, D, 4, axis, capacity_tokens=16)
+    store = LayerBitsBuffer(BITS, 2, H, D, 4, axis, capacity_tokens=16)
     for i in range(len(BITS)):
         store.append(i, _x(i, (2, H, 4 * (i + 1), D)))
     per_layer = [kv_layers_bytes((b,), 4, 4 * (i + 1), H, D, axis, batch=2) for i, b in enumerate(BITS)]
@@ -56,9 +56,9 @@ def test_nbytes_equals_the_calculator(axis):
 
 
 def test_uniform_widths_give_the_plain_store():
-    assert isinstance(layer_store((4, 4), 1, H, D, 4, "token"), QuantizedStore)
+    assert isinstance(layer_store((4, 4), 1, H, D, 4, "token"), QuantizedBuffer)
     mixed = layer_store((4, 2), 1, H, D, 4, "token")
-    assert isinstance(mixed, LayerBitsStore) and mixed.layer_bits == (4, 2)
+    assert isinstance(mixed, LayerBitsBuffer) and mixed.layer_bits == (4, 2)
     with pytest.raises(KVCacheError, match="layer must be in"):
         mixed.view(2)
 

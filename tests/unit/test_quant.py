@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kvcache.cache.quant import (
     BITS,
-    QuantizedStore,
+    QuantizedBuffer,
     QTensor,
     dequantize,
     error_bound,
@@ -229,7 +229,7 @@ def test_calculator_known_values():
 
 
 def _store(axis: str, bits: int = 4, group_size: int = 4, capacity: int = 4, layers: int = 2):
-    return QuantizedStore(layers, 2, 3, 16, bits, group_size, axis, capacity_tokens=capacity)
+    return QuantizedBuffer(layers, 2, 3, 16, bits, group_size, axis, capacity_tokens=capacity)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -331,7 +331,7 @@ def test_quantize_rejects_bad_tensors():
 
 def test_store_rejects_bad_input():
     with pytest.raises(KVCacheError):
-        QuantizedStore(0, 1, 1, 16, 4, 4, "token")
+        QuantizedBuffer(0, 1, 1, 16, 4, 4, "token")
     store = _store("channel")
     with pytest.raises(KVCacheError):
         store.append(0, torch.zeros(2, 3, 3, 16))  # not whole groups

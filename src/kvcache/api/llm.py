@@ -201,10 +201,10 @@ class LLM:
             engine.abort(req.request_id)  # a consumer that stops early frees the blocks
 
     def new_policy_cache(self, kv_policy: str | None = None):
-        """An empty one-sequence `PolicyCache` under `kv_policy` (default: this LLM's policy)."""
-        from kvcache.cache.policies.cache import PolicyCache
+        """An empty one-sequence `SequenceCache` under `kv_policy` (default: this LLM's policy)."""
+        from kvcache.cache.policies.cache import SequenceCache
 
-        return PolicyCache(self.model, self.kv_policy if kv_policy is None else kv_policy)
+        return SequenceCache(self.model, self.kv_policy if kv_policy is None else kv_policy)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
         """One reply to a conversation (list of {'role', 'content'}), no state kept."""

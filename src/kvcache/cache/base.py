@@ -9,7 +9,7 @@ queries (`observes`, for eviction scorers). Plain caches say no to all three.
 from __future__ import annotations
 
 
-class PlainCache:
+class StepKVDefaults:
     """Base for caches that store keys as given and never look at queries."""
 
     rotates_keys = False

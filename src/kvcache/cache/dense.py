@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from kvcache import native
-from kvcache.cache.base import PlainCache
+from kvcache.cache.base import StepKVDefaults
 
 
-class KVCache(PlainCache):
+class KVCache(StepKVDefaults):
     """Dense per-layer K/V storage for a batch of sequences written step by step."""
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache import native
-from kvcache.cache.storage import PagedKVStorage, SlotStepCache, native_decode_rows, slot_mask
+from kvcache.cache.storage import PagedKVStorage, SlotStepView, native_decode_rows, slot_mask
 from kvcache.models.llama import attend
 from kvcache.models.step import causal_mask
 
@@ -44,7 +44,7 @@ class DecodeSegment:
     kv_lens: list[int]  # slots each row attends to (its new token included)
 
 
-class MixedStepCache(SlotStepCache):
+class MixedStepView(SlotStepView):
     """The `LlamaModel.forward` cache interface for a step of decode rows and prompt chunks.
 
     write_slots (N,): where the step's N tokens go, in step order. `write` scatters them all

@@ -6,7 +6,7 @@ q8_0 / q4_0 cache (with a zero point). A token is quantized when its step writes
 attention reads every slot back dequantized, the step's own tokens included, so what a
 token sees does not depend on how prompts were chunked or batched: batched and alone give
 the same tokens, and prefix-cache blocks mean the same to every sequence that hits them.
-`PolicyCache` runs the same policy one sequence at a time with the same numbers
+`SequenceCache` runs the same policy one sequence at a time with the same numbers
 (`QuantizedKVStore.quantize_staged`), which is how `kvcache eval` measures its quality.
 
 Decode steps on CPU attend straight from the codes of each row's blocks (a native kernel:

@@ -14,7 +14,7 @@ attends to:
 
 What a query sees depends only on its own position, never on how the prompt was chunked, so
 batched, chunked, preempted and prefix-hit runs compute the same attention as a
-token-by-token run (the per-sequence `PolicyCache` in decode). Prompt chunks attend with
+token-by-token run (the per-sequence `SequenceCache` in decode). Prompt chunks attend with
 torch ops over the gathered live blocks: two score blocks (sinks with the shifted query,
 window with the query as it is) share one softmax. Decode rows over float blocks use the
 native kernel, read in place: one run of the row's table in which the sink tokens score
@@ -26,14 +26,14 @@ from __future__ import annotations
 import torch
 
 from kvcache import native
-from kvcache.cache.storage import SlotStepCache
+from kvcache.cache.storage import SlotStepView
 from kvcache.cache.policies.sinks import Sinks
 from kvcache.models.rope import RotaryTable, apply_rotary
 
 FAR = 1 << 62  # the position of a padding slot: after every query, so always masked
 
 
-class PagedSinksStepCache(SlotStepCache):
+class PagedSinksStepView(SlotStepView):
     """A step's K/V writes and sinks + window attention over each row's live blocks.
 
     read_blocks (B, NB): per row, its sink blocks (padded with the null block to

@@ -7,7 +7,7 @@ and dequantizes as ``x_hat = code * scale + zero``. Two grouping axes (KIVI):
 
 - ``"channel"`` (keys): a group is ``group_size`` consecutive tokens of one channel;
   ``scale``/``zero`` are (B, Hkv, S / group_size, D). Tokens arrive one at a time, so a
-  :class:`QuantizedStore` takes whole groups of tokens and the caller (a policy) keeps the
+  :class:`QuantizedBuffer` takes whole groups of tokens and the caller (a policy) keeps the
   not-yet-full group exact.
 - ``"token"`` (values): a group is ``group_size`` consecutive channels of one token;
   ``scale``/``zero`` are (B, Hkv, S, D / group_size). Any number of tokens can be appended.
@@ -59,8 +59,8 @@ __all__ = [
     "quantized_scores",
     "pack_codes",
     "unpack_codes",
-    "QuantizedStore",
-    "LayerBitsStore",
+    "QuantizedBuffer",
+    "LayerBitsBuffer",
     "layer_store",
     "rotated",
 ]
@@ -350,7 +350,7 @@ def quantized_scores(query: torch.Tensor, k: QTensor,
 # --------------------------------------------------------------------------
 
 
-class QuantizedStore:
+class QuantizedBuffer:
     """Quantized K or V of every layer, preallocated and written in place.
 
     Storage: codes (L, B, Hkv, cap, D * bits / 8) uint8 and scale/zero in fp16, per channel
@@ -515,7 +515,7 @@ class QuantizedStore:
 
     @property
     def layer_bits(self) -> tuple[int, ...]:
-        """Code width of each layer (all equal here; see :class:`LayerBitsStore`)."""
+        """Code width of each layer (all equal here; see :class:`LayerBitsBuffer`)."""
         return (self.bits,) * self.num_layers
 
     @property
@@ -532,11 +532,11 @@ class QuantizedStore:
         return sum(t.numel() * t.element_size() for t in (self._data, self._scale, self._zero))
 
 
-class LayerBitsStore:
-    """:class:`QuantizedStore`'s interface for layers of different code widths.
+class LayerBitsBuffer:
+    """:class:`QuantizedBuffer`'s interface for layers of different code widths.
 
     ``layer_bits[i]`` is layer i's width; the layers of one width share one uniform
-    :class:`QuantizedStore` (so each layer's storage really is packed at its own width),
+    :class:`QuantizedBuffer` (so each layer's storage really is packed at its own width),
     and this class maps a model layer to its store and row there.
     """
 
@@ -549,11 +549,11 @@ class LayerBitsStore:
         self.layer_bits, self.num_layers = layer_bits, len(layer_bits)
         self.group_size, self.axis, self.clip = group_size, axis, clip
         self._layers = {b: [i for i, x in enumerate(layer_bits) if x == b] for b in sorted(set(layer_bits))}
-        self._stores = {b: QuantizedStore(len(ls), batch, kv_heads, head_dim, b, group_size, axis, capacity_tokens,
+        self._stores = {b: QuantizedBuffer(len(ls), batch, kv_heads, head_dim, b, group_size, axis, capacity_tokens,
                                           device, clip, rotation) for b, ls in self._layers.items()}
         self._where = {i: (self._stores[b], j) for b, ls in self._layers.items() for j, i in enumerate(ls)}
 
-    def _at(self, layer: int) -> tuple[QuantizedStore, int]:
+    def _at(self, layer: int) -> tuple[QuantizedBuffer, int]:
         if isinstance(layer, bool) or layer not in self._where:
             raise KVCacheError(f"layer must be in [0, {self.num_layers}), got {layer!r}.")
         return self._where[layer]
@@ -618,11 +618,11 @@ class LayerBitsStore:
 
 def layer_store(layer_bits, batch: int, kv_heads: int, head_dim: int, group_size: int, axis: str,
                 capacity_tokens: int = 0, device: torch.device | str = "cpu", clip: bool = False,
-                rotation: torch.Tensor | None = None) -> QuantizedStore | LayerBitsStore:
-    """A store with layer i at ``layer_bits[i]`` bits: a plain :class:`QuantizedStore` when all are equal."""
+                rotation: torch.Tensor | None = None) -> QuantizedBuffer | LayerBitsBuffer:
+    """A store with layer i at ``layer_bits[i]`` bits: a plain :class:`QuantizedBuffer` when all are equal."""
     layer_bits = tuple(layer_bits)
     if len(set(layer_bits)) == 1:
-        return QuantizedStore(len(layer_bits), batch, kv_heads, head_dim, layer_bits[0], group_size, axis,
+        return QuantizedBuffer(len(layer_bits), batch, kv_heads, head_dim, layer_bits[0], group_size, axis,
                               capacity_tokens, device, clip, rotation)
-    return LayerBitsStore(layer_bits, batch, kv_heads, head_dim, group_size, axis, capacity_tokens, device,
+    return LayerBitsBuffer(layer_bits, batch, kv_heads, head_dim, group_size, axis, capacity_tokens, device,
                           clip, rotation)

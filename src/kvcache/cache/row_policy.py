@@ -4,7 +4,7 @@ KIVI `quantized` (per-channel key groups, an exact residual tail, exact sinks), 
 `evict:decode=true` and their compositions keep state that whole fixed-size blocks cannot:
 an exact tail that changes format as it ages, groups that span tokens, a cold tier on disk,
 indices rewritten during decoding. The engine runs them by giving each running request its
-own one-sequence `PolicyCache` (the same object `kvcache eval` measures) and the scheduler
+own one-sequence `SequenceCache` (the same object `kvcache eval` measures) and the scheduler
 still decides who runs, by need, in blocks:
 
 - blocks are an accounting unit here (`RowPolicyStorage` holds no bytes): a block stands
@@ -13,7 +13,7 @@ still decides who runs, by need, in blocks:
   sinks) at their own cost, its packed ones at the rate, no more than its selector keeps; so
   what a request really holds never passes what the scheduler granted it;
 - a decode step runs every row's projections and MLP as one batch; attention is per row,
-  each over its own cache (`RowsStepCache`): all KIVI rows in one native call over their
+  each over its own cache (`RowsStepView`): all KIVI rows in one native call over their
   codes, other stores over the float history they assemble;
 - no prefix caching (a cache's bytes are private to its request) and preemption recomputes.
 """
@@ -25,14 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from kvcache import native
-from kvcache.cache.base import PlainCache
+from kvcache.cache.base import StepKVDefaults
 from kvcache.cache.spec import kv_layers_bytes
 from kvcache.models.llama import attend
 
 
 @dataclass(frozen=True)
 class PolicyFootprint:
-    """An upper bound on the bytes one sequence's `PolicyCache` holds after n tokens:
+    """An upper bound on the bytes one sequence's `SequenceCache` holds after n tokens:
     `rate` a token, plus `exact - rate` for each of its exact tokens (at most `exact_tokens`),
     over at most `held_cap` tokens when its selector bounds what it keeps (a window, sinks, a
     budget) and at most `packed_cap` of them packed (`tiered`'s warm tier; the cold one is on
@@ -117,8 +117,8 @@ class RowPolicyStorage:
         return self.num_blocks * self.bytes_per_block
 
 
-class RowsStepCache(PlainCache):
-    """One decode step (one token per row) over several sequences' own `PolicyCache`s, with
+class RowsStepView(StepKVDefaults):
+    """One decode step (one token per row) over several sequences' own `SequenceCache`s, with
     the interface `LlamaModel.forward` drives: the rows' K/V go to their caches and each row
     attends over its own (rows whose stores score the codes natively, in one call)."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from kvcache import native
-from kvcache.cache.base import PlainCache
+from kvcache.cache.base import StepKVDefaults
 
 
 class PagedKVStorage:
@@ -147,7 +147,7 @@ def slot_mask(read_blocks: torch.Tensor, kv_lens: list[int], block_size: int) ->
     return (torch.arange(s_all, device=read_blocks.device)[None] < lens)[:, None, None, :]  # (B, 1, 1, S)
 
 
-class SlotStepCache(PlainCache):
+class SlotStepView(StepKVDefaults):
     """A forward pass's view of paged storage whose blocks the scheduler already allocated:
     nothing to reserve or advance; `write` scatters the step's K/V (B, Hkv, T, D) to
     `self.write_slots` (row-major over (B, T)) and returns None, so the model calls `attend`."""
@@ -166,7 +166,7 @@ class SlotStepCache(PlainCache):
         return None, None
 
 
-class PagedStepCache(SlotStepCache):
+class PagedStepView(SlotStepView):
     """One forward pass's view of paged storage, with the interface `LlamaModel.forward` uses.
 
     write_slots (N,): where the step's new tokens go, row-major over (B, T).

@@ -35,7 +35,7 @@ class EngineConfig:
     sink_tokens: int | None = None  # with sliding_window: keep the first N tokens too (policy `sinks`)
     evict: PagedEvict | None = None  # compress each prompt once it is prefilled (policy `evict`, decode=false)
     quant_format: TokenQuantFormat | None = None  # blocks hold quantized K/V (policy `quantized:...,key_axis=token`)
-    # a policy paged blocks cannot hold: each request gets its own PolicyCache (`cache.row_policy`)
+    # a policy paged blocks cannot hold: each request gets its own SequenceCache (`cache.row_policy`)
     row_policy: PolicySpec | None = None
     prefill_piece: int | None = None  # with row_policy: prompts are computed in pieces of this (default: budget / 2)
     mixed_steps: bool = True  # a step's decode rows and prompt chunks in one forward pass (`cache.mixed_step`)

@@ -28,7 +28,7 @@ class BatchGeneration:
 
     Each row is a `Request` (the engine's own request state: token bookkeeping, stop rules,
     metrics), so both paths finish and report requests the same way.
-    With `cache` given (batch 1: a `KVCache` or a `PolicyCache`), it must have seen
+    With `cache` given (batch 1: a `KVCache` or a `SequenceCache`), it must have seen
     prompts[0][:cache.seen]; only the rest of the prompt is computed.
     """
 

@@ -1,6 +1,6 @@
 """Runs scheduled chunks on per-request policy caches (see `cache.row_policy`).
 
-Each running request owns a one-sequence `PolicyCache`, made at its first chunk and dropped
+Each running request owns a one-sequence `SequenceCache`, made at its first chunk and dropped
 when it finishes, fails or is preempted. All decode rows (one token each) run as one forward
 pass: projections and MLP batched, attention per row over its own cache. A prompt chunk is
 computed in pieces that end at multiples of `prefill_piece` (the scheduler cuts chunks only
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from kvcache.cache.policies.cache import PolicyCache
+from kvcache.cache.policies.cache import SequenceCache
 from kvcache.cache.policies.grammar import PolicySpec
-from kvcache.cache.row_policy import RowsStepCache
+from kvcache.cache.row_policy import RowsStepView
 from kvcache.engine.runner import sample_rows
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel
@@ -22,20 +22,20 @@ from kvcache.models.step import StepInputs
 
 
 class PolicyRowRunner:
-    """Executes one scheduler step over per-request `PolicyCache`s; returns sampled tokens."""
+    """Executes one scheduler step over per-request `SequenceCache`s; returns sampled tokens."""
 
     def __init__(self, model: LlamaModel, spec: PolicySpec, prefill_piece: int):
         self.model, self.spec, self.prefill_piece = model, spec, prefill_piece
         self.device = model.device
-        self.caches: dict[str, PolicyCache] = {}  # request id -> its cache
+        self.caches: dict[str, SequenceCache] = {}  # request id -> its cache
 
-    def cache_of(self, chunk: ScheduledChunk) -> PolicyCache:
+    def cache_of(self, chunk: ScheduledChunk) -> SequenceCache:
         """The request's cache, made at its first chunk; it has seen exactly the tokens before the chunk."""
         rid = chunk.request.request_id
         cache = self.caches.get(rid)
         if cache is None:
             assert chunk.start == 0, "a per-request cache starts at the sequence's first token"
-            cache = self.caches[rid] = PolicyCache(self.model, self.spec)
+            cache = self.caches[rid] = SequenceCache(self.model, self.spec)
         assert cache.seen == chunk.start, (cache.seen, chunk.start)
         return cache
 
@@ -52,7 +52,7 @@ class PolicyRowRunner:
         caches = [self.cache_of(c) for c in chunks]
         ids = torch.tensor([[c.request.all_token_ids[c.start]] for c in chunks], device=self.device)  # (B, 1)
         positions = torch.tensor([[c.next_position] for c in caches], device=self.device)  # (B, 1)
-        return self.model.forward(StepInputs(ids, positions, 0, None), RowsStepCache(caches))  # (B, V)
+        return self.model.forward(StepInputs(ids, positions, 0, None), RowsStepView(caches))  # (B, V)
 
     def _prefill(self, chunk: ScheduledChunk) -> torch.Tensor:
         cache = self.cache_of(chunk)

@@ -1,13 +1,13 @@
 """Turns scheduled chunks into forward passes over paged KV storage, and samples.
 
 A step's decode rows (one new token each) and prompt chunks run as one forward pass
-(`MixedStepCache`): all their tokens laid out as one row, so the weights are streamed once a
+(`MixedStepView`): all their tokens laid out as one row, so the weights are streamed once a
 step and the decode rows ride in the chunks' large matmuls; attention stays per sequence.
 Steps that cannot be laid out that way (attention sinks, a chunk an eviction scorer watches,
 or `mixed_steps=False`) run the decode rows as one batch (each row over its own blocks,
 read in place by the native kernel or gathered and masked) and each prefill chunk as its own
-pass, causal from its start position. Per-step inputs travel as `StepInputs` + a `PagedStepCache`. Under attention sinks every
-step (decode rows and prefill chunks alike) goes through a `PagedSinksStepCache` instead:
+pass, causal from its start position. Per-step inputs travel as `StepInputs` + a `PagedStepView`. Under attention sinks every
+step (decode rows and prefill chunks alike) goes through a `PagedSinksStepView` instead:
 each row gathers its sink blocks and its live window blocks, and each query sees what its
 own position allows.
 """
@@ -18,11 +18,11 @@ import torch
 
 from kvcache import native
 from kvcache.cache.manager import KVCacheManager
-from kvcache.cache.mixed_step import ChunkSegment, DecodeSegment, MixedStepCache
+from kvcache.cache.mixed_step import ChunkSegment, DecodeSegment, MixedStepView
 from kvcache.cache.paged_evict import PagedEvict, PromptScores
-from kvcache.cache.paged_sinks import FAR, PagedSinksStepCache
+from kvcache.cache.paged_sinks import FAR, PagedSinksStepView
 from kvcache.cache.policies.sinks import Sinks
-from kvcache.cache.storage import PagedKVStorage, PagedStepCache, slot_mask
+from kvcache.cache.storage import PagedKVStorage, PagedStepView, slot_mask
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel
 from kvcache.models.step import StepInputs, causal_mask
@@ -101,7 +101,7 @@ class ModelRunner:
         ids = torch.tensor([c.request.all_token_ids[c.start : c.start + t] for c in chunks], device=dev)  # (B, T)
         query_pos = torch.tensor([list(range(c.start, c.start + t)) for c in chunks], device=dev)  # (B, T)
         native_decode = t == 1 and self.model.native and getattr(self.storage, "decode_sinks", False)
-        cache = PagedSinksStepCache(self.storage, self._write_slots(chunks), rows, slot_pos, query_pos, self.sinks,
+        cache = PagedSinksStepView(self.storage, self._write_slots(chunks), rows, slot_pos, query_pos, self.sinks,
                                     self.model.rope, native_decode)
         return self.model.forward(StepInputs(ids, query_pos, 0, None), cache)  # (B, V)
 
@@ -115,11 +115,11 @@ class ModelRunner:
         write = self._write_slots(chunks)
         if len(set(starts)) == 1 and len(set(live)) == 1:  # equal lengths: cut K/V to them, no mask needed
             step = StepInputs(ids, None, starts[0], None)
-            cache = PagedStepCache(self.storage, write, blocks, kv_len=live[0], first_block=first,
+            cache = PagedStepView(self.storage, write, blocks, kv_len=live[0], first_block=first,
                                    kv_lens=self._native_lens(live))
             return self.model.forward(step, cache)
         positions = torch.tensor(starts, device=dev)[:, None]  # (B, 1)
-        cache = PagedStepCache(self.storage, write, blocks, kv_lens=self._native_lens(live))
+        cache = PagedStepView(self.storage, write, blocks, kv_lens=self._native_lens(live))
         if cache.native_decode:  # the kernel reads each row's own length: no mask
             step = StepInputs(ids, positions, 0, None)
         else:
@@ -145,7 +145,7 @@ class ModelRunner:
         ids = torch.tensor([chunk.request.all_token_ids[start : start + n]], device=dev)  # (1, T)
         blocks, first, live = self._block_rows([chunk], [start + n])  # (1, NB)
         step = StepInputs(ids, None, start, causal_mask(None, 1, live[0] - n, n, dev))  # (1, 1, T, live)
-        cache = PagedStepCache(self.storage, self._write_slots([chunk]), blocks, kv_len=live[0],
+        cache = PagedStepView(self.storage, self._write_slots([chunk]), blocks, kv_len=live[0],
                                first_block=first, observer=self._observer(chunk))
         return self.model.forward(step, cache)  # (1, V)
 
@@ -169,7 +169,7 @@ class ModelRunner:
             blocks, first, live = self._block_rows([c], [c.start + c.num_tokens])  # (1, NB)
             segments.append(ChunkSegment(offset, c.num_tokens, blocks, live[0], first))
             offset += c.num_tokens
-        cache = MixedStepCache(self.storage, self._write_slots(decodes + prompts), decode, segments, self.model.native)
+        cache = MixedStepView(self.storage, self._write_slots(decodes + prompts), decode, segments, self.model.native)
         step = StepInputs(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev), 0, None,
                           logits_at=torch.tensor(ends, device=dev))  # (1, N) tokens and positions
         return self.model.forward(step, cache)  # (R, V)

@@ -1,6 +1,6 @@
 """Perplexity of a text under a KV policy, and per-token losses for the streaming check.
 
-The tokens go through a fresh `PolicyCache` in chunks of `chunk` tokens (all logits kept),
+The tokens go through a fresh `SequenceCache` in chunks of `chunk` tokens (all logits kept),
 exactly as a chunked prefill would: the policy evicts / compresses after each chunk, so
 every prediction after the first chunk is made from what the policy kept. The loss of
 token i+1 is the cross entropy of the logits at token i; perplexity = exp(mean loss).

@@ -1,4 +1,4 @@
-"""`PolicyCache`: a KV cache whose kept tokens are chosen by selectors and held by a store.
+"""`SequenceCache`: a KV cache whose kept tokens are chosen by selectors and held by a store.
 
 It has the dense `KVCache`'s interface (reserve / write / advance / truncate / clear), so
 `LlamaModel.forward` and `BatchGeneration` drive it unchanged, plus:
@@ -21,7 +21,7 @@ from kvcache.errors import KVCacheError
 from kvcache.models.rope import apply_rotary
 
 
-class PolicyCache:
+class SequenceCache:
     """One sequence's KV cache under a policy (see module docstring)."""
 
     batch = 1

@@ -1,4 +1,4 @@
-"""Quantized and tiered stores for `PolicyCache` (same interface as `ExactStore`).
+"""Quantized and tiered stores for `SequenceCache` (same interface as `ExactStore`).
 
 `QuantizedKVStore` (policy `quantized`, KIVI-style) keeps, in token order:
   [sinks: first n_sink tokens, exact] [quantized groups] [tail: the last residual..residual+g-1 tokens, exact]

@@ -3,7 +3,7 @@
 A scorer is one class in its own file, registered by name in `scorers/__init__.py`. Every
 path that runs `evict` asks it the same questions, so a new scorer runs everywhere at once:
 
-- `update(prev, q, k)`: the one-sequence cache (`PolicyCache`, per-request rows): after a
+- `update(prev, q, k)`: the one-sequence cache (`SequenceCache`, per-request rows): after a
   step's queries q, the running score of each held key (replacing or adding to `prev`);
 - `first_observed(n)` and `prompt_score(mass)`: the paged engine, which scores a prompt once
   from the attention its observed queries pay (summed over prefill chunks, so the result does
