@@ -29,10 +29,21 @@ class ChunkSegment:
     read_blocks: torch.Tensor  # (1, NB) its block table
     kv_len: int  # slots it attends to (its own tokens included)
     first_block: int | None  # its blocks are consecutive from this id: read as a view
+    min_slot: torch.Tensor | None = None  # (T,) the oldest slot each query sees (a window), or None: all
 
     def mask(self, device) -> torch.Tensor:
-        """Bool (1, 1, T, kv_len): each of its queries sees the slots up to its own."""
-        return causal_mask(None, 1, self.kv_len - self.num_tokens, self.num_tokens, device)
+        """Bool (1, 1, T, kv_len): each of its queries sees the slots up to its own (from its
+        `min_slot` on, under a window)."""
+        return windowed_causal_mask(self.kv_len, self.num_tokens, self.min_slot, device)
+
+
+def windowed_causal_mask(kv_len: int, t: int, min_slot: torch.Tensor | None, device) -> torch.Tensor:
+    """Bool (1, 1, T, kv_len) for T queries at the last T of kv_len slots: causal, and query i
+    sees no slot before min_slot[i] (a window that moved during the chunk) when given."""
+    mask = causal_mask(None, 1, kv_len - t, t, device)  # (1, 1, T, kv_len)
+    if min_slot is not None:
+        mask = mask & (torch.arange(kv_len, device=device)[None, :] >= min_slot.to(device)[:, None])  # (1, 1, T, S)
+    return mask
 
 
 @dataclass
@@ -91,7 +102,7 @@ class MixedStepView(SlotStepView):
                 k_all, v_all = st.read_rows(layer, c.read_blocks)  # (1, Hkv, S', D)
                 k_all, v_all = k_all[:, :, : c.kv_len], v_all[:, :, : c.kv_len]  # (1, Hkv, S, D)
             qc = q[:, :, c.offset : c.offset + c.num_tokens]  # (1, Hq, T, D)
-            if self.native_prompts and native.prefill_attention_fits(qc, k_all):
+            if self.native_prompts and c.min_slot is None and native.prefill_attention_fits(qc, k_all):
                 o = native.prefill_attention(qc, k_all, v_all)  # (1, T, Hq*D), causal from S - T
             else:
                 if i not in self.masks:

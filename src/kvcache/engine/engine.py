@@ -78,7 +78,8 @@ class LLMEngine:
         if rows is not None:
             self.runner = PolicyRowRunner(model, rows, piece)
         else:
-            self.runner = ModelRunner(model, self.storage, self.kv, self.sinks, self.evict, config.mixed_steps)
+            self.runner = ModelRunner(model, self.storage, self.kv, self.sinks, self.evict, config.mixed_steps,
+                                      window=self.window if self.sinks is None else None)
         self.tokens_evicted = 0
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()

@@ -18,22 +18,26 @@ import torch
 
 from kvcache import native
 from kvcache.cache.manager import KVCacheManager
-from kvcache.cache.mixed_step import ChunkSegment, DecodeSegment, MixedStepView
+from kvcache.cache.mixed_step import ChunkSegment, DecodeSegment, MixedStepView, windowed_causal_mask
 from kvcache.cache.paged_evict import PagedEvict, PromptScores
 from kvcache.cache.paged_sinks import FAR, PagedSinksStepView
 from kvcache.cache.policies.sinks import Sinks
+from kvcache.cache.policies.window import Window
 from kvcache.cache.storage import PagedKVStorage, PagedStepView, slot_mask
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel
-from kvcache.models.step import StepInputs, causal_mask
+from kvcache.models.step import StepInputs
 
 
 class ModelRunner:
     """Executes one scheduler step on the model; returns sampled tokens by request id."""
 
     def __init__(self, model: LlamaModel, storage: PagedKVStorage, kv: KVCacheManager, sinks: Sinks | None = None,
-                 evict: PagedEvict | None = None, mixed_steps: bool = True):
+                 evict: PagedEvict | None = None, mixed_steps: bool = True, window: Window | None = None):
+        """`window`: a `window` policy, whose prompt chunks mask each query to its own window (as
+        decode rows see it through the blocks released behind it)."""
         self.model, self.storage, self.kv, self.sinks, self.evict = model, storage, kv, sinks, evict
+        self.window = window
         self.mixed_steps = mixed_steps
         self.device = model.device
         self.prompt_scores: dict[str, PromptScores] = {}  # request id -> what its prompt's queries attended
@@ -60,6 +64,19 @@ class ModelRunner:
         null = self.storage.null_block
         rows = torch.tensor([t + [null] * (width - len(t)) for t in tables], device=self.device)  # (B, NB)
         return rows, first, live
+
+    def _window_floor(self, chunk: ScheduledChunk) -> torch.Tensor | None:
+        """(T,) the oldest slot of the chunk's live blocks each of its queries may see under a
+        `window` policy: position p sees from `Window.first_kept(p)` on, as a query decoded
+        alone would, so results do not depend on how prompts are chunked. None when no query
+        of the chunk is limited (no window, or it starts at the live blocks)."""
+        if self.window is None:
+            return None
+        bs = self.kv.block_size
+        base = self.kv.first_live_block(chunk.request.request_id) * bs  # position of slot 0
+        pos = torch.arange(chunk.start, chunk.start + chunk.num_tokens)  # (T,)
+        floor = ((pos - self.window.size).clamp(min=0) // bs * bs - base).clamp(min=0)  # (T,)
+        return floor if bool(floor.any()) else None
 
     def _write_slots(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """(N,) slots of every chunk's new tokens, in chunk order."""
@@ -144,7 +161,8 @@ class ModelRunner:
         start, n = chunk.start, chunk.num_tokens
         ids = torch.tensor([chunk.request.all_token_ids[start : start + n]], device=dev)  # (1, T)
         blocks, first, live = self._block_rows([chunk], [start + n])  # (1, NB)
-        step = StepInputs(ids, None, start, causal_mask(None, 1, live[0] - n, n, dev))  # (1, 1, T, live)
+        mask = windowed_causal_mask(live[0], n, self._window_floor(chunk), dev)  # (1, 1, T, live)
+        step = StepInputs(ids, None, start, mask)
         cache = PagedStepView(self.storage, self._write_slots([chunk]), blocks, kv_len=live[0],
                                first_block=first, observer=self._observer(chunk))
         return self.model.forward(step, cache)  # (1, V)
@@ -167,7 +185,7 @@ class ModelRunner:
         segments, offset = [], len(decodes)
         for c in prompts:
             blocks, first, live = self._block_rows([c], [c.start + c.num_tokens])  # (1, NB)
-            segments.append(ChunkSegment(offset, c.num_tokens, blocks, live[0], first))
+            segments.append(ChunkSegment(offset, c.num_tokens, blocks, live[0], first, self._window_floor(c)))
             offset += c.num_tokens
         cache = MixedStepView(self.storage, self._write_slots(decodes + prompts), decode, segments, self.model.native)
         step = StepInputs(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev), 0, None,

@@ -27,6 +27,9 @@ class Policy:
     role: ClassVar[str] = ""  # "selector" | "store"
     params: ClassVar[dict[str, Param]] = {}
     combines_with_selectors: ClassVar[bool] = True  # stores only: False where the store chooses tokens itself
+    # policy strings the equivalence grid runs on a tiny model (tests/integration/test_policy_grid.py):
+    # every path the policy takes against its one-sequence reference, with no test written for it
+    examples: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def fill(cls, given: dict) -> dict:

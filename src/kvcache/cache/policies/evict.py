@@ -34,6 +34,9 @@ class Evict(Selector, Policy):
         "pool": Param(int, 31, minimum=1),
         "decode": Param(bool, False),  # keep evicting during generation, not only after prefill
     }
+    # every scorer after the prompt (paged blocks), and while decoding (per-request stores)
+    examples = (*(f"evict:scorer={name},ratio=0.5,window=8" for name in SCORERS),
+                *(f"evict:scorer={name},budget=40,decode=true" for name in SCORERS))
 
     def __init__(self, scorer: Scorer, ratio: float, budget: int, window: int, decode: bool, num_layers: int):
         self.scorer, self.ratio, self.budget, self.window, self.decode = scorer, ratio, budget, window, decode

@@ -26,6 +26,7 @@ class Full(Policy):
     params: ClassVar[dict[str, Param]] = {
         "dtype": Param(str, "model", choices=EXACT_DTYPES),  # e.g. full:dtype=fp16 under an fp32 model
     }
+    examples = ("full", "full:dtype=bf16")
 
     @classmethod
     def on_paged_blocks(cls, params: dict) -> bool:

@@ -40,6 +40,9 @@ class Quantized(Policy):
         "key_bits": Param(int, 0, choices=(0, 8, 4, 2)),  # the keys' own width (e.g. 8 over 4-bit values); 0: bits
         **HI_PARAMS,
     }
+    examples = ("quantized:bits=4,group_size=16,residual=16", "quantized:bits=2,group_size=16,residual=8",
+                "quantized:bits=8,group_size=16,key_axis=token,residual=0",
+                "quantized:bits=4,group_size=16,key_axis=token,residual=0")
 
     @classmethod
     def fill(cls, given: dict) -> dict:

@@ -15,6 +15,7 @@ class Sinks(Window):
     name = "sinks"
     params: ClassVar[dict[str, Param]] = {"n_sink": Param(int, 4, minimum=0), "window": Param(int, 1020, minimum=1)}
     cache_positions = True
+    examples = ("sinks:n_sink=4,window=24", "sinks:n_sink=4,window=28+quantized:bits=8,group_size=16,residual=16")
 
     def __init__(self, n_sink: int, window: int):
         super().__init__(window)

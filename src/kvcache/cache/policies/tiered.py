@@ -30,6 +30,7 @@ class Tiered(Policy):
         "value_group_size": Param(int, 0, minimum=0),  # channels per value group; 0: group_size if it divides head_dim
         **HI_PARAMS,
     }
+    examples = ("tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16",)
 
     @classmethod
     def check(cls, params: dict) -> None:

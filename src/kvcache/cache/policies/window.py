@@ -20,6 +20,7 @@ class Window(Selector, Policy):
     name = "window"
     role = "selector"
     params: ClassVar[dict[str, Param]] = {"size": Param(int, 1024, minimum=1)}
+    examples = ("window:size=32",)
 
     def __init__(self, size: int):
         self.size = size
