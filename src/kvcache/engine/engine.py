@@ -17,6 +17,7 @@ from kvcache.cache.row_policy import RowPolicyStorage, policy_footprint
 from kvcache.cache.storage import PagedKVStorage
 from kvcache.engine.config import EngineConfig, default_prefill_piece, windowed_live_tokens
 from kvcache.engine.detokenizer import IncrementalDetokenizer
+from kvcache.engine.logprobs import prompt_logprobs
 from kvcache.engine.policy_runner import PolicyRowRunner
 from kvcache.engine.request import Request
 from kvcache.engine.runner import ModelRunner
@@ -97,6 +98,8 @@ class LLMEngine:
         req = Request(rid, list(prompt_token_ids), params, Sampler(params, self.model.device),
                       IncrementalDetokenizer(self.tokenizer, params.stop), self.max_model_len,
                       frozenset(eos_ids) if eos_ids is not None else self.eos_ids)
+        if params.prompt_logprobs is not None:  # a separate full forward over the prompt, no prefix cache
+            req.prompt_logprobs = prompt_logprobs(self.model, req.prompt_token_ids, params.prompt_logprobs)
         self.requests[rid] = req
         self.scheduler.add(req)
         return req

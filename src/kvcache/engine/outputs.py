@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from kvcache.engine.logprobs import TokenLogprob
+
 
 @dataclass
 class RequestMetrics:
@@ -44,3 +46,5 @@ class RequestOutput:
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     request_id: str = ""
     error: str | None = None  # set when the request failed alone (e.g. it can never fit the KV pool)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when SamplingParams.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first None), when asked

@@ -44,6 +44,8 @@ class Request:
     preemptions: int = 0
     t_first_token: float = 0.0
     t_last_token: float = 0.0
+    output_logprobs: list = field(default_factory=list)  # TokenLogprob per sampled token, when asked
+    prompt_logprobs: list | None = None  # TokenLogprob | None per prompt token, when asked
 
     def __post_init__(self):
         # ids that end the request, fixed for its lifetime (checked on every token)
@@ -93,5 +95,7 @@ class Request:
             preemptions=self.preemptions,
         )
         text = self.detok.text if self.finished else self.detok.text[: self.detok.emitted]
+        logprobs = list(self.output_logprobs) if self.params.logprobs is not None else None
         return RequestOutput(self.prompt_token_ids, list(self.output_token_ids), text,
-                             self.finish_reason or "length", metrics, self.request_id, self.error)
+                             self.finish_reason or "length", metrics, self.request_id, self.error,
+                             logprobs, self.prompt_logprobs)

@@ -24,6 +24,7 @@ from kvcache.cache.paged_sinks import FAR, PagedSinksStepView
 from kvcache.cache.policies.sinks import Sinks
 from kvcache.cache.policies.window import Window
 from kvcache.cache.storage import PagedKVStorage, PagedStepView, slot_mask
+from kvcache.engine.logprobs import token_logprob
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel
 from kvcache.models.step import StepInputs
@@ -222,7 +223,8 @@ class ModelRunner:
 
 def sample_rows(rows: list[tuple[ScheduledChunk, torch.Tensor]]) -> dict[str, int]:
     """The next token of each chunk that reached its sequence's end, from its logits (V,):
-    greedy rows in one argmax, the rest through their request's sampler."""
+    greedy rows in one argmax, the rest through their request's sampler. A request with
+    `params.logprobs` set gets the token's entry appended to its `output_logprobs`."""
     sampled: dict[str, int] = {}
     rows = [(c, lg) for c, lg in rows if c.samples]
     greedy = [(c, lg) for c, lg in rows if c.request.params.greedy and c.request.params.repetition_penalty == 1.0]
@@ -239,4 +241,8 @@ def sample_rows(rows: list[tuple[ScheduledChunk, torch.Tensor]]) -> dict[str, in
         if req.params.repetition_penalty != 1.0:
             seen = torch.tensor(req.all_token_ids, device=lg.device)
         sampled[req.request_id] = req.sampler(lg, seen)
+    for c, lg in rows:  # logprobs of the raw logits, only for requests that asked
+        req = c.request
+        if req.params.logprobs is not None:
+            req.output_logprobs.append(token_logprob(lg, sampled[req.request_id], req.params.logprobs))
     return sampled

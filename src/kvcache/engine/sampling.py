@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvcache.engine.logprobs import MAX_LOGPROBS
 from kvcache.errors import KVCacheError
 
 
@@ -22,6 +23,8 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # sampled tokens' logprobs with this many top alternatives (None = off)
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs too (one extra forward over the prompt)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -37,6 +40,11 @@ class SamplingParams:
             raise KVCacheError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if not self.repetition_penalty > 0:
             raise KVCacheError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise KVCacheError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}.")
 
     @property
     def greedy(self) -> bool:

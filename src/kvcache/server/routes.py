@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -22,6 +22,7 @@ from kvcache.engine.length_rule import check_length
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError, MaxTokensTooLargeError, PromptTooLongError
 from kvcache.server.errors import APIError, error_body, log
+from kvcache.server.logprobs import chat_logprobs, completion_logprobs
 from kvcache.server.schemas import (
     ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice, CompletionRequest, ErrorBody,
     ModelCard, ModelList, PromptTokensDetails, ResponseMessage, Usage,
@@ -59,7 +60,8 @@ def completion_prompt_ids(llm, body: CompletionRequest) -> list[int]:
         raise APIError.from_user_error(exc, "prompt") from None
 
 
-def sampling_params(llm, body, prompt_len: int, max_tokens: int | None) -> SamplingParams:
+def sampling_params(llm, body, prompt_len: int, max_tokens: int | None, logprobs: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """SamplingParams for a request, with OpenAI's length rules checked against the context."""
     if bad := body.unsupported():
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
@@ -79,23 +81,39 @@ def sampling_params(llm, body, prompt_len: int, max_tokens: int | None) -> Sampl
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k,
             repetition_penalty=body.repetition_penalty or 1.0, stop=body.stop, seed=body.seed,
-            ignore_eos=bool(body.ignore_eos),
+            ignore_eos=bool(body.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
     except KVCacheError as exc:
         raise APIError.from_user_error(exc) from None
 
 
 # -- responses -----------------------------------------------------------------------------------
-def usage_of(update: StreamOutput) -> Usage:
-    m = update.output.metrics
-    n_out = len(update.output.token_ids)
-    return Usage(prompt_tokens=m.prompt_tokens, completion_tokens=n_out, total_tokens=m.prompt_tokens + n_out,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=m.cached_prompt_tokens))
+def usage_of(updates: list[StreamOutput]) -> Usage:
+    """Usage summed over a request's choices (their latest outputs)."""
+    prompt = sum(u.output.metrics.prompt_tokens for u in updates)
+    n_out = sum(len(u.output.token_ids) for u in updates)
+    cached = sum(u.output.metrics.cached_prompt_tokens for u in updates)
+    return Usage(prompt_tokens=prompt, completion_tokens=n_out, total_tokens=prompt + n_out,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+@dataclass
+class _Choice:
+    """One prompt of a request: its engine request and what its stream has sent so far."""
+
+    index: int
+    request_id: str  # the engine's id
+    prompt_ids: list[int]
+    echo_text: str = ""  # the prompt's text, shown before the completion when echo is on
+    last: StreamOutput | None = None
+    finished: bool = False
+    sent_logprobs: int = 0
+    sent_chars: int = 0
 
 
 @dataclass
 class _Job:
-    """One generation: what the route prepared and how to shape its chunks."""
+    """One HTTP generation: what the route prepared and how to shape its chunks."""
 
     state: ServerState
     request_id: str
@@ -103,47 +121,84 @@ class _Job:
     include_usage: bool
     model: str
     created: int
-    finished: bool = False  # the engine finished (or failed) the request
+    logprobs: int | None = None  # top alternatives per token, when logprobs were asked for
+    echo: bool = False
+    choices: list[_Choice] = field(default_factory=list)
     closed: bool = False
 
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.choices)
+
     async def close(self) -> None:
-        """Once: abort the request unless it finished (frees its blocks), and leave the in-flight count."""
+        """Once: abort the requests that did not finish (frees their blocks), and leave the in-flight count."""
         if self.closed:
             return
         self.closed = True
         try:
             if not self.finished:
                 self.state.metrics.disconnects += 1
-                await self.state.engine.abort(self.request_id)
+            for c in self.choices:
+                if not c.finished:
+                    await self.state.engine.abort(c.request_id)
         finally:
             self.state.release()
 
-    def chunk(self, delta: str | None, finish: str | None = None, usage: Usage | None = None,
-              role: bool = False) -> str:
+    def usage(self) -> Usage:
+        return usage_of([c.last for c in self.choices if c.last is not None])
+
+    def new_logprobs(self, c: _Choice, update: StreamOutput, echo: bool = False) -> dict | None:
+        """The logprobs of the tokens `c` has not sent yet (the prompt's when `echo`)."""
+        if self.logprobs is None:
+            return None
+        tok = self.state.llm.tokenizer
+        out = update.output
+        if echo:
+            return completion_logprobs(tok, c.prompt_ids, out.prompt_logprobs or [None] * len(c.prompt_ids))
+        entries = (out.logprobs or [])[c.sent_logprobs:]
+        c.sent_logprobs += len(entries)
         if self.chat:
-            obj, choice = "chat.completion.chunk", {"index": 0, "finish_reason": finish, "logprobs": None,
+            return chat_logprobs(tok, entries)
+        return completion_logprobs(tok, [e.token_id for e in entries], entries, c.sent_chars)
+
+    def chunk(self, index: int, delta: str | None, finish: str | None = None, usage: Usage | None = None,
+              role: bool = False, logprobs: dict | None = None, final_usage: bool = False) -> str:
+        if self.chat:
+            obj, choice = "chat.completion.chunk", {"index": index, "finish_reason": finish, "logprobs": logprobs,
                                                    "delta": {}}
             if role:
                 choice["delta"]["role"] = "assistant"
             if delta is not None:
                 choice["delta"]["content"] = delta
         else:
-            obj, choice = "text_completion", {"index": 0, "text": delta or "", "finish_reason": finish,
-                                              "logprobs": None}
+            obj, choice = "text_completion", {"index": index, "text": delta or "", "finish_reason": finish,
+                                              "logprobs": logprobs}
         body = {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [] if usage is not None else [choice]}
+                "choices": [] if final_usage else [choice]}
         if self.include_usage:
             body["usage"] = usage.model_dump() if usage is not None else None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def final(self, last: StreamOutput) -> JSONResponse:
-        out, usage = last.output, usage_of(last)
-        if self.chat:
-            body = ChatCompletion(id=self.request_id, created=self.created, model=self.model, usage=usage, choices=[
-                ChatChoice(message=ResponseMessage(content=out.text), finish_reason=out.finish_reason)])
-        else:
-            body = Completion(id=self.request_id, created=self.created, model=self.model, usage=usage,
-                              choices=[CompletionChoice(text=out.text, finish_reason=out.finish_reason)])
+    def final(self) -> JSONResponse:
+        usage, tok = self.usage(), self.state.llm.tokenizer
+        choices = []
+        for c in self.choices:
+            out = c.last.output
+            if self.chat:
+                lp = None if self.logprobs is None else chat_logprobs(tok, out.logprobs or [])
+                choices.append(ChatChoice(index=c.index, message=ResponseMessage(content=out.text),
+                                          finish_reason=out.finish_reason, logprobs=lp))
+                continue
+            lp = None
+            if self.logprobs is not None:
+                ids, entries = list(out.token_ids), list(out.logprobs or [])
+                if self.echo:
+                    ids, entries = c.prompt_ids + ids, list(out.prompt_logprobs or [None] * len(c.prompt_ids)) + entries
+                lp = completion_logprobs(tok, ids, entries)
+            choices.append(CompletionChoice(index=c.index, text=c.echo_text + out.text,
+                                            finish_reason=out.finish_reason, logprobs=lp))
+        reply = ChatCompletion if self.chat else Completion
+        body = reply(id=self.request_id, created=self.created, model=self.model, usage=usage, choices=choices)
         return JSONResponse(body.model_dump())
 
 
@@ -153,39 +208,49 @@ def _failure(update: StreamOutput) -> APIError | None:
     return None
 
 
-async def _events(job: _Job, stream: AsyncIterator[StreamOutput]) -> AsyncIterator[str]:
+async def _events(job: _Job, updates: AsyncIterator[tuple[int, StreamOutput]]) -> AsyncIterator[str]:
     """SSE chunks in OpenAI's format, ending with `data: [DONE]`; errors become an error event."""
     try:
         if job.chat:
-            yield job.chunk("", role=True)
-        async for update in stream:
-            finished = job.finished = update.finished
-            if finished and (err := _failure(update)):
+            yield job.chunk(0, "", role=True)
+        failed = False
+        async for i, update in updates:
+            c = job.choices[i]
+            if c.last is None and job.echo:  # the prompt first, with its own logprobs
+                c.sent_chars = len(c.echo_text)
+                yield job.chunk(i, c.echo_text, logprobs=job.new_logprobs(c, update, echo=True))
+            c.last, c.finished = update, update.finished
+            if update.finished and (err := _failure(update)):
                 yield f"data: {json.dumps(err.body())}\n\n"
+                failed = True
                 break
-            if update.delta:
-                yield job.chunk(update.delta)
-            if finished:
-                yield job.chunk(None if job.chat else "", finish=update.output.finish_reason)
-                if job.include_usage:
-                    yield job.chunk(None, usage=usage_of(update))
+            lp = job.new_logprobs(c, update) if update.delta or update.finished else None
+            has_lp = lp is not None and (lp.get("content") or lp.get("tokens"))
+            if update.delta or has_lp:
+                yield job.chunk(i, update.delta, logprobs=lp)
+                c.sent_chars += len(update.delta)
+            if update.finished:
+                yield job.chunk(i, None if job.chat else "", finish=update.output.finish_reason)
+        if job.include_usage and not failed:
+            yield job.chunk(0, None, usage=job.usage(), final_usage=True)
         yield "data: [DONE]\n\n"
     except Exception as exc:  # the engine failed this request: say so in the stream, keep serving
-        job.finished = True
+        for c in job.choices:
+            c.finished = True
         log.exception("stream %s failed", job.request_id)
         yield f"data: {json.dumps(error_body(500, f'Generation failed ({type(exc).__name__}).'))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        await stream.aclose()
+        await updates.aclose()
         await job.close()
 
 
 class EngineStream(StreamingResponse):
     """A StreamingResponse that always ends its job: a client that disconnects (even before the
-    first byte) gets its request aborted and its KV blocks freed at once."""
+    first byte) gets its requests aborted and their KV blocks freed at once."""
 
-    def __init__(self, job: _Job, stream: AsyncIterator[StreamOutput]):
-        super().__init__(_events(job, stream), media_type="text/event-stream",
+    def __init__(self, job: _Job, updates: AsyncIterator[tuple[int, StreamOutput]]):
+        super().__init__(_events(job, updates), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Request-Id": job.request_id})
         self.job = job
 
@@ -197,50 +262,96 @@ class EngineStream(StreamingResponse):
             await self.job.close()
 
 
-async def _collect(request: Request, stream: AsyncIterator[StreamOutput]) -> StreamOutput | None:
-    """The last update of a non-streamed request; None if the client went away first (then aborted)."""
+async def _merged(streams: list[AsyncIterator[StreamOutput]]) -> AsyncIterator[tuple[int, StreamOutput]]:
+    """(choice index, update) from several engine streams as they come; closing it closes them all
+    (each aborts its request unless finished)."""
+    if len(streams) == 1:
+        try:
+            async for update in streams[0]:
+                yield 0, update
+        finally:
+            await streams[0].aclose()
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[StreamOutput]) -> None:
+        try:
+            async for update in stream:
+                await q.put((i, update))
+            await q.put((i, None))
+        except Exception as exc:  # hand the failure to the reader
+            await q.put((i, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, item = await q.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()
+
+
+async def _collect(request: Request, job: _Job, updates: AsyncIterator[tuple[int, StreamOutput]]) -> bool:
+    """Drain a non-streamed request into its choices; False if the client went away first (then aborted)."""
 
     async def drain():
-        last = None
-        async for update in stream:
-            last = update
-        return last
+        async for i, update in updates:
+            c = job.choices[i]
+            c.last, c.finished = update, update.finished
 
     task = asyncio.ensure_future(drain())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.5)
             if done:
-                return task.result()
+                task.result()
+                return True
             if await request.is_disconnected():
-                return None
+                return False
     finally:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await stream.aclose()
+        await updates.aclose()
 
 
-async def _generate(request: Request, job: _Job, ids: list[int], params: SamplingParams, stream: bool):
+async def _generate(request: Request, job: _Job, prompts: list[tuple[list[int], SamplingParams]], stream: bool):
     state = job.state
     state.admit()
+    streams = []
     try:
-        updates = state.engine.add_request(ids, params, request_id=job.request_id)
+        for i, (ids, params) in enumerate(prompts):
+            rid = job.request_id if len(prompts) == 1 else f"{job.request_id}-{i}"
+            streams.append(state.engine.add_request(ids, params, request_id=rid))
+            job.choices[i].request_id = rid
     except KVCacheError as exc:
+        for s in streams:
+            await s.aclose()
         state.release()
         raise APIError.from_user_error(exc) from None
+    updates = _merged(streams)
     if stream:
         return EngineStream(job, updates)
     try:
-        last = await _collect(request, updates)
-        job.finished = last is not None
+        ok = await _collect(request, job, updates)
     finally:
         await job.close()
-    if last is None:
+    if not ok:
         return JSONResponse(error_body(499, "The client closed the request."), status_code=499)
-    if err := _failure(last):
-        raise err
-    return job.final(last)
+    for c in job.choices:
+        if err := _failure(c.last):
+            raise err
+    return job.final()
 
 
 def _job(state: ServerState, body, chat: bool) -> _Job:
@@ -256,10 +367,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Chat completion (OpenAI format). With `stream: true`, server-sent events ending with [DONE]."""
     state = state_of(request)
     job = _job(state, body, chat=True)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs set to true.", "top_logprobs")
+    job.logprobs = (body.top_logprobs or 0) if body.logprobs else None
     ids = chat_prompt_ids(state.llm, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sampling_params(state.llm, body, len(ids), max_tokens)
-    return await _generate(request, job, ids, params, bool(body.stream))
+    params = sampling_params(state.llm, body, len(ids), max_tokens, logprobs=job.logprobs)
+    job.choices = [_Choice(0, job.request_id, ids)]
+    return await _generate(request, job, [(ids, params)], bool(body.stream))
 
 
 @router.post("/v1/completions", response_model=Completion, responses=ERRORS, tags=["openai"])
@@ -267,9 +382,11 @@ async def completions(body: CompletionRequest, request: Request):
     """Text completion of one prompt (a string or token ids), streamed or not."""
     state = state_of(request)
     job = _job(state, body, chat=False)
+    job.logprobs = body.logprobs
     ids = completion_prompt_ids(state.llm, body)
-    params = sampling_params(state.llm, body, len(ids), body.max_tokens)
-    return await _generate(request, job, ids, params, bool(body.stream))
+    params = sampling_params(state.llm, body, len(ids), body.max_tokens, logprobs=job.logprobs)
+    job.choices = [_Choice(0, job.request_id, ids)]
+    return await _generate(request, job, [(ids, params)], bool(body.stream))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["openai"])

@@ -92,7 +92,6 @@ class ChatCompletionRequest(_SamplingRequest):
     def _unsupported_extra(self):
         fmt = (self.response_format or {}).get("type", "text")
         return [
-            ("logprobs", bool(self.logprobs) or bool(self.top_logprobs), "logprobs are not supported."),
             ("tools", bool(self.tools), "Tool calling is not supported."),
             ("tool_choice", self.tool_choice not in (None, "none", "auto"), "Tool calling is not supported."),
             ("response_format", fmt != "text", "Only the 'text' response_format is supported."),
@@ -109,7 +108,6 @@ class CompletionRequest(_SamplingRequest):
 
     def _unsupported_extra(self):
         return [
-            ("logprobs", self.logprobs is not None, "logprobs are not supported."),
             ("echo", bool(self.echo), "echo is not supported."),
             ("suffix", bool(self.suffix), "suffix is not supported."),
             ("best_of", self.best_of not in (None, 1), "Only best_of=1 is supported."),
@@ -145,7 +143,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"content": [{token, logprob, bytes, top_logprobs}]}
 
 
 class _Reply(BaseModel):
@@ -164,7 +162,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {tokens, token_logprobs, top_logprobs, text_offset}
 
 
 class Completion(_Reply):
