@@ -78,3 +78,47 @@ def test_completion_logprobs_bad_values_are_400(server):
     for value in (6, -1):
         r = httpx.post(server.v1 + "/completions", json={"model": MODEL_ID, "prompt": PROMPT, "logprobs": value})
         assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, tiny_llm):
+    """What lm-eval's loglikelihood sends: the prompt back with its own logprobs, nothing generated."""
+    ids = tiny_llm.encode(PROMPT)
+    r = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    choice = r.choices[0]
+    want = tiny_llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1))[0].prompt_logprobs
+    assert choice.text == PROMPT and r.usage.completion_tokens == 0 and r.usage.prompt_tokens == len(ids)
+    lp = choice.logprobs
+    assert lp.tokens == [tiny_llm.tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([e.logprob for e in want[1:]], abs=1e-5)
+    assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+    by_ids = client.completions.create(model=MODEL_ID, prompt=[ids], max_tokens=0, echo=True, logprobs=0)
+    assert by_ids.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert by_ids.choices[0].logprobs.top_logprobs[1:] == [{}] * (len(ids) - 1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_puts_the_prompt_first(client, stream):
+    kwargs = dict(model=MODEL_ID, prompt=PROMPT, max_tokens=4, logprobs=2, extra_body=LONG, **GREEDY)
+    plain = client.completions.create(**kwargs).choices[0]
+    if stream:
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, echo=True, **kwargs) if c.choices]
+        text = "".join(c.text for c in chunks)
+        lps = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+        offsets = [v for c in chunks if c.logprobs for v in c.logprobs.text_offset]
+    else:
+        echoed = client.completions.create(echo=True, **kwargs).choices[0]
+        text, lps, offsets = echoed.text, echoed.logprobs.token_logprobs, echoed.logprobs.text_offset
+    assert text == PROMPT + plain.text
+    n_prompt = len(lps) - 4
+    assert lps[0] is None and None not in lps[1:]
+    assert lps[n_prompt:] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-6)
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    no_lp = client.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=2, echo=True).choices[0]
+    assert no_lp.text.startswith(PROMPT) and no_lp.logprobs is None
+
+
+def test_max_tokens_0_needs_echo(server):
+    r = httpx.post(server.v1 + "/completions", json={"model": MODEL_ID, "prompt": PROMPT, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    assert "echo" in r.json()["error"]["message"]

@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from kvcache.api.async_engine import StreamOutput
 from kvcache.engine.length_rule import check_length
+from kvcache.engine.logprobs import prompt_logprobs
+from kvcache.engine.outputs import RequestMetrics, RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError, MaxTokensTooLargeError, PromptTooLongError
 from kvcache.server.errors import APIError, error_body, log
@@ -48,16 +50,20 @@ def chat_prompt_ids(llm, body: ChatCompletionRequest) -> list[int]:
         raise APIError(400, f"The chat template cannot render these messages: {exc}", "messages") from None
 
 
-def completion_prompt_ids(llm, body: CompletionRequest) -> list[int]:
+def completion_prompts(llm, body: CompletionRequest) -> list[tuple[list[int], str]]:
+    """(token ids, text to echo) of each prompt of a completions request."""
     prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, "Only one prompt per request is supported.", "prompt")
-        prompt = prompt[0]
-    try:
-        return llm.encode(prompt)
-    except KVCacheError as exc:
-        raise APIError.from_user_error(exc, "prompt") from None
+    prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
+    if len(prompts) != 1:
+        raise APIError(400, "Only one prompt per request is supported.", "prompt")
+    out = []
+    for p in prompts:
+        try:
+            ids = llm.encode(p)
+        except KVCacheError as exc:
+            raise APIError.from_user_error(exc, "prompt") from None
+        out.append((ids, p if isinstance(p, str) else llm.tokenizer.decode(ids)))
+    return out
 
 
 def sampling_params(llm, body, prompt_len: int, max_tokens: int | None, logprobs: int | None = None,
@@ -154,7 +160,8 @@ class _Job:
         tok = self.state.llm.tokenizer
         out = update.output
         if echo:
-            return completion_logprobs(tok, c.prompt_ids, out.prompt_logprobs or [None] * len(c.prompt_ids))
+            ids = out.prompt_token_ids
+            return completion_logprobs(tok, ids, out.prompt_logprobs or [None] * len(ids))
         entries = (out.logprobs or [])[c.sent_logprobs:]
         c.sent_logprobs += len(entries)
         if self.chat:
@@ -193,7 +200,8 @@ class _Job:
             if self.logprobs is not None:
                 ids, entries = list(out.token_ids), list(out.logprobs or [])
                 if self.echo:
-                    ids, entries = c.prompt_ids + ids, list(out.prompt_logprobs or [None] * len(c.prompt_ids)) + entries
+                    prompt = out.prompt_token_ids
+                    ids, entries = prompt + ids, list(out.prompt_logprobs or [None] * len(prompt)) + entries
                 lp = completion_logprobs(tok, ids, entries)
             choices.append(CompletionChoice(index=c.index, text=c.echo_text + out.text,
                                             finish_reason=out.finish_reason, logprobs=lp))
@@ -325,15 +333,30 @@ async def _collect(request: Request, job: _Job, updates: AsyncIterator[tuple[int
         await updates.aclose()
 
 
-async def _generate(request: Request, job: _Job, prompts: list[tuple[list[int], SamplingParams]], stream: bool):
+async def _prompt_only(state: ServerState, ids: list[int], k: int | None) -> AsyncIterator[StreamOutput]:
+    """The one update of an echo with max_tokens 0: no generation, the prompt's logprobs when asked
+    (computed on the engine thread between steps)."""
+    lps = None if k is None else await state.engine.call(lambda e: prompt_logprobs(e.model, ids, k))
+    out = RequestOutput(ids, [], "", "length", RequestMetrics(prompt_tokens=len(ids)), logprobs=[],
+                        prompt_logprobs=lps)
+    yield StreamOutput("", "", True, out)
+
+
+async def _generate(request: Request, job: _Job, prompts: list[tuple[list[int], SamplingParams | None]],
+                    stream: bool):
+    """Run each (ids, params) as its own engine request in the one batch (params None: echo the
+    prompt alone), then answer them as one streamed or whole reply."""
     state = job.state
     state.admit()
     streams = []
     try:
         for i, (ids, params) in enumerate(prompts):
             rid = job.request_id if len(prompts) == 1 else f"{job.request_id}-{i}"
-            streams.append(state.engine.add_request(ids, params, request_id=rid))
             job.choices[i].request_id = rid
+            if params is None:
+                streams.append(_prompt_only(state, ids, job.logprobs))
+            else:
+                streams.append(state.engine.add_request(ids, params, request_id=rid))
     except KVCacheError as exc:
         for s in streams:
             await s.aclose()
@@ -382,11 +405,16 @@ async def completions(body: CompletionRequest, request: Request):
     """Text completion of one prompt (a string or token ids), streamed or not."""
     state = state_of(request)
     job = _job(state, body, chat=False)
-    job.logprobs = body.logprobs
-    ids = completion_prompt_ids(state.llm, body)
-    params = sampling_params(state.llm, body, len(ids), body.max_tokens, logprobs=job.logprobs)
-    job.choices = [_Choice(0, job.request_id, ids)]
-    return await _generate(request, job, [(ids, params)], bool(body.stream))
+    job.logprobs, job.echo = body.logprobs, bool(body.echo)
+    if body.max_tokens == 0 and not job.echo:
+        raise APIError(400, "max_tokens must be at least 1 unless echo is true.", "max_tokens")
+    prompt_k = body.logprobs if job.echo else None  # the prompt's own logprobs: one extra forward each
+    prompts = []
+    for i, (ids, text) in enumerate(completion_prompts(state.llm, body)):
+        params = sampling_params(state.llm, body, len(ids), body.max_tokens, job.logprobs, prompt_k)
+        prompts.append((ids, None if body.max_tokens == 0 else params))  # 0: the prompt alone, scored
+        job.choices.append(_Choice(i, job.request_id, ids, text if job.echo else ""))
+    return await _generate(request, job, prompts, bool(body.stream))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["openai"])

@@ -101,6 +101,7 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
         description="a string, a token-id list, or a list holding one of those")
+    max_tokens: int | None = Field(default=None, ge=0, description="0 only with echo: score the prompt")
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
@@ -108,7 +109,6 @@ class CompletionRequest(_SamplingRequest):
 
     def _unsupported_extra(self):
         return [
-            ("echo", bool(self.echo), "echo is not supported."),
             ("suffix", bool(self.suffix), "suffix is not supported."),
             ("best_of", self.best_of not in (None, 1), "Only best_of=1 is supported."),
         ]
