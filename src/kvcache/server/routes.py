@@ -54,8 +54,9 @@ def completion_prompts(llm, body: CompletionRequest) -> list[tuple[list[int], st
     """(token ids, text to echo) of each prompt of a completions request."""
     prompt = body.prompt
     prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
-    if len(prompts) != 1:
-        raise APIError(400, "Only one prompt per request is supported.", "prompt")
+    limit = llm.engine.config.max_num_seqs
+    if len(prompts) > limit:
+        raise APIError(400, f"At most {limit} prompts per request are supported, got {len(prompts)}.", "prompt")
     out = []
     for p in prompts:
         try:
@@ -402,7 +403,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 @router.post("/v1/completions", response_model=Completion, responses=ERRORS, tags=["openai"])
 async def completions(body: CompletionRequest, request: Request):
-    """Text completion of one prompt (a string or token ids), streamed or not."""
+    """Text completion of one prompt or several (strings or token-id lists; one choice each, run in
+    the same batch), streamed or not."""
     state = state_of(request)
     job = _job(state, body, chat=False)
     job.logprobs, job.echo = body.logprobs, bool(body.echo)

@@ -100,7 +100,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
-        description="a string, a token-id list, or a list holding one of those")
+        description="a string, a token-id list, or a list of either (one choice each)")
     max_tokens: int | None = Field(default=None, ge=0, description="0 only with echo: score the prompt")
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool | None = False
