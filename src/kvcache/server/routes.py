@@ -27,7 +27,7 @@ from kvcache.server.errors import APIError, error_body, log
 from kvcache.server.logprobs import chat_logprobs, completion_logprobs
 from kvcache.server.schemas import (
     ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice, CompletionRequest, ErrorBody,
-    ModelCard, ModelList, PromptTokensDetails, ResponseMessage, Usage,
+    ModelCard, ModelList, PromptTokensDetails, ResponseMessage, Usage, template_messages,
 )
 from kvcache.server.state import ServerState
 
@@ -41,7 +41,7 @@ def state_of(request: Request) -> ServerState:
 
 # -- request -> (prompt ids, sampling params) ----------------------------------------------------
 def chat_prompt_ids(llm, body: ChatCompletionRequest) -> list[int]:
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = template_messages(body.messages)
     try:
         return llm.chat_ids(messages)
     except KVCacheError:
@@ -128,6 +128,7 @@ class _Job:
     include_usage: bool
     model: str
     created: int
+    continuous_usage: bool = False  # usage so far on every chunk
     logprobs: int | None = None  # top alternatives per token, when logprobs were asked for
     echo: bool = False
     choices: list[_Choice] = field(default_factory=list)
@@ -152,7 +153,12 @@ class _Job:
             self.state.release()
 
     def usage(self) -> Usage:
-        return usage_of([c.last for c in self.choices if c.last is not None])
+        """Usage so far: a choice with no update yet counts its prompt."""
+        u = usage_of([c.last for c in self.choices if c.last is not None])
+        waiting = sum(len(c.prompt_ids) for c in self.choices if c.last is None)
+        u.prompt_tokens += waiting
+        u.total_tokens += waiting
+        return u
 
     def new_logprobs(self, c: _Choice, update: StreamOutput, echo: bool = False) -> dict | None:
         """The logprobs of the tokens `c` has not sent yet (the prompt's when `echo`)."""
@@ -183,7 +189,9 @@ class _Job:
                                               "logprobs": logprobs}
         body = {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [] if final_usage else [choice]}
-        if self.include_usage:
+        if self.continuous_usage and usage is None:
+            usage = self.usage()
+        if self.include_usage or self.continuous_usage:
             body["usage"] = usage.model_dump() if usage is not None else None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -380,9 +388,11 @@ async def _generate(request: Request, job: _Job, prompts: list[tuple[list[int], 
 
 def _job(state: ServerState, body, chat: bool) -> _Job:
     state.check_model(body.model)
-    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    options = body.stream_options if body.stream else None
+    include_usage = bool(options and options.include_usage)
     prefix = "chatcmpl" if chat else "cmpl"
-    return _Job(state, f"{prefix}-{uuid.uuid4().hex}", chat, include_usage, state.model_name, int(time.time()))
+    return _Job(state, f"{prefix}-{uuid.uuid4().hex}", chat, include_usage, state.model_name, int(time.time()),
+                continuous_usage=bool(options and options.continuous_usage_stats))
 
 
 # -- endpoints -----------------------------------------------------------------------------------
@@ -422,9 +432,19 @@ async def completions(body: CompletionRequest, request: Request):
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["openai"])
 async def models(request: Request):
     """The one model this server serves."""
+    return ModelList(data=[_card(state_of(request))])
+
+
+def _card(state: ServerState) -> ModelCard:
+    return ModelCard(id=state.model_name, created=int(state.metrics.started), max_model_len=state.llm.max_model_len)
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS, tags=["openai"])
+async def model(model_id: str, request: Request):
+    """The model's card; 404 (OpenAI's error body) for any other id."""
     state = state_of(request)
-    card = ModelCard(id=state.model_name, created=int(state.metrics.started), max_model_len=state.llm.max_model_len)
-    return ModelList(data=[card])
+    state.check_model(model_id)
+    return _card(state)
 
 
 @router.get("/health", tags=["ops"])

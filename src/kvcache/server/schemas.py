@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvcache.engine.persist import SessionInfo
+from kvcache.server.errors import APIError
 
 NonNegInt = Annotated[int, Field(ge=0)]
 TokenId = Annotated[int, Field(ge=0)]
@@ -26,10 +27,31 @@ class TextPart(_Strict):
     text: str
 
 
+class OtherPart(BaseModel):
+    """A content part of another type (image_url, input_audio, ...): accepted by the schema so that
+    the route can refuse it with one sentence naming its type."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _not_text(cls, value: str) -> str:
+        if value == "text":
+            raise ValueError("a text part needs 'text'")
+        return value
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | OtherPart] | None = None
     name: str | None = None
+
+    def other_part(self) -> tuple[int, str] | None:
+        """(index, type) of the first content part that is not text."""
+        if isinstance(self.content, list):
+            return next(((j, p.type) for j, p in enumerate(self.content) if isinstance(p, OtherPart)), None)
+        return None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -37,8 +59,22 @@ class ChatMessage(_Strict):
         return self.content or ""
 
 
-class StreamOptions(_Strict):
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """{role, content} dicts for the chat template; a part that is not text is a 400 naming it."""
+    for i, m in enumerate(messages):
+        if (other := m.other_part()) is not None:
+            j, kind = other
+            what = "Image inputs are" if kind == "image_url" else f"Content parts of type '{kind}' are"
+            raise APIError(400, f"{what} not supported by this text model (messages.{i}.content.{j}).",
+                           f"messages.{i}.content.{j}.type")
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class StreamOptions(BaseModel):
+    """Unknown fields here are ignored (clients send options of other servers)."""
+
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # usage (so far) on every chunk
 
 
 class _SamplingRequest(_Strict):

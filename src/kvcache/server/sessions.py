@@ -19,7 +19,7 @@ from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
 from kvcache.server.errors import APIError
 from kvcache.server.routes import ERRORS, state_of
-from kvcache.server.schemas import SessionList, SessionLoaded, SessionRequest, SessionSaved
+from kvcache.server.schemas import SessionList, SessionLoaded, SessionRequest, SessionSaved, template_messages
 from kvcache.server.state import ServerState
 
 router = APIRouter(tags=["sessions"])
@@ -32,7 +32,7 @@ def _history_ids(state: ServerState, body: SessionRequest) -> tuple[list[int], l
         raise APIError(400, "Give either 'messages' or 'token_ids'.", "messages")
     if body.token_ids is not None:
         return llm.encode(body.token_ids), None
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = template_messages(body.messages)
     try:
         ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True)
     except Exception as exc:
