@@ -94,3 +94,30 @@ def policy_cache_greedy(model, policy: str, prompt: list[int], n: int, token_at_
             out.append(int(logits[0].argmax()))
             logits = model.forward(StepInputs(torch.tensor([[out[-1]]]), None, cache.next_position, None), cache)
     return out
+
+
+def dense_greedy(model, prompt: list[int], n: int, stop_ids=()) -> list[int]:
+    """Greedy tokens on the model's dense `KVCache`: the prompt as one chunk, then one token a
+    step; at most n, ending after a token in `stop_ids` (the engine-free path the engine's are
+    checked against)."""
+    from kvcache.models.step import StepInputs
+
+    cache, out = model.new_cache(1, len(prompt) + n), []
+    with torch.inference_mode():
+        logits = model.forward(StepInputs(torch.tensor([prompt]), None, 0, None), cache)
+        while True:
+            out.append(int(logits[0].argmax()))
+            if len(out) == n or out[-1] in stop_ids:
+                return out
+            logits = model.forward(StepInputs(torch.tensor([[out[-1]]]), None, cache.next_position, None), cache)
+
+
+def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens with no KV cache at all: every step runs the whole sequence from its first token."""
+    from kvcache.models.step import StepInputs
+
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            ids.append(int(model.forward(StepInputs(torch.tensor([ids]), None, 0, None), None)[0].argmax()))
+    return ids[len(prompt):]

@@ -20,7 +20,7 @@ from kvcache.errors import ModelNotFoundError, PromptTooLongError
 from kvcache.models.llama import LlamaModel
 from kvcache.models.loader import load_model
 from kvcache.models.step import StepInputs, causal_mask
-from tests.helpers import NEAR_TIE
+from tests.helpers import NEAR_TIE, recompute_greedy
 from tests.helpers import assert_same_tokens as shared_assert_same_tokens
 
 ATOL = 1e-4
@@ -215,6 +215,25 @@ def test_cached_and_uncached_greedy_agree(tiny_llm, hf_tiny):
         assert len(c.token_ids) == 20 and c.finish_reason == "length"
         assert c.prompt_token_ids == u.prompt_token_ids
         assert_same_tokens(hf_tiny, c.prompt_token_ids, u.token_ids, c.token_ids)
+
+
+def test_uncached_is_a_mode_of_the_engine_and_equals_the_cached_path(tiny_model_dir):
+    """`use_cache=False` runs on the engine loop: every step computes the sequence again from
+    its first token into fresh blocks, registering none in the prefix cache. Its greedy tokens
+    equal the cached path's and those of a forward pass with no cache at all."""
+    llm = kvcache.LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)
+    prompts = [llm.encode(p) for p in PROMPTS]
+    uncached = llm.generate(prompts, GREEDY20, use_cache=False)
+    stats = llm.stats()
+    assert stats["prefix_hits"] == 0 and stats["blocks_cached"] == 0 and stats["blocks_used"] == 0
+    # token k is sampled after computing the prompt and the k - 1 tokens before it, all of them
+    assert stats["tokens_prefilled"] == sum(20 * len(p) + sum(range(20)) for p in prompts)
+    cached = llm.generate(prompts, GREEDY20)
+    for p, u, c in zip(prompts, uncached, cached):
+        assert u.prompt_token_ids == p and u.metrics.cached_prompt_tokens == 0 and u.finish_reason == "length"
+        assert u.token_ids == c.token_ids == recompute_greedy(llm.model, p, 20)
+        assert u.text == c.text
+    assert llm.stats()["tokens_prefilled"] == stats["tokens_prefilled"] + sum(map(len, prompts))
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -8,7 +8,6 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from kvcache.engine.config import EngineConfig, bytes_per_token, dense_bytes_per_token, row_footprint
-from kvcache.engine.generate import BatchGeneration
 from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
@@ -170,35 +169,21 @@ class LLM:
                  use_cache: bool = True) -> list[RequestOutput]:
         """Generate for a list of prompts (strings or token-id lists), in the order given.
 
-        With the cache, all prompts go through the continuous-batching scheduler over the
-        paged KV pool (policies blocks cannot hold run on per-request caches in the same
-        batch). `use_cache=False` recomputes the whole sequence at every step.
+        All prompts go through the continuous-batching scheduler over the paged KV pool
+        (policies blocks cannot hold run on per-request caches in the same batch).
+        `use_cache=False` recomputes the whole sequence at every step.
         """
         ids, plist = self.preprocess(prompts, params)
-        if not use_cache:
-            return BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
-                                   use_cache=False).run()
         engine = self.engine
-        requests = [engine.add_request(p, sp, eos_ids=self.eos_ids) for p, sp in zip(ids, plist)]
+        requests = [engine.add_request(p, sp, eos_ids=self.eos_ids, use_cache=use_cache) for p, sp in zip(ids, plist)]
         engine.run_to_completion(requests)
         return [r.to_output() for r in requests]
 
     def stream(self, prompt, params: SamplingParams | None = None, use_cache: bool = True) -> Iterator[str]:
         """Yield text pieces of one prompt's completion as they are produced."""
         ids, plist = self.preprocess([prompt], params)
-        if not use_cache:
-            yield from BatchGeneration(self.model, self.tokenizer, ids, plist, self.max_model_len, self.eos_ids,
-                                       use_cache=False).text_pieces()
-            return
         engine = self.engine
-        req = engine.add_request(ids[0], plist[0], eos_ids=self.eos_ids)
-        try:
-            while not req.finished:
-                for out in engine.step():
-                    if out.request is req and out.text:
-                        yield out.text
-        finally:
-            engine.abort(req.request_id)  # a consumer that stops early frees the blocks
+        yield from engine.stream(engine.add_request(ids[0], plist[0], eos_ids=self.eos_ids, use_cache=use_cache))
 
     def new_policy_cache(self, kv_policy: str | None = None):
         """An empty one-sequence `SequenceCache` under `kv_policy` (default: this LLM's policy)."""

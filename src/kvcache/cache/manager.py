@@ -227,6 +227,13 @@ class KVCacheManager:
         if seq is not None:
             self.pool.free(reversed([b for b in seq.table if b != RELEASED]))
 
+    def restart(self, seq_id: str) -> None:
+        """Give back all of `seq_id`'s blocks but keep the sequence, with an empty table: it is
+        computed again from its first token (no prefix hit, not counted as a new admission)."""
+        seq = self._seqs[seq_id]
+        self.pool.free(reversed([b for b in seq.table if b != RELEASED]))
+        self._seqs[seq_id] = _SeqBlocks()
+
     def release_blocks_before(self, seq_id: str, position: int, keep_head: int = 0) -> int:
         """Give back `seq_id`'s blocks that lie wholly before token `position` (a sliding
         window will not read them again), except its first `keep_head` blocks (attention

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -90,14 +91,15 @@ class LLMEngine:
         self.started = time.perf_counter()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    eos_ids: set[int] | None = None) -> Request:
-        """Queue a request (ids already validated and fitted to max_model_len)."""
+                    eos_ids: set[int] | None = None, use_cache: bool = True) -> Request:
+        """Queue a request (ids already validated and fitted to max_model_len). `use_cache=False`:
+        every step recomputes its whole sequence (no K/V kept between steps, no prefix cache)."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise KVCacheError(f"Request id '{rid}' is already in use.")
         req = Request(rid, list(prompt_token_ids), params, Sampler(params, self.model.device),
                       IncrementalDetokenizer(self.tokenizer, params.stop), self.max_model_len,
-                      frozenset(eos_ids) if eos_ids is not None else self.eos_ids)
+                      frozenset(eos_ids) if eos_ids is not None else self.eos_ids, use_cache=use_cache)
         if params.prompt_logprobs is not None:  # a separate full forward over the prompt, no prefix cache
             req.prompt_logprobs = prompt_logprobs(self.model, req.prompt_token_ids, params.prompt_logprobs)
         self.requests[rid] = req
@@ -132,7 +134,8 @@ class LLMEngine:
         for chunk in sched.chunks:
             req = chunk.request
             req.num_computed_tokens += chunk.num_tokens
-            self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+            if req.use_cache:
+                self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
             if self.sinks is not None:  # sinks stay; window blocks no later query reads go back
                 first = self.sinks.window_start(req.num_computed_tokens, self.config.block_size)
                 self.kv.release_blocks_before(req.request_id, first, keep_head=self._keep_head)
@@ -154,6 +157,10 @@ class LLMEngine:
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
                 self.runner.forget(req.request_id)
+            elif not req.use_cache:  # no K/V kept: the next token is computed from the first one
+                self.scheduler.restart(req)
+                self.runner.forget(req.request_id)
+                req.num_evicted_tokens = 0
             outputs.append(StepOutput(req, text, done))
         return outputs
 
@@ -215,9 +222,26 @@ class LLMEngine:
     def run_to_completion(self, requests: list[Request], on_step=None) -> None:
         """Step until every given request finished (others in flight keep running too)."""
         while any(not r.finished for r in requests):
-            outs = self.step()
+            outs = self._step_forward()
             if on_step is not None:
                 on_step(outs)
-            sched = self.last_schedule
-            if not (sched.chunks or sched.preempted or sched.failed):
-                raise KVCacheError("The scheduler cannot make progress: the KV pool is too small for the queue head.")
+
+    def stream(self, request: Request) -> Iterator[str]:
+        """Step until `request` finished, yielding its new text as it comes (others in flight
+        keep running too). A consumer that stops early aborts it: its blocks go back at once."""
+        try:
+            while not request.finished:
+                for out in self._step_forward():
+                    if out.request is request and out.text:
+                        yield out.text
+        finally:
+            self.abort(request.request_id)
+
+    def _step_forward(self) -> list[StepOutput]:
+        """One step that must move some request on (run, preempt or fail one)."""
+        outs = self.step()
+        sched = self.last_schedule
+        if not (sched.chunks or sched.preempted or sched.failed):
+            raise KVCacheError("The scheduler cannot make progress: the KV pool is too small for the queue head.")
+        return outs
+

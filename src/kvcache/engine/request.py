@@ -22,7 +22,9 @@ class Request:
     """One generation request. Its KV lives in blocks the scheduler allocates by need.
 
     `num_computed_tokens` counts tokens of `all_token_ids` whose K/V are in the cache; the
-    last sampled token is never computed until the next step feeds it.
+    last sampled token is never computed until the next step feeds it. With `use_cache` off
+    the engine gives the blocks back after every sampled token and recomputes the whole
+    sequence for the next one (no prefix cache either way).
     """
 
     request_id: str
@@ -32,6 +34,7 @@ class Request:
     detok: IncrementalDetokenizer
     max_total_tokens: int  # prompt + generated may not pass this (max_model_len)
     eos_ids: frozenset[int] = frozenset()
+    use_cache: bool = True  # False: recompute the sequence from its first token at every step
     arrival: float = field(default_factory=time.perf_counter)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

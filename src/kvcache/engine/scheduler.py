@@ -6,7 +6,9 @@ FCFS order while blocks and budget allow, starting from their prefix-cache hits.
 prompts are prefilled in chunks so they do not stall everyone's decoding. When a running
 request cannot get a block, the most recently arrived running request is preempted: its
 blocks are freed and it goes back to the head of the queue, to be recomputed (prefix-cache
-hits make that cheap). The scheduler moves block ids through `KVCacheManager`, never tensors.
+hits make that cheap). A request without a cache (`use_cache` off) is restarted after each
+sampled token: blocks freed, computed from its first token again. The scheduler moves block ids
+through `KVCacheManager`, never tensors.
 """
 
 from __future__ import annotations
@@ -120,6 +122,12 @@ class Scheduler:
         self.waiting.appendleft(request)
         out.preempted.append(request)
 
+    def restart(self, request: Request) -> None:
+        """A running request computes its sequence again from the first token (`use_cache`
+        off): its blocks go back now, it keeps its place in the running batch."""
+        self.kv.restart(request.request_id)
+        request.num_computed_tokens = 0
+
     def _fail(self, request: Request, out: SchedulerOutput) -> None:
         """Finish a request that can never fit the pool, with an error; free what it held."""
         self.kv.free(request.request_id)
@@ -167,7 +175,7 @@ class Scheduler:
             if not self._can_ever_fit(req):
                 self._fail(req, out)
                 continue
-            blocks, n_cached = self.kv.get_computed_blocks(req.all_token_ids)
+            blocks, n_cached = self.kv.get_computed_blocks(req.all_token_ids) if req.use_cache else ([], 0)
             limit = self.prefix_hit_limit(req) if self.prefix_hit_limit is not None else None
             if limit is not None and n_cached > limit:
                 blocks = blocks[: max(limit, 0) // self.kv.block_size]
