@@ -100,9 +100,10 @@ def dense_greedy(model, prompt: list[int], n: int, stop_ids=()) -> list[int]:
     """Greedy tokens on the model's dense `KVCache`: the prompt as one chunk, then one token a
     step; at most n, ending after a token in `stop_ids` (the engine-free path the engine's are
     checked against)."""
+    from kvcache.cache.dense import KVCache
     from kvcache.models.step import StepInputs
 
-    cache, out = model.new_cache(1, len(prompt) + n), []
+    cache, out = KVCache.for_model(model, 1, len(prompt) + n), []
     with torch.inference_mode():
         logits = model.forward(StepInputs(torch.tensor([prompt]), None, 0, None), cache)
         while True:

@@ -44,8 +44,6 @@ def _stats_line(session) -> str:
 
 def session_command(session, store, cmd: str) -> str:
     """Run /save NAME, /load NAME or /sessions on `store`; returns the line to print."""
-    from kvcache.engine.persist import restore_chat, snapshot_chat
-
     verb, _, name = cmd.partition(" ")
     name = name.strip()
     if verb == "/sessions":
@@ -55,11 +53,11 @@ def session_command(session, store, cmd: str) -> str:
     if not name:
         return f"usage: {verb} NAME"
     if verb == "/save":
-        snap = snapshot_chat(session)
+        snap = session.snapshot()
         size = store.save(name, snap)
         return f"(saved {snap.num_tokens} tokens of KV cache, {format_bytes(size)}, as '{name}')"
     snap = store.load(name)
-    restore_chat(session, snap)
+    session.restore(snap)
     return f"(loaded '{name}': {len(session.messages)} messages, {snap.num_tokens} tokens already cached)"
 
 

@@ -20,8 +20,8 @@ from kvcache.cache.policies.cache import SequenceCache
 from kvcache.cache.policies.grammar import POLICY_PARAMS, parse_policy
 from kvcache.cache.policies.scorers import SCORERS
 from kvcache.cache.policies.selectors import EVICT_UNIT
-from kvcache.engine.generate import BatchGeneration
 from kvcache.models.step import StepInputs
+from tests.helpers import dense_greedy, policy_cache_greedy
 
 BIG = 100_000
 KEEP_ALL = [
@@ -159,11 +159,7 @@ def test_a_policy_that_keeps_everything_matches_the_dense_cache(tiny_llm, policy
     ours = feed(model, cache, ids, chunk=16)
     assert cache.length == cache.seen == len(ids)
     torch.testing.assert_close(ours, dense, rtol=0, atol=1e-5)
-    gen = BatchGeneration(model, tiny_llm.tokenizer, [ids], [GREEDY], tiny_llm.max_model_len, tiny_llm.eos_ids,
-                          cache=SequenceCache(model, policy)).run()[0]
-    ref = BatchGeneration(model, tiny_llm.tokenizer, [ids], [GREEDY], tiny_llm.max_model_len, tiny_llm.eos_ids,
-                          cache=None).run()[0]
-    assert gen.token_ids == ref.token_ids
+    assert policy_cache_greedy(model, policy, ids, GREEDY.max_tokens) == dense_greedy(model, ids, GREEDY.max_tokens)
 
 
 def test_llm_kv_policy_runs_generate_stream_and_session(tiny_model_dir):
@@ -176,10 +172,15 @@ def test_llm_kv_policy_runs_generate_stream_and_session(tiny_model_dir):
     assert "".join(llm.stream(prompt, params)) == out[0].text
     assert dense.generate([prompt], params)[0].token_ids != out[0].token_ids  # the window changed something
     session = llm.session()
-    session.send("Hello, how are you?", params)
-    second = session.send("What is your name?", params)
-    assert session.cache.length <= 24 + EVICT_UNIT - 1 < session.cache.seen
-    assert second.metrics.cached_prompt_tokens == 0  # evicted history cannot be reused: recomputed
+    turns = [session.send("Hello, how are you?", params), session.send("What is your name?", params)]
+    # a chat turn runs on the engine under the window: it holds the window's blocks, not the conversation
+    bs, engine = llm.engine.config.block_size, llm.engine
+    for out in turns:
+        seen = out.metrics.prompt_tokens + len(out.token_ids) - 1
+        assert out.metrics.kv_cache_bytes <= (-(-(24 + bs) // bs) + 1) * engine.storage.bytes_per_block
+        assert out.metrics.kv_cache_bytes < seen * llm.engine_bytes_per_token
+    # blocks the window let go stay in the prefix cache: the next turn starts from them
+    assert turns[1].metrics.cached_prompt_tokens >= bs and engine.stats()["blocks_used"] == 0
     with pytest.raises(KVCacheError, match="valid policies"):
         kvcache.LLM(str(tiny_model_dir), progress=False, kv_policy="lru:size=3")
 
@@ -321,9 +322,7 @@ def test_paged_window_frees_blocks_and_matches_the_per_sequence_cache(tiny_model
     assert most_blocks <= -(-(24 + 16) // 16) + 1  # window + one block being filled
     assert engine.stats()["blocks_used"] == 0
     for p, r in zip(prompts, reqs):
-        alone = BatchGeneration(llm.model, llm.tokenizer, [llm.encode(p)], [params], llm.max_model_len, llm.eos_ids,
-                                cache=SequenceCache(llm.model, "window:size=24")).run()[0]
-        assert r.output_token_ids == alone.token_ids
+        assert r.output_token_ids == policy_cache_greedy(llm.model, "window:size=24", llm.encode(p), params.max_tokens)
 
 
 # ------------------------------------------------------------ quantized and tiered

@@ -174,7 +174,6 @@ def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_
     request's tokens run alone on a one-sequence SequenceCache under the same policy; the int8
     pool holds 3.8x the tokens of the fp32 one in the same bytes."""
     from kvcache.cache.policies.cache import SequenceCache
-    from kvcache.engine.generate import BatchGeneration
 
     prompts, params, fp32_alone = (x[:16] for x in mixed_alone)
     probe = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=INT8_PAGED, kv_cache_memory="16MiB")
@@ -194,8 +193,7 @@ def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_
 
     same_as_fp32 = 0
     for p, sp, out, ref32 in zip(prompts, params, together, fp32_alone):
-        alone = BatchGeneration(model, llm.tokenizer, [p], [sp], llm.max_model_len, llm.eos_ids,
-                                cache=SequenceCache(model, INT8_PAGED)).run()[0].token_ids
+        alone = policy_cache_greedy(model, INT8_PAGED, p, sp.max_tokens)  # greedy, ignore_eos
         assert_same_tokens(policy_logits, p, out.token_ids, alone, tol=INT8_NEAR_TIE)
         same_as_fp32 += out.token_ids == ref32
     assert same_as_fp32 >= 12, f"int8 changed {16 - same_as_fp32} of 16 greedy continuations"

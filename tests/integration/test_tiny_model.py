@@ -15,12 +15,11 @@ import kvcache
 from kvcache import KVCacheError, SamplingParams
 from kvcache.cache.dense import KVCache
 from kvcache.cache.spec import KVFormat, ModelShape, kv_bytes, kv_bytes_per_token
-from kvcache.engine.generate import BatchGeneration
 from kvcache.errors import ModelNotFoundError, PromptTooLongError
 from kvcache.models.llama import LlamaModel
 from kvcache.models.loader import load_model
 from kvcache.models.step import StepInputs, causal_mask
-from tests.helpers import NEAR_TIE, recompute_greedy
+from tests.helpers import NEAR_TIE, dense_greedy, recompute_greedy
 from tests.helpers import assert_same_tokens as shared_assert_same_tokens
 
 ATOL = 1e-4
@@ -304,6 +303,7 @@ def test_session_turns_match_chat_from_scratch(tiny_llm, hf_tiny):
     shape, fp32 = load_shape(tiny_llm.model_dir), KVFormat.parse("fp32")
     system = "You are a tiny test model."
     s = tiny_llm.session(system=system)
+    bs = tiny_llm.engine.config.block_size
     messages = [{"role": "system", "content": system}]
     for turn, text in enumerate(["Hello, how are you?", "Tell me a joke about a computer.", "What is your name?"]):
         out = s.send(text, params)
@@ -320,17 +320,22 @@ def test_session_turns_match_chat_from_scratch(tiny_llm, hf_tiny):
         else:
             assert 0 < out.metrics.cached_prompt_tokens < out.metrics.prompt_tokens
         assert not out.metrics.history_truncated
-        # the cache holds the prompt and every generated token but the last one
-        assert s.cache.length == len(prompt) + len(out.token_ids) - 1
-        assert s.cache.nbytes_used == kv_bytes(shape, fp32, s.cache.length)
+        # the prompt and every generated token but the last one were computed; the engine's
+        # prefix cache keeps their full blocks for the next turn
+        assert s.token_ids == prompt + out.token_ids[:-1]
+        stats = s.stats()
+        assert stats["cached_tokens"] == len(s.token_ids) // bs * bs > 0
+        assert stats["kv_cache_bytes"] == kv_bytes(shape, fp32, stats["cached_tokens"])
         messages.append({"role": "assistant", "content": out.text})
         assert s.messages == messages
     assert s.turns == 3
 
 
-def test_session_stream_matches_send(tiny_llm):
+def test_session_stream_matches_send(tiny_model_dir):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    a, b = tiny_llm.session(system="Hi."), tiny_llm.session(system="Hi.")
+    # each on its own engine: sessions of one engine share its prefix cache
+    a, b = (kvcache.LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False).session(system="Hi.")
+            for _ in range(2))
     for text in ["Hello there", "Count to ten"]:
         *pieces, out = a.stream(text, params)
         ref = b.send(text, params)
@@ -341,27 +346,55 @@ def test_session_stream_matches_send(tiny_llm):
     assert a.messages == b.messages
 
 
+def test_session_runs_on_the_engine_equals_dense_chat_and_computes_only_the_tail(tiny_model_dir):
+    """Each turn is one engine request over the whole rendered conversation. Its reply equals
+    greedy decoding of that conversation on a dense cache (the path sessions ran on before),
+    and a later turn takes the full blocks the turn before computed from the prefix cache:
+    it computes only the rest of its prompt."""
+    llm = kvcache.LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False)  # empty prefix cache
+    bs = llm.engine.config.block_size
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    s = llm.session(system="You are a tiny test model.")
+    previous: list[int] = []
+    for turn, text in enumerate(["Hello, how are you?", "Tell me a joke about a computer.", "What is your name?"]):
+        prefilled = llm.stats()["tokens_prefilled"]
+        out = s.send(text, params)
+        prompt = out.prompt_token_ids
+        assert out.token_ids == dense_greedy(llm.model, prompt, 10, llm.eos_ids)
+        shared = next((i for i, (a, b) in enumerate(zip(previous, prompt)) if a != b), min(len(previous), len(prompt)))
+        assert out.metrics.cached_prompt_tokens == shared // bs * bs  # every full block the last turn shares
+        assert llm.stats()["tokens_prefilled"] - prefilled == len(prompt) - out.metrics.cached_prompt_tokens
+        if turn:
+            assert out.metrics.cached_prompt_tokens > len(previous) - bs  # the tail of one block at most
+        previous = s.token_ids
+    assert llm.stats()["blocks_used"] == 0
+
+
 # ----------------------------------------------------------------------------- cache bytes
 
 
 def _check_cache_bytes(llm, fmt: str, max_tokens: list[int]) -> None:
+    """A ragged batch on the engine: each request reports the whole blocks it held at its last
+    step (its prompt and every generated token but the last one) at the format's bytes."""
     shape, kvf = load_shape(llm.model_dir), KVFormat.parse(fmt)
     assert llm.kv_bytes_per_token == kv_bytes_per_token(shape, kvf)
     ids = [llm.encode(p) for p in PROMPTS[:3]]
-    assert len({len(i) for i in ids}) == 3  # ragged: padding must not be counted
+    assert len({len(i) for i in ids}) == 3  # ragged
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in max_tokens]
-    gen = BatchGeneration(llm.model, llm.tokenizer, ids, params, llm.max_model_len, llm.eos_ids)
-    assert gen.cache.nbytes_used == 0
-    outs = gen.run()
-    cache = gen.cache
-    assert cache.bytes_per_token == kv_bytes_per_token(shape, kvf)
+    engine = llm.engine
+    bs = engine.config.block_size
+    assert engine.storage.bytes_per_block == kv_bytes(shape, kvf, bs)
+    assert llm.stats()["kv_bytes_total"] == engine.config.num_blocks * kv_bytes(shape, kvf, bs)
+    held_during = []
+    reqs = [engine.add_request(i, p) for i, p in zip(ids, params)]
+    engine.run_to_completion(reqs, on_step=lambda _: held_during.append(llm.stats()["kv_bytes_held"]))
+    outs = [r.to_output() for r in reqs]
     assert [len(o.token_ids) for o in outs] == max_tokens
-    # each row's cache holds its prompt and every generated token but the last one
     held = [len(o.prompt_token_ids) + len(o.token_ids) - 1 for o in outs]
-    assert cache.nbytes_allocated >= kv_bytes(shape, kvf, cache.length, batch=len(ids)) > cache.nbytes_used
     for o, n in zip(outs, held):
-        assert o.metrics.kv_cache_bytes == kv_bytes(shape, kvf, n)
-    assert cache.nbytes_used == sum(kv_bytes(shape, kvf, n) for n in held)
+        assert o.metrics.kv_cache_bytes == kv_bytes(shape, kvf, -(-n // bs) * bs)
+    assert max(held_during) <= sum(o.metrics.kv_cache_bytes for o in outs)  # blocks shared count once
+    assert llm.stats()["kv_bytes_held"] == 0
 
 
 @pytest.mark.parametrize("which,fmt", [("fp32", "fp32"), ("bf16", "bf16")])

@@ -11,9 +11,12 @@ import httpx
 import pytest
 import torch
 
+import kvcache
 from kvcache import KVCacheError, SamplingParams
+from kvcache.cache.dense import KVCache
 from kvcache.cache.snapshot import CacheFingerprint, KVSnapshot, SnapshotError, load_snapshot, save_snapshot
-from kvcache.engine.persist import SessionStore, check_session_name, fingerprint, restore_chat, snapshot_chat
+from kvcache.engine.persist import SessionStore, check_session_name, fingerprint
+from kvcache.models.step import StepInputs
 from tests.server.harness import MODEL_ID, start_server, tiny_server_llm
 
 HISTORY = [{"role": "system", "content": "You are a small robot who loves books about the stars."},
@@ -78,21 +81,81 @@ def test_session_names_are_validated(name):
         check_session_name(name)
 
 
-# -- the CLI chat's dense cache -----------------------------------------------------------------
-def test_chat_session_save_and_load_continue_the_conversation(tiny_llm, tmp_path, one_torch_thread):
-    store = SessionStore(tmp_path, tiny_llm)
-    a = tiny_llm.session(system="You are terse.")
+# -- the CLI chat: its session on the engine ------------------------------------------------------
+def _fresh_llm(model_dir, **kw) -> kvcache.LLM:
+    """An LLM of its own: an engine whose prefix cache holds nothing yet."""
+    return kvcache.LLM(str(model_dir), dtype="float32", device="cpu", progress=False, **kw)
+
+
+def test_chat_session_save_and_load_continue_the_conversation(tiny_model_dir, tmp_path, one_torch_thread):
+    """A chat saves the full blocks of its conversation from the engine's prefix cache (the
+    server's session path); loaded on another engine, the next turn equals the same turn on
+    the engine that computed them, from as many cached tokens."""
+    llm = _fresh_llm(tiny_model_dir)
+    store = SessionStore(tmp_path, llm)
+    a = llm.session(system="You are terse.")
     a.send("Tell me a story about the robot.", GREEDY)
-    store.save("story", snapshot_chat(a))
+    snap = a.snapshot()
+    assert snap.num_tokens == len(a.token_ids) // 16 * 16 > 0 and snap.token_ids == a.token_ids[: snap.num_tokens]
+    assert snap.messages == a.messages
+    store.save("story", snap)
+    llm.engine.kv.reset_prefix_cache()  # blocks the cache let go are computed again to save them
+    again = a.snapshot()
+    assert again.token_ids == snap.token_ids
+    torch.testing.assert_close(again.k, snap.k, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again.v, snap.v, atol=1e-5, rtol=0)
     want = a.send("And then?", GREEDY)
 
-    b = tiny_llm.session()
-    restore_chat(b, store.load("story"))
-    assert b.messages == a.messages[:3]
+    other = _fresh_llm(tiny_model_dir)
+    b = other.session()
+    b.restore(SessionStore(tmp_path, other).load("story"))
+    assert b.messages == a.messages[:3] and b.turns == 1
+    assert b.stats()["cached_tokens"] == snap.num_tokens
     got = b.send("And then?", GREEDY)
     assert got.token_ids == want.token_ids
     assert got.metrics.cached_prompt_tokens == want.metrics.cached_prompt_tokens > 0
     assert [i.name for i in store.list()] == ["story"] and store.list()[0].compatible
+
+
+def test_chat_file_in_the_old_dense_format_still_loads(tiny_model_dir, tmp_path, one_torch_thread):
+    """Chats used to be saved from a dense cache: every token it had computed (the prompt and
+    the reply but its last token, rarely a whole number of blocks) with their K/V as
+    (layers, kv_heads, tokens, head_dim) read off that cache, and the messages. Such a file
+    loads: its full blocks go into the prefix cache, the partial last one is computed again."""
+    llm = _fresh_llm(tiny_model_dir)
+    a = llm.session(system="You are terse.")
+    a.send("Tell me a story about the robot.", GREEDY)
+    ids = a.token_ids
+    assert len(ids) % 16 and len(ids) > 16
+    cache = KVCache.for_model(llm.model, 1, len(ids))  # the old writer: a dense cache over those tokens
+    with torch.inference_mode():
+        llm.model.forward(StepInputs(torch.tensor([ids]), None, 0, None), cache)
+    old = KVSnapshot(fingerprint(llm), list(ids), cache.k[:, 0, :, : len(ids)].clone(),
+                     cache.v[:, 0, :, : len(ids)].clone(), list(a.messages))
+    SessionStore(tmp_path, llm).save("old", old)
+    want = a.send("And then?", GREEDY)
+
+    other = _fresh_llm(tiny_model_dir)
+    b = other.session()
+    b.restore(SessionStore(tmp_path, other).load("old"))
+    assert b.messages == a.messages[:3] and b.stats()["cached_tokens"] == len(ids) // 16 * 16
+    got = b.send("And then?", GREEDY)
+    assert got.token_ids == want.token_ids
+    assert got.metrics.cached_prompt_tokens == want.metrics.cached_prompt_tokens > 0
+
+
+@pytest.mark.parametrize("policy", ["quantized:bits=8,key_axis=token,residual=0",
+                                    "quantized:bits=4,group_size=16,residual=16"])
+def test_chat_over_blocks_that_hold_no_float_kv_refuses_to_save_or_load(tiny_model_dir, policy, one_torch_thread):
+    llm = _fresh_llm(tiny_model_dir, kv_policy=policy)
+    s = llm.session(system="You are terse.")
+    s.send("Tell me a story about the robot.", GREEDY)
+    messages = list(s.messages)
+    for call in (s.snapshot, lambda: s.restore(_snap(32, llm.config.num_layers, llm.config.num_kv_heads,
+                                                     llm.config.head_dim, fingerprint(llm)))):
+        with pytest.raises(KVCacheError, match="float KV blocks"):
+            call()
+    assert s.messages == messages  # a refused load leaves the conversation as it was
 
 
 def test_chat_repl_save_and_load(tiny_model_dir, tmp_path):
@@ -193,10 +256,10 @@ def test_cli_saved_session_restores_into_the_server(tiny_llm, fresh_server, tmp_
     """One file format: a chat saved by `kvcache chat` warms the server's prefix cache."""
     chat = tiny_llm.session(system="You are terse.")
     chat.send("Tell me a story about the robot and the stars.", GREEDY)
-    SessionStore(tmp_path, tiny_llm).save("from-cli", snapshot_chat(chat))
+    SessionStore(tmp_path, tiny_llm).save("from-cli", chat.snapshot())
     srv = fresh_server()
     loaded = httpx.post(srv.v1 + "/sessions/from-cli/load").json()
-    assert loaded["blocks_restored"] == chat.cache.length // 16 > 0
+    assert loaded["blocks_restored"] == len(chat.token_ids) // 16 > 0
     got = _chat(srv, chat.messages + [{"role": "user", "content": "More?"}])
     assert got["usage"]["prompt_tokens_details"]["cached_tokens"] >= 16
 

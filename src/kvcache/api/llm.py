@@ -196,7 +196,7 @@ class LLM:
         return self.generate([self.chat_ids(messages)], params)[0]
 
     def session(self, system: str | None = None, overflow: str = "truncate", max_history_tokens: int | None = None):
-        """A multi-turn `ChatSession` that keeps its KV cache between turns.
+        """A multi-turn `ChatSession` whose turns reuse the K/V of the turns before (the engine's prefix cache).
 
         overflow: "truncate" | "summarize" | "error" when the history would pass
         `max_history_tokens` (default max_model_len)."""

@@ -1,23 +1,29 @@
-"""`ChatSession`: a conversation that keeps its KV cache between turns.
+"""`ChatSession`: a conversation whose turns reuse the K/V of the turns before.
 
-Each turn renders the whole conversation with the chat template, finds how many leading
-tokens the cache already holds (the longest common prefix with what it computed before),
-and prefills only the rest: the new message and the template tokens around it.
+Each turn is one request to the LLM's engine whose prompt is the whole conversation rendered
+with the chat template. The engine's prefix cache still holds the full blocks the previous
+turn computed (its prompt and reply), so the new request starts from those hits and computes
+only the rest: the tail of the last block, the new message and the template tokens around it.
+Every KV policy the engine runs applies to chat turns too; under a policy that gives each
+request its own cache (no prefix cache there) a turn recomputes the conversation.
 
 When the conversation would pass its budget (`max_history_tokens`, default max_model_len),
 the overflow policy decides: `truncate` drops the oldest turns, `summarize` has the model
 condense them into a short note kept right after the system message, `error` refuses. Both
-remedies change the start of the conversation, so the cache is rebuilt from there.
+remedies change the start of the conversation, so the prefix cache hits only what stays the same.
+
+`snapshot()` / `restore()` save and load a conversation with its K/V through the engine's
+session path (`persist.snapshot_prefix` / `restore_prefix`, the files the server reads).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kvcache.cache.dense import KVCache
-from kvcache.engine.generate import BatchGeneration
+from kvcache.cache.snapshot import KVSnapshot
 from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
+from kvcache.engine.persist import fingerprint, restore_prefix, snapshot_prefix
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError, PromptTooLongError
 
@@ -26,16 +32,8 @@ SUMMARY_PREFIX = "Summary of the earlier conversation: "
 SUMMARY_REQUEST = "Summarize this conversation in two or three short sentences, keeping names, numbers and facts:"
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class ChatSession:
-    """Multi-turn chat over one persistent cache. `send()` a message, get the reply."""
+    """Multi-turn chat on the LLM's engine, reusing earlier turns' K/V. `send()` a message, get the reply."""
 
     def __init__(self, llm, system: str | None = None, overflow: str = "truncate",
                  max_history_tokens: int | None = None, summary_tokens: int = 64):
@@ -46,14 +44,12 @@ class ChatSession:
         self.llm, self.system, self.overflow = llm, system, overflow
         self.budget = max_history_tokens or llm.max_model_len
         self.summary_tokens = summary_tokens
-        self.cache = KVCache.for_model(llm.model, 1, 256) if llm.kv_policy.is_full else llm.new_policy_cache()
         self.reset()
 
     def reset(self) -> None:
-        """Forget the conversation and its cache."""
+        """Forget the conversation (its blocks stay in the prefix cache until the pool needs them)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache.clear()
-        self.cached_ids: list[int] = []  # tokens whose K/V occupy cache slots [0, len)
+        self.token_ids: list[int] = []  # the last turn's prompt and reply, but its last token: K/V computed
         self.turns = 0
         self.truncations = 0
         self.summaries = 0
@@ -108,9 +104,7 @@ class ChatSession:
         room = self.llm.max_model_len - self.summary_tokens
         ids = ids[-room:] if len(ids) > room else ids
         params = SamplingParams(max_tokens=min(self.summary_tokens, max(1, self.budget // 4)), temperature=0.0)
-        gen = BatchGeneration(self.llm.model, self.llm.tokenizer, [ids], [params], self.llm.max_model_len,
-                              self.llm.eos_ids, use_cache=True)
-        self.summary = gen.run()[0].text.strip() or (self.summary or "")
+        self.summary = self.llm.generate([ids], params)[0].text.strip() or (self.summary or "")
         self.summaries += 1
         system = [m for m in head if not m["content"].startswith(SUMMARY_PREFIX)]
         return system + [{"role": "system", "content": SUMMARY_PREFIX + self.summary}]
@@ -122,18 +116,13 @@ class ChatSession:
             raise KVCacheError("The message is empty.")
         check_length(params.max_tokens, self.llm.max_model_len)  # no history can make room for more
         messages, ids, remedy = self._fit(self.messages + [{"role": "user", "content": text}], params.max_tokens)
-        reuse = common_prefix_len(self.cached_ids, ids)
-        reuse = min(reuse, len(ids) - 1)  # at least one token must be computed for the logits
-        if reuse < self.cache.seen and not self.cache.can_truncate:  # a policy evicted: recompute
-            self.cache.clear()
-            reuse = 0
-        self.cache.truncate(reuse)
-        self.cached_ids = self.cached_ids[:reuse]  # slots past here are about to be overwritten
-        gen = BatchGeneration(self.llm.model, self.llm.tokenizer, [ids], [params], self.llm.max_model_len,
-                              self.llm.eos_ids, use_cache=True, cache=self.cache)
-        yield from gen.text_pieces()
-        out = gen.outputs()[0]
-        self.cached_ids = (ids + out.token_ids)[: self.cache.seen]
+        engine = self.llm.engine
+        req = engine.add_request(ids, params, eos_ids=self.llm.eos_ids)
+        yield from engine.stream(req)
+        out = req.to_output()
+        if out.error:
+            raise KVCacheError(out.error)
+        self.token_ids = (ids + out.token_ids)[:-1]  # the last token was sampled, never computed
         out.metrics.history_truncated = remedy == "truncated"
         out.metrics.history_summarized = remedy == "summarized"
         self.truncations += int(remedy == "truncated")
@@ -148,15 +137,56 @@ class ChatSession:
         return out
 
     def stats(self) -> dict:
-        """Turns so far, tokens and bytes the cache holds, truncations."""
+        """Turns so far, what the engine still caches of the conversation, truncations, summaries."""
+        engine = self.llm.engine
+        cached = len(engine.kv.cached_prefix_blocks(self.token_ids))
         return {
             "turns": self.turns,
-            "cached_tokens": self.cache.length,
-            "kv_cache_bytes": self.cache.nbytes_used,
-            "kv_cache_allocated_bytes": self.cache.nbytes_allocated,
+            "cached_tokens": cached * engine.kv.block_size,  # in the prefix cache, for the next turn
+            "kv_cache_bytes": cached * engine.kv.block_bytes,
+            "kv_cache_allocated_bytes": engine.storage.nbytes,  # the engine's pool, shared by every request
             "truncations": self.truncations,
             "summaries": self.summaries,
             "summary": self.summary,
             "last_prompt_tokens": self.last_output.metrics.prompt_tokens if self.last_output else 0,
             "last_cached_prompt_tokens": self.last_output.metrics.cached_prompt_tokens if self.last_output else 0,
         }
+
+    # -- saved sessions ---------------------------------------------------------------
+    def snapshot(self) -> KVSnapshot:
+        """The conversation and the K/V of its full blocks, read from the engine's prefix cache
+        (blocks it let go are computed again first): a session file, as the server saves them."""
+        if not self.messages or not self.token_ids:
+            raise KVCacheError("The conversation is empty; there is nothing to save.")
+        engine = self._session_engine()
+        bs = engine.kv.block_size
+        if len(self.token_ids) < bs:
+            raise KVCacheError(f"The conversation has {len(self.token_ids)} tokens, less than one {bs}-token "
+                               "KV block; there is nothing to save yet.")
+        fp = fingerprint(self.llm)
+        snap = snapshot_prefix(engine, self.token_ids, fp, self.messages)
+        if snap is None:  # compute the missing blocks (one prefill), then read them
+            engine.run_to_completion([engine.add_request(self.token_ids, SamplingParams(max_tokens=1, temperature=0.0))])
+            snap = snapshot_prefix(engine, self.token_ids, fp, self.messages)
+        if snap is None:
+            raise KVCacheError("The KV cache let this conversation go while saving it; try again.")
+        return snap
+
+    def restore(self, snap: KVSnapshot) -> None:
+        """Continue a saved conversation: its messages, and its full blocks written into the
+        engine's prefix cache. Refused, the conversation untouched, when the file has no
+        messages or the pool has too few free blocks."""
+        if not snap.messages:
+            raise KVCacheError("This session was saved without its messages, so a chat cannot continue it.")
+        restore_prefix(self._session_engine(), snap)
+        self.reset()
+        self.messages = [dict(m) for m in snap.messages]
+        self.token_ids = list(snap.token_ids)
+        self.turns = sum(1 for m in self.messages if m.get("role") == "assistant")
+
+    def _session_engine(self):
+        engine = self.llm.engine
+        if not engine.storage.saves_sessions:
+            raise KVCacheError(f"Sessions are saved from float KV blocks; this chat holds its KV cache otherwise "
+                               f"('{self.llm.kv_policy.text}').")
+        return engine

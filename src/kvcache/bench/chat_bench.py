@@ -1,9 +1,10 @@
 """`kvcache bench chat`: time to first token of a late chat turn, cached session vs recompute.
 
-A `ChatSession` keeps the conversation's KV cache, so turn N prefills only the new message;
-the baseline renders the same history and prefills all of it (`llm.chat` with the engine's
-prefix cache emptied first, or it would reuse blocks from earlier repeats). Both produce the
-same reply; the figure is their TTFT ratio at turn N (medians over repeats).
+A `ChatSession` turn starts from the blocks the turns before left in the engine's prefix
+cache, so turn N prefills only the new message (and the tail of the last block); the baseline
+renders the same history and prefills all of it (`llm.chat` with the prefix cache emptied
+first). Each repeat starts from an empty prefix cache too. Both produce the same reply; the
+figure is their TTFT ratio at turn N (medians over repeats).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def run(llm, turns: int = 5, words: int = 150, reply_tokens: int = 32, repeats: 
     msgs = _messages(turns, words)
     session_ttft, recompute_ttft, last, same = [], [], None, True
     for _ in range(repeats):
+        llm.engine.kv.reset_prefix_cache()  # no blocks from the repeat before
         session = llm.session(system=system)
         for text in msgs[:-1]:
             session.send(text, params)

@@ -50,8 +50,6 @@ class KVCache(StepKVDefaults):
         """RoPE position of the next token appended (for row 0 / unpadded rows)."""
         return self.length
 
-    can_truncate = True
-
     @property
     def capacity(self) -> int:
         return self.k.shape[3]

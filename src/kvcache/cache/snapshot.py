@@ -9,8 +9,8 @@ File layout (safetensors, so any safetensors reader can open it):
   ``created`` (unix time) and ``messages`` (JSON list of chat messages, or ``null``).
 
 Loading checks everything (header, shapes, dtype, checksum, fingerprint) before returning, so
-a caller never writes a half-valid snapshot into a cache. The dense `ChatSession` cache and
-the paged engine both read and write this one format (see `engine/persist.py`).
+a caller never writes a half-valid snapshot into a cache. The engine writes and reads this one
+format for the server and the CLI chat alike (see `engine/persist.py`).
 """
 
 from __future__ import annotations

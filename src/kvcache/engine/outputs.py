@@ -16,8 +16,7 @@ class RequestMetrics:
     scales), each allocated block whole, the partly filled last one too, blocks shared with other
     requests through the prefix cache included; released window blocks and evicted tokens' old
     blocks are gone and not counted (`KVCacheManager.bytes_held`, the rule of the engine's
-    `stats()["kv_bytes_held"]`). Under per-request policy caches: the bytes its cache held. On
-    the dense batch path: its row's tokens.
+    `stats()["kv_bytes_held"]`). Under per-request policy caches: the bytes its cache held.
     """
 
     prompt_tokens: int = 0

@@ -1,11 +1,11 @@
 """Saving and restoring conversations' KV caches (file format in `cache/snapshot.py`).
 
 - `SessionStore`: named snapshot files in one folder (names validated: no path tricks).
-- `ChatSession` (dense cache, the CLI chat): `snapshot_chat` / `restore_chat`.
-- The paged engine (the server): `snapshot_prefix` reads the cached blocks of a token
-  prefix, `restore_prefix` writes a snapshot's full blocks into free blocks and registers
-  their chained hashes, so the next request with that prefix is a prefix-cache hit.
-  Both run on the engine's thread (`AsyncEngine.call`).
+- The engine's one session path: `snapshot_prefix` reads the cached blocks of a token prefix,
+  `restore_prefix` writes a snapshot's full blocks into free blocks and registers their
+  chained hashes, so the next request with that prefix is a prefix-cache hit. The server
+  calls them on the engine's thread (`AsyncEngine.call`), `ChatSession.snapshot` / `restore`
+  (the CLI chat's /save and /load) directly.
 """
 
 from __future__ import annotations
@@ -103,44 +103,7 @@ class SessionNotFoundError(KVCacheError):
     """No snapshot of that name."""
 
 
-# -- the dense ChatSession cache ------------------------------------------------------------
-def _check_exact(session) -> None:
-    if not session.llm.kv_policy.is_full:
-        raise KVCacheError(
-            f"Sessions are saved from the exact cache; this chat runs the KV policy '{session.llm.kv_policy.text}'."
-        )
-
-
-def snapshot_chat(session) -> KVSnapshot:
-    """The conversation and the K/V of a `ChatSession` (its tokens so far)."""
-    _check_exact(session)
-    n = session.cache.length
-    if n == 0 or not session.messages:
-        raise KVCacheError("The conversation is empty; there is nothing to save.")
-    cache = session.cache
-    k = cache.k[:, 0, :, :n].clone()  # (L, Hkv, T, D)
-    v = cache.v[:, 0, :, :n].clone()
-    return KVSnapshot(fingerprint(session.llm), list(session.cached_ids[:n]), k, v, list(session.messages))
-
-
-def restore_chat(session, snap: KVSnapshot) -> None:
-    """Make `session` continue the saved conversation, its K/V already cached."""
-    _check_exact(session)
-    if not snap.messages:
-        raise KVCacheError("This session was saved without its messages, so a chat cannot continue it.")
-    n = snap.num_tokens
-    session.reset()
-    cache = session.cache
-    cache.reserve(n)
-    cache.k[:, 0, :, :n] = snap.k.to(cache.device, cache.dtype)
-    cache.v[:, 0, :, :n] = snap.v.to(cache.device, cache.dtype)
-    cache.advance(n)
-    session.cached_ids = list(snap.token_ids)
-    session.messages = [dict(m) for m in snap.messages]
-    session.turns = sum(1 for m in session.messages if m.get("role") == "assistant")
-
-
-# -- the paged engine (call on its thread) ---------------------------------------------------
+# -- the engine's prefix cache (the server calls these on the engine thread) -----------------
 def snapshot_prefix(engine, token_ids: list[int], fp: CacheFingerprint,
                     messages: list[dict] | None = None) -> KVSnapshot | None:
     """The K/V of the full blocks of `token_ids` if the prefix cache holds all of them, else None."""

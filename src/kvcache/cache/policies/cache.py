@@ -1,7 +1,7 @@
 """`SequenceCache`: a KV cache whose kept tokens are chosen by selectors and held by a store.
 
 It has the dense `KVCache`'s interface (reserve / write / advance / truncate / clear), so
-`LlamaModel.forward` and `BatchGeneration` drive it unchanged, plus:
+`LlamaModel.forward` drives it unchanged, plus:
 - `seen` (tokens ever appended) next to `length` (tokens kept), and `next_position`, the
   RoPE position of the next token: `seen`, or `length` when a sinks selector asks for
   positions inside the cache (then keys are stored unrotated and rotated on read, so the
@@ -127,30 +127,13 @@ class SequenceCache:
         self.store.truncate(n_slots)
         self.seen = self.length
 
-    @property
-    def can_truncate(self) -> bool:
-        return not self.evicted
-
     def clear(self) -> None:
         self.store.clear()
         self.seen = 0
         self.evicted = 0
-        self.row_start = [0]
-        self.row_end: list[int | None] = [None]
         for sel in self.selectors:
             if hasattr(sel, "scores"):
                 sel.scores = [None] * self.num_layers
-
-    # -- BatchGeneration's row bookkeeping (one row, never padded) --------------------
-    def finish_row(self, row: int) -> None:
-        if self.row_end[0] is None:
-            self.row_end[0] = self.seen
-
-    def row_tokens(self, row: int) -> int:
-        return self.length
-
-    def key_valid(self, extra: int = 0):
-        return None
 
     # -- memory -------------------------------------------------------------------------
     @property
