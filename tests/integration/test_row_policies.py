@@ -10,6 +10,7 @@ holds never passes the blocks the scheduler granted it.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.policies.grammar import parse_policy
@@ -106,3 +107,109 @@ def test_a_window_over_a_per_request_cache_holds_a_bounded_grant(tiny_model_dir)
     assert fp.held_cap == 4 + 28 + 16 + PIECE and fp.slots(10**6) == fp.slots(fp.held_cap)
     unbounded = policy_footprint(parse_policy(policy.split("+")[1]), llm.config, llm.dtype, PIECE)
     assert peak == -(-fp.slots(fp.held_cap) // BS) < -(-unbounded.slots(337) // BS)
+
+
+def feed_pieces(model, cache, ids: list[int]):
+    """Feed `ids` to a cache that has seen `cache.seen` tokens, in pieces ending at multiples
+    of PIECE (as the engine cuts prompts); the last piece's logits (1, V)."""
+    from kvcache.models.step import StepInputs
+
+    pos, end = cache.seen, cache.seen + len(ids)
+    with torch.inference_mode():
+        while pos < end:
+            stop = min(end, (pos // PIECE + 1) * PIECE)
+            piece = torch.tensor([ids[pos - end + len(ids) : stop - end + len(ids)]])  # (1, T)
+            logits = model.forward(StepInputs(piece, None, cache.next_position, None), cache)
+            pos = stop
+    return logits
+
+
+def continue_greedy(model, cache, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens after feeding `ids` to `cache` (in the engine's pieces), fed back one at a time."""
+    logits, out = feed_pieces(model, cache, ids), []
+    for _ in range(n):
+        out.append(int(logits[0].argmax()))
+        if len(out) < n:
+            logits = feed_pieces(model, cache, out[-1:])
+    return out
+
+
+@pytest.mark.parametrize("policy", [POLICIES[0], POLICIES[-1]], ids=["kivi", "sinks+kivi"])
+def test_a_conversation_continues_the_cache_its_last_request_kept(tiny_model_dir, policy):
+    """No prefix cache holds a per-request cache, so a finished request of a conversation leaves
+    its cache (and its grant of blocks) for the conversation's next request, which computes only
+    the tokens after those: each equals one SequenceCache fed the whole conversation, even after
+    the window evicted tokens."""
+    from kvcache.cache.policies.cache import SequenceCache
+
+    llm = paged_llm(tiny_model_dir, policy, blocks=4096, max_num_batched_tokens=32)
+    engine, model = llm.engine, llm.model
+    ref, prompt = SequenceCache(model, policy), list(range(3, 40))
+    for turn in range(3):
+        prefilled = llm.stats()["tokens_prefilled"]
+        req = engine.add_request(prompt, greedy(12), conversation="c")
+        engine.run_to_completion([req])
+        computed = ref.seen
+        assert req.num_cached_tokens == computed and (computed > 0) == (turn > 0)
+        assert llm.stats()["tokens_prefilled"] - prefilled == len(prompt) - computed
+        assert req.output_token_ids == continue_greedy(model, ref, prompt[computed:], 12)
+        prompt = prompt + req.output_token_ids + list(range(50 + turn, 70 + turn))
+    assert ref.evicted > 0 or "sinks" not in policy  # the window did drop tokens on the way
+    assert llm.stats()["blocks_used"] > 0  # the kept cache's grant
+    engine.end_conversation("c")
+    assert llm.stats()["blocks_used"] == 0 and not engine.runner.caches
+
+
+def test_chat_turns_under_a_per_request_policy_start_from_the_kept_cache(tiny_model_dir):
+    """A chat turn adopts the cache its last turn kept: it computes only the tokens the new
+    prompt does not share with it (cut back to them where the template re-renders the reply
+    differently) and equals one SequenceCache fed the conversation as the turns fed it."""
+    from kvcache.cache.policies.cache import SequenceCache
+    from kvcache.engine.kept_caches import common_prefix_len
+
+    policy = POLICIES[0]
+    llm = paged_llm(tiny_model_dir, policy, blocks=4096, max_num_batched_tokens=32)
+    model, s = llm.model, llm.session(system="You are a tiny robot who loves the stars.")
+    ref, fed = SequenceCache(model, policy), []
+    for turn, text in enumerate(["Hello, how are you?", "Tell me a joke about a computer.", "What is your name?"]):
+        prefilled = llm.stats()["tokens_prefilled"]
+        out = s.send(text, greedy(8))
+        prompt = out.prompt_token_ids
+        shared = common_prefix_len(fed, prompt)
+        with torch.inference_mode():
+            ref.truncate(shared)
+        assert out.metrics.cached_prompt_tokens == shared and (shared > 0) == (turn > 0)
+        assert llm.stats()["tokens_prefilled"] - prefilled == len(prompt) - shared
+        assert out.token_ids == continue_greedy(model, ref, prompt[shared:], 8)
+        fed = prompt + out.token_ids[:-1]
+        stats = s.stats()
+        assert stats["cached_tokens"] == len(fed) and stats["kv_cache_bytes"] == ref.nbytes_used > 0
+    assert llm.stats()["blocks_used"] > 0
+    s.reset()
+    assert llm.stats()["blocks_used"] == 0 and not llm.engine.runner.caches
+
+
+def test_a_kept_chat_cache_goes_before_a_request_waits_for_blocks(tiny_model_dir):
+    """A kept cache is idle memory: a request that needs its blocks gets them (no preemption,
+    no failure), and the chat's next turn then starts from its first token."""
+    policy = POLICIES[0]
+    llm = paged_llm(tiny_model_dir, policy, blocks=4096, max_num_batched_tokens=32)
+    fp = policy_footprint(llm.kv_policy, llm.config, llm.dtype, PIECE)
+    blocks = -(-fp.slots(120) // BS)
+    llm = paged_llm(tiny_model_dir, policy, blocks=blocks, max_num_batched_tokens=32)
+    s = llm.session(system="You are a tiny robot who loves the stars.")
+    s.send("Hello, how are you?", greedy(8))
+    held = llm.stats()["blocks_used"]
+    assert held > 0
+    n = next(n for n in range(8, 110) if -(-fp.slots(n + 8) // BS) > blocks - held)
+    req = llm.engine.add_request(list(range(3, 3 + n)), greedy(8))
+    for _ in range(100):  # stepped by hand: with its blocks held elsewhere it would preempt itself forever
+        if req.finished:
+            break
+        llm.engine.step()
+    out = req.to_output()
+    assert req.finished and out.error is None and out.metrics.preemptions == 0
+    assert out.token_ids == alone(llm, policy, list(range(3, 3 + n)), 8)
+    assert s.stats()["cached_tokens"] == 0 and llm.stats()["blocks_used"] == 0
+    again = s.send("Tell me a joke about a computer.", greedy(8))
+    assert again.metrics.cached_prompt_tokens == 0 and again.error is None

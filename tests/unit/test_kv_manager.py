@@ -28,6 +28,31 @@ def refs(mgr: KVCacheManager) -> list[int]:
 # -- allocation -------------------------------------------------------------------------
 
 
+def test_restart_frees_the_blocks_and_keeps_the_sequence_as_admitted():
+    mgr = KVCacheManager(num_blocks=8, block_size=4)
+    tokens = list(range(10))
+    run_prompt(mgr, "a", tokens)
+    queries = mgr.usage()["prefix_queries"]
+    mgr.restart("a")
+    assert "a" in mgr and mgr.block_table("a") == [] and mgr.usage()["blocks_used"] == 0
+    assert mgr.allocate_slots("a", tokens, 0, 10) is not None and mgr.blocks_held("a") == 3
+    assert mgr.usage()["prefix_queries"] == queries  # computing it again is no new admission
+    mgr.pool.check_invariants()
+
+
+def test_rename_hands_the_blocks_over_unchanged():
+    mgr = KVCacheManager(num_blocks=8, block_size=4)
+    table = run_prompt(mgr, "a", list(range(6)))
+    mgr.rename("a", "kept")
+    assert "a" not in mgr and mgr.block_table("kept") == table and mgr.usage()["blocks_used"] == 2
+    run_prompt(mgr, "b", [7, 8])
+    with pytest.raises(ValueError, match="already has blocks"):
+        mgr.rename("kept", "b")
+    mgr.free("kept")
+    assert mgr.usage()["blocks_used"] == 1
+    mgr.pool.check_invariants()
+
+
 def test_allocate_slots_grows_the_table_block_by_block():
     mgr = KVCacheManager(num_blocks=8, block_size=4)
     tokens = list(range(5))

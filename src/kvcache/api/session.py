@@ -4,8 +4,9 @@ Each turn is one request to the LLM's engine whose prompt is the whole conversat
 with the chat template. The engine's prefix cache still holds the full blocks the previous
 turn computed (its prompt and reply), so the new request starts from those hits and computes
 only the rest: the tail of the last block, the new message and the template tokens around it.
-Every KV policy the engine runs applies to chat turns too; under a policy that gives each
-request its own cache (no prefix cache there) a turn recomputes the conversation.
+Every KV policy the engine runs applies to chat turns too. Under a policy that gives each
+request its own cache there is no prefix cache: the engine keeps the last turn's cache for
+the session's next request instead (`engine/kept_caches.py`), with the same effect.
 
 When the conversation would pass its budget (`max_history_tokens`, default max_model_len),
 the overflow policy decides: `truncate` drops the oldest turns, `summarize` has the model
@@ -18,6 +19,7 @@ session path (`persist.snapshot_prefix` / `restore_prefix`, the files the server
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 from kvcache.cache.snapshot import KVSnapshot
@@ -28,6 +30,7 @@ from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError, PromptTooLongError
 
 OVERFLOW_POLICIES = ("truncate", "summarize", "error")
+_CONVERSATIONS = itertools.count()
 SUMMARY_PREFIX = "Summary of the earlier conversation: "
 SUMMARY_REQUEST = "Summarize this conversation in two or three short sentences, keeping names, numbers and facts:"
 
@@ -44,10 +47,13 @@ class ChatSession:
         self.llm, self.system, self.overflow = llm, system, overflow
         self.budget = max_history_tokens or llm.max_model_len
         self.summary_tokens = summary_tokens
+        self.conversation = f"chat-{next(_CONVERSATIONS)}"  # what the engine keeps for this chat's next turn
         self.reset()
 
     def reset(self) -> None:
-        """Forget the conversation (its blocks stay in the prefix cache until the pool needs them)."""
+        """Forget the conversation (its blocks stay in the prefix cache until the pool needs them;
+        a per-request cache kept for its next turn is freed)."""
+        self.llm.engine.end_conversation(self.conversation)
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.token_ids: list[int] = []  # the last turn's prompt and reply, but its last token: K/V computed
         self.turns = 0
@@ -117,7 +123,7 @@ class ChatSession:
         check_length(params.max_tokens, self.llm.max_model_len)  # no history can make room for more
         messages, ids, remedy = self._fit(self.messages + [{"role": "user", "content": text}], params.max_tokens)
         engine = self.llm.engine
-        req = engine.add_request(ids, params, eos_ids=self.llm.eos_ids)
+        req = engine.add_request(ids, params, eos_ids=self.llm.eos_ids, conversation=self.conversation)
         yield from engine.stream(req)
         out = req.to_output()
         if out.error:
@@ -139,11 +145,11 @@ class ChatSession:
     def stats(self) -> dict:
         """Turns so far, what the engine still caches of the conversation, truncations, summaries."""
         engine = self.llm.engine
-        cached = len(engine.kv.cached_prefix_blocks(self.token_ids))
+        tokens, nbytes = engine.conversation_tokens(self.conversation, self.token_ids)
         return {
             "turns": self.turns,
-            "cached_tokens": cached * engine.kv.block_size,  # in the prefix cache, for the next turn
-            "kv_cache_bytes": cached * engine.kv.block_bytes,
+            "cached_tokens": tokens,  # what the engine holds for the next turn
+            "kv_cache_bytes": nbytes,
             "kv_cache_allocated_bytes": engine.storage.nbytes,  # the engine's pool, shared by every request
             "truncations": self.truncations,
             "summaries": self.summaries,

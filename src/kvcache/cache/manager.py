@@ -227,6 +227,12 @@ class KVCacheManager:
         if seq is not None:
             self.pool.free(reversed([b for b in seq.table if b != RELEASED]))
 
+    def rename(self, seq_id: str, new_id: str) -> None:
+        """Hand `seq_id`'s blocks and table to `new_id` (unknown to the manager), unchanged."""
+        if new_id in self._seqs:
+            raise ValueError(f"Sequence {new_id!r} already has blocks.")
+        self._seqs[new_id] = self._seqs.pop(seq_id)
+
     def restart(self, seq_id: str) -> None:
         """Give back all of `seq_id`'s blocks but keep the sequence, with an empty table: it is
         computed again from its first token (no prefix hit, not counted as a new admission)."""

@@ -18,6 +18,7 @@ from kvcache.cache.row_policy import RowPolicyStorage, policy_footprint
 from kvcache.cache.storage import PagedKVStorage
 from kvcache.engine.config import EngineConfig, default_prefill_piece, windowed_live_tokens
 from kvcache.engine.detokenizer import IncrementalDetokenizer
+from kvcache.engine.kept_caches import KeptCaches, common_prefix_len
 from kvcache.engine.logprobs import prompt_logprobs
 from kvcache.engine.policy_runner import PolicyRowRunner
 from kvcache.engine.request import Request
@@ -74,14 +75,16 @@ class LLMEngine:
         hit_limit = None
         if self.evict is not None:
             hit_limit = lambda req: self.evict.prefix_hit_limit(len(req.prompt_token_ids))  # noqa: E731
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, live_bound,
-                                   split_at_prompt_end=self.evict is not None, prefix_hit_limit=hit_limit,
-                                   prefill_piece=piece, slots_for=slots_for)
+        self.kept = None  # per-request caches kept for the next request of a conversation
         if rows is not None:
             self.runner = PolicyRowRunner(model, rows, piece)
+            self.kept = KeptCaches(self.kv, self.runner)
         else:
             self.runner = ModelRunner(model, self.storage, self.kv, self.sinks, self.evict, config.mixed_steps,
                                       window=self.window if self.sinks is None else None)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, live_bound,
+                                   split_at_prompt_end=self.evict is not None, prefix_hit_limit=hit_limit,
+                                   prefill_piece=piece, slots_for=slots_for, kept=self.kept)
         self.tokens_evicted = 0
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -91,15 +94,20 @@ class LLMEngine:
         self.started = time.perf_counter()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    eos_ids: set[int] | None = None, use_cache: bool = True) -> Request:
+                    eos_ids: set[int] | None = None, use_cache: bool = True,
+                    conversation: str | None = None) -> Request:
         """Queue a request (ids already validated and fitted to max_model_len). `use_cache=False`:
-        every step recomputes its whole sequence (no K/V kept between steps, no prefix cache)."""
+        every step recomputes its whole sequence (no K/V kept between steps, no prefix cache).
+        `conversation`: under per-request policy caches, start from the cache the conversation's
+        last request left and leave this one's for the next (paged blocks: the prefix cache
+        does that for every request)."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise KVCacheError(f"Request id '{rid}' is already in use.")
         req = Request(rid, list(prompt_token_ids), params, Sampler(params, self.model.device),
                       IncrementalDetokenizer(self.tokenizer, params.stop), self.max_model_len,
-                      frozenset(eos_ids) if eos_ids is not None else self.eos_ids, use_cache=use_cache)
+                      frozenset(eos_ids) if eos_ids is not None else self.eos_ids, use_cache=use_cache,
+                      conversation=conversation)
         if params.prompt_logprobs is not None:  # a separate full forward over the prompt, no prefix cache
             req.prompt_logprobs = prompt_logprobs(self.model, req.prompt_token_ids, params.prompt_logprobs)
         self.requests[rid] = req
@@ -113,6 +121,22 @@ class LLMEngine:
             req.finish_reason = req.finish_reason or "abort"
             self.scheduler.finish(req)
             self.runner.forget(request_id)
+
+    def end_conversation(self, conversation: str) -> None:
+        """Free what the engine keeps for a conversation's next request (a kept per-request cache)."""
+        if self.kept is not None:
+            self.kept.drop(conversation)
+
+    def conversation_tokens(self, conversation: str | None, token_ids: list[int]) -> tuple[int, int]:
+        """(tokens, bytes): how much of `token_ids` the engine holds for the conversation's next
+        request, the leading full blocks in the prefix cache or its kept per-request cache."""
+        if self.kept is not None:
+            kept = self.kept.tokens.get(conversation)
+            if kept is None:
+                return 0, 0
+            return common_prefix_len(kept, token_ids), self.runner.bytes_held(self.kept.seq_id(conversation))
+        blocks = len(self.kv.cached_prefix_blocks(token_ids))
+        return blocks * self.kv.block_size, blocks * self.kv.block_bytes
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -154,6 +178,8 @@ class LLMEngine:
             done = req.finish_reason is not None
             if done:
                 text += req.detok.flush()
+                if self.kept is not None and req.use_cache:
+                    self.kept.keep(req)  # its cache and blocks wait for the conversation's next request
                 self.scheduler.finish(req)
                 self.requests.pop(req.request_id, None)
                 self.runner.forget(req.request_id)

@@ -39,6 +39,10 @@ class PolicyRowRunner:
         assert cache.seen == chunk.start, (cache.seen, chunk.start)
         return cache
 
+    def rename(self, request_id: str, new_id: str) -> None:
+        """File a request's cache under another id (kept for, or adopted by, another request)."""
+        self.caches[new_id] = self.caches.pop(request_id)
+
     def forget(self, request_id: str) -> None:
         """Drop a request's cache (finished, failed, aborted or preempted: recomputed from scratch)."""
         self.caches.pop(request_id, None)

@@ -35,6 +35,7 @@ class Request:
     max_total_tokens: int  # prompt + generated may not pass this (max_model_len)
     eos_ids: frozenset[int] = frozenset()
     use_cache: bool = True  # False: recompute the sequence from its first token at every step
+    conversation: str | None = None  # requests of one chat: a per-request cache is kept for the next
     arrival: float = field(default_factory=time.perf_counter)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

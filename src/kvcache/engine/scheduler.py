@@ -7,8 +7,9 @@ prompts are prefilled in chunks so they do not stall everyone's decoding. When a
 request cannot get a block, the most recently arrived running request is preempted: its
 blocks are freed and it goes back to the head of the queue, to be recomputed (prefix-cache
 hits make that cheap). A request without a cache (`use_cache` off) is restarted after each
-sampled token: blocks freed, computed from its first token again. The scheduler moves block ids
-through `KVCacheManager`, never tensors.
+sampled token: blocks freed, computed from its first token again. Under per-request policy
+caches a request starts from the cache its conversation kept (`kept_caches.py`) instead of
+prefix-cache hits. The scheduler moves block ids through `KVCacheManager`, never tensors.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvcache.cache.manager import KVCacheManager
 from kvcache.engine.request import Request, Status
+
+if TYPE_CHECKING:
+    from kvcache.engine.kept_caches import KeptCaches
 
 
 @dataclass
@@ -51,7 +56,7 @@ class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_live_tokens: int | None = None, split_at_prompt_end: bool = False,
                  prefix_hit_limit: Callable[[Request], int | None] | None = None, prefill_piece: int | None = None,
-                 slots_for: Callable[[int], int] | None = None):
+                 slots_for: Callable[[int], int] | None = None, kept: KeptCaches | None = None):
         """`max_live_tokens`: the most tokens one sequence holds in blocks at a time, whatever
         its length (a window or sinks policy gives blocks back), or None (all of them).
         `split_at_prompt_end`: no chunk runs past a request's prompt (an eviction policy
@@ -63,13 +68,17 @@ class Scheduler:
         prompt (recomputed outputs) go one at a time, as they were decoded.
         `slots_for(n)`: the block slots a sequence of n tokens is granted, when they are not its
         tokens (a per-request cache's byte bound at its packed rate, see `cache.row_policy`;
-        non-decreasing in n); None: one slot a token."""
+        non-decreasing in n); None: one slot a token.
+        `kept`: per-request caches kept between the requests of a conversation; a request is
+        admitted from its conversation's cache (instead of prefix-cache hits), and the oldest
+        kept ones are dropped before a request waits or a running one is preempted for blocks."""
         if prefill_piece is not None and not 0 < prefill_piece <= max_num_batched_tokens:
             raise ValueError(f"prefill_piece must be in 1..{max_num_batched_tokens}, got {prefill_piece}.")
         self.kv = kv
         self.max_live_tokens = max_live_tokens
         self.split_at_prompt_end, self.prefix_hit_limit = split_at_prompt_end, prefix_hit_limit
         self.prefill_piece, self.slots_for = prefill_piece, slots_for
+        self.kept = kept
         self.max_num_seqs, self.token_budget = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -155,6 +164,8 @@ class Scheduler:
                 i += 1
                 continue
             while self._allocate(req, req.num_computed_tokens, n) is None:
+                if self.kept is not None and self.kept.drop_oldest():
+                    continue  # idle memory goes first
                 victim = self.running[-1]
                 if victim is req and not self._can_ever_fit(req):
                     self._fail(req, out)  # it outgrew the whole pool: fail it alone, now
@@ -180,9 +191,18 @@ class Scheduler:
             if limit is not None and n_cached > limit:
                 blocks = blocks[: max(limit, 0) // self.kv.block_size]
                 n_cached = len(blocks) * self.kv.block_size
+            if self.kept is not None:
+                n_cached = self.kept.adopt(req)
             n = self._chunk(req, n_cached, budget)
-            if n == 0 or self._allocate(req, n_cached, n, blocks) is None:
+            table = self._allocate(req, n_cached, n, blocks) if n else None
+            while n and table is None and self.kept is not None and self.kept.drop_oldest():
+                table = self._allocate(req, n_cached, n, blocks)
+            if table is None:
+                if self.kept is not None:
+                    self.kept.give_back(req)
                 break  # head of the queue waits for blocks; FCFS keeps later ones behind it
+            if self.kept is not None:
+                self.kept.admitted(req)
             self.waiting.popleft()
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = n_cached
