@@ -51,6 +51,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncation", default="error", choices=["error", "left"], help="prompt longer than the limit")
     p.add_argument("--kernels", default="auto", choices=["auto", "torch", "onednn", "native"],
                    help="matmul kernels (auto: oneDNN for bf16 on CPU, native for fp32 on CPU, torch otherwise)")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf", "int8", "int4"],
+                   help="weights: gguf keeps a GGUF's quantized formats, int8/int4 quantize at load, none is float "
+                        "(auto: none for now)")
     p.add_argument("--kv-policy", default=None,
                    help="KV cache policy, e.g. window:size=1024, sinks:n_sink=4,window=1020, "
                         "quantized:bits=4,residual=128, evict:scorer=snapkv,ratio=0.5, tiered:hot=256; "
@@ -167,7 +170,8 @@ def _make_llm(args, **engine):
     from kvcache import LLM
 
     return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, truncation=args.truncation,
-               threads=args.threads, kernels=args.kernels, kv_policy=args.kv_policy, **engine)
+               threads=args.threads, kernels=args.kernels, kv_policy=args.kv_policy,
+               quantization=args.quantization, **engine)
 
 
 def _params(args):

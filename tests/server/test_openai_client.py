@@ -115,8 +115,9 @@ def test_models_health_and_metrics(client, server):
     for name in ("kvcache_kv_blocks_total", "kvcache_kv_blocks_used", "kvcache_kv_blocks_cached",
                  "kvcache_prefix_cache_hit_rate", "kvcache_requests_running", "kvcache_requests_waiting",
                  "kvcache_generation_tokens_per_second", "kvcache_preemptions_total", "kvcache_requests_total",
-                 "process_resident_memory_bytes"):
+                 "process_resident_memory_bytes", "kvcache_weights_info", "kvcache_weight_bytes"):
         assert f"# TYPE {name} " in text, name
+    assert 'kvcache_weights_info{quantization="none"} 1' in text
     assert 'kvcache_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert metric(server, "kvcache_kv_blocks_total") == server.state.stats()["blocks_total"]
 

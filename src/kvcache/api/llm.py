@@ -14,7 +14,8 @@ from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
 from kvcache.models.linear import slow_dtype_reason
 from kvcache.models.llama import LlamaModel
-from kvcache.models.loader import DEFAULT_MODEL, load_model
+from kvcache.models.loader import DEFAULT_MODEL, gguf_file, load_model
+from kvcache.models.quantization import check_device, resolve_quantization
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -50,7 +51,7 @@ class LLM:
                  device: str | torch.device | None = None, kernels: str = "auto", progress: bool = True,
                  kv_cache_memory: str | int | None = None, kv_cache_fraction: float | None = None,
                  block_size: int = 16, enable_prefix_caching: bool = True, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, kv_policy: str | None = None):
+                 max_num_batched_tokens: int = 512, kv_policy: str | None = None, quantization: str = "auto"):
         if truncation not in TRUNCATION_MODES:
             raise KVCacheError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got '{truncation}'.")
         if threads is not None:
@@ -62,10 +63,13 @@ class LLM:
         slow = slow_dtype_reason(self.dtype, self.device)
         if slow:
             warnings.warn(slow, RuntimeWarning, stacklevel=2)
-        loaded = load_model(model, progress=progress)
+        self.quantization = resolve_quantization(quantization, gguf_file(model) is not None)
+        check_device(self.quantization, self.dtype, self.device)
+        loaded = load_model(model, progress=progress, quantization=self.quantization)
         self.name, self.model_dir, self.config = model, loaded.model_dir, loaded.config
         self.tokenizer = loaded.tokenizer
-        self.model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, self.dtype, self.device, kernels)
+        self.model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, self.dtype, self.device, kernels,
+                                                quantization=self.quantization)
         del loaded.state_dict
         native = self.config.max_position_embeddings
         if max_model_len is not None and max_model_len <= 1:
@@ -109,8 +113,9 @@ class LLM:
         return self._engine
 
     def stats(self) -> dict:
-        """Engine figures: KV blocks total/used/cached/free, prefix hit rate, running/waiting, preemptions."""
-        return self.engine.stats()
+        """Engine figures: KV blocks total/used/cached/free, prefix hit rate, running/waiting, preemptions;
+        the weights' quantization and their bytes as held."""
+        return {**self.engine.stats(), "quantization": self.quantization, "weight_bytes": self.model.weight_bytes}
 
     # -- prompts ----------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

@@ -53,21 +53,38 @@ def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _field(reader, key: str, default=None):
+def hf_tensor_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor (`blk.3.attn_q.weight` ->
+    `model.layers.3.self_attn.q_proj.weight`), or None for tensors the model does not use."""
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return _GLOBAL_NAMES.get(name)
+
+
+def rope_heads(name: str, heads: int, kv_heads: int) -> int | None:
+    """The head count whose RoPE row permutation a GGUF tensor carries (Q and K weights), else None."""
+    base = name.split(".")[2] if name.startswith("blk.") and name.count(".") == 3 else None
+    return {"attn_q": heads, "attn_k": kv_heads}.get(base)
+
+
+def field(reader, key: str, default=None):
+    """A metadata value of the GGUF, or `default`."""
     f = reader.fields.get(key)
     if f is None:
         return default
     return f.contents()
 
 
-def _read_gguf(path: Path):
+def read_gguf(path: Path):
+    """A `gguf.GGUFReader` for a llama-architecture file (ModelFormatError otherwise)."""
     import gguf
 
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError, struct errors, IndexError, ...
         raise ModelFormatError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}).") from None
-    arch = _field(reader, "general.architecture")
+    arch = field(reader, "general.architecture")
     if arch != "llama":
         raise ModelFormatError(f"{path} holds a '{arch}' model; only the llama architecture is supported in GGUF.")
     return reader
@@ -76,21 +93,21 @@ def _read_gguf(path: Path):
 def gguf_hf_config(reader, vocab_size: int, has_output: bool, bos: int | None, eos: int | None) -> dict:
     """A Hugging Face LlamaConfig dict from the GGUF metadata."""
     a = "llama."
-    hidden = int(_field(reader, a + "embedding_length"))
-    heads = int(_field(reader, a + "attention.head_count"))
-    theta = float(_field(reader, a + "rope.freq_base", 10000.0))
+    hidden = int(field(reader, a + "embedding_length"))
+    heads = int(field(reader, a + "attention.head_count"))
+    theta = float(field(reader, a + "rope.freq_base", 10000.0))
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, a + "feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, a + "block_count")),
+        "intermediate_size": int(field(reader, a + "feed_forward_length")),
+        "num_hidden_layers": int(field(reader, a + "block_count")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, a + "rope.dimension_count", hidden // heads)),
-        "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
-        "rms_norm_eps": float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        "num_key_value_heads": int(field(reader, a + "attention.head_count_kv", heads)),
+        "head_dim": int(field(reader, a + "rope.dimension_count", hidden // heads)),
+        "max_position_embeddings": int(field(reader, a + "context_length", 2048)),
+        "rms_norm_eps": float(field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "tie_word_embeddings": not has_output,
@@ -109,9 +126,9 @@ def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    reader = _read_gguf(path)
-    heads = int(_field(reader, "llama.attention.head_count"))
-    kv_heads = int(_field(reader, "llama.attention.head_count_kv", heads))
+    reader = read_gguf(path)
+    heads = int(field(reader, "llama.attention.head_count"))
+    kv_heads = int(field(reader, "llama.attention.head_count_kv", heads))
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -128,24 +145,16 @@ def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> Path:
                 arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
             except Exception as exc:
                 raise ModelFormatError(f"{path} has an unreadable tensor {t.name} ({exc}).") from None
-            parts = t.name.split(".")
-            if parts[0] == "blk":
-                base = parts[2]
-                if base not in _LAYER_NAMES:
-                    continue
-                if base == "attn_q":
-                    arr = unpermute_rope_rows(arr, heads)
-                elif base == "attn_k":
-                    arr = unpermute_rope_rows(arr, kv_heads)
-                hf_name = f"model.layers.{parts[1]}.{_LAYER_NAMES[base]}.{parts[3]}"
-            elif t.name in _GLOBAL_NAMES:
-                hf_name = _GLOBAL_NAMES[t.name]
-            else:
+            hf_name = hf_tensor_name(t.name)
+            if hf_name is None:
                 continue
+            rope = rope_heads(t.name, heads, kv_heads)
+            if rope:
+                arr = unpermute_rope_rows(arr, rope)
             tensors[hf_name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
-        tokenizer = _convert_tokenizer(path, tmp)
+        tokenizer = convert_tokenizer(path, tmp)
         vocab = int(tensors["model.embed_tokens.weight"].shape[0])
         cfg = gguf_hf_config(reader, vocab, "output.weight" in names, tokenizer.bos_token_id, tokenizer.eos_token_id)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -158,7 +167,7 @@ def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> Path:
     return out_dir
 
 
-def _convert_tokenizer(path: Path, out_dir: Path):
+def convert_tokenizer(path: Path, out_dir: Path):
     from transformers import AutoTokenizer
 
     try:
@@ -171,8 +180,8 @@ def _convert_tokenizer(path: Path, out_dir: Path):
 
 def gguf_config(path: Path) -> dict:
     """The HF config dict a GGUF file describes, read from its metadata alone (no tensors)."""
-    reader = _read_gguf(path)
+    reader = read_gguf(path)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = int(_field(reader, "llama.vocab_size", len(tokens.data) if tokens is not None else 0))
+    vocab = int(field(reader, "llama.vocab_size", len(tokens.data) if tokens is not None else 0))
     names = {t.name for t in reader.tensors}
     return gguf_hf_config(reader, vocab, "output.weight" in names, None, None)

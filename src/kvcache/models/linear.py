@@ -102,3 +102,8 @@ class Linear:
     @property
     def numel(self) -> int:
         return self.out_features * self.in_features
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weight as held."""
+        return self.numel * self.weight.element_size()

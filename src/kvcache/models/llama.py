@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from kvcache import native
 from kvcache.models.config import LlamaConfig
 from kvcache.models.linear import Linear, resolve_kernels
+from kvcache.models.quantization import build_linear, build_table, check_device
+from kvcache.models.quantized_linear import QuantizedLinear
 from kvcache.models.rope import RotaryTable, apply_rotary
 from kvcache.models.step import StepInputs, StepKV, causal_mask
 
@@ -30,13 +32,13 @@ class LayerWeights:
     """One decoder layer's parameters, input-major."""
 
     attn_norm: torch.Tensor  # (H,)
-    qkv: Linear  # H -> (Hq + 2*Hkv) * D, fused
-    o: Linear  # Hq * D -> H
+    qkv: Linear | QuantizedLinear  # H -> (Hq + 2*Hkv) * D, fused
+    o: Linear | QuantizedLinear  # Hq * D -> H
     mlp_norm: torch.Tensor  # (H,)
-    gate_up: Linear  # H -> 2 * I, fused
-    down: Linear  # I -> H
+    gate_up: Linear | QuantizedLinear  # H -> 2 * I, fused
+    down: Linear | QuantizedLinear  # I -> H
 
-    def linears(self) -> tuple[Linear, ...]:
+    def linears(self) -> tuple[Linear | QuantizedLinear, ...]:
         return (self.qkv, self.o, self.gate_up, self.down)
 
 
@@ -56,14 +58,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)  # (B, T, Hq*D)
 
 
+def _numel(table) -> int:
+    return table.numel if isinstance(table, QuantizedLinear) else table.numel()
+
+
+def _nbytes(table) -> int:
+    return table.nbytes if isinstance(table, QuantizedLinear) else table.numel() * table.element_size()
+
+
 class LlamaModel:
     """Decoder-only transformer whose attention reads and writes an explicit KV store passed to
     `forward`; it sees the store only through `models.step.StepKV` and imports no cache module."""
 
-    def __init__(self, config: LlamaConfig, embed: torch.Tensor, layers: list[LayerWeights],
-                 final_norm: torch.Tensor, lm_head: Linear, use_native: bool = True):
+    quantization = "none"  # how the matrices are held (`kvcache.models.quantization`)
+
+    def __init__(self, config: LlamaConfig, embed: torch.Tensor | QuantizedLinear, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: Linear | QuantizedLinear, use_native: bool = True):
         self.config = config
-        self.embed = embed  # (V, H)
+        self.embed = embed  # (V, H), or packed codes read by rows
         self.layers = layers
         self.final_norm = final_norm  # (H,)
         self.lm_head = lm_head  # H -> V
@@ -75,45 +87,58 @@ class LlamaModel:
                                 self.device, self.dtype)
 
     @classmethod
-    def from_state_dict(cls, config: LlamaConfig, sd: dict, dtype: torch.dtype = torch.float32,
+    def from_state_dict(cls, config: LlamaConfig, sd, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", kernels: str = "auto",
-                        use_native: bool = True) -> "LlamaModel":
+                        use_native: bool = True, quantization: str = "none") -> "LlamaModel":
         """Build from Hugging Face-named weights (`model.layers.N.self_attn.q_proj.weight`, ...).
 
         `kernels`: "auto" | "torch" | "onednn" | "native", see `kvcache.models.linear`. `use_native=False`
-        keeps every non-matmul step in torch ops (see `kvcache.native`).
+        keeps every non-matmul step in torch ops (see `kvcache.native`). `quantization`: "none" |
+        "gguf" (sd holds `PackedWeight`s) | "int8" | "int4", see `kvcache.models.quantization`;
+        matrices are read from `sd` one at a time (a lazy mapping keeps one float copy resident).
         """
-        kernels = resolve_kernels(kernels, dtype, torch.device(device))
+        device = torch.device(device)
+        check_device(quantization, dtype, device)
+        kernels = resolve_kernels(kernels, dtype, device)
 
         def get(name: str) -> torch.Tensor:
             return sd[name].to(device=device, dtype=dtype)
+
+        def linear(names: list[str], bias: torch.Tensor | None, q: str = quantization) -> Linear | QuantizedLinear:
+            return build_linear([sd[n] for n in names], bias, q, dtype, device, kernels, names[0])
 
         layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             a = p + "self_attn."
-            wqkv = torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")], 0)
             bqkv = None
             if config.attention_bias and (a + "q_proj.bias") in sd:
                 bqkv = torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")], 0)
-            gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0)
             layers.append(LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                qkv=Linear(wqkv, bqkv, kernels),
-                o=Linear(get(a + "o_proj.weight"), None, kernels),
+                qkv=linear([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], bqkv),
+                o=linear([a + "o_proj.weight"], None),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=Linear(gate_up, None, kernels),
-                down=Linear(get(p + "mlp.down_proj.weight"), None, kernels),
+                gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None),
+                down=linear([p + "mlp.down_proj.weight"], None),
             ))
-        embed = get("model.embed_tokens.weight")
-        head = sd.get("lm_head.weight")
-        head = embed if (head is None or config.tie_word_embeddings) else head.to(device=device, dtype=dtype)
-        return cls(config, embed, layers, get("model.norm.weight"), Linear(head, None, kernels), use_native)
+        embed = build_table(sd["model.embed_tokens.weight"], quantization, dtype, device)
+        if "lm_head.weight" not in sd or config.tie_word_embeddings:
+            head = embed if isinstance(embed, QuantizedLinear) else Linear(embed, None, kernels)
+        else:  # the output head keeps 8 bits under int4, as the embedding does
+            head = linear(["lm_head.weight"], None, "int8" if quantization == "int4" else quantization)
+        model = cls(config, embed, layers, get("model.norm.weight"), head, use_native)
+        model.quantization = quantization
+        return model
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of ids (B, T): (B, T, H) in the model dtype."""
+        return self.embed.rows(ids) if isinstance(self.embed, QuantizedLinear) else self.embed[ids]
 
     @property
     def num_params(self) -> int:
         """Distinct parameters (the tied output head counted once)."""
-        n = self.embed.numel() + self.final_norm.numel()
+        n = _numel(self.embed) + self.final_norm.numel()
         if not self.config.tie_word_embeddings:
             n += self.lm_head.numel
         for lw in self.layers:
@@ -123,12 +148,19 @@ class LlamaModel:
 
     @property
     def bytes_read_per_token(self) -> int:
-        """Weight bytes one decode step streams from memory (embedding row excluded, head included)."""
-        el = self.embed.element_size()
-        n = self.lm_head.numel + self.final_norm.numel()
+        """Weight bytes one decode step streams from memory (embedding row excluded, head included),
+        as held: packed codes and scales for quantized matrices."""
+        el = self.final_norm.element_size()
+        n = self.lm_head.nbytes + self.final_norm.numel() * el
         for lw in self.layers:
-            n += lw.attn_norm.numel() + lw.mlp_norm.numel() + sum(lin.numel for lin in lw.linears())
-        return n * el
+            n += (lw.attn_norm.numel() + lw.mlp_norm.numel()) * el + sum(lin.nbytes for lin in lw.linears())
+        return n
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights take as held: a float model keeps its output head in its own layout beside the
+        embedding (tied or not); a quantized one reads both from one packed table when tied."""
+        return self.bytes_read_per_token + (_nbytes(self.embed) if self.lm_head is not self.embed else 0)
 
     def forward(self, step: StepInputs, cache: StepKV | None) -> torch.Tensor:
         """Run the decoder over step.input_ids, appending their K/V to `cache` when given.
@@ -161,7 +193,7 @@ class LlamaModel:
         mask = step.attn_mask
         if mask is None and t > 1 and not (cache is not None and cache.masks_itself):  # None means causal
             mask = causal_mask(None, b, 0 if cache is None else cache.length, t, ids.device)
-        x = self.embed[ids]  # (B, T, H)
+        x = self.embed_tokens(ids)  # (B, T, H)
         hidden = (c.hidden_size,)
         eps = c.rms_norm_eps
         n_rot = hq if raw_keys else hq + hkv  # sinks: the cache rotates keys itself, at their slots

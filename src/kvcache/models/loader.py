@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def gguf_to_hf_dir(path: Path, progress: bool = True) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     return convert_gguf(path, out, progress=progress)
+
+
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file a model name stands for (a built-in name or a .gguf path), or None."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key in _PACKAGED:
+        return packaged_gguf(key)
+    path = Path(name).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
 
 
 def resolve_model_dir(name: str, progress: bool = True) -> Path:
@@ -103,21 +113,63 @@ class LoadedModel:
     name: str
     model_dir: Path
     config: LlamaConfig
-    state_dict: dict
+    state_dict: Mapping  # name -> tensor (or `PackedWeight` under quantization="gguf")
     tokenizer: object
 
 
-def load_model(name: str = DEFAULT_MODEL, progress: bool = True) -> LoadedModel:
-    """Resolve `name`, then read config, safetensors weights (float32 or as stored) and tokenizer."""
+class LazyStateDict(Mapping):
+    """The tensors of safetensors files, each read from disk when asked for: a model quantized at
+    load holds one float matrix at a time, never the whole float checkpoint."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                self._where.update(dict.fromkeys(handle.keys(), f))
+
+    def __getitem__(self, name: str):
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_model(name: str = DEFAULT_MODEL, progress: bool = True, quantization: str = "none") -> LoadedModel:
+    """Resolve `name`, then read config, safetensors weights (float32 or as stored) and tokenizer.
+
+    quantization "gguf": the GGUF's quantized matrices come back packed (`gguf_weights`);
+    "int8" / "int4": the weights are read lazily (`LazyStateDict`), to be quantized one by one.
+    """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
+    if quantization == "gguf":
+        from kvcache.models.gguf_weights import load_gguf_packed
+
+        path = gguf_file(name)
+        if path is None:
+            raise ModelFormatError(f"quantization='gguf' needs a GGUF model, and '{name}' is not one.")
+        loaded = load_gguf_packed(path)
+        loaded.name = name
+        return loaded
     model_dir = resolve_model_dir(name, progress)
     config = LlamaConfig.from_hf(read_hf_config(model_dir))
-    state: dict = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    state: Mapping = {}
     try:
-        for f in sorted(model_dir.glob("*.safetensors")):
-            state.update(load_file(str(f)))
+        if quantization in ("int8", "int4"):
+            state = LazyStateDict(files)
+        else:
+            for f in files:
+                state.update(load_file(str(f)))
     except Exception as exc:
         raise ModelFormatError(f"Could not read the weights in {model_dir} ({exc}).") from None
     try:

@@ -1,4 +1,4 @@
-"""Compile `kernels.c` once per machine with the system C compiler and load it with ctypes.
+"""Compile `kernels.c` (and `qlinear.c`) once per machine with the system C compiler and load it with ctypes.
 
 The shared object is cached under `cache_home()/native/`, named by a hash of the source,
 the flags and the compiler's version, so an edit or a new machine triggers a rebuild. A
@@ -21,6 +21,8 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
+#: Compiled into the same library: the quantized-weight linear kernels.
+EXTRA_SOURCES = (Path(__file__).with_name("qlinear.c"),)
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -50,15 +52,16 @@ def _target(cc: str) -> Path:
     from kvcache.paths import cache_home
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    code = b"".join(p.read_bytes() for p in (SOURCE, *EXTRA_SOURCES))
+    digest = hashlib.sha256(code + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     return cache_home() / "native" / f"kernels-{digest}.so"
 
 
 def compile_to(cc: str, flags: list[str], out: Path, log: Path | None = None) -> None:
-    """Compile `kernels.c` with these flags into the shared object `out`. On failure raise
+    """Compile `kernels.c` and the extra sources with these flags into the shared object `out`. On failure raise
     `BuildError` with the compiler's error lines, its whole output written to `log`
     (default: beside `out`)."""
-    cmd = [cc, *flags, str(SOURCE), "-o", str(out), "-lm"]
+    cmd = [cc, *flags, str(SOURCE), *map(str, EXTRA_SOURCES), "-o", str(out), "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         log = log or out.with_suffix(".log")

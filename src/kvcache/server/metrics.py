@@ -118,6 +118,10 @@ class ServerMetrics:
         for (endpoint, status), n in counts:
             metric("kvcache_requests_total", "counter", "Requests answered, by endpoint and HTTP status.", n,
                    f'{{endpoint="{endpoint}",status="{status}"}}')
+        if "quantization" in stats:
+            metric("kvcache_weights_info", "gauge", "The weights' quantization (none, gguf, int8, int4) as a label.", 1,
+                   f'{{quantization="{stats["quantization"]}"}}')
+            metric("kvcache_weight_bytes", "gauge", "Bytes the model weights take as held.", stats["weight_bytes"])
         metric("process_resident_memory_bytes", "gauge", "Resident memory of the server process.", process_rss_bytes())
         metric("process_uptime_seconds", "gauge", "Seconds since the server started.",
                round(time.time() - self.started, 3))

@@ -51,7 +51,9 @@ class ServerState:
         self.metrics.in_flight -= 1
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        """The engine's figures and the weights' quantization and bytes."""
+        return {**self.engine.stats(), "quantization": self.llm.quantization,
+                "weight_bytes": self.llm.model.weight_bytes}
 
     def close(self) -> None:
         self.engine.shutdown()

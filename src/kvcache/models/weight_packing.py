@@ -1,0 +1,168 @@
+"""Weight matrices packed for the quantized linear kernels (`native/qlinear.c`).
+
+A matrix (N outputs, K inputs) is cut into tiles of 16 output rows; a tile holds its blocks
+of 32 inputs one after another, each block's codes interleaved so that one 64-byte load
+gives 4 consecutive inputs of all 16 outputs (output j at bytes 4j..4j+3). Three formats:
+
+- "q4": 4-bit codes q, fp16 scale d and minimum m per output and block, w = d * q + m.
+  GGUF Q4_1 as stored, GGUF Q4_0 (w = d * (q - 8): m = -8d, exact in fp16), and our int4.
+- "q8": signed 8-bit codes, fp16 scale per output and block, w = d * q (GGUF Q8_0).
+- "i8": signed 8-bit codes, one fp32 scale per output row (our int8, symmetric).
+
+Rows past N (to fill the last tile) and inputs past K (int8 only) hold zero codes and scales.
+`dequantize` here is the torch reference of the same arithmetic (the kernels' tests use it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.errors import KVCacheError
+
+TILE, BLOCK = 16, 32
+BLOCK_BYTES = {"q4": 320, "q8": 544, "i8": 512}
+FORMAT_CODES = {"q4": 0, "q8": 1, "i8": 2}  # the kernels' QL_* numbers
+
+
+@dataclass
+class PackedWeight:
+    """One packed matrix: `data` (tiles, tile_bytes) uint8 in `fmt`'s layout."""
+
+    fmt: str  # "q4" | "q8" | "i8"
+    out_features: int
+    in_features: int
+    data: torch.Tensor  # (ceil(N/16), tile_bytes) uint8
+    source: str  # what it was packed from: "Q4_1", "Q4_0", "Q8_0", "int4", "int8"
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.in_features // BLOCK)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+def tile_bytes(fmt: str, blocks: int) -> int:
+    """Bytes of one tile of `blocks` blocks."""
+    return blocks * BLOCK_BYTES[fmt] + (64 if fmt == "i8" else 0)
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))])
+
+
+def _scales_into(out: torch.Tensor, s: torch.Tensor, tiles: int, nb: int) -> None:
+    """Write fp16 (N, nb) per-output-and-block values into out (T, nb, 32) bytes, output j at 2j."""
+    s = _pad_rows(s.to(torch.float16), tiles * TILE).view(tiles, TILE, nb)  # (T, 16, nb)
+    out.view(torch.float16).copy_(s.permute(0, 2, 1))  # (T, nb, 16)
+
+
+def q4_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) in 0..15 -> (N, K/32, 4, 4) bytes: chunk c, byte e holds inputs 8c+e (low
+    nibble) and 8c+4+e (high nibble) of its block."""
+    c = codes.to(torch.uint8).view(codes.shape[0], -1, 4, 2, 4)  # (N, nb, chunk, half, e)
+    return c[:, :, :, 0] | (c[:, :, :, 1] << 4)
+
+
+def pack_q4_bytes(byte: torch.Tensor, d: torch.Tensor, m: torch.Tensor, source: str) -> PackedWeight:
+    """Chunk bytes (N, nb, 4, 4) (`q4_bytes`) and d, m (N, nb) fp16 -> "q4" tiles."""
+    n, nb = byte.shape[0], byte.shape[1]
+    tiles = -(-n // TILE)
+    out = torch.empty(tiles, nb, 320, dtype=torch.uint8)
+    b = _pad_rows(byte.contiguous(), tiles * TILE).view(torch.int32).view(tiles, TILE, nb, 4)  # (T, j, b, chunk)
+    out[:, :, :256].view(torch.int32).view(tiles, nb, 4, TILE).copy_(b.permute(0, 2, 3, 1))  # 4 bytes a move
+    _scales_into(out[:, :, 256:288], d, tiles, nb)
+    _scales_into(out[:, :, 288:], m, tiles, nb)
+    return PackedWeight("q4", n, nb * BLOCK, out.view(tiles, nb * 320), source)
+
+
+def pack_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, source: str) -> PackedWeight:
+    """codes (N, K) uint8 in 0..15 and d, m (N, K/32) fp16 -> "q4" tiles."""
+    return pack_q4_bytes(q4_bytes(codes), d, m, source)
+
+
+def pack_q8(codes: torch.Tensor, d: torch.Tensor, source: str) -> PackedWeight:
+    """codes (N, K) int8 and d (N, K/32) fp16 -> "q8" tiles."""
+    n, k = codes.shape
+    nb, tiles = k // BLOCK, -(-n // TILE)
+    out = torch.empty(tiles, nb, 544, dtype=torch.uint8)
+    c = _pad_rows(codes.contiguous().view(torch.int32), tiles * TILE).view(tiles, TILE, nb, 8)  # (T, j, b, chunk)
+    out[:, :, :512].view(torch.int32).view(tiles, nb, 8, TILE).copy_(c.permute(0, 2, 3, 1))
+    _scales_into(out[:, :, 512:], d, tiles, nb)
+    return PackedWeight("q8", n, k, out.view(tiles, nb * 544), source)
+
+
+def pack_i8(codes: torch.Tensor, scale: torch.Tensor, in_features: int, source: str = "int8") -> PackedWeight:
+    """codes (N, Kp) int8 with Kp = K rounded up to 32 (zeros past K) and scale (N,) fp32 -> "i8" tiles."""
+    n, kp = codes.shape
+    nb, tiles = kp // BLOCK, -(-n // TILE)
+    out = torch.empty(tiles, nb * 512 + 64, dtype=torch.uint8)
+    c = _pad_rows(codes.contiguous().view(torch.int32), tiles * TILE).view(tiles, TILE, nb, 8)
+    out[:, : nb * 512].view(torch.int32).view(tiles, nb, 8, TILE).copy_(c.permute(0, 2, 3, 1))
+    out[:, nb * 512:].view(torch.float32).copy_(_pad_rows(scale.to(torch.float32), tiles * TILE).view(tiles, TILE))
+    return PackedWeight("i8", n, in_features, out, source)
+
+
+def quantize_int8(w: torch.Tensor) -> PackedWeight:
+    """Symmetric int8 per output row: scale = max|w| / 127, codes = round(w / scale)."""
+    n, k = w.shape
+    w = w.float()
+    kp = -(-k // BLOCK) * BLOCK
+    scale = w.abs().amax(1) / 127  # (N,)
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    codes = torch.zeros(n, kp, dtype=torch.int8)
+    codes[:, :k] = (w * inv[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return pack_i8(codes, scale, k)
+
+
+def quantize_int4(w: torch.Tensor, name: str = "a matrix") -> PackedWeight:
+    """Asymmetric int4 per output row and group of 32 inputs: fp16 scale d = (max - min) / 15 and
+    minimum m, codes = round((w - m) / d) in 0..15."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise KVCacheError(f"int4 weights quantize groups of {BLOCK} inputs, but {name} has {k} inputs; "
+                           "use quantization='int8'.")
+    g = w.float().reshape(n, k // BLOCK, BLOCK)  # (N, nb, 32)
+    lo, hi = g.amin(-1), g.amax(-1)  # (N, nb)
+    d, m = ((hi - lo) / 15).half(), lo.half()
+    df, mf = d.float()[..., None], m.float()[..., None]
+    q = torch.where(df > 0, ((g - mf) / df).round(), torch.zeros_like(g)).clamp(0, 15)
+    return pack_q4(q.to(torch.uint8).reshape(n, k), d, m, "int4")
+
+
+def _codes_q4(data: torch.Tensor, tiles: int, nb: int) -> torch.Tensor:
+    """(T*16, nb*32) codes of "q4" tiles."""
+    byte = data.view(tiles, nb, 320)[:, :, :256].reshape(tiles, nb, 4, TILE, 4)  # (T, b, chunk, j, e)
+    q = torch.stack([byte & 15, byte >> 4], 3)  # (T, b, chunk, half, j, e)
+    return q.permute(0, 4, 1, 2, 3, 5).reshape(tiles * TILE, nb * BLOCK)
+
+
+def _per_block(data: torch.Tensor, tiles: int, nb: int, block: int, start: int) -> torch.Tensor:
+    """(T*16, nb) fp32 of the fp16 per-output values at `start` of each block."""
+    s = data.view(tiles, nb, block)[:, :, start:start + 32].contiguous().view(torch.float16)  # (T, nb, 16)
+    return s.permute(0, 2, 1).reshape(tiles * TILE, nb).float()
+
+
+def dequantize(p: PackedWeight) -> torch.Tensor:
+    """The packed matrix as fp32 (N, K), in torch (the reference of the kernels' arithmetic)."""
+    tiles, nb = p.data.shape[0], p.blocks
+    if p.fmt == "q4":
+        q = _codes_q4(p.data, tiles, nb).float()  # (T*16, nb*32)
+        d = _per_block(p.data, tiles, nb, 320, 256).repeat_interleave(BLOCK, 1)
+        m = _per_block(p.data, tiles, nb, 320, 288).repeat_interleave(BLOCK, 1)
+        w = d * q + m
+    else:
+        body = p.data[:, : nb * 512] if p.fmt == "i8" else p.data.view(tiles, nb, 544)[:, :, :512]
+        q = body.reshape(tiles, nb, 8, TILE, 4).view(torch.int8).permute(0, 3, 1, 2, 4)
+        q = q.reshape(tiles * TILE, nb * BLOCK).float()  # (T*16, nb*32)
+        if p.fmt == "q8":
+            w = q * _per_block(p.data, tiles, nb, 544, 512).repeat_interleave(BLOCK, 1)
+        else:
+            scale = p.data[:, nb * 512:].contiguous().view(torch.float32).reshape(-1, 1)  # (T*16, 1)
+            w = q * scale
+    return w[: p.out_features, : p.in_features]

@@ -1,0 +1,186 @@
+"""The quantized-weight kernels against a torch reference of the same math, on each vector
+path this CPU runs (AVX-512 VNNI, AVX2, plain C), and the packed formats' round trips."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+
+import pytest
+import torch
+
+from kvcache.errors import KVCacheError
+from kvcache.models import weight_packing as wp
+from kvcache.native import build, qlinear
+
+pytestmark = pytest.mark.skipif(not build.wanted(), reason="no C compiler on this machine, or KVCACHE_NATIVE=0")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+FLAGS = _cpu_flags()
+# other vector targets of qlinear.c: (flags added to the build's, what this CPU needs to run it)
+TARGETS = {"avx2": (["-mno-avx512f"], {"avx2", "fma", "f16c"}), "c": (["-mno-avx512f", "-mno-avx2"], set())}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """isa name -> QLinearKernels: this machine's library, and qlinear.c built for the other targets."""
+    out = {}
+    native = qlinear.kernels()
+    assert native is not None, "the native library built without the quantized kernels"
+    out[native.isa] = native
+    if os.uname().machine == "x86_64":
+        for name, (flags, needs) in TARGETS.items():
+            if name in out or not needs <= FLAGS:
+                continue
+            so = tmp_path_factory.mktemp(name) / "qlinear.so"
+            src = build.EXTRA_SOURCES[0]
+            proc = subprocess.run([build._compiler(), *build.FLAGS, *flags, str(src), "-o", str(so), "-lm"],
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            out[name] = qlinear.QLinearKernels(ctypes.CDLL(str(so)))
+            assert out[name].isa == name
+    return out
+
+
+def test_this_machine_runs_its_widest_path():
+    isa = qlinear.kernels().isa
+    if {"avx512f", "avx512bw", "avx512_vnni"} <= FLAGS:
+        assert isa == "avx512-vnni"
+    elif {"avx2", "fma", "f16c"} <= FLAGS:
+        assert isa == "avx2"
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: per row and block of 32, scale amax/127, codes round-half-even(x * 127/amax)."""
+    m, k = x.shape
+    nb = -(-k // 32)
+    xf = torch.zeros(m, nb * 32)
+    xf[:, :k] = x.float()
+    g = xf.view(m, nb, 32)
+    amax = g.abs().amax(-1)  # (M, nb)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    codes = (g * inv[..., None]).round()
+    return codes.view(m, nb * 32), amax / 127
+
+
+def reference(x: torch.Tensor, p: wp.PackedWeight) -> torch.Tensor:
+    """x quantized as the kernel does, times the dequantized weight, in float64: (M, N)."""
+    codes, scale = quantize_activations(x)
+    xdq = (codes.double().view(x.shape[0], -1, 32) * scale.double()[..., None]).view(x.shape[0], -1)
+    return xdq[:, : p.in_features] @ wp.dequantize(p).double().T
+
+
+def random_weight(fmt: str, n: int, k: int) -> wp.PackedWeight:
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    if fmt == "q4":
+        nb = k // 32
+        return wp.pack_q4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                          (torch.rand(n, nb, generator=g) * 0.02).half(),
+                          (torch.randn(n, nb, generator=g) * 0.1).half(), "Q4_1")
+    if fmt == "q8":
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        codes[0] = -128  # the extreme code
+        return wp.pack_q8(codes, (torch.rand(n, k // 32, generator=g) * 0.01).half(), "Q8_0")
+    return wp.quantize_int8(torch.randn(n, k, generator=g))
+
+
+SHAPES = {"q4": [(40, 64), (17, 96), (3, 32)], "q8": [(40, 64), (17, 96)], "i8": [(40, 64), (17, 70), (5, 31)]}
+CASES = [(fmt, n, k) for fmt, shapes in SHAPES.items() for n, k in shapes]
+
+
+@pytest.mark.parametrize("fmt,n,k", CASES)
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_the_reference_on_every_path(builds, fmt, n, k, rows, dtype):
+    p = random_weight(fmt, n, k)
+    x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3).to(dtype)
+    x[0, : min(k, 32)] = 0  # an all-zero block
+    want = reference(x, p)
+    for isa, kern in builds.items():
+        y = torch.full((rows, n + 3), 7.0, dtype=dtype)  # written at column 2 of a wider output
+        kern.matmul(x, p.data, wp.FORMAT_CODES[fmt], n, y, col=2)
+        got = y[:, 2 : n + 2].double()
+        tol = 1e-5 if dtype == torch.float32 else 8e-3  # fp32 sums; bf16 output rounding
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()), msg=isa)
+        assert (y[:, :2] == 7).all() and (y[:, n + 2:] == 7).all(), f"{isa} wrote outside its columns"
+
+
+def test_paths_agree_and_rows_do_not_depend_on_each_other(builds):
+    p = random_weight("q4", 48, 128)
+    x = torch.randn(11, 128)
+    results = {}
+    for isa, kern in builds.items():
+        y = torch.empty(11, 48)
+        kern.matmul(x, p.data, 0, 48, y)
+        alone = torch.empty(1, 48)
+        kern.matmul(x[7:8].contiguous(), p.data, 0, 48, alone)
+        assert torch.equal(alone[0], y[7]), isa
+        results[isa] = y
+    for isa, y in results.items():  # the same integer sums; only the fp32 accumulation order may differ
+        torch.testing.assert_close(y, results[qlinear.kernels().isa], rtol=1e-6, atol=1e-5)
+
+
+def test_activation_quantization_matches_the_reference(builds):
+    x = torch.randn(3, 70) * torch.logspace(-3, 2, 70)
+    x[1, 32:64] = 0
+    codes, scale = quantize_activations(x)
+    for isa, kern in builds.items():
+        xq, xd, xs = kern.quantize_activations(x)
+        assert torch.equal(xq.float(), codes), isa
+        assert torch.equal(xd, scale), isa
+        assert torch.equal(xs, codes.view(3, -1, 32).sum(-1).int()), isa
+
+
+@pytest.mark.parametrize("fmt,n,k", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_dequantize_equals_the_torch_reference(builds, fmt, n, k, dtype):
+    p = random_weight(fmt, n, k)
+    want = wp.dequantize(p).to(dtype)
+    ids = torch.tensor([[n - 1, 0], [n // 2, n - 1]])
+    for isa, kern in builds.items():
+        assert torch.equal(kern.dequantize(p.data, wp.FORMAT_CODES[fmt], k, n, None, dtype), want), isa
+        assert torch.equal(kern.dequantize(p.data, wp.FORMAT_CODES[fmt], k, n, ids, dtype), want[ids]), isa
+
+
+def test_q4_packing_holds_codes_scales_and_minimums_exactly():
+    codes = torch.arange(5 * 64).remainder(16).view(5, 64).to(torch.uint8)
+    d = torch.tensor([[0.5, 2.0]] * 5).half()
+    m = torch.tensor([[-1.0, 3.0]] * 5).half()
+    p = wp.pack_q4(codes, d, m, "int4")
+    assert p.data.shape == (1, wp.tile_bytes("q4", 2))  # one tile (5 rows padded to 16)
+    want = codes.float() * d.float().repeat_interleave(32, 1) + m.float().repeat_interleave(32, 1)
+    assert torch.equal(wp.dequantize(p), want)
+
+
+def test_int8_is_symmetric_per_row_within_half_a_step():
+    w = torch.randn(20, 70) * torch.logspace(-2, 1, 20)[:, None]
+    w[3] = 0  # a zero row: scale 0, codes 0
+    back = wp.dequantize(wp.quantize_int8(w))
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert ((back - w).abs() <= step / 2 + 1e-7).all()
+    assert (back[3] == 0).all()
+
+
+def test_int4_is_per_group_of_32_within_half_a_step():
+    w = torch.randn(20, 96)
+    w[2, :32] = 1.25  # a constant group: exact
+    back = wp.dequantize(wp.quantize_int4(w))
+    g = w.view(20, 3, 32)
+    step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(32, 1)
+    assert ((back - w).abs() <= step / 2 + 2e-3 * w.abs().max()).all()  # fp16 scale and minimum
+    assert (back[2, :32] == 1.25).all()
+
+
+def test_int4_needs_inputs_in_groups_of_32():
+    with pytest.raises(KVCacheError, match=r"^int4 weights quantize groups of 32 inputs, but q_proj has 40 inputs"):
+        wp.quantize_int4(torch.randn(8, 40), "q_proj")
