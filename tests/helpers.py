@@ -122,3 +122,26 @@ def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model.forward(StepInputs(torch.tensor([ids]), None, 0, None), None)[0].argmax()))
     return ids[len(prompt):]
+
+
+def write_gguf(path, tensors: dict, heads: int = 4, kv_heads: int = 2):
+    """A llama-architecture GGUF with these tensors: name -> (float array, type name)."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGMLQuantizationType
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.attention.head_count", heads)
+    writer.add_uint32("llama.attention.head_count_kv", kv_heads)
+    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(300)])  # string arrays are skipped
+    for name, (arr, qtype) in tensors.items():
+        if qtype in ("F32", "F16"):
+            writer.add_tensor(name, arr.astype(np.float32 if qtype == "F32" else np.float16))
+        elif qtype == "Q4_K":  # no numpy quantizer: zero blocks of 256 weights in 144 bytes
+            writer.add_tensor(name, np.zeros((arr.shape[0], arr.shape[1] // 256 * 144), np.uint8), raw_dtype=T.Q4_K)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(arr, T[qtype]), raw_dtype=T[qtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -9,6 +9,7 @@ import torch
 from kvcache.errors import ModelFormatError
 from kvcache.models import weight_packing as wp
 from kvcache.models.gguf_weights import decode_blocks, gguf_state_dict, tensor_index
+from tests.helpers import write_gguf
 
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
@@ -41,25 +42,6 @@ def test_repacked_blocks_dequantize_as_gguf_does(qtype):
     assert p.nbytes == 3 * wp.tile_bytes(p.fmt, 3)
     want = torch.from_numpy(gguf.quants.dequantize(raw, T[qtype]))
     assert torch.equal(wp.dequantize(p), want)
-
-
-def write_gguf(path, tensors: dict, heads: int = 4, kv_heads: int = 2):
-    """A llama-architecture GGUF with these tensors: name -> (float array, type name)."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_uint32("llama.attention.head_count", heads)
-    writer.add_uint32("llama.attention.head_count_kv", kv_heads)
-    writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(300)])  # string arrays are skipped
-    for name, (arr, qtype) in tensors.items():
-        if qtype in ("F32", "F16"):
-            writer.add_tensor(name, arr.astype(np.float32 if qtype == "F32" else np.float16))
-        elif qtype == "Q4_K":  # no numpy quantizer: zero blocks of 256 weights in 144 bytes
-            writer.add_tensor(name, np.zeros((arr.shape[0], arr.shape[1] // 256 * 144), np.uint8), raw_dtype=T.Q4_K)
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(arr, T[qtype]), raw_dtype=T[qtype])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def test_index_and_state_dict_match_gguf_reader_and_undo_the_rope_permutation(tmp_path):
