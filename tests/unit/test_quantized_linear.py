@@ -99,7 +99,7 @@ CASES = [(fmt, n, k) for fmt, shapes in SHAPES.items() for n, k in shapes]
 
 
 @pytest.mark.parametrize("fmt,n,k", CASES)
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_the_reference_on_every_path(builds, fmt, n, k, rows, dtype):
     p = random_weight(fmt, n, k)
@@ -113,6 +113,16 @@ def test_kernel_matches_the_reference_on_every_path(builds, fmt, n, k, rows, dty
         tol = 1e-5 if dtype == torch.float32 else 8e-3  # fp32 sums; bf16 output rounding
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()), msg=isa)
         assert (y[:, :2] == 7).all() and (y[:, n + 2:] == 7).all(), f"{isa} wrote outside its columns"
+
+
+def test_a_long_prompt_quantizes_its_rows_in_parallel_alike(builds):
+    p = random_weight("q4", 40, 256)
+    x = torch.randn(300, 256)  # 300 x 256 values: the activations are quantized by several threads
+    want = reference(x, p)
+    for isa, kern in builds.items():
+        y = torch.empty(300, 40)
+        kern.matmul(x, p.data, 0, 40, y)
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()), msg=isa)
 
 
 def test_paths_agree_and_rows_do_not_depend_on_each_other(builds):

@@ -1,11 +1,13 @@
 """A linear layer computed from packed weight codes, behind `Linear`'s call interface.
 
-Decode batches (up to `DECODE_ROWS` rows) run the native kernel (`native/qlinear.c`): each
-row's activations are quantized to int8 per block of 32 and multiplied with integer dot
-products (AVX-512 VNNI or AVX2), the packed weight streamed once per call for all rows.
-Longer inputs (prompts) dequantize the weight to the compute dtype for the call and use
-`F.linear`; no float copy outlives the call. Without the native library every call takes
-that way, dequantizing in torch.
+Every call runs the native kernel (`native/qlinear.c`): each row's activations are quantized
+to int8 per block of 32 and multiplied with integer dot products (AVX-512 VNNI or AVX2), the
+packed weight streamed once per call for all rows. Prompts take the same kernel: measured on
+a 2-core AMD EPYC (Zen 4) in December 2026, one thread, a Q4 3072 x 576 matrix, it beats
+oneDNN's bf16 matmul at every row count (16 rows: 220 us against 292; 64: 791 against 1082;
+200: 2434 against 3345), and dequantizing the weight for a float matmul costs more than
+either (~1.8 ms). Without the native library the weight is dequantized in torch for each
+call and multiplied by `F.linear` (no float copy outlives the call).
 
 A fused projection (Q, K and V; gate and up) is a list of parts, each written into its
 columns of the output; parts of one format are merged into one packed matrix. A part may
@@ -20,10 +22,6 @@ import torch.nn.functional as F
 from kvcache.errors import KVCacheError
 from kvcache.models.weight_packing import FORMAT_CODES, TILE, PackedWeight, dequantize
 from kvcache.native import qlinear
-
-#: Most rows a call sends through the integer kernel; longer inputs dequantize the weight once.
-DECODE_ROWS = 16
-
 
 def _merge(parts: list) -> list:
     """Consecutive packed parts of one format whose row counts fill whole tiles: one matrix."""
@@ -83,11 +81,12 @@ class QuantizedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()  # (M, K)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.dtype != self.dtype or not x2.is_contiguous():
+            x2 = x2.to(self.dtype).contiguous()
         kern = qlinear.kernels()
-        if kern is None or x2.shape[0] > DECODE_ROWS:
-            y = F.linear(x2, self.dequantize(), self.bias)
-            return y.view(*lead, self.out_features)
+        if kern is None:
+            return F.linear(x2, self.dequantize(), self.bias).view(*lead, self.out_features)
         y = x2.new_empty(x2.shape[0], self.out_features)  # (M, N)
         for p, col, n in self._columns():
             if isinstance(p, PackedWeight):
