@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvcache.cache.dense import KVCache
 from kvcache.errors import KVCacheError
 from kvcache.models import weight_packing as wp
 from kvcache.models.llama import LlamaModel
@@ -33,7 +34,7 @@ def dequantized_state(sd: dict, quantization: str) -> dict:
 
 def run(model: LlamaModel, prompt: torch.Tensor, steps: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of the prompt's positions (B, T, V) and of decode steps after it (S, B, V)."""
-    cache = model.new_cache(prompt.shape[0], 64)
+    cache = KVCache.for_model(model, prompt.shape[0], 64)
     with torch.inference_mode():
         pre = model.forward(StepInputs(prompt, None, 0, None, "all"), cache)
         dec = [model.forward(StepInputs(torch.tensor([[t]] * prompt.shape[0]), None, cache.length, None), cache)
