@@ -194,3 +194,10 @@ def test_int4_is_per_group_of_32_within_half_a_step():
 def test_int4_needs_inputs_in_groups_of_32():
     with pytest.raises(KVCacheError, match=r"^int4 weights quantize groups of 32 inputs, but q_proj has 40 inputs"):
         wp.quantize_int4(torch.randn(8, 40), "q_proj")
+
+
+def test_quantizing_in_slices_of_rows_changes_nothing(monkeypatch):
+    w = torch.randn(50, 64)
+    whole = wp.quantize_int8(w).data, wp.quantize_int4(w).data
+    monkeypatch.setattr(wp, "_ROWS_AT_ONCE", 7)
+    assert torch.equal(wp.quantize_int8(w).data, whole[0]) and torch.equal(wp.quantize_int4(w).data, whole[1])

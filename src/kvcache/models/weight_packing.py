@@ -108,15 +108,22 @@ def pack_i8(codes: torch.Tensor, scale: torch.Tensor, in_features: int, source: 
     return PackedWeight("i8", n, in_features, out, source)
 
 
+#: Rows quantized at a time: float temporaries stay ~16 MB whatever the matrix.
+_ROWS_AT_ONCE = 4096
+
+
 def quantize_int8(w: torch.Tensor) -> PackedWeight:
     """Symmetric int8 per output row: scale = max|w| / 127, codes = round(w / scale)."""
     n, k = w.shape
-    w = w.float()
     kp = -(-k // BLOCK) * BLOCK
-    scale = w.abs().amax(1) / 127  # (N,)
-    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    scale = torch.empty(n)
     codes = torch.zeros(n, kp, dtype=torch.int8)
-    codes[:, :k] = (w * inv[:, None]).round().clamp(-127, 127).to(torch.int8)
+    for r in range(0, n, _ROWS_AT_ONCE):
+        part = w[r:r + _ROWS_AT_ONCE].float()
+        s = part.abs().amax(1) / 127  # (rows,)
+        inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+        codes[r:r + _ROWS_AT_ONCE, :k] = (part * inv[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scale[r:r + _ROWS_AT_ONCE] = s
     return pack_i8(codes, scale, k)
 
 
@@ -127,12 +134,18 @@ def quantize_int4(w: torch.Tensor, name: str = "a matrix") -> PackedWeight:
     if k % BLOCK:
         raise KVCacheError(f"int4 weights quantize groups of {BLOCK} inputs, but {name} has {k} inputs; "
                            "use quantization='int8'.")
-    g = w.float().reshape(n, k // BLOCK, BLOCK)  # (N, nb, 32)
-    lo, hi = g.amin(-1), g.amax(-1)  # (N, nb)
-    d, m = ((hi - lo) / 15).half(), lo.half()
-    df, mf = d.float()[..., None], m.float()[..., None]
-    q = torch.where(df > 0, ((g - mf) / df).round(), torch.zeros_like(g)).clamp(0, 15)
-    return pack_q4(q.to(torch.uint8).reshape(n, k), d, m, "int4")
+    nb = k // BLOCK
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    d, m = torch.empty(n, nb, dtype=torch.float16), torch.empty(n, nb, dtype=torch.float16)
+    for r in range(0, n, _ROWS_AT_ONCE):
+        g = w[r:r + _ROWS_AT_ONCE].float().reshape(-1, nb, BLOCK)  # (rows, nb, 32)
+        lo, hi = g.amin(-1), g.amax(-1)  # (rows, nb)
+        dr, mr = ((hi - lo) / 15).half(), lo.half()
+        df, mf = dr.float()[..., None], mr.float()[..., None]
+        q = torch.where(df > 0, ((g - mf) / df).round(), torch.zeros_like(g)).clamp_(0, 15)
+        codes[r:r + _ROWS_AT_ONCE] = q.to(torch.uint8).reshape(-1, k)
+        d[r:r + _ROWS_AT_ONCE], m[r:r + _ROWS_AT_ONCE] = dr, mr
+    return pack_q4(codes, d, m, "int4")
 
 
 def _codes_q4(data: torch.Tensor, tiles: int, nb: int) -> torch.Tensor:

@@ -1,0 +1,201 @@
+"""Batch-1 decode and prefill speed per weight quantization, each run in a fresh process.
+
+Workload: the default model (or `--model`), a `--prompt-tokens` prompt of real text (Python's
+`pydoc_data.topics`), `--new-tokens` greedy tokens with EOS ignored, batch 1, `--threads`
+threads. Variants (`--variants`, "quantization[:dtype]", dtype default bfloat16): none in bf16,
+gguf, int8 and int4 by default. Every (repeat, variant) is a new Python process that loads
+the model, generates once to warm up and once timed; repeats interleave the variants (the
+order rotates each repeat), so a slow minute of the machine hits all of them alike.
+
+Reported per variant (medians over repeats, with min-max): decode tok/s, prefill tok/s,
+peak RSS of the process, load time, the weight bytes one decode step streams and the
+achieved fraction of the memory bandwidth limit (bytes per token x tok/s / `--bandwidth-gbs`),
+and how many leading generated tokens match the first variant's.
+
+    python benchmarks/bench_quantized_decode.py                       # the measured run
+    python benchmarks/bench_quantized_decode.py --new-tokens 32 --repeats 1 --no-record   # a quick check
+
+Each run writes its record (command, commit, CPU, every process's figures) to `--record-dir`
+(default benchmarks/results; the first variant's processes are the baseline); `--no-record` writes none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from kvcache.bench import record
+from kvcache.bench.common import consoles
+from kvcache.errors import KVCacheError
+from kvcache.models.loader import DEFAULT_MODEL
+
+QUANTIZATIONS = ("none", "gguf", "int8", "int4")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Batch-1 decode speed of each weight quantization, fresh processes.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--variants", default="none:bfloat16,gguf,int8,int4",
+                   help="comma-separated quantization[:dtype] (default none:bfloat16,gguf,int8,int4; dtype bfloat16)")
+    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length in tokens (default 200)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--repeats", type=int, default=5, help="fresh processes per variant (default 5)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--bandwidth-gbs", type=float, default=27.0,
+                   help="memory bandwidth limit of this machine in GB/s (default 27)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the table goes to stderr)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement: quantization:dtype
+    record.add_arguments(p)
+    args = p.parse_args(argv)
+    for name in ("prompt_tokens", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (decode speed excludes the first token)")
+    if args.bandwidth_gbs <= 0:
+        p.error("--bandwidth-gbs must be positive")
+    args.variant_list = []
+    for v in (s.strip() for s in args.variants.split(",")):
+        if not v:
+            continue
+        quant, _, dtype = v.partition(":")
+        if quant not in QUANTIZATIONS:
+            p.error(f"unknown quantization '{quant}' in --variants (use {', '.join(QUANTIZATIONS)})")
+        args.variant_list.append(f"{quant}:{dtype or 'bfloat16'}")
+    if not args.variant_list:
+        p.error("--variants is empty")
+    args.record_folder = None if args.worker else record.parse_folder(p, args)
+    return args
+
+
+def measure(args) -> dict:
+    """One process's figures for the variant `args.worker` (printed as one JSON line)."""
+    import resource
+    import time
+
+    import torch
+
+    from kvcache.api.llm import LLM
+    from kvcache.bench.common import corpus_ids, quiet_transformers
+    from kvcache.engine.sampling import SamplingParams
+
+    quiet_transformers()
+    quant, dtype = args.worker.split(":")
+    t0 = time.perf_counter()
+    llm = LLM(args.model, dtype=dtype, threads=args.threads, quantization=quant, progress=False,
+              enable_prefix_caching=False)  # the timed prompt is computed, not found from the warm-up
+    load_s = time.perf_counter() - t0
+    ids = corpus_ids(llm.tokenizer, args.prompt_tokens)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
+    out = llm.generate([ids], params)[0]
+    return {"variant": args.worker, "quantization": llm.quantization, "dtype": dtype,
+            "threads": torch.get_num_threads(), "decode_tok_s": out.metrics.decode_tok_s,
+            "prefill_tok_s": len(ids) / out.metrics.ttft_s, "ttft_s": out.metrics.ttft_s, "load_s": load_s,
+            "bytes_per_token": llm.model.bytes_read_per_token, "weight_bytes": llm.model.weight_bytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "token_ids": out.token_ids}
+
+
+def run_worker(args, variant: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", args.model,
+           "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+           "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
+        raise KVCacheError(f"The {variant} run failed: {lines[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def leading_match(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def summarize(args, runs: dict[str, list[dict]]) -> list[dict]:
+    """One row per variant: medians (and min, max) over its processes."""
+    first = runs[args.variant_list[0]][0]["token_ids"]
+    rows = []
+    for variant, rs in runs.items():
+        dec = [r["decode_tok_s"] for r in rs]
+        bpt = rs[0]["bytes_per_token"]
+        med = statistics.median(dec)
+        rows.append({
+            "variant": variant, "quantization": rs[0]["quantization"], "dtype": rs[0]["dtype"],
+            "threads": rs[0]["threads"], "processes": len(rs),
+            "decode_tok_s": med, "decode_tok_s_min": min(dec), "decode_tok_s_max": max(dec),
+            "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in rs),
+            "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in rs),
+            "load_s": statistics.median(r["load_s"] for r in rs),
+            "bytes_per_token": bpt, "weight_bytes": rs[0]["weight_bytes"],
+            "gbs": bpt * med / 1e9, "bandwidth_fraction": bpt * med / (args.bandwidth_gbs * 1e9),
+            "tokens_match_first_variant": leading_match(rs[0]["token_ids"], first),
+            "new_tokens": len(rs[0]["token_ids"]),
+        })
+    return rows
+
+
+def strip(rs: list[dict]) -> list[dict]:
+    """A variant's per-process figures without the generated token ids."""
+    return [{k: x for k, x in r.items() if k != "token_ids"} for r in rs]
+
+
+def table(rows: list[dict], args):
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=f"Batch-1 decode by weight quantization: {args.model}, {args.prompt_tokens}-token prompt, "
+                    f"{args.new_tokens} new tokens, {args.threads} threads, medians of {args.repeats} processes",
+              box=box.SIMPLE_HEAVY)
+    for col in ("variant", "decode tok/s (min-max)", "prefill tok/s", "MB/token", "GB/s", "of limit",
+                "peak RSS MB", "load s", "same tokens"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        t.add_row(r["variant"], f"{r['decode_tok_s']:.1f} ({r['decode_tok_s_min']:.0f}-{r['decode_tok_s_max']:.0f})",
+                  f"{r['prefill_tok_s']:.0f}", f"{r['bytes_per_token'] / 1e6:.1f}", f"{r['gbs']:.1f}",
+                  f"{r['bandwidth_fraction']:.0%}", f"{r['peak_rss_bytes'] / 1e6:.0f}", f"{r['load_s']:.1f}",
+                  f"{r['tokens_match_first_variant']}/{r['new_tokens']}")
+    return t
+
+
+def main(argv: list[str] | None = None) -> list[dict] | None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args)))
+        return None
+    console, err = consoles(args.json, width=140)
+    runs: dict[str, list[dict]] = {v: [] for v in args.variant_list}
+    n = len(args.variant_list)
+    for rep in range(args.repeats):
+        for i in range(n):
+            variant = args.variant_list[(i + rep) % n]  # the order rotates: no variant always runs first
+            result = run_worker(args, variant)
+            runs[variant].append(result)
+            err.print(f"repeat {rep + 1}/{args.repeats} {variant}: decode {result['decode_tok_s']:.1f} tok/s, "
+                      f"prefill {result['prefill_tok_s']:.0f} tok/s")
+    rows = summarize(args, runs)
+    console.print(table(rows, args))
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        sys.stdout.flush()
+    record.save("bench_quantized_decode", "python benchmarks/bench_quantized_decode.py", argv, args.record_folder,
+                threads=args.threads, config={k: v for k, v in vars(args).items() if k != "record_folder"},
+                results=rows, timings={v: strip(rs) for v, rs in runs.items() if v != args.variant_list[0]},
+                baseline_timings={args.variant_list[0]: strip(runs[args.variant_list[0]])})
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KVCacheError as exc:
+        sys.exit(f"error: {exc}")
