@@ -3,7 +3,9 @@
 Weights are plain tensors (no nn.Module per layer): Q, K and V are fused into one
 projection and gate/up into another, each a `Linear` stored in the backend's fastest
 layout (oneDNN-packed for bf16 on CPU); the output head is its own packed copy of the tied
-embedding. RoPE rotates Q and K in one call. Attention folds the query heads
+embedding. With quantized weights (`quantization=`, see `kvcache.models.quantization`) the
+projections are `QuantizedLinear`s over packed codes, and a tied embedding and output head
+share one packed table (the embedding reads its rows). RoPE rotates Q and K in one call. Attention folds the query heads
 of a KV group into the query axis, so GQA needs no repeated K/V.
 
 On CPU in fp32/bf16, single-token (decode) steps run RMSNorm, RoPE and SwiGLU as fused

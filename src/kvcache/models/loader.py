@@ -7,7 +7,9 @@ Accepted names:
 - a local Hugging Face folder (`config.json` + `*.safetensors`);
 - a hub id (`org/name`), downloaded where the network allows.
 
-Converted models are cached under `kvcache.paths.cache_home()`.
+Converted models are cached under `kvcache.paths.cache_home()`. With `quantization="gguf"` a
+GGUF is not dequantized: its quantized matrices are kept packed (`gguf_weights`), and only its
+config and tokenizer are cached.
 """
 
 from __future__ import annotations

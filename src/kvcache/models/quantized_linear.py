@@ -56,6 +56,9 @@ class QuantizedLinear:
         self.out_features = sum(p.out_features if isinstance(p, PackedWeight) else p.shape[0] for p in self.parts)
         self.bias = bias
         self.dtype, self.device = dtype, torch.device("cpu")
+        # per part: (packed bytes and kernel format code, or the float weight; columns)
+        self._calls = [((p.data, FORMAT_CODES[p.fmt]) if isinstance(p, PackedWeight) else (p, None), col, n)
+                       for p, col, n in self._columns()]
 
     @property
     def formats(self) -> str:
@@ -88,11 +91,11 @@ class QuantizedLinear:
         if kern is None:
             return F.linear(x2, self.dequantize(), self.bias).view(*lead, self.out_features)
         y = x2.new_empty(x2.shape[0], self.out_features)  # (M, N)
-        for p, col, n in self._columns():
-            if isinstance(p, PackedWeight):
-                kern.matmul(x2, p.data, FORMAT_CODES[p.fmt], n, y, col)
+        for (w, code), col, n in self._calls:
+            if code is None:
+                y[:, col:col + n] = F.linear(x2, w)
             else:
-                y[:, col:col + n] = F.linear(x2, p)
+                kern.matmul(x2, w, code, n, y, col)
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features)
