@@ -144,3 +144,15 @@ def test_int4_on_matrices_that_do_not_divide_into_groups(tmp_path, tiny_tokenize
     assert str(err.value).startswith("int4 weights quantize groups of 32 inputs, but model.layers.0.self_attn")
     assert "\n" not in str(err.value)
     assert kvcache.LLM(str(tmp_path), progress=False, quantization="int8").quantization == "int8"
+
+
+@pytest.mark.parametrize("policy", ["window:size=24", "quantized:bits=4,residual=8", "sinks:n_sink=2,window=14",
+                                    "evict:scorer=snapkv,ratio=0.5"])
+def test_quantized_weights_run_under_kv_policies(tiny_model_dir, policy):
+    import kvcache
+
+    llm = kvcache.LLM(str(tiny_model_dir), dtype="float32", device="cpu", progress=False, quantization="int8",
+                      threads=1, kv_policy=policy, kv_cache_memory=1 << 20)
+    outs = llm.generate(["Once upon a time there was", "The robot"],
+                        kvcache.SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [20, 20]
