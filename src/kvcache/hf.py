@@ -85,11 +85,11 @@ class _PolicyLayer(CacheLayerMixin):
 
     @property
     def is_initialized(self) -> bool:
-        return self.owner.core is not None
+        return bool(self.owner.rows)
 
     @property
     def keys(self) -> torch.Tensor | None:
-        """Kept keys (1, Hkv, S, D) as stored (unrotated under attention sinks)."""
+        """Kept keys (B, Hkv, S, D) as stored (unrotated under attention sinks)."""
         return self.owner.layer_kv(self.layer_idx)[0]
 
     @property
@@ -133,59 +133,63 @@ class PolicyCache(Cache):
         _check_policy(self.spec)
         self.model_config = _llama_config(config)
         self.capacity = capacity
-        self.core: _PolicyCore | None = None  # built at the first update, in the keys' dtype and device
-        self._pending = 0  # tokens of the step in flight (0: none)
+        self.rows: list[_PolicyCore] = []  # one SequenceCache a batch row, built at the first update
+        self.columns = 0  # tokens transformers has fed each row, left padding included
+        self._new: list[int] = []  # real tokens of each row in the step in flight (the rest is padding)
+        self._step = 0  # tokens per row of the step in flight (0: none)
+        self._span = 0  # kept tokens of the longest row when the step began
         self._layers_written = 0
         super().__init__(layers=[_PolicyLayer(self, i) for i in range(self.model_config.num_layers)])
 
     # -- transformers' Cache interface ---------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Append this step's k, v (1, Hkv, T, D) of layer `layer_idx`; return K, V (1, Hkv, S+T, D) to attend to."""
+        """Append this step's k, v (B, Hkv, T, D) of layer `layer_idx`; return K, V (B, Hkv, S+T, D) to attend to."""
         b, _, t, _ = key_states.shape
-        if b != 1:
-            raise KVCacheError(f"kvcache.hf caches hold one sequence (batch size 1); got a batch of {b}.")
         if layer_idx == 0:
             self._commit()
-            self._begin(key_states, t, _position_ids(args, kwargs))
-        elif t != self._pending or layer_idx != self._layers_written:
+            self._begin(key_states, _position_ids(args, kwargs))
+        elif t != self._step or b != len(self.rows) or layer_idx != self._layers_written:
             raise KVCacheError("kvcache.hf caches expect every layer to be updated in order with the same tokens.")
-        core = self.core
-        if core.rotates_keys:
+        if self.rows[0].rotates_keys:
             key_states = apply_rotary(key_states, self._cos, self._neg_sin)  # back to unrotated
-        keys, values = core.write(layer_idx, key_states, value_states)  # (1, Hkv, S+T, D)
+        kv = [core.write(layer_idx, key_states[i:i + 1, :, t - n:], value_states[i:i + 1, :, t - n:])
+              for i, (core, n) in enumerate(zip(self.rows, self._new))]  # each (1, Hkv, kept_i+n_i, D)
         self._layers_written += 1
-        return keys, values
+        if b == 1 and self._new[0] == t:
+            return kv[0]
+        return self._right_aligned(kv, t)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Tokens seen so far (the next token's position); `kept` is what the cache holds."""
+        """Tokens fed so far, padding included (the next token's index in transformers' mask)."""
         self._commit()
-        return 0 if self.core is None else self.core.seen
+        return self.columns
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length(layer_idx)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        """(kv_length, kv_offset): the kept tokens count as the last `kept` positions before the queries."""
+        """(kv_length, kv_offset): the longest row's kept tokens count as the last positions before the queries."""
         self._commit()
-        if self.core is None:
-            return query_length, 0
-        return self.core.length + query_length, self.core.seen - self.core.length
+        span = self._kept_max()
+        return span + query_length, self.columns - span
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
 
     def reset(self) -> None:
-        self._pending = self._layers_written = 0
-        if self.core is not None:
-            self.core.clear()
+        self._step = self._layers_written = self.columns = 0
+        for core in self.rows:
+            core.clear()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last -tokens_to_remove tokens (only while nothing was evicted)."""
         self._commit()
         if tokens_to_remove > 0:
             raise KVCacheError("crop takes a negative number: how many of the last tokens to remove.")
-        if tokens_to_remove and self.core is not None:
-            self.core.truncate(self.core.seen + tokens_to_remove)
+        if tokens_to_remove:
+            for core in self.rows:
+                core.truncate(core.seen + tokens_to_remove)
+            self.columns += tokens_to_remove
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._one_row(beam_idx.numel(), "beam search")
@@ -198,7 +202,7 @@ class PolicyCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return 1 if self.core is not None else -1
+        return len(self.rows) if self.rows else -1
 
     # -- what the cache holds --------------------------------------------------------------
     @property
@@ -207,71 +211,107 @@ class PolicyCache(Cache):
 
     @property
     def kept(self) -> int:
-        """Tokens the cache holds (what attention sees besides the new ones)."""
+        """Tokens the cache holds, all rows together (what attention sees besides the new ones)."""
         self._commit()
-        return 0 if self.core is None else self.core.length
+        return sum(core.length for core in self.rows)
 
     @property
     def nbytes(self) -> int:
-        """Bytes the store really holds for the kept tokens (quantization metadata included)."""
+        """Bytes the stores really hold for the kept tokens (quantization metadata included)."""
         self._commit()
-        return 0 if self.core is None else self.core.nbytes_used
+        return sum(core.nbytes_used for core in self.rows)
 
     @property
     def nbytes_allocated(self) -> int:
         self._commit()
-        return 0 if self.core is None else self.core.nbytes_allocated
+        return sum(core.nbytes_allocated for core in self.rows)
 
     def stats(self) -> dict:
-        """policy, seen, kept, evicted, kv_bytes (and disk_bytes for tiered storage)."""
+        """policy, seen, kept, evicted, kv_bytes, disk_bytes: summed over the rows, padding not counted."""
         self._commit()
-        if self.core is None:
-            return {"policy": self.spec.text, "seen": 0, "kept": 0, "evicted": 0, "kv_bytes": 0, "disk_bytes": 0}
-        return self.core.stats()
+        total = {"policy": self.spec.text, "seen": 0, "kept": 0, "evicted": 0, "kv_bytes": 0, "disk_bytes": 0}
+        for row in self.row_stats():
+            for key in ("seen", "kept", "evicted", "kv_bytes", "disk_bytes"):
+                total[key] += row[key]
+        return total
+
+    def row_stats(self) -> list[dict]:
+        """`stats()` of each batch row."""
+        self._commit()
+        return [core.stats() for core in self.rows]
 
     def layer_kv(self, layer_idx: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Kept K, V (1, Hkv, S, D) of a layer, as stored."""
+        """Kept K, V (B, Hkv, S, D) of a layer, as stored; shorter rows are zeros on the left."""
         self._commit()
-        if self.core is None:
+        if not self.rows:
             return None, None
-        return self.core.store.read(layer_idx, 0)
+        kv = [core.store.read(layer_idx, 0) for core in self.rows]  # each (1, Hkv, kept_i, D)
+        return kv[0] if len(kv) == 1 else self._right_aligned(kv, 0)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(policy={self.spec.text!r}, seen={self.seen}, kept={self.kept})"
 
     # -- internals ---------------------------------------------------------------------------
-    def _build(self, like: torch.Tensor) -> None:
+    def _build(self, like: torch.Tensor) -> _PolicyCore:
         c = self.model_config
-        rotates = any(p.name == "sinks" for p in self.spec.selectors)
-        rope = None
-        if rotates:
+        rope = self.rows[0].rope if self.rows else None  # one table for all rows
+        if rope is None and any(p.name == "sinks" for p in self.spec.selectors):
             # computed in float32 and cast, as transformers does, so un-rotation undoes its rotation
             rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
                                like.device, like.dtype)
         model = SimpleNamespace(config=c, dtype=like.dtype, device=like.device, rope=rope)
-        self.core = _PolicyCore(model, self.spec, capacity=self.capacity)
-        self.core.fused_attention = False  # transformers attends itself: always hand it K and V
+        core = _PolicyCore(model, self.spec, capacity=self.capacity)
+        core.fused_attention = False  # transformers attends itself: always hand it K and V
+        return core
 
-    def _begin(self, key_states: torch.Tensor, t: int, position_ids: torch.Tensor | None) -> None:
-        if self.core is None:
-            self._build(key_states)
-        core = self.core
-        core.reserve(core.length + t)
-        self._pending, self._layers_written = t, 0
-        if core.rotates_keys:
-            if position_ids is None:
-                positions = torch.arange(core.seen, core.seen + t, device=key_states.device)
-            else:
-                positions = position_ids.reshape(-1)[-t:].to(key_states.device)
-            cos, sin = core.rope.lookup(positions[None])  # (1, T, 1, D)
-            self._cos, self._neg_sin = cos[:, None, :, 0], -sin[:, None, :, 0]  # (1, 1, T, D)
-            core.key_position_offset = int(positions[0]) - core.length
+    def _begin(self, key_states: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+        """Start a step: each row's real tokens are the last ones, up to its position (left padding is dropped)."""
+        b, t, device = key_states.shape[0], key_states.shape[2], key_states.device
+        if not self.rows:
+            self.rows.append(self._build(key_states))
+            self.rows += [self._build(key_states) for _ in range(b - 1)]
+        if b != len(self.rows) or b != 1:
+            raise KVCacheError(f"kvcache.hf caches hold one sequence (batch size 1); got a batch of {b}.")
+        if position_ids is None:
+            positions = torch.arange(self.columns, self.columns + t, device=device).expand(b, t)  # (B, T)
+        else:
+            positions = position_ids.to(device).reshape(-1, position_ids.shape[-1])[:, -t:].expand(b, t)  # (B, T)
+        self._span = self._kept_max()
+        self._step, self._layers_written = t, 0
+        self._new = [max(0, min(t, int(positions[i, -1]) + 1 - core.seen)) for i, core in enumerate(self.rows)]
+        for core, n in zip(self.rows, self._new):
+            core.reserve(core.length + n)
+        if self.rows[0].rotates_keys:
+            cos, sin = self.rows[0].rope.lookup(positions)  # (B, T, 1, D)
+            self._cos, self._neg_sin = cos[:, None, :, 0], -sin[:, None, :, 0]  # (B, 1, T, D)
+            for i, (core, n) in enumerate(zip(self.rows, self._new)):
+                first = int(positions[i, t - n]) if n else core.seen
+                core.key_position_offset = first - core.length  # queries at their positions, keys just before
+
+    def _right_aligned(self, kv: list[tuple[torch.Tensor, torch.Tensor]], t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows' K, V (1, Hkv, kept_i + n_i, D) into (B, Hkv, span + t, D): kept tokens end at the span,
+        the step's real tokens at the end, zeros elsewhere (left padding, shorter rows)."""
+        span = self._span if t else self._kept_max()
+        like = kv[0][0]
+        keys = like.new_zeros(len(kv), like.shape[1], span + t, like.shape[3])
+        values = torch.zeros_like(keys)
+        for i, ((k, v), n) in enumerate(zip(kv, self._new if t else [0] * len(kv))):
+            kept = k.shape[2] - n
+            keys[i, :, span - kept:span], values[i, :, span - kept:span] = k[0, :, :kept], v[0, :, :kept]
+            if n:
+                keys[i, :, span + t - n:], values[i, :, span + t - n:] = k[0, :, kept:], v[0, :, kept:]
+        return keys, values
+
+    def _kept_max(self) -> int:
+        return max((core.length for core in self.rows), default=0)
 
     def _commit(self) -> None:
         """Commit a finished step (every layer written): the policy may evict now."""
-        if self._pending and self._layers_written == len(self.layers):
-            self.core.advance(self._pending)
-            self._pending = self._layers_written = 0
+        if self._step and self._layers_written == len(self.layers):
+            for core, n in zip(self.rows, self._new):
+                core.advance(n)
+            self.columns += self._step
+            self._step = self._layers_written = 0
 
     def _one_row(self, n: int, what: str) -> None:
         if n != 1:

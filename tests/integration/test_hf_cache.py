@@ -204,3 +204,35 @@ def test_seed_example_on_the_default_model():
     assert tok.decode(short[0, n:], skip_special_tokens=True).strip()
     assert small.kept <= 4 + 16 + 15 < small.seen
     assert small.nbytes == small.kept * 2 * 30 * 3 * 64 * 4
+
+
+def left_padded(rows: list[torch.Tensor], pad: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (each (n,)) as one left-padded batch: ids and attention mask (B, width or the longest n)."""
+    width = max(width, *(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    return ids, mask
+
+
+def hf_generate_batch(model, ids, mask, cache, n=NEW_TOKENS, **kw):
+    """Greedy tokens of each row and each row's step logits, through transformers' generate."""
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=n, eos_token_id=None,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, **kw)
+    tokens = out.sequences[:, ids.shape[1]:].tolist()
+    return tokens, [[x[b] for x in out.logits] for b in range(ids.shape[0])]
+
+
+@pytest.mark.parametrize("window", [16, 200])
+def test_sinks_on_a_left_padded_row_give_the_unpadded_tokens(hf_tiny, prompt, window):
+    """Positions from the attention mask start at the first real token: padding is no key to keep."""
+    ids, mask = left_padded([prompt[0]], hf_tiny.config.pad_token_id, width=PROMPT_LEN + 5)
+    want, want_logits = hf_generate(hf_tiny, prompt, kvcache.hf.SinkCache(n_sink=4, window=window,
+                                                                           config=hf_tiny.config))
+    cache = kvcache.hf.SinkCache(n_sink=4, window=window, config=hf_tiny.config)
+    got, _ = hf_generate_batch(hf_tiny, ids, mask, cache)
+    assert_same_greedy(prompt, got[0], want, want_logits)
+    assert cache.stats()["seen"] == PROMPT_LEN + NEW_TOKENS - 1  # the padding is not in the cache
+    assert cache.seen == PROMPT_LEN + 5 + NEW_TOKENS - 1  # but it counts in transformers' positions
