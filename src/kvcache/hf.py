@@ -8,7 +8,8 @@
 `PolicyCache(policy, config=...)` takes any policy string of `kvcache.cache.policies.grammar`
 (`window:size=N`, `sinks:n_sink=4,window=N`, `evict:scorer=knorm,ratio=R`,
 `quantized:bits=4`, compositions with `+`); `WindowCache`, `SinkCache`, `KnormCache` and
-`QuantizedCache` spell the common ones as keyword arguments. One sequence per cache (batch 1).
+`QuantizedCache` spell the common ones as keyword arguments. Batches work (left padding, beam
+search): each row has its own `SequenceCache` and keeps what it would keep alone.
 
 How it maps onto transformers 5.x (`transformers.cache_utils.Cache`):
 - Each attention layer calls `update(k, v, layer_idx, ...)` with this step's keys, already
@@ -17,10 +18,20 @@ How it maps onto transformers 5.x (`transformers.cache_utils.Cache`):
   committed (and the policy evicts) when the cache is next used - the next step's first
   `update`, or any size query - never between a layer's `update` and its attention, whose K/V
   are views of the storage that eviction rewrites.
-- Sizes: `get_seq_length()` is the number of tokens seen (so positions keep counting), and
-  `get_mask_sizes(q)` is (kept + q, seen - kept): the mask treats the kept tokens as the
-  last `kept` positions before the queries, so every kept token is visible and the new ones
-  are causal among themselves, whatever the policy dropped.
+- Rows and padding: a row's real tokens in a step are the last ones, up to its position
+  (`position_ids`, which transformers counts from the attention mask); the left padding before
+  them is never stored, so it neither fills a window nor shifts sink positions.
+- Sizes: `get_seq_length()` is the number of columns fed, padding included (transformers'
+  index of the next token), and `get_mask_sizes(q)` is (span + q, seen - span), span the most
+  tokens a row keeps. `update` returns each row's kept tokens right-aligned at the span, then
+  the step's tokens: every kept token is visible and the new ones are causal among themselves,
+  whatever the policy dropped. Zeros fill the left of shorter rows; transformers' padding mask
+  hides them while a row has evicted nothing (it then holds exactly its real tokens). Where a
+  row has evicted, its zeros sit at real positions of the mask, so the cache hands the
+  attention an additive mask for them (`position_bias`, which transformers' SDPA attention
+  adds to the scores); other attention implementations get a KVCacheError in that case.
+- Beam search and row selection (`reorder_cache`, `batch_select_indices`,
+  `batch_repeat_interleave`) reorder the rows, copying a row taken twice.
 - Attention sinks (StreamingLLM): keys are un-rotated into the store (RoPE by -p, p their
   position) and, on read, rotated at positions P0 - kept + j (P0 the first query's position),
   so each query-key distance is the distance inside the cache, as our own model does with
@@ -32,6 +43,8 @@ How it maps onto transformers 5.x (`transformers.cache_utils.Cache`):
 
 from __future__ import annotations
 
+import copy
+import pickle
 from types import SimpleNamespace
 
 import torch
@@ -132,12 +145,14 @@ class PolicyCache(Cache):
         self.spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
         _check_policy(self.spec)
         self.model_config = _llama_config(config)
+        self._hf_config = getattr(config, "config", config)  # read for the attention implementation
         self.capacity = capacity
         self.rows: list[_PolicyCore] = []  # one SequenceCache a batch row, built at the first update
         self.columns = 0  # tokens transformers has fed each row, left padding included
         self._new: list[int] = []  # real tokens of each row in the step in flight (the rest is padding)
         self._step = 0  # tokens per row of the step in flight (0: none)
         self._span = 0  # kept tokens of the longest row when the step began
+        self._bias: torch.Tensor | None = None  # (B, 1, T, span+T) for rows the padding mask cannot hide
         self._layers_written = 0
         super().__init__(layers=[_PolicyLayer(self, i) for i in range(self.model_config.num_layers)])
 
@@ -155,6 +170,8 @@ class PolicyCache(Cache):
         kv = [core.write(layer_idx, key_states[i:i + 1, :, t - n:], value_states[i:i + 1, :, t - n:])
               for i, (core, n) in enumerate(zip(self.rows, self._new))]  # each (1, Hkv, kept_i+n_i, D)
         self._layers_written += 1
+        if self._bias is not None:
+            _pass_bias(self._bias, kwargs)
         if b == 1 and self._new[0] == t:
             return kv[0]
         return self._right_aligned(kv, t)
@@ -192,13 +209,14 @@ class PolicyCache(Cache):
             self.columns += tokens_to_remove
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._one_row(beam_idx.numel(), "beam search")
+        """Row i becomes row beam_idx[i] (beam search)."""
+        self._take_rows(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._one_row(repeats, "repeating the batch")
+        self._take_rows([i for i in range(len(self.rows)) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._one_row(indices.numel(), "selecting batch rows")
+        self._take_rows(torch.as_tensor(indices).reshape(-1).tolist())
 
     @property
     def batch_size(self) -> int:
@@ -270,17 +288,20 @@ class PolicyCache(Cache):
         if not self.rows:
             self.rows.append(self._build(key_states))
             self.rows += [self._build(key_states) for _ in range(b - 1)]
-        if b != len(self.rows) or b != 1:
-            raise KVCacheError(f"kvcache.hf caches hold one sequence (batch size 1); got a batch of {b}.")
+        if b != len(self.rows):
+            raise KVCacheError(f"This cache holds {len(self.rows)} sequences, but a step brought a batch of {b}; "
+                               "use a new cache (or cache.reset()) for a new batch.")
         if position_ids is None:
             positions = torch.arange(self.columns, self.columns + t, device=device).expand(b, t)  # (B, T)
         else:
             positions = position_ids.to(device).reshape(-1, position_ids.shape[-1])[:, -t:].expand(b, t)  # (B, T)
         self._span = self._kept_max()
         self._step, self._layers_written = t, 0
+        self._inference = torch.is_inference_mode_enabled()
         self._new = [max(0, min(t, int(positions[i, -1]) + 1 - core.seen)) for i, core in enumerate(self.rows)]
         for core, n in zip(self.rows, self._new):
             core.reserve(core.length + n)
+        self._bias = self._filler_bias(t, key_states.dtype, device)
         if self.rows[0].rotates_keys:
             cos, sin = self.rows[0].rope.lookup(positions)  # (B, T, 1, D)
             self._cos, self._neg_sin = cos[:, None, :, 0], -sin[:, None, :, 0]  # (B, 1, T, D)
@@ -302,20 +323,67 @@ class PolicyCache(Cache):
                 keys[i, :, span + t - n:], values[i, :, span + t - n:] = k[0, :, kept:], v[0, :, kept:]
         return keys, values
 
+    def _filler_bias(self, t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """An additive mask (B, 1, T, span+T) hiding the zeros before a row's kept tokens, where
+        transformers' padding mask cannot: a row that evicted has real tokens at those positions."""
+        hidden = [self._span - core.length if core.length < core.seen else 0 for core in self.rows]
+        if not any(hidden):
+            return None
+        if getattr(self._hf_config, "_attn_implementation", None) != "sdpa":
+            raise KVCacheError("The rows of this batch evicted different numbers of tokens, which only the 'sdpa' "
+                               "attention can be told through kvcache.hf: load the model with "
+                               "attn_implementation='sdpa', or generate one prompt at a time.")
+        bias = torch.zeros(len(self.rows), 1, t, self._span + t, dtype=dtype, device=device)
+        for i, n in enumerate(hidden):
+            bias[i, :, :, :n] = torch.finfo(dtype).min
+        return bias
+
+    def _take_rows(self, indices: list[int]) -> None:
+        """The rows at `indices`, in that order; a row taken twice is copied."""
+        self._commit()
+        if self._step:
+            raise KVCacheError("kvcache.hf caches cannot change their rows in the middle of a step.")
+        taken: set[int] = set()
+        rows = []
+        for i in indices:
+            rows.append(self.rows[i] if i not in taken else _copy_row(self.rows[i]))
+            taken.add(i)
+        self.rows = rows
+
     def _kept_max(self) -> int:
         return max((core.length for core in self.rows), default=0)
 
     def _commit(self) -> None:
         """Commit a finished step (every layer written): the policy may evict now."""
         if self._step and self._layers_written == len(self.layers):
-            for core, n in zip(self.rows, self._new):
-                core.advance(n)
+            with torch.inference_mode(self._inference):  # the step's tensors may be inference tensors
+                for core, n in zip(self.rows, self._new):
+                    core.advance(n)
             self.columns += self._step
             self._step = self._layers_written = 0
 
-    def _one_row(self, n: int, what: str) -> None:
-        if n != 1:
-            raise KVCacheError(f"kvcache.hf caches hold one sequence, so {what} (batch of {n}) is not supported.")
+
+
+def _copy_row(core: _PolicyCore) -> _PolicyCore:
+    """An independent copy of one row's cache (the rotary table stays shared)."""
+    try:
+        return copy.deepcopy(core, {id(core.rope): core.rope})
+    except (TypeError, ValueError, pickle.PicklingError) as e:
+        raise KVCacheError(f"Policy '{core.spec.text}' keeps tokens on disk, so its rows cannot be copied "
+                           "(beam search, repeated rows).") from e
+
+
+def _pass_bias(bias: torch.Tensor, kwargs: dict) -> None:
+    """Hand `bias` to the attention function through the keyword arguments the attention layer passes
+    on to it (`kwargs=`); transformers' SDPA attention adds it to the scores."""
+    bag = kwargs.get("kwargs")
+    if not isinstance(bag, dict):
+        raise KVCacheError("The rows of this batch evicted different numbers of tokens, and this model's attention "
+                           "layer does not let kvcache.hf mask them; generate one prompt at a time.")
+    if bag.get("position_bias") is not None and bag["position_bias"] is not bias:
+        raise KVCacheError("This model already adds a position bias to its attention scores, so kvcache.hf cannot "
+                           "mask rows that evicted different numbers of tokens; generate one prompt at a time.")
+    bag["position_bias"] = bias
 
 
 def _position_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -159,12 +159,14 @@ def test_bad_policies_are_kvcache_errors(hf_tiny, policy, message):
         kvcache.hf.PolicyCache(policy, config=hf_tiny.config)
 
 
-def test_config_is_required_and_batches_are_refused(hf_tiny, prompt):
+def test_config_is_required_and_a_cache_keeps_its_batch_size(hf_tiny, prompt):
     with pytest.raises(KVCacheError, match="config"):
         kvcache.hf.WindowCache(16)
     cache = kvcache.hf.WindowCache(16, config=hf_tiny.config)
-    with pytest.raises(KVCacheError, match="batch size 1"):
-        hf_generate(hf_tiny, prompt.repeat(2, 1), cache, n=2)
+    hf_generate(hf_tiny, prompt.repeat(2, 1), cache, n=2)
+    assert cache.batch_size == 2
+    with pytest.raises(KVCacheError, match="holds 2 sequences.*batch of 3"):
+        hf_generate(hf_tiny, prompt.repeat(3, 1), cache, n=2)
 
 
 def test_quantized_cache_stays_close_to_exact(hf_tiny, prompt):
@@ -236,3 +238,90 @@ def test_sinks_on_a_left_padded_row_give_the_unpadded_tokens(hf_tiny, prompt, wi
     assert_same_greedy(prompt, got[0], want, want_logits)
     assert cache.stats()["seen"] == PROMPT_LEN + NEW_TOKENS - 1  # the padding is not in the cache
     assert cache.seen == PROMPT_LEN + 5 + NEW_TOKENS - 1  # but it counts in transformers' positions
+
+
+BATCH_CACHES = {
+    "full": lambda cfg: kvcache.hf.PolicyCache("full", config=cfg),
+    "window": lambda cfg: kvcache.hf.WindowCache(16, config=cfg),
+    "sinks": lambda cfg: kvcache.hf.SinkCache(n_sink=4, window=16, config=cfg),
+    "knorm": lambda cfg: kvcache.hf.KnormCache(0.5, window=8, decode=True, config=cfg),
+    "quantized": lambda cfg: kvcache.hf.QuantizedCache(bits=4, group_size=16, residual=8, config=cfg),
+}
+
+
+@pytest.fixture(scope="module")
+def ragged(prompt):
+    """Three prompts of different lengths, so rows are padded and evict at different steps."""
+    return [prompt[0], prompt[0, 3:32], prompt[0, 9:32]]
+
+
+@pytest.mark.parametrize("name", BATCH_CACHES)
+def test_a_left_padded_batch_gives_each_row_its_own_tokens(hf_tiny, ragged, name):
+    """Each row keeps what it would keep alone: same greedy tokens, same kept and evicted counts."""
+    make = BATCH_CACHES[name]
+    ids, mask = left_padded(ragged, hf_tiny.config.pad_token_id)
+    cache = make(hf_tiny.config)
+    got, _ = hf_generate_batch(hf_tiny, ids, mask, cache)
+    assert cache.batch_size == len(ragged)
+    for b, row in enumerate(ragged):
+        alone = make(hf_tiny.config)
+        want, want_logits = hf_generate(hf_tiny, row[None], alone)
+        assert_same_greedy(row[None], got[b], want, want_logits)
+        assert cache.row_stats()[b] == alone.stats()
+    kept = [r["kept"] for r in cache.row_stats()]
+    assert cache.kept == sum(kept)
+    if name not in ("full", "quantized"):  # rows evicted different amounts: the zeros before the shorter rows are masked
+        assert len(set(kept)) > 1 and cache.stats()["evicted"] > 0
+
+
+def test_full_policy_batch_is_the_dynamic_cache_batch(hf_tiny, ragged):
+    from transformers import DynamicCache
+
+    ids, mask = left_padded(ragged, hf_tiny.config.pad_token_id)
+    want, _ = hf_generate_batch(hf_tiny, ids, mask, DynamicCache(config=hf_tiny.config))
+    got, _ = hf_generate_batch(hf_tiny, ids, mask, kvcache.hf.PolicyCache("full", config=hf_tiny.config))
+    assert got == want
+
+
+def test_beam_search_with_the_full_policy_is_the_dynamic_cache(hf_tiny, ragged):
+    from transformers import DynamicCache
+
+    ids, mask = left_padded(ragged[1:], hf_tiny.config.pad_token_id)
+    beams = dict(num_beams=3, num_return_sequences=2, n=12)
+    want, _ = hf_generate_batch(hf_tiny, ids, mask, DynamicCache(config=hf_tiny.config), **beams)
+    cache = kvcache.hf.PolicyCache("full", config=hf_tiny.config)
+    got, _ = hf_generate_batch(hf_tiny, ids, mask, cache, **beams)
+    assert got == want
+    assert cache.batch_size == 2 * 3
+
+
+def test_beam_search_through_an_evicting_cache_runs(hf_tiny, prompt):
+    cache = kvcache.hf.SinkCache(n_sink=4, window=16, config=hf_tiny.config)
+    got, _ = hf_generate_batch(hf_tiny, prompt, torch.ones_like(prompt), cache, num_beams=2, n=24)
+    assert len(got[0]) == 24 and cache.batch_size == 2
+    assert all(r["evicted"] > 0 for r in cache.row_stats())
+
+
+def test_rows_are_copied_when_taken_twice(hf_tiny, prompt):
+    cache = kvcache.hf.WindowCache(16, config=hf_tiny.config)
+    hf_generate(hf_tiny, prompt, cache, n=4)
+    cache.batch_repeat_interleave(3)
+    assert cache.batch_size == 3 and len({id(r) for r in cache.rows}) == 3
+    assert cache.row_stats() == [cache.row_stats()[0]] * 3
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    keys = cache.layers[0].keys
+    assert keys.shape[0] == 2 and torch.equal(keys[0], keys[1])
+    cache.rows[0].clear()
+    assert cache.row_stats()[1]["kept"] > 0
+
+
+def test_rows_that_evicted_apart_need_sdpa(tiny_model_dir, ragged):
+    from transformers import AutoModelForCausalLM
+
+    eager = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    ids, mask = left_padded(ragged, eager.config.pad_token_id)
+    full, _ = hf_generate_batch(eager, ids, mask, kvcache.hf.PolicyCache("full", config=eager.config), n=4)
+    assert len(full) == 3  # nothing evicted: transformers' padding mask is enough
+    with pytest.raises(KVCacheError, match="attn_implementation='sdpa'"):
+        hf_generate_batch(eager, ids, mask, kvcache.hf.WindowCache(16, config=eager.config))
