@@ -89,7 +89,6 @@ class _PolicyLayer(CacheLayerMixin):
     """One layer's face of a `PolicyCache`, for transformers code that walks `cache.layers`."""
 
     is_compileable = False
-    is_croppable = False
     is_sliding = False
     supports_early_init = False
 
@@ -108,6 +107,10 @@ class _PolicyLayer(CacheLayerMixin):
     @property
     def values(self) -> torch.Tensor | None:
         return self.owner.layer_kv(self.layer_idx)[1]
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.owner.is_croppable
 
     def lazy_initialization(self, key_states, value_states) -> None:
         pass
@@ -197,6 +200,13 @@ class PolicyCache(Cache):
         self._step = self._layers_written = self.columns = 0
         for core in self.rows:
             core.clear()
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can take tokens back: no row has evicted yet (assisted decoding asks after the prompt;
+        a policy that evicts later makes the next crop a KVCacheError)."""
+        self._commit()
+        return not any(core.evicted for core in self.rows)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last -tokens_to_remove tokens (only while nothing was evicted)."""

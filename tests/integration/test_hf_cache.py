@@ -325,3 +325,44 @@ def test_rows_that_evicted_apart_need_sdpa(tiny_model_dir, ragged):
     assert len(full) == 3  # nothing evicted: transformers' padding mask is enough
     with pytest.raises(KVCacheError, match="attn_implementation='sdpa'"):
         hf_generate_batch(eager, ids, mask, kvcache.hf.WindowCache(16, config=eager.config))
+
+
+@pytest.fixture(scope="module")
+def assistant(hf_tiny):
+    """A second tiny Llama on the same vocabulary, other weights: it drafts tokens the target partly rejects."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(11)
+    return LlamaForCausalLM(hf_tiny.config).eval()
+
+
+@pytest.fixture(scope="module")
+def repetitive(prompt):
+    """A prompt that repeats itself, so prompt-lookup decoding finds drafts."""
+    return torch.cat([prompt[:, :20], prompt[:, :20], prompt[:, :12]], 1)
+
+
+@pytest.mark.parametrize("how", ["assistant", "prompt_lookup"])
+def test_assisted_decoding_with_the_full_policy_is_the_dynamic_cache(hf_tiny, assistant, repetitive, how):
+    from transformers import DynamicCache
+
+    kw = dict(assistant_model=assistant) if how == "assistant" else dict(prompt_lookup_num_tokens=4)
+    ones = torch.ones_like(repetitive)
+    plain, _ = hf_generate(hf_tiny, repetitive, DynamicCache(config=hf_tiny.config), n=24)
+    want, _ = hf_generate_batch(hf_tiny, repetitive, ones, DynamicCache(config=hf_tiny.config), n=24, **kw)
+    cache = kvcache.hf.PolicyCache("full", config=hf_tiny.config)
+    got, _ = hf_generate_batch(hf_tiny, repetitive, ones, cache, n=24, **kw)
+    assert got[0] == want[0] == plain
+    assert cache.is_croppable and cache.seen == cache.kept == repetitive.shape[1] + 24 - 1
+
+
+def test_an_evicting_cache_is_not_croppable(hf_tiny, assistant, prompt):
+    window = kvcache.hf.WindowCache(200, config=hf_tiny.config)
+    hf_generate(hf_tiny, prompt, window, n=4)
+    assert window.is_croppable  # nothing evicted yet
+    window.crop(-2)
+    assert window.seen == PROMPT_LEN + 3 - 2
+    small = kvcache.hf.WindowCache(16, config=hf_tiny.config)
+    with pytest.raises(ValueError, match="cropped"):
+        hf_generate_batch(hf_tiny, prompt, torch.ones_like(prompt), small, n=8, assistant_model=assistant)
+    assert not small.is_croppable
