@@ -6,7 +6,7 @@ tokens each on blocks drawn at random from the pool (as a long-running server's 
 hands them out). One step is one query per row attending to its tokens in every layer.
 
 - native: `PagedKVStorage.decode_attention` per layer, read in place (what the engine runs);
-- torch: `read_rows` (gather each row's blocks) + `models.llama.attend` (SDPA, masked when
+- torch: `read_rows` (gather each row's blocks) + `models.sdpa.grouped_sdpa` (SDPA, masked when
   rows differ in length): the engine's path without the native kernels.
 
 "from memory" walks the layers 0..L-1, so each layer's K/V come from DRAM as in a forward
@@ -33,10 +33,10 @@ from kvcache.bench import record
 from kvcache.bench.common import consoles, machine_info
 from kvcache.bench.timing import sample_times
 from kvcache.cache.spec import KVFormat, kv_bytes_per_token, model_shape, parse_size
-from kvcache.cache.storage import PagedKVStorage, native_decode_rows, slot_mask
+from kvcache.cache.storage import PagedKVStorage, decode_rows, slot_mask
 from kvcache.engine.config import blocks_for_budget
 from kvcache.errors import KVCacheError
-from kvcache.models.llama import attend
+from kvcache.models.sdpa import grouped_sdpa as attend
 from kvcache.models.loader import DEFAULT_MODEL
 
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     st.v.copy_(torch.randn(st.v.shape, generator=gen))
     blocks = torch.randperm(num_blocks, generator=gen)[: args.batch * per_row].view(args.batch, per_row)  # (B, NB)
     lens = [args.tokens] * args.batch
-    table, lo, hi = native_decode_rows(blocks, lens)
+    table, lo, hi = decode_rows(blocks, lens)
     q = torch.randn(sh.num_layers, args.batch, sh.num_heads, sh.head_dim, generator=gen).to(args.torch_dtype)
     mask = slot_mask(blocks, lens, bs) if args.tokens % bs else None  # (B, 1, 1, S)
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     got = st.decode_attention(0, q[0], table, lo, hi).float()
     err = (got - want).abs().max().item()
 
-    kernels = [("native", native_step)] if st.native_readable else []
+    kernels = [("native", native_step)] if st.attention.reads_in_place else []
     kernels.append(("torch (gather + SDPA)", torch_step))
     step_bytes = args.batch * args.tokens * st.bytes_per_token
     rows = []

@@ -50,6 +50,7 @@ from types import SimpleNamespace
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvcache.cache.attention import TORCH
 from kvcache.cache.policies.cache import SequenceCache as _PolicyCore
 from kvcache.cache.policies.grammar import PolicySpec, parse_policy
 from kvcache.cache.policies.scorers import SCORERS
@@ -288,8 +289,9 @@ class PolicyCache(Cache):
             rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
                                like.device, like.dtype)
         model = SimpleNamespace(config=c, dtype=like.dtype, device=like.device, rope=rope)
-        core = _PolicyCore(model, self.spec, capacity=self.capacity)
-        core.fused_attention = False  # transformers attends itself: always hand it K and V
+        # transformers attends itself: always hand it K and V (never attend from codes)
+        core = _PolicyCore(model, self.spec, capacity=self.capacity, attention=TORCH)
+        core.fused_attention = False
         return core
 
     def _begin(self, key_states: torch.Tensor, position_ids: torch.Tensor | None) -> None:

@@ -15,6 +15,7 @@ import torch
 
 import kvcache
 from kvcache import SamplingParams
+from kvcache.cache.attention import TORCH
 from kvcache.cache.spec import KVFormat, ModelShape, kv_bytes_per_token
 from tests.helpers import assert_same_tokens, recompute_greedy
 
@@ -149,6 +150,8 @@ def test_mixed_steps_run_in_one_forward_and_equal_separate_passes(request, tiny_
         eng.runner.mixed_steps = bool(mixed)
         native_before = eng.model.native
         eng.model.native = mixed != "torch"
+        if mixed == "torch":  # the backend is chosen when the engine is built: swap in torch's
+            eng.storage.attention = TORCH
         calls = []
         forward, step = eng.model.forward, eng.step
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from kvcache import native
+from kvcache.cache.dense import KVCache
+from kvcache.cache.policies.cache import SequenceCache
 from kvcache.models.linear import resolve_kernels
 from kvcache.native import build
 from tests.helpers import greedy, paged_llm
@@ -41,6 +43,15 @@ def test_an_fp32_model_on_this_cpu_runs_every_matmul_natively(tiny_llm):
     model = tiny_llm.engine.model
     assert model.native and model.lm_head.kind == "native"
     assert {lin.kind for lw in model.layers for lin in lw.linears()} == {"native"}
+
+
+@needs_native
+def test_every_kv_store_of_a_native_model_attends_through_the_native_backend(tiny_llm):
+    """The dense cache, a policy cache and the engine's storage all get the model's backend."""
+    model = tiny_llm.engine.model
+    caches = [KVCache.for_model(model, 1, 8), SequenceCache(model, "quantized:bits=4,group_size=16"),
+              tiny_llm.engine.storage]
+    assert [c.attention.name for c in caches] == ["native-cpu"] * 3
 
 
 def spy_decode(monkeypatch, llm, kernel: str) -> list[dict]:
@@ -85,6 +96,7 @@ def test_paged_decode_reads_blocks_in_place_through_the_native_kernel(monkeypatc
     no block otherwise; quantized blocks are attended from their codes, never dequantized."""
     llm = paged_llm(tiny_model_dir, policy, blocks=64, block_size=4)
     llm.engine.runner.mixed_steps = mixed_steps
+    assert llm.engine.storage.attention.name == "native-cpu"  # picked once, when the engine was built
     layers = llm.config.num_layers
     steps = spy_decode(monkeypatch, llm, kernel)
     llm.generate([[5, 17, 42], [61, 2, 2, 7, 30, 12, 9, 4, 8], [11, 23, 4, 99, 3, 70]], greedy(6))

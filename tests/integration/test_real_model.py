@@ -301,7 +301,6 @@ def test_bf16_engine_steps_through_native_kernels_track_fp32(llm):
     """A bf16 engine step (one forward pass for a decode row and a prompt chunk; native norms,
     RoPE, SwiGLU and causal prefill attention) gives logits close to the fp32 model's."""
     from kvcache import native
-    from kvcache.cache import mixed_step
 
     bf = LLM(DEFAULT_MODEL, dtype="bfloat16", progress=False, kv_cache_memory="32MiB")
     prompts = [topic_ids(llm, 0, 3)[:40], topic_ids(llm, 3, 6)[:300]]
@@ -317,7 +316,7 @@ def test_bf16_engine_steps_through_native_kernels_track_fp32(llm):
         captured.append((step, logits.float()))
         return logits
 
-    mixed_step.native.prefill_attention, bf.engine.model.forward = counting_kernel, capturing_forward
+    native.prefill_attention, bf.engine.model.forward = counting_kernel, capturing_forward
     try:
         eng = bf.engine
         eng.add_request(prompts[0], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
@@ -325,7 +324,7 @@ def test_bf16_engine_steps_through_native_kernels_track_fp32(llm):
         eng.add_request(prompts[1], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
         eng.step()  # its first decode row and the long prompt, in one pass
     finally:
-        mixed_step.native.prefill_attention = kernel
+        native.prefill_attention = kernel
     # each prompt chunk through the native kernel, once per layer (an AVX-512 build; without
     # AVX-512 there is no prefill kernel and SDPA takes the chunks)
     assert calls == ([40] * 30 + [300] * 30 if native.prefill_attention_built() else [])

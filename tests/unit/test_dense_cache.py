@@ -9,7 +9,7 @@ import torch
 
 from kvcache.cache.dense import KVCache
 from kvcache.cache.spec import KVFormat, ModelShape, kv_bytes
-from kvcache.models.llama import attend
+from kvcache.models.sdpa import grouped_sdpa as attend
 from kvcache.models.step import causal_mask
 
 L, B, H, D = 3, 2, 2, 4

@@ -109,9 +109,9 @@ def _filled_store(rotate: bool) -> QuantizedKVStore:
 
 
 @pytest.mark.parametrize("rotate", [False, True])
-def test_decode_attention_from_codes_reads_each_layer_at_its_width(rotate, monkeypatch):
+def test_decode_attention_from_codes_reads_each_layer_at_its_width(rotate):
     """The native kernel and the torch fallback both equal attention over the dequantized layer."""
-    from kvcache import native
+    from kvcache.cache.attention import TORCH, attention_backend
 
     store = _filled_store(rotate)
     q = torch.randn(1, 2 * H, 1, 64, generator=torch.Generator().manual_seed(6))  # (1, Hq, 1, D)
@@ -120,10 +120,9 @@ def test_decode_attention_from_codes_reads_each_layer_at_its_width(rotate, monke
         k, v = (t.repeat_interleave(2, dim=1) for t in (k, v))  # (1, Hq, S, D)
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (1, Hq, 1, D)
         want = want.transpose(1, 2).reshape(1, 1, -1)  # (1, 1, Hq*D)
-        torch.testing.assert_close(store.attend(layer, q, 0), want, rtol=1e-5, atol=1e-5)
-        with monkeypatch.context() as m:
-            m.setattr(native, "supports", lambda *a: False)  # the torch path
-            torch.testing.assert_close(store.attend(layer, q, 0), want, rtol=1e-5, atol=1e-5)
+        for backend in (attention_backend(torch.float32, "cpu"), TORCH):  # native where built, and torch
+            got = backend.quantized_decode_rows(q.reshape(1, 2 * H, 64), [store.attend_inputs(layer, 0)])
+            torch.testing.assert_close(got.view(1, 1, -1), want, rtol=1e-5, atol=1e-5)
 
 
 def test_quantized_kv_store_bytes_equal_the_calculator():

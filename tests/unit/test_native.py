@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kvcache import native
 from kvcache.cache.dense import KVCache
 from kvcache.native import build
-from kvcache.models.llama import attend
+from kvcache.models.sdpa import grouped_sdpa as attend
 from kvcache.models.rope import apply_rotary
 
 pytestmark = pytest.mark.skipif(not build.wanted(), reason="no C compiler on this machine, or KVCACHE_NATIVE=0")

@@ -4,15 +4,16 @@ Storage is preallocated for a capacity of token slots and written in place; when
 sequence outgrows it the capacity doubles (one copy), so appends are amortised O(1) and
 no step concatenates the history. Rows of a batch share slot indices: a ragged batch is
 left-padded, and `row_start[b]` is the first slot that holds a real token of row b.
-With `native_attention`, a single-token step attends in place from the storage through
-`kvcache.native` (`write` returns None and the model calls `attend`).
+With an attention backend that reads in place (`cache.attention`, the native kernels), a
+single-token step attends straight from the storage (`write` returns None and the model
+calls `attend`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvcache import native
+from kvcache.cache.attention import TORCH, AttentionBackend, model_attention
 from kvcache.cache.base import StepKVDefaults
 
 
@@ -21,7 +22,7 @@ class KVCache(StepKVDefaults):
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
                  capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 native_attention: bool = False):
+                 attention: AttentionBackend = TORCH):
         self.num_layers, self.batch, self.num_kv_heads, self.head_dim = num_layers, batch, num_kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         shape = (num_layers, batch, num_kv_heads, max(capacity, 1), head_dim)
@@ -30,7 +31,7 @@ class KVCache(StepKVDefaults):
         self.length = 0  # slots written, shared by all rows
         self.row_start = [0] * batch  # first real slot of each row (left padding before it)
         self.row_end: list[int | None] = [None] * batch  # set when a row finished: slots after it are filler
-        self.native_attention = native_attention and native.supports(dtype, self.device)
+        self.attention = attention
         self._table = torch.zeros((batch, 1), dtype=torch.int32)  # (B, 1): one "block" 0 spanning the capacity
 
     @classmethod
@@ -38,7 +39,7 @@ class KVCache(StepKVDefaults):
         """An empty cache for a `LlamaModel`, sized for `capacity` tokens per row, in its dtype and device."""
         c = model.config
         return cls(c.num_layers, batch, c.num_kv_heads, c.head_dim, capacity, model.dtype, model.device,
-                   native_attention=model.native)
+                   attention=model_attention(model))
 
     @property
     def seen(self) -> int:
@@ -72,20 +73,19 @@ class KVCache(StepKVDefaults):
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
-        if self.native_attention and k.shape[2] == 1:
+        if self.attention.reads_in_place and k.shape[2] == 1:
             return None, None  # the model calls attend(): no views, no mask
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of a single-token step q (B, Hq, 1, D) over each row's real slots,
-        read in place (native kernel). Returns (B, 1, Hq*D)."""
+        read in place by the backend (one "block" of the capacity per row). Returns (B, 1, Hq*D)."""
         b, hq, _, d = q.shape
         if layer == 0:  # bounds are the same for every layer of a step
             self._lo = torch.tensor(self.row_start, dtype=torch.int64)  # (B,)
             self._hi = torch.full((b,), self.length + 1, dtype=torch.int64)  # (B,)
-        cap, hkv = self.capacity, self.num_kv_heads
-        o = native.decode_attention(q.reshape(b, hq, d), self.k[layer], self.v[layer], self._table, self._lo,
-                                    self._hi, hkv, cap, hkv * cap * d, cap * d)  # (B, Hq, D)
+        o = self.attention.paged_decode(q.reshape(b, hq, d), self.k[layer], self.v[layer], self._table, self._lo,
+                                        self._hi, self.capacity)  # (B, Hq, D)
         return o.view(b, 1, hq * d)
 
     def advance(self, n: int) -> None:

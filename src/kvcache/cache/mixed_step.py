@@ -4,19 +4,19 @@ The step's tokens are laid out as one sequence (B = 1, T = all of them): first o
 decode row, then each prompt chunk's tokens. Every matmul then runs once over all of them,
 so the weights are streamed once per step instead of once for the decode batch and again
 for each chunk, and the decode rows share the chunk's large, efficient matmuls. Attention
-stays per sequence: the decode rows read their blocks in place (the native kernel, or a
-gathered and masked fallback), each chunk attends causally over its own blocks.
+stays per sequence, through the storage's attention backend: the decode rows read their
+blocks in place (`paged_decode`) or, where the backend does not, gathered and masked; each
+chunk attends causally over its own blocks (`causal_chunk`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from kvcache import native
-from kvcache.cache.storage import PagedKVStorage, SlotStepView, native_decode_rows, slot_mask
-from kvcache.models.llama import attend
+from kvcache.cache.storage import PagedKVStorage, SlotStepView, decode_rows, slot_mask
 from kvcache.models.step import causal_mask
 
 
@@ -65,17 +65,16 @@ class MixedStepView(SlotStepView):
     masks_itself = True  # the model builds no mask: each segment brings its own
 
     def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, decode: DecodeSegment | None,
-                 chunks: list[ChunkSegment], use_native: bool):
-        """`use_native`: the model runs the native kernels (CPU); the decode rows then attend in
-        place, and bf16 chunks through the native causal kernel (1.2-1.5x SDPA's speed on long
-        chunks; fp32 keeps SDPA, whose rounding transformers shares)."""
+                 chunks: list[ChunkSegment]):
+        """Attention is the storage's backend's: with the native kernels the decode rows attend in
+        place, and bf16 chunks through the causal prefill kernel (1.2-1.5x SDPA's speed on long
+        chunks)."""
         self.storage, self.write_slots, self.decode, self.chunks = storage, write_slots, decode, chunks
-        native_ok = use_native and storage.native_readable
-        self.native_decode = decode is not None and native_ok
-        self.native_prompts = native_ok and storage.dtype == torch.bfloat16
+        self.attention = storage.attention
+        self.in_place = decode is not None and self.attention.reads_in_place
         self.masks: dict[int, torch.Tensor] = {}  # chunk index -> its causal mask, made once a step
-        if self.native_decode:
-            self.table, self.lo, self.hi = native_decode_rows(decode.read_blocks, decode.kv_lens)  # (B, NB), (B,), (B,)
+        if self.in_place:
+            self.table, self.lo, self.hi = decode_rows(decode.read_blocks, decode.kv_lens)  # (B, NB), (B,), (B,)
         elif decode is not None:
             self.valid = slot_mask(decode.read_blocks, decode.kv_lens, storage.block_size)  # (B, 1, 1, S)
         self.length = 0
@@ -88,12 +87,12 @@ class MixedStepView(SlotStepView):
         if self.decode is not None:
             b = self.decode.num_rows
             qd = q[0, :, :b].transpose(0, 1)  # (B, Hq, D)
-            if self.native_decode:
+            if self.in_place:
                 o = st.decode_attention(layer, qd, self.table, self.lo, self.hi)  # (B, Hq, D)
                 out[0, :b] = o.reshape(b, hq * d)
             else:
                 k_all, v_all = st.read_rows(layer, self.decode.read_blocks)  # (B, Hkv, S, D)
-                out[0, :b] = attend(qd[:, :, None], k_all, v_all, self.valid)[:, 0]  # (B, Hq*D)
+                out[0, :b] = self.attention.grouped(qd[:, :, None], k_all, v_all, self.valid)[:, 0]  # (B, Hq*D)
         for i, c in enumerate(self.chunks):
             if c.first_block is not None:  # consecutive blocks: a view, no copy
                 lo = c.first_block * st.block_size
@@ -102,11 +101,13 @@ class MixedStepView(SlotStepView):
                 k_all, v_all = st.read_rows(layer, c.read_blocks)  # (1, Hkv, S', D)
                 k_all, v_all = k_all[:, :, : c.kv_len], v_all[:, :, : c.kv_len]  # (1, Hkv, S, D)
             qc = q[:, :, c.offset : c.offset + c.num_tokens]  # (1, Hq, T, D)
-            if self.native_prompts and c.min_slot is None and native.prefill_attention_fits(qc, k_all):
-                o = native.prefill_attention(qc, k_all, v_all)  # (1, T, Hq*D), causal from S - T
-            else:
-                if i not in self.masks:
-                    self.masks[i] = c.mask(q.device)  # (1, 1, T, kv_len)
-                o = attend(qc, k_all, v_all, self.masks[i])  # (1, T, Hq*D)
-            out[:, c.offset : c.offset + c.num_tokens] = o
+            o = self.attention.causal_chunk(qc, k_all, v_all, partial(self._mask, i, q.device),
+                                            c.min_slot is None)
+            out[:, c.offset : c.offset + c.num_tokens] = o  # (1, T, Hq*D)
         return out
+
+    def _mask(self, i: int, device) -> torch.Tensor:
+        """Chunk i's mask (1, 1, T, kv_len), made once a step."""
+        if i not in self.masks:
+            self.masks[i] = self.chunks[i].mask(device)
+        return self.masks[i]

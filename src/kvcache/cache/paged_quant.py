@@ -9,10 +9,11 @@ the same tokens, and prefix-cache blocks mean the same to every sequence that hi
 `SequenceCache` runs the same policy one sequence at a time with the same numbers
 (`QuantizedKVStore.quantize_staged`), which is how `kvcache eval` measures its quality.
 
-Decode steps on CPU attend straight from the codes of each row's blocks (a native kernel:
-key scales applied to q . codes per token, value scales folded into the probabilities), so
-no float copy of the history is made; prefill chunks (and other devices) gather the rows'
-blocks and dequantize them into the model dtype with torch ops.
+Decode steps attend from the codes of each row's blocks through the storage's attention
+backend (`AttentionBackend.paged_quantized_decode`; on CPU a native kernel: key scales applied
+to q . codes per token, value scales folded into the probabilities, so no float copy of the
+history is made); prefill chunks (and the torch backend) gather the rows' blocks and
+dequantize them into the model dtype with torch ops.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache import native
+from kvcache.cache.attention import AttentionBackend, QuantizedSlots, attention_backend
 from kvcache.cache.quant import QTensor, dequantize, hadamard, quantize, rotated
 from kvcache.cache.spec import kv_layers_bytes
 from kvcache.errors import KVCacheError
@@ -127,6 +129,10 @@ class _QuantSlots:
         for t, part in zip((self.codes, self.scale, self.zero), parts):
             t.index_copy_(2, slots, part)
 
+    def layer(self, layer: int) -> QuantizedSlots:
+        """The slots of `layer` (views) as attention reads them."""
+        return QuantizedSlots(self.codes[layer], self.scale[layer], self.zero[layer], self.bits, self.rotation)
+
     @property
     def bytes_per_slot(self) -> int:
         """Bytes of one token in one layer."""
@@ -137,12 +143,17 @@ class PagedQuantizedStorage:
     """The paged pool of `storage.PagedKVStorage`, holding per-token quantized K and V."""
 
     saves_sessions = False  # snapshots hold float K/V; re-quantizing them would not give these codes back
+    decode_sinks = False  # no decode from codes with attention sinks: sinks steps gather and dequantize
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, fmt: TokenQuantFormat):
+                 dtype: torch.dtype, device: torch.device | str, fmt: TokenQuantFormat,
+                 attention: AttentionBackend | None = None):
+        """`attention`: how a forward pass attends over these codes (the engine passes its
+        model's backend); by default the native kernels where they run."""
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype, self.fmt = num_kv_heads, head_dim, dtype, fmt
         self.device = torch.device(device)
+        self.attention = attention or attention_backend(dtype, self.device)
         slots = (num_blocks + 1) * block_size
         rotation = hadamard(head_dim)
         if (fmt.rotate_values or fmt.rotate_keys) and rotation is None:
@@ -201,19 +212,13 @@ class PagedQuantizedStorage:
         k = self.k
         return k.read(k.codes[layer][:, slots], k.scale[layer][:, slots], k.zero[layer][:, slots], self.dtype)
 
-    @property
-    def native_readable(self) -> bool:
-        """Whether the native kernel can attend from the codes (CPU, a model dtype it supports)."""
-        return native.supports(self.dtype, self.device)
-
     def decode_attention(self, layer: int, q: torch.Tensor, table: torch.Tensor, lo: torch.Tensor,
                          hi: torch.Tensor) -> torch.Tensor:
-        """Native attention of one query per row q (B, Hq, D) straight from the codes of its
-        blocks (table (B, NB) int32, tokens lo <= t < hi): no dequantized copy. Returns (B, Hq, D)."""
-        k, v = self.k, self.v
-        return native.paged_quantized_decode_attention(
-            q, k.codes[layer], k.scale[layer], k.zero[layer], v.codes[layer], v.scale[layer], v.zero[layer],
-            table, lo, hi, self.block_size, k.bits, v.bits, k.rotation, v.rotation)
+        """Attention of one query per row q (B, Hq, D) from the codes of its blocks (table
+        (B, NB) int32, tokens lo <= t < hi) by the storage's backend (the native one makes no
+        dequantized copy). Returns (B, Hq, D)."""
+        return self.attention.paged_quantized_decode(q, self.k.layer(layer), self.v.layer(layer), table, lo, hi,
+                                                     self.block_size)
 
     def read_blocks(self, block_ids, num_tokens):
         raise KVCacheError("Sessions are saved from a float KV cache; this engine holds its blocks quantized.")

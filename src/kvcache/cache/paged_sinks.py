@@ -14,18 +14,19 @@ attends to:
 
 What a query sees depends only on its own position, never on how the prompt was chunked, so
 batched, chunked, preempted and prefix-hit runs compute the same attention as a
-token-by-token run (the per-sequence `SequenceCache` in decode). Prompt chunks attend with
-torch ops over the gathered live blocks: two score blocks (sinks with the shifted query,
-window with the query as it is) share one softmax. Decode rows over float blocks use the
-native kernel, read in place: one run of the row's table in which the sink tokens score
-against the shifted query and the dropped rest of the sinks' blocks is skipped.
+token-by-token run (the per-sequence `SequenceCache` in decode). Prompt chunks attend over
+the gathered live blocks (`AttentionBackend.sinks_chunk`): two score blocks (sinks with the
+shifted query, window with the query as it is) share one softmax. Decode rows over float
+blocks, where the storage's backend reads in place, are one `paged_decode` run of the row's
+table in which the sink tokens score against the shifted query and the dropped rest of the
+sinks' blocks is skipped (`DecodeSinks`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvcache import native
+from kvcache.cache.attention import DecodeSinks
 from kvcache.cache.storage import SlotStepView
 from kvcache.cache.policies.sinks import Sinks
 from kvcache.models.rope import RotaryTable, apply_rotary
@@ -43,9 +44,9 @@ class PagedSinksStepView(SlotStepView):
     """
 
     def __init__(self, storage, write_slots: torch.Tensor, read_blocks: torch.Tensor, slot_positions: torch.Tensor,
-                 query_positions: torch.Tensor, sinks: Sinks, rope: RotaryTable, native_decode: bool = False):
-        """`native_decode`: a decode step (T == 1) over storage whose native kernel takes the
-        sinks' own query (`decode_sinks`): blocks are read in place, no gather."""
+                 query_positions: torch.Tensor, sinks: Sinks, rope: RotaryTable):
+        """A decode step (T == 1) over storage whose backend reads in place and takes the sinks'
+        own query (`decode_sinks`) reads the blocks in place, no gather (`in_place`)."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
         self.n_sink = sinks.n_sink
         self.length = read_blocks.shape[1] * storage.block_size  # the model's default mask only; unused here
@@ -55,17 +56,18 @@ class PagedSinksStepView(SlotStepView):
         first_kept = torch.clamp(torch.div(p - sinks.size, unit, rounding_mode="floor") * unit, min=0)  # (B, T)
         start = torch.clamp(first_kept, min=sinks.n_sink)  # (B, T) oldest window token each query sees
         cos, sin = rope.lookup(start - sinks.n_sink)  # (B, T, 1, D): rotation by the shift (grows the table)
-        self.native_decode = native_decode and p.shape[1] == 1
-        if self.native_decode:  # one run of each row's table; the kernel meets the sinks with their own query
+        self.attention = storage.attention
+        self.in_place = p.shape[1] == 1 and storage.decode_sinks and self.attention.reads_in_place
+        if self.in_place:  # one run of each row's table; the backend meets the sinks with their own query
             self.table = read_blocks.to(torch.int32).cpu()  # (B, NB)
             start_slot = torch.searchsorted(slot_positions, start).reshape(-1).cpu()  # (B,) the window's first slot
             self.hi = torch.searchsorted(slot_positions, p, right=True).reshape(-1).cpu()  # (B,)
+            self.sinks = None
             if self.n_sink:
                 self.lo = torch.zeros_like(self.hi)
-                self.sink_end = torch.full_like(self.hi, self.n_sink)  # (B,) then skip to the window's start
-                self.gap_end = start_slot
-                self.shift_cos, self.shift_sin = cos[:, 0, 0], -sin[:, 0, 0]  # (B, D) rotations back
-                self.rows = torch.arange(p.shape[0])  # (B,) row b rotates by table row b
+                # sinks until n_sink, then skip to the window's start; (B, D) rotations back
+                self.sinks = DecodeSinks(cos[:, 0, 0], -sin[:, 0, 0], torch.full_like(self.hi, self.n_sink), start_slot,
+                                         torch.arange(p.shape[0]))
             else:
                 self.lo = start_slot
             return
@@ -78,38 +80,11 @@ class PagedSinksStepView(SlotStepView):
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of q (B, Hq, T, D), rotated at absolute positions, over the row's sinks and
         window. Returns (B, T, Hq*D)."""
-        if self.native_decode:
-            return self._attend_native(layer, q)
-        k, v = self.storage.read_rows(layer, self.read_blocks)  # (B, Hkv, S, D)
         b, hq, t, d = q.shape
-        hkv = k.shape[1]
-        g = hq // hkv
-        scale = d ** -0.5
-        kf = k.float()
-        qw = q.float().reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D): row g*T + t is query t of head g
-        logits = qw @ kf.transpose(-1, -2) * scale  # (B, Hkv, G*T, S)
-        mask = self.window_mask
-        values = v
-        if self.n_sink:
-            qs = apply_rotary(q, self.sink_cos, self.sink_sin)  # (B, Hq, T, D) at the queries' cache positions
-            ks = kf[:, :, : self.n_sink]  # (B, Hkv, n_sink, D): the head slots are positions 0..
-            sink_logits = qs.float().reshape(b, hkv, g * t, d) @ ks.transpose(-1, -2) * scale  # (B, Hkv, G*T, n_sink)
-            logits = torch.cat([sink_logits, logits], -1)  # (B, Hkv, G*T, n_sink + S)
-            mask = torch.cat([self.sink_mask, mask], -1)  # (B, T, n_sink + S)
-            values = torch.cat([v[:, :, : self.n_sink], v], 2)  # (B, Hkv, n_sink + S, D)
-        mask = mask[:, None].repeat(1, 1, g, 1)  # (B, 1, G*T, n_sink + S)
-        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1)  # (B, Hkv, G*T, n_sink + S)
-        o = probs.to(values.dtype) @ values  # (B, Hkv, G*T, D)
-        return o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)  # (B, T, Hq*D)
-
-    def _attend_native(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Decode: one native call per layer, reading the blocks in place; sink tokens score
-        against the query rotated back to its cache position."""
-        b, hq, _, d = q.shape
-        sinks = None
-        if self.n_sink:
-            qs = q.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B, 1, Hq, D), never a view of q
-            native.rotary_(qs, self.shift_cos, self.shift_sin, self.rows, hq)  # in place, row b by -shift_b
-            sinks = (qs.view(b, hq, d), self.sink_end, self.gap_end)
-        o = self.storage.decode_attention(layer, q.reshape(b, hq, d), self.table, self.lo, self.hi, sinks)  # (B, Hq, D)
-        return o.view(b, 1, hq * d)
+        if self.in_place:  # one call per layer, reading the blocks in place
+            o = self.storage.decode_attention(layer, q.reshape(b, hq, d), self.table, self.lo, self.hi,
+                                              self.sinks)  # (B, Hq, D)
+            return o.view(b, 1, hq * d)
+        k, v = self.storage.read_rows(layer, self.read_blocks)  # (B, Hkv, S, D)
+        qs = apply_rotary(q, self.sink_cos, self.sink_sin) if self.n_sink else None  # (B, Hq, T, D) at cache positions
+        return self.attention.sinks_chunk(q, qs, k, v, self.window_mask, self.sink_mask)  # (B, T, Hq*D)

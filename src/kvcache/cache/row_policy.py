@@ -13,8 +13,9 @@ still decides who runs, by need, in blocks:
   sinks) at their own cost, its packed ones at the rate, no more than its selector keeps; so
   what a request really holds never passes what the scheduler granted it;
 - a decode step runs every row's projections and MLP as one batch; attention is per row,
-  each over its own cache (`RowsStepView`): all KIVI rows in one native call over their
-  codes, other stores over the float history they assemble;
+  each over its own cache (`RowsStepView`): all KIVI rows in one backend call over their
+  codes (`AttentionBackend.quantized_decode_rows`), other stores over the float history
+  they assemble;
 - no prefix caching (a cache's bytes are private to its request) and preemption recomputes.
 """
 
@@ -24,10 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache import native
 from kvcache.cache.base import StepKVDefaults
 from kvcache.cache.spec import kv_layers_bytes
-from kvcache.models.llama import attend
 
 
 @dataclass(frozen=True)
@@ -120,13 +119,14 @@ class RowPolicyStorage:
 class RowsStepView(StepKVDefaults):
     """One decode step (one token per row) over several sequences' own `SequenceCache`s, with
     the interface `LlamaModel.forward` drives: the rows' K/V go to their caches and each row
-    attends over its own (rows whose stores score the codes natively, in one call)."""
+    attends over its own (rows whose stores attend from their codes, in one backend call)."""
 
     length = 0  # no shared length: rows carry their positions in the step's inputs
 
     def __init__(self, caches: list):
         self.caches = caches
         self.rotates_keys = caches[0].rotates_keys  # one policy for all rows
+        self.attention = caches[0].attention  # one model for all rows
         self._kv: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
 
     def reserve(self, n_slots: int) -> None:
@@ -143,25 +143,22 @@ class RowsStepView(StepKVDefaults):
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Row b's query q[b] (Hq, 1, D) over cache b. Returns (B, 1, Hq*D). Rows whose stores
-        score the codes natively attend in one kernel call."""
+        attend from their codes do it in one backend call."""
         b_, hq, _, d = q.shape
         out: list[torch.Tensor | None] = [None] * b_
         coded = [b for b, (k, _) in enumerate(self._kv) if k is None]
-        inputs = [self.caches[b].native_attend_inputs(layer, hq) for b in coded]
-        if coded and all(x is not None for x in inputs):
-            o = native.quantized_decode_attention_rows(q[coded, :, 0], inputs)  # (F, Hq, D) fp32
+        if coded:
+            inputs = [self.caches[b].attend_inputs(layer) for b in coded]
+            o = self.attention.quantized_decode_rows(q[coded, :, 0], inputs)  # (F, Hq, D)
             for i, b in enumerate(coded):
-                out[b] = o[i].to(q.dtype).view(1, 1, hq * d)
+                out[b] = o[i].view(1, 1, hq * d)
         for b, (cache, (k, v)) in enumerate(zip(self.caches, self._kv)):
             if out[b] is not None:
                 continue
             qb = q[b : b + 1]  # (1, Hq, 1, D)
-            if k is None:  # the store attends from its codes
-                out[b] = cache.attend(layer, qb)
-                continue
             if cache.observes(1):
                 cache.observe(layer, qb, k)
-            out[b] = attend(qb, k, v, None)  # (1, 1, Hq*D)
+            out[b] = self.attention.grouped(qb, k, v, None)  # (1, 1, Hq*D)
         return torch.cat(out)  # (B, 1, Hq*D)
 
     def advance(self, t: int) -> None:

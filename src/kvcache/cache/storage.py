@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcache import native
+from kvcache.cache.attention import AttentionBackend, DecodeSinks, attention_backend
 from kvcache.cache.base import StepKVDefaults
 
 
@@ -20,10 +20,13 @@ class PagedKVStorage:
     """K and V slot arrays for all layers, allocated once from a block count."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype, device: torch.device | str = "cpu", attention: AttentionBackend | None = None):
+        """`attention`: how a forward pass attends over these slots (the engine passes its model's
+        backend); by default the native kernels where they run."""
         self.num_layers, self.num_blocks, self.block_size = num_layers, num_blocks, block_size
         self.num_kv_heads, self.head_dim, self.dtype = num_kv_heads, head_dim, dtype
         self.device = torch.device(device)
+        self.attention = attention or attention_backend(dtype, self.device)
         slots = (num_blocks + 1) * block_size
         # torch.empty: pages are committed as blocks are first written; only written slots are ever read
         # head-major, so a gather yields (S, D) runs per head: what attention kernels stream best
@@ -79,11 +82,6 @@ class PagedKVStorage:
         return self.k[layer][:, slots]
 
     # -- what a forward pass does with a layer --------------------------------------------
-    @property
-    def native_readable(self) -> bool:
-        """Whether the native decode kernel can attend straight from these slots."""
-        return native.supports(self.dtype, self.device)
-
     saves_sessions = True  # read_blocks / write_blocks move float K/V (session snapshots)
     decode_sinks = True  # decode_attention meets attention sinks with their own query (paged sinks)
 
@@ -109,13 +107,11 @@ class PagedKVStorage:
         return k_all, v_all
 
     def decode_attention(self, layer: int, q: torch.Tensor, table: torch.Tensor, lo: torch.Tensor,
-                         hi: torch.Tensor, sinks=None) -> torch.Tensor:
-        """Native attention of one query per row q (B, Hq, D) over its blocks (table (B, NB) int32,
-        tokens lo <= t < hi), read in place. Returns (B, Hq, D). `sinks`: see
-        `native.decode_attention` (attention sinks met with their own query)."""
-        ks, vs = self.k[layer], self.v[layer]  # (Hkv, slots, D)
-        return native.decode_attention(q, ks, vs, table, lo, hi, self.num_kv_heads, self.block_size, 0,
-                                       ks.shape[1] * self.head_dim, sinks)
+                         hi: torch.Tensor, sinks: DecodeSinks | None = None) -> torch.Tensor:
+        """Attention of one query per row q (B, Hq, D) over its blocks (table (B, NB) int32,
+        tokens lo <= t < hi) by the storage's backend (read in place by the native one).
+        Returns (B, Hq, D). `sinks`: attention sinks met with their own query."""
+        return self.attention.paged_decode(q, self.k[layer], self.v[layer], table, lo, hi, self.block_size, sinks)
 
     @property
     def bytes_per_token(self) -> int:
@@ -132,8 +128,8 @@ class PagedKVStorage:
         return self.num_blocks * self.bytes_per_block
 
 
-def native_decode_rows(read_blocks: torch.Tensor, kv_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The native decode kernel's per-row inputs: block table (B, NB) int32 and token range
+def decode_rows(read_blocks: torch.Tensor, kv_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`decode_attention`'s per-row inputs: block table (B, NB) int32 and token range
     lo, hi (B,) int64 (each row attends to its first kv_lens[b] slots)."""
     return (read_blocks.to(torch.int32).cpu(), torch.zeros(len(kv_lens), dtype=torch.int64),
             torch.tensor(kv_lens, dtype=torch.int64))
@@ -183,14 +179,15 @@ class PagedStepView(SlotStepView):
         `first_block`: a single row whose blocks are consecutive from this id is read as a
         view of the storage, with no gather copy (common: the pool hands out blocks in order).
         `kv_lens`: each row's slot count; given for a decode step (one token per row), it lets
-        the native kernel attend straight from the blocks (no gather, no mask, no padding).
+        a backend that reads in place attend straight from the blocks (no gather, no mask, no
+        padding; `in_place`).
         `observer(layer, q, k)`: sees each layer's queries and keys (an eviction scorer)."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
         self.observer = observer
         self.kv_len, self.first_block = kv_len, first_block
-        self.native_decode = kv_lens is not None and storage.native_readable
-        if self.native_decode:
-            self.table, self.lo, self.hi = native_decode_rows(read_blocks, kv_lens)  # (B, NB), (B,), (B,)
+        self.in_place = kv_lens is not None and storage.attention.reads_in_place
+        if self.in_place:
+            self.table, self.lo, self.hi = decode_rows(read_blocks, kv_lens)  # (B, NB), (B,), (B,)
         self.length = read_blocks.shape[1] * storage.block_size  # only for a default mask; runners pass one
 
     def observes(self, t: int) -> bool:
@@ -203,7 +200,7 @@ class PagedStepView(SlotStepView):
         """Scatter k, v (B, Hkv, T, D) into their slots; gather (B, Hkv, S, D) for attention."""
         st = self.storage
         st.scatter(layer, self.write_slots, k, v)
-        if self.native_decode and k.shape[2] == 1:
+        if self.in_place and k.shape[2] == 1:
             return None, None  # the model calls attend()
         s = self.read_blocks.shape[1] * st.block_size
         if self.first_block is not None:  # one row, consecutive blocks: a view, no copy
@@ -216,7 +213,7 @@ class PagedStepView(SlotStepView):
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of a decode step q (B, Hq, 1, D), each row over its own blocks, read in
-        place by the native kernel. Returns (B, 1, Hq*D)."""
+        place by the backend. Returns (B, 1, Hq*D)."""
         b, hq, _, d = q.shape
         o = self.storage.decode_attention(layer, q.reshape(b, hq, d), self.table, self.lo, self.hi)  # (B, Hq, D)
         return o.view(b, 1, hq * d)

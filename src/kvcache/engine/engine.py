@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvcache.cache.attention import model_attention
 from kvcache.cache.manager import KVCacheManager
 from kvcache.cache.paged_evict import PromptScores
 from kvcache.cache.paged_quant import PagedQuantizedStorage
@@ -54,11 +55,11 @@ class LLMEngine:
             self.storage = RowPolicyStorage(config.num_blocks, bs, footprint)
             slots_for = footprint.slots
         elif config.quant_format is not None:
-            self.storage = PagedQuantizedStorage(c.num_layers, config.num_blocks, bs, c.num_kv_heads,
-                                                 c.head_dim, model.dtype, model.device, config.quant_format)
+            self.storage = PagedQuantizedStorage(c.num_layers, config.num_blocks, bs, c.num_kv_heads, c.head_dim,
+                                                 model.dtype, model.device, config.quant_format, model_attention(model))
         else:
             self.storage = PagedKVStorage(c.num_layers, config.num_blocks, bs, c.num_kv_heads,
-                                          c.head_dim, model.dtype, model.device)
+                                          c.head_dim, model.dtype, model.device, model_attention(model))
         self.kv = KVCacheManager(config.num_blocks, bs, config.enable_prefix_caching and rows is None,
                                  block_bytes=self.storage.bytes_per_block)
         self.sinks = window = None

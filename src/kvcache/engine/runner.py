@@ -5,7 +5,7 @@ A step's decode rows (one new token each) and prompt chunks run as one forward p
 step and the decode rows ride in the chunks' large matmuls; attention stays per sequence.
 Steps that cannot be laid out that way (attention sinks, a chunk an eviction scorer watches,
 or `mixed_steps=False`) run the decode rows as one batch (each row over its own blocks,
-read in place by the native kernel or gathered and masked) and each prefill chunk as its own
+read in place by the storage's attention backend or gathered and masked) and each prefill chunk as its own
 pass, causal from its start position. Per-step inputs travel as `StepInputs` + a `PagedStepView`. Under attention sinks every
 step (decode rows and prefill chunks alike) goes through a `PagedSinksStepView` instead:
 each row gathers its sink blocks and its live window blocks, and each query sees what its
@@ -86,10 +86,6 @@ class ModelRunner:
             slots += self.kv.slots(c.request.request_id, c.start, c.start + c.num_tokens)
         return torch.tensor(slots, device=self.device)
 
-    def _native_lens(self, live: list[int]) -> list[int] | None:
-        """Per-row slot counts for the native decode kernel, when the model runs it."""
-        return live if self.model.native else None
-
     def _sinks_step(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Decode rows (one token each) or one prefill chunk under attention sinks: each row
         reads its sink blocks and its live window blocks; every query is masked by its own
@@ -118,9 +114,8 @@ class ModelRunner:
         assert all(c.num_tokens == t for c in chunks), "decode rows, or one prefill chunk"
         ids = torch.tensor([c.request.all_token_ids[c.start : c.start + t] for c in chunks], device=dev)  # (B, T)
         query_pos = torch.tensor([list(range(c.start, c.start + t)) for c in chunks], device=dev)  # (B, T)
-        native_decode = t == 1 and self.model.native and getattr(self.storage, "decode_sinks", False)
         cache = PagedSinksStepView(self.storage, self._write_slots(chunks), rows, slot_pos, query_pos, self.sinks,
-                                    self.model.rope, native_decode)
+                                    self.model.rope)
         return self.model.forward(StepInputs(ids, query_pos, 0, None), cache)  # (B, V)
 
     def _decode(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -133,12 +128,11 @@ class ModelRunner:
         write = self._write_slots(chunks)
         if len(set(starts)) == 1 and len(set(live)) == 1:  # equal lengths: cut K/V to them, no mask needed
             step = StepInputs(ids, None, starts[0], None)
-            cache = PagedStepView(self.storage, write, blocks, kv_len=live[0], first_block=first,
-                                   kv_lens=self._native_lens(live))
+            cache = PagedStepView(self.storage, write, blocks, kv_len=live[0], first_block=first, kv_lens=live)
             return self.model.forward(step, cache)
         positions = torch.tensor(starts, device=dev)[:, None]  # (B, 1)
-        cache = PagedStepView(self.storage, write, blocks, kv_lens=self._native_lens(live))
-        if cache.native_decode:  # the kernel reads each row's own length: no mask
+        cache = PagedStepView(self.storage, write, blocks, kv_lens=live)
+        if cache.in_place:  # the backend reads each row's own length: no mask
             step = StepInputs(ids, positions, 0, None)
         else:
             step = StepInputs(ids, positions, 0, slot_mask(blocks, live, self.kv.block_size))  # (B, 1, 1, S)
@@ -188,7 +182,7 @@ class ModelRunner:
             blocks, first, live = self._block_rows([c], [c.start + c.num_tokens])  # (1, NB)
             segments.append(ChunkSegment(offset, c.num_tokens, blocks, live[0], first, self._window_floor(c)))
             offset += c.num_tokens
-        cache = MixedStepView(self.storage, self._write_slots(decodes + prompts), decode, segments, self.model.native)
+        cache = MixedStepView(self.storage, self._write_slots(decodes + prompts), decode, segments)
         step = StepInputs(torch.tensor([ids], device=dev), torch.tensor([positions], device=dev), 0, None,
                           logits_at=torch.tensor(ends, device=dev))  # (1, N) tokens and positions
         return self.model.forward(step, cache)  # (R, V)

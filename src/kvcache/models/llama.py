@@ -10,7 +10,8 @@ of a KV group into the query axis, so GQA needs no repeated K/V.
 
 On CPU in fp32/bf16, single-token (decode) steps run RMSNorm, RoPE and SwiGLU as fused
 native kernels (`kvcache.native`), and a cache built by `KVCache.for_model` (or the paged engine's)
-attends in place from its storage; prefill and other devices use the same steps as torch ops.
+attends in place from its storage through its attention backend (`kvcache.cache.attention`);
+prefill and other devices use the same steps as torch ops.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kvcache.models.linear import Linear, resolve_kernels
 from kvcache.models.quantization import build_linear, build_table, check_device
 from kvcache.models.quantized_linear import QuantizedLinear
 from kvcache.models.rope import RotaryTable, apply_rotary
+from kvcache.models.sdpa import grouped_sdpa
 from kvcache.models.step import StepInputs, StepKV, causal_mask
 
 
@@ -42,22 +44,6 @@ class LayerWeights:
 
     def linears(self) -> tuple[Linear | QuantizedLinear, ...]:
         return (self.qkv, self.o, self.gate_up, self.down)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Grouped-query attention. q (B, Hq, T, D), k/v (B, Hkv, S, D), mask bool (B, 1, T, S).
-
-    Returns (B, T, Hq*D). The G = Hq/Hkv query heads sharing a KV head are folded into
-    the query axis: (B, Hkv, G*T, D) attends to (B, Hkv, S, D) directly.
-    """
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    qf = q.reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D)
-    if mask is not None and g > 1:
-        mask = mask.repeat(1, 1, g, 1)  # (B, 1, G*T, S), row g*T + t -> query t
-    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)  # (B, Hkv, G*T, D)
-    return o.view(b, hq, t, d).transpose(1, 2).reshape(b, t, hq * d)  # (B, T, Hq*D)
 
 
 def _numel(table) -> int:
@@ -219,7 +205,7 @@ class LlamaModel:
                 if observe:
                     cache.observe(i, q, k)
             # a cache that attends itself (quantized codes, native decode) returned None from write
-            o = attend(q, k, v, mask) if k is not None else cache.attend(i, q)  # (B, T, Hq*D)
+            o = grouped_sdpa(q, k, v, mask) if k is not None else cache.attend(i, q)  # (B, T, Hq*D)
             x = x + lw.o(o)  # (B, T, H)
             h = native.rms_norm(x, lw.mlp_norm, eps) if nat else F.rms_norm(x, hidden, lw.mlp_norm, eps)
             if nat:

@@ -137,7 +137,7 @@ def prefill_attention_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of a prompt chunk: q (1, Hq, T, D) at the last T of the S positions
     of k, v (1, Hkv, S, D); query t sees keys 0 .. S - T + t. Returns (1, T, Hq*D), as
-    `models.llama.attend` with a causal mask does (fp32 math; GQA heads share K/V reads)."""
+    `models.sdpa.grouped_sdpa` with a causal mask does (fp32 math; GQA heads share K/V reads)."""
     _, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     if v.stride() != k.stride():

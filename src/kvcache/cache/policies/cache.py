@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from kvcache.cache.attention import AttentionBackend, model_attention
 from kvcache.cache.policies.grammar import PolicySpec, parse_policy
 from kvcache.cache.policies.registry import make_selector, make_store
 from kvcache.cache.policies.selectors import EVICT_UNIT, KeepPlan
@@ -27,12 +28,15 @@ class SequenceCache:
     batch = 1
     masks_itself = False  # the model builds the causal mask over `length` kept tokens
 
-    def __init__(self, model, policy: str | PolicySpec, capacity: int = 256):
+    def __init__(self, model, policy: str | PolicySpec, capacity: int = 256,
+                 attention: AttentionBackend | None = None):
+        """`attention`: the backend decode from quantized codes runs on (default: the model's)."""
         self.spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
         c = model.config
         self.num_layers, self.num_kv_heads, self.head_dim = c.num_layers, c.num_kv_heads, c.head_dim
         self.dtype, self.device = model.dtype, model.device
         self.rope = model.rope
+        self.attention = attention or model_attention(model)
         self.store = make_store(self.spec, c, self.dtype, self.device, capacity)
         self.selectors = [make_selector(p, c.num_layers) for p in self.spec.selectors]
         self.rotates_keys = any(s.cache_positions for s in self.selectors)
@@ -85,14 +89,16 @@ class SequenceCache:
                 and not self.rotates_keys and not self.observes(1))
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Attention of this step's single query q (1, Hq, 1, D) over the layer, done by the store."""
-        return self.store.attend(layer, q, 1)
+        """Attention of this step's single query q (1, Hq, 1, D) over the layer, from the store's
+        codes. Returns (1, 1, Hq*D)."""
+        _, hq, _, d = q.shape
+        o = self.attention.quantized_decode_rows(q.reshape(1, hq, d), [self.attend_inputs(layer)])  # (1, Hq, D)
+        return o.view(1, 1, hq * d)
 
-    def native_attend_inputs(self, layer: int, num_heads: int) -> tuple | None:
-        """When `write` returned (None, None): what the store's native kernel attends from
-        (`QuantizedKVStore.native_inputs`), so several caches can attend in one call; None
-        where that kernel cannot run."""
-        return self.store.native_inputs(layer, 1, num_heads)
+    def attend_inputs(self, layer: int) -> tuple:
+        """When `write` returned (None, None): what attention reads from the store this step
+        (`QuantizedKVStore.attend_inputs`), so several caches can attend in one call."""
+        return self.store.attend_inputs(layer, 1)
 
     def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
         for s in self.selectors:

@@ -19,17 +19,14 @@ buffer shared by all layers (one layer's worth of floats, not a new tensor per s
 
 from __future__ import annotations
 
-import math
 import tempfile
 
 import numpy as np
 import torch
 
-from kvcache import native
 from kvcache.cache.policies.params import quantizer_modes
 from kvcache.cache.policies.stores import ExactStore
-from kvcache.cache.quant import (QTensor, dequantize, hadamard, layer_store, quantize, quantized_scores,
-                                 unpack_codes)
+from kvcache.cache.quant import QTensor, dequantize, hadamard, layer_store, quantize
 from kvcache.errors import KVCacheError
 
 
@@ -73,7 +70,7 @@ class QuantizedKVStore:
 
     @property
     def fused_decode(self) -> bool:
-        """Whether `attend` can score from the codes (keys quantized per channel)."""
+        """Whether decode attention can score from the codes (keys quantized per channel)."""
         return self.key_axis == "channel"
 
     # -- sizes --------------------------------------------------------------------------
@@ -133,65 +130,14 @@ class QuantizedKVStore:
         self.tail.advance(n)
         self._migrate()
 
-    def attend(self, layer: int, q: torch.Tensor, staged: int) -> torch.Tensor:
-        """Decode attention of q (1, Hq, 1, D) over this layer without dequantizing the history.
-
-        On CPU this is one native kernel over the packed codes (`kvcache.native`); elsewhere
-        torch ops: scores against quantized keys fold the per-channel scales into the query
-        (`quantized_scores`); the output over quantized values folds the per-token scales
-        into the probabilities: p @ (s*C + z) = (p*s) @ C + p @ z. The codes become floats
-        once each (one pass), instead of dequantize's convert, scale and shift passes.
-        Returns (1, 1, Hq*D), like `models.llama.attend`.
-        """
-        _, hq, _, d = q.shape
-        h = self.num_kv_heads
-        g = hq // h
-        nq = self.num_quantized
-        inputs = self.native_inputs(layer, staged, hq)
-        if inputs is not None:  # one fused pass over the codes
-            o = native.quantized_decode_attention(q.reshape(hq, d), *inputs)  # (Hq, D) fp32
-            return o.to(q.dtype).view(1, 1, hq * d)
+    def attend_inputs(self, layer: int, staged: int) -> tuple:
+        """What decode attention reads of `layer` without dequantizing the history
+        (`AttentionBackend.quantized_decode_rows`): exact K, exact V (Hkv, ne, D) (the sinks and
+        the tail, read in place when there are no sinks) and the key and value `QTensor` views."""
         ks, vs = self.front(layer)  # (1, Hkv, ns, D)
         kt, vt = self.tail.read(layer, staged)  # (1, Hkv, nt, D)
-        qf = q.reshape(1, h, g, d)  # (1, Hkv, G, D): a KV group's query heads side by side
-        ks, vs, kt, vt = (x.to(q.dtype) for x in (ks, vs, kt, vt))
-        codes = self._codes(nq)  # (1, Hkv, nq, D) float scratch
-        scores = torch.cat([qf @ ks.transpose(-1, -2),  # (1, Hkv, G, ns)
-                            quantized_scores(qf, self.qk.view(layer), codes_out=codes),  # (1, Hkv, G, nq)
-                            qf @ kt.transpose(-1, -2)], -1)  # (1, Hkv, G, nt)
-        p = (scores * (1.0 / math.sqrt(d))).softmax(-1)  # (1, Hkv, G, S)
-        ns = ks.shape[2]
-        qv = self.qv.view(layer)
-        if qv.rotation is not None:  # quantized values hold V @ R: attend in that space, rotate back at the end
-            vs, vt = vs @ qv.rotation.to(vs), vt @ qv.rotation.to(vt)
-        o = p[..., :ns] @ vs + p[..., ns + nq :] @ vt  # (1, Hkv, G, D)
-        codes.copy_(unpack_codes(qv.data, qv.bits))  # value codes as floats
-        pq = p[..., ns : ns + nq]  # (1, Hkv, G, nq)
-        sv, zv = qv.scale.to(q.dtype), qv.zero.to(q.dtype)  # (1, Hkv, nq, D/gv)
-        gv = qv.group_size
-        for i in range(d // gv):  # value groups along head_dim (1 or a few)
-            cols = slice(i * gv, (i + 1) * gv)
-            o[..., cols] += (pq * sv[..., i].unsqueeze(2)) @ codes[..., cols] + pq @ zv[..., i : i + 1]
-        if qv.rotation is not None:
-            o = o @ qv.rotation.T.to(o)
-        return o.reshape(1, hq, 1, d).transpose(1, 2).reshape(1, 1, hq * d)
-
-    def native_inputs(self, layer: int, staged: int, num_heads: int) -> tuple | None:
-        """What the native kernel attends from for `layer`: (exact K, exact V (Hkv, ne, D), key
-        and value QTensor views), or None where it cannot run (device, dtype, shape)."""
-        if not (native.supports(torch.float32, self.device) and native.fits(self.head_dim, num_heads, self.num_kv_heads)):
-            return None
-        ks, vs = self.front(layer)  # (1, Hkv, ns, D)
-        kt, vt = self.tail.read(layer, staged)  # (1, Hkv, nt, D): read in place by the kernel
         ek, ev = (kt[0], vt[0]) if ks.shape[2] == 0 else (torch.cat([ks[0], kt[0]], 1), torch.cat([vs[0], vt[0]], 1))
         return ek, ev, self.qk.view(layer), self.qv.view(layer)
-
-    def _codes(self, n: int) -> torch.Tensor:
-        """A contiguous (1, Hkv, n, D) float scratch, reused from step to step."""
-        need = self.num_kv_heads * n * self.head_dim
-        if getattr(self, "codes_buf", None) is None or self.codes_buf.numel() < need:
-            self.codes_buf = torch.empty(max(need, 2 * need), dtype=self.dtype, device=self.device)
-        return self.codes_buf[:need].view(1, self.num_kv_heads, n, self.head_dim)
 
     def _migrate(self) -> None:
         """Fill the sinks from the tail's head, then move whole groups from the tail to the quantized part."""
