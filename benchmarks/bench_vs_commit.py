@@ -59,7 +59,7 @@ llm.generate(prompts[:4], [SamplingParams(max_tokens=8, temperature=0.0, ignore_
 t0 = time.perf_counter()
 outs = llm.generate(prompts, params)
 dt = time.perf_counter() - t0
-print(json.dumps(sum(len(o.outputs[0].token_ids) for o in outs) / dt))
+print(json.dumps(sum(len(o.token_ids) for o in outs) / dt))
 """,
     "eval4k": """
 from kvcache import LLM
