@@ -20,10 +20,14 @@ def check_length(max_tokens: int, max_model_len: int, prompt_len: int | None = N
         room = limit - prompt_len
         if room < 1:
             raise PromptTooLongError(
-                f"The prompt has {prompt_len} tokens but max_model_len is {limit}, leaving no room to generate.")
+                f"The prompt has {_tokens(prompt_len)} but max_model_len is {limit}, leaving no room to generate.")
         if max_tokens > room:
             raise MaxTokensTooLargeError(
-                f"max_tokens is {max_tokens} but the prompt has {prompt_len} tokens and the context is {limit}, "
+                f"max_tokens is {max_tokens} but the prompt has {_tokens(prompt_len)} and the context is {limit}, "
                 f"so at most {room} can be generated.")
     if max_tokens >= limit:
         raise MaxTokensTooLargeError(f"max_tokens is {max_tokens} but the context is {limit}.")
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
