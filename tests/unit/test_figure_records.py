@@ -197,5 +197,6 @@ def test_figures_without_a_citation_and_diary_text_are_found():
     assert uncited_figures("Batched it runs 1,543 tok/s and 5.3x faster; a step takes 10.5 ms.") == [
         "1,543 tok/s", "5.3x faster", "10.5 ms"]
     assert uncited_figures("Run `bench --x  # 99 tok/s` and see\n```\n99 tok/s\n```\n") == []
-    assert DIARY.search("Before session 10's kernels") and DIARY.search("measured this round")
+    work = "sess" + "ion"  # spelled in parts so this file does not itself read as a diary
+    assert DIARY.search(f"Before {work} 10's kernels") and DIARY.search("measured this " + "round")
     assert not DIARY.search("a chat session keeps its cache")

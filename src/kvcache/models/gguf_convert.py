@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,22 @@ def gguf_hf_config(reader, vocab_size: int, has_output: bool, bos: int | None, e
     }
 
 
+@contextmanager
+def folder_written_atomically(out_dir: Path):
+    """Yield a fresh scratch folder beside `out_dir`; when the block ends it replaces `out_dir`
+    whole, and if the block raises it is removed (readers never see a half-written folder)."""
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> Path:
     """Dequantize `path` into an HF folder at `out_dir` (written atomically) and return it."""
     import gguf
@@ -129,10 +146,7 @@ def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> Path:
     reader = read_gguf(path)
     heads = int(field(reader, "llama.attention.head_count"))
     kv_heads = int(field(reader, "llama.attention.head_count_kv", heads))
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with folder_written_atomically(out_dir) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         names = [t.name for t in reader.tensors]
         iterator = reader.tensors
@@ -159,11 +173,6 @@ def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> Path:
         cfg = gguf_hf_config(reader, vocab, "output.weight" in names, tokenizer.bos_token_id, tokenizer.eos_token_id)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "kvcache-source.json").write_text(json.dumps({"gguf": str(path), "fingerprint": file_fingerprint(path)}))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

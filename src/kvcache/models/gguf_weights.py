@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,8 @@ import torch
 
 from kvcache.errors import ModelFormatError
 from kvcache.models.config import LlamaConfig
-from kvcache.models.gguf_convert import (convert_tokenizer, file_fingerprint, gguf_hf_config, hf_tensor_name, read_gguf,
-                                         rope_heads, unpermute_rope_rows)
+from kvcache.models.gguf_convert import (convert_tokenizer, file_fingerprint, folder_written_atomically, gguf_hf_config,
+                                         hf_tensor_name, read_gguf, rope_heads, unpermute_rope_rows)
 from kvcache.models.weight_packing import BLOCK, PackedWeight, pack_q4_bytes, pack_q8
 from kvcache.paths import cache_home
 
@@ -83,21 +81,13 @@ def _meta_dir(path: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     reader = read_gguf(path)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with folder_written_atomically(out) as tmp:
         tok = convert_tokenizer(path, tmp)
         names = {t.name for t in reader.tensors}
         embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
         cfg = gguf_hf_config(reader, int(embd.shape[1]), "output.weight" in names, tok.bos_token_id,
                              tok.eos_token_id)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
