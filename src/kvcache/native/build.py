@@ -23,6 +23,7 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("kernels.c")
 #: Compiled into the same library: the quantized-weight linear kernels.
 EXTRA_SOURCES = (Path(__file__).with_name("qlinear.c"),)
+HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the cache key
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -52,7 +53,7 @@ def _target(cc: str) -> Path:
     from kvcache.paths import cache_home
 
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    code = b"".join(p.read_bytes() for p in (SOURCE, *EXTRA_SOURCES))
+    code = b"".join(p.read_bytes() for p in (SOURCE, *EXTRA_SOURCES, *HEADERS))
     digest = hashlib.sha256(code + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     return cache_home() / "native" / f"kernels-{digest}.so"
 
@@ -61,7 +62,7 @@ def compile_to(cc: str, flags: list[str], out: Path, log: Path | None = None) ->
     """Compile `kernels.c` and the extra sources with these flags into the shared object `out`. On failure raise
     `BuildError` with the compiler's error lines, its whole output written to `log`
     (default: beside `out`)."""
-    cmd = [cc, *flags, str(SOURCE), *map(str, EXTRA_SOURCES), "-o", str(out), "-lm"]
+    cmd = [cc, *flags, "-I", str(HEADERS[0].parent), str(SOURCE), *map(str, EXTRA_SOURCES), "-o", str(out), "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         log = log or out.with_suffix(".log")

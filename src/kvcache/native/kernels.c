@@ -12,22 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef uint16_t bf16;
-
-static inline float bf16_to_f32(bf16 x) {
-    uint32_t u = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline bf16 f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (bf16)(u >> 16);
-}
+#include "bf16.h"
 
 /* exp(x) for x <= ~88, vectorizable (no libm call): 2^k * e^r with |r| <= ln2/2, a degree-6
  * polynomial for e^r; relative error about 2e-7 (a couple of ulps), inputs below -87 give 0. */

@@ -27,6 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define QL_AVX512 1
 #include <immintrin.h>
@@ -68,21 +70,6 @@ static inline float ql_half(uint16_t h) { /* IEEE fp16 -> fp32 */
     return f;
 }
 
-static inline float ql_bf16_in(const uint16_t* p) {
-    uint32_t u = (uint32_t)*p << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t ql_bf16_out(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-
 /* ---- Activations: x (M, K) fp32 or bf16 -> xq (M, nb*32) int8 (zero past K), per block the
  * scale xd = amax / 127 and xds = xd * (sum of the block's codes). ------------------------ */
 static void ql_quantize_rows(const void* x, int bf16_in, int64_t M, int64_t K, int64_t nb, int8_t* xq, float* xd,
@@ -95,7 +82,7 @@ static void ql_quantize_rows(const void* x, int bf16_in, int64_t M, int64_t K, i
             float amax = 0.f;
             for (int64_t i = 0; i < QL_BLOCK; i++) {
                 float v = 0.f;
-                if (i < n) v = bf16_in ? ql_bf16_in((const uint16_t*)x + r * K + k0 + i) : ((const float*)x)[r * K + k0 + i];
+                if (i < n) v = bf16_in ? bf16_to_f32(((const bf16*)x)[r * K + k0 + i]) : ((const float*)x)[r * K + k0 + i];
                 buf[i] = v;
                 float a = fabsf(v);
                 amax = a > amax ? a : amax;
@@ -127,7 +114,7 @@ void ql_quantize_activations(const void* x, int bf16_in, int64_t M, int64_t K, i
 static inline void ql_store(const float* acc, int R, void* y, int bf16_out, int64_t ldy, int64_t o0, int64_t n) {
     for (int r = 0; r < R; r++)
         for (int64_t j = 0; j < n; j++) {
-            if (bf16_out) ((uint16_t*)y)[r * ldy + o0 + j] = ql_bf16_out(acc[r * QL_TILE + j]);
+            if (bf16_out) ((uint16_t*)y)[r * ldy + o0 + j] = f32_to_bf16(acc[r * QL_TILE + j]);
             else ((float*)y)[r * ldy + o0 + j] = acc[r * QL_TILE + j];
         }
 }
@@ -368,7 +355,7 @@ void ql_dequantize(const uint8_t* w, int fmt, int64_t K, int64_t N, const int64_
             }
             int64_t k0 = b * QL_BLOCK, cnt = K - k0 < QL_BLOCK ? K - k0 : QL_BLOCK;
             for (int64_t e = 0; e < cnt; e++) {
-                if (bf16_out) ((uint16_t*)out)[i * K + k0 + e] = ql_bf16_out(v[e]);
+                if (bf16_out) ((uint16_t*)out)[i * K + k0 + e] = f32_to_bf16(v[e]);
                 else ((float*)out)[i * K + k0 + e] = v[e];
             }
         }
