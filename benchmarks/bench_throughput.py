@@ -66,7 +66,7 @@ from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, machine_info, quiet_transformers
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
-from kvcache.models.loader import DEFAULT_MODEL, read_hf_config
+from kvcache.models.loader import DEFAULT_MODEL, read_hf_config, resolve_model_dir
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -105,6 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="KV policy of our engine runs, e.g. quantized:bits=8,key_axis=token,residual=0 "
                         "(paged blocks) or quantized:bits=4 (KIVI, per-request caches); repeat the flag (or "
                         "separate policies with ';') to compare several in one run (default: full, the model dtype)")
+    p.add_argument("--quantization", action="append", default=None, choices=["auto", "none", "gguf", "int8", "int4"],
+                   help="weights of our engine runs (repeat to compare several in one run, each with every "
+                        "--kv-policy; default none: the float weights the transformers baseline runs)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="engine: most requests per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="engine: most tokens per step (default 512)")
@@ -149,11 +152,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         a.kv_budget_bytes = parse_size(a.kv_budget)
         parse_dtype(a.dtype)
-        a.kv_policies = policy_list(a.kv_policy)
+        a.variants = variants(policy_list(a.kv_policy), a.quantization or ["none"])
+        a.kv_policies = list(a.variants)
         a.record_folder = record.folder_from_args(a)
     except KVCacheError as exc:
         p.error(str(exc))
     return a
+
+
+def variants(policies: list[str], quantizations: list[str]) -> dict[str, tuple[str, str]]:
+    """Our engine runs, label -> (KV policy, weight quantization): every policy with every
+    quantization; a label is the policy alone when one quantization is asked for."""
+    quantizations = list(dict.fromkeys(quantizations))
+    return {(p if len(quantizations) == 1 else f"{p} [{q} weights]"): (p, q) for p in policies for q in quantizations}
 
 
 def policy_list(values: list[str] | None) -> list[str]:
@@ -293,11 +304,14 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def make_llm(args, policy: str, prefix_caching: bool = True) -> LLM:
+def make_llm(args, variant: str, prefix_caching: bool = True) -> LLM:
+    """The engine of one `variants` label."""
+    policy, quantization = args.variants[variant]
     return LLM(args.model, dtype=args.dtype, threads=args.threads, progress=False,
                kv_cache_memory=args.kv_budget_bytes, block_size=args.block_size,
                enable_prefix_caching=prefix_caching, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, kernels=args.kernels, kv_policy=policy)
+               max_num_batched_tokens=args.max_num_batched_tokens, kernels=args.kernels, kv_policy=policy,
+               quantization=quantization)
 
 
 def warm_up(llm: LLM, corpus: list[int]) -> None:
@@ -437,7 +451,8 @@ def run_hf(llm: LLM, wl: Workload, of: int, args, progress: Progress) -> RunResu
     from transformers import AutoModelForCausalLM
 
     dt = parse_dtype(args.dtype)
-    hf = AutoModelForCausalLM.from_pretrained(str(llm.model_dir), dtype=dt).eval()
+    hf_dir = resolve_model_dir(args.model, progress=False)  # float weights, whatever our runs hold
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dt).eval()
     pad = llm.tokenizer.pad_token_id
     if pad is None:
         pad = llm.config.eos_token_ids[0] if llm.config.eos_token_ids else 0
@@ -840,7 +855,7 @@ def comparison_table(args, wl: Workload, results: list[dict]) -> Table:
     for r in results:
         a, b = r["throughput"]["ours_batched"], r["throughput"].get("ours_one_by_one")
         cap, pre = r["capacity"], r["prefix_caching"]
-        t.add_row(r["kv_policy"], f"{a['total_tok_s']:,.0f}", f"{b['total_tok_s']:,.0f}" if b else "-",
+        t.add_row(r["variant"], f"{a['total_tok_s']:,.0f}", f"{b['total_tok_s']:,.0f}" if b else "-",
                   _x(r["speedups"]["ours_vs_one_by_one"]) if b else "-",
                   f"{cap['bytes_per_token']:,}" if cap else "-", str(cap["peak_running"]) if cap else "-",
                   str(cap["preemptions"]) if cap else "-", _x(pre["ttft_mean_ratio"]) if pre else "-")
@@ -857,7 +872,7 @@ def record_timings(results: list[dict], baselines: dict) -> tuple[dict, dict]:
         if r["prefix_caching"]:
             t["prefix_on_ttft_s"] = r["prefix_caching"]["on"]["ttft_s"]
             t["prefix_off_ttft_s"] = r["prefix_caching"]["off"]["ttft_s"]
-        ours[r["kv_policy"]] = t
+        ours[r["variant"]] = t
     return ours, {f"{k}_walls_s": v["walls_s"] for k, v in baselines.items()}
 
 
@@ -966,7 +981,9 @@ def main(argv: list[str] | None = None) -> dict:
                 err.print("[yellow]no plot: the capacity run was skipped[/yellow]")
         a = runs["ours_batched"]
         results.append({
-            "kv_policy": policy,
+            "kv_policy": args.variants[policy][0],
+            "variant": policy,
+            "quantization": args.variants[policy][1],
             "throughput": {k: r.to_dict() for k, r in runs.items()},
             "speedups": {f"ours_vs_{k.removeprefix('ours_')}": _ratio(a.total_tok_s, r.total_tok_s)
                          for k, r in {**runs, **baselines}.items() if k != "ours_batched"},

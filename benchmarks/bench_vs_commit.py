@@ -36,7 +36,7 @@ PROBES: dict[str, str] = {
 import torch
 from kvcache import LLM, SamplingParams
 from kvcache.bench.common import corpus_ids
-llm = LLM(dtype="float32", threads={threads}, progress=False)
+llm = LLM(dtype="float32", threads={threads}, progress=False, **FLOAT)
 ids = corpus_ids(llm.tokenizer, 200)
 sp = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
 llm.generate([ids[:50]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
@@ -47,7 +47,7 @@ print(json.dumps(out.metrics.decode_tok_s))
 import random, time
 from kvcache import LLM, SamplingParams
 from kvcache.bench.common import corpus_ids
-llm = LLM(dtype="bfloat16", threads={threads}, progress=False, kv_cache_memory="256MiB")
+llm = LLM(dtype="bfloat16", threads={threads}, progress=False, kv_cache_memory="256MiB", **FLOAT)
 ids = corpus_ids(llm.tokenizer, 4096)
 rng = random.Random(0)
 prompts, params = [], []
@@ -64,11 +64,17 @@ print(json.dumps(sum(len(o.token_ids) for o in outs) / dt))
     "eval4k": """
 from kvcache import LLM
 from kvcache.eval.speed import decode_speed
-llm = LLM(dtype="float32", threads={threads}, progress=False)
+llm = LLM(dtype="float32", threads={threads}, progress=False, **FLOAT)
 r = decode_speed(llm, {policy!r}, context=4096, steps=32, repeats=3)
 print(json.dumps(r.tok_s))
 """,
 }
+#: Each side's float weights: a checkout whose LLM takes `quantization` is asked for "none" (its
+#: default for the packaged GGUF may keep the file's quantized formats); an older one has only float.
+PRELUDE = """import inspect, json
+from kvcache import LLM
+FLOAT = {"quantization": "none"} if "quantization" in inspect.signature(LLM).parameters else {}
+"""
 EVAL_POLICIES = {"full": None, "int8": "quantized:bits=8,group_size=64,residual=128",
                  "int4": "quantized:bits=4,group_size=64,residual=128"}
 
@@ -76,10 +82,10 @@ EVAL_POLICIES = {"full": None, "int8": "quantized:bits=8,group_size=64,residual=
 def probe_code(name: str, threads: int) -> str:
     """The Python source of one probe (its last stdout line is the measured number)."""
     if name == "decode_bf16":
-        return "import json\n" + PROBES["decode_fp32"].replace('"float32"', '"bfloat16"').format(threads=threads)
+        return PRELUDE + PROBES["decode_fp32"].replace('"float32"', '"bfloat16"').format(threads=threads)
     if name.startswith("eval4k_"):
-        return "import json\n" + PROBES["eval4k"].format(threads=threads, policy=EVAL_POLICIES[name[7:]])
-    return "import json\n" + PROBES[name].format(threads=threads)
+        return PRELUDE + PROBES["eval4k"].format(threads=threads, policy=EVAL_POLICIES[name[7:]])
+    return PRELUDE + PROBES[name].format(threads=threads)
 
 
 ALL_PROBES = ["decode_fp32", "decode_bf16", "engine_bf16"] + [f"eval4k_{p}" for p in EVAL_POLICIES]

@@ -133,7 +133,7 @@ def bench_dtype(args, dtype_name: str, progress: Progress, console: Console) -> 
     steps = 2 * (args.repeats + 1)
     task = progress.add_task(f"{name}: loading", total=steps)
 
-    llm = LLM(args.model, dtype=dt, progress=False, kernels=args.kernels)
+    llm = LLM(args.model, dtype=dt, progress=False, kernels=args.kernels, quantization="none")  # transformers' weights
     ids = corpus_ids(llm.tokenizer, n_prompt)
     if n_prompt + n_new > llm.max_model_len:
         raise SystemExit(f"prompt + new tokens ({n_prompt + n_new}) exceed max_model_len {llm.max_model_len}")

@@ -53,7 +53,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="matmul kernels (auto: oneDNN for bf16 on CPU, native for fp32 on CPU, torch otherwise)")
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "gguf", "int8", "int4"],
                    help="weights: gguf keeps a GGUF's quantized formats, int8/int4 quantize at load, none is float "
-                        "(auto: none for now)")
+                        "(auto: gguf for a quantized GGUF on the CPU in float32/bfloat16, else none; "
+                        "`kvcache eval`: none, the weights its baselines run)")
     p.add_argument("--kv-policy", default=None,
                    help="KV cache policy, e.g. window:size=1024, sinks:n_sink=4,window=1020, "
                         "quantized:bits=4,residual=128, evict:scorer=snapkv,ratio=0.5, tiered:hot=256; "
@@ -325,6 +326,8 @@ def _save_record(args, benchmark: str, folder, **fields) -> None:
 def cmd_eval(args) -> int:
     from kvcache.cli_eval import run
 
+    if args.quantization == "auto":  # the transformers and kvpress baselines run float weights
+        args.quantization = "none"
     return run(args, _make_llm, _save_record)
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.real_model
 @pytest.fixture(scope="module")
 def llm():
     torch.set_num_threads(2)
-    return LLM(DEFAULT_MODEL, dtype="float32", progress=False)
+    return LLM(DEFAULT_MODEL, dtype="float32", quantization="none", progress=False)
 
 
 def test_needle_found_with_full_cache_and_lost_outside_a_window(llm):

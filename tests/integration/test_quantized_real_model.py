@@ -48,3 +48,12 @@ def test_gguf_chat_reply_and_stats(llms):
                    SamplingParams(max_tokens=24, temperature=0.0))
     assert "Red" in out.text and "Blue" in out.text
     assert llm.stats()["quantization"] == "gguf"
+
+
+def test_the_default_model_runs_its_gguf_formats_by_default():
+    from kvcache.models.quantization import resolve_quantization
+
+    path = packaged_gguf(DEFAULT_MODEL)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert resolve_quantization("auto", path, dtype, torch.device("cpu")) == "gguf"
+    assert resolve_quantization("auto", path, torch.float16, torch.device("cpu")) == "none"

@@ -22,7 +22,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm():
     torch.set_num_threads(2)
-    return LLM(DEFAULT_MODEL, dtype="float32", progress=False)
+    return LLM(DEFAULT_MODEL, dtype="float32", quantization="none", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def mixed_alone(llm):
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_32_requests_with_preemption_equal_each_alone(llm, mixed_alone, prefix_caching):
     prompts, params, alone = mixed_alone
-    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, block_size=16, enable_prefix_caching=prefix_caching,
+    small = LLM(DEFAULT_MODEL, dtype="float32", quantization="none", progress=False, block_size=16, enable_prefix_caching=prefix_caching,
                 kv_cache_memory=24 * 16 * llm.kv_bytes_per_token)  # 24 blocks: far less than 32 requests need
     together = small.generate(prompts, params)
     stats = small.stats()
@@ -176,10 +176,10 @@ def test_int8_paged_engine_with_preemption_equals_policy_cache_alone(llm, mixed_
     from kvcache.cache.policies.cache import SequenceCache
 
     prompts, params, fp32_alone = (x[:16] for x in mixed_alone)
-    probe = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=INT8_PAGED, kv_cache_memory="16MiB")
+    probe = LLM(DEFAULT_MODEL, dtype="float32", quantization="none", progress=False, kv_policy=INT8_PAGED, kv_cache_memory="16MiB")
     bpt = probe.engine_bytes_per_token
     assert llm.kv_bytes_per_token / bpt > 3.7
-    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=INT8_PAGED, block_size=16,
+    small = LLM(DEFAULT_MODEL, dtype="float32", quantization="none", progress=False, kv_policy=INT8_PAGED, block_size=16,
                 kv_cache_memory=12 * 16 * bpt)
     together = small.generate(prompts, params)
     assert small.stats()["preemptions"] > 0
@@ -212,7 +212,7 @@ def topic_ids(llm, lo: int, hi: int) -> list[int]:
 
 def assert_each_equals_alone(policy: str, prompts, params, outputs) -> None:
     """Each output came without error and equals its prompt generated alone under `policy`."""
-    alone_llm = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, kv_cache_memory="64MiB")
+    alone_llm = LLM(DEFAULT_MODEL, dtype="float32", quantization="none", progress=False, kv_policy=policy, kv_cache_memory="64MiB")
     for p, sp, out in zip(prompts, params, outputs):
         assert out.error is None
         assert out.token_ids == alone_llm.generate([p], sp)[0].token_ids
@@ -230,7 +230,7 @@ def test_sinks_paged_engine_with_preemption_equals_alone_and_the_policy_cache(ll
     prompts = [(shared if i % 3 == 0 else []) + ids[500 + 150 * i : 500 + 150 * i + rng.randint(30, 140)]
                for i in range(12)]
     params = [SamplingParams(max_tokens=rng.randint(10, 40), temperature=0.0, ignore_eos=True) for _ in prompts]
-    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=SINKS, block_size=16,
+    small = LLM(DEFAULT_MODEL, dtype="float32", quantization="none", progress=False, kv_policy=SINKS, block_size=16,
                 kv_cache_memory=20 * 16 * llm.kv_bytes_per_token, max_num_batched_tokens=64)
     together = small.generate(prompts, params)
     stats = small.stats()
@@ -251,7 +251,7 @@ def test_snapkv_paged_engine_with_preemption_equals_alone_and_the_policy_cache(l
     ids = topic_ids(llm, 20, 30)
     prompts = [ids[: 48] + ids[300 + 120 * i : 300 + 120 * i + rng.randint(20, 100)] for i in range(8)]
     params = [SamplingParams(max_tokens=rng.randint(8, 24), temperature=0.0, ignore_eos=True) for _ in prompts]
-    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, block_size=16,
+    small = LLM(DEFAULT_MODEL, dtype="float32", quantization="none", progress=False, kv_policy=policy, block_size=16,
                 kv_cache_memory=14 * 16 * llm.kv_bytes_per_token, max_num_batched_tokens=48)
     together = small.generate(prompts, params)
     stats = small.stats()
@@ -280,7 +280,7 @@ def test_per_request_policy_caches_with_preemption_equal_the_policy_cache_alone(
     params = [SamplingParams(max_tokens=rng.randint(8, 40), temperature=0.0, ignore_eos=True) for _ in prompts]
     fp = policy_footprint(parse_policy(policy), llm.config, torch.float32, 32)
     tokens = 3 * fp.slots(150)  # about three requests at once
-    small = LLM(DEFAULT_MODEL, dtype="float32", progress=False, kv_policy=policy, block_size=16,
+    small = LLM(DEFAULT_MODEL, dtype="float32", quantization="none", progress=False, kv_policy=policy, block_size=16,
                 kv_cache_memory=tokens * fp.rate, max_num_batched_tokens=64)
     engine, worst = small.engine, []
 
@@ -302,7 +302,7 @@ def test_bf16_engine_steps_through_native_kernels_track_fp32(llm):
     RoPE, SwiGLU and causal prefill attention) gives logits close to the fp32 model's."""
     from kvcache import native
 
-    bf = LLM(DEFAULT_MODEL, dtype="bfloat16", progress=False, kv_cache_memory="32MiB")
+    bf = LLM(DEFAULT_MODEL, dtype="bfloat16", quantization="none", progress=False, kv_cache_memory="32MiB")
     prompts = [topic_ids(llm, 0, 3)[:40], topic_ids(llm, 3, 6)[:300]]
     calls, captured = [], []
     kernel, forward = native.prefill_attention, bf.engine.model.forward

@@ -63,7 +63,7 @@ class LLM:
         slow = slow_dtype_reason(self.dtype, self.device)
         if slow:
             warnings.warn(slow, RuntimeWarning, stacklevel=2)
-        self.quantization = resolve_quantization(quantization, gguf_file(model) is not None)
+        self.quantization = resolve_quantization(quantization, gguf_file(model), self.dtype, self.device)
         check_device(self.quantization, self.dtype, self.device)
         loaded = load_model(model, progress=progress, quantization=self.quantization)
         self.name, self.model_dir, self.config = model, loaded.model_dir, loaded.config

@@ -200,6 +200,18 @@ def check_types(path: Path) -> list[TensorEntry]:
     return index
 
 
+def keeps_packed(path: Path) -> bool:
+    """Whether `quantization="gguf"` can load this file and holds some matrix packed: every
+    tensor the model uses is in a kept format, and some are quantized."""
+    try:
+        index = tensor_index(path)
+    except Exception:
+        return False
+    used = [t.type_name for t in index if hf_tensor_name(t.name)]
+    return (all(t in PACKED_TYPES or t in FLOAT_TYPES for t in used)
+            and any(t in PACKED_TYPES for t in used))
+
+
 def gguf_state_dict(path: Path, heads: int, kv_heads: int) -> dict:
     """The tensors of a GGUF under Hugging Face names: Q8_0 / Q4_0 / Q4_1 matrices as
     `PackedWeight`s, the rest float32; Q and K rows put back in the rotate-half order."""

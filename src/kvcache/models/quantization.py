@@ -5,12 +5,16 @@
 - "int8": every matrix quantized at load, symmetric per output row.
 - "int4": the layers' matrices quantized at load in groups of 32 inputs (scale and minimum);
   the token embedding and output head in int8, as quantized GGUFs keep them at 8 bits.
-- "auto": "none" (the default until the quantized formats' quality is measured on the eval
-  corpus; see `AUTO`).
+- "auto" (the default): "gguf" for a GGUF whose matrices are quantized in the formats above,
+  loaded on the CPU in float32 or bfloat16 with the native kernels built (perplexity within
+  +1% of "none" on the eval corpus, see benchmarks/README.md); "none" otherwise (a float
+  checkpoint, another device or dtype, a GGUF with other formats, no C compiler).
 The projections run through `QuantizedLinear`; norms stay float.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -20,18 +24,27 @@ from kvcache.models.quantized_linear import QuantizedLinear
 from kvcache.models.weight_packing import PackedWeight, quantize_int4, quantize_int8
 
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
-#: What "auto" means for a quantized GGUF; a float checkpoint always gets "none".
-AUTO = "none"
 
 
-def resolve_quantization(quantization: str | None, gguf_file: bool) -> str:
-    """The concrete quantization for a request and a model (`gguf_file`: it resolves to a .gguf)."""
+def auto_quantization(gguf_path: Path | None, dtype: torch.dtype, device: torch.device) -> str:
+    """What "auto" runs: "gguf" where the file's packed formats can run here, else "none"."""
+    if gguf_path is None or device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return "none"
+    from kvcache.models.gguf_weights import keeps_packed
+    from kvcache.native import qlinear
+
+    return "gguf" if keeps_packed(gguf_path) and qlinear.kernels() is not None else "none"
+
+
+def resolve_quantization(quantization: str | None, gguf_path: Path | None, dtype: torch.dtype,
+                         device: torch.device) -> str:
+    """The concrete quantization for a request and a model (`gguf_path`: the .gguf it resolves to)."""
     q = "auto" if quantization is None else str(quantization).lower()
     if q not in QUANTIZATIONS:
         raise KVCacheError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got '{quantization}'.")
     if q == "auto":
-        return AUTO if gguf_file else "none"
-    if q == "gguf" and not gguf_file:
+        return auto_quantization(gguf_path, dtype, device)
+    if q == "gguf" and gguf_path is None:
         raise KVCacheError("quantization='gguf' keeps a GGUF file's own formats, but this model is not a GGUF "
                            "file; use int8 or int4 to quantize its float weights.")
     return q
