@@ -3,7 +3,8 @@
 Workload: the default model (or `--model`), a `--prompt-tokens` prompt of real text (Python's
 `pydoc_data.topics`), `--new-tokens` greedy tokens with EOS ignored, batch 1, `--threads`
 threads. Variants (`--variants`, "quantization[:dtype]", dtype default bfloat16): none in bf16,
-gguf, int8 and int4 by default. Every (repeat, variant) is a new Python process that loads
+gguf, int8 and int4 by default, and `llamacpp`: llama.cpp (`llama-cpp-python`) on the same GGUF,
+fed the same token ids (skipped with a note when it is not installed). Every (repeat, variant) is a new Python process that loads
 the model, generates once to warm up and once timed; repeats interleave the variants (the
 order rotates each repeat), so a slow minute of the machine hits all of them alike.
 
@@ -34,13 +35,15 @@ from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
 QUANTIZATIONS = ("none", "gguf", "int8", "int4")
+LLAMACPP = "llamacpp"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Batch-1 decode speed of each weight quantization, fresh processes.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    p.add_argument("--variants", default="none:bfloat16,gguf,int8,int4",
-                   help="comma-separated quantization[:dtype] (default none:bfloat16,gguf,int8,int4; dtype bfloat16)")
+    p.add_argument("--variants", default="none:bfloat16,gguf,int8,int4,llamacpp",
+                   help="comma-separated quantization[:dtype] or llamacpp (default "
+                        "none:bfloat16,gguf,int8,int4,llamacpp; dtype bfloat16)")
     p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length in tokens (default 200)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--repeats", type=int, default=5, help="fresh processes per variant (default 5)")
@@ -63,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not v:
             continue
         quant, _, dtype = v.partition(":")
+        if quant == LLAMACPP:
+            args.variant_list.append(LLAMACPP)
+            continue
         if quant not in QUANTIZATIONS:
             p.error(f"unknown quantization '{quant}' in --variants (use {', '.join(QUANTIZATIONS)})")
         args.variant_list.append(f"{quant}:{dtype or 'bfloat16'}")
@@ -74,13 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def measure(args) -> dict:
     """One process's figures for the variant `args.worker` (printed as one JSON line)."""
-    import resource
     import time
 
     import torch
 
     from kvcache.api.llm import LLM
-    from kvcache.bench.common import corpus_ids, quiet_transformers
+    from kvcache.bench.common import corpus_ids, peak_rss_bytes, quiet_transformers
     from kvcache.engine.sampling import SamplingParams
 
     quiet_transformers()
@@ -97,8 +102,54 @@ def measure(args) -> dict:
             "threads": torch.get_num_threads(), "decode_tok_s": out.metrics.decode_tok_s,
             "prefill_tok_s": len(ids) / out.metrics.ttft_s, "ttft_s": out.metrics.ttft_s, "load_s": load_s,
             "bytes_per_token": llm.model.bytes_read_per_token, "weight_bytes": llm.model.weight_bytes,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "token_ids": out.token_ids}
+
+
+def gguf_tensor_bytes(path: Path) -> int:
+    """Bytes of a GGUF's tensors: what one llama.cpp decode step streams (its head is tied to
+    the embedding table, read whole; the embedding row lookup is not counted)."""
+    from kvcache.models.gguf_weights import tensor_index
+
+    per_block = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+    per_value = {"F32": 4, "F16": 2, "BF16": 2}
+    total = 0
+    for t in tensor_index(path):
+        n = 1
+        for dim in t.shape:
+            n *= dim
+        total += n // 32 * per_block[t.type_name] if t.type_name in per_block else n * per_value[t.type_name]
+    return total
+
+
+def llamacpp_inputs(args) -> tuple[Path, Path]:
+    """(the GGUF, a JSON file of the prompt ids) for `llamacpp_worker.py`: the same ids ours get."""
+    import tempfile
+
+    from kvcache.bench.common import corpus_ids
+    from kvcache.models.loader import gguf_file, load_model
+
+    path = gguf_file(args.model)
+    if path is None:
+        raise KVCacheError(f"the llamacpp variant needs a GGUF model, and {args.model} is not one.")
+    tok = load_model(args.model, progress=False, quantization="gguf").tokenizer
+    ids_file = Path(tempfile.mkdtemp()) / "ids.json"
+    ids_file.write_text(json.dumps(corpus_ids(tok, args.prompt_tokens)))
+    return path, ids_file
+
+
+def run_llamacpp(args, gguf: Path, ids_file: Path) -> dict:
+    """One llama.cpp process (`llamacpp_worker.py decode`), its figures in our row's shape."""
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "llamacpp_worker.py"), "decode", str(gguf),
+           str(ids_file), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
+        raise KVCacheError(f"The llamacpp run failed: {lines[-1]}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    size = gguf_tensor_bytes(gguf)
+    return {**r, "variant": LLAMACPP, "quantization": f"llama.cpp {r['version']}", "dtype": "-",
+            "bytes_per_token": size, "weight_bytes": size}
 
 
 def run_worker(args, variant: str) -> dict:
@@ -175,10 +226,11 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     console, err = consoles(args.json, width=140)
     runs: dict[str, list[dict]] = {v: [] for v in args.variant_list}
     n = len(args.variant_list)
+    llamacpp = llamacpp_inputs(args) if LLAMACPP in args.variant_list else None
     for rep in range(args.repeats):
         for i in range(n):
             variant = args.variant_list[(i + rep) % n]  # the order rotates: no variant always runs first
-            result = run_worker(args, variant)
+            result = run_llamacpp(args, *llamacpp) if variant == LLAMACPP else run_worker(args, variant)
             runs[variant].append(result)
             err.print(f"repeat {rep + 1}/{args.repeats} {variant}: decode {result['decode_tok_s']:.1f} tok/s, "
                       f"prefill {result['prefill_tok_s']:.0f} tok/s")

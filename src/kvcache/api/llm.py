@@ -14,7 +14,7 @@ from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
 from kvcache.models.linear import slow_dtype_reason
 from kvcache.models.llama import LlamaModel
-from kvcache.models.loader import DEFAULT_MODEL, gguf_file, load_model
+from kvcache.models.loader import DEFAULT_MODEL, gguf_file, load_model, return_freed_memory
 from kvcache.models.quantization import check_device, resolve_quantization
 
 _DTYPES = {
@@ -71,6 +71,7 @@ class LLM:
         self.model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, self.dtype, self.device, kernels,
                                                 quantization=self.quantization)
         del loaded.state_dict
+        return_freed_memory()
         native = self.config.max_position_embeddings
         if max_model_len is not None and max_model_len <= 1:
             raise KVCacheError(f"max_model_len must be at least 2, got {max_model_len}.")

@@ -76,6 +76,21 @@ def print_json(args, **results) -> None:
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since it started its program: VmHWM, which execve resets
+    (getrusage's ru_maxrss keeps the peak of the process that forked it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def cpu_info(cpuinfo: str | None = None) -> dict:
     """The CPU's model name, logical core count and which of CPU_FLAGS it has, read from
     /proc/cpuinfo (or the given text of one); elsewhere the platform's name and no flags."""
