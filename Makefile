@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: install install-test browser demo test test-fast bench eval kvpress-env clean
+.PHONY: install install-test browser redis demo test test-fast bench eval kvpress-env clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +24,17 @@ install-test: $(VENV)/.installed-test
 browser:   # headless Chromium for the dashboard screenshot test (apt, if missing; never fails)
 	@bash scripts/ensure_chromium.sh
 
+redis:     # redis-server for the KV tier tests (apt, if missing; never fails)
+	@bash scripts/ensure_redis.sh
+
 demo: install
 	$(VENV)/bin/kvcache chat --threads 2 --message "What is a KV cache in a language model? Answer in two sentences."
 
-test: install-test browser
+test: install-test browser redis
 	$(VENV)/bin/lint-imports --no-logo   # the layer contract in pyproject.toml
 	$(PY) -m pytest -q
 
-test-fast: install-test browser
+test-fast: install-test browser redis
 	$(PY) -m pytest -q -m "not real_model"
 
 bench: install-test

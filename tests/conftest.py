@@ -131,3 +131,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A redis-server on a free 127.0.0.1 port for the session (maxmemory + allkeys-lru, no
+    persistence), stopped at the end; the test skips, saying why, when redis-server is absent."""
+    from tests.redis_server import SKIP_REASON, RedisServer, redis_server_binary
+
+    if redis_server_binary() is None:
+        pytest.skip(SKIP_REASON)
+    pytest.importorskip("redis", reason="the redis client is not installed (pip install -e '.[test]')")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """The session's Redis server, emptied for this test."""
+    redis_server.client().flushall()
+    return redis_server.url

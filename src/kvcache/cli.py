@@ -61,6 +61,17 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                         "compose with + (default: keep everything exactly)")
 
 
+def _tier_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-tier", default=None, metavar="URL",
+                   help="share full KV blocks with other engines: redis://HOST:PORT or disk:PATH (written through "
+                        "asynchronously, fetched on a prefix-cache miss)")
+    p.add_argument("--kv-tier-timeout-ms", type=_positive_int, default=250,
+                   help="time bound of a tier lookup; slower is a miss (default 250)")
+    p.add_argument("--kv-tier-max-bytes", default=None, help="disk tier size bound, LRU (e.g. 20GiB; default none)")
+    p.add_argument("--kv-tier-queue", type=_positive_int, default=256,
+                   help="blocks waiting to be written; when full, writes are dropped and counted (default 256)")
+
+
 def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -80,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     g.add_argument("--json", action="store_true", help="print the output and metrics as JSON")
     _model_options(g)
+    _tier_options(g)
     _sampling_options(g, 64)
 
     c = sub.add_parser("chat", help="chat with the model (interactive, or one shot with --message)")
@@ -89,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the history passes --max-history-tokens (default: the context)")
     c.add_argument("--max-history-tokens", type=_positive_int, default=None)
     _model_options(c)
+    _tier_options(c)
     _sampling_options(c, 256)
 
     c.add_argument("--sessions-dir", default=None, help="where /save and /load keep sessions "
@@ -107,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sessions-dir", default=None, help="saved sessions folder (default ~/.cache/kvcache/sessions)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _model_options(s)
+    _tier_options(s)
 
     m = sub.add_parser("memory", help="KV cache memory calculator")
     m.add_argument("model", help="preset (e.g. llama-2-7b), config.json, .gguf or any model name")
@@ -170,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _make_llm(args, **engine):
     from kvcache import LLM
 
+    if getattr(args, "kv_tier", None) is not None:
+        engine.update(kv_tier=args.kv_tier, kv_tier_timeout_ms=args.kv_tier_timeout_ms,
+                      kv_tier_max_bytes=args.kv_tier_max_bytes, kv_tier_queue=args.kv_tier_queue)
+    elif getattr(args, "kv_tier_max_bytes", None) is not None:
+        raise KVCacheError("--kv-tier-max-bytes bounds a tier; give --kv-tier disk:PATH too.")
     return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, truncation=args.truncation,
                threads=args.threads, kernels=args.kernels, kv_policy=args.kv_policy,
                quantization=args.quantization, **engine)

@@ -51,7 +51,13 @@ class LLM:
                  device: str | torch.device | None = None, kernels: str = "auto", progress: bool = True,
                  kv_cache_memory: str | int | None = None, kv_cache_fraction: float | None = None,
                  block_size: int = 16, enable_prefix_caching: bool = True, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 512, kv_policy: str | None = None, quantization: str = "auto"):
+                 max_num_batched_tokens: int = 512, kv_policy: str | None = None, quantization: str = "auto",
+                 kv_tier: str | None = None, kv_tier_timeout_ms: float = 250, kv_tier_max_bytes: str | int | None = None,
+                 kv_tier_queue: int = 256):
+        """`kv_tier`: share full KV blocks with other engines through ``redis://HOST:PORT`` or
+        ``disk:PATH`` (written through asynchronously, fetched on a prefix-cache miss within
+        `kv_tier_timeout_ms`; see `kvcache.cache.tier`). `kv_tier_max_bytes` bounds a disk tier
+        (LRU); `kv_tier_queue` is the write queue's length in blocks (a full queue drops writes)."""
         if truncation not in TRUNCATION_MODES:
             raise KVCacheError(f"truncation must be one of {', '.join(TRUNCATION_MODES)}, got '{truncation}'.")
         if threads is not None:
@@ -89,7 +95,41 @@ class LLM:
         self._engine_args = EngineConfig.from_budget(
             self.kv_policy, self.config, self.dtype, self.device, self.max_model_len, kv_cache_memory,
             kv_cache_fraction, block_size, enable_prefix_caching, max_num_seqs, max_num_batched_tokens)
+        self.kv_tier = None
+        if kv_tier is not None:
+            self.kv_tier = self._open_tier(kv_tier, kv_tier_timeout_ms, kv_tier_max_bytes, kv_tier_queue,
+                                           loaded.model_dir, kernels)
         self._engine = None
+
+    def _open_tier(self, url: str, timeout_ms: float, max_bytes, queue_blocks: int, model_dir, kernels: str):
+        """The shared KV tier for this model's blocks, after checking the engine can use one."""
+        import dataclasses
+        import json
+
+        from kvcache.cache.spec import parse_size
+        from kvcache.cache.tier import KVTier, open_backend
+        from kvcache.cache.tier.fingerprint import tier_fingerprint, weights_digest
+        from kvcache.models.linear import resolve_kernels
+
+        args = self._engine_args
+        if self.paged_plan is None or args.quant_format is not None:
+            raise KVCacheError(f"A KV tier holds float paged blocks; the policy '{self.kv_policy.canonical}' keeps "
+                               "its K/V in another form.")
+        if not args.enable_prefix_caching:
+            raise KVCacheError("A KV tier needs prefix caching, which is off.")
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or not timeout_ms > 0:
+            raise KVCacheError(f"kv_tier_timeout_ms must be a positive number, got {timeout_ms!r}.")
+        if isinstance(queue_blocks, bool) or not isinstance(queue_blocks, int) or queue_blocks < 1:
+            raise KVCacheError(f"kv_tier_queue must be a positive number of blocks, got {queue_blocks!r}.")
+        bound = parse_size(max_bytes) if max_bytes is not None else None
+        backend = open_backend(url, timeout_ms / 1000, bound)
+        c = self.config
+        shape = (c.num_layers, c.num_kv_heads, args.block_size, c.head_dim)
+        fp = tier_fingerprint(
+            weights_digest(sorted(model_dir.glob("*.safetensors"))),
+            json.dumps(dataclasses.asdict(c), sort_keys=True, default=str), str(self.dtype).removeprefix("torch."),
+            self.quantization, resolve_kernels(kernels, self.dtype, self.device), self.kv_policy.canonical, shape)
+        return KVTier(backend, fp, shape, self.dtype, timeout_ms / 1000, queue_blocks)
 
     # -- the paged engine ---------------------------------------------------------------
     def policy_footprint(self, max_num_batched_tokens: int = 512):
@@ -110,7 +150,8 @@ class LLM:
         if self._engine is None:
             from kvcache.engine.engine import LLMEngine
 
-            self._engine = LLMEngine(self.model, self.tokenizer, self.eos_ids, self.max_model_len, self._engine_args)
+            self._engine = LLMEngine(self.model, self.tokenizer, self.eos_ids, self.max_model_len, self._engine_args,
+                                     tier=self.kv_tier)
         return self._engine
 
     def stats(self) -> dict:

@@ -90,6 +90,19 @@ class KVCacheManager:
             hashes.append(parent)
         return blocks, hashes
 
+    def block_hashes(self, token_ids: Sequence[int], num_blocks: int) -> list[int]:
+        """The chained hashes of the first `num_blocks` full blocks of `token_ids` (the prefix
+        cache's keys, and the shared tier's)."""
+        bs, parent, out = self.block_size, None, []
+        for i in range(min(num_blocks, len(token_ids) // bs)):
+            parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs], self.hash_extra)
+            out.append(parent)
+        return out
+
+    def sequence_hashes(self, seq_id: str) -> list[int]:
+        """The chained hashes of `seq_id`'s full blocks registered so far (none once compacted)."""
+        return list(self._seqs[seq_id].hashes)
+
     def cached_prefix_blocks(self, token_ids: Sequence[int]) -> list[int]:
         """The cached blocks holding the leading full blocks of `token_ids` (all of them when
         the whole sequence is cached; unlike get_computed_blocks). Read-only."""

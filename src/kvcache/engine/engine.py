@@ -26,6 +26,7 @@ from kvcache.engine.request import Request
 from kvcache.engine.runner import ModelRunner
 from kvcache.engine.sampling import Sampler, SamplingParams
 from kvcache.engine.scheduler import Scheduler
+from kvcache.engine.tier_link import TierLink
 from kvcache.errors import KVCacheError
 from kvcache.models.llama import LlamaModel
 
@@ -42,7 +43,10 @@ class StepOutput:
 class LLMEngine:
     """Continuous-batching engine over a paged KV cache. Not thread-safe: drive it from one thread."""
 
-    def __init__(self, model: LlamaModel, tokenizer, eos_ids: set[int], max_model_len: int, config: EngineConfig):
+    def __init__(self, model: LlamaModel, tokenizer, eos_ids: set[int], max_model_len: int, config: EngineConfig,
+                 tier=None):
+        """`tier`: a `cache.tier.KVTier` shared with other engines (float paged blocks with prefix
+        caching only; the caller checks), or None."""
         c = model.config
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, frozenset(eos_ids)
         self.max_model_len, self.config = max_model_len, config
@@ -86,6 +90,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, live_bound,
                                    split_at_prompt_end=self.evict is not None, prefix_hit_limit=hit_limit,
                                    prefill_piece=piece, slots_for=slots_for, kept=self.kept)
+        self.tier = TierLink(tier, self.kv, self.storage) if tier is not None else None
         self.tokens_evicted = 0
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -144,6 +149,8 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         """Schedule, run the model once, sample; return what each touched request got."""
+        if self.tier is not None:
+            self._tier_prefetch()
         sched = self.last_schedule = self.scheduler.schedule()
         outputs = [StepOutput(r, "", True) for r in sched.failed]
         for r in sched.failed:
@@ -161,6 +168,8 @@ class LLMEngine:
             req.num_computed_tokens += chunk.num_tokens
             if req.use_cache:
                 self.kv.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+                if self.tier is not None:
+                    self.tier.write_through(req, chunk.start // self.config.block_size)
             if self.sinks is not None:  # sinks stay; window blocks no later query reads go back
                 first = self.sinks.window_start(req.num_computed_tokens, self.config.block_size)
                 self.kv.release_blocks_before(req.request_id, first, keep_head=self._keep_head)
@@ -190,6 +199,13 @@ class LLMEngine:
                 req.num_evicted_tokens = 0
             outputs.append(StepOutput(req, text, done))
         return outputs
+
+    def _tier_prefetch(self) -> None:
+        """Look the requests this step may admit up in the shared tier, once each (`TierLink`)."""
+        slots = self.config.max_num_seqs - len(self.scheduler.running)
+        for req in list(self.scheduler.waiting)[: max(slots, 0)]:
+            if req.use_cache and not req.tier_checked and req.num_cached_tokens < 0:
+                self.tier.prefetch(req)
 
     def _compress_prompt(self, req: Request) -> None:
         """The eviction policy's one compression, right after the prompt's last token: per layer
@@ -229,6 +245,7 @@ class LLMEngine:
             "tokens_generated": self.tokens_generated,
             "tokens_prefilled": self.tokens_prefilled,
             "tokens_evicted": self.tokens_evicted,
+            **(self.tier.stats() if self.tier is not None else {}),
         }
 
     def request_bytes(self, request_id: str) -> int:

@@ -40,6 +40,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first admission (-1 = not admitted yet)
+    tier_checked: bool = False  # looked up in the shared KV tier (once, before its first admission)
     num_evicted_tokens: int = 0  # prompt tokens an eviction policy dropped (their K/V are gone)
     kv_bytes: int = 0  # bytes its K/V take, as of its last step (set by what runs it; see RequestMetrics)
     status: Status = Status.WAITING

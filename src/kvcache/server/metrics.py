@@ -122,7 +122,39 @@ class ServerMetrics:
             metric("kvcache_weights_info", "gauge", "The weights' quantization (none, gguf, int8, int4) as a label.", 1,
                    f'{{quantization="{stats["quantization"]}"}}')
             metric("kvcache_weight_bytes", "gauge", "Bytes the model weights take as held.", stats["weight_bytes"])
+        if "kv_tier" in stats:
+            self._tier_metrics(stats, metric)
         metric("process_resident_memory_bytes", "gauge", "Resident memory of the server process.", process_rss_bytes())
         metric("process_uptime_seconds", "gauge", "Seconds since the server started.",
                round(time.time() - self.started, 3))
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _tier_metrics(stats: dict, metric) -> None:
+        """The shared KV tier's counters (`cache.tier.KVTier.stats`)."""
+        metric("kvcache_kv_tier_info", "gauge", "The shared KV tier, by URL.", 1, f'{{url="{stats["kv_tier"]}"}}')
+        metric("kvcache_kv_tier_lookups_total", "counter", "Prompts looked up in the KV tier.", stats["kv_tier_lookups"])
+        metric("kvcache_kv_tier_hits_blocks_total", "counter", "KV blocks fetched from the tier.", stats["kv_tier_hits"])
+        metric("kvcache_kv_tier_misses_blocks_total", "counter", "KV blocks looked up in the tier and not fetched.",
+               stats["kv_tier_misses"])
+        metric("kvcache_kv_tier_hit_rate", "gauge", "KV tier blocks fetched / blocks looked up.",
+               float(stats["kv_tier_hit_rate"]))
+        metric("kvcache_kv_tier_read_bytes_total", "counter", "Bytes fetched from the KV tier.",
+               stats["kv_tier_bytes_read"])
+        metric("kvcache_kv_tier_writes_blocks_total", "counter", "KV blocks written to the tier.",
+               stats["kv_tier_writes"])
+        metric("kvcache_kv_tier_written_bytes_total", "counter", "Bytes written to the KV tier.",
+               stats["kv_tier_bytes_written"])
+        metric("kvcache_kv_tier_dropped_writes_total", "counter",
+               "KV blocks not written: the write queue was full or the tier was resting after a failure.",
+               stats["kv_tier_dropped_writes"])
+        metric("kvcache_kv_tier_prompt_tokens_fetched_total", "counter", "Prompt tokens whose K/V came from the tier.",
+               stats["kv_tier_tokens_fetched"])
+        kinds = stats["kv_tier_errors_by_kind"]
+        if not kinds:
+            metric("kvcache_kv_tier_errors_total", "counter", "KV tier failures (each one a miss), by kind.", 0)
+        for kind, n in sorted(kinds.items()):
+            metric("kvcache_kv_tier_errors_total", "counter", "KV tier failures (each one a miss), by kind.", n,
+                   f'{{kind="{kind}"}}')
+        if stats["kv_tier_stored_bytes"] is not None:
+            metric("kvcache_kv_tier_stored_bytes", "gauge", "Bytes the disk tier holds.", stats["kv_tier_stored_bytes"])
