@@ -210,3 +210,21 @@ def test_bad_tier_urls_are_one_sentence(url):
 
 def test_unavailable_carries_its_kind():
     assert TierUnavailable("timeout", "slow").kind == "timeout"
+
+
+def test_a_redis_error_reply_is_a_counted_miss(monkeypatch):
+    redis = pytest.importorskip("redis")
+    backend = open_backend(f"redis://127.0.0.1:{free_port()}", 0.2)
+
+    def refuse(*_):
+        raise redis.exceptions.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+
+    monkeypatch.setattr(backend._client, "mget", refuse)
+    tier = KVTier(backend, "f" * 32, SHAPE, torch.float32, timeout_s=0.2)
+    assert tier.fetch([1], [TOKENS]) == []
+    assert tier.stats()["kv_tier_errors_by_kind"] == {"server": 1}
+
+
+def test_credentials_stay_out_of_the_shown_url():
+    pytest.importorskip("redis")
+    assert open_backend("redis://user:secret@127.0.0.1:6390/2", 0.1).url == "redis://127.0.0.1:6390/2"

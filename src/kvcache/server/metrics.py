@@ -132,7 +132,8 @@ class ServerMetrics:
     @staticmethod
     def _tier_metrics(stats: dict, metric) -> None:
         """The shared KV tier's counters (`cache.tier.KVTier.stats`)."""
-        metric("kvcache_kv_tier_info", "gauge", "The shared KV tier, by URL.", 1, f'{{url="{stats["kv_tier"]}"}}')
+        url = stats["kv_tier"].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        metric("kvcache_kv_tier_info", "gauge", "The shared KV tier, by URL.", 1, f'{{url="{url}"}}')
         metric("kvcache_kv_tier_lookups_total", "counter", "Prompts looked up in the KV tier.", stats["kv_tier_lookups"])
         metric("kvcache_kv_tier_hits_blocks_total", "counter", "KV blocks fetched from the tier.", stats["kv_tier_hits"])
         metric("kvcache_kv_tier_misses_blocks_total", "counter", "KV blocks looked up in the tier and not fetched.",

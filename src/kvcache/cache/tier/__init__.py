@@ -17,7 +17,8 @@ TIER_URL_RULE = "redis://HOST:PORT or disk:PATH"
 
 def open_backend(url: str, timeout_s: float, max_bytes: int | None = None) -> TierBackend:
     """The backend a tier URL names (nothing is contacted yet); `KVCacheError` in one sentence
-    for a URL of another form. `max_bytes` bounds a disk tier (Redis bounds itself)."""
+    for a URL of another form. `max_bytes` bounds a disk tier (Redis bounds itself). A Redis
+    URL may carry `user:password@`; the backend's `url` (shown in logs and metrics) drops it."""
     if not isinstance(url, str) or not url:
         raise KVCacheError(f"kv_tier must be {TIER_URL_RULE}, got {url!r}.")
     if url.startswith("disk:"):
@@ -45,5 +46,5 @@ def open_backend(url: str, timeout_s: float, max_bytes: int | None = None) -> Ti
             raise KVCacheError(f"kv_tier must be {TIER_URL_RULE} (optionally /DB), got {url!r}.")
         from kvcache.cache.tier.redis_tier import RedisTier
 
-        return RedisTier(parts.hostname, port, timeout_s, int(db or 0))
+        return RedisTier(parts.hostname, port, timeout_s, int(db or 0), parts.username, parts.password)
     raise KVCacheError(f"kv_tier must be {TIER_URL_RULE}, got {url!r}.")

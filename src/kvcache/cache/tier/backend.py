@@ -3,7 +3,7 @@
 `get_many` returns the values of consecutive keys (None where a key is absent), stopping
 early at the first absent one or when `deadline` (a `time.monotonic()` instant) has passed;
 `put` stores one value. A backend that cannot answer raises `TierUnavailable` with a `kind`
-(`unreachable`, `timeout`, `io`), which the tier counts and treats as a miss.
+(`unreachable`, `timeout`, `io`, `server`), which the tier counts and treats as a miss.
 """
 
 from __future__ import annotations

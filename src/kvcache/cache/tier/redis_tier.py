@@ -20,19 +20,21 @@ __all__ = ["RedisTier"]
 class RedisTier:
     """Values by key on the Redis server at `host:port`."""
 
-    def __init__(self, host: str, port: int, timeout_s: float, db: int = 0):
+    def __init__(self, host: str, port: int, timeout_s: float, db: int = 0, username: str | None = None,
+                 password: str | None = None):
         try:
             import redis
             from redis.backoff import NoBackoff
             from redis.retry import Retry
         except ImportError:
             raise KVCacheError("A Redis KV tier needs the redis client: pip install 'kvcache[tier]'.") from None
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-        self._timeout_type = redis.exceptions.TimeoutError
+        self._errors = (redis.exceptions.RedisError, OSError)
+        self._timeout_type, self._connection_type = redis.exceptions.TimeoutError, redis.exceptions.ConnectionError
         self.url = f"redis://{host}:{port}" + (f"/{db}" if db else "")
         self.timeout_s = timeout_s
         # the socket timeouts bound each call (connect and answer); no retries
-        self._client = redis.Redis(host=host, port=port, db=db, socket_timeout=timeout_s,
+        self._client = redis.Redis(host=host, port=port, db=db, username=username, password=password,
+                                   socket_timeout=timeout_s,
                                    socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
 
     def get_many(self, keys: Sequence[str], deadline: float) -> list[bytes | None]:
@@ -56,7 +58,10 @@ class RedisTier:
             raise TierUnavailable(self._kind(exc), f"{self.url}: {exc}") from None
 
     def _kind(self, exc: Exception) -> str:
-        return "timeout" if isinstance(exc, (self._timeout_type, TimeoutError)) else "unreachable"
+        """timeout, unreachable (no connection, or refused credentials), or server (an error reply)."""
+        if isinstance(exc, (self._timeout_type, TimeoutError)):
+            return "timeout"
+        return "unreachable" if isinstance(exc, (self._connection_type, OSError)) else "server"
 
     def stored_bytes(self) -> None:
         return None  # the server's, shared with others; see its INFO memory

@@ -75,6 +75,10 @@ class KVTier:
             self._failed(exc.kind, str(exc), rest=True)
             self._add(misses=len(hashes))
             return []
+        except Exception as exc:  # a lookup must never fail a request
+            self._failed("io", f"a lookup in {self.url} failed ({type(exc).__name__}: {exc})", rest=True)
+            self._add(misses=len(hashes))
+            return []
         out = []
         for value, tokens in zip(values, token_chunks):
             if value is None:
