@@ -24,7 +24,8 @@ def error_of(response: httpx.Response) -> dict:
 
 
 @pytest.mark.parametrize(("kwargs", "param"), [
-    ({"n": 2}, "n"),
+    ({"n": 17}, "n"),
+    ({"n": 0}, "n"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": 1.0}, "frequency_penalty"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),

@@ -366,3 +366,53 @@ def test_bytes_held_counts_allocated_blocks_whole_and_skips_released_ones():
     mgr.free("a")
     assert mgr.bytes_held("a") == 0 and mgr.bytes_held() == 100
     assert KVCacheManager(4, 4).bytes_held() == 0  # no block bytes given: bookkeeping only
+
+
+# -- forks (n samples of one prompt) ----------------------------------------------------
+
+
+def test_fork_shares_every_block_and_copies_the_partial_one_on_first_write():
+    mgr = KVCacheManager(num_blocks=8, block_size=4)
+    prompt = list(range(10))  # blocks 0, 1 full; block 2 holds 2 of 4
+    table = run_prompt(mgr, "a", prompt)
+    mgr.fork("a", "b")
+    mgr.fork("a", "c")
+    assert mgr.block_table("b") == mgr.block_table("c") == table and refs(mgr)[:3] == [3, 3, 3]
+    assert mgr.usage()["blocks_used"] == 3 and mgr.take_copies() == []
+    b = mgr.allocate_slots("b", prompt + [50], 10, 1)  # b writes token 10 into the shared block 2
+    assert b[:2] == table[:2] and b[2] not in table and mgr.take_copies() == [(table[2], b[2])]
+    assert refs(mgr)[table[2]] == 2 and mgr.num_copies == 1
+    c = mgr.allocate_slots("c", prompt + [60], 10, 1)
+    assert c[2] not in (table[2], b[2]) and mgr.take_copies() == [(table[2], c[2])]
+    assert mgr.allocate_slots("a", prompt + [70], 10, 1) == table  # the last holder writes in place
+    assert mgr.take_copies() == [] and mgr.num_copies == 2
+    for seq in "abc":
+        mgr.free(seq)
+    assert mgr.usage()["blocks_used"] == 0
+    mgr.pool.check_invariants()
+
+
+def test_fork_on_a_block_boundary_copies_nothing():
+    mgr = KVCacheManager(num_blocks=8, block_size=4)
+    prompt = list(range(8))
+    table = run_prompt(mgr, "a", prompt)
+    mgr.fork("a", "b")
+    assert mgr.allocate_slots("b", prompt + [9], 8, 1)[:2] == table and mgr.take_copies() == []
+    with pytest.raises(ValueError, match="already has blocks"):
+        mgr.fork("a", "b")
+    mgr.free("a")
+    mgr.free("b")
+    assert mgr.usage()["blocks_used"] == 0
+    mgr.pool.check_invariants()
+
+
+def test_a_copy_the_pool_cannot_supply_changes_nothing():
+    mgr = KVCacheManager(num_blocks=3, block_size=4)
+    prompt = list(range(10))
+    table = run_prompt(mgr, "a", prompt)
+    mgr.fork("a", "b")
+    assert mgr.allocate_slots("b", prompt + [1], 10, 1) is None  # no free block for the copy
+    assert mgr.block_table("b") == table and mgr.take_copies() == [] and refs(mgr) == [2, 2, 2]
+    mgr.free("a")  # now b holds the blocks alone: it writes in place
+    assert mgr.allocate_slots("b", prompt + [1], 10, 1) == table and mgr.take_copies() == []
+    mgr.pool.check_invariants()

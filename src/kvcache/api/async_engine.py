@@ -27,12 +27,14 @@ T = TypeVar("T")
 
 @dataclass
 class StreamOutput:
-    """One update of a request: the new text since the last update, and the output so far."""
+    """One update of one sample of a request: the new text since its last update, and its output
+    so far (`index`: which of the request's n samples)."""
 
     request_id: str
     delta: str
     finished: bool
     output: RequestOutput
+    index: int = 0
 
 
 class AsyncEngine:
@@ -54,6 +56,8 @@ class AsyncEngine:
 
         Bad input raises `KVCacheError` here, before anything is queued. Leaving the
         iteration early (or the task being cancelled) aborts the request and frees its blocks.
+        With `params.n` > 1 the updates of its n samples come interleaved, each with its
+        `index`; the iteration ends once all n finished.
         """
         ids, plist = self.llm.preprocess([prompt], params)
         rid = request_id or uuid.uuid4().hex
@@ -63,19 +67,19 @@ class AsyncEngine:
         self._streams[rid] = (asyncio.get_running_loop(), q)
         self._commands.put(("add", rid, ids[0], plist[0], None))
         self._wake.set()
-        return self._iterate(rid, q)
+        return self._iterate(rid, q, plist[0].n)
 
-    async def _iterate(self, rid: str, q: asyncio.Queue) -> AsyncIterator[StreamOutput]:
-        finished = False
+    async def _iterate(self, rid: str, q: asyncio.Queue, n: int) -> AsyncIterator[StreamOutput]:
+        left = n  # samples not finished yet
         try:
-            while not finished:
+            while left:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
+                left -= item.finished
                 yield item
         finally:
-            if not finished:
+            if left:
                 await self.abort(rid)
 
     async def abort(self, request_id: str) -> None:
@@ -153,12 +157,16 @@ class AsyncEngine:
                     self.engine.abort(rid)
                 self._streams.clear()
                 continue
+            done = set()  # requests whose every sample finished: their streams close after this step's updates
             for o in outs:
-                rid = o.request.request_id
+                req = o.request
+                rid = req.group_id
                 if o.text or o.finished:
-                    self._deliver(rid, StreamOutput(rid, o.text, o.finished, o.request.to_output()))
-                if o.finished:
-                    self._streams.pop(rid, None)
+                    self._deliver(rid, StreamOutput(rid, o.text, o.finished, req.to_output(), req.index))
+                if o.finished and all(r.finished for r in req.group):
+                    done.add(rid)
+            for rid in done:
+                self._streams.pop(rid, None)
 
 
 def _resolve(done: concurrent.futures.Future, value) -> None:

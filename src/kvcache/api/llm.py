@@ -218,17 +218,21 @@ class LLM:
 
         All prompts go through the continuous-batching scheduler over the paged KV pool
         (policies blocks cannot hold run on per-request caches in the same batch).
-        `use_cache=False` recomputes the whole sequence at every step.
+        `use_cache=False` recomputes the whole sequence at every step. `SamplingParams(n=k)`:
+        each output carries k samples in `completions` (sample i seeded seed + i); on paged
+        blocks their prompt is computed once and its blocks are shared.
         """
         ids, plist = self.preprocess(prompts, params)
         engine = self.engine
         requests = [engine.add_request(p, sp, eos_ids=self.eos_ids, use_cache=use_cache) for p, sp in zip(ids, plist)]
-        engine.run_to_completion(requests)
-        return [r.to_output() for r in requests]
+        engine.run_to_completion([s for r in requests for s in r.group])
+        return [r.group_output() for r in requests]
 
     def stream(self, prompt, params: SamplingParams | None = None, use_cache: bool = True) -> Iterator[str]:
-        """Yield text pieces of one prompt's completion as they are produced."""
+        """Yield text pieces of one prompt's completion as they are produced (one sample: n=1)."""
         ids, plist = self.preprocess([prompt], params)
+        if plist[0].n > 1:
+            raise KVCacheError("stream follows one sample; use n=1, or generate for n > 1.")
         engine = self.engine
         yield from engine.stream(engine.add_request(ids[0], plist[0], eos_ids=self.eos_ids, use_cache=use_cache))
 

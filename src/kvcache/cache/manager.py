@@ -14,6 +14,11 @@ One scheduling step for a sequence, as the scheduler drives it::
     ...
     mgr.free(seq_id)                                           # finished or preempted
 
+`fork(seq_id, new_id)` starts another sequence on the same blocks (n samples of one prompt),
+each block gaining a reference. A block shared that way is copied before a sequence writes
+into it: `allocate_slots` gives the writer a fresh block and queues (source, copy) for the
+storage, which the engine takes with `take_copies` and copies before the step runs.
+
 Call `allocate_slots` right after `get_computed_blocks` (no other allocation between), as
 vLLM's scheduler does; stale `computed_blocks` (evicted in between) are detected and refused.
 """
@@ -61,6 +66,8 @@ class KVCacheManager:
         self.prefix_hits = 0  # of those, tokens served from the prefix cache
         # The last hit of get_computed_blocks: (block ids, their hashes), reused by allocate_slots.
         self._last_hit: tuple[tuple[int, ...], list[int]] = ((), [])
+        self._copies: list[tuple[int, int]] = []  # (source, copy) block pairs the storage has yet to copy
+        self.num_copies = 0  # blocks copied on write so far
 
     # -- prefix cache -------------------------------------------------------------------
     def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[int], int]:
@@ -194,10 +201,17 @@ class KVCacheManager:
         have = len(seq.table) if seq is not None else len(computed_blocks)
         total = num_computed_tokens + num_new_tokens - (seq.offset if seq is not None else 0)
         need = max(-(-total // bs) - have, 0)  # ceil(total / bs) - blocks held
+        shared = self._shared_write_block(seq, num_computed_tokens) if num_new_tokens else None
         # Touching a free cached block takes it out of the free queue too.
         revived = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_count == 0)
-        if need + revived > self.pool.num_free_blocks:
+        if need + (shared is not None) + revived > self.pool.num_free_blocks:
             return None
+        if shared is not None:  # copy on write: this sequence gets its own copy of the block
+            copy = self.pool.allocate(1)[0]
+            src, seq.table[shared] = seq.table[shared], copy
+            self.pool.free([src])  # still held by the sequences it was forked to
+            self._copies.append((src, copy))
+            self.num_copies += 1
 
         if seq is None:
             # hit-rate accounting per admitted sequence (a queue head retried while blocked counts once)
@@ -232,6 +246,31 @@ class KVCacheManager:
             seq.hashes.append(parent)
             if seq.table[i] != RELEASED:
                 self.pool.register(seq.table[i], parent, chunk)
+
+    def _shared_write_block(self, seq: _SeqBlocks | None, position: int) -> int | None:
+        """Index in `seq`'s table of the block its token `position` is written into, when another
+        sequence holds that block too (forked); else None."""
+        if seq is None:
+            return None
+        i = (position - seq.offset) // self.block_size
+        if i >= len(seq.table) or seq.table[i] == RELEASED or self.pool.blocks[seq.table[i]].ref_count == 1:
+            return None
+        return i
+
+    def fork(self, seq_id: str, new_id: str) -> None:
+        """Start `new_id` with `seq_id`'s table, hash chain and offsets; every block it holds gains
+        a reference (shared until a sequence writes into it, see `allocate_slots`)."""
+        if new_id in self._seqs:
+            raise ValueError(f"Sequence {new_id!r} already has blocks.")
+        seq = self._seqs[seq_id]
+        self.pool.touch([b for b in seq.table if b != RELEASED])
+        self._seqs[new_id] = _SeqBlocks(list(seq.table), list(seq.hashes), seq.released, seq.offset, seq.cacheable)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (source, copy) block pairs queued by copy-on-write since the last call; the caller
+        copies them in the storage before any step writes to or reads from the copies."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def free(self, seq_id: str) -> None:
         """Release `seq_id`'s blocks and forget it (unknown ids: no-op). Blocks are freed

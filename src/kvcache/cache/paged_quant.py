@@ -88,6 +88,11 @@ class _QuantSlots:
         for t in (self.codes, self.scale, self.zero):
             t[:, :, lo:hi] = 0
 
+    def copy_slots(self, src: int, dst: int, n: int) -> None:
+        """Copy the codes, scales and zero points of slots [src, src + n) to [dst, dst + n), all layers."""
+        for t in (self.codes, self.scale, self.zero):
+            t[:, :, dst : dst + n] = t[:, :, src : src + n]
+
     def write(self, layer: int, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Quantize x (Hkv, N, D) and scatter it to `slots` (N,)."""
         if self.native and not self.clip:  # one pass, straight into the slots (the same bytes)
@@ -177,6 +182,15 @@ class PagedQuantizedStorage:
                 lo, hi = b * self.block_size, (b + 1) * self.block_size
                 self.k.zero_slots(lo, hi)
                 self.v.zero_slots(lo, hi)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, copy) block pair's codes as they are (copy-on-write, see
+        `PagedKVStorage.copy_blocks`)."""
+        bs = self.block_size
+        for src, dst in pairs:
+            self.k.copy_slots(src * bs, dst * bs, bs)
+            self.v.copy_slots(src * bs, dst * bs, bs)
+            self._zeroed.add(dst)
 
     def scatter(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Quantize k, v (B, Hkv, T, D) and scatter them to `slots` (B*T,), row-major over (B, T)."""

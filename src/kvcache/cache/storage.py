@@ -48,6 +48,15 @@ class PagedKVStorage:
                 self.k[:, :, lo:hi] = 0
                 self.v[:, :, lo:hi] = 0
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy each (source, copy) block pair's slots, every layer's K and V (copy-on-write of
+        a block forked sequences share). The copies count as zeroed: they hold the source's values."""
+        bs = self.block_size
+        for src, dst in pairs:
+            self.k[:, :, dst * bs : (dst + 1) * bs] = self.k[:, :, src * bs : (src + 1) * bs]
+            self.v[:, :, dst * bs : (dst + 1) * bs] = self.v[:, :, src * bs : (src + 1) * bs]
+            self._zeroed.add(dst)
+
     def read_blocks(self, block_ids: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the K and V of the first `num_tokens` slots of `block_ids` (in order):
         (num_layers, Hkv, num_tokens, D) each. For saving a sequence's cache."""

@@ -93,6 +93,7 @@ class LLMEngine:
         self.tier = TierLink(tier, self.kv, self.storage) if tier is not None else None
         self.tokens_evicted = 0
         self.requests: dict[str, Request] = {}
+        self.groups: dict[str, list[Request]] = {}  # id -> the samples of an n > 1 request still running
         self._ids = itertools.count()
         self.tokens_generated = 0
         self.tokens_prefilled = 0
@@ -106,27 +107,59 @@ class LLMEngine:
         every step recomputes its whole sequence (no K/V kept between steps, no prefix cache).
         `conversation`: under per-request policy caches, start from the cache the conversation's
         last request left and leave this one's for the next (paged blocks: the prefix cache
-        does that for every request)."""
+        does that for every request).
+
+        `params.n` > 1: n samples of the prompt, requests `<id>#<i>` in the returned request's
+        `group` (sample 0 is returned; `abort(<id>)` stops them all). On paged blocks the prompt
+        is computed once and the samples fork from it (see `Scheduler.fork`); under per-request
+        policy caches or without a cache each sample is its own request from the start."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.requests:
+        n = params.n
+        ids = [rid] if n == 1 else [f"{rid}#{i}" for i in range(n)]
+        if rid in self.requests or rid in self.groups or any(i in self.requests for i in ids):
             raise KVCacheError(f"Request id '{rid}' is already in use.")
-        req = Request(rid, list(prompt_token_ids), params, Sampler(params, self.model.device),
-                      IncrementalDetokenizer(self.tokenizer, params.stop), self.max_model_len,
-                      frozenset(eos_ids) if eos_ids is not None else self.eos_ids, use_cache=use_cache,
-                      conversation=conversation)
+        if n > 1 and conversation is not None:
+            raise KVCacheError("A conversation's request takes one sample (n=1).")
+        eos = frozenset(eos_ids) if eos_ids is not None else self.eos_ids
+        lps = None
         if params.prompt_logprobs is not None:  # a separate full forward over the prompt, no prefix cache
-            req.prompt_logprobs = prompt_logprobs(self.model, req.prompt_token_ids, params.prompt_logprobs)
-        self.requests[rid] = req
-        self.scheduler.add(req)
-        return req
+            lps = prompt_logprobs(self.model, list(prompt_token_ids), params.prompt_logprobs)
+        group = []
+        for i, sid in enumerate(ids):
+            sp = params if n == 1 else params.sample(i)
+            group.append(Request(sid, list(prompt_token_ids), sp, Sampler(sp, self.model.device),
+                                 IncrementalDetokenizer(self.tokenizer, sp.stop), self.max_model_len, eos,
+                                 use_cache=use_cache, conversation=conversation, prompt_logprobs=lps, index=i,
+                                 group_id=rid))
+        for req in group:
+            req.group = group
+            self.requests[req.request_id] = req
+        if n > 1:
+            self.groups[rid] = group
+        if n > 1 and use_cache and self.config.row_policy is None:  # one prompt computed, then forked
+            group[0].forks = group[1:]
+            self.scheduler.add(group[0])
+        else:
+            for req in group:
+                self.scheduler.add(req)
+        return group[0]
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free its blocks."""
-        req = self.requests.pop(request_id, None)
-        if req is not None and not req.finished:
-            req.finish_reason = req.finish_reason or "abort"
-            self.scheduler.finish(req)
-            self.runner.forget(request_id)
+        """Stop a request now and free its blocks (every sample of an n > 1 request's id)."""
+        req = self.requests.get(request_id)
+        for r in self.groups.get(request_id) or ([req, *req.forks] if req is not None else []):
+            if not r.finished:
+                r.finish_reason = r.finish_reason or "abort"
+                self.scheduler.finish(r)
+                self.runner.forget(r.request_id)
+            r.forks = []
+            self._retire(r)
+
+    def _retire(self, req: Request) -> None:
+        """Forget a finished request (and its group once every sample finished)."""
+        self.requests.pop(req.request_id, None)
+        if req.group_id in self.groups and all(r.finished for r in req.group):
+            del self.groups[req.group_id]
 
     def end_conversation(self, conversation: str) -> None:
         """Free what the engine keeps for a conversation's next request (a kept per-request cache)."""
@@ -152,15 +185,24 @@ class LLMEngine:
         if self.tier is not None:
             self._tier_prefetch()
         sched = self.last_schedule = self.scheduler.schedule()
-        outputs = [StepOutput(r, "", True) for r in sched.failed]
+        outputs = []
         for r in sched.failed:
-            self.requests.pop(r.request_id, None)
+            for f in r.forks:  # samples waiting for a prompt that can never run fail with it
+                self.scheduler.finish(f)
+                f.finish_reason, f.error = "error", r.error
+            for f in (r, *r.forks):
+                outputs.append(StepOutput(f, "", True))
+                self._retire(f)
+            r.forks = []
         for r in sched.preempted + sched.failed:  # a recomputed prompt is scored (and compressed) afresh
             self.runner.forget(r.request_id)
             r.num_evicted_tokens = 0
             r.kv_bytes = 0  # its blocks went back
         if not sched.chunks:
             return outputs
+        copies = self.kv.take_copies()
+        if copies:  # blocks forked samples shared, copied before one of them writes into its copy
+            self.storage.copy_blocks(copies)
         sampled = self.runner.execute(sched.chunks)
         now = time.perf_counter()
         for chunk in sched.chunks:
@@ -183,21 +225,11 @@ class LLMEngine:
             req.kv_bytes = self.request_bytes(req.request_id)  # before a finish frees its blocks
             if req.request_id not in sampled:
                 continue
-            text = req.append_token(sampled[req.request_id], now)
-            self.tokens_generated += 1
-            done = req.finish_reason is not None
-            if done:
-                text += req.detok.flush()
-                if self.kept is not None and req.use_cache:
-                    self.kept.keep(req)  # its cache and blocks wait for the conversation's next request
-                self.scheduler.finish(req)
-                self.requests.pop(req.request_id, None)
-                self.runner.forget(req.request_id)
-            elif not req.use_cache:  # no K/V kept: the next token is computed from the first one
-                self.scheduler.restart(req)
-                self.runner.forget(req.request_id)
-                req.num_evicted_tokens = 0
-            outputs.append(StepOutput(req, text, done))
+            forks, req.forks = req.forks, []
+            for f in forks:  # its prompt is computed: the other samples start from its blocks
+                self.scheduler.fork(req, f)
+                f.num_evicted_tokens, f.kv_bytes = req.num_evicted_tokens, req.kv_bytes
+            outputs += [self._take_token(r, sampled[r.request_id], now) for r in (req, *forks)]
         return outputs
 
     def _tier_prefetch(self) -> None:
@@ -206,6 +238,24 @@ class LLMEngine:
         for req in list(self.scheduler.waiting)[: max(slots, 0)]:
             if req.use_cache and not req.tier_checked and req.num_cached_tokens < 0:
                 self.tier.prefetch(req)
+
+    def _take_token(self, req: Request, token: int, now: float) -> StepOutput:
+        """Append a sampled token to `req`; finish it (its blocks go back) or restart it if uncached."""
+        text = req.append_token(token, now)
+        self.tokens_generated += 1
+        done = req.finish_reason is not None
+        if done:
+            text += req.detok.flush()
+            if self.kept is not None and req.use_cache:
+                self.kept.keep(req)  # its cache and blocks wait for the conversation's next request
+            self.scheduler.finish(req)
+            self._retire(req)
+            self.runner.forget(req.request_id)
+        elif not req.use_cache:  # no K/V kept: the next token is computed from the first one
+            self.scheduler.restart(req)
+            self.runner.forget(req.request_id)
+            req.num_evicted_tokens = 0
+        return StepOutput(req, text, done)
 
     def _compress_prompt(self, req: Request) -> None:
         """The eviction policy's one compression, right after the prompt's last token: per layer
@@ -274,6 +324,8 @@ class LLMEngine:
         """Step until `request` finished, yielding its new text as it comes (others in flight
         keep running too). A consumer that stops early aborts it: its blocks go back at once."""
         try:
+            if len(request.group) > 1:
+                raise KVCacheError("stream follows one sample; use n=1, or generate for n > 1.")
             while not request.finished:
                 for out in self._step_forward():
                     if out.request is request and out.text:

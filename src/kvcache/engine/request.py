@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvcache.engine.detokenizer import IncrementalDetokenizer
-from kvcache.engine.outputs import RequestMetrics, RequestOutput
+from kvcache.engine.outputs import RequestMetrics, RequestOutput, merge_samples
 from kvcache.engine.sampling import Sampler, SamplingParams
 
 
@@ -25,6 +25,10 @@ class Request:
     last sampled token is never computed until the next step feeds it. With `use_cache` off
     the engine gives the blocks back after every sampled token and recomputes the whole
     sequence for the next one (no prefix cache either way).
+
+    A prompt asked for n > 1 samples is a group of n requests (`group`, sharing `group_id`,
+    each with its `index`). On paged blocks only sample 0 is scheduled at first; the others
+    wait in its `forks` and start from its blocks once its prompt is computed.
     """
 
     request_id: str
@@ -51,10 +55,16 @@ class Request:
     t_last_token: float = 0.0
     output_logprobs: list = field(default_factory=list)  # TokenLogprob per sampled token, when asked
     prompt_logprobs: list | None = None  # TokenLogprob | None per prompt token, when asked
+    index: int = 0  # which sample of its prompt this is (n > 1)
+    group_id: str = ""  # the id its caller knows; "" = request_id (n = 1)
+    group: list[Request] = field(default_factory=list, repr=False, compare=False)  # all samples, self included
+    forks: list[Request] = field(default_factory=list, repr=False, compare=False)  # samples waiting for its prompt
 
     def __post_init__(self):
         # ids that end the request, fixed for its lifetime (checked on every token)
         self.stop_ids = frozenset(self.params.stop_token_ids) | (frozenset() if self.params.ignore_eos else self.eos_ids)
+        self.group_id = self.group_id or self.request_id
+        self.group = self.group or [self]
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -104,3 +114,7 @@ class Request:
         return RequestOutput(self.prompt_token_ids, list(self.output_token_ids), text,
                              self.finish_reason or "length", metrics, self.request_id, self.error,
                              logprobs, self.prompt_logprobs)
+
+    def group_output(self) -> RequestOutput:
+        """The result of the prompt this request samples: its group's n samples (see `merge_samples`)."""
+        return merge_samples([r.to_output() for r in self.group], self.group_id)

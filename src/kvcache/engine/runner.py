@@ -217,26 +217,26 @@ class ModelRunner:
 
 def sample_rows(rows: list[tuple[ScheduledChunk, torch.Tensor]]) -> dict[str, int]:
     """The next token of each chunk that reached its sequence's end, from its logits (V,):
-    greedy rows in one argmax, the rest through their request's sampler. A request with
-    `params.logprobs` set gets the token's entry appended to its `output_logprobs`."""
+    greedy rows in one argmax, the rest through their request's sampler. A request's `forks`
+    (the other samples of its prompt, whose prompt this step finished) draw their first token
+    from the same logits, each with its own sampler. A request with `params.logprobs` set gets
+    the token's entry appended to its `output_logprobs`."""
     sampled: dict[str, int] = {}
-    rows = [(c, lg) for c, lg in rows if c.samples]
-    greedy = [(c, lg) for c, lg in rows if c.request.params.greedy and c.request.params.repetition_penalty == 1.0]
+    rows = [(r, lg) for c, lg in rows if c.samples for r in (c.request, *c.request.forks)]
+    greedy = [(r, lg) for r, lg in rows if r.params.greedy and r.params.repetition_penalty == 1.0]
     if greedy:
         logits = torch.stack([lg for _, lg in greedy])  # (B, V)
         fast = native.supports(logits.dtype, logits.device)  # torch's argmax takes ~2 ms at (22, V) in bf16
         tokens = (native.argmax_rows(logits) if fast else logits.argmax(-1)).tolist()
-        sampled.update({c.request.request_id: t for (c, _), t in zip(greedy, tokens)})
-    for c, lg in rows:
-        req = c.request
+        sampled.update({r.request_id: t for (r, _), t in zip(greedy, tokens)})
+    for req, lg in rows:
         if req.request_id in sampled:
             continue
         seen = None
         if req.params.repetition_penalty != 1.0:
             seen = torch.tensor(req.all_token_ids, device=lg.device)
         sampled[req.request_id] = req.sampler(lg, seen)
-    for c, lg in rows:  # logprobs of the raw logits, only for requests that asked
-        req = c.request
+    for req, lg in rows:  # logprobs of the raw logits, only for requests that asked
         if req.params.logprobs is not None:
             req.output_logprobs.append(token_logprob(lg, sampled[req.request_id], req.params.logprobs))
     return sampled

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,6 +25,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # sampled tokens' logprobs with this many top alternatives (None = off)
     prompt_logprobs: int | None = None  # the prompt tokens' logprobs too (one extra forward over the prompt)
+    n: int = 1  # samples of the prompt; sample i draws from seed + i (its prompt's blocks are shared)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -40,6 +41,8 @@ class SamplingParams:
             raise KVCacheError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if not self.repetition_penalty > 0:
             raise KVCacheError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}.")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
+            raise KVCacheError(f"n must be a positive integer, got {self.n!r}.")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -49,6 +52,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def sample(self, index: int) -> SamplingParams:
+        """The parameters of sample `index` of n: one sample, its own seed stream (seed + index)."""
+        return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
 
 
 class Sampler:

@@ -9,7 +9,9 @@ blocks are freed and it goes back to the head of the queue, to be recomputed (pr
 hits make that cheap). A request without a cache (`use_cache` off) is restarted after each
 sampled token: blocks freed, computed from its first token again. Under per-request policy
 caches a request starts from the cache its conversation kept (`kept_caches.py`) instead of
-prefix-cache hits. The scheduler moves block ids through `KVCacheManager`, never tensors.
+prefix-cache hits. The n samples of one prompt fork from its first sample once its prompt is
+computed (`fork`): they join the running batch on its blocks, shared by reference. The
+scheduler moves block ids through `KVCacheManager`, never tensors.
 """
 
 from __future__ import annotations
@@ -130,6 +132,19 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
         out.preempted.append(request)
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Start `child`, another sample of `parent`'s prompt, from the tokens `parent` has
+        computed: it runs on `parent`'s blocks, each shared (copied on write by the manager).
+        A `parent` that lost its blocks this step (preempted) leaves `child` at the head of
+        the queue, to be computed as a preempted request is."""
+        child.num_cached_tokens = parent.num_cached_tokens
+        if parent.status != Status.RUNNING or parent.request_id not in self.kv:
+            self.waiting.appendleft(child)
+            return
+        self.kv.fork(parent.request_id, child.request_id)
+        child.num_computed_tokens, child.status = parent.num_computed_tokens, Status.RUNNING
+        self.running.append(child)
 
     def restart(self, request: Request) -> None:
         """A running request computes its sequence again from the first token (`use_cache`

@@ -1,7 +1,8 @@
 """OpenAI-compatible endpoints: chat and text completions (streamed or not), models, health, metrics.
 
 Every generation goes through the `AsyncEngine`, so concurrent requests share one
-continuous batch and the prefix cache. A stream whose client goes away is closed, which
+continuous batch and the prefix cache. A prompt asked for n samples (or best_of) is one engine
+request whose samples share its prompt's blocks; choice `prompt_index * n + sample` is each. A stream whose client goes away is closed, which
 aborts its request and frees its KV blocks at once.
 """
 
@@ -12,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -50,13 +51,16 @@ def chat_prompt_ids(llm, body: ChatCompletionRequest) -> list[int]:
         raise APIError(400, f"The chat template cannot render these messages: {exc}", "messages") from None
 
 
-def completion_prompts(llm, body: CompletionRequest) -> list[tuple[list[int], str]]:
-    """(token ids, text to echo) of each prompt of a completions request."""
+def completion_prompts(llm, body: CompletionRequest, samples: int) -> list[tuple[list[int], str]]:
+    """(token ids, text to echo) of each prompt of a completions request (`samples` sequences each)."""
     prompt = body.prompt
     prompts = prompt if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) else [prompt]
     limit = llm.engine.config.max_num_seqs
     if len(prompts) > limit:
         raise APIError(400, f"At most {limit} prompts per request are supported, got {len(prompts)}.", "prompt")
+    if len(prompts) * samples > limit:
+        raise APIError(400, f"At most {limit} sequences (prompts x samples) per request are supported, "
+                            f"got {len(prompts) * samples}.", "prompt")
     out = []
     for p in prompts:
         try:
@@ -68,7 +72,7 @@ def completion_prompts(llm, body: CompletionRequest) -> list[tuple[list[int], st
 
 
 def sampling_params(llm, body, prompt_len: int, max_tokens: int | None, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, n: int = 1) -> SamplingParams:
     """SamplingParams for a request, with OpenAI's length rules checked against the context."""
     if bad := body.unsupported():
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
@@ -88,30 +92,22 @@ def sampling_params(llm, body, prompt_len: int, max_tokens: int | None, logprobs
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k,
             repetition_penalty=body.repetition_penalty or 1.0, stop=body.stop, seed=body.seed,
-            ignore_eos=bool(body.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            ignore_eos=bool(body.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=n,
         )
     except KVCacheError as exc:
         raise APIError.from_user_error(exc) from None
 
 
 # -- responses -----------------------------------------------------------------------------------
-def usage_of(updates: list[StreamOutput]) -> Usage:
-    """Usage summed over a request's choices (their latest outputs)."""
-    prompt = sum(u.output.metrics.prompt_tokens for u in updates)
-    n_out = sum(len(u.output.token_ids) for u in updates)
-    cached = sum(u.output.metrics.cached_prompt_tokens for u in updates)
-    return Usage(prompt_tokens=prompt, completion_tokens=n_out, total_tokens=prompt + n_out,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
-
-
 @dataclass
 class _Choice:
-    """One prompt of a request: its engine request and what its stream has sent so far."""
+    """One sample of one prompt of a request: its engine request and what its stream has sent so far."""
 
     index: int
-    request_id: str  # the engine's id
+    request_id: str  # the engine's id (shared by the samples of one prompt)
     prompt_ids: list[int]
     echo_text: str = ""  # the prompt's text, shown before the completion when echo is on
+    sample: int = 0  # which of its prompt's samples
     last: StreamOutput | None = None
     finished: bool = False
     sent_logprobs: int = 0
@@ -131,8 +127,14 @@ class _Job:
     continuous_usage: bool = False  # usage so far on every chunk
     logprobs: int | None = None  # top alternatives per token, when logprobs were asked for
     echo: bool = False
-    choices: list[_Choice] = field(default_factory=list)
+    n: int = 1  # choices answered per prompt
+    samples: int = 1  # sequences generated per prompt (best_of; n unless best_of is larger)
+    choices: list[_Choice] = field(default_factory=list)  # prompt-major: prompt i's sample j at i * samples + j
     closed: bool = False
+
+    def choice(self, prompt: int, update: StreamOutput) -> _Choice:
+        """The choice an engine update of prompt number `prompt` belongs to."""
+        return self.choices[prompt * self.samples + update.index]
 
     @property
     def finished(self) -> bool:
@@ -146,19 +148,35 @@ class _Job:
         try:
             if not self.finished:
                 self.state.metrics.disconnects += 1
-            for c in self.choices:
-                if not c.finished:
-                    await self.state.engine.abort(c.request_id)
+            for rid in dict.fromkeys(c.request_id for c in self.choices if not c.finished):
+                await self.state.engine.abort(rid)
         finally:
             self.state.release()
 
     def usage(self) -> Usage:
-        """Usage so far: a choice with no update yet counts its prompt."""
-        u = usage_of([c.last for c in self.choices if c.last is not None])
-        waiting = sum(len(c.prompt_ids) for c in self.choices if c.last is None)
-        u.prompt_tokens += waiting
-        u.total_tokens += waiting
-        return u
+        """Usage so far: each prompt once (a prompt with no update yet counts its ids), every
+        sample's tokens (best_of's unreturned ones too)."""
+        prompt = cached = completion = 0
+        for c in self.choices:
+            out = c.last.output if c.last is not None else None
+            if c.sample == 0:
+                prompt += out.metrics.prompt_tokens if out else len(c.prompt_ids)
+                cached += out.metrics.cached_prompt_tokens if out else 0
+            completion += len(out.token_ids) if out else 0
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    def answered(self) -> list[_Choice]:
+        """The choices of the reply: all of them, or under best_of each prompt's n samples with
+        the highest total logprob (best first), numbered again."""
+        if self.samples == self.n:
+            return self.choices
+        out = []
+        for p in range(len(self.choices) // self.samples):
+            group = self.choices[p * self.samples : (p + 1) * self.samples]
+            best = sorted(group, key=lambda c: -sum(e.logprob for e in c.last.output.logprobs or []))[: self.n]
+            out += [replace(c, index=p * self.n + k) for k, c in enumerate(best)]
+        return out
 
     def new_logprobs(self, c: _Choice, update: StreamOutput, echo: bool = False) -> dict | None:
         """The logprobs of the tokens `c` has not sent yet (the prompt's when `echo`)."""
@@ -198,7 +216,7 @@ class _Job:
     def final(self) -> JSONResponse:
         usage, tok = self.usage(), self.state.llm.tokenizer
         choices = []
-        for c in self.choices:
+        for c in self.answered():
             out = c.last.output
             if self.chat:
                 lp = None if self.logprobs is None else chat_logprobs(tok, out.logprobs or [])
@@ -229,13 +247,14 @@ async def _events(job: _Job, updates: AsyncIterator[tuple[int, StreamOutput]]) -
     """SSE chunks in OpenAI's format, ending with `data: [DONE]`; errors become an error event."""
     try:
         if job.chat:
-            yield job.chunk(0, "", role=True)
+            for c in job.choices:
+                yield job.chunk(c.index, "", role=True)
         failed = False
         async for i, update in updates:
-            c = job.choices[i]
+            c = job.choice(i, update)
             if c.last is None and job.echo:  # the prompt first, with its own logprobs
                 c.sent_chars = len(c.echo_text)
-                yield job.chunk(i, c.echo_text, logprobs=job.new_logprobs(c, update, echo=True))
+                yield job.chunk(c.index, c.echo_text, logprobs=job.new_logprobs(c, update, echo=True))
             c.last, c.finished = update, update.finished
             if update.finished and (err := _failure(update)):
                 yield f"data: {json.dumps(err.body())}\n\n"
@@ -244,10 +263,10 @@ async def _events(job: _Job, updates: AsyncIterator[tuple[int, StreamOutput]]) -
             lp = job.new_logprobs(c, update) if update.delta or update.finished else None
             has_lp = lp is not None and (lp.get("content") or lp.get("tokens"))
             if update.delta or has_lp:
-                yield job.chunk(i, update.delta, logprobs=lp)
+                yield job.chunk(c.index, update.delta, logprobs=lp)
                 c.sent_chars += len(update.delta)
             if update.finished:
-                yield job.chunk(i, None if job.chat else "", finish=update.output.finish_reason)
+                yield job.chunk(c.index, None if job.chat else "", finish=update.output.finish_reason)
         if job.include_usage and not failed:
             yield job.chunk(0, None, usage=job.usage(), final_usage=True)
         yield "data: [DONE]\n\n"
@@ -323,7 +342,7 @@ async def _collect(request: Request, job: _Job, updates: AsyncIterator[tuple[int
 
     async def drain():
         async for i, update in updates:
-            c = job.choices[i]
+            c = job.choice(i, update)
             c.last, c.finished = update, update.finished
 
     task = asyncio.ensure_future(drain())
@@ -342,13 +361,14 @@ async def _collect(request: Request, job: _Job, updates: AsyncIterator[tuple[int
         await updates.aclose()
 
 
-async def _prompt_only(state: ServerState, ids: list[int], k: int | None) -> AsyncIterator[StreamOutput]:
-    """The one update of an echo with max_tokens 0: no generation, the prompt's logprobs when asked
-    (computed on the engine thread between steps)."""
+async def _prompt_only(state: ServerState, ids: list[int], k: int | None, n: int) -> AsyncIterator[StreamOutput]:
+    """The update of each of n samples of an echo with max_tokens 0: no generation, the prompt's
+    logprobs when asked (computed once, on the engine thread between steps)."""
     lps = None if k is None else await state.engine.call(lambda e: prompt_logprobs(e.model, ids, k))
     out = RequestOutput(ids, [], "", "length", RequestMetrics(prompt_tokens=len(ids)), logprobs=[],
                         prompt_logprobs=lps)
-    yield StreamOutput("", "", True, out)
+    for j in range(n):
+        yield StreamOutput("", "", True, out, j)
 
 
 async def _generate(request: Request, job: _Job, prompts: list[tuple[list[int], SamplingParams | None]],
@@ -361,9 +381,10 @@ async def _generate(request: Request, job: _Job, prompts: list[tuple[list[int], 
     try:
         for i, (ids, params) in enumerate(prompts):
             rid = job.request_id if len(prompts) == 1 else f"{job.request_id}-{i}"
-            job.choices[i].request_id = rid
+            for c in job.choices[i * job.samples : (i + 1) * job.samples]:
+                c.request_id = rid
             if params is None:
-                streams.append(_prompt_only(state, ids, job.logprobs))
+                streams.append(_prompt_only(state, ids, job.logprobs, job.samples))
             else:
                 streams.append(state.engine.add_request(ids, params, request_id=rid))
     except KVCacheError as exc:
@@ -406,26 +427,35 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     job.logprobs = (body.top_logprobs or 0) if body.logprobs else None
     ids = chat_prompt_ids(state.llm, body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = sampling_params(state.llm, body, len(ids), max_tokens, logprobs=job.logprobs)
-    job.choices = [_Choice(0, job.request_id, ids)]
+    job.n = job.samples = body.n or 1
+    params = sampling_params(state.llm, body, len(ids), max_tokens, logprobs=job.logprobs, n=job.n)
+    job.choices = [_Choice(j, job.request_id, ids, sample=j) for j in range(job.n)]
     return await _generate(request, job, [(ids, params)], bool(body.stream))
 
 
 @router.post("/v1/completions", response_model=Completion, responses=ERRORS, tags=["openai"])
 async def completions(body: CompletionRequest, request: Request):
-    """Text completion of one prompt or several (strings or token-id lists; one choice each, run in
+    """Text completion of one prompt or several (strings or token-id lists; n choices each, run in
     the same batch), streamed or not."""
     state = state_of(request)
     job = _job(state, body, chat=False)
     job.logprobs, job.echo = body.logprobs, bool(body.echo)
     if body.max_tokens == 0 and not job.echo:
         raise APIError(400, "max_tokens must be at least 1 unless echo is true.", "max_tokens")
+    job.n = body.n or 1
+    job.samples = body.best_of or job.n
+    if job.samples < job.n:
+        raise APIError(400, f"best_of must be at least n ({job.n}), got {job.samples}.", "best_of")
+    if job.samples > job.n and body.stream:
+        raise APIError(400, "best_of greater than n cannot be streamed.", "best_of")
     prompt_k = body.logprobs if job.echo else None  # the prompt's own logprobs: one extra forward each
+    engine_k = job.logprobs if job.logprobs is not None or job.samples == job.n else 0  # best_of ranks by them
     prompts = []
-    for i, (ids, text) in enumerate(completion_prompts(state.llm, body)):
-        params = sampling_params(state.llm, body, len(ids), body.max_tokens, job.logprobs, prompt_k)
+    for i, (ids, text) in enumerate(completion_prompts(state.llm, body, job.samples)):
+        params = sampling_params(state.llm, body, len(ids), body.max_tokens, engine_k, prompt_k, job.samples)
         prompts.append((ids, None if body.max_tokens == 0 else params))  # 0: the prompt alone, scored
-        job.choices.append(_Choice(i, job.request_id, ids, text if job.echo else ""))
+        job.choices += [_Choice(i * job.samples + j, job.request_id, ids, text if job.echo else "", j)
+                        for j in range(job.samples)]
     return await _generate(request, job, prompts, bool(body.stream))
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from kvcache.engine.persist import SessionInfo
 from kvcache.server.errors import APIError
 
+MAX_SAMPLES = 16  # the most n (and best_of) per prompt
 NonNegInt = Annotated[int, Field(ge=0)]
 TokenId = Annotated[int, Field(ge=0)]
 
@@ -87,7 +88,7 @@ class _SamplingRequest(_Strict):
     top_k: int | None = Field(default=None, ge=-1, description="extra: 0 or -1 = off")
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: int | None = None
-    n: int | None = Field(default=None, ge=1, description="only 1 is supported")
+    n: int | None = Field(default=None, ge=1, le=MAX_SAMPLES, description="samples per prompt (the prompt's KV is shared)")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="only 0 is supported")
@@ -103,7 +104,6 @@ class _SamplingRequest(_Strict):
     def unsupported(self) -> tuple[str, str] | None:
         """(param, sentence) for the first parameter asking for something we do not do."""
         checks = [
-            ("n", self.n not in (None, 1), "Only n=1 is supported."),
             ("presence_penalty", self.presence_penalty not in (None, 0), "presence_penalty is not supported; use 0 (or repetition_penalty)."),
             ("frequency_penalty", self.frequency_penalty not in (None, 0), "frequency_penalty is not supported; use 0 (or repetition_penalty)."),
             ("logit_bias", bool(self.logit_bias), "logit_bias is not supported."),
@@ -141,13 +141,11 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_SAMPLES,
+                                description="samples per prompt, of which the n with the highest total logprob are returned")
 
     def _unsupported_extra(self):
-        return [
-            ("suffix", bool(self.suffix), "suffix is not supported."),
-            ("best_of", self.best_of not in (None, 1), "Only best_of=1 is supported."),
-        ]
+        return [("suffix", bool(self.suffix), "suffix is not supported.")]
 
 
 class SessionRequest(_Strict):
