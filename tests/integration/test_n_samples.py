@@ -91,6 +91,20 @@ def test_seeded_sample_i_equals_a_single_request_with_seed_plus_i(tiny_model_dir
     check_pool_back(llm, free)
 
 
+def test_blocks_held_at_the_peak_are_the_prompts_once_plus_each_samples_own(tiny_model_dir):
+    engine = make_llm(tiny_model_dir, num_blocks=128, enable_prefix_caching=False).engine
+    prompt, n, new = (MID_BLOCK * 3)[:30], 8, 12  # 30 ids: 8 blocks, the last half full
+    req = engine.add_request(prompt, SamplingParams(n=n, **{**SEEDED, "max_tokens": new}))
+    peak = 0
+    while not all(r.finished for r in req.group):
+        engine.step()
+        peak = max(peak, engine.kv.usage()["blocks_used"])
+    prompt_blocks, output_blocks = -(-len(prompt) // BS), -(-new // BS)
+    assert peak <= prompt_blocks + n * output_blocks + n  # the bound: shared prompt, one copy each
+    assert peak < n * -(-(len(prompt) + new) // BS)  # well under n separate requests
+    assert engine.kv.num_copies == n - 1
+
+
 def test_one_sample_with_n_1_is_unchanged(tiny_model_dir, ref_llm):
     llm = make_llm(tiny_model_dir)
     out = llm.generate([MID_BLOCK], SamplingParams(**SEEDED))[0]
@@ -152,7 +166,7 @@ def test_bad_n_and_streaming_n_samples_are_refused(tiny_llm):
     for n in (0, -1, 1.5, True):
         with pytest.raises(KVCacheError, match="n must be a positive integer"):
             SamplingParams(n=n)
-    with pytest.raises(KVCacheError, match="stream follows one sample"):
+    with pytest.raises(KVCacheError, match="Streaming follows one sample"):
         next(tiny_llm.stream("Hello", SamplingParams(n=2, max_tokens=2)))
 
 

@@ -232,7 +232,7 @@ class LLM:
         """Yield text pieces of one prompt's completion as they are produced (one sample: n=1)."""
         ids, plist = self.preprocess([prompt], params)
         if plist[0].n > 1:
-            raise KVCacheError("stream follows one sample; use n=1, or generate for n > 1.")
+            raise KVCacheError("Streaming follows one sample; use n=1 (or generate for n > 1).")
         engine = self.engine
         yield from engine.stream(engine.add_request(ids[0], plist[0], eos_ids=self.eos_ids, use_cache=use_cache))
 

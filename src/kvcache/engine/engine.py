@@ -325,7 +325,7 @@ class LLMEngine:
         keep running too). A consumer that stops early aborts it: its blocks go back at once."""
         try:
             if len(request.group) > 1:
-                raise KVCacheError("stream follows one sample; use n=1, or generate for n > 1.")
+                raise KVCacheError("Streaming follows one sample; use n=1 (or generate for n > 1).")
             while not request.finished:
                 for out in self._step_forward():
                     if out.request is request and out.text:

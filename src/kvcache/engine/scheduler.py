@@ -137,7 +137,8 @@ class Scheduler:
         """Start `child`, another sample of `parent`'s prompt, from the tokens `parent` has
         computed: it runs on `parent`'s blocks, each shared (copied on write by the manager).
         A `parent` that lost its blocks this step (preempted) leaves `child` at the head of
-        the queue, to be computed as a preempted request is."""
+        the queue, to be computed as a preempted request is. Forks join the running batch even
+        past `max_num_seqs` (it bounds admissions from the queue)."""
         child.num_cached_tokens = parent.num_cached_tokens
         if parent.status != Status.RUNNING or parent.request_id not in self.kv:
             self.waiting.appendleft(child)
