@@ -63,7 +63,9 @@ def _check_positive_int(value: Any, what: str) -> None:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The architecture numbers that decide the size of a model's KV cache."""
+    """The architecture numbers that decide the size of a model's KV cache, and of its weights
+    (``vocab_size``, ``intermediate_size``, ``tie_word_embeddings``; optional: without them the
+    weights' bytes are not known)."""
 
     name: str
     num_layers: int
@@ -72,6 +74,9 @@ class ModelShape:
     head_dim: int
     hidden_size: int
     max_position_embeddings: int
+    vocab_size: int | None = None
+    intermediate_size: int | None = None
+    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for field in (
@@ -83,6 +88,9 @@ class ModelShape:
             "max_position_embeddings",
         ):
             _check_positive_int(getattr(self, field), field)
+        for field in ("vocab_size", "intermediate_size"):
+            if getattr(self, field) is not None:
+                _check_positive_int(getattr(self, field), field)
         if self.num_heads % self.num_kv_heads != 0:
             raise KVCacheError(
                 f"num_heads ({self.num_heads}) must be a multiple of "
@@ -94,7 +102,9 @@ class ModelShape:
         """Build a shape from a Hugging Face ``config.json`` dict.
 
         ``num_key_value_heads`` defaults to ``num_attention_heads`` and
-        ``head_dim`` (absent or ``None``) to ``hidden_size // num_attention_heads``.
+        ``head_dim`` (absent or ``None``) to ``hidden_size // num_attention_heads``;
+        ``vocab_size`` and ``intermediate_size`` are optional, ``tie_word_embeddings``
+        defaults to false (as the model loader reads it).
         Raises ``ValueError`` naming the first missing required key.
         """
         if not isinstance(cfg, dict):
@@ -127,6 +137,9 @@ class ModelShape:
             head_dim=head_dim,
             hidden_size=hidden_size,
             max_position_embeddings=max_pos,
+            vocab_size=cfg.get("vocab_size"),
+            intermediate_size=cfg.get("intermediate_size"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
 
 
@@ -378,23 +391,24 @@ def format_bytes(n: int) -> str:
 # --------------------------------------------------------------------------
 
 
-def _shape(name: str, layers: int, heads: int, kv: int, hd: int, hidden: int, ctx: int) -> ModelShape:
-    return ModelShape(name, layers, heads, kv, hd, hidden, ctx)
+def _shape(name: str, layers: int, heads: int, kv: int, hd: int, hidden: int, ctx: int, vocab: int,
+           intermediate: int, tied: bool = False) -> ModelShape:
+    return ModelShape(name, layers, heads, kv, hd, hidden, ctx, vocab, intermediate, tied)
 
 
-#: Public architecture numbers of common models, keyed by lower-case name.
+#: Public architecture numbers of common models (their config.json), keyed by lower-case name.
 PRESETS: dict[str, ModelShape] = {
     s.name: s
     for s in (
-        _shape("llama-2-7b", 32, 32, 32, 128, 4096, 4096),
-        _shape("llama-2-13b", 40, 40, 40, 128, 5120, 4096),
-        _shape("llama-2-70b", 80, 64, 8, 128, 8192, 4096),
-        _shape("llama-3-8b", 32, 32, 8, 128, 4096, 8192),
-        _shape("llama-3-70b", 80, 64, 8, 128, 8192, 8192),
-        _shape("mistral-7b", 32, 32, 8, 128, 4096, 32768),
-        _shape("qwen2.5-7b", 28, 28, 4, 128, 3584, 32768),
-        _shape("smollm2-135m-instruct", 30, 9, 3, 64, 576, 8192),
-        _shape("smollm2-360m-instruct", 32, 15, 5, 64, 960, 8192),
+        _shape("llama-2-7b", 32, 32, 32, 128, 4096, 4096, 32000, 11008),
+        _shape("llama-2-13b", 40, 40, 40, 128, 5120, 4096, 32000, 13824),
+        _shape("llama-2-70b", 80, 64, 8, 128, 8192, 4096, 32000, 28672),
+        _shape("llama-3-8b", 32, 32, 8, 128, 4096, 8192, 128256, 14336),
+        _shape("llama-3-70b", 80, 64, 8, 128, 8192, 8192, 128256, 28672),
+        _shape("mistral-7b", 32, 32, 8, 128, 4096, 32768, 32000, 14336),
+        _shape("qwen2.5-7b", 28, 28, 4, 128, 3584, 32768, 152064, 18944),
+        _shape("smollm2-135m-instruct", 30, 9, 3, 64, 576, 8192, 49152, 1536, tied=True),
+        _shape("smollm2-360m-instruct", 32, 15, 5, 64, 960, 8192, 49152, 2560, tied=True),
     )
 }
 
