@@ -242,9 +242,15 @@ def test_from_hf_config_full():
         "head_dim": 64,
         "hidden_size": 576,
         "max_position_embeddings": 8192,
+        "vocab_size": 49152,
+        "intermediate_size": 1536,
+        "tie_word_embeddings": True,
     }
     s = ModelShape.from_hf_config(cfg, name="smollm2-135m-instruct")
     assert s == SMOL
+    del cfg["vocab_size"], cfg["intermediate_size"], cfg["tie_word_embeddings"]
+    s = ModelShape.from_hf_config(cfg)  # the weights' numbers are optional
+    assert s.vocab_size is None and s.intermediate_size is None and s.tie_word_embeddings is False
 
 
 def test_from_hf_config_defaults():
