@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--group-size", type=_positive_int, default=64, help="values per scale/zero point (int formats)")
     m.add_argument("--budget", default=None, help="memory budget, e.g. 8GiB")
     m.add_argument("--block-size", type=_positive_int, default=16, help="tokens per paged block")
+    m.add_argument("--weights", default="auto", choices=["auto", "none", "int8", "int4", "gguf"],
+                   help="weights sharing --budget with the KV cache (default auto: what LLM picks in the KV "
+                        "dtype, gguf for a GGUF it keeps packed, else none)")
     m.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -250,13 +253,28 @@ def cmd_serve(args) -> int:
 
 
 def cmd_memory(args) -> int:
-    from kvcache.cache.spec import KVFormat, memory_report, model_shape, parse_size
+    from kvcache.cache import spec
 
-    fmt = KVFormat.parse(args.dtype, group_size=args.group_size)
-    budget = parse_size(args.budget) if args.budget else None
-    shape = model_shape(args.model)
-    report = memory_report(shape, fmt, seq_len=args.seq_len, batch=args.batch, budget_bytes=budget,
-                           block_size=args.block_size)
+    fmt = spec.KVFormat.parse(args.dtype, group_size=args.group_size)
+    budget = spec.parse_size(args.budget) if args.budget else None
+    shape = spec.model_shape(args.model)
+    gguf = spec.model_gguf(args.model)
+    float_dtype = spec.weights_float_dtype(fmt)
+    weights = spec.weights_by_quantization(shape, float_dtype, gguf)
+    quantization = spec.auto_weights(gguf, fmt) if args.weights == "auto" else args.weights
+    if args.weights != "auto":  # asked for: these weights must be known and fit the budget
+        from kvcache.models.weight_bytes import weight_bytes
+
+        if quantization == "gguf" and gguf is None:
+            raise KVCacheError(f"--weights gguf counts a GGUF file's own formats, and {args.model} is not a GGUF file.")
+        w = weight_bytes(shape, quantization, 4 if float_dtype == "fp32" else 2, gguf)  # raises where n/a
+        if budget is not None and w > budget:
+            what = f"none ({float_dtype})" if quantization == "none" else quantization
+            raise KVCacheError(f"The {what} weights of {args.model} take {spec.format_bytes(w)} ({w:,} bytes), "
+                               f"more than the {spec.format_bytes(budget)} budget; give a larger --budget or "
+                               "smaller --weights.")
+    report = spec.memory_report(shape, fmt, seq_len=args.seq_len, batch=args.batch, budget_bytes=budget,
+                                block_size=args.block_size, weights=weights, weights_quantization=quantization)
     if args.json:
         print(json.dumps(report.to_dict()))
         return 0

@@ -48,6 +48,14 @@ __all__ = [
     "preset",
     "MemoryReport",
     "memory_report",
+    "model_shape",
+    "model_gguf",
+    "auto_weights",
+    "WEIGHT_ROWS",
+    "weight_row",
+    "weights_float_dtype",
+    "weights_by_quantization",
+    "users_in_budget",
 ]
 
 
@@ -461,6 +469,30 @@ def model_shape(name: str) -> ModelShape:
     return ModelShape.from_hf_config(read_hf_config(model_dir), name=name)
 
 
+def model_gguf(name: str) -> Any:
+    """The GGUF file (a `Path`) a model name stands for: a .gguf path or the packaged default
+    model where its package is installed; None otherwise."""
+    from kvcache.models.loader import gguf_file
+
+    try:
+        return gguf_file(name)
+    except KVCacheError:
+        return None
+
+
+def auto_weights(gguf: Any, fmt: KVFormat) -> str:
+    """The quantization `LLM(model, dtype=...)` picks for a model whose KV cache is in ``fmt``
+    (the model dtype: fp32 for an fp32 cache, fp16 for fp16, else bf16): "gguf" for a GGUF whose
+    matrices are kept packed, in fp32 or bf16, where the native kernels can be built (a C
+    compiler; they are not built here); "none" otherwise."""
+    if gguf is None or fmt.name == "fp16":
+        return "none"
+    from kvcache.models.gguf_weights import keeps_packed
+    from kvcache.native.build import wanted
+
+    return "gguf" if keeps_packed(gguf) and wanted() else "none"
+
+
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
@@ -486,10 +518,60 @@ class MemoryReport:
     blocks_in_budget: int | None = None
     tokens_in_budget: int | None = None
     max_position_embeddings: int | None = None
+    # The weights (None where not known). The budget fields above count the KV cache alone (the
+    # budget as a KV pool, as `--kv-cache-memory`); the ones below count the weights too.
+    weights: dict[str, int | None] | None = None  # WEIGHT_ROWS -> bytes, None where n/a
+    weights_quantization: str | None = None  # the row the budget is shared with, e.g. "int4"
+    weights_float_dtype: str | None = None  # the float parts' dtype: "fp32" or "bf16"
+    weight_bytes: int | None = None
+    total_with_weights_bytes: int | None = None  # total_bytes + weight_bytes
+    kv_budget_bytes: int | None = None  # budget - weight_bytes (0 when the weights do not fit)
+    users_at_seq_len: int | None = None  # sequences of seq_len tokens beside the weights
+    max_seq_len_with_weights: int | None = None  # at `batch`, beside the weights
+    users_at_seq_len_by_weights: dict[str, int | None] | None = None  # WEIGHT_ROWS -> users
 
     def to_dict(self) -> dict[str, Any]:
         """The report as a plain JSON-serialisable dict."""
         return dataclasses.asdict(self)
+
+
+#: The weight rows of a report: float weights at 4 and 2 bytes, and the quantizations.
+WEIGHT_ROWS: tuple[str, ...] = ("none_fp32", "none_bf16", "int8", "int4", "gguf")
+
+
+def weights_float_dtype(fmt: KVFormat) -> str:
+    """The dtype of a model whose KV cache is in ``fmt``: fp32 for an fp32 cache, else a 16-bit
+    one (bf16 and fp16 weights take the same bytes)."""
+    return "fp32" if fmt.name == "fp32" else "bf16"
+
+
+def weight_row(quantization: str, float_dtype: str) -> str:
+    """The `WEIGHT_ROWS` key of a quantization whose float parts are in ``float_dtype``."""
+    return f"none_{float_dtype}" if quantization == "none" else quantization
+
+
+def weights_by_quantization(shape: ModelShape, float_dtype: str, gguf: Any = None) -> dict[str, int | None]:
+    """Bytes of the weights per `WEIGHT_ROWS` key (None where the count does not apply: an int4
+    model whose matrices do not divide into groups, no GGUF file, a GGUF type not kept packed,
+    a shape without vocab_size or intermediate_size). The quantized rows hold their float parts
+    (norms; a GGUF's float tensors) in ``float_dtype``."""
+    from kvcache.models.weight_bytes import weight_bytes
+
+    out: dict[str, int | None] = {}
+    for row in WEIGHT_ROWS:
+        q, width = (("none", 4 if row == "none_fp32" else 2) if row.startswith("none")
+                    else (row, 4 if float_dtype == "fp32" else 2))
+        try:
+            out[row] = weight_bytes(shape, q, width, gguf)
+        except KVCacheError:
+            out[row] = None
+    return out
+
+
+def users_in_budget(shape: ModelShape, fmt: KVFormat, budget_bytes: int, weight_bytes: int, seq_len: int) -> int:
+    """Sequences of ``seq_len`` tokens whose cache fits the budget beside the weights (0 if none)."""
+    _check_count(weight_bytes, "weight_bytes")
+    return max_batch_in_budget(shape, fmt, max(0, budget_bytes - weight_bytes), seq_len)
 
 
 def memory_report(
@@ -499,11 +581,17 @@ def memory_report(
     batch: int = 1,
     budget_bytes: int | None = None,
     block_size: int = 16,
+    weights: dict[str, int | None] | None = None,
+    weights_quantization: str | None = None,
 ) -> MemoryReport:
     """Compute a :class:`MemoryReport`; budget fields are filled only when a budget is given.
 
     ``blocks_in_budget`` counts whole blocks of ``block_size`` tokens that fit the
     budget (a paged cache's capacity); ``tokens_in_budget`` is that times ``block_size``.
+    With ``weights`` (`weights_by_quantization`) and a budget, ``users_at_seq_len`` and
+    ``max_seq_len_with_weights`` count what fits beside the ``weights_quantization`` weights
+    ("none", "int8", "int4" or "gguf"; their float parts in `weights_float_dtype`), and
+    ``users_at_seq_len_by_weights`` does so for every row.
     """
     _check_positive_int(seq_len, "seq_len")
     _check_positive_int(batch, "batch")
@@ -530,4 +618,27 @@ def memory_report(
         report.max_batch_at_seq_len = max_batch_in_budget(shape, fmt, budget_bytes, seq_len)
         report.blocks_in_budget = blocks
         report.tokens_in_budget = blocks * block_size
+    if weights is not None:
+        _add_weights(report, shape, fmt, weights, weights_quantization or "none")
     return report
+
+
+def _add_weights(report: MemoryReport, shape: ModelShape, fmt: KVFormat, weights: dict[str, int | None],
+                 quantization: str) -> None:
+    float_dtype = weights_float_dtype(fmt)
+    report.weights = dict(weights)
+    report.weights_quantization = quantization
+    report.weights_float_dtype = float_dtype
+    report.weight_bytes = weights.get(weight_row(quantization, float_dtype))
+    if report.weight_bytes is not None:
+        report.total_with_weights_bytes = report.total_bytes + report.weight_bytes
+    budget = report.budget_bytes
+    if budget is None:
+        return
+    report.users_at_seq_len_by_weights = {
+        row: None if w is None else users_in_budget(shape, fmt, budget, w, report.seq_len)
+        for row, w in weights.items()}
+    if report.weight_bytes is not None:
+        report.kv_budget_bytes = max(0, budget - report.weight_bytes)
+        report.users_at_seq_len = max_batch_in_budget(shape, fmt, report.kv_budget_bytes, report.seq_len)
+        report.max_seq_len_with_weights = max_seq_len_in_budget(shape, fmt, report.kv_budget_bytes, report.batch)
