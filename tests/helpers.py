@@ -124,8 +124,9 @@ def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-def write_gguf(path, tensors: dict, heads: int = 4, kv_heads: int = 2):
-    """A llama-architecture GGUF with these tensors: name -> (float array, type name)."""
+def write_gguf(path, tensors: dict, heads: int = 4, kv_heads: int = 2, metadata: dict | None = None):
+    """A llama-architecture GGUF with these tensors: name -> (float array, type name); `metadata`:
+    more uint32 keys (e.g. "llama.block_count")."""
     import gguf
     import numpy as np
 
@@ -133,6 +134,8 @@ def write_gguf(path, tensors: dict, heads: int = 4, kv_heads: int = 2):
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_uint32("llama.attention.head_count", heads)
     writer.add_uint32("llama.attention.head_count_kv", kv_heads)
+    for key, value in (metadata or {}).items():
+        writer.add_uint32(key, value)
     writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(300)])  # string arrays are skipped
     for name, (arr, qtype) in tensors.items():
         if qtype in ("F32", "F16"):
@@ -145,3 +148,29 @@ def write_gguf(path, tensors: dict, heads: int = 4, kv_heads: int = 2):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_tiny_quantized_gguf(path, tied: bool):
+    """A 2-layer GGUF (hidden 64, 4 heads and 2 KV heads of 16, intermediate 96, vocab 300) whose
+    matrices mix Q4_1, Q4_0, Q8_0 and one F16; the token embedding F16 when `tied` (no
+    output.weight), else Q8_0 beside a Q8_0 output head. Returns `path`."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+
+    def m(rows, cols):
+        return rng.standard_normal((rows, cols)).astype(np.float32)
+
+    ones = (np.ones(64, np.float32), "F32")
+    t = {"token_embd.weight": (m(300, 64), "F16" if tied else "Q8_0"), "output_norm.weight": ones}
+    if not tied:
+        t["output.weight"] = (m(300, 64), "Q8_0")
+    for n in range(2):
+        b = f"blk.{n}."
+        t |= {b + "attn_q.weight": (m(64, 64), "Q4_1"), b + "attn_k.weight": (m(32, 64), "Q4_0"),
+              b + "attn_v.weight": (m(32, 64), "Q8_0"), b + "attn_output.weight": (m(64, 64), "Q4_1"),
+              b + "ffn_gate.weight": (m(96, 64), "Q4_1"), b + "ffn_up.weight": (m(96, 64), "F16"),
+              b + "ffn_down.weight": (m(64, 96), "Q4_0"), b + "attn_norm.weight": ones, b + "ffn_norm.weight": ones}
+    write_gguf(path, t, metadata={"llama.embedding_length": 64, "llama.feed_forward_length": 96,
+                                  "llama.block_count": 2, "llama.context_length": 128})
+    return path

@@ -397,3 +397,65 @@ def test_render_memory_report_with_budget():
 def test_no_torch_import():
     for module in (spec, memory_table):
         assert "torch" not in imported_top_modules(module.__file__), module.__name__
+
+# ---------------------------------------------------------------- weights beside the cache
+
+LLAMA2 = PRESETS["llama-2-7b"]
+
+
+def test_preset_weights_match_the_public_parameter_counts():
+    """bf16 float weights: 2 bytes a parameter, the embedding and head counted once each."""
+    params = {"llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248, "smollm2-135m-instruct": 134_515_008,
+              "qwen2.5-7b": 7_615_616_512 - 28 * (3584 + 2 * 512)}  # Qwen2.5's q/k/v biases are not counted
+    for name, n in params.items():
+        shape = PRESETS[name]
+        tied = shape.vocab_size * shape.hidden_size if shape.tie_word_embeddings else 0
+        assert spec.weights_by_quantization(shape, "bf16")["none_bf16"] == 2 * (n + tied), name
+
+
+def test_weights_by_quantization_rows():
+    w = spec.weights_by_quantization(LLAMA2, "bf16")
+    assert list(w) == list(spec.WEIGHT_ROWS)
+    assert w["none_fp32"] == 2 * w["none_bf16"] == 4 * 6_738_415_616
+    assert w["int4"] < w["int8"] < w["none_bf16"] and w["gguf"] is None  # no GGUF file for a preset
+    bare = ModelShape("x", 2, 4, 2, 16, 64, 128)
+    assert set(spec.weights_by_quantization(bare, "bf16").values()) == {None}
+
+
+def test_budget_fields_count_the_weights_beside_the_kv_alone_ones():
+    weights = spec.weights_by_quantization(LLAMA2, "bf16")
+    r = memory_report(LLAMA2, FP16, seq_len=4096, batch=2, budget_bytes=16 * GiB, weights=weights,
+                      weights_quantization="int4")
+    # unchanged: the budget as a KV pool
+    assert (r.max_seq_len_at_batch, r.max_batch_at_seq_len, r.blocks_in_budget) == (16_384, 8, 2048)
+    w = weights["int4"]
+    assert r.weight_bytes == w and r.weights_quantization == "int4" and r.weights_float_dtype == "bf16"
+    assert r.total_with_weights_bytes == r.total_bytes + w
+    assert r.kv_budget_bytes == 16 * GiB - w
+    per_seq = 524_288 * 4096
+    assert r.users_at_seq_len == (16 * GiB - w) // per_seq == 5
+    assert r.max_seq_len_with_weights == (16 * GiB - w) // (2 * 524_288)
+    assert r.users_at_seq_len_by_weights == {
+        "none_fp32": 0, "none_bf16": (16 * GiB - weights["none_bf16"]) // per_seq, "int8": 4, "int4": 5, "gguf": None}
+    assert spec.users_in_budget(LLAMA2, FP16, 16 * GiB, w, 4096) == 5
+    assert spec.users_in_budget(LLAMA2, FP16, GiB, w, 4096) == 0  # weights past the budget: nobody
+
+
+def test_weights_without_a_budget_and_the_fp32_float_parts():
+    weights = spec.weights_by_quantization(LLAMA2, "fp32")
+    r = memory_report(LLAMA2, FP32, weights=weights, weights_quantization="none")
+    assert r.weight_bytes == weights["none_fp32"] and r.weights_float_dtype == "fp32"
+    assert r.users_at_seq_len is None and r.kv_budget_bytes is None and r.users_at_seq_len_by_weights is None
+    # norms are 4 bytes wide beside int8 codes in an fp32 model: (2 x 32 + 1) x 4096 more bytes than in bf16
+    assert weights["int8"] - spec.weights_by_quantization(LLAMA2, "bf16")["int8"] == 65 * 4096 * 2
+
+
+def test_render_memory_report_with_weights():
+    weights = spec.weights_by_quantization(LLAMA2, "bf16")
+    r = memory_report(LLAMA2, FP16, seq_len=4096, budget_bytes=8 * GiB, weights=weights, weights_quantization="none")
+    text = _render(r)
+    for row in ("none (fp32)", "none (bf16 / fp16) *", "int8", "int4", "gguf", "Users at 4,096 tokens in 8.00 GiB"):
+        assert row in text
+    assert f"{weights['int4']:,}" in text and f"{r.users_at_seq_len_by_weights['int4']:,}" in text
+    assert "leave no room for the KV cache" in text  # 12.55 GiB of bf16 weights in 8 GiB
+    assert "KV alone" in text and f"{r.max_batch_at_seq_len:,} sequences" in text

@@ -11,7 +11,7 @@ from kvcache.models.config import LlamaConfig
 from kvcache.models.gguf_weights import gguf_state_dict
 from kvcache.models.llama import LlamaModel
 from kvcache.models.weight_bytes import gguf_weight_bytes, weight_bytes
-from tests.helpers import write_gguf
+from tests.helpers import write_gguf, write_tiny_quantized_gguf
 
 
 def config(tied: bool, intermediate: int = 96, vocab: int = 300) -> LlamaConfig:
@@ -76,33 +76,12 @@ def test_a_shape_without_vocab_or_intermediate_is_one_sentence():
         weight_bytes(shape, "gguf")
 
 
-def gguf_tensors(tied: bool) -> dict:
-    rng = np.random.default_rng(2)
-
-    def m(rows, cols):
-        return rng.standard_normal((rows, cols)).astype(np.float32)
-
-    t = {"token_embd.weight": (m(300, 64), "F16" if tied else "Q8_0"), "output_norm.weight": (np.ones(64, np.float32), "F32")}
-    if not tied:
-        t["output.weight"] = (m(300, 64), "Q8_0")
-    for n in range(2):
-        b = f"blk.{n}."
-        t |= {b + "attn_q.weight": (m(64, 64), "Q4_1"), b + "attn_k.weight": (m(32, 64), "Q4_0"),
-              b + "attn_v.weight": (m(32, 64), "Q8_0"), b + "attn_output.weight": (m(64, 64), "Q4_1"),
-              b + "ffn_gate.weight": (m(96, 64), "Q4_1"), b + "ffn_up.weight": (m(96, 64), "F16"),
-              b + "ffn_down.weight": (m(64, 96), "Q4_0"),
-              b + "attn_norm.weight": (np.ones(64, np.float32), "F32"),
-              b + "ffn_norm.weight": (np.ones(64, np.float32), "F32")}
-    return t
-
-
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gguf_equals_the_loaded_models_weight_bytes(tmp_path, tied, dtype):
     """Packed Q8_0 / Q4_0 / Q4_1 matrices, a float matrix beside them, and a float or packed table."""
     pytest.importorskip("gguf")
-    path = tmp_path / "tiny.gguf"
-    write_gguf(path, gguf_tensors(tied))
+    path = write_tiny_quantized_gguf(tmp_path / "tiny.gguf", tied)
     model = LlamaModel.from_state_dict(config(tied), gguf_state_dict(path, 4, 2), dtype, quantization="gguf")
     assert gguf_weight_bytes(path, dtype.itemsize) == model.weight_bytes
     assert weight_bytes(config(tied), "gguf", dtype.itemsize, gguf=path) == model.weight_bytes
