@@ -263,11 +263,9 @@ def cmd_memory(args) -> int:
     weights = spec.weights_by_quantization(shape, float_dtype, gguf)
     quantization = spec.auto_weights(gguf, fmt) if args.weights == "auto" else args.weights
     if args.weights != "auto":  # asked for: these weights must be known and fit the budget
-        from kvcache.models.weight_bytes import weight_bytes
-
         if quantization == "gguf" and gguf is None:
             raise KVCacheError(f"--weights gguf counts a GGUF file's own formats, and {args.model} is not a GGUF file.")
-        w = weight_bytes(shape, quantization, 4 if float_dtype == "fp32" else 2, gguf)  # raises where n/a
+        w = spec.weights_bytes(shape, quantization, float_dtype, gguf)  # raises where n/a
         if budget is not None and w > budget:
             what = f"none ({float_dtype})" if quantization == "none" else quantization
             raise KVCacheError(f"The {what} weights of {args.model} take {spec.format_bytes(w)} ({w:,} bytes), "

@@ -17,6 +17,10 @@ scale and a fp16 zero point (4 bytes).  Per layer and token, K (or V) therefore
 takes ``ceil(kv_heads x head_dim x bits / 8) + groups x 4`` bytes; with
 groups of 64 that is 8.5, 4.5 and 2.5 bits per value for int8, int4 and int2.
 
+The weights share a machine's memory with the cache: :func:`weights_by_quantization` gives
+their exact bytes under each quantization (``kvcache.models.weight_bytes``), and a report
+with a budget counts how many sequences fit beside them.
+
 Everything here returns exact integers; :func:`format_bytes` is only for display.
 """
 
@@ -54,6 +58,7 @@ __all__ = [
     "WEIGHT_ROWS",
     "weight_row",
     "weights_float_dtype",
+    "weights_bytes",
     "weights_by_quantization",
     "users_in_budget",
 ]
@@ -550,19 +555,24 @@ def weight_row(quantization: str, float_dtype: str) -> str:
     return f"none_{float_dtype}" if quantization == "none" else quantization
 
 
+def weights_bytes(shape: ModelShape, quantization: str, float_dtype: str, gguf: Any = None) -> int:
+    """Bytes of the weights under ``quantization`` ("none", "int8", "int4", "gguf" of the file
+    ``gguf``), float parts in ``float_dtype`` ("fp32" or "bf16"); `KVCacheError` where n/a."""
+    from kvcache.models.weight_bytes import weight_bytes
+
+    return weight_bytes(shape, quantization, 4 if float_dtype == "fp32" else 2, gguf)
+
+
 def weights_by_quantization(shape: ModelShape, float_dtype: str, gguf: Any = None) -> dict[str, int | None]:
     """Bytes of the weights per `WEIGHT_ROWS` key (None where the count does not apply: an int4
     model whose matrices do not divide into groups, no GGUF file, a GGUF type not kept packed,
     a shape without vocab_size or intermediate_size). The quantized rows hold their float parts
     (norms; a GGUF's float tensors) in ``float_dtype``."""
-    from kvcache.models.weight_bytes import weight_bytes
-
     out: dict[str, int | None] = {}
     for row in WEIGHT_ROWS:
-        q, width = (("none", 4 if row == "none_fp32" else 2) if row.startswith("none")
-                    else (row, 4 if float_dtype == "fp32" else 2))
+        q, dtype = ("none", row[len("none_"):]) if row.startswith("none_") else (row, float_dtype)
         try:
-            out[row] = weight_bytes(shape, q, width, gguf)
+            out[row] = weights_bytes(shape, q, dtype, gguf)
         except KVCacheError:
             out[row] = None
     return out
