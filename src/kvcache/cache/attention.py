@@ -8,20 +8,26 @@ The methods are the shapes of attention the KV layer needs:
 - `paged_decode`: one query per row over its own blocks (a block table; the dense cache is
   one block per row), optionally with attention sinks;
 - `paged_quantized_decode`: the same over blocks holding per-token quantized codes;
+- `paged_chunk`, `paged_quantized_chunk`: a prompt chunk, causal over its blocks (its own
+  tokens last), read through its block table;
 - `quantized_decode_rows`: one query per sequence over a KIVI-quantized layer (per-channel
   key codes, per-token value codes, exact sinks and tail).
 
 `AttentionBackend` itself is the torch reference (gathers, masks, SDPA). `NativeCPUAttention`
 runs the `kvcache.native` kernels where they apply: decode reads the blocks or codes in place
 (`reads_in_place`: a store then attends itself instead of handing the model K/V), bf16
-prompt chunks use the causal prefill kernel. The backend is picked once, when a model's
-cache, storage or engine is built (`attention_backend`, `model_attention`); a KV object asks
-its backend, never the native module. A GPU backend is one more subclass.
+prompt chunks use the causal prefill kernel. `TritonAttention` (`cache/triton_attention.py`,
+CUDA) reads the blocks in place for decode rows and prompt chunks alike (`chunks_in_place`).
+The backend is picked once, when a model's cache, storage or engine is built
+(`attention_backend`, `model_attention`); a KV object asks its backend, never the native
+module, and Triton is imported only when its backend is picked.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +37,7 @@ from kvcache import native
 from kvcache.cache.quant import QTensor, dequantize, quantized_scores, unpack_codes
 from kvcache.models.rope import apply_rotary
 from kvcache.models.sdpa import grouped_sdpa
+from kvcache.models.step import causal_mask
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class AttentionBackend:
 
     name = "torch"
     reads_in_place = False  # decode reads a store where it lies; False: the store hands over K/V
+    chunks_in_place = False  # prompt chunks read their blocks through the table (`paged_chunk`); False: gathered
 
     def grouped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q (B, Hq, T, D) over k, v (B, Hkv, S, D), mask bool (B, 1, T, S) or None. Returns (B, T, Hq*D)."""
@@ -135,6 +143,24 @@ class AttentionBackend:
         valid = _token_range(kk.shape[2], lo, hi, q.device)  # (B, S)
         return self.grouped(q[:, :, None], kk, vv, valid[:, None, None]).view(b, hq, d)
 
+    def paged_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, kv_len: int,
+                    block_size: int, min_slot: torch.Tensor | None = None) -> torch.Tensor:
+        """A prompt chunk q (1, Hq, T, D): the last T of the kv_len tokens of its blocks (table
+        (1, NB); token t at slot table[0, t // block_size] * block_size + t % block_size of
+        k, v (Hkv, slots, D)). Query i sees tokens up to its own, from min_slot[i] on when
+        given ((T,), a window). Returns (1, T, Hq*D). Here: gather, mask, attend."""
+        kk = _gather(k, table, block_size)[:, :, :kv_len]  # (1, Hkv, kv_len, D)
+        vv = _gather(v, table, block_size)[:, :, :kv_len]
+        return self.grouped(q, kk, vv, windowed_causal_mask(kv_len, q.shape[2], min_slot, q.device))
+
+    def paged_quantized_chunk(self, q: torch.Tensor, k: QuantizedSlots, v: QuantizedSlots, table: torch.Tensor,
+                              kv_len: int, block_size: int, min_slot: torch.Tensor | None = None) -> torch.Tensor:
+        """`paged_chunk` over blocks of per-token quantized codes. Returns (1, T, Hq*D) in q's dtype."""
+        d = q.shape[3]
+        kk = _dequantized(k, table, block_size, d, q.dtype)[:, :, :kv_len]  # (1, Hkv, kv_len, D)
+        vv = _dequantized(v, table, block_size, d, q.dtype)[:, :, :kv_len]
+        return self.grouped(q, kk, vv, windowed_causal_mask(kv_len, q.shape[2], min_slot, q.device))
+
     def quantized_decode_rows(self, q: torch.Tensor, rows: list[tuple]) -> torch.Tensor:
         """One query per sequence q (B, Hq, D) over its KIVI-quantized layer, rows[b] = (exact_k,
         exact_v (Hkv, ne, D), key QTensor per channel, value QTensor per token, batch 1), all of
@@ -186,15 +212,46 @@ TORCH = AttentionBackend()
 NATIVE_CPU = NativeCPUAttention()
 
 
+def triton_available() -> bool:
+    """Whether Triton is installed and not turned off (`KVCACHE_TRITON=0`); nothing is imported."""
+    return os.environ.get("KVCACHE_TRITON", "1") != "0" and importlib.util.find_spec("triton") is not None
+
+
+def triton_backend() -> AttentionBackend:
+    """The Triton backend (imports Triton on first call)."""
+    global _TRITON
+    if _TRITON is None:
+        from kvcache.cache.triton_attention import TritonAttention
+
+        _TRITON = TritonAttention()
+    return _TRITON
+
+
+_TRITON: AttentionBackend | None = None
+
+
 def attention_backend(dtype: torch.dtype, device: torch.device | str, use_native: bool = True) -> AttentionBackend:
     """The backend for tensors of `dtype` on `device`: the native kernels where they run and
-    `use_native` allows them, else torch."""
-    return NATIVE_CPU if use_native and native.supports(dtype, device) else TORCH
+    `use_native` allows them, Triton on CUDA where it is installed, else torch."""
+    if use_native and native.supports(dtype, device):
+        return NATIVE_CPU
+    if torch.device(device).type == "cuda" and triton_available():
+        return triton_backend()
+    return TORCH
 
 
 def model_attention(model) -> AttentionBackend:
     """The backend for a model's KV stores: native exactly when the model runs the native kernels."""
     return attention_backend(model.dtype, model.device, model.native)
+
+
+def windowed_causal_mask(kv_len: int, t: int, min_slot: torch.Tensor | None, device) -> torch.Tensor:
+    """Bool (1, 1, T, kv_len) for T queries at the last T of kv_len slots: causal, and query i
+    sees no slot before min_slot[i] (a window that moved during the chunk) when given."""
+    mask = causal_mask(None, 1, kv_len - t, t, device)  # (1, 1, T, kv_len)
+    if min_slot is not None:
+        mask = mask & (torch.arange(kv_len, device=device)[None, :] >= min_slot.to(device)[:, None])  # (1, 1, T, S)
+    return mask
 
 
 def _gather(x: torch.Tensor, table: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ from functools import partial
 
 import torch
 
+from kvcache.cache.attention import windowed_causal_mask
 from kvcache.cache.storage import PagedKVStorage, SlotStepView, decode_rows, slot_mask
-from kvcache.models.step import causal_mask
 
 
 @dataclass
@@ -35,15 +35,6 @@ class ChunkSegment:
         """Bool (1, 1, T, kv_len): each of its queries sees the slots up to its own (from its
         `min_slot` on, under a window)."""
         return windowed_causal_mask(self.kv_len, self.num_tokens, self.min_slot, device)
-
-
-def windowed_causal_mask(kv_len: int, t: int, min_slot: torch.Tensor | None, device) -> torch.Tensor:
-    """Bool (1, 1, T, kv_len) for T queries at the last T of kv_len slots: causal, and query i
-    sees no slot before min_slot[i] (a window that moved during the chunk) when given."""
-    mask = causal_mask(None, 1, kv_len - t, t, device)  # (1, 1, T, kv_len)
-    if min_slot is not None:
-        mask = mask & (torch.arange(kv_len, device=device)[None, :] >= min_slot.to(device)[:, None])  # (1, 1, T, S)
-    return mask
 
 
 @dataclass
@@ -94,13 +85,17 @@ class MixedStepView(SlotStepView):
                 k_all, v_all = st.read_rows(layer, self.decode.read_blocks)  # (B, Hkv, S, D)
                 out[0, :b] = self.attention.grouped(qd[:, :, None], k_all, v_all, self.valid)[:, 0]  # (B, Hq*D)
         for i, c in enumerate(self.chunks):
+            qc = q[:, :, c.offset : c.offset + c.num_tokens]  # (1, Hq, T, D)
+            if self.attention.chunks_in_place:  # the backend reads the chunk's blocks through its table
+                out[:, c.offset : c.offset + c.num_tokens] = st.chunk_attention(layer, qc, c.read_blocks, c.kv_len,
+                                                                                c.min_slot)  # (1, T, Hq*D)
+                continue
             if c.first_block is not None:  # consecutive blocks: a view, no copy
                 lo = c.first_block * st.block_size
                 k_all, v_all = st.read_range(layer, lo, lo + c.kv_len)  # (1, Hkv, S, D)
             else:
                 k_all, v_all = st.read_rows(layer, c.read_blocks)  # (1, Hkv, S', D)
                 k_all, v_all = k_all[:, :, : c.kv_len], v_all[:, :, : c.kv_len]  # (1, Hkv, S, D)
-            qc = q[:, :, c.offset : c.offset + c.num_tokens]  # (1, Hq, T, D)
             o = self.attention.causal_chunk(qc, k_all, v_all, partial(self._mask, i, q.device),
                                             c.min_slot is None)
             out[:, c.offset : c.offset + c.num_tokens] = o  # (1, T, Hq*D)

@@ -234,6 +234,12 @@ class PagedQuantizedStorage:
         return self.attention.paged_quantized_decode(q, self.k.layer(layer), self.v.layer(layer), table, lo, hi,
                                                      self.block_size)
 
+    def chunk_attention(self, layer: int, q: torch.Tensor, table: torch.Tensor, kv_len: int,
+                        min_slot: torch.Tensor | None) -> torch.Tensor:
+        """`PagedKVStorage.chunk_attention` from the codes (`AttentionBackend.paged_quantized_chunk`)."""
+        return self.attention.paged_quantized_chunk(q, self.k.layer(layer), self.v.layer(layer), table, kv_len,
+                                                    self.block_size, min_slot)
+
     def read_blocks(self, block_ids, num_tokens):
         raise KVCacheError("Sessions are saved from a float KV cache; this engine holds its blocks quantized.")
 

@@ -59,15 +59,15 @@ class PagedSinksStepView(SlotStepView):
         self.attention = storage.attention
         self.in_place = p.shape[1] == 1 and storage.decode_sinks and self.attention.reads_in_place
         if self.in_place:  # one run of each row's table; the backend meets the sinks with their own query
-            self.table = read_blocks.to(torch.int32).cpu()  # (B, NB)
-            start_slot = torch.searchsorted(slot_positions, start).reshape(-1).cpu()  # (B,) the window's first slot
-            self.hi = torch.searchsorted(slot_positions, p, right=True).reshape(-1).cpu()  # (B,)
+            self.table = read_blocks.to(torch.int32)  # (B, NB)
+            start_slot = torch.searchsorted(slot_positions, start).reshape(-1)  # (B,) the window's first slot
+            self.hi = torch.searchsorted(slot_positions, p, right=True).reshape(-1)  # (B,)
             self.sinks = None
             if self.n_sink:
                 self.lo = torch.zeros_like(self.hi)
                 # sinks until n_sink, then skip to the window's start; (B, D) rotations back
                 self.sinks = DecodeSinks(cos[:, 0, 0], -sin[:, 0, 0], torch.full_like(self.hi, self.n_sink), start_slot,
-                                         torch.arange(p.shape[0]))
+                                         torch.arange(p.shape[0], device=p.device))
             else:
                 self.lo = start_slot
             return

@@ -122,6 +122,13 @@ class PagedKVStorage:
         Returns (B, Hq, D). `sinks`: attention sinks met with their own query."""
         return self.attention.paged_decode(q, self.k[layer], self.v[layer], table, lo, hi, self.block_size, sinks)
 
+    def chunk_attention(self, layer: int, q: torch.Tensor, table: torch.Tensor, kv_len: int,
+                        min_slot: torch.Tensor | None) -> torch.Tensor:
+        """A prompt chunk q (1, Hq, T, D), the last T of the kv_len tokens of its blocks (table
+        (1, NB)), causal (from min_slot (T,) on under a window), read through the table by the
+        storage's backend (`AttentionBackend.paged_chunk`). Returns (1, T, Hq*D)."""
+        return self.attention.paged_chunk(q, self.k[layer], self.v[layer], table, kv_len, self.block_size, min_slot)
+
     @property
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
@@ -139,9 +146,10 @@ class PagedKVStorage:
 
 def decode_rows(read_blocks: torch.Tensor, kv_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`decode_attention`'s per-row inputs: block table (B, NB) int32 and token range
-    lo, hi (B,) int64 (each row attends to its first kv_lens[b] slots)."""
-    return (read_blocks.to(torch.int32).cpu(), torch.zeros(len(kv_lens), dtype=torch.int64),
-            torch.tensor(kv_lens, dtype=torch.int64))
+    lo, hi (B,) int64 (each row attends to its first kv_lens[b] slots), on the table's device."""
+    dev = read_blocks.device
+    return (read_blocks.to(torch.int32), torch.zeros(len(kv_lens), dtype=torch.int64, device=dev),
+            torch.tensor(kv_lens, dtype=torch.int64, device=dev))
 
 
 def slot_mask(read_blocks: torch.Tensor, kv_lens: list[int], block_size: int) -> torch.Tensor:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from kvcache import native
+from kvcache.cache.attention import windowed_causal_mask
 from kvcache.cache.manager import KVCacheManager
-from kvcache.cache.mixed_step import ChunkSegment, DecodeSegment, MixedStepView, windowed_causal_mask
+from kvcache.cache.mixed_step import ChunkSegment, DecodeSegment, MixedStepView
 from kvcache.cache.paged_evict import PagedEvict, PromptScores
 from kvcache.cache.paged_sinks import FAR, PagedSinksStepView
 from kvcache.cache.policies.sinks import Sinks
