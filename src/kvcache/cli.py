@@ -45,7 +45,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     from kvcache.models.loader import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name, .gguf file, HF folder or hub id")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     p.add_argument("--max-model-len", type=_positive_int, default=None, help="context limit (default: the model's)")
     p.add_argument("--truncation", default="error", choices=["error", "left"], help="prompt longer than the limit")
@@ -192,7 +193,8 @@ def _make_llm(args, **engine):
                       kv_tier_max_bytes=args.kv_tier_max_bytes, kv_tier_queue=args.kv_tier_queue)
     elif getattr(args, "kv_tier_max_bytes", None) is not None:
         raise KVCacheError("--kv-tier-max-bytes bounds a tier; give --kv-tier disk:PATH too.")
-    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, truncation=args.truncation,
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               truncation=args.truncation,
                threads=args.threads, kernels=args.kernels, kv_policy=args.kv_policy,
                quantization=args.quantization, **engine)
 
@@ -373,6 +375,8 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "memory": cmd_memory, "b
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for benchmark records
+    if getattr(args, "device", None) is not None and args.dtype is None:  # a command that loads a model
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     try:
         return COMMANDS[args.command](args)
     except KVCacheError as exc:

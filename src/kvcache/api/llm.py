@@ -35,8 +35,29 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise KVCacheError(f"Unknown dtype '{dtype}'; use float32, bfloat16 or float16.") from None
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on: "cpu" (the default), "cuda" or "cuda:N"; a CUDA device torch
+    cannot see is `KVCacheError`, one sentence."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise KVCacheError(f"Unknown device '{device}'; use cpu, cuda or cuda:N.")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KVCacheError(f"Device '{device}' was asked for, but this torch sees no CUDA GPU; use --device cpu.")
+        if dev.index is not None and dev.index >= count:
+            raise KVCacheError(f"Device '{device}' does not exist: this machine has {count} CUDA GPU(s).")
+    return dev
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU, float32 on the CPU (where bf16 is fast only with bf16 matmul hardware)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class LLM:
@@ -44,9 +65,13 @@ class LLM:
 
     >>> llm = LLM("smollm2-135m-instruct", dtype="float32")
     >>> llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0.0))[0].text
+
+    `device`: "cpu" (default) or "cuda[:N]" (attention by Triton kernels over the paged blocks
+    when Triton is installed, torch ops otherwise). `dtype`: default bfloat16 on CUDA, float32
+    on the CPU.
     """
 
-    def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
                  max_model_len: int | None = None, truncation: str = "error", threads: int | None = None,
                  device: str | torch.device | None = None, kernels: str = "auto", progress: bool = True,
                  kv_cache_memory: str | int | None = None, kv_cache_fraction: float | None = None,
@@ -64,8 +89,8 @@ class LLM:
             if threads <= 0:
                 raise KVCacheError(f"threads must be a positive integer, got {threads}.")
             torch.set_num_threads(threads)
-        self.dtype = parse_dtype(dtype)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
+        self.dtype = default_dtype(self.device) if dtype is None else parse_dtype(dtype)
         slow = slow_dtype_reason(self.dtype, self.device)
         if slow:
             warnings.warn(slow, RuntimeWarning, stacklevel=2)
