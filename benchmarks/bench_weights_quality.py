@@ -11,6 +11,12 @@
 
     python benchmarks/bench_weights_quality.py --threads 2            # the measured run
     python benchmarks/bench_weights_quality.py --contexts 256 --prompts 2 --new-tokens 8 --no-record
+    python benchmarks/bench_weights_quality.py --requantize Q4_K_M   # a K-quant file of the same model
+
+`--requantize FTYPE` first writes the model's GGUF requantized by llama.cpp's own quantizer
+(`llama_model_quantize`, e.g. Q4_K_M or Q6_K; rows that do not divide into 256 fall back to
+llama.cpp's Q5_0 / Q8_0) to a temporary file, and measures that file: what our load-time
+requantization of K-quants and 5-bit formats costs against the same file dequantized.
 
 Each run writes its record to `--record-dir` (default benchmarks/results; `none` is the baseline).
 """
@@ -54,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per chat reply (default 64)")
     p.add_argument("--threads", type=int, default=2, help="torch / llama.cpp threads (default 2)")
     p.add_argument("--skip-llamacpp", action="store_true", help="skip llama.cpp's perplexity")
+    p.add_argument("--requantize", default=None, metavar="FTYPE",
+                   help="measure the model's GGUF requantized by llama.cpp to FTYPE (e.g. Q4_K_M, Q6_K)")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     record.add_arguments(p)
     args = p.parse_args(argv)
@@ -87,6 +95,26 @@ def llamacpp_perplexity(args, ids: list[int], context: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def requantized_gguf(args, folder: Path) -> Path:
+    """The model's GGUF requantized by llama.cpp's quantizer to `args.requantize`, in `folder`
+    (in a child process: the quantizer prints every tensor to stderr)."""
+    from kvcache.models.loader import gguf_file
+
+    out = folder / f"{gguf_file(args.model).stem}-{args.requantize}.gguf"
+    code = f"""
+import ctypes, sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_{args.requantize.upper()}")
+p.allow_requantize, p.nthread = True, {args.threads}
+sys.exit(llama_cpp.llama_model_quantize({str(gguf_file(args.model))!r}.encode(), {str(out)!r}.encode(), ctypes.byref(p)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0 or not out.is_file():
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise KVCacheError(f"llama.cpp could not requantize {args.model} to {args.requantize}: {last}")
+    return out
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     """The first index where the two token lists differ (the shorter one's end counts), or None."""
     for i, (x, y) in enumerate(zip(a, b)):
@@ -104,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     from kvcache.models.loader import gguf_file
 
     args = parse_args(argv)
+    scratch = tempfile.TemporaryDirectory()
+    if args.requantize and gguf_file(args.model) is not None:
+        args.source_model, args.model = args.model, str(requantized_gguf(args, Path(scratch.name)))
     if gguf_file(args.model) is None:
         raise KVCacheError(f"{args.model} is not a GGUF model; this benchmark compares a GGUF's formats.")
     console, err = consoles(args.json, width=130)
@@ -130,7 +161,13 @@ def main(argv: list[str] | None = None) -> dict:
             llamacpp[str(c)] = llamacpp_perplexity(args, ids, c)
             err.print(f"llama.cpp {c}: {llamacpp[str(c)]}")
     div = [first_divergence(a, b) for a, b in zip(replies["none"], replies["gguf"])]
+    from collections import Counter
+
+    from kvcache.models.gguf_weights import tensor_index
+
     result = {
+        "model_file": gguf_file(args.model).name,
+        "gguf_types": dict(Counter(t.type_name for t in tensor_index(gguf_file(args.model)))),
         "perplexity": ppl,
         "perplexity_vs_none": {q: {c: ppl[q][c] / ppl["none"][c] - 1 for c in ppl[q]} for q in QUANTIZATIONS},
         "llamacpp_perplexity": {c: r.get("perplexity") for c, r in llamacpp.items()},

@@ -124,6 +124,24 @@ def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
+#: Byte offsets of the fp16 super-block scales in each K-quant block (ggml's block layouts).
+K_QUANT_SCALES = {"Q2_K": (80, 82), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def k_quant_blocks(rows: int, cols: int, qtype: str, seed: int = 0):
+    """Valid K-quant bytes (rows, cols/256 blocks) of random codes and sub-scales, their fp16
+    super-block scales set to small positive values (random bytes could be NaN)."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    _, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    raw = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+    for at in K_QUANT_SCALES[qtype]:
+        raw[:, :, at:at + 2] = rng.uniform(0.001, 0.01, (rows, cols // 256, 1)).astype("<f2").view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
 def write_gguf(path, tensors: dict, heads: int = 4, kv_heads: int = 2, metadata: dict | None = None):
     """A llama-architecture GGUF with these tensors: name -> (float array, type name); `metadata`:
     more uint32 keys (e.g. "llama.block_count")."""
@@ -140,8 +158,8 @@ def write_gguf(path, tensors: dict, heads: int = 4, kv_heads: int = 2, metadata:
     for name, (arr, qtype) in tensors.items():
         if qtype in ("F32", "F16"):
             writer.add_tensor(name, arr.astype(np.float32 if qtype == "F32" else np.float16))
-        elif qtype == "Q4_K":  # no numpy quantizer: zero blocks of 256 weights in 144 bytes
-            writer.add_tensor(name, np.zeros((arr.shape[0], arr.shape[1] // 256 * 144), np.uint8), raw_dtype=T.Q4_K)
+        elif qtype in K_QUANT_SCALES:  # no numpy quantizer: random blocks (`k_quant_blocks`)
+            writer.add_tensor(name, k_quant_blocks(arr.shape[0], arr.shape[1], qtype), raw_dtype=T[qtype])
         else:
             writer.add_tensor(name, gguf.quants.quantize(arr, T[qtype]), raw_dtype=T[qtype])
     writer.write_header_to_file()

@@ -17,11 +17,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_an_unsupported_gguf_tensor_type_exits_2_naming_it(tmp_path):
     path = tmp_path / "kquant.gguf"
     write_gguf(path, {"token_embd.weight": (np.zeros((8, 256), np.float32), "Q8_0"),
-                      "blk.0.ffn_up.weight": (np.zeros((4, 256), np.float32), "Q4_K")})
+                      "blk.0.ffn_up.weight": (np.zeros((4, 256), np.float32), "Q2_K")})
     r = run_cli("generate", "--model", str(path), "--prompt", "hi", "--quantization", "gguf")
     assert r.returncode == 2
     err = r.stderr.strip()
-    assert err.startswith("error: kquant.gguf stores blk.0.ffn_up.weight as Q4_K") and "Q8_0, Q4_0, Q4_1" in err
+    assert err.startswith("error: kquant.gguf stores blk.0.ffn_up.weight as Q2_K") and "Q8_0, Q4_0, Q4_1" in err
     assert "Traceback" not in r.stderr and err.count("\n") == 0
 
 

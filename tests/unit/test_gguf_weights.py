@@ -77,11 +77,11 @@ def test_index_and_state_dict_match_gguf_reader_and_undo_the_rope_permutation(tm
 
 def test_an_unsupported_tensor_type_names_it_and_the_supported_formats(tmp_path):
     path = tmp_path / "kq.gguf"
-    write_gguf(path, {"blk.0.ffn_up.weight": (np.zeros((4, 256), np.float32), "Q4_K")})
+    write_gguf(path, {"blk.0.ffn_up.weight": (np.zeros((4, 256), np.float32), "Q2_K")})
     with pytest.raises(ModelFormatError) as err:
         gguf_state_dict(path, heads=4, kv_heads=2)
     msg = str(err.value)
-    assert "blk.0.ffn_up.weight as Q4_K" in msg and "Q8_0, Q4_0, Q4_1" in msg and "\n" not in msg
+    assert "blk.0.ffn_up.weight as Q2_K" in msg and "Q8_0, Q4_0, Q4_1" in msg and "\n" not in msg
 
 
 def test_a_file_that_is_not_gguf_is_one_sentence(tmp_path):
@@ -89,3 +89,43 @@ def test_a_file_that_is_not_gguf_is_one_sentence(tmp_path):
     path.write_bytes(b"NOPE" + bytes(64))
     with pytest.raises(ModelFormatError, match="is not a readable GGUF file"):
         tensor_index(path)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"])
+def test_requantized_formats_stay_within_their_kept_formats_step(qtype):
+    """K-quants and the 5-bit formats are decoded by the gguf package and requantized: Q4_K into
+    groups of 32 with scale and minimum (its sub-blocks), the rest into int8 per block of 32."""
+    from tests.helpers import k_quant_blocks
+
+    rows, cols = 37, 512  # a partial tile, two 256-weight super-blocks
+    if qtype.endswith("_K"):
+        raw = k_quant_blocks(rows, cols, qtype)
+    else:
+        raw = gguf.quants.quantize(np.random.default_rng(3).standard_normal((rows, cols)).astype(np.float32), T[qtype])
+    p = decode_blocks(raw, qtype)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, T[qtype])).reshape(rows, cols)  # (N, K)
+    assert p.source == qtype and p.fmt == ("q4" if qtype == "Q4_K" else "q8")
+    groups = want.reshape(rows, -1, 32)
+    spread = groups.amax(-1) - groups.amin(-1) if p.fmt == "q4" else 2 * groups.abs().amax(-1)  # (N, K/32)
+    steps = 15 if p.fmt == "q4" else 254
+    err = (wp.dequantize(p) - want).abs().reshape(rows, -1, 32).amax(-1)  # (N, K/32)
+    fp16 = groups.abs().amax(-1) * 2 ** -9  # the fp16 scale and minimum's rounding, over 15 steps
+    assert (err <= spread / steps / 2 + fp16 + 1e-6).all()  # half a step of the kept grid
+    assert err.max() > 0 or p.fmt == "q4"  # a real requantization, not the reference handed back
+
+
+def test_a_gguf_of_k_quants_loads_packed_and_close_to_its_float_weights(tmp_path):
+    from kvcache.models.gguf_weights import keeps_packed
+
+    rng = np.random.default_rng(4)
+    tensors = {"blk.0.ffn_down.weight": (np.zeros((64, 512), np.float32), "Q6_K"),
+               "blk.0.ffn_up.weight": (np.zeros((512, 256), np.float32), "Q4_K"),
+               "blk.0.ffn_gate.weight": (np.zeros((512, 256), np.float32), "Q5_K"),
+               "blk.0.attn_v.weight": (rng.standard_normal((32, 64)).astype(np.float32), "Q5_0")}
+    path = tmp_path / "k.gguf"
+    write_gguf(path, tensors)
+    assert keeps_packed(path)
+    sd = gguf_state_dict(path, 4, 2)
+    assert {k: v.source for k, v in sd.items()} == {
+        "model.layers.0.mlp.down_proj.weight": "Q6_K", "model.layers.0.mlp.up_proj.weight": "Q4_K",
+        "model.layers.0.mlp.gate_proj.weight": "Q5_K", "model.layers.0.self_attn.v_proj.weight": "Q5_0"}

@@ -45,7 +45,7 @@ def test_float_checkpoints_and_unkept_formats_get_float_weights(tmp_path, native
     write_gguf(float_gguf, {"blk.0.ffn_up.weight": (np.ones((16, 256), np.float32), "F16")})
     assert resolve_quantization("auto", float_gguf, torch.float32, CPU) == "none"
     assert resolve_quantization("auto", None, torch.float32, CPU) == "none"  # an HF folder
-    assert resolve_quantization("auto", _gguf(tmp_path, "Q4_K", "k.gguf"), torch.float32, CPU) == "none"
+    assert resolve_quantization("auto", _gguf(tmp_path, "Q2_K", "k.gguf"), torch.float32, CPU) == "none"
 
 
 def test_without_the_native_kernels_auto_is_none(tmp_path, monkeypatch):

@@ -1,9 +1,14 @@
 """Load a GGUF file keeping its quantized matrices packed (`quantization="gguf"`).
 
 Q8_0, Q4_0 and Q4_1 blocks are repacked once into the kernels' tiles (`weight_packing`),
-losslessly: Q8_0 -> "q8", Q4_0 and Q4_1 -> "q4". Float tensors (norms, any F32/F16/BF16
-matrix) are read as float32. Nothing is dequantized; only the tokenizer and config are
-cached, in a folder beside the dequantized models (`<name>-<fingerprint>-packed`).
+losslessly: Q8_0 -> "q8", Q4_0 and Q4_1 -> "q4". The K-quants most GGUF files use and the
+5-bit formats llama.cpp falls back to for rows that do not divide into 256 are requantized
+once at load, one matrix at a time (decoded by the `gguf` package): Q4_K -> "q4" (groups of
+32 with scale and minimum, as Q4_K's sub-blocks are), Q5_0, Q5_1, Q5_K and Q6_K -> "q8"
+(int8 per block of 32 with an fp16 scale: finer than their 5-6 bits). Their quality cost is
+measured in benchmarks/README.md. Float tensors (norms, any F32/F16/BF16 matrix) are read as
+float32. No float copy of the model is kept; only the tokenizer and config are cached, in a
+folder beside the dequantized models (`<name>-<fingerprint>-packed`).
 
 GGUF blocks of 32 weights along a row (llama.cpp's ggml-common.h layouts):
 - Q8_0 (34 bytes): fp16 d, 32 int8 q;                 w = d * q
@@ -27,10 +32,16 @@ from kvcache.errors import ModelFormatError
 from kvcache.models.config import LlamaConfig
 from kvcache.models.gguf_convert import (convert_tokenizer, file_fingerprint, folder_written_atomically, gguf_hf_config,
                                          hf_tensor_name, read_gguf, rope_heads, unpermute_rope_rows)
-from kvcache.models.weight_packing import BLOCK, PackedWeight, pack_q4_bytes, pack_q8
+from kvcache.models.weight_packing import (BLOCK, PackedWeight, pack_q4_bytes, pack_q8, quantize_int4,
+                                           quantize_q8_blocks)
 from kvcache.paths import cache_home
 
-PACKED_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+#: GGUF types kept packed, by the kernels' format that holds them.
+KEPT_FORMATS = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4",
+                "Q4_K": "q4", "Q5_0": "q8", "Q5_1": "q8", "Q5_K": "q8", "Q6_K": "q8"}
+#: Of those, the types requantized at load (the others are repacked bit for bit).
+REQUANTIZED_TYPES = ("Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
+PACKED_TYPES = tuple(KEPT_FORMATS)
 FLOAT_TYPES = ("F32", "F16", "BF16")
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
@@ -54,6 +65,8 @@ def _chunk_bytes(qs: np.ndarray) -> torch.Tensor:
 
 def decode_blocks(raw: np.ndarray, type_name: str) -> PackedWeight:
     """GGUF blocks of a matrix, rows (N, K/32 * block bytes) uint8, as a `PackedWeight`."""
+    if type_name in REQUANTIZED_TYPES:
+        return requantize_blocks(raw, type_name)
     b = raw.reshape(raw.shape[0], -1, _BLOCK_BYTES[type_name])  # (N, nb, block bytes)
     n, nb = b.shape[0], b.shape[1]
     if type_name == "Q8_0":
@@ -65,6 +78,21 @@ def decode_blocks(raw: np.ndarray, type_name: str) -> PackedWeight:
     if type_name == "Q4_1":
         return pack_q4_bytes(_chunk_bytes(b[:, :, 4:]), _half(b, 0), _half(b, 2), "Q4_1")
     raise ValueError(f"not a packed GGUF type: {type_name}")
+
+
+def requantize_blocks(raw: np.ndarray, type_name: str) -> PackedWeight:
+    """A matrix of one of `REQUANTIZED_TYPES`, rows (N, row bytes) uint8: decoded to float32 by
+    the `gguf` package, then quantized into its `KEPT_FORMATS` format."""
+    import gguf
+
+    w = torch.from_numpy(gguf.quants.dequantize(np.ascontiguousarray(raw), gguf.GGMLQuantizationType[type_name]))
+    w = w.reshape(raw.shape[0], -1)  # (N, K) float32
+    if KEPT_FORMATS[type_name] == "q4":
+        p = quantize_int4(w, f"a {type_name} matrix")
+    else:
+        p = quantize_q8_blocks(w)
+    p.source = type_name
+    return p
 
 
 def _unsupported(path: Path, name: str, type_name: str) -> ModelFormatError:
@@ -184,6 +212,11 @@ def _read(buf: np.ndarray, t: TensorEntry) -> np.ndarray:
     if t.type_name in _BLOCK_BYTES:
         size = rows * k // BLOCK * _BLOCK_BYTES[t.type_name]
         return buf[t.offset:t.offset + size].reshape(rows, -1)
+    if t.type_name in REQUANTIZED_TYPES:
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.type_name]]
+        return buf[t.offset:t.offset + rows * k // block * size].reshape(rows, -1)
     if t.type_name == "BF16":
         raw = buf[t.offset:t.offset + rows * k * 2].view("<u2").astype(np.uint32) << 16
         return raw.view(np.float32).reshape(t.shape)

@@ -25,7 +25,6 @@ from kvcache.models.weight_packing import BLOCK, TILE, tile_bytes
 
 #: The quantizations a weight count is given for.
 WEIGHT_QUANTIZATIONS = ("none", "int8", "int4", "gguf")
-_GGUF_FORMATS = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4"}
 
 
 class WeightShape(Protocol):
@@ -86,7 +85,7 @@ def shape_weight_bytes(shape: WeightShape, quantization: str, float_bytes: int =
 def gguf_weight_bytes(path: str | Path, float_bytes: int = 2) -> int:
     """Bytes of a GGUF's weights under "gguf", from its tensor types and shapes (the header only)."""
     from kvcache.models.gguf_convert import hf_tensor_name
-    from kvcache.models.gguf_weights import FLOAT_TYPES, tensor_index
+    from kvcache.models.gguf_weights import FLOAT_TYPES, KEPT_FORMATS, tensor_index
 
     _check_float_bytes(float_bytes)
     path = Path(path)
@@ -99,9 +98,9 @@ def gguf_weight_bytes(path: str | Path, float_bytes: int = 2) -> int:
         numel = 1
         for d in t.shape:
             numel *= d
-        if t.type_name in _GGUF_FORMATS:
+        if t.type_name in KEPT_FORMATS:
             cols = t.shape[-1]
-            total += packed_bytes(_GGUF_FORMATS[t.type_name], numel // cols, cols)
+            total += packed_bytes(KEPT_FORMATS[t.type_name], numel // cols, cols)
         elif t.type_name in FLOAT_TYPES:
             total += numel * float_bytes
             if t.name == "token_embd.weight":

@@ -127,6 +127,25 @@ def quantize_int8(w: torch.Tensor) -> PackedWeight:
     return pack_i8(codes, scale, k)
 
 
+def quantize_q8_blocks(w: torch.Tensor) -> PackedWeight:
+    """Symmetric int8 per output row and block of 32 inputs ("q8", GGUF Q8_0's arithmetic):
+    fp16 scale d = max|w| / 127 of the block, codes = round(w / d)."""
+    n, k = w.shape
+    if k % BLOCK:
+        raise KVCacheError(f"q8 blocks hold {BLOCK} inputs, but the matrix has {k}.")
+    nb = k // BLOCK
+    codes = torch.empty(n, k, dtype=torch.int8)
+    d = torch.empty(n, nb, dtype=torch.float16)
+    for r in range(0, n, _ROWS_AT_ONCE):
+        g = w[r:r + _ROWS_AT_ONCE].float().reshape(-1, nb, BLOCK)  # (rows, nb, 32)
+        dr = (g.abs().amax(-1) / 127).half()  # (rows, nb)
+        df = dr.float()[..., None]
+        q = torch.where(df > 0, (g / df).round(), torch.zeros_like(g)).clamp_(-127, 127)
+        codes[r:r + _ROWS_AT_ONCE] = q.to(torch.int8).reshape(-1, k)
+        d[r:r + _ROWS_AT_ONCE] = dr
+    return pack_q8(codes, d, "q8")
+
+
 def quantize_int4(w: torch.Tensor, name: str = "a matrix") -> PackedWeight:
     """Asymmetric int4 per output row and group of 32 inputs: fp16 scale d = (max - min) / 15 and
     minimum m, codes = round((w - m) / d) in 0..15."""
