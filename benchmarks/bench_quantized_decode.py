@@ -42,8 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Batch-1 decode speed of each weight quantization, fresh processes.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     p.add_argument("--variants", default="none:bfloat16,gguf,int8,int4,llamacpp",
-                   help="comma-separated quantization[:dtype] or llamacpp (default "
-                        "none:bfloat16,gguf,int8,int4,llamacpp; dtype bfloat16)")
+                   help="comma-separated quantization[:dtype][@thp] or llamacpp (default "
+                        "none:bfloat16,gguf,int8,int4,llamacpp; dtype bfloat16; @thp: transparent huge pages "
+                        "for PyTorch's large allocations)")
     p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length in tokens (default 200)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--repeats", type=int, default=5, help="fresh processes per variant (default 5)")
@@ -65,13 +66,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for v in (s.strip() for s in args.variants.split(",")):
         if not v:
             continue
+        v, thp = (v[:-4], "@thp") if v.endswith("@thp") else (v, "")
         quant, _, dtype = v.partition(":")
         if quant == LLAMACPP:
             args.variant_list.append(LLAMACPP)
             continue
         if quant not in QUANTIZATIONS:
             p.error(f"unknown quantization '{quant}' in --variants (use {', '.join(QUANTIZATIONS)})")
-        args.variant_list.append(f"{quant}:{dtype or 'bfloat16'}")
+        args.variant_list.append(f"{quant}:{dtype or 'bfloat16'}{thp}")
     if not args.variant_list:
         p.error("--variants is empty")
     args.record_folder = None if args.worker else record.parse_folder(p, args)
@@ -89,7 +91,7 @@ def measure(args) -> dict:
     from kvcache.engine.sampling import SamplingParams
 
     quiet_transformers()
-    quant, dtype = args.worker.split(":")
+    quant, dtype = args.worker.removesuffix("@thp").split(":")
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=dtype, threads=args.threads, quantization=quant, progress=False,
               enable_prefix_caching=False)  # the timed prompt is computed, not found from the warm-up
@@ -153,10 +155,18 @@ def run_llamacpp(args, gguf: Path, ids_file: Path) -> dict:
 
 
 def run_worker(args, variant: str) -> dict:
+    """One fresh process for `variant`; "@thp" runs it with THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU
+    allocator then aligns allocations of 2 MB and more to 2 MB and asks for transparent huge pages)."""
+    import os
+
+    env = dict(os.environ)
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    if variant.endswith("@thp"):
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", args.model,
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
            "--threads", str(args.threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if done.returncode != 0:
         lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
         raise KVCacheError(f"The {variant} run failed: {lines[-1]}")

@@ -82,9 +82,9 @@ def test_quantized_model_matches_its_dequantized_weights(loaded, quantization, d
 def test_without_the_native_library_weights_are_dequantized_for_each_call(loaded, monkeypatch):
     from kvcache.native import qlinear
 
+    monkeypatch.setattr(qlinear, "kernels", lambda: None)  # before the model binds its kernel calls
     qmodel = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, quantization="int4")
     fmodel = LlamaModel.from_state_dict(loaded.config, dequantized_state(loaded.state_dict, "int4"))
-    monkeypatch.setattr(qlinear, "kernels", lambda: None)
     prompt = torch.tensor([[5, 17, 42, 8, 99, 3]])
     q_pre, q_dec = run(qmodel, prompt, [11, 23])
     f_pre, f_dec = run(fmodel, prompt, [11, 23])

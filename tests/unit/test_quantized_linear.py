@@ -68,7 +68,9 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf[:, :k] = x.float()
     g = xf.view(m, nb, 32)
     amax = g.abs().amax(-1)  # (M, nb)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    # 127 / amax as the kernel divides: torch computes `127 / t` as t.reciprocal() * 127, which
+    # rounds differently and flips a code that lands next to .5 in about one prompt of 15
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     codes = (g * inv[..., None]).round()
     return codes.view(m, nb * 32), amax / 127
 
