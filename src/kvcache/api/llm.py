@@ -234,6 +234,9 @@ class LLM:
         if not prompts:
             raise KVCacheError("No prompts given.")
         plist = self._params(params, len(prompts))
+        for sp in plist:
+            if sp.structured:  # a schema that does not compile fails here, before any work
+                self.engine.grammars.compile(sp)
         ids = [self.fit_prompt(self.encode(p), sp.max_tokens) for p, sp in zip(prompts, plist)]
         return ids, plist
 

@@ -19,6 +19,7 @@ from kvcache.cache.row_policy import RowPolicyStorage, policy_footprint
 from kvcache.cache.storage import PagedKVStorage
 from kvcache.engine.config import EngineConfig, default_prefill_piece, windowed_live_tokens
 from kvcache.engine.detokenizer import IncrementalDetokenizer
+from kvcache.engine.grammar import Grammars
 from kvcache.engine.kept_caches import KeptCaches, common_prefix_len
 from kvcache.engine.logprobs import prompt_logprobs
 from kvcache.engine.policy_runner import PolicyRowRunner
@@ -98,6 +99,7 @@ class LLMEngine:
         self.tokens_generated = 0
         self.tokens_prefilled = 0
         self.last_schedule = None
+        self._grammars: Grammars | None = None
         self.started = time.perf_counter()
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -133,6 +135,8 @@ class LLMEngine:
                                  group_id=rid))
         for req in group:
             req.group = group
+            if params.structured:  # each sample its own matcher
+                req.grammar = self.grammars.state(params, req.stop_ids or self.eos_ids)
             self.requests[req.request_id] = req
         if n > 1:
             self.groups[rid] = group
@@ -143,6 +147,13 @@ class LLMEngine:
             for req in group:
                 self.scheduler.add(req)
         return group[0]
+
+    @property
+    def grammars(self) -> Grammars:
+        """The compiler of requests' JSON schemas into token masks (made on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
+        return self._grammars
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks (every sample of an n > 1 request's id)."""

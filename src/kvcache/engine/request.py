@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvcache.engine.detokenizer import IncrementalDetokenizer
+from kvcache.engine.grammar import GrammarState
 from kvcache.engine.outputs import RequestMetrics, RequestOutput, merge_samples
 from kvcache.engine.sampling import Sampler, SamplingParams
 
@@ -59,6 +60,7 @@ class Request:
     group_id: str = ""  # the id its caller knows; "" = request_id (n = 1)
     group: list[Request] = field(default_factory=list, repr=False, compare=False)  # all samples, self included
     forks: list[Request] = field(default_factory=list, repr=False, compare=False)  # samples waiting for its prompt
+    grammar: GrammarState | None = None  # what its output must follow (json_schema / json_object), if anything
 
     def __post_init__(self):
         # ids that end the request, fixed for its lifetime (checked on every token)
@@ -84,11 +86,13 @@ class Request:
             self.t_first_token = now
         self.t_last_token = now
         self.output_token_ids.append(token)
+        if self.grammar is not None:
+            self.grammar.accept(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return ""
         delta = self.detok.add(token)
-        if self.detok.stopped:
+        if self.detok.stopped or (self.grammar is not None and self.grammar.finished):
             self.finish_reason = "stop"
         elif len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= self.max_total_tokens:
             self.finish_reason = "length"

@@ -25,6 +25,7 @@ from kvcache.cache.paged_sinks import FAR, PagedSinksStepView
 from kvcache.cache.policies.sinks import Sinks
 from kvcache.cache.policies.window import Window
 from kvcache.cache.storage import PagedKVStorage, PagedStepView, slot_mask
+from kvcache.engine.grammar import mask_rows
 from kvcache.engine.logprobs import token_logprob
 from kvcache.engine.scheduler import ScheduledChunk
 from kvcache.models.llama import LlamaModel
@@ -220,10 +221,19 @@ def sample_rows(rows: list[tuple[ScheduledChunk, torch.Tensor]]) -> dict[str, in
     """The next token of each chunk that reached its sequence's end, from its logits (V,):
     greedy rows in one argmax, the rest through their request's sampler. A request's `forks`
     (the other samples of its prompt, whose prompt this step finished) draw their first token
-    from the same logits, each with its own sampler. A request with `params.logprobs` set gets
-    the token's entry appended to its `output_logprobs`."""
+    from the same logits, each with its own sampler. A request with a grammar (json_schema)
+    samples from its logits with the tokens its grammar forbids masked. A request with
+    `params.logprobs` set gets the token's entry (of the unmasked logits) appended to its
+    `output_logprobs`."""
     sampled: dict[str, int] = {}
     rows = [(r, lg) for c, lg in rows if c.samples for r in (c.request, *c.request.forks)]
+    raw = rows  # logprobs are of the model's own distribution
+    ruled = [i for i, (r, _) in enumerate(rows) if r.grammar is not None]
+    if ruled:  # a grammar's forbidden tokens at -inf, for those rows only
+        masked = mask_rows([rows[i][0].grammar for i in ruled], [rows[i][1] for i in ruled])
+        rows = list(rows)
+        for i, lg in zip(ruled, masked):
+            rows[i] = (rows[i][0], lg)
     greedy = [(r, lg) for r, lg in rows if r.params.greedy and r.params.repetition_penalty == 1.0]
     if greedy:
         logits = torch.stack([lg for _, lg in greedy])  # (B, V)
@@ -237,7 +247,7 @@ def sample_rows(rows: list[tuple[ScheduledChunk, torch.Tensor]]) -> dict[str, in
         if req.params.repetition_penalty != 1.0:
             seen = torch.tensor(req.all_token_ids, device=lg.device)
         sampled[req.request_id] = req.sampler(lg, seen)
-    for req, lg in rows:  # logprobs of the raw logits, only for requests that asked
+    for req, lg in raw:  # logprobs of the raw logits, only for requests that asked
         if req.params.logprobs is not None:
             req.output_logprobs.append(token_logprob(lg, sampled[req.request_id], req.params.logprobs))
     return sampled

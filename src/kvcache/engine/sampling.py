@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,6 +27,8 @@ class SamplingParams:
     logprobs: int | None = None  # sampled tokens' logprobs with this many top alternatives (None = off)
     prompt_logprobs: int | None = None  # the prompt tokens' logprobs too (one extra forward over the prompt)
     n: int = 1  # samples of the prompt; sample i draws from seed + i (its prompt's blocks are shared)
+    json_schema: dict | str | None = None  # the output is JSON valid under this schema (a dict or its JSON text)
+    json_object: bool = False  # the output is a JSON object (any keys)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,6 +51,21 @@ class SamplingParams:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or not 0 <= value <= MAX_LOGPROBS):
                 raise KVCacheError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}.")
+        self._check_grammar()
+
+    def _check_grammar(self) -> None:
+        """json_schema: a dict, or JSON text of one (parsed here); not with json_object."""
+        if not isinstance(self.json_object, bool):
+            raise KVCacheError(f"json_object must be true or false, got {self.json_object!r}.")
+        if isinstance(self.json_schema, str):
+            try:
+                self.json_schema = json.loads(self.json_schema)
+            except ValueError:
+                raise KVCacheError("json_schema is not valid JSON text.") from None
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise KVCacheError(f"json_schema must be a JSON object (a dict), got {type(self.json_schema).__name__}.")
+        if self.json_schema is not None and self.json_object:
+            raise KVCacheError("Give json_schema or json_object, not both.")
 
     @property
     def greedy(self) -> bool:
@@ -56,6 +74,11 @@ class SamplingParams:
     def sample(self, index: int) -> SamplingParams:
         """The parameters of sample `index` of n: one sample, its own seed stream (seed + index)."""
         return replace(self, n=1, seed=None if self.seed is None else self.seed + index)
+
+    @property
+    def structured(self) -> bool:
+        """Whether the output is held to a grammar (json_schema or json_object)."""
+        return self.json_schema is not None or self.json_object
 
 
 class Sampler:
