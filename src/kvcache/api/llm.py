@@ -204,12 +204,14 @@ class LLM:
         check_length(max_tokens, self.max_model_len, len(ids), self.truncation)
         return ids[-(self.max_model_len - max_tokens):]
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template, ready for the reply."""
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template, ready for the reply
+        (`tools`: OpenAI tool specs, for a template that renders them)."""
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
                 raise KVCacheError("Each message must be a dict with a 'role' and a string 'content'.")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        extra = {"tools": tools} if tools else {}
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)

@@ -20,7 +20,7 @@ def _endpoint_label(path: str) -> str:
     for prefix in ("/v1/sessions", "/v1/cache", "/v1/models", "/v1/chat/completions", "/v1/completions"):
         if path.startswith(prefix):
             return prefix
-    return path if path in ("/health", "/metrics", "/dashboard") else "other"
+    return path if path in ("/health", "/metrics", "/dashboard", "/tokenize", "/detokenize") else "other"
 
 
 class Guard:
@@ -92,6 +92,7 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     from kvcache.server.dashboard import router as dashboard_router
     from kvcache.server.routes import router as openai_router
     from kvcache.server.sessions import router as sessions_router
+    from kvcache.server.tokens import router as tokens_router
 
     state = ServerState(llm, config or ServerConfig())
     app = FastAPI(title="kvcache", version="0.1.0",
@@ -100,6 +101,7 @@ def create_app(llm, config: ServerConfig | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(sessions_router)
+    app.include_router(tokens_router)
     app.include_router(dashboard_router)
     app.add_middleware(Guard, state=state)
     return app

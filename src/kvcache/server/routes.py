@@ -31,6 +31,10 @@ from kvcache.server.schemas import (
     ModelCard, ModelList, PromptTokensDetails, ResponseMessage, Usage, template_messages,
 )
 from kvcache.server.state import ServerState
+from kvcache.server.structured import (
+    TOOL_CALL_BLOCK, ToolPlan, response_format_grammar, template_renders_tools, tool_calls, tool_plan,
+    with_tools_prompt,
+)
 
 router = APIRouter()
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 404, 413, 429)}
@@ -41,10 +45,17 @@ def state_of(request: Request) -> ServerState:
 
 
 # -- request -> (prompt ids, sampling params) ----------------------------------------------------
-def chat_prompt_ids(llm, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt_ids(llm, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[int]:
+    """The conversation rendered for the reply; a request that calls tools shows them to the
+    model (through the template when it renders tools, else in the system message)."""
     messages = template_messages(body.messages)
+    tools = None
+    if plan is not None:
+        tools = plan.template_tools or None
+        if tools is None:
+            messages = with_tools_prompt(messages, plan)
     try:
-        return llm.chat_ids(messages)
+        return llm.chat_ids(messages, tools=tools)
     except KVCacheError:
         raise
     except Exception as exc:  # a template that refuses this conversation (e.g. role order)
@@ -72,8 +83,11 @@ def completion_prompts(llm, body: CompletionRequest, samples: int) -> list[tuple
 
 
 def sampling_params(llm, body, prompt_len: int, max_tokens: int | None, logprobs: int | None = None,
-                    prompt_logprobs: int | None = None, n: int = 1) -> SamplingParams:
-    """SamplingParams for a request, with OpenAI's length rules checked against the context."""
+                    prompt_logprobs: int | None = None, n: int = 1, grammar: tuple[dict | None, bool] = (None, False),
+                    grammar_param: str = "response_format") -> SamplingParams:
+    """SamplingParams for a request, with OpenAI's length rules checked against the context;
+    `grammar` (json_schema, json_object) is compiled here, so a bad schema is a 400 naming
+    `grammar_param`."""
     if bad := body.unsupported():
         raise APIError(400, bad[1], bad[0], "unsupported_parameter")
     limit = llm.max_model_len
@@ -87,15 +101,22 @@ def sampling_params(llm, body, prompt_len: int, max_tokens: int | None, logprobs
             from None
     top_k = body.top_k if body.top_k and body.top_k > 0 else 0
     try:
-        return SamplingParams(
+        params = SamplingParams(
             max_tokens=max_tokens or max(1, min(room, limit - 1)),
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p, top_k=top_k,
             repetition_penalty=body.repetition_penalty or 1.0, stop=body.stop, seed=body.seed,
             ignore_eos=bool(body.ignore_eos), logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=n,
+            json_schema=grammar[0], json_object=grammar[1],
         )
     except KVCacheError as exc:
         raise APIError.from_user_error(exc) from None
+    if params.structured:
+        try:
+            llm.engine.grammars.compile(params)
+        except KVCacheError as exc:
+            raise APIError.from_user_error(exc, grammar_param) from None
+    return params
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -130,6 +151,7 @@ class _Job:
     n: int = 1  # choices answered per prompt
     samples: int = 1  # sequences generated per prompt (best_of; n unless best_of is larger)
     choices: list[_Choice] = field(default_factory=list)  # prompt-major: prompt i's sample j at i * samples + j
+    tools: ToolPlan | None = None  # the reply may be a tool call (chat)
     closed: bool = False
 
     def choice(self, prompt: int, update: StreamOutput) -> _Choice:
@@ -194,7 +216,8 @@ class _Job:
         return completion_logprobs(tok, [e.token_id for e in entries], entries, c.sent_chars)
 
     def chunk(self, index: int, delta: str | None, finish: str | None = None, usage: Usage | None = None,
-              role: bool = False, logprobs: dict | None = None, final_usage: bool = False) -> str:
+              role: bool = False, logprobs: dict | None = None, final_usage: bool = False,
+              tool_calls: list[dict] | None = None) -> str:
         if self.chat:
             obj, choice = "chat.completion.chunk", {"index": index, "finish_reason": finish, "logprobs": logprobs,
                                                    "delta": {}}
@@ -202,6 +225,8 @@ class _Job:
                 choice["delta"]["role"] = "assistant"
             if delta is not None:
                 choice["delta"]["content"] = delta
+            if tool_calls is not None:
+                choice["delta"]["tool_calls"] = [{"index": j, **call} for j, call in enumerate(tool_calls)]
         else:
             obj, choice = "text_completion", {"index": index, "text": delta or "", "finish_reason": finish,
                                               "logprobs": logprobs}
@@ -213,6 +238,15 @@ class _Job:
             body["usage"] = usage.model_dump() if usage is not None else None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    def reply(self, out: RequestOutput) -> tuple[str | None, list[dict] | None, str]:
+        """(content, tool_calls, finish_reason) of a finished chat choice: a complete tool call
+        becomes `tool_calls` with finish_reason 'tool_calls'; anything else stays text."""
+        calls = tool_calls(out.text, self.tools) if self.tools is not None and out.finish_reason == "stop" else None
+        if calls is None:
+            return out.text, None, out.finish_reason
+        rest = "" if self.tools.schema is not None else TOOL_CALL_BLOCK.sub("", out.text).strip()
+        return rest or None, calls, "tool_calls"
+
     def final(self) -> JSONResponse:
         usage, tok = self.usage(), self.state.llm.tokenizer
         choices = []
@@ -220,8 +254,9 @@ class _Job:
             out = c.last.output
             if self.chat:
                 lp = None if self.logprobs is None else chat_logprobs(tok, out.logprobs or [])
-                choices.append(ChatChoice(index=c.index, message=ResponseMessage(content=out.text),
-                                          finish_reason=out.finish_reason, logprobs=lp))
+                content, calls, finish = self.reply(out)
+                choices.append(ChatChoice(index=c.index, message=ResponseMessage(content=content, tool_calls=calls),
+                                          finish_reason=finish, logprobs=lp))
                 continue
             lp = None
             if self.logprobs is not None:
@@ -260,6 +295,12 @@ async def _events(job: _Job, updates: AsyncIterator[tuple[int, StreamOutput]]) -
                 yield f"data: {json.dumps(err.body())}\n\n"
                 failed = True
                 break
+            if job.tools is not None:  # a reply that may be a tool call is sent whole, once finished
+                if update.finished:
+                    content, calls, finish = job.reply(update.output)
+                    yield job.chunk(c.index, content, logprobs=job.new_logprobs(c, update), tool_calls=calls)
+                    yield job.chunk(c.index, None, finish=finish)
+                continue
             lp = job.new_logprobs(c, update) if update.delta or update.finished else None
             has_lp = lp is not None and (lp.get("content") or lp.get("tokens"))
             if update.delta or has_lp:
@@ -425,10 +466,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true.", "top_logprobs")
     job.logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    ids = chat_prompt_ids(state.llm, body)
+    job.tools = tool_plan(body.tools, body.tool_choice, bool(body.tools) and template_renders_tools(state.llm.tokenizer))
+    grammar, grammar_param = response_format_grammar(body.response_format), "response_format"
+    if job.tools is not None and job.tools.schema is not None:
+        if grammar != (None, False):
+            raise APIError(400, "response_format cannot be combined with a tool_choice that forces a call.",
+                           "response_format")
+        grammar, grammar_param = (job.tools.schema, False), "tools"
+    ids = chat_prompt_ids(state.llm, body, job.tools)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     job.n = job.samples = body.n or 1
-    params = sampling_params(state.llm, body, len(ids), max_tokens, logprobs=job.logprobs, n=job.n)
+    params = sampling_params(state.llm, body, len(ids), max_tokens, logprobs=job.logprobs, n=job.n, grammar=grammar,
+                             grammar_param=grammar_param)
     job.choices = [_Choice(j, job.request_id, ids, sample=j) for j in range(job.n)]
     return await _generate(request, job, [(ids, params)], bool(body.stream))
 
@@ -450,9 +499,11 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError(400, "best_of greater than n cannot be streamed.", "best_of")
     prompt_k = body.logprobs if job.echo else None  # the prompt's own logprobs: one extra forward each
     engine_k = job.logprobs if job.logprobs is not None or job.samples == job.n else 0  # best_of ranks by them
+    grammar = response_format_grammar(body.response_format)
     prompts = []
     for i, (ids, text) in enumerate(completion_prompts(state.llm, body, job.samples)):
-        params = sampling_params(state.llm, body, len(ids), body.max_tokens, engine_k, prompt_k, job.samples)
+        params = sampling_params(state.llm, body, len(ids), body.max_tokens, engine_k, prompt_k, job.samples,
+                                 grammar)
         prompts.append((ids, None if body.max_tokens == 0 else params))  # 0: the prompt alone, scored
         job.choices += [_Choice(i * job.samples + j, job.request_id, ids, text if job.echo else "", j)
                         for j in range(job.samples)]

@@ -7,6 +7,7 @@ feature gets a 400 naming it (`unsupported()`); unknown names are refused like O
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -44,9 +45,11 @@ class OtherPart(BaseModel):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | OtherPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls, sent back
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def other_part(self) -> tuple[int, str] | None:
         """(index, type) of the first content part that is not text."""
@@ -57,7 +60,21 @@ class ChatMessage(_Strict):
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
+        if self.content is None and self.tool_calls:  # earlier calls, as the model wrote them
+            return "\n".join(json.dumps(_call_json(c), ensure_ascii=False) for c in self.tool_calls)
         return self.content or ""
+
+
+def _call_json(call: dict) -> dict:
+    """{"name", "arguments"} of an OpenAI tool call (arguments parsed when they are JSON text)."""
+    fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            pass
+    return {"name": fn.get("name"), "arguments": args}
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -97,6 +114,7 @@ class _SamplingRequest(_Strict):
     ignore_eos: bool | None = Field(default=None, description="extra")
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None  # text | json_object | json_schema
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -122,16 +140,7 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-
-    def _unsupported_extra(self):
-        fmt = (self.response_format or {}).get("type", "text")
-        return [
-            ("tools", bool(self.tools), "Tool calling is not supported."),
-            ("tool_choice", self.tool_choice not in (None, "none", "auto"), "Tool calling is not supported."),
-            ("response_format", fmt != "text", "Only the 'text' response_format is supported."),
-        ]
+    parallel_tool_calls: bool | None = Field(default=None, description="accepted; a reply makes at most one call")
 
 
 class CompletionRequest(_SamplingRequest):
@@ -168,9 +177,21 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -215,6 +236,33 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorDetail(BaseModel):
