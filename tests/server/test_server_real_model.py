@@ -55,3 +55,23 @@ def _greedy(n):
     from kvcache import SamplingParams
 
     return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def test_real_json_schema_chat_is_schema_valid(real_client):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {
+        "city": {"type": "string"}, "country": {"type": "string"},
+        "landmarks": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3}},
+        "required": ["city", "country", "landmarks"], "additionalProperties": False}
+    r = real_client.chat.completions.create(
+        model=MODEL_ID, messages=[{"role": "user", "content": "Describe Paris as JSON: city, country, landmarks."}],
+        max_tokens=120, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop"
+    reply = json.loads(choice.message.content)
+    jsonschema.validate(reply, schema)
+    assert "Paris" in reply["city"]

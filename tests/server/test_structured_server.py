@@ -195,3 +195,62 @@ def test_bad_token_requests_are_400s(server, path, body, param):
 def test_token_endpoints_check_the_model(server):
     r = _post(server, "/detokenize", {"model": "other", "tokens": [5]})
     assert r.status_code == 404
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\nTools: ' }}{% for t in tools %}{{ t['function']['name'] + ' ' }}"
+    "{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tools_server(tiny_model_dir, tmp_path_factory, one_torch_thread):
+    """The tiny model with a chat template that renders tools."""
+    import shutil
+
+    from tests.conftest import build_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-tools")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    tok = build_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    tok.save_pretrained(folder)
+    srv = start_server(tiny_server_llm(folder, max_model_len=1024), sessions_dir=tmp_path_factory.mktemp("s"))
+    yield srv
+    srv.stop()
+
+
+def test_auto_where_the_template_renders_tools(tools_server):
+    from kvcache.server.structured import template_renders_tools, tool_plan
+
+    llm = tools_server.state.llm
+    assert template_renders_tools(llm.tokenizer)
+    client = openai.OpenAI(base_url=tools_server.v1, api_key="unused", max_retries=0, timeout=60)
+    r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, tools=[WEATHER], max_tokens=8,
+                                       temperature=0.0)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content  # the model chose text
+    forced = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, tools=[WEATHER],
+                                            tool_choice="required", **GREEDY)
+    assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
+    from kvcache.server.routes import chat_prompt_ids
+    from kvcache.server.schemas import ChatCompletionRequest
+
+    body = ChatCompletionRequest(model=MODEL_ID, messages=MESSAGES, tools=[WEATHER])
+    shown = llm.tokenizer.decode(chat_prompt_ids(llm, body, tool_plan(body.tools, None, True)))
+    assert "Tools: get_weather" in shown and "You can call" not in shown  # the template's, not ours
+
+
+def test_auto_replies_parse_tool_call_blocks():
+    from kvcache.server.structured import tool_calls, tool_plan
+
+    plan = tool_plan([WEATHER], "auto", True)
+    text = 'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "days": 2}}</tool_call>'
+    (call,) = tool_calls(text, plan)
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Rome", "days": 2}'}
+    assert tool_calls("no call here", plan) is None
+    assert tool_calls('<tool_call>{"name": "other", "arguments": {}}</tool_call>', plan) is None
