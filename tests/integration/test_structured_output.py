@@ -127,3 +127,13 @@ def test_a_schema_that_does_not_compile_fails_before_any_work(tiny_llm, schema):
         tiny_llm.generate(["Hi"], SamplingParams(max_tokens=4, json_schema=schema))
     assert "\n" not in str(info.value) and ".cc" not in str(info.value)
     assert tiny_llm.engine.stats()["running"] == 0
+
+
+def test_each_of_n_samples_has_its_own_matcher(tiny_llm):
+    """n samples fork from one prompt: each follows the schema from its own grammar state."""
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=3, n=4, json_schema=SCHEMA)
+    out = tiny_llm.generate([PROMPTS[0]], params)[0]
+    texts = [c.text for c in out.completions]
+    assert len(texts) == 4 and len(set(texts)) > 1
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMA)
