@@ -466,7 +466,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true.", "top_logprobs")
     job.logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    job.tools = tool_plan(body.tools, body.tool_choice, bool(body.tools) and template_renders_tools(state.llm.tokenizer))
+    renders_tools = bool(body.tools) and template_renders_tools(state.llm.tokenizer)
+    job.tools = tool_plan(body.tools, body.tool_choice, renders_tools)
     grammar, grammar_param = response_format_grammar(body.response_format), "response_format"
     if job.tools is not None and job.tools.schema is not None:
         if grammar != (None, False):
