@@ -2,7 +2,8 @@
 
 Each policy class says whether its part runs on paged blocks (`Policy.on_paged_blocks`); the
 engine runs a policy there when its store does and it has at most one selector that does.
-Everything else gets a per-request store (`row_policy.py`).
+Everything else gets a per-request store (`row_policy.py`). The store declares the blocks'
+format and a token's bytes there (`Policy.paged_format`, `Policy.paged_token_bytes`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from kvcache.cache.policies.registry import POLICIES
 
 @dataclass(frozen=True)
 class PagedPlan:
-    """What the paged engine does for a policy: free blocks behind a window, keep sink blocks,
-    compress each prompt once, hold quantized codes; all None/empty for `full`."""
+    """What the paged engine does for a policy's selector: free blocks behind a window, keep sink
+    blocks, compress each prompt once; all None without a selector."""
 
     window: int | None = None  # `window:size`, or the window of `sinks`
     sinks: tuple[int, int] | None = None  # (n_sink, window)
     evict: PolicyPart | None = None  # the `evict` part (decode=false)
-    quantized: PolicyPart | None = None  # the store part when the blocks hold quantized codes
 
 
 def paged_plan(spec: PolicySpec) -> PagedPlan | None:
@@ -35,5 +35,4 @@ def paged_plan(spec: PolicySpec) -> PagedPlan | None:
         window=p["size"] if name == "window" else p["window"] if name == "sinks" else None,
         sinks=(p["n_sink"], p["window"]) if name == "sinks" else None,
         evict=sel if name == "evict" else None,
-        quantized=spec.store if spec.store.name == "quantized" else None,
     )

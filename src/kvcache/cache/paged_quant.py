@@ -49,15 +49,21 @@ class TokenQuantFormat:
 
     @classmethod
     def from_policy(cls, spec, head_dim: int) -> "TokenQuantFormat":
-        """The format of a policy's paged quantized store (`PagedPlan.quantized`)."""
+        """The format of a policy's paged blocks, where they hold quantized codes (its store's `paged_format`)."""
         from kvcache.cache.paged_plan import paged_plan
+        from kvcache.cache.policies.registry import POLICIES
+
+        fmt = POLICIES[spec.store.name].paged_format(spec.store, head_dim) if paged_plan(spec) else None
+        if fmt is None:
+            raise KVCacheError(f"The KV policy '{spec.text}' is not a paged quantized format.")
+        return fmt
+
+    @classmethod
+    def from_part(cls, part, head_dim: int) -> "TokenQuantFormat":
+        """The format of a `quantized` part that runs on paged blocks (`Quantized.on_paged_blocks`)."""
         from kvcache.cache.policies.params import quantizer_modes
         from kvcache.cache.policies.quantized_store import value_group
 
-        plan = paged_plan(spec)
-        part = plan.quantized if plan else None
-        if part is None:
-            raise KVCacheError(f"The KV policy '{spec.text}' is not a paged quantized format.")
         p = part.params
         modes = quantizer_modes(p, p["bits"])
         key_group = value_group(p["group_size"], head_dim)

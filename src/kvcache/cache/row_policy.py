@@ -21,63 +21,24 @@ still decides who runs, by need, in blocks:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
 from kvcache.cache.base import StepKVDefaults
-from kvcache.cache.spec import kv_layers_bytes
-
-
-@dataclass(frozen=True)
-class PolicyFootprint:
-    """An upper bound on the bytes one sequence's `SequenceCache` holds after n tokens:
-    `rate` a token, plus `exact - rate` for each of its exact tokens (at most `exact_tokens`),
-    over at most `held_cap` tokens when its selector bounds what it keeps (a window, sinks, a
-    budget) and at most `packed_cap` of them packed (`tiered`'s warm tier; the cold one is on
-    disk or dropped)."""
-
-    rate: int  # bytes per token of the bulk of the history (packed codes, or the exact store's)
-    exact: int  # bytes per exact token (residual tail, sinks; the whole store when it is `full`)
-    exact_tokens: int  # the most exact tokens a sequence holds between steps
-    held_cap: int | None = None  # the most tokens it holds, or None (all it has seen)
-    packed_cap: int | None = None  # the most tokens it holds packed, or None
-
-    def bytes_bound(self, n: int) -> int:
-        """The most bytes the cache holds after n tokens."""
-        held = n if self.held_cap is None else min(n, self.held_cap)
-        exact = min(held, self.exact_tokens)
-        packed = held - exact if self.packed_cap is None else min(held - exact, self.packed_cap)
-        return exact * self.exact + packed * self.rate
-
-    def slots(self, n: int) -> int:
-        """Block slots (tokens at `rate`) a sequence of n tokens is granted; never decreases with n."""
-        return -(-self.bytes_bound(n) // self.rate)
+from kvcache.cache.policies.footprint import PolicyFootprint  # the byte bound, declared by each store class
 
 
 def policy_footprint(spec, config, dtype: torch.dtype, prefill_piece: int = 0) -> PolicyFootprint:
-    """The footprint of a policy on a model (see `PolicyFootprint`). `prefill_piece`: the prompt
+    """The footprint of a policy on a model (see `PolicyFootprint`): the one its store declares
+    (`Policy.footprint`), over at most the tokens its selectors keep. `prefill_piece`: the prompt
     pieces a sequence is fed in; a selector evicts after each, so it may hold one more piece."""
-    from kvcache.cache.policies.full import exact_dtype
-    from kvcache.cache.policies.quantized_store import layer_bits, value_group
+    from kvcache.cache.policies.registry import POLICIES
     from kvcache.cache.policies.selectors import EVICT_UNIT
 
-    c, part = config, spec.store
-    exact = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty(0, dtype=exact_dtype(part, dtype)).element_size()
-    held_cap = _held_cap(spec, EVICT_UNIT + prefill_piece)
-    if part.name == "full":
-        return PolicyFootprint(exact, exact, 0, held_cap)
-    p = part.params
-    per_channel = part.name == "tiered" or p["key_axis"] == "channel"
-    tokens = p["group_size"] if per_channel else 1  # tokens that quantize together
-    key_bits, value_bits = layer_bits(part, c.num_layers)
-    vg = p["value_group_size"] or value_group(p["group_size"], c.head_dim)
-    kg = p["group_size"] if per_channel else value_group(p["group_size"], c.head_dim)
-    packed = (kv_layers_bytes(key_bits, kg, tokens, c.num_kv_heads, c.head_dim, "channel" if per_channel else "token")
-              + kv_layers_bytes(value_bits, vg, tokens, c.num_kv_heads, c.head_dim))
-    if part.name == "quantized":
-        return PolicyFootprint(-(-packed // tokens), exact, p["residual"] + p["n_sink"] + tokens - 1, held_cap)
-    return PolicyFootprint(-(-packed // tokens), exact, p["hot"] + tokens - 1, held_cap, p["warm"] + tokens)
+    store = POLICIES[spec.store.name].footprint(spec.store, config, dtype)
+    caps = [c for c in (store.held_cap, _held_cap(spec, EVICT_UNIT + prefill_piece)) if c is not None]
+    return replace(store, held_cap=min(caps) if caps else None)
 
 
 def _held_cap(spec, slack: int) -> int | None:

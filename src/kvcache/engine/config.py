@@ -1,8 +1,9 @@
 """`EngineConfig` and its sizing: a KV byte budget -> paged blocks, from the model shape and the policy.
 
-A token's bytes in the pool depend on the policy: the model dtype's (float blocks), a paged
-quantized format's (`quantized:...,key_axis=token,residual=0`), or, for policies paged blocks
-cannot hold, the packed rate of a per-request cache (`cache.row_policy.PolicyFootprint`).
+A token's bytes in the pool are what the policy's store class declares: on paged blocks its
+`paged_token_bytes` (the model dtype's for float blocks, a quantized format's for
+`quantized:...,key_axis=token,residual=0`), and for policies paged blocks cannot hold the
+packed rate of its per-request cache (`Policy.footprint`, composed by `cache.row_policy.policy_footprint`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from kvcache.cache.paged_evict import PagedEvict
 from kvcache.cache.paged_plan import paged_plan
 from kvcache.cache.paged_quant import TokenQuantFormat
 from kvcache.cache.policies.grammar import PolicySpec
+from kvcache.cache.policies.registry import POLICIES
 from kvcache.cache.row_policy import PolicyFootprint, policy_footprint
 from kvcache.cache.spec import parse_size
 from kvcache.errors import KVCacheError
@@ -95,11 +97,11 @@ def row_footprint(policy: PolicySpec, config: LlamaConfig, dtype: torch.dtype,
 
 
 def quant_format(policy: PolicySpec, head_dim: int) -> TokenQuantFormat | None:
-    """The paged blocks' quantized format under a policy, or None (float blocks)."""
-    plan = paged_plan(policy)
-    if plan is None or plan.quantized is None:
+    """The paged blocks' quantized format under a policy (its store's `paged_format`), or None
+    (float blocks, or a policy paged blocks cannot hold)."""
+    if paged_plan(policy) is None:
         return None
-    return TokenQuantFormat.from_policy(policy, head_dim)
+    return POLICIES[policy.store.name].paged_format(policy.store, head_dim)
 
 
 def dense_bytes_per_token(config: LlamaConfig, dtype: torch.dtype) -> int:
@@ -112,10 +114,7 @@ def bytes_per_token(policy: PolicySpec, config: LlamaConfig, dtype: torch.dtype)
     footprint = row_footprint(policy, config, dtype)
     if footprint is not None:
         return footprint.rate
-    fmt = quant_format(policy, config.head_dim)
-    if fmt is None:
-        return dense_bytes_per_token(config, dtype)
-    return fmt.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim)
+    return POLICIES[policy.store.name].paged_token_bytes(policy.store, config, dtype)
 
 
 def default_prefill_piece(max_num_batched_tokens: int) -> int:

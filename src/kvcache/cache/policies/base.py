@@ -8,7 +8,10 @@ A policy class declares
   checks and fills a part (`fill`, then `check` for rules between keys);
 - where it runs: `on_paged_blocks(params)`, whether the paged engine runs it on its blocks;
   otherwise each request gets a per-request store (`row_policy`);
-- its memory: `held_cap` (selectors: the most tokens kept) and, for stores, `make_store`.
+- its memory: `held_cap` (selectors: the most tokens kept); stores build their per-request
+  store (`make_store`) and declare its bytes (`footprint`, a `footprint.PolicyFootprint`), and,
+  where they run on paged blocks, a token's bytes there (`paged_token_bytes`) and the blocks'
+  format (`paged_format`: None for float blocks, else the quantized one).
 
 The registry (`policies/registry.py`) lists the classes; a new policy is one file there.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from kvcache.cache.policies.footprint import PolicyFootprint
 from kvcache.cache.policies.params import Param
 
 
@@ -48,4 +52,21 @@ class Policy:
     @classmethod
     def held_cap(cls, params: dict, slack: int) -> int | None:
         """The most tokens a sequence keeps under this part (None: no bound), `slack` included."""
+        return None
+
+    @classmethod
+    def footprint(cls, part, config, dtype) -> PolicyFootprint:
+        """Stores: the bytes a per-request store of this part holds (`held_cap` left None: the
+        selectors bound it, see `row_policy.policy_footprint`); `config` the model's, `dtype` its."""
+        raise NotImplementedError(f"The store '{cls.name}' declares no footprint.")
+
+    @classmethod
+    def paged_token_bytes(cls, part, config, dtype) -> int:
+        """Stores that run on paged blocks: the bytes a token takes there, K and V of all layers."""
+        raise NotImplementedError(f"The store '{cls.name}' does not run on paged blocks.")
+
+    @classmethod
+    def paged_format(cls, part, head_dim: int):
+        """Stores that run on paged blocks: their blocks' quantized format (`paged_quant.TokenQuantFormat`),
+        or None where the blocks hold the model's float K/V."""
         return None

@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 
 from kvcache.cache.policies.base import Policy
+from kvcache.cache.policies.footprint import PolicyFootprint
 from kvcache.cache.policies.params import EXACT_DTYPES, Param
 
 _EXACT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -16,6 +17,12 @@ def exact_dtype(part, model_dtype: torch.dtype) -> torch.dtype:
     """The dtype a store keeps its exact tokens in (its `dtype` / `exact` key; default the model's)."""
     name = part.params.get("dtype", part.params.get("exact", "model"))
     return _EXACT.get(name, model_dtype)
+
+
+def exact_token_bytes(part, config, model_dtype: torch.dtype) -> int:
+    """Bytes of one token's exact K and V over all layers, in the part's `exact_dtype`."""
+    c = config
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty(0, dtype=exact_dtype(part, model_dtype)).element_size()
 
 
 class Full(Policy):
@@ -39,3 +46,13 @@ class Full(Policy):
 
         c = config
         return ExactStore(c.num_layers, 1, c.num_kv_heads, c.head_dim, exact_dtype(part, dtype), device, capacity)
+
+    @classmethod
+    def footprint(cls, part, config, dtype: torch.dtype) -> PolicyFootprint:
+        """Every token exact."""
+        exact = exact_token_bytes(part, config, dtype)
+        return PolicyFootprint(exact, exact, 0)
+
+    @classmethod
+    def paged_token_bytes(cls, part, config, dtype: torch.dtype) -> int:
+        return exact_token_bytes(part, config, dtype)  # the model's dtype (`on_paged_blocks`)

@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 
 from kvcache.cache.policies.base import Policy
+from kvcache.cache.policies.footprint import PolicyFootprint
 from kvcache.cache.policies.params import (CLIP_MODES, EXACT_DTYPES, HI_PARAMS, ROTATE_MODES, Param,
                                            check_quantizer_keys)
 
@@ -52,8 +53,13 @@ class Quantized(Policy):
         return params
 
     @classmethod
+    def code_bits(cls, params: dict) -> int:
+        """The width its packed tokens take (`layer_bits`: per layer, with `hi_bits` where named)."""
+        return params["bits"]
+
+    @classmethod
     def check(cls, params: dict) -> None:
-        check_quantizer_keys(cls.name, params, params["bits"])
+        check_quantizer_keys(cls.name, params, cls.code_bits(params))
 
     @classmethod
     def on_paged_blocks(cls, params: dict) -> bool:
@@ -69,3 +75,25 @@ class Quantized(Policy):
         from kvcache.cache.policies.quantized_store import make_quantized_store
 
         return make_quantized_store(part, config, dtype, exact_dtype(part, dtype), device, capacity)
+
+    @classmethod
+    def footprint(cls, part, config, dtype: torch.dtype) -> PolicyFootprint:
+        """Packed codes, plus exact sinks, the residual tail and a key group still filling."""
+        from kvcache.cache.policies.full import exact_token_bytes
+        from kvcache.cache.policies.quantized_store import packed_rate
+
+        p = part.params
+        rate, tokens = packed_rate(part, config, per_channel=p["key_axis"] == "channel")
+        return PolicyFootprint(rate, exact_token_bytes(part, config, dtype), p["residual"] + p["n_sink"] + tokens - 1)
+
+    @classmethod
+    def paged_format(cls, part, head_dim: int):
+        from kvcache.cache.paged_quant import TokenQuantFormat
+
+        return TokenQuantFormat.from_part(part, head_dim)
+
+    @classmethod
+    def paged_token_bytes(cls, part, config, dtype: torch.dtype) -> int:
+        """Codes, scales and zero points of one token, every layer (`on_paged_blocks`)."""
+        c = config
+        return cls.paged_format(part, c.head_dim).bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim)

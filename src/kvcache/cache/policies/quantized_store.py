@@ -27,6 +27,7 @@ import torch
 from kvcache.cache.policies.params import quantizer_modes
 from kvcache.cache.policies.stores import ExactStore
 from kvcache.cache.quant import QTensor, dequantize, hadamard, layer_store, quantize
+from kvcache.cache.spec import kv_layers_bytes
 from kvcache.errors import KVCacheError
 
 
@@ -335,11 +336,18 @@ def roundtrip(x: torch.Tensor, store, layer: int) -> torch.Tensor:
     return dequantize(q, dtype=x.dtype)
 
 
+def _code_bits(part) -> int:
+    """The width a `quantized` or `tiered` part packs its tokens at, as its class declares (`code_bits`)."""
+    from kvcache.cache.policies.registry import POLICIES
+
+    return POLICIES[part.name].code_bits(part.params)
+
+
 def layer_bits(part, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Key and value widths per layer of a `quantized` or `tiered` part: `hi_bits` in the layers
     its `hi_keys` / `hi_values` name, elsewhere its `bits` (`warm_bits`), or `key_bits` for keys."""
     p = part.params
-    bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
+    bits = _code_bits(part)
     widths = []
     for key, base in (("hi_keys", p.get("key_bits") or bits), ("hi_values", bits)):
         hi = p[key].layers
@@ -350,11 +358,25 @@ def layer_bits(part, num_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]
     return widths[0], widths[1]
 
 
+def packed_rate(part, config, per_channel: bool) -> tuple[int, int]:
+    """(bytes a token takes packed, all layers' K and V with scales and zero points, rounded up;
+    tokens that quantize together) of a `quantized` or `tiered` part: keys grouped per channel
+    over `group_size` tokens, or per token like the values."""
+    c, p = config, part.params
+    tokens = p["group_size"] if per_channel else 1
+    key_bits, value_bits = layer_bits(part, c.num_layers)
+    vg = p["value_group_size"] or value_group(p["group_size"], c.head_dim)
+    kg = p["group_size"] if per_channel else value_group(p["group_size"], c.head_dim)
+    packed = (kv_layers_bytes(key_bits, kg, tokens, c.num_kv_heads, c.head_dim, "channel" if per_channel else "token")
+              + kv_layers_bytes(value_bits, vg, tokens, c.num_kv_heads, c.head_dim))
+    return -(-packed // tokens), tokens
+
+
 def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, device: torch.device,
                          capacity: int):
     """The store for a `quantized` or `tiered` policy part (`exact`: dtype of its exact tokens)."""
     c, p = config, part.params
-    bits = p["bits"] if part.name == "quantized" else p["warm_bits"]
+    bits = _code_bits(part)
     modes = quantizer_modes(p, bits)
     key_bits, value_bits = layer_bits(part, c.num_layers)
     extra = dict(clip=modes.clip, value_group_size=p["value_group_size"], rotate_values=modes.rotate_values,

@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 
 from kvcache.cache.policies.base import Policy
+from kvcache.cache.policies.footprint import PolicyFootprint
 from kvcache.cache.policies.params import (CLIP_MODES, EXACT_DTYPES, HI_PARAMS, ROTATE_MODES, Param,
                                            check_quantizer_keys)
 
@@ -33,8 +34,13 @@ class Tiered(Policy):
     examples = ("tiered:hot=16,warm_bits=4,warm=32,cold=disk,group_size=16",)
 
     @classmethod
+    def code_bits(cls, params: dict) -> int:
+        """The width its packed tokens take (`layer_bits`: per layer, with `hi_bits` where named)."""
+        return params["warm_bits"]
+
+    @classmethod
     def check(cls, params: dict) -> None:
-        check_quantizer_keys(cls.name, params, params["warm_bits"])
+        check_quantizer_keys(cls.name, params, cls.code_bits(params))
 
     @classmethod
     def make_store(cls, part, config, dtype: torch.dtype, device: torch.device, capacity: int):
@@ -42,3 +48,15 @@ class Tiered(Policy):
         from kvcache.cache.policies.quantized_store import make_quantized_store
 
         return make_quantized_store(part, config, dtype, exact_dtype(part, dtype), device, capacity)
+
+    @classmethod
+    def footprint(cls, part, config, dtype: torch.dtype) -> PolicyFootprint:
+        """Exact hot tokens (and a key group still filling), at most `warm` (and a group) packed;
+        the cold tier is on disk or dropped."""
+        from kvcache.cache.policies.full import exact_token_bytes
+        from kvcache.cache.policies.quantized_store import packed_rate
+
+        p = part.params
+        rate, tokens = packed_rate(part, config, per_channel=True)  # KIVI keys
+        return PolicyFootprint(rate, exact_token_bytes(part, config, dtype), p["hot"] + tokens - 1,
+                               packed_cap=p["warm"] + tokens)
