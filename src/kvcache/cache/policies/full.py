@@ -21,8 +21,8 @@ def exact_dtype(part, model_dtype: torch.dtype) -> torch.dtype:
 
 def exact_token_bytes(part, config, model_dtype: torch.dtype) -> int:
     """Bytes of one token's exact K and V over all layers, in the part's `exact_dtype`."""
-    c = config
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty(0, dtype=exact_dtype(part, model_dtype)).element_size()
+    c, element = config, torch.empty(0, dtype=exact_dtype(part, model_dtype)).element_size()
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * element
 
 
 class Full(Policy):
