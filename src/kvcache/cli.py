@@ -14,6 +14,7 @@ from kvcache.bench import record
 from kvcache.cli_paths import check_output_dir, check_output_file, os_error_sentence
 from kvcache.engine.length_rule import check_length
 from kvcache.errors import KVCacheError
+from kvcache.replicas.routing import ROUTING
 
 EXIT_USAGE = 2
 
@@ -120,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="model id clients use (default: --model)")
     s.add_argument("--sessions-dir", default=None, help="saved sessions folder (default ~/.cache/kvcache/sessions)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--replicas", type=_positive_int, default=None,
+                   help="serve N engine replicas on Ray Serve behind one ingress (default: one engine, no Ray); "
+                        "--threads is per replica")
+    s.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --replicas: join this Ray cluster (e.g. HEAD:6379) instead of starting a local one")
+    s.add_argument("--routing", default=None, choices=list(ROUTING),
+                   help="with --replicas: prefix (the replica holding the prompt's longest run of cached blocks; "
+                        "default), round-robin or least-loaded")
+    s.add_argument("--routing-imbalance", type=_count, default=None, metavar="N",
+                   help="with --routing prefix: go to the least loaded replica when the prefix holder has more than "
+                        "N more requests in flight (default 8)")
     _model_options(s)
     _tier_options(s)
 
@@ -185,18 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _make_llm(args, **engine):
-    from kvcache import LLM
-
+def _llm_kwargs(args, **engine) -> dict:
+    """`LLM(**kwargs)` for the model, tier and engine flags."""
     if getattr(args, "kv_tier", None) is not None:
         engine.update(kv_tier=args.kv_tier, kv_tier_timeout_ms=args.kv_tier_timeout_ms,
                       kv_tier_max_bytes=args.kv_tier_max_bytes, kv_tier_queue=args.kv_tier_queue)
     elif getattr(args, "kv_tier_max_bytes", None) is not None:
         raise KVCacheError("--kv-tier-max-bytes bounds a tier; give --kv-tier disk:PATH too.")
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               truncation=args.truncation,
-               threads=args.threads, kernels=args.kernels, kv_policy=args.kv_policy,
-               quantization=args.quantization, **engine)
+    return dict(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                truncation=args.truncation,
+                threads=args.threads, kernels=args.kernels, kv_policy=args.kv_policy,
+                quantization=args.quantization, **engine)
+
+
+def _make_llm(args, **engine):
+    from kvcache import LLM
+
+    return LLM(**_llm_kwargs(args, **engine))
 
 
 def _params(args):
@@ -244,13 +261,41 @@ def cmd_serve(args) -> int:
         raise KVCacheError(f"--port must be in 1..65535, got {args.port}.")
     if args.sessions_dir is not None:
         check_output_dir(args.sessions_dir, "--sessions-dir")
-    llm = _make_llm(args, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
     config = ServerConfig(model_name=args.served_model_name or args.model, api_key=args.api_key,
                           max_queue=args.max_queue, sessions_dir=args.sessions_dir)
+    if args.replicas is None:
+        given = [f for f, v in (("--ray-address", args.ray_address), ("--routing", args.routing),
+                                ("--routing-imbalance", args.routing_imbalance)) if v is not None]
+        if given:
+            raise KVCacheError(f"{given[0]} applies to replicas; give --replicas N too.")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key; anyone who can reach it can use it.",
               file=sys.stderr)
+    engine = dict(kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs)
+    if args.replicas is not None:
+        return _serve_replicas(args, config, _llm_kwargs(args, progress=False, **engine))
+    llm = _make_llm(args, **engine)
     serve(llm, config, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _serve_replicas(args, config, llm_kwargs: dict) -> int:
+    """`serve --replicas N`: the engines on Ray Serve (imported only here)."""
+    import dataclasses
+
+    try:
+        from kvcache.replicas.launch import ClusterOptions, run
+        from kvcache.replicas.replica import ReplicaSpec
+    except ImportError as exc:
+        raise KVCacheError(f"--replicas needs Ray Serve ({exc}); install it with pip install 'kvcache[serve]'.") \
+            from None
+    from kvcache.cache.policies.grammar import parse_policy
+
+    parse_policy(args.kv_policy)  # a bad policy is refused here, before any replica starts
+    spec = ReplicaSpec(llm=llm_kwargs, server=dataclasses.replace(config, api_key=None))
+    run(ClusterOptions(replicas=args.replicas, spec=spec, server=config, routing=args.routing or "prefix",
+                       imbalance=8 if args.routing_imbalance is None else args.routing_imbalance,
+                       cpus_per_replica=args.threads or 1, host=args.host, port=args.port), address=args.ray_address)
     return 0
 
 

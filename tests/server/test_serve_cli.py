@@ -77,3 +77,28 @@ def test_a_non_loopback_host_without_api_key_is_warned_about(monkeypatch, capsys
     assert served == [host]
     want = f"warning: serving on {host} without --api-key; anyone who can reach it can use it.\n"
     assert err == (want if warned else "")
+
+
+def test_the_single_server_imports_no_ray():
+    """Without --replicas, `kvcache serve` parses, builds and serves without importing Ray."""
+    code = ("import sys\n"
+            "import kvcache.server\n"
+            "from kvcache import cli\n"
+            "cli._make_llm = lambda args, **engine: 'llm'\n"
+            "kvcache.server.serve = lambda llm, config, host, port, log_level: None\n"
+            "assert cli.main(['serve', '--port', '8123']) == 0\n"
+            "print('ray' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--ray-address", "10.0.0.1:6379"], "--ray-address applies to replicas; give --replicas N too."),
+    (["--routing", "round-robin"], "--routing applies to replicas; give --replicas N too."),
+    (["--replicas", "0"], "expected a positive integer, got 0"),
+    (["--replicas", "2", "--routing", "random"], "invalid choice: 'random'"),
+])
+def test_replica_flags_are_checked_before_anything_starts(flags, words):
+    r = subprocess.run(_serve(*flags), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr

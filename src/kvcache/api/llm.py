@@ -60,6 +60,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def chat_template_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a conversation rendered with `tokenizer`'s chat template, ready for the reply
+    (`tools`: OpenAI tool specs, for a template that renders them)."""
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+            raise KVCacheError("Each message must be a dict with a 'role' and a string 'content'.")
+    extra = {"tools": tools} if tools else {}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 class LLM:
     """A loaded model plus its tokenizer, ready to generate.
 
@@ -207,14 +220,7 @@ class LLM:
     def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation rendered with the model's chat template, ready for the reply
         (`tools`: OpenAI tool specs, for a template that renders them)."""
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
-                raise KVCacheError("Each message must be a dict with a 'role' and a string 'content'.")
-        extra = {"tools": tools} if tools else {}
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return chat_template_ids(self.tokenizer, messages, tools)
 
     # -- generation -------------------------------------------------------------------
     def _params(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -86,27 +86,8 @@ class ServerMetrics:
                 lines.append(f"# TYPE {name} {kind}")
             lines.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
 
-        metric("kvcache_kv_blocks_total", "gauge", "KV cache blocks in the pool.", stats["blocks_total"])
-        metric("kvcache_kv_blocks_used", "gauge", "KV blocks held by requests.", stats["blocks_used"])
-        metric("kvcache_kv_blocks_cached", "gauge", "Free KV blocks still holding a reusable prefix.",
-               stats["blocks_cached"])
-        metric("kvcache_kv_blocks_free", "gauge", "KV blocks not held by any request.", stats["blocks_free"])
-        metric("kvcache_kv_block_size_tokens", "gauge", "Tokens per KV block.", stats["block_size"])
-        metric("kvcache_kv_bytes_used", "gauge", "Bytes of KV blocks held by requests.", stats["kv_bytes_used"])
-        metric("kvcache_kv_bytes_total", "gauge", "Bytes of the KV block pool.", stats["kv_bytes_total"])
-        metric("kvcache_prefix_cache_hit_rate", "gauge", "Prompt tokens served from the prefix cache / prompt tokens.",
-               float(stats["prefix_hit_rate"]))
-        metric("kvcache_prefix_cache_queries_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
-               stats["prefix_queries"])
-        metric("kvcache_prefix_cache_hits_tokens_total", "counter", "Prompt tokens found in the prefix cache.",
-               stats["prefix_hits"])
-        metric("kvcache_requests_running", "gauge", "Requests the engine is running.", stats["running"])
-        metric("kvcache_requests_waiting", "gauge", "Requests waiting for KV blocks or a batch slot.", stats["waiting"])
+        engine_metrics(stats, metric)
         metric("kvcache_requests_in_flight", "gauge", "Generation requests the server is answering.", self.in_flight)
-        metric("kvcache_preemptions_total", "counter", "Requests preempted to free KV blocks.", stats["preemptions"])
-        metric("kvcache_generation_tokens_total", "counter", "Tokens generated.", stats["tokens_generated"])
-        metric("kvcache_prompt_tokens_computed_total", "counter", "Prompt tokens computed (cache hits excluded).",
-               stats["tokens_prefilled"])
         metric("kvcache_generation_tokens_per_second", "gauge", f"Tokens generated per second over the last "
                f"{self.window_s:g} s.", round(self.tokens_per_second(), 3))
         metric("kvcache_client_disconnects_total", "counter", "Streams whose client went away before the end.",
@@ -118,44 +99,69 @@ class ServerMetrics:
         for (endpoint, status), n in counts:
             metric("kvcache_requests_total", "counter", "Requests answered, by endpoint and HTTP status.", n,
                    f'{{endpoint="{endpoint}",status="{status}"}}')
-        if "quantization" in stats:
-            metric("kvcache_weights_info", "gauge", "The weights' quantization (none, gguf, int8, int4) as a label.", 1,
-                   f'{{quantization="{stats["quantization"]}"}}')
-            metric("kvcache_weight_bytes", "gauge", "Bytes the model weights take as held.", stats["weight_bytes"])
-        if "kv_tier" in stats:
-            self._tier_metrics(stats, metric)
         metric("process_resident_memory_bytes", "gauge", "Resident memory of the server process.", process_rss_bytes())
         metric("process_uptime_seconds", "gauge", "Seconds since the server started.",
                round(time.time() - self.started, 3))
         return "\n".join(lines) + "\n"
 
-    @staticmethod
-    def _tier_metrics(stats: dict, metric) -> None:
-        """The shared KV tier's counters (`cache.tier.KVTier.stats`)."""
-        url = stats["kv_tier"].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        metric("kvcache_kv_tier_info", "gauge", "The shared KV tier, by URL.", 1, f'{{url="{url}"}}')
-        metric("kvcache_kv_tier_lookups_total", "counter", "Prompts looked up in the KV tier.", stats["kv_tier_lookups"])
-        metric("kvcache_kv_tier_hits_blocks_total", "counter", "KV blocks fetched from the tier.", stats["kv_tier_hits"])
-        metric("kvcache_kv_tier_misses_blocks_total", "counter", "KV blocks looked up in the tier and not fetched.",
-               stats["kv_tier_misses"])
-        metric("kvcache_kv_tier_hit_rate", "gauge", "KV tier blocks fetched / blocks looked up.",
-               float(stats["kv_tier_hit_rate"]))
-        metric("kvcache_kv_tier_read_bytes_total", "counter", "Bytes fetched from the KV tier.",
-               stats["kv_tier_bytes_read"])
-        metric("kvcache_kv_tier_writes_blocks_total", "counter", "KV blocks written to the tier.",
-               stats["kv_tier_writes"])
-        metric("kvcache_kv_tier_written_bytes_total", "counter", "Bytes written to the KV tier.",
-               stats["kv_tier_bytes_written"])
-        metric("kvcache_kv_tier_dropped_writes_total", "counter",
-               "KV blocks not written: the write queue was full or the tier was resting after a failure.",
-               stats["kv_tier_dropped_writes"])
-        metric("kvcache_kv_tier_prompt_tokens_fetched_total", "counter", "Prompt tokens whose K/V came from the tier.",
-               stats["kv_tier_tokens_fetched"])
-        kinds = stats["kv_tier_errors_by_kind"]
-        if not kinds:
-            metric("kvcache_kv_tier_errors_total", "counter", "KV tier failures (each one a miss), by kind.", 0)
-        for kind, n in sorted(kinds.items()):
-            metric("kvcache_kv_tier_errors_total", "counter", "KV tier failures (each one a miss), by kind.", n,
-                   f'{{kind="{kind}"}}')
-        if stats["kv_tier_stored_bytes"] is not None:
-            metric("kvcache_kv_tier_stored_bytes", "gauge", "Bytes the disk tier holds.", stats["kv_tier_stored_bytes"])
+
+def engine_metrics(stats: dict, metric) -> None:
+    """The engine's figures (`LLM.stats()`): blocks, prefix cache, queue, tokens, weights, the tier.
+    `metric(name, kind, help, value, labels="")` writes one sample."""
+    metric("kvcache_kv_blocks_total", "gauge", "KV cache blocks in the pool.", stats["blocks_total"])
+    metric("kvcache_kv_blocks_used", "gauge", "KV blocks held by requests.", stats["blocks_used"])
+    metric("kvcache_kv_blocks_cached", "gauge", "Free KV blocks still holding a reusable prefix.",
+           stats["blocks_cached"])
+    metric("kvcache_kv_blocks_free", "gauge", "KV blocks not held by any request.", stats["blocks_free"])
+    metric("kvcache_kv_block_size_tokens", "gauge", "Tokens per KV block.", stats["block_size"])
+    metric("kvcache_kv_bytes_used", "gauge", "Bytes of KV blocks held by requests.", stats["kv_bytes_used"])
+    metric("kvcache_kv_bytes_total", "gauge", "Bytes of the KV block pool.", stats["kv_bytes_total"])
+    metric("kvcache_prefix_cache_hit_rate", "gauge", "Prompt tokens served from the prefix cache / prompt tokens.",
+           float(stats["prefix_hit_rate"]))
+    metric("kvcache_prefix_cache_queries_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
+           stats["prefix_queries"])
+    metric("kvcache_prefix_cache_hits_tokens_total", "counter", "Prompt tokens found in the prefix cache.",
+           stats["prefix_hits"])
+    metric("kvcache_requests_running", "gauge", "Requests the engine is running.", stats["running"])
+    metric("kvcache_requests_waiting", "gauge", "Requests waiting for KV blocks or a batch slot.", stats["waiting"])
+    metric("kvcache_preemptions_total", "counter", "Requests preempted to free KV blocks.", stats["preemptions"])
+    metric("kvcache_generation_tokens_total", "counter", "Tokens generated.", stats["tokens_generated"])
+    metric("kvcache_prompt_tokens_computed_total", "counter", "Prompt tokens computed (cache hits excluded).",
+           stats["tokens_prefilled"])
+    if "quantization" in stats:
+        metric("kvcache_weights_info", "gauge", "The weights' quantization (none, gguf, int8, int4) as a label.", 1,
+               f'{{quantization="{stats["quantization"]}"}}')
+        metric("kvcache_weight_bytes", "gauge", "Bytes the model weights take as held.", stats["weight_bytes"])
+    if "kv_tier" in stats:
+        tier_metrics(stats, metric)
+
+
+def tier_metrics(stats: dict, metric) -> None:
+    """The shared KV tier's counters (`cache.tier.KVTier.stats`)."""
+    url = stats["kv_tier"].replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    metric("kvcache_kv_tier_info", "gauge", "The shared KV tier, by URL.", 1, f'{{url="{url}"}}')
+    metric("kvcache_kv_tier_lookups_total", "counter", "Prompts looked up in the KV tier.", stats["kv_tier_lookups"])
+    metric("kvcache_kv_tier_hits_blocks_total", "counter", "KV blocks fetched from the tier.", stats["kv_tier_hits"])
+    metric("kvcache_kv_tier_misses_blocks_total", "counter", "KV blocks looked up in the tier and not fetched.",
+           stats["kv_tier_misses"])
+    metric("kvcache_kv_tier_hit_rate", "gauge", "KV tier blocks fetched / blocks looked up.",
+           float(stats["kv_tier_hit_rate"]))
+    metric("kvcache_kv_tier_read_bytes_total", "counter", "Bytes fetched from the KV tier.",
+           stats["kv_tier_bytes_read"])
+    metric("kvcache_kv_tier_writes_blocks_total", "counter", "KV blocks written to the tier.",
+           stats["kv_tier_writes"])
+    metric("kvcache_kv_tier_written_bytes_total", "counter", "Bytes written to the KV tier.",
+           stats["kv_tier_bytes_written"])
+    metric("kvcache_kv_tier_dropped_writes_total", "counter",
+           "KV blocks not written: the write queue was full or the tier was resting after a failure.",
+           stats["kv_tier_dropped_writes"])
+    metric("kvcache_kv_tier_prompt_tokens_fetched_total", "counter", "Prompt tokens whose K/V came from the tier.",
+           stats["kv_tier_tokens_fetched"])
+    kinds = stats["kv_tier_errors_by_kind"]
+    if not kinds:
+        metric("kvcache_kv_tier_errors_total", "counter", "KV tier failures (each one a miss), by kind.", 0)
+    for kind, n in sorted(kinds.items()):
+        metric("kvcache_kv_tier_errors_total", "counter", "KV tier failures (each one a miss), by kind.", n,
+               f'{{kind="{kind}"}}')
+    if stats["kv_tier_stored_bytes"] is not None:
+        metric("kvcache_kv_tier_stored_bytes", "gauge", "Bytes the disk tier holds.", stats["kv_tier_stored_bytes"])
