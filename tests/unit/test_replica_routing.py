@@ -44,3 +44,17 @@ def test_round_robin_rotates_and_least_loaded_sorts():
     table = PrefixTable()
     assert [rank_replicas("round-robin", IDS, {}, [], table, 0, t)[0] for t in range(4)] == ["a", "b", "c", "a"]
     assert rank_replicas("least-loaded", IDS, {"a": 2, "b": 0, "c": 1}, [], table, 0, 0) == ["b", "c", "a"]
+
+
+def test_the_ingress_renders_prompts_as_the_replica_does(tiny_llm):
+    import json
+
+    from kvcache.replicas.prompt import PromptHasher
+
+    hasher = PromptHasher(tiny_llm.tokenizer, 4)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the moon"}]
+    chat = json.dumps({"model": "m", "messages": messages}).encode()
+    assert hasher.prompt_ids("/v1/chat/completions", chat) == tiny_llm.chat_ids(messages)
+    text = json.dumps({"model": "m", "prompt": ["the stars at night", "x"]}).encode()
+    assert hasher.prompt_ids("/v1/completions", text) == tiny_llm.encode("the stars at night")
+    assert hasher.hashes("/v1/completions", b"{not json") == [] and hasher.hashes("/v1/models", b"") == []
