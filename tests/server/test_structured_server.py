@@ -197,6 +197,18 @@ def test_token_endpoints_check_the_model(server):
     assert r.status_code == 404
 
 
+def test_tokenizer_info_names_the_special_tokens_and_template(server):
+    """vLLM's /tokenizer_info, which lm-eval's `local-completions` probes before using /tokenize."""
+    tok = server.state.llm.tokenizer
+    r = httpx.get(server.url + "/tokenizer_info", timeout=30)
+    assert r.status_code == 200
+    info = r.json()
+    assert info["eos_token"] == "<|im_end|>" and info["pad_token"] == "<|endoftext|>" and info["bos_token"] is None
+    assert info["chat_template"] == tok.chat_template and info["tokenizer_class"] == type(tok).__name__
+    assert info["model_max_length"] == server.state.llm.max_model_len
+    assert server.state.metrics.requests[("/tokenizer_info", 200)] == 1
+
+
 TOOLS_TEMPLATE = (
     "{% if tools %}{{ '<|im_start|>system\nTools: ' }}{% for t in tools %}{{ t['function']['name'] + ' ' }}"
     "{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"

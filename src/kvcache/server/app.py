@@ -13,6 +13,7 @@ from kvcache.server.errors import error_body, install_error_handlers
 from kvcache.server.state import ServerConfig, ServerState
 
 OPEN_PATHS = ("/health", "/dashboard", "/docs", "/openapi.json", "/redoc")  # no API key needed
+COUNTED_PATHS = ("/health", "/metrics", "/dashboard", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def _endpoint_label(path: str) -> str:
@@ -20,7 +21,7 @@ def _endpoint_label(path: str) -> str:
     for prefix in ("/v1/sessions", "/v1/cache", "/v1/models", "/v1/chat/completions", "/v1/completions"):
         if path.startswith(prefix):
             return prefix
-    return path if path in ("/health", "/metrics", "/dashboard", "/tokenize", "/detokenize") else "other"
+    return path if path in COUNTED_PATHS else "other"
 
 
 class Guard:

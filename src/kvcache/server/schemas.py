@@ -256,6 +256,18 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
+class TokenizerInfo(BaseModel):
+    """vLLM's /tokenizer_info: what a client needs to use the server's tokenizer remotely."""
+
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    model_max_length: int
+    chat_template: str | None
+
+
 class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]

@@ -1,5 +1,7 @@
 """vLLM's token endpoints: `POST /tokenize` (a prompt, or chat messages through the chat
-template) and `POST /detokenize` (token ids back to text)."""
+template), `POST /detokenize` (token ids back to text) and `GET /tokenizer_info` (special
+tokens, context length, chat template), which lm-evaluation-harness looks for before it uses
+the server's tokenizer instead of downloading one."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from fastapi import APIRouter, Request
 from kvcache.server.errors import APIError
 from kvcache.server.routes import ERRORS, state_of
 from kvcache.server.schemas import (
-    DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, template_messages,
+    DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenizerInfo, template_messages,
 )
 
 router = APIRouter(tags=["tokens"])
@@ -47,3 +49,16 @@ async def detokenize(body: DetokenizeRequest, request: Request):
         raise APIError(400, f"Token ids must be integers in [0, {vocab}); tokens.{bad} is {body.tokens[bad]}.",
                        f"tokens.{bad}")
     return DetokenizeResponse(prompt=state.llm.tokenizer.decode(body.tokens))
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo, responses=ERRORS)
+async def tokenizer_info(request: Request):
+    """The served model's special tokens, context length and chat template (text, or None)."""
+    llm = state_of(request).llm
+    tok = llm.tokenizer
+    template = tok.chat_template
+    if isinstance(template, dict):  # named templates: the default one
+        template = template.get("default")
+    return TokenizerInfo(tokenizer_class=type(tok).__name__, eos_token=tok.eos_token, bos_token=tok.bos_token,
+                         pad_token=tok.pad_token, unk_token=tok.unk_token, model_max_length=llm.max_model_len,
+                         chat_template=template if isinstance(template, str) else None)
