@@ -851,7 +851,7 @@ def comparison_table(args, wl: Workload, results: list[dict]) -> Table:
               f"{args.threads} threads, KV budget {format_bytes(args.kv_budget_bytes)}, {len(wl)} requests")
     for col in ("policy", "2a tok/s", "2b tok/s", "2a / 2b", "bytes/token", "peak resident", "preemptions",
                 "prefix TTFT off/on"):
-        t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=col != "policy")
+        t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
     for r in results:
         a, b = r["throughput"]["ours_batched"], r["throughput"].get("ours_one_by_one")
         cap, pre = r["capacity"], r["prefix_caching"]
