@@ -64,6 +64,7 @@ from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
 from kvcache.bench import record
 from kvcache.bench.common import consoles, corpus_ids, machine_info, quiet_transformers
+from kvcache.engine.config import quant_format
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL, read_hf_config, resolve_model_dir
@@ -807,7 +808,7 @@ def static_reservations(args, llm: LLM, wl: Workload, cap: dict, err) -> dict:
     reserving max_model_len, prompt + max_tokens (the cap), or an oracle's exact lengths."""
     shape = ModelShape.from_hf_config(read_hf_config(llm.model_dir), name=args.model)
     bpt = kv_bytes_per_token(shape, KVFormat.parse(_DTYPE_NAMES.get(parse_dtype(args.dtype), args.dtype)))
-    if llm.paged_plan is not None and llm.paged_plan.quantized is not None:  # reservations in the same format
+    if quant_format(llm.kv_policy, llm.config.head_dim) is not None:  # reservations in the same format
         bpt = llm.engine_bytes_per_token
     if bpt != cap["bytes_per_token"]:
         err.print(f"[yellow]note: spec bytes/token {bpt} != engine bytes/token {cap['bytes_per_token']}[/yellow]")
