@@ -80,9 +80,7 @@ def prometheus(per_replica: Mapping[str, dict], routed: Mapping[str, int], ingre
                 f'{{replica="{replica}"}}')
     for name, (kind, help_, value) in extra.items():
         fam.add(name, kind, help_, value)
-    with ingress._lock:
-        counts = sorted(ingress.requests.items())
-    for (endpoint, status), n in counts:
+    for (endpoint, status), n in ingress.request_counts():
         fam.add("kvcache_requests_total", "counter", "Requests answered by the ingress, by endpoint and HTTP status.",
                 n, f'{{endpoint="{endpoint}",status="{status}"}}')
     fam.add("process_resident_memory_bytes", "gauge", "Resident memory of the ingress process.", process_rss_bytes())

@@ -52,6 +52,11 @@ class ServerMetrics:
         with self._lock:
             self.requests[(endpoint, status)] += 1
 
+    def request_counts(self) -> list[tuple[tuple[str, int], int]]:
+        """((endpoint, status), requests answered) so far, sorted."""
+        with self._lock:
+            return sorted(self.requests.items())
+
     def sample(self, stats: dict) -> Sample:
         """Record the engine's `stats()` now (unless the last sample is very recent); return the latest."""
         now = time.time()
@@ -92,8 +97,7 @@ class ServerMetrics:
                f"{self.window_s:g} s.", round(self.tokens_per_second(), 3))
         metric("kvcache_client_disconnects_total", "counter", "Streams whose client went away before the end.",
                self.disconnects)
-        with self._lock:
-            counts = sorted(self.requests.items())
+        counts = self.request_counts()
         if not counts:
             metric("kvcache_requests_total", "counter", "Requests answered, by endpoint and HTTP status.", 0)
         for (endpoint, status), n in counts:
