@@ -119,6 +119,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def source_env() -> dict:
+    """This environment, with the kvcache this script imported first on PYTHONPATH (so the servers,
+    and Ray's workers they start, run the code the record names)."""
+    import kvcache
+
+    src = str(Path(kvcache.__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 class Server:
     """One `kvcache serve` process (with or without --replicas) on a free loopback port."""
 
@@ -143,7 +154,8 @@ class Server:
         say(self.err, f"[{self.label}] starting: {' '.join(self.cmd[3:])}")
         t0 = time.perf_counter()
         # its own session: stopping it reaches Ray's processes too, and nothing else
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=source_env())
         deadline = time.monotonic() + self.args.start_timeout
         path = "/v1/cache/replicas" if self.replicas else "/health"
         while time.monotonic() < deadline:
