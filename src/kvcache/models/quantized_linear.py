@@ -59,13 +59,6 @@ class QuantizedLinear:
         # per part: (packed bytes and kernel format code, or the float weight; columns)
         self._calls = [((p.data, FORMAT_CODES[p.fmt]) if isinstance(p, PackedWeight) else (p, None), col, n)
                        for p, col, n in self._columns()]
-        kern = qlinear.kernels()
-        # the kernel calls of a decode step, bound once: 120 projections a step on the default
-        # model make the per-call Python work part of the step time
-        self._native = None if kern is None else [
-            (None if code is None else kern.lib.ql_matmul, w if code is None else w.data_ptr(), code, col, n)
-            for (w, code), col, n in self._calls]
-        self._bf16 = int(dtype == torch.bfloat16)
 
     @property
     def formats(self) -> str:
@@ -94,16 +87,15 @@ class QuantizedLinear:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if x2.dtype != self.dtype or not x2.is_contiguous():
             x2 = x2.to(self.dtype).contiguous()
-        if self._native is None:
+        kern = qlinear.kernels()
+        if kern is None:
             return F.linear(x2, self.dequantize(), self.bias).view(*lead, self.out_features)
-        m, k = x2.shape
-        y = torch.empty((m, self.out_features), dtype=self.dtype)  # (M, N)
-        xp, yp, el = x2.data_ptr(), y.data_ptr(), y.element_size()
-        for fn, w, code, col, n in self._native:  # `QLinearKernels.matmul`, its arguments bound ahead
-            if fn is None:
+        y = x2.new_empty(x2.shape[0], self.out_features)  # (M, N)
+        for (w, code), col, n in self._calls:
+            if code is None:
                 y[:, col:col + n] = F.linear(x2, w)
             else:
-                fn(xp, w, yp + col * el, m, k, n, self.out_features, code, self._bf16)
+                kern.matmul(x2, w, code, n, y, col)
         if self.bias is not None:
             y += self.bias
         return y.view(*lead, self.out_features)
