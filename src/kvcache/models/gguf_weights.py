@@ -237,12 +237,10 @@ def keeps_packed(path: Path) -> bool:
     """Whether `quantization="gguf"` can load this file and holds some matrix packed: every
     tensor the model uses is in a kept format, and some are quantized."""
     try:
-        index = tensor_index(path)
-    except Exception:
+        index = check_types(path)
+    except (ModelFormatError, OSError):
         return False
-    used = [t.type_name for t in index if hf_tensor_name(t.name)]
-    return (all(t in PACKED_TYPES or t in FLOAT_TYPES for t in used)
-            and any(t in PACKED_TYPES for t in used))
+    return any(t.type_name in PACKED_TYPES for t in index if hf_tensor_name(t.name))
 
 
 def gguf_state_dict(path: Path, heads: int, kv_heads: int) -> dict:
