@@ -111,16 +111,16 @@ def measure(args) -> dict:
 def gguf_tensor_bytes(path: Path) -> int:
     """Bytes of a GGUF's tensors: what one llama.cpp decode step streams (its head is tied to
     the embedding table, read whole; the embedding row lookup is not counted)."""
+    import math
+
+    import gguf
+
     from kvcache.models.gguf_weights import tensor_index
 
-    per_block = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
-    per_value = {"F32": 4, "F16": 2, "BF16": 2}
     total = 0
     for t in tensor_index(path):
-        n = 1
-        for dim in t.shape:
-            n *= dim
-        total += n // 32 * per_block[t.type_name] if t.type_name in per_block else n * per_value[t.type_name]
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.type_name]]
+        total += math.prod(t.shape) // block * size
     return total
 
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         sys.stdout.flush()
     record.save("bench_quantized_decode", "python benchmarks/bench_quantized_decode.py", argv, args.record_folder,
-                threads=args.threads, config={k: v for k, v in vars(args).items() if k != "record_folder"},
+                threads=args.threads, config=record.config_of(args),
                 results=rows, timings={v: strip(rs) for v, rs in runs.items() if v != args.variant_list[0]},
                 baseline_timings={args.variant_list[0]: strip(runs[args.variant_list[0]])})
     return rows
