@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
     record.save("bench_guidellm", "python benchmarks/bench_guidellm.py", argv, args.record_folder,
-                threads=args.threads, config={k: v for k, v in vars(args).items() if k != "record_folder"},
+                threads=args.threads, config=record.config_of(args),
                 results={**result, "guidellm_report": report}, timings={"ttft_ms": r["ttft_ms"], "itl_ms": r["itl_ms"]},
                 baseline_timings={})
     return result

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
     strip = {k: [{x: y for x, y in r.items() if x != "tokens"} for r in v] for k, v in runs.items()}
     record.save("bench_n_samples", "python benchmarks/bench_n_samples.py", argv, args.record_folder,
-                threads=args.threads, config={k: v for k, v in vars(args).items() if k != "record_folder"},
+                threads=args.threads, config=record.config_of(args),
                 results=result, timings={"n_samples": strip["n_samples"]},
                 baseline_timings={"separate": strip["separate"]})
     return result

@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.stdout.flush()
     routing = results.get("routing", {}).get("runs", {})
     record.save("bench_replicas", "python benchmarks/bench_replicas.py", argv, args.record_folder,
-                threads=args.threads, config={k: v for k, v in vars(args).items() if k != "record_folder"},
+                threads=args.threads, config=record.config_of(args),
                 results=results, timings={k: v for k, v in routing.items() if k != "single"},
                 baseline_timings={"single": routing["single"]} if "single" in routing else {})
     return results

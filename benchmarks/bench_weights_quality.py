@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         sys.stdout.write(json.dumps(record.json_safe(result), indent=1) + "\n")
     record.save("bench_weights_quality", "python benchmarks/bench_weights_quality.py", argv, args.record_folder,
-                threads=args.threads, config={k: v for k, v in vars(args).items() if k != "record_folder"},
+                threads=args.threads, config=record.config_of(args),
                 results=record.json_safe(result), timings={q: ppl[q] for q in QUANTIZATIONS if q != "none"},
                 baseline_timings={"none": ppl["none"]})
     return result

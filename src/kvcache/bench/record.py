@@ -152,6 +152,12 @@ def save(benchmark: str, prog: str, argv: list[str] | None, folder: str | Path |
     return path
 
 
+def config_of(args) -> dict:
+    """A benchmark's parsed options as its record's `config`: every flag, without the record
+    folder `parse_folder` derived from them."""
+    return {k: v for k, v in vars(args).items() if k != "record_folder"}
+
+
 def add_arguments(parser) -> None:
     """`--record-dir` and `--no-record`, the same on every benchmark."""
     parser.add_argument("--record-dir", default=DEFAULT_RECORD_DIR,
