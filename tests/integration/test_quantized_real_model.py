@@ -57,3 +57,24 @@ def test_the_default_model_runs_its_gguf_formats_by_default():
     for dtype in (torch.float32, torch.bfloat16):
         assert resolve_quantization("auto", path, dtype, torch.device("cpu")) == "gguf"
     assert resolve_quantization("auto", path, torch.float16, torch.device("cpu")) == "none"
+
+
+def test_the_fused_decode_step_gives_the_layer_by_layer_tokens_and_logprobs(llms):
+    """The default model's decode steps run every layer in one native call (`models.fused_decode`):
+    the same bits as the layer-by-layer path, over a batch of three requests."""
+    llm = llms["gguf"]
+    fused = llm.model.fused_layers
+    assert fused is not None
+    prompts = [llm.tokenizer.encode(p) for p in ("The capital of France is", "def fib(n):", "Once upon a time")]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    def run():
+        return [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in llm.generate(prompts, params)]
+
+    with_fused = run()
+    llm.model.fused_layers = None
+    try:
+        layer_by_layer = run()
+    finally:
+        llm.model.fused_layers = fused
+    assert with_fused == layer_by_layer

@@ -19,7 +19,7 @@ from kvcache.models.step import StepInputs, StepKV
 from tests.helpers import greedy, paged_llm
 
 MEMBERS = [name for name in ("length", "rotates_keys", "masks_itself", "reserve", "observes", "observe", "write",
-                             "attend", "advance")]
+                             "attend", "advance", "decode_blocks")]
 
 
 @pytest.fixture

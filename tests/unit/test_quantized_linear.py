@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 
 import pytest
 import torch
@@ -27,13 +26,13 @@ def _cpu_flags() -> set[str]:
 
 
 FLAGS = _cpu_flags()
-# other vector targets of qlinear.c: (flags added to the build's, what this CPU needs to run it)
+# other vector targets of the library: (flags added to the build's, what this CPU needs to run it)
 TARGETS = {"avx2": (["-mno-avx512f"], {"avx2", "fma", "f16c"}), "c": (["-mno-avx512f", "-mno-avx2"], set())}
 
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    """isa name -> QLinearKernels: this machine's library, and qlinear.c built for the other targets."""
+    """isa name -> QLinearKernels: this machine's library, and the library built for the other targets."""
     out = {}
     native = qlinear.kernels()
     assert native is not None, "the native library built without the quantized kernels"
@@ -42,11 +41,8 @@ def builds(tmp_path_factory):
         for name, (flags, needs) in TARGETS.items():
             if name in out or not needs <= FLAGS:
                 continue
-            so = tmp_path_factory.mktemp(name) / "qlinear.so"
-            src = build.EXTRA_SOURCES[0]
-            proc = subprocess.run([build._compiler(), *build.FLAGS, *flags, str(src), "-o", str(so), "-lm"],
-                                  capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 0, proc.stderr
+            so = tmp_path_factory.mktemp(name) / "kernels.so"
+            build.compile_to(build._compiler(), [*build.FLAGS, *flags], so)  # the whole library, for that target
             out[name] = qlinear.QLinearKernels(ctypes.CDLL(str(so)))
             assert out[name].isa == name
     return out

@@ -21,3 +21,7 @@ class StepKVDefaults:
     def observes(self, t: int) -> bool:
         """Whether the model should pass this step's queries to `observe` (never, here)."""
         return False
+
+    def decode_blocks(self, t: int) -> None:
+        """No storage for a fused decode call: the model asks layer by layer."""
+        return None

@@ -14,6 +14,7 @@ import torch
 
 from kvcache.cache.attention import AttentionBackend, DecodeSinks, attention_backend
 from kvcache.cache.base import StepKVDefaults
+from kvcache.models.step import DecodeBlocks
 
 
 class PagedKVStorage:
@@ -227,6 +228,14 @@ class PagedStepView(SlotStepView):
         if self.kv_len is not None:
             k_all, v_all = k_all[:, :, : self.kv_len], v_all[:, :, : self.kv_len]  # (B, Hkv, kv_len, D)
         return k_all, v_all
+
+    def decode_blocks(self, t: int) -> DecodeBlocks | None:
+        """The storage for a fused decode step: one token per row read in place from plain float
+        blocks, with no observer (the native backend; a paged quantized storage attends itself)."""
+        st = self.storage
+        if t != 1 or not self.in_place or self.observer is not None or not isinstance(st, PagedKVStorage):
+            return None
+        return DecodeBlocks(st.k, st.v, self.write_slots, self.table, self.lo, self.hi, st.block_size)
 
     def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of a decode step q (B, Hq, 1, D), each row over its own blocks, read in

@@ -11,7 +11,9 @@ of a KV group into the query axis, so GQA needs no repeated K/V.
 On CPU in fp32/bf16, single-token (decode) steps run RMSNorm, RoPE and SwiGLU as fused
 native kernels (`kvcache.native`), and a cache built by `KVCache.for_model` (or the paged engine's)
 attends in place from its storage through its attention backend (`kvcache.cache.attention`);
-prefill and other devices use the same steps as torch ops.
+prefill and other devices use the same steps as torch ops. With packed weights and a store
+that hands over its float blocks, a decode step runs every layer in one native call
+(`kvcache.models.fused_decode`), bit-identical to the loop here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from kvcache import native
 from kvcache.models.config import LlamaConfig
+from kvcache.models.fused_decode import FusedDecodeLayers
 from kvcache.models.linear import Linear, resolve_kernels
 from kvcache.models.quantization import build_linear, build_table, check_device
 from kvcache.models.quantized_linear import QuantizedLinear
@@ -73,6 +76,8 @@ class LlamaModel:
                        and native.fits(c.head_dim, c.num_heads, c.num_kv_heads))
         self.rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
                                 self.device, self.dtype)
+        # every layer of a decode step in one native call, where all projections are packed matrices
+        self.fused_layers = FusedDecodeLayers.build(c, layers) if self.native else None
 
     @classmethod
     def from_state_dict(cls, config: LlamaConfig, sd, dtype: torch.dtype = torch.float32,
@@ -185,7 +190,13 @@ class LlamaModel:
         hidden = (c.hidden_size,)
         eps = c.rms_norm_eps
         n_rot = hq if raw_keys else hq + hkv  # sinks: the cache rotates keys itself, at their slots
-        for i, lw in enumerate(self.layers):
+        blocks = None  # a decode step over plain float blocks runs every layer in one native call
+        if nat and t == 1 and self.fused_layers is not None and cache is not None and not raw_keys and not observe:
+            blocks = cache.decode_blocks(t)
+            blocks = blocks if blocks is not None and blocks.k.dtype == self.dtype else None
+        if blocks is not None:
+            x = self.fused_layers(x, blocks, self.rope.cos, self.rope.sin, pos)  # (B, 1, H)
+        for i, lw in enumerate(self.layers if blocks is None else ()):
             h = native.rms_norm(x, lw.attn_norm, eps) if nat else F.rms_norm(x, hidden, lw.attn_norm, eps)
             qkv = lw.qkv(h).view(b, t, hq + 2 * hkv, d)  # (B, T, Hq+2Hkv, D)
             if nat:

@@ -28,6 +28,22 @@ class StepInputs:
     logits_at: torch.Tensor | None = None  # (R,) with B = 1: logits of these positions only, (R, V)
 
 
+@dataclass
+class DecodeBlocks:
+    """A decode step's float paged storage, for a model that runs every layer in one native call
+    (`models.fused_decode`): the store offers it only where writing and attending are exactly
+    "put k, v at their slots; attend over each row's blocks in place" (no policy, no codes, no
+    sinks, no observer)."""
+
+    k: torch.Tensor  # (L, Hkv, slots, D) in the model dtype, contiguous
+    v: torch.Tensor  # (L, Hkv, slots, D)
+    write_slots: torch.Tensor  # (B,) int64: where each row's new token goes
+    table: torch.Tensor  # (B, NB) int32: each row's blocks
+    lo: torch.Tensor  # (B,) int64: row b attends to tokens lo[b] <= t < hi[b] of its blocks
+    hi: torch.Tensor  # (B,) int64
+    block_size: int
+
+
 @runtime_checkable
 class StepKV(Protocol):
     """What `LlamaModel.forward` asks of the KV store it runs a step against.
@@ -35,7 +51,8 @@ class StepKV(Protocol):
     Per step: `reserve(length + T)`; per layer, `write` the step's keys and values and get back
     the K/V to attend over, or (None, None) when the store attends itself (`attend`: paged
     blocks read in place, quantized codes, per-sequence rows); `observe` the queries when
-    `observes(T)` (eviction scorers); after the last layer, `advance(T)`. The dense cache, the
+    `observes(T)` (eviction scorers); after the last layer, `advance(T)`. A store of plain float
+    blocks may instead hand a decode step its storage (`decode_blocks`) for one fused call. The dense cache, the
     policy cache and every paged step view implement it; nothing else is probed.
     """
 
@@ -63,6 +80,10 @@ class StepKV(Protocol):
 
     def advance(self, t: int) -> None:
         """Commit the step's t tokens."""
+
+    def decode_blocks(self, t: int) -> DecodeBlocks | None:
+        """The store's blocks for a step of t tokens per row run in one native call, or None where
+        the store must be asked layer by layer (`write`, `attend`)."""
 
 
 def causal_mask(key_valid: torch.Tensor | None, batch: int, start: int, t: int, device) -> torch.Tensor | None:

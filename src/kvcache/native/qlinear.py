@@ -1,4 +1,5 @@
-"""ctypes binding of the quantized-weight linear kernels (`qlinear.c`, built into the native library).
+"""ctypes binding of the quantized-weight linear kernels (`qlinear.c`, built into the native library)
+and of the decode step that runs every layer over them (`decode_layers.c`).
 
 `kernels()` gives the binding of the library `build.load()` returns (None without one); tests
 bind a library built for another vector target with `QLinearKernels(ctypes.CDLL(path))`.
@@ -12,7 +13,7 @@ import torch
 
 from kvcache.native.build import load
 
-_P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_P, _I, _C, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 IO_DTYPES = (torch.float32, torch.bfloat16)
 _bound: "QLinearKernels | None | bool" = False
 
@@ -27,8 +28,12 @@ class QLinearKernels:
         lib.ql_quantize_activations.argtypes = [_P, _C, _I, _I, _P, _P, _P]
         lib.ql_tile_bytes.argtypes, lib.ql_tile_bytes.restype = [_C, _I], _I
         lib.ql_isa.argtypes, lib.ql_isa.restype = [], _C
-        for fn in (lib.ql_matmul, lib.ql_dequantize, lib.ql_quantize_activations):
+        lib.dl_decode_layers.argtypes = [_P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _I, _I,
+                                         _P, _P, _P, _P, _I, _I, _C]
+        lib.dl_fields.argtypes, lib.dl_fields.restype = [], _I
+        for fn in (lib.ql_matmul, lib.ql_dequantize, lib.ql_quantize_activations, lib.dl_decode_layers):
             fn.restype = None
+        self.layer_fields = lib.dl_fields()  # columns of `decode_layers`' layer table
 
     @property
     def isa(self) -> str:
@@ -45,6 +50,21 @@ class QLinearKernels:
         ptr = y.data_ptr() + col * y.element_size()
         self.lib.ql_matmul(x.data_ptr(), data.data_ptr(), ptr, m, k, n, y.stride(0), fmt_code,
                            int(x.dtype == torch.bfloat16))
+
+    def decode_layers(self, x: torch.Tensor, layers: torch.Tensor, heads: tuple[int, int, int], inter: int,
+                      eps: float, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                      block_size: int) -> None:
+        """Every decoder layer of a decode step on x (B, H), in place (`decode_layers.c`). layers
+        (L, layer_fields) int64; heads (Hq, Hkv, D); cos, sin (positions, D) RoPE tables; pos, slots,
+        lo, hi (B,) int64; k, v (L, Hkv, slots, D) contiguous storage in x's dtype; table (B, NB) int32."""
+        b, h = x.shape
+        hq, hkv, d = heads
+        self.lib.dl_decode_layers(x.data_ptr(), layers.data_ptr(), layers.shape[0], b, h, hq, hkv, d, inter, eps,
+                                  d ** -0.5, cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), k.data_ptr(),
+                                  v.data_ptr(), k.stride(0), k.stride(1), slots.data_ptr(), table.data_ptr(),
+                                  lo.data_ptr(), hi.data_ptr(), table.shape[1], block_size,
+                                  int(x.dtype == torch.bfloat16))
 
     def dequantize(self, data: torch.Tensor, fmt_code: int, k: int, n: int, ids: torch.Tensor | None,
                    dtype: torch.dtype) -> torch.Tensor:

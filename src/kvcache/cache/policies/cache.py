@@ -64,6 +64,10 @@ class SequenceCache:
     def observes(self, t: int) -> bool:
         return any(s.observes(t) for s in self.selectors)
 
+    def decode_blocks(self, t: int) -> None:
+        """None: a policy writes and attends layer by layer."""
+        return None
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Append k, v (B, Hkv, T, D); return K, V (B, Hkv, S, D) for attention, or
         (None, None) when this cache attends itself this step (call `attend`)."""
