@@ -8,7 +8,11 @@ round-robin alternates, and /metrics shows each replica.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import threading
 import time
 
 import httpx
@@ -21,6 +25,7 @@ pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 
 KEY = "sesame"
+REPLICA = "x-kvcache-replica"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG = ("Once upon a time there was a little robot who loved to read books about the stars and the moon "
         "and every night it climbed to the roof to count them one by one")
@@ -167,3 +172,93 @@ def test_round_robin_alternates(cluster):
     url = deploy(cluster["model_dir"], cluster["port"], "round-robin")
     seen = [post(url, "/v1/completions", completion(LONG, 1)).headers["x-kvcache-replica"] for _ in range(4)]
     assert seen[0] != seen[1] and seen[0::2] == [seen[0]] * 2 and seen[1::2] == [seen[1]] * 2
+
+
+# -- faults (these kill a replica; Serve starts another before each returns) ------------------
+
+def replica_rows(url: str) -> list[dict]:
+    return httpx.get(url + "/v1/cache/replicas", headers=AUTH, timeout=30).json()["replicas"]
+
+
+def wait_replaced(url: str, lost: str, timeout: float = 120.0) -> list[dict]:
+    """Until two replicas answer again and the lost one is not among them."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = replica_rows(url)
+        if len(rows) == 2 and lost not in {r["replica"] for r in rows}:
+            return rows
+        time.sleep(0.5)
+    raise AssertionError(f"Serve did not replace replica {lost} within {timeout:.0f} s")
+
+
+def lose(row: dict) -> None:
+    """The replica's process stops at once (nothing more leaves it), then is killed."""
+    os.kill(row["pid"], signal.SIGSTOP)
+    os.kill(row["pid"], signal.SIGKILL)
+
+
+def counter(url: str, name: str) -> int:
+    text = httpx.get(url + "/metrics", headers=AUTH, timeout=30).text
+    return int(float(re.search(rf"^{name} (\S+)$", text, re.M).group(1)))
+
+
+def test_a_stream_cut_off_by_a_lost_replica_ends_with_an_error_event_and_serve_replaces_it(cluster):
+    url = cluster["url"]
+    victim = replica_rows(url)[0]
+    cut_before = counter(url, "kvcache_streams_cut_total")
+    body = {**completion(LONG, 160), "stream": True, "ignore_eos": True}
+    headers = {**AUTH, REPLICA: victim["replica"]}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                break  # a first token reached the client
+        lose(victim)
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "replica_lost" and "lost" in error["message"]
+    assert all("error" not in json.loads(e) for e in events[:-2])
+    assert counter(url, "kvcache_streams_cut_total") == cut_before + 1
+    rows = wait_replaced(url, victim["replica"])
+    assert all(r["pid"] != victim["pid"] for r in rows)
+    assert post(url, "/v1/completions", completion(LONG, 2)).status_code == 200
+
+
+def test_requests_a_lost_replica_never_answered_are_answered_by_another(cluster):
+    url = cluster["url"]
+    rows = wait_replaced(url, "")
+    victim, other = rows
+    want = post(url, "/v1/completions", completion(LONG, 6), {**AUTH, REPLICA: other["replica"]}).json()
+    os.kill(victim["pid"], signal.SIGSTOP)  # what is sent to it now stays unanswered
+    got: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: got.append(post(url, "/v1/completions", completion(LONG, 6))))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    os.kill(victim["pid"], signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=60)
+    assert [r.status_code for r in got] == [200] * 4
+    assert all(r.json()["choices"] == want["choices"] for r in got)
+    assert {r.headers[REPLICA] for r in got} == {other["replica"]}
+    wait_replaced(url, victim["replica"])
+
+
+def test_nothing_listens_beyond_loopback(cluster):
+    """Ray's services (GCS, raylet, workers, agents) and Serve's proxy, all started by this process."""
+    import psutil
+
+    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    listening = []
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening += [(p.name(), c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    assert any(port == cluster["port"] for _, _, port in listening)
+    loopback = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+    assert [x for x in listening if x[1] not in loopback] == [], listening

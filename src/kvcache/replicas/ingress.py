@@ -31,6 +31,7 @@ from kvcache.server.state import ServerConfig
 ENGINE = "engine"  # the replicas' deployment name
 REPLICA_HEADER = "x-kvcache-replica"
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+TRIES = 3  # sends of one request to replicas lost before they answered
 _METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
 
 
@@ -59,26 +60,31 @@ class Front:
         return replica_ids(ENGINE)
 
     async def open(self, req: HTTPRequest, hashes: list[int], pin: str | None):
-        """(start, chunks) from the replica that answers; one that is lost before answering is replaced."""
-        for _ in range(3):
+        """(start, first body chunk or None, the rest) from the replica that answers. Nothing reaches
+        the client before the first body chunk, so a replica lost until then is replaced: the
+        request is sent again (at most `TRIES` times; a pinned request is not sent elsewhere)."""
+        for _ in range(TRIES):
             chunks = self.engines.options(stream=True).forward.remote(req, hashes=hashes, pin=pin)
             try:
                 start = await chunks.__anext__()
+                first = await anext(chunks, None)
             except _LOST:
                 self.retries += 1
                 if pin is not None:
                     break
                 continue
             self.routed[start.replica] += 1
-            return start, chunks
+            return start, first, chunks
         raise APIError(503, "No engine replica could answer the request; retry shortly.", code="replica_unavailable")
 
-    async def relay(self, start: ResponseStart, chunks):
+    async def relay(self, start: ResponseStart, first: bytes | None, chunks):
         """The body chunks; a replica lost mid-stream ends an event stream with an error event."""
         done = False
         try:
-            async for chunk in chunks:
-                yield chunk
+            if first is not None:
+                yield first
+                async for chunk in chunks:
+                    yield chunk
             done = True
         except _LOST:
             self.cut_streams += 1
@@ -145,8 +151,8 @@ def build_app(front: Front) -> FastAPI:
             raise APIError(400, f"No replica '{pin}'; the replicas are {', '.join(await front.replica_ids())}.",
                            REPLICA_HEADER)
         hashes = (await front.hasher()).hashes(req.path, body) if request.method == "POST" else []
-        start, chunks = await front.open(req, hashes, pin)
-        return Relayed(start, front.relay(start, chunks))
+        start, first, chunks = await front.open(req, hashes, pin)
+        return Relayed(start, front.relay(start, first, chunks))
 
     app.add_middleware(Guard, state=front)
     return app

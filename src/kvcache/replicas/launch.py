@@ -11,11 +11,13 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from kvcache.replicas.ingress import ENGINE, Ingress
+from kvcache.replicas.loopback import local_instance_options
 from kvcache.replicas.replica import EngineReplica, ReplicaSpec
 from kvcache.replicas.router import KVPrefixRouter
 from kvcache.server.state import ServerConfig
 
 APP = "kvcache"
+HEALTH_CHECK_PERIOD_S = 2.0  # how soon Serve's controller notices a lost replica and starts another
 
 
 @dataclass
@@ -34,13 +36,14 @@ class ClusterOptions:
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Join the Ray cluster at `address`, or start a local one (no dashboard); True if started here."""
+    """Join the Ray cluster at `address`, or start a local one (no dashboard, every service on
+    127.0.0.1: `loopback`); True if started here."""
     if ray.is_initialized():
         return False
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **local_instance_options())
     return True
 
 
@@ -49,7 +52,7 @@ def application(opts: ClusterOptions):
     seqs = opts.spec.llm.get("max_num_seqs", 64) + max(0, opts.spec.server.max_queue)
     engine = serve.deployment(
         EngineReplica, name=ENGINE, num_replicas=opts.replicas, max_ongoing_requests=seqs + 16,
-        ray_actor_options={"num_cpus": opts.cpus_per_replica},
+        ray_actor_options={"num_cpus": opts.cpus_per_replica}, health_check_period_s=HEALTH_CHECK_PERIOD_S,
         request_router_config=RequestRouterConfig(
             request_router_class=KVPrefixRouter,
             request_router_kwargs={"policy": opts.routing, "imbalance": opts.imbalance},

@@ -7,6 +7,7 @@ admission and its 429, sessions) is the single server's own code, run in-process
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ray import serve
@@ -46,11 +47,11 @@ class EngineReplica:
                 "model": self.state.model_name}
 
     def record_routing_stats(self) -> dict:
-        """This replica's engine figures, its id, and its server's counters; Serve polls this
+        """This replica's engine figures, its id and process id, and its server's counters; Serve polls this
         (`request_routing_stats_period_s`) and hands it to the router, where /metrics reads it."""
         m = self.state.metrics
         m.sample(self.state.stats())
-        return {**self.state.stats(), "replica": self.id, "in_flight": m.in_flight,
+        return {**self.state.stats(), "replica": self.id, "pid": os.getpid(), "in_flight": m.in_flight,
                 "tokens_per_second": m.tokens_per_second(), "requests": sum(m.requests.values())}
 
     def __del__(self):
