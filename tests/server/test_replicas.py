@@ -174,6 +174,102 @@ def test_round_robin_alternates(cluster):
     assert seen[0] != seen[1] and seen[0::2] == [seen[0]] * 2 and seen[1::2] == [seen[1]] * 2
 
 
+# -- the ingress on a lost replica, without Ray (a stand-in handle) ----------------------------
+
+class _Stream:
+    """What `handle.options(stream=True).forward.remote(...)` gives: items, or an exception to raise."""
+
+    def __init__(self, *items):
+        self.items, self.cancelled = list(items), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Engines:
+    def __init__(self, *streams):
+        self.streams, self.pins = list(streams), []
+
+    def options(self, **_):
+        return self
+
+    @property
+    def forward(self):
+        return self
+
+    def remote(self, req, hashes=None, pin=None):
+        self.pins.append(pin)
+        return self.streams.pop(0)
+
+
+def _front(*streams):
+    from kvcache.replicas.ingress import Front
+    from kvcache.server import ServerConfig
+
+    return Front(_Engines(*streams), ServerConfig(model_name=MODEL_ID), "prefix")
+
+
+def _start(replica: str):
+    from kvcache.replicas.bridge import ResponseStart
+
+    return ResponseStart(200, [(b"content-type", b"text/event-stream; charset=utf-8")], replica)
+
+
+async def _body(front, start, first, chunks) -> bytes:
+    return b"".join([c async for c in front.relay(start, first, chunks)])
+
+
+def test_a_request_lost_before_its_first_chunk_is_sent_again_and_counted():
+    import asyncio
+
+    from kvcache.replicas.bridge import HTTPRequest
+
+    lost = ray.exceptions.ActorDiedError()
+    unavailable = ray.exceptions.ActorUnavailableError("gone", None)
+    front = _front(_Stream(_start("a"), lost), _Stream(unavailable), _Stream(_start("b"), b"data: 1\n\n", b"data: [DONE]\n\n"))
+    start, first, chunks = asyncio.run(front.open(HTTPRequest("POST", "/v1/completions"), [1, 2], None))
+    assert start.replica == "b" and front.retries == 2 and front.routed == {"b": 1}
+    assert asyncio.run(_body(front, start, first, chunks)) == b"data: 1\n\ndata: [DONE]\n\n"
+    assert front.cut_streams == 0
+
+
+def test_a_pinned_request_whose_replica_is_lost_is_not_sent_elsewhere():
+    import asyncio
+
+    from kvcache.replicas.bridge import HTTPRequest
+    from kvcache.server.errors import APIError
+
+    front = _front(_Stream(ray.exceptions.ActorDiedError()), _Stream(_start("b"), b"x"))
+    with pytest.raises(APIError) as err:
+        asyncio.run(front.open(HTTPRequest("POST", "/v1/completions"), [], "a"))
+    assert err.value.status == 503 and front.engines.pins == ["a"] and front.retries == 1
+
+
+def test_a_stream_lost_after_its_first_chunk_ends_with_an_error_event():
+    import asyncio
+
+    from kvcache.replicas.bridge import HTTPRequest
+
+    front = _front(_Stream(_start("a"), b"data: 1\n\n", b"data: 2\n\n", ray.exceptions.ActorDiedError()))
+    start, first, chunks = asyncio.run(front.open(HTTPRequest("POST", "/v1/completions"), [], None))
+    body = asyncio.run(_body(front, start, first, chunks)).decode()
+    events = [e[6:] for e in body.split("\n\n") if e]
+    assert events[:2] == ["1", "2"] and events[-1] == "[DONE]"
+    assert json.loads(events[2])["error"]["code"] == "replica_lost"
+    assert front.cut_streams == 1 and front.retries == 0
+
+
 # -- faults (these kill a replica; Serve starts another before each returns) ------------------
 
 def replica_rows(url: str) -> list[dict]:
