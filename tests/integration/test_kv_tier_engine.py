@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,33 @@ def test_redis_down_or_hung_is_a_miss_with_the_same_tokens(tiny_model_dir, plain
     assert s["kv_tier_hits"] == 0 and s["kv_tier_errors_by_kind"].get(kind, 0) >= 1
     assert set(s["kv_tier_errors_by_kind"]) == {kind}
     assert len([r for r in caplog.records if r.name == "kvcache.tier"]) == 1  # logged once
+
+
+def test_redis_stopped_mid_run_is_a_miss_with_the_same_tokens(tiny_model_dir, tmp_path, plain, caplog):
+    """The engine's connection to Redis was open and used; the server stops; serving goes on."""
+    from tests.redis_server import RedisServer, redis_server_binary
+
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path).start()
+    try:
+        llm = make_llm(tiny_model_dir, kv_tier=server.url, kv_tier_timeout_ms=100)
+        llm.generate(PROMPTS[:1], GREEDY)
+        assert llm.kv_tier.flush() and llm.stats()["kv_tier_writes"] > 0
+    finally:
+        server.stop()
+    llm.engine.kv.reset_prefix_cache()
+    with caplog.at_level(logging.WARNING, logger="kvcache.tier"):
+        t0 = time.monotonic()
+        tokens = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        assert llm.kv_tier.flush()
+        elapsed = time.monotonic() - t0
+    assert tokens == plain[0]
+    s = llm.stats()
+    assert s["kv_tier_hits"] == 0 and s["kv_tier_errors_by_kind"].get("unreachable", 0) >= 1
+    assert set(s["kv_tier_errors_by_kind"]) == {"unreachable"}
+    assert len([r for r in caplog.records if r.name == "kvcache.tier"]) == 1  # logged once
+    assert elapsed < 5.0  # one failed lookup, then the tier rests: no step waits on it
 
 
 def test_a_full_write_queue_drops_writes_and_never_changes_tokens(tiny_model_dir, tmp_path, plain, monkeypatch):
