@@ -21,8 +21,20 @@ Every server here is the real command line (`python -m kvcache.cli serve ...`) o
 - disk: one server with `--kv-tier disk:DIR` answers a `--prefix-tokens` prompt, stops, starts
   again: the first request on the prompt reports cached_tokens (goal >= 90% of the prompt); the
   files' bytes = files x value size = the tier's `kv_tier_stored_bytes`.
+- faults (not in the default parts: two runs of `--fault-seconds` each plus three server starts):
+  `--fault-clients` clients stream /v1/completions (`--fault-prompt-tokens` prompts cut from the
+  corpus at random places, `--max-tokens` tokens each) for `--fault-seconds` against `--replicas`
+  replicas. (1) Halfway, one replica's process is killed (SIGKILL, its pid from
+  /v1/cache/replicas): requests are counted completed, failed (an HTTP error or a broken
+  connection; goal 0) and cut (a stream ended by the ingress's error event); /metrics gives the
+  ingress's retries; Serve's replacement replica is shown by its row. (2) With a Redis tier,
+  halfway the redis-server is stopped: the same counts, tokens/s before and after the stop, and the
+  tier errors in /metrics. (3) One server on a Redis tier answers a prompt, one byte of the tier
+  value of its first block is flipped, a restarted server answers the prompt again: the value is
+  refused (a `corrupt` tier error), and the tokens equal the first, cold, answer's.
 
     python benchmarks/bench_replicas.py --json                  # the measured run
+    python benchmarks/bench_replicas.py --parts faults --json   # the fault runs (60 s each)
     python benchmarks/bench_replicas.py --parts disk --no-record   # a quick check
 
 Progress goes to stderr; `--json` prints the results on stdout. Each run writes its record
@@ -52,7 +64,8 @@ from kvcache.bench.common import consoles
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
-PARTS = ("routing", "tier", "disk")
+PARTS = ("routing", "tier", "disk", "faults")
+DEFAULT_PARTS = ("routing", "tier", "disk")
 REPLICA_HEADER = "X-Kvcache-Replica"
 MODEL_ID = "bench"  # the served model name
 
@@ -61,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Replicas on Ray Serve: routing hit rates, the KV tier across "
                                             "replicas and restarts, the tier's bytes.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run (default {','.join(PARTS)})")
+    p.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)})")
     p.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica and of the single server (default 1)")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV pool of each engine (default 1GiB)")
@@ -75,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=8, help="greedy tokens per request (default 8)")
     p.add_argument("--tier-prompts", type=int, default=3, help="rounds of the tier's A-then-B measurement (default 3)")
     p.add_argument("--redis-maxmemory", default="1gb", help="the Redis tier's maxmemory (default 1gb)")
+    p.add_argument("--fault-seconds", type=float, default=60.0, help="length of each fault run (default 60)")
+    p.add_argument("--fault-clients", type=int, default=16, help="streaming clients of the fault runs (default 16)")
+    p.add_argument("--fault-prompt-tokens", type=int, default=256, help="prompt tokens of a fault-run request "
+                                                                        "(default 256)")
     p.add_argument("--seed", type=int, default=0, help="workload order (default 0)")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds a server may take to come up "
                                                                       "(default 300)")
@@ -82,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     record.add_arguments(p)
     args = p.parse_args(argv)
     for name in ("replicas", "threads", "prefixes", "prefix_tokens", "suffix_tokens", "clients", "max_tokens",
-                 "tier_prompts"):
+                 "tier_prompts", "fault_clients", "fault_prompt_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("shared_requests", "unrelated_requests"):
@@ -92,16 +110,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("the workload is empty: give --shared-requests or --unrelated-requests")
     if args.start_timeout <= 0:
         p.error("--start-timeout must be positive")
+    if args.fault_seconds <= 0:
+        p.error("--fault-seconds must be positive")
     args.part_list = [s.strip() for s in args.parts.split(",") if s.strip()]
     for part in args.part_list:
         if part not in PARTS:
             p.error(f"unknown part '{part}' in --parts (use {', '.join(PARTS)})")
     if not args.part_list:
         p.error("--parts is empty")
-    if "tier" in args.part_list and args.replicas < 2:
-        p.error("the tier part needs --replicas 2 or more (a prompt goes from one replica to another)")
-    if "tier" in args.part_list and shutil.which("redis-server") is None:
-        p.error("the tier part needs redis-server (Debian package redis-server; scripts/ensure_redis.sh installs it)")
+    for part in ("tier", "faults"):
+        if part in args.part_list and args.replicas < 2:
+            p.error(f"the {part} part needs --replicas 2 or more (a request goes from one replica to another)")
+        if part in args.part_list and shutil.which("redis-server") is None:
+            p.error(f"the {part} part needs redis-server (Debian package redis-server; scripts/ensure_redis.sh "
+                    "installs it)")
     args.record_folder = record.parse_folder(p, args)
     return args
 
@@ -510,6 +532,188 @@ def part_disk(args, err, corpus: Corpus) -> dict:
     return out
 
 
+class StreamLoad:
+    """`--fault-clients` clients streaming requests back to back until stopped; each request's
+    outcome (completed, failed, cut) and the arrival time of every text chunk (a token)."""
+
+    def __init__(self, args, url: str, corpus: Corpus):
+        self.args, self.url = args, url
+        self.ids, self.rng = corpus.ids, random.Random(args.seed)
+        self.requests: list[dict] = []
+        self.token_times: list[float] = []
+        self.stop_at = 0.0
+        self.lock = threading.Lock()
+
+    def prompt(self) -> list[int]:
+        with self.lock:
+            at = self.rng.randrange(0, len(self.ids) - self.args.fault_prompt_tokens)
+        return self.ids[at:at + self.args.fault_prompt_tokens]
+
+    def one(self, client) -> dict:
+        body = {"model": MODEL_ID, "prompt": self.prompt(), "max_tokens": self.args.max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        out = {"start": time.perf_counter(), "outcome": "failed", "tokens": 0, "replica": None, "error": None}
+        try:
+            with client.stream("POST", self.url + "/v1/completions", json=body, timeout=300) as r:
+                out["replica"] = r.headers.get(REPLICA_HEADER)
+                if r.status_code != 200:
+                    out["error"] = f"HTTP {r.status_code}: {r.read()[:200]!r}"
+                    return out
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        if out["outcome"] != "cut":
+                            out["outcome"] = "completed"
+                        break
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        out["outcome"], out["error"] = "cut", event["error"].get("code")
+                    elif any(c.get("text") for c in event.get("choices") or []):
+                        out["tokens"] += 1
+                        self.token_times.append(time.perf_counter())
+        except Exception as exc:  # noqa: BLE001 - a failed request is what is counted
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            out["end"] = time.perf_counter()
+        return out
+
+    def run(self, seconds: float, fault, at: float) -> tuple[float, float]:
+        """Stream for `seconds`, call `fault()` after `at` of them; (start, fault time) as perf_counter."""
+        import httpx
+
+        t0 = time.perf_counter()
+        self.stop_at = t0 + seconds
+
+        def loop():
+            with httpx.Client() as client:
+                while time.perf_counter() < self.stop_at:
+                    result = self.one(client)
+                    with self.lock:
+                        self.requests.append(result)
+
+        threads = [threading.Thread(target=loop) for _ in range(self.args.fault_clients)]
+        for t in threads:
+            t.start()
+        time.sleep(max(0.0, t0 + at - time.perf_counter()))
+        fault_t = time.perf_counter()
+        fault()
+        for t in threads:
+            t.join()
+        return t0, fault_t
+
+    def counts(self) -> dict:
+        c = {k: sum(r["outcome"] == k for r in self.requests) for k in ("completed", "failed", "cut")}
+        c["errors"] = sorted({r["error"] for r in self.requests if r["outcome"] == "failed"})[:5]
+        return c
+
+    def tokens_per_s(self, lo: float, hi: float) -> float:
+        return sum(lo <= t < hi for t in self.token_times) / (hi - lo) if hi > lo else 0.0
+
+
+def wait_replaced(srv: Server, lost: str, timeout: float = 180.0) -> tuple[float | None, list[dict]]:
+    """Seconds until `--replicas` replicas answer again without `lost` (None past `timeout`), and their rows."""
+    t0, rows = time.perf_counter(), []
+    while time.perf_counter() - t0 < timeout:
+        try:
+            rows = srv.replica_rows()
+        except Exception:  # noqa: BLE001 - the ingress is busy; ask again
+            rows = []
+        if len(rows) == srv.replicas and lost not in {r["replica"] for r in rows}:
+            return time.perf_counter() - t0, rows
+        time.sleep(0.5)
+    return None, rows
+
+
+def _summed(m: dict[str, float], name: str) -> dict[str, float]:
+    """The samples of one metric family: labels -> value."""
+    return {k[len(name):] or "": v for k, v in m.items() if k == name or k.startswith(name + "{")}
+
+
+def fault_kill(args, err, corpus: Corpus) -> dict:
+    with Server(args, err, f"{args.replicas} replicas, a replica killed", args.replicas, "prefix") as srv:
+        load, victim = StreamLoad(args, srv.url, corpus), {}
+
+        def kill():
+            victim.update(srv.replica_rows()[0])
+            os.kill(victim["pid"], signal.SIGKILL)
+            say(err, f"[faults] killed replica {victim['replica']} (pid {victim['pid']})")
+
+        t0, killed = load.run(args.fault_seconds, kill, args.fault_seconds / 2)
+        replaced_s, rows = wait_replaced(srv, victim["replica"])
+        back_after = None if replaced_s is None else time.perf_counter() - killed
+        m = srv.metrics()
+    counts = load.counts()
+    out = {**counts, "requests": len(load.requests), "killed": victim["replica"],
+           "replaced_after_s": back_after, "replicas_after": [{k: r.get(k) for k in ("replica", "pid", "requests",
+                                                                                   "tokens_generated")} for r in rows],
+           "ingress_retries": m.get("kvcache_request_retries_total"), "streams_cut": m.get("kvcache_streams_cut_total"),
+           "tokens_per_s_before": load.tokens_per_s(t0, killed),
+           "tokens_per_s_after": load.tokens_per_s(killed, load.stop_at), "per_request": load.requests}
+    say(err, f"[faults] kill: {out['requests']} requests: {counts['completed']} completed, {counts['failed']} failed, "
+              f"{counts['cut']} cut; ingress retries {out['ingress_retries']:.0f}; a new replica "
+              + (f"after {back_after:.0f} s: {[r['replica'] for r in rows]}" if back_after is not None else "never came"))
+    return out
+
+
+def fault_redis(args, err, corpus: Corpus) -> dict:
+    with Redis(args.redis_maxmemory) as redis, \
+            Server(args, err, f"{args.replicas} replicas, Redis stopped", args.replicas, "prefix", tier=redis.url) as srv:
+        load = StreamLoad(args, srv.url, corpus)
+
+        def stop():
+            redis.proc.terminate()
+            redis.proc.wait(timeout=15)
+            say(err, "[faults] redis-server stopped")
+
+        t0, stopped = load.run(args.fault_seconds, stop, args.fault_seconds / 2)
+        time.sleep(2.5)  # the replicas' stats reach the ingress every second
+        m = srv.metrics()
+    counts = load.counts()
+    errors = _summed(m, "kvcache_cluster_kv_tier_errors_total")
+    out = {**counts, "requests": len(load.requests), "tokens_per_s_before": load.tokens_per_s(t0, stopped),
+           "tokens_per_s_after": load.tokens_per_s(stopped, load.stop_at), "tier_errors": errors,
+           "tier_writes": m.get("kvcache_cluster_kv_tier_writes_blocks_total"), "per_request": load.requests}
+    say(err, f"[faults] redis: {out['requests']} requests: {counts['completed']} completed, {counts['failed']} failed; "
+              f"{out['tokens_per_s_before']:.1f} tokens/s before the stop, {out['tokens_per_s_after']:.1f} after; "
+              f"tier errors {errors}")
+    return out
+
+
+def fault_flipped_byte(args, err, corpus: Corpus) -> dict:
+    import httpx
+
+    from kvcache.replicas.routing import prompt_block_hashes
+
+    prompt = corpus.take(args.prefix_tokens)
+    with Redis(args.redis_maxmemory) as redis, httpx.Client() as client:
+        with Server(args, err, "Redis tier, cold", tier=redis.url) as srv:
+            cold = complete(client, srv.url, prompt, args.max_tokens)
+            block = int(srv.metrics()["kvcache_kv_block_size_tokens"])
+        c = redis.client()
+        end = time.monotonic() + 30
+        while not c.keys("kvcache-*") and time.monotonic() < end:
+            time.sleep(0.2)
+        fingerprint = c.keys("kvcache-*")[0].decode().split("-")[1]
+        first = f"kvcache-{fingerprint}-{prompt_block_hashes(prompt, block)[0] & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+        at = c.strlen(first) // 2
+        c.setrange(first, at, bytes([c.getrange(first, at, at)[0] ^ 0x01]))
+        with Server(args, err, "Redis tier, a flipped byte", tier=redis.url) as srv:
+            again = complete(client, srv.url, prompt, args.max_tokens)
+            m = srv.metrics()
+    errors = _summed(m, "kvcache_kv_tier_errors_total")
+    out = {"cold": cold, "again": again, "same_tokens": again["text"] == cold["text"], "tier_errors": errors,
+           "tier_hits": m.get("kvcache_kv_tier_hits_blocks_total"), "flipped_key": first, "flipped_at": at}
+    say(err, f"[faults] flipped byte: tier errors {errors}, cached {again['cached_tokens']}/{again['prompt_tokens']}, "
+              f"same tokens as the cold run: {out['same_tokens']}")
+    return out
+
+
+def part_faults(args, err, corpus: Corpus) -> dict:
+    return {"kill": fault_kill(args, err, corpus), "redis": fault_redis(args, err, corpus),
+            "flipped_byte": fault_flipped_byte(args, err, corpus)}
+
+
 # -- report ----------------------------------------------------------------------------------
 
 def table(results: dict, args):
@@ -544,6 +748,16 @@ def table(results: dict, args):
         b = r["bytes"]
         t.add_row("disk bytes = files x (block + header)",
                   f"{b['file_bytes']} = {b['files']} x ({b['block_bytes']} + {b['header_bytes']}): {b['exact']}")
+    if "faults" in results:
+        r = results["faults"]
+        k, rd, fb = r["kill"], r["redis"], r["flipped_byte"]
+        back = f"replaced after {k['replaced_after_s']:.0f} s" if k["replaced_after_s"] is not None else "not replaced"
+        t.add_row("replica killed: completed / failed (goal 0) / cut", f"{k['completed']} / {k['failed']} / {k['cut']} "
+                  f"({k['ingress_retries']:.0f} retried by the ingress; {back})")
+        t.add_row("Redis stopped: completed / failed (goal 0)", f"{rd['completed']} / {rd['failed']}")
+        t.add_row("Redis stopped: tokens/s before / after", f"{rd['tokens_per_s_before']:.1f} / "
+                  f"{rd['tokens_per_s_after']:.1f}; tier errors {rd['tier_errors']}")
+        t.add_row("flipped byte: refused, same tokens as cold", f"{fb['tier_errors']}, {fb['same_tokens']}")
     return t
 
 
@@ -558,6 +772,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["routing"] = part_routing(args, err, corpus)
     if "tier" in args.part_list:
         results["tier"] = part_tier(args, err, corpus)
+    if "faults" in args.part_list:
+        results["faults"] = part_faults(args, err, corpus)
     console.print(table(results, args))
     if args.json:
         sys.stdout.write(json.dumps(record.json_safe(results), indent=2) + "\n")

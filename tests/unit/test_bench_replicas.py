@@ -21,7 +21,7 @@ def load_bench():
 
 
 @pytest.mark.parametrize("argv, sentence", [
-    (["--parts", "routing,faults"], "unknown part 'faults'"),
+    (["--parts", "routing,chaos"], "unknown part 'chaos'"),
     (["--parts", ","], "--parts is empty"),
     (["--clients", "0"], "--clients must be at least 1"),
     (["--prefix-tokens", "0"], "--prefix-tokens must be at least 1"),
@@ -29,6 +29,9 @@ def load_bench():
     (["--shared-requests", "0", "--unrelated-requests", "0"], "the workload is empty"),
     (["--parts", "tier", "--replicas", "1"], "the tier part needs --replicas 2"),
     (["--start-timeout", "0"], "--start-timeout must be positive"),
+    (["--parts", "faults", "--replicas", "1"], "the faults part needs --replicas 2"),
+    (["--fault-seconds", "0"], "--fault-seconds must be positive"),
+    (["--fault-clients", "0"], "--fault-clients must be at least 1"),
 ])
 def test_bad_arguments_are_one_sentence_and_exit_2(argv, sentence, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -43,6 +46,29 @@ def test_defaults_are_the_issues_workload():
     assert args.part_list == ["routing", "tier", "disk"] and args.record_folder is None
     assert (args.replicas, args.threads, args.prefixes, args.shared_requests, args.unrelated_requests,
             args.prefix_tokens, args.clients) == (2, 1, 4, 32, 32, 1024, 8)
+
+
+def test_a_fault_run_counts_completed_failed_and_cut_streams():
+    import httpx
+
+    bench = load_bench()
+    args = bench.parse_args(["--parts", "faults", "--fault-prompt-tokens", "4", "--no-record"])
+    token = 'data: {"choices": [{"text": "a"}]}\n\n'
+    bodies = iter([(200, token * 3 + "data: [DONE]\n\n"),
+                   (200, token + 'data: {"error": {"code": "replica_lost"}}\n\ndata: [DONE]\n\n'),
+                   (503, '{"error": {"code": "replica_unavailable"}}')])
+
+    def answer(request):
+        status, body = next(bodies)
+        return httpx.Response(status, text=body, headers={"content-type": "text/event-stream"})
+
+    load = bench.StreamLoad(args, "http://test", bench.Corpus(list(range(100))))
+    with httpx.Client(transport=httpx.MockTransport(answer)) as client:
+        load.requests = [load.one(client) for _ in range(3)]
+    assert [r["outcome"] for r in load.requests] == ["completed", "cut", "failed"]
+    assert [r["tokens"] for r in load.requests] == [3, 1, 0] and len(load.token_times) == 4
+    counts = load.counts()
+    assert (counts["completed"], counts["failed"], counts["cut"]) == (1, 1, 1) and "HTTP 503" in counts["errors"][0]
 
 
 def test_the_workload_shares_exactly_the_prefixes():
