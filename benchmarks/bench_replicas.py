@@ -625,9 +625,10 @@ def wait_replaced(srv: Server, lost: str, timeout: float = 180.0) -> tuple[float
     return None, rows
 
 
-def _summed(m: dict[str, float], name: str) -> dict[str, float]:
-    """The samples of one metric family: labels -> value."""
-    return {k[len(name):] or "": v for k, v in m.items() if k == name or k.startswith(name + "{")}
+def _by_kind(m: dict[str, float], name: str) -> dict[str, int]:
+    """A counter family labelled by `kind` (as `/metrics` gives it): kind -> value."""
+    prefix = name + '{kind="'
+    return {k[len(prefix):].split('"', 1)[0]: int(v) for k, v in m.items() if k.startswith(prefix)}
 
 
 def fault_kill(args, err, corpus: Corpus) -> dict:
@@ -670,7 +671,7 @@ def fault_redis(args, err, corpus: Corpus) -> dict:
         time.sleep(2.5)  # the replicas' stats reach the ingress every second
         m = srv.metrics()
     counts = load.counts()
-    errors = _summed(m, "kvcache_cluster_kv_tier_errors_total")
+    errors = _by_kind(m, "kvcache_cluster_kv_tier_errors_total")
     out = {**counts, "requests": len(load.requests), "tokens_per_s_before": load.tokens_per_s(t0, stopped),
            "tokens_per_s_after": load.tokens_per_s(stopped, load.stop_at), "tier_errors": errors,
            "tier_writes": m.get("kvcache_cluster_kv_tier_writes_blocks_total"), "per_request": load.requests}
@@ -701,7 +702,7 @@ def fault_flipped_byte(args, err, corpus: Corpus) -> dict:
         with Server(args, err, "Redis tier, a flipped byte", tier=redis.url) as srv:
             again = complete(client, srv.url, prompt, args.max_tokens)
             m = srv.metrics()
-    errors = _summed(m, "kvcache_kv_tier_errors_total")
+    errors = _by_kind(m, "kvcache_kv_tier_errors_total")
     out = {"cold": cold, "again": again, "same_tokens": again["text"] == cold["text"], "tier_errors": errors,
            "tier_hits": m.get("kvcache_kv_tier_hits_blocks_total"), "flipped_key": first, "flipped_at": at}
     say(err, f"[faults] flipped byte: tier errors {errors}, cached {again['cached_tokens']}/{again['prompt_tokens']}, "
