@@ -192,3 +192,15 @@ def write_tiny_quantized_gguf(path, tied: bool):
     write_gguf(path, t, metadata={"llama.embedding_length": 64, "llama.feed_forward_length": 96,
                                   "llama.block_count": 2, "llama.context_length": 128})
     return path
+
+
+def feed(model, cache, ids: list[int], chunk: int) -> torch.Tensor:
+    """Logits (T, V) for every position, feeding `ids` through `cache` in chunks."""
+    from kvcache.models.step import StepInputs
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(ids), chunk):
+            x = torch.tensor([ids[i : i + chunk]])  # (1, T)
+            out.append(model.forward(StepInputs(x, None, cache.next_position, None, "all"), cache)[0])
+    return torch.cat(out)  # (T, V)

@@ -20,8 +20,10 @@ from tests.helpers import greedy, paged_llm, policy_cache_greedy, random_request
 
 BS = 16
 INT8 = "+quantized:bits=8,group_size=8,key_axis=token,residual=0"  # evicted over quantized blocks
-# every registered scorer, over float and over quantized blocks, and one budget instead of a ratio
-POLICIES = [f"evict:scorer={name},ratio=0.5,window=8{store}" for name in SCORERS for store in ("", INT8)]
+# every registered scorer that runs on paged blocks (as many tokens in every layer), over float and
+# over quantized blocks, and one budget instead of a ratio
+PAGED_SCORERS = [name for name, s in SCORERS.items() if not s.ragged_layers]
+POLICIES = [f"evict:scorer={name},ratio=0.5,window=8{store}" for name in PAGED_SCORERS for store in ("", INT8)]
 POLICIES.append("evict:scorer=h2o,budget=20,window=4")
 IDS = [p.split(",")[0].removeprefix("evict:scorer=") + ("-int8" if "quantized" in p else "") for p in POLICIES]
 IDS[-1] = "h2o-budget"

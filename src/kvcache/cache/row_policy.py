@@ -37,15 +37,17 @@ def policy_footprint(spec, config, dtype: torch.dtype, prefill_piece: int = 0) -
     from kvcache.cache.policies.selectors import EVICT_UNIT
 
     store = POLICIES[spec.store.name].footprint(spec.store, config, dtype)
-    caps = [c for c in (store.held_cap, _held_cap(spec, EVICT_UNIT + prefill_piece)) if c is not None]
+    caps = [c for c in (store.held_cap, _held_cap(spec, EVICT_UNIT + prefill_piece, config.num_layers)) if c is not None]
     return replace(store, held_cap=min(caps) if caps else None)
 
 
-def _held_cap(spec, slack: int) -> int | None:
-    """The most tokens the policy's selectors keep (None: no bound), `slack` (a unit and a piece) included."""
+def _held_cap(spec, slack: int, num_layers: int) -> int | None:
+    """The most tokens the policy's selectors keep, on average over the layers (None: no bound),
+    `slack` (a unit and a piece) included."""
     from kvcache.cache.policies.registry import POLICIES
 
-    caps = [cap for sel in spec.selectors if (cap := POLICIES[sel.name].held_cap(sel.params, slack)) is not None]
+    caps = [cap for sel in spec.selectors
+            if (cap := POLICIES[sel.name].held_cap(sel.params, slack, num_layers)) is not None]
     return min(caps) if caps else None
 
 

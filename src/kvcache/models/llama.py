@@ -184,8 +184,9 @@ class LlamaModel:
             if nat:
                 pos = step.positions.reshape(-1).to(torch.int64).contiguous()  # (B*T,)
         mask = step.attn_mask
-        if mask is None and t > 1 and not (cache is not None and cache.masks_itself):  # None means causal
-            mask = causal_mask(None, b, 0 if cache is None else cache.length, t, ids.device)
+        # None means causal: each layer's mask ends at its own keys (a store may keep a different number
+        # of tokens in each layer), built again only where that number changes
+        causal = mask is None and t > 1 and not (cache is not None and cache.masks_itself)
         x = self.embed_tokens(ids)  # (B, T, H)
         hidden = (c.hidden_size,)
         eps = c.rms_norm_eps
@@ -215,6 +216,8 @@ class LlamaModel:
                 k, v = cache.write(i, k, v)  # (B, Hkv, S, D)
                 if observe:
                     cache.observe(i, q, k)
+            if causal and k is not None and (mask is None or mask.shape[3] != k.shape[2]):
+                mask = causal_mask(None, b, k.shape[2] - t, t, ids.device)  # (B, 1, T, S)
             # a cache that attends itself (quantized codes, native decode) returned None from write
             o = grouped_sdpa(q, k, v, mask) if k is not None else cache.attend(i, q)  # (B, T, Hq*D)
             x = x + lw.o(o)  # (B, T, H)

@@ -8,7 +8,9 @@ A policy class declares
   checks and fills a part (`fill`, then `check` for rules between keys);
 - where it runs: `on_paged_blocks(params)`, whether the paged engine runs it on its blocks;
   otherwise each request gets a per-request store (`row_policy`);
-- its memory: `held_cap` (selectors: the most tokens kept); stores build their per-request
+- whether its layers keep different numbers of tokens (`ragged_layers(params)`, selectors): only
+  a store that holds a length per layer (`holds_ragged_layers`) takes it, and no other selector;
+- its memory: `held_cap` (selectors: the most tokens kept, averaged over the layers); stores build their per-request
   store (`make_store`) and declare its bytes (`footprint`, a `footprint.PolicyFootprint`), and,
   where they run on paged blocks, a token's bytes there (`paged_token_bytes`) and the blocks'
   format (`paged_format`: None for float blocks, else the quantized one).
@@ -31,6 +33,7 @@ class Policy:
     role: ClassVar[str] = ""  # "selector" | "store"
     params: ClassVar[dict[str, Param]] = {}
     combines_with_selectors: ClassVar[bool] = True  # stores only: False where the store chooses tokens itself
+    holds_ragged_layers: ClassVar[bool] = False  # stores only: True where each layer may hold its own number
     # policy strings the equivalence grid runs on a tiny model (tests/integration/test_policy_grid.py):
     # every path the policy takes against its one-sequence reference, with no test written for it
     examples: ClassVar[tuple[str, ...]] = ()
@@ -50,8 +53,14 @@ class Policy:
         return False
 
     @classmethod
-    def held_cap(cls, params: dict, slack: int) -> int | None:
-        """The most tokens a sequence keeps under this part (None: no bound), `slack` included."""
+    def ragged_layers(cls, params: dict) -> bool:
+        """Selectors: whether this part keeps a different number of tokens in each layer."""
+        return False
+
+    @classmethod
+    def held_cap(cls, params: dict, slack: int, num_layers: int) -> int | None:
+        """The most tokens a sequence keeps under this part (None: no bound), `slack` included;
+        where layers keep different numbers, the most they keep on average over the `num_layers`."""
         return None
 
     @classmethod

@@ -6,7 +6,10 @@ It has the dense `KVCache`'s interface (reserve / write / advance / truncate / c
   RoPE position of the next token: `seen`, or `length` when a sinks selector asks for
   positions inside the cache (then keys are stored unrotated and rotated on read, so the
   positions never pass the model's `max_position_embeddings`);
-- `observes(t)` / `observe(layer, q, k)`, through which eviction scorers see queries.
+- `observes(t)` / `observe(layer, q, k)`, through which eviction scorers see queries;
+- `layer_lengths`, the tokens each layer keeps: a scorer may keep a different number in each
+  layer (`Scorer.layer_targets`); `length` is then the most a layer keeps, and each layer
+  attends over its own (the model builds a layer's causal mask from its keys).
 One sequence per cache (batch 1).
 """
 
@@ -52,6 +55,11 @@ class SequenceCache:
     def length(self) -> int:
         """Tokens kept (the keys attention sees)."""
         return self.store.length
+
+    @property
+    def layer_lengths(self) -> list[int]:
+        """Tokens kept in each layer."""
+        return self.store.layer_lengths
 
     @property
     def next_position(self) -> int:
@@ -120,11 +128,12 @@ class SequenceCache:
                 self._apply(plan, held)
 
     def _apply(self, plan: KeepPlan, held: int) -> None:
+        before = sum(self.store.layer_lengths)
         if plan.index is None:
             self.store.drop_range(plan.drop_start, plan.drop_end)
         else:
             self.store.gather(plan.index)
-        self.evicted += held - self.length
+        self.evicted += -(-(before - sum(self.store.layer_lengths)) // self.num_layers)  # a layer's mean, rounded up
         for sel in self.selectors:
             sel.kept(plan, held)
 
@@ -165,5 +174,6 @@ class SequenceCache:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.empty(0, dtype=self.dtype).element_size()
 
     def stats(self) -> dict:
-        return {"policy": self.spec.text, "seen": self.seen, "kept": self.length, "evicted": self.evicted,
+        kept = round(sum(self.layer_lengths) / self.num_layers)  # a layer's mean (layers may keep different numbers)
+        return {"policy": self.spec.text, "seen": self.seen, "kept": kept, "evicted": self.evicted,
                 "kv_bytes": self.nbytes_used, "disk_bytes": getattr(self.store, "disk_nbytes", 0)}

@@ -19,7 +19,8 @@ class Evict(Selector, Policy):
     The `scorer` (`scorers/`, one class each) ranks the held tokens: from each step's queries
     (`Scorer.update`) or from the keys alone (`Scorer.key_score`). Runs after each prompt chunk
     (t > 1), and with decode=true also while generating. `ratio` is the fraction removed;
-    `budget` the tokens kept.
+    `budget` the tokens kept: in every layer, or on average over the layers where the scorer
+    spreads them unevenly (`Scorer.layer_targets`; each layer then keeps its own number).
     """
 
     name = "evict"
@@ -59,11 +60,20 @@ class Evict(Selector, Policy):
 
     @classmethod
     def on_paged_blocks(cls, params: dict) -> bool:
-        return not params["decode"]  # the engine compresses each prompt once (`cache/paged_evict.py`)
+        # the engine compresses each prompt once (`cache/paged_evict.py`) into blocks that hold as many
+        # tokens in every layer; a scorer whose layers keep different numbers needs a per-request store
+        return not params["decode"] and not cls.ragged_layers(params)
 
     @classmethod
-    def held_cap(cls, params: dict, slack: int) -> int | None:
-        return params["budget"] + slack if params["budget"] and params["decode"] else None
+    def ragged_layers(cls, params: dict) -> bool:
+        return SCORERS[params["scorer"]].ragged_layers
+
+    @classmethod
+    def held_cap(cls, params: dict, slack: int, num_layers: int) -> int | None:
+        if not (params["budget"] and params["decode"]):
+            return None
+        targets = make_scorer(params).layer_targets(params["budget"], num_layers)
+        return -(-sum(targets) // num_layers) + slack  # each layer holds at most its target + slack
 
     def target(self, seen: int) -> int:
         return evict_target(self.ratio, self.budget, seen)
@@ -77,18 +87,24 @@ class Evict(Selector, Policy):
     def plan(self, held, seen, t, unit, keys):
         if t == 1 and not self.decode:
             return None
-        target = self.target(seen)
         slack = unit - 1 if t == 1 else 0
-        if held <= target + slack:
+        targets = self.scorer.layer_targets(self.target(seen), len(self.scores))
+        if held <= min(targets) + slack:  # `held`: the most tokens a layer holds
             return None
-        per_layer = [keep_index(score, target, self.window) for score in self._layer_scores(held, keys)]
-        return KeepPlan(index=torch.stack(per_layer))  # (L, B, Hkv, target)
+        per_layer = []
+        for score, n in zip(self._layer_scores(held, keys), targets):  # score (B, Hkv, tokens the layer holds)
+            kept = n if score.shape[2] > n + slack else score.shape[2]  # a layer within its target keeps all
+            per_layer.append(keep_index(score, kept, self.window))  # (B, Hkv, kept)
+        if any(i.shape[-1] != per_layer[0].shape[-1] for i in per_layer):
+            return KeepPlan(index=per_layer)  # L x (B, Hkv, K_l)
+        return KeepPlan(index=torch.stack(per_layer))  # (L, B, Hkv, K)
 
     def _layer_scores(self, held: int, keys):
+        """Each layer's score of the tokens it holds (B, Hkv, S_l)."""
         for layer in range(len(self.scores)):
             if not self.scorer.needs_queries:
                 k, _ = keys(layer)
-                yield self.scorer.key_score(k)  # (B, Hkv, S)
+                yield self.scorer.key_score(k)  # (B, Hkv, S_l)
             else:
                 yield self.scores[layer][:, :, :held]
 

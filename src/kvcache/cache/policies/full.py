@@ -34,6 +34,7 @@ class Full(Policy):
         "dtype": Param(str, "model", choices=EXACT_DTYPES),  # e.g. full:dtype=fp16 under an fp32 model
     }
     examples = ("full", "full:dtype=bf16")
+    holds_ragged_layers = True  # `stores.ExactStore` keeps a length per layer
 
     @classmethod
     def on_paged_blocks(cls, params: dict) -> bool:

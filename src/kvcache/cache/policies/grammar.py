@@ -94,4 +94,9 @@ def parse_policy(text: str | None) -> PolicySpec:
     store = stores[0] if stores else _parse_part("full")
     if selectors and not POLICIES[store.name].combines_with_selectors:
         raise KVCacheError(f"Policy '{store.name}' already decides which tokens to keep; do not combine it with a selector.")
+    ragged = [p for p in selectors if POLICIES[p.name].ragged_layers(p.params)]
+    if ragged and (len(selectors) > 1 or not POLICIES[store.name].holds_ragged_layers):
+        takers = ", ".join(n for n in STORES if POLICIES[n].holds_ragged_layers)
+        raise KVCacheError(f"Policy '{ragged[0]}' keeps a different number of tokens in each layer, so it takes "
+                           f"no other selector and only a store that holds a length per layer ({takers}).")
     return PolicySpec(selectors, store, text)

@@ -88,6 +88,11 @@ class QuantizedKVStore:
     def length(self) -> int:
         return self.num_front + self.num_quantized + self.tail.length
 
+    @property
+    def layer_lengths(self) -> list[int]:
+        """Tokens kept in each layer: as many in all."""
+        return [self.length] * self.num_layers
+
     def reserve(self, n_tokens: int) -> None:
         self.tail.reserve(self.tail.length + (n_tokens - self.length))
 
@@ -151,8 +156,9 @@ class QuantizedKVStore:
         excess = t.length - self.residual
         if excess >= g:
             n = excess // g * g
-            self.qk.append_all(t.k[:, :, :, :n])  # (L, 1, Hkv, n, D)
-            self.qv.append_all(t.v[:, :, :, :n])
+            k, v = t.first(n)  # (L, 1, Hkv, n, D)
+            self.qk.append_all(k)
+            self.qv.append_all(v)
             t.drop_range(0, n)
             self._after_quantize()
 
@@ -160,12 +166,8 @@ class QuantizedKVStore:
         """Hook for the tiered store (moves old quantized groups to the cold tier)."""
 
     def _move_tail_to(self, dest: ExactStore, n: int) -> None:
-        t = self.tail
-        dest.reserve(dest.length + n)
-        dest.k[:, :, :, dest.length : dest.length + n] = t.k[:, :, :, :n]
-        dest.v[:, :, :, dest.length : dest.length + n] = t.v[:, :, :, :n]
-        dest.length += n
-        t.drop_range(0, n)
+        dest.extend(*self.tail.first(n))  # (L, 1, Hkv, n, D)
+        self.tail.drop_range(0, n)
 
     # -- eviction -----------------------------------------------------------------------
     def drop_range(self, start: int, end: int) -> None:
@@ -198,10 +200,7 @@ class QuantizedKVStore:
     def _rebuild(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Refill from float K, V (L, 1, Hkv, S, D), as if those tokens had just arrived."""
         self.clear()
-        n = k.shape[3]
-        self.tail.reserve(n)
-        self.tail.k[:, :, :, :n], self.tail.v[:, :, :, :n] = k, v
-        self.tail.length = n
+        self.tail.extend(k, v)
         self._migrate()
 
     def truncate(self, n: int) -> None:

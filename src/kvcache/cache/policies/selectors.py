@@ -4,7 +4,8 @@ The selectors themselves are policy classes in their own files (`window.py`, `si
 `evict.py`).
 
 A selector never touches storage: after each step it returns a `KeepPlan` (a contiguous
-run to drop, or per-layer/per-head indices to keep) or None, and the cache applies it to
+run to drop, or per-layer/per-head indices to keep, as many in each layer or a different
+number per layer) or None, and the cache applies it to
 its store (or, for a window in the paged engine, the engine frees whole blocks). Eviction
 happens in steps of `unit` tokens (a block), so the resident memory of `window:size=N`
 stays within N + unit - 1 tokens and the copy is amortised.
@@ -23,11 +24,12 @@ EVICT_UNIT = 16  # tokens; one paged block
 
 @dataclass
 class KeepPlan:
-    """Drop tokens [drop_start, drop_end) everywhere, or keep `index` (L, B, Hkv, K) per layer and head."""
+    """Drop tokens [drop_start, drop_end) everywhere, or keep `index` per layer and head: (L, B, Hkv, K)
+    when every layer keeps K, else a list of L tensors (B, Hkv, K_l) (`Scorer.ragged_layers`)."""
 
     drop_start: int = 0
     drop_end: int = 0
-    index: torch.Tensor | None = None
+    index: torch.Tensor | list[torch.Tensor] | None = None
 
 
 class Selector:

@@ -26,7 +26,7 @@ class Sinks(Window):
         return cls(params["n_sink"], params["window"])
 
     @classmethod
-    def held_cap(cls, params: dict, slack: int) -> int | None:
+    def held_cap(cls, params: dict, slack: int, num_layers: int) -> int | None:
         return params["n_sink"] + params["window"] + slack
 
     def sink_blocks(self, unit: int) -> int:

@@ -34,7 +34,7 @@ class Window(Selector, Policy):
         return True  # whole blocks are freed as the window passes them
 
     @classmethod
-    def held_cap(cls, params: dict, slack: int) -> int | None:
+    def held_cap(cls, params: dict, slack: int, num_layers: int) -> int | None:
         return params["size"] + slack
 
     def first_kept(self, seen: int, unit: int) -> int:

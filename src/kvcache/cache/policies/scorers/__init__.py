@@ -8,7 +8,17 @@ from kvcache.cache.policies.scorers.snapkv import SnapKV  # noqa: F401
 from kvcache.cache.policies.scorers.knorm import Knorm  # noqa: F401
 from kvcache.cache.policies.scorers.tova import TOVA  # noqa: F401
 
-SCORERS: dict[str, type[Scorer]] = {s.name: s for s in Scorer.__subclasses__()}  # in import order
+
+
+def _declared(cls: type[Scorer]) -> list[type[Scorer]]:
+    """The scorers below `cls`, depth first (a scorer may refine another), those with a name."""
+    found = []
+    for sub in cls.__subclasses__():
+        found += ([sub] if sub.name else []) + _declared(sub)
+    return found
+
+
+SCORERS: dict[str, type[Scorer]] = {s.name: s for s in _declared(Scorer)}  # in import order, refinements after theirs
 
 __all__ = ["SCORERS", "Scorer", "attention_mass", "make_scorer"]
 

@@ -9,7 +9,11 @@ path that runs `evict` asks it the same questions, so a new scorer runs everywhe
   from the attention its observed queries pay (summed over prefill chunks, so the result does
   not depend on chunking) and compresses it after its last token;
 - `key_score(keys)`: scorers that rank by the keys alone (`needs_queries = False`); these
-  also run through `kvcache.hf`, where transformers hands a cache no queries.
+  also run through `kvcache.hf`, where transformers hands a cache no queries;
+- `layer_targets(target, num_layers)`: how many tokens each layer keeps when the policy keeps
+  `target` (the same in every layer unless the scorer says otherwise; they average to `target`).
+  A scorer whose layers keep different numbers sets `ragged_layers`: it runs on per-request
+  stores that hold a length per layer, never on the paged engine's blocks.
 
 Scores are "higher = keep": `selectors.keep_index` keeps the best-scored old tokens plus the
 last `window`.
@@ -29,6 +33,7 @@ class Scorer:
 
     name: ClassVar[str] = ""
     needs_queries: ClassVar[bool] = True  # False: scores come from the keys alone (`key_score`)
+    ragged_layers: ClassVar[bool] = False  # True: `layer_targets` differ by layer
 
     def __init__(self, params: dict):
         self.window = params.get("window", 32)  # recent tokens always kept
@@ -46,6 +51,10 @@ class Scorer:
     def prompt_score(self, mass: torch.Tensor) -> torch.Tensor:
         """A prompt's score (B, Hkv, n) from the attention mass its observed queries paid."""
         return mass
+
+    def layer_targets(self, target: int, num_layers: int) -> list[int]:
+        """Tokens each layer keeps when the policy keeps `target`; they sum to target * num_layers."""
+        return [target] * num_layers
 
     def key_score(self, keys: torch.Tensor) -> torch.Tensor:
         """Score of keys (..., S, D) from the keys alone: (..., S). Only where needs_queries is False."""
