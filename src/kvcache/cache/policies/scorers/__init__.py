@@ -7,6 +7,7 @@ from kvcache.cache.policies.scorers.h2o import H2O  # noqa: F401  (each import r
 from kvcache.cache.policies.scorers.snapkv import SnapKV  # noqa: F401
 from kvcache.cache.policies.scorers.knorm import Knorm  # noqa: F401
 from kvcache.cache.policies.scorers.tova import TOVA  # noqa: F401
+from kvcache.cache.policies.scorers.pyramidkv import PyramidKV  # noqa: F401
 
 
 
