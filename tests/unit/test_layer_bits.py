@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from kvcache.cache.policies.grammar import parse_policy
-from kvcache.cache.policies.quantized_store import QuantizedKVStore, layer_bits, make_quantized_store
+from kvcache.cache.policies.quantized_store import QuantizedKVStore, layer_bits
+from kvcache.cache.policies.registry import POLICIES
 from kvcache.cache.quant import LayerBitsBuffer, QuantizedBuffer, dequantize, layer_store, quantize
 from kvcache.cache.spec import kv_layers_bytes
 from kvcache.errors import KVCacheError
@@ -71,7 +72,7 @@ def test_policy_keys_set_the_widths_per_layer():
     part = parse_policy("quantized:bits=2,hi_keys=3/0/3,hi_values=1,hi_bits=8").store
     assert part.params["hi_keys"] == "0/3"  # sorted, no repeats
     assert layer_bits(part, 4) == ((8, 2, 2, 8), (2, 8, 2, 2))
-    store = make_quantized_store(part, _config(), torch.float32, torch.float32, torch.device("cpu"), 16)
+    store = POLICIES["quantized"].make_store(part, _config(), torch.float32, torch.device("cpu"), 16)
     assert [store.qk.view(i).bits for i in range(4)] == [8, 2, 2, 8]
     assert [store.qv.view(i).bits for i in range(4)] == [2, 8, 2, 2]
     assert layer_bits(parse_policy("quantized:bits=4").store, 2) == ((4, 4), (4, 4))
@@ -93,7 +94,7 @@ def test_bad_layer_keys_are_one_clear_error(text, words):
 def test_a_layer_past_the_model_is_refused():
     part = parse_policy("quantized:bits=2,hi_keys=0/4").store
     with pytest.raises(KVCacheError, match="hi_keys names layer 4, but the model's layers are 0 to 3"):
-        make_quantized_store(part, _config(), torch.float32, torch.float32, torch.device("cpu"), 16)
+        POLICIES["quantized"].make_store(part, _config(), torch.float32, torch.device("cpu"), 16)
 
 
 def _filled_store(rotate: bool) -> QuantizedKVStore:

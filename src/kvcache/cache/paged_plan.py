@@ -1,7 +1,8 @@
 """How the paged engine runs a policy on its shared blocks, or that it cannot.
 
-Each policy class says whether its part runs on paged blocks (`Policy.on_paged_blocks`); the
-engine runs a policy there when its store does and it has at most one selector that does.
+Each policy class says whether its part runs on paged blocks (`Policy.on_paged_blocks`) and,
+for a selector, what the engine does there (`Policy.paged_plan`); the engine runs a policy
+there when its store does and it has at most one selector that does.
 Everything else gets a per-request store (`row_policy.py`). The store declares the blocks'
 format and a token's bytes there (`Policy.paged_format`, `Policy.paged_token_bytes`).
 """
@@ -30,9 +31,4 @@ def paged_plan(spec: PolicySpec) -> PagedPlan | None:
     if len(spec.selectors) > 1 or not all(POLICIES[p.name].on_paged_blocks(p.params) for p in parts):
         return None
     sel = spec.selectors[0] if spec.selectors else None
-    name, p = (sel.name, sel.params) if sel else ("", {})
-    return PagedPlan(
-        window=p["size"] if name == "window" else p["window"] if name == "sinks" else None,
-        sinks=(p["n_sink"], p["window"]) if name == "sinks" else None,
-        evict=sel if name == "evict" else None,
-    )
+    return PagedPlan(**POLICIES[sel.name].paged_plan(sel)) if sel else PagedPlan()

@@ -53,6 +53,18 @@ class Policy:
         return False
 
     @classmethod
+    def keeps_exactly(cls, params: dict) -> bool:
+        """Stores: whether this part keeps every token exactly, in the model's dtype (the plain cache)."""
+        return False
+
+    @classmethod
+    def paged_plan(cls, part) -> dict:
+        """Selectors the paged engine runs on its blocks: what it does there, as `PagedPlan`'s fields
+        (`window`: free the blocks behind it; `sinks`: (n_sink, window), keep the sinks' blocks;
+        `evict`: the part, each prompt compressed once)."""
+        return {}
+
+    @classmethod
     def ragged_layers(cls, params: dict) -> bool:
         """Selectors: whether this part keeps a different number of tokens in each layer."""
         return False

@@ -65,6 +65,10 @@ class Evict(Selector, Policy):
         return not params["decode"] and not cls.ragged_layers(params)
 
     @classmethod
+    def paged_plan(cls, part) -> dict:
+        return {"evict": part}
+
+    @classmethod
     def ragged_layers(cls, params: dict) -> bool:
         return SCORERS[params["scorer"]].ragged_layers
 

@@ -41,6 +41,10 @@ class Full(Policy):
         return params["dtype"] == "model"  # the blocks hold the model's dtype
 
     @classmethod
+    def keeps_exactly(cls, params: dict) -> bool:
+        return params["dtype"] == "model"
+
+    @classmethod
     def make_store(cls, part, config, dtype: torch.dtype, device: torch.device, capacity: int):
         """A per-sequence store for this part (`stores.ExactStore`)."""
         from kvcache.cache.policies.stores import ExactStore

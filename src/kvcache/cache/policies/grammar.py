@@ -48,7 +48,7 @@ class PolicySpec:
 
     @property
     def _plain_store(self) -> bool:
-        return self.store.name == "full" and self.store.params.get("dtype", "model") == "model"
+        return POLICIES[self.store.name].keeps_exactly(self.store.params)
 
     @property
     def canonical(self) -> str:

@@ -72,9 +72,13 @@ class Quantized(Policy):
     @classmethod
     def make_store(cls, part, config, dtype: torch.dtype, device: torch.device, capacity: int):
         from kvcache.cache.policies.full import exact_dtype
-        from kvcache.cache.policies.quantized_store import make_quantized_store
+        from kvcache.cache.policies.quantized_store import QuantizedKVStore, quantizer_args
 
-        return make_quantized_store(part, config, dtype, exact_dtype(part, dtype), device, capacity)
+        c, p = config, part.params
+        bits, extra, modes = quantizer_args(part, c)
+        return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, bits, p["group_size"], p["residual"],
+                                p["n_sink"], dtype, device, capacity, exact_dtype(part, dtype),
+                                key_axis=p["key_axis"], rotate_keys=modes.rotate_keys, **extra)
 
     @classmethod
     def footprint(cls, part, config, dtype: torch.dtype) -> PolicyFootprint:

@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 import torch
 
-from kvcache.cache.policies.params import quantizer_modes
+from kvcache.cache.policies.params import QuantizerModes, quantizer_modes
 from kvcache.cache.policies.stores import ExactStore
 from kvcache.cache.quant import QTensor, dequantize, hadamard, layer_store, quantize
 from kvcache.cache.spec import kv_layers_bytes
@@ -371,18 +371,12 @@ def packed_rate(part, config, per_channel: bool) -> tuple[int, int]:
     return -(-packed // tokens), tokens
 
 
-def make_quantized_store(part, config, dtype: torch.dtype, exact: torch.dtype, device: torch.device,
-                         capacity: int):
-    """The store for a `quantized` or `tiered` policy part (`exact`: dtype of its exact tokens)."""
-    c, p = config, part.params
+def quantizer_args(part, config) -> tuple[int, dict, QuantizerModes]:
+    """What a `quantized` or `tiered` part's store is built with: its code bits, the keyword
+    arguments both stores take (clipping, value groups and rotation, per-layer bits), its modes."""
+    p = part.params
     bits = _code_bits(part)
     modes = quantizer_modes(p, bits)
-    key_bits, value_bits = layer_bits(part, c.num_layers)
-    extra = dict(clip=modes.clip, value_group_size=p["value_group_size"], rotate_values=modes.rotate_values,
-                 key_bits=key_bits, value_bits=value_bits)
-    if part.name == "quantized":
-        return QuantizedKVStore(c.num_layers, c.num_kv_heads, c.head_dim, bits, p["group_size"],
-                                p["residual"], p["n_sink"], dtype, device, capacity, exact,
-                                key_axis=p["key_axis"], rotate_keys=modes.rotate_keys, **extra)
-    return TieredStore(c.num_layers, c.num_kv_heads, c.head_dim, p["hot"], bits, p["warm"],
-                       p["cold"], p["group_size"], dtype, device, capacity, exact, **extra)
+    key_bits, value_bits = layer_bits(part, config.num_layers)
+    return bits, dict(clip=modes.clip, value_group_size=p["value_group_size"], rotate_values=modes.rotate_values,
+                      key_bits=key_bits, value_bits=value_bits), modes

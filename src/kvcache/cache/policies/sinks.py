@@ -26,6 +26,11 @@ class Sinks(Window):
         return cls(params["n_sink"], params["window"])
 
     @classmethod
+    def paged_plan(cls, part) -> dict:
+        p = part.params
+        return {"window": p["window"], "sinks": (p["n_sink"], p["window"])}
+
+    @classmethod
     def held_cap(cls, params: dict, slack: int, num_layers: int) -> int | None:
         return params["n_sink"] + params["window"] + slack
 

@@ -45,9 +45,12 @@ class Tiered(Policy):
     @classmethod
     def make_store(cls, part, config, dtype: torch.dtype, device: torch.device, capacity: int):
         from kvcache.cache.policies.full import exact_dtype
-        from kvcache.cache.policies.quantized_store import make_quantized_store
+        from kvcache.cache.policies.quantized_store import TieredStore, quantizer_args
 
-        return make_quantized_store(part, config, dtype, exact_dtype(part, dtype), device, capacity)
+        c, p = config, part.params
+        bits, extra, _ = quantizer_args(part, c)
+        return TieredStore(c.num_layers, c.num_kv_heads, c.head_dim, p["hot"], bits, p["warm"], p["cold"],
+                           p["group_size"], dtype, device, capacity, exact_dtype(part, dtype), **extra)
 
     @classmethod
     def footprint(cls, part, config, dtype: torch.dtype) -> PolicyFootprint:

@@ -34,6 +34,10 @@ class Window(Selector, Policy):
         return True  # whole blocks are freed as the window passes them
 
     @classmethod
+    def paged_plan(cls, part) -> dict:
+        return {"window": part.params["size"]}
+
+    @classmethod
     def held_cap(cls, params: dict, slack: int, num_layers: int) -> int | None:
         return params["size"] + slack
 
