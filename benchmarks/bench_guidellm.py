@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from kvcache.bench import record
 from kvcache.bench.common import consoles
+from kvcache.bench.serve import free_port
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
@@ -51,12 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"{args.guidellm} does not exist; run: bash benchmarks/guidellm_setup.sh")
     args.record_folder = record.parse_folder(p, args)
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:

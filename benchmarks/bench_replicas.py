@@ -50,7 +50,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,7 @@ from pathlib import Path
 
 from kvcache.bench import record
 from kvcache.bench.common import consoles
+from kvcache.bench.serve import ServeProcess, free_port
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
@@ -135,89 +135,28 @@ def say(err, text: str) -> None:
 
 # -- servers ---------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def source_env() -> dict:
-    """This environment, with the kvcache this script imported first on PYTHONPATH (so the servers,
-    and Ray's workers they start, run the code the record names)."""
-    import kvcache
-
-    src = str(Path(kvcache.__file__).resolve().parents[1])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
-class Server:
-    """One `kvcache serve` process (with or without --replicas) on a free loopback port."""
+class Server(ServeProcess):
+    """One `kvcache serve` process (with or without --replicas) on a free loopback port; with
+    replicas it is up once every replica is listed."""
 
     def __init__(self, args, err, label: str, replicas: int | None = None, routing: str | None = None,
                  tier: str | None = None):
-        self.args, self.err, self.label, self.replicas = args, err, label, replicas
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--model", args.model, "--served-model-name", MODEL_ID, "--threads", str(args.threads),
-                    "--kv-cache-memory", args.kv_cache_memory, "--log-level", "warning"]
+        serve_args = ["--model", args.model, "--served-model-name", MODEL_ID, "--threads", str(args.threads),
+                      "--kv-cache-memory", args.kv_cache_memory, "--log-level", "warning"]
         if replicas is not None:
-            self.cmd += ["--replicas", str(replicas), "--routing", routing or "prefix"]
+            serve_args += ["--replicas", str(replicas), "--routing", routing or "prefix"]
         if tier is not None:
-            self.cmd += ["--kv-tier", tier]
-        self.proc: subprocess.Popen | None = None
-        self.log = tempfile.TemporaryFile()
+            serve_args += ["--kv-tier", tier]
+        super().__init__(serve_args, err, label, args.start_timeout)
+        self.replicas = replicas
 
-    def __enter__(self) -> "Server":
+    def ready(self) -> bool:
+        if not self.replicas:
+            return super().ready()
         import httpx
 
-        say(self.err, f"[{self.label}] starting: {' '.join(self.cmd[3:])}")
-        t0 = time.perf_counter()
-        # its own session: stopping it reaches Ray's processes too, and nothing else
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=source_env())
-        deadline = time.monotonic() + self.args.start_timeout
-        path = "/v1/cache/replicas" if self.replicas else "/health"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise KVCacheError(f"The {self.label} server exited with code {self.proc.returncode}: {self.tail()}")
-            try:
-                r = httpx.get(self.url + path, timeout=10)
-                if r.status_code == 200 and (not self.replicas or len(r.json()["replicas"]) == self.replicas):
-                    say(self.err, f"[{self.label}] up in {time.perf_counter() - t0:.0f} s")
-                    return self
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise KVCacheError(f"The {self.label} server did not come up within {self.args.start_timeout:.0f} s.")
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def tail(self) -> str:
-        self.log.seek(0)
-        lines = self.log.read().decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else "no output"
-
-    def stop(self) -> None:
-        """Ctrl-C (the server closes its engines, flushing a tier's writes), then the process group."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever it left behind in its session
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc = None
+        r = httpx.get(self.url + "/v1/cache/replicas", timeout=10)
+        return r.status_code == 200 and len(r.json()["replicas"]) == self.replicas
 
     def replica_rows(self) -> list[dict]:
         import httpx
