@@ -60,7 +60,7 @@ from pathlib import Path
 
 from kvcache.bench import record
 from kvcache.bench.common import consoles
-from kvcache.bench.serve import ServeProcess, free_port
+from kvcache.bench.serve import ServeProcess, free_port, run_clients
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
@@ -305,36 +305,13 @@ def stream(client, url: str, ids: list[int], max_tokens: int, pin: str | None = 
 
 def run_workload(args, err, url: str, reqs: list[dict], label: str) -> dict:
     """The workload through `--clients` concurrent clients; per-request figures and totals."""
-    import httpx
+    def send(client, req):
+        return {**complete(client, url, req["ids"], args.max_tokens), "kind": req["kind"], "prefix": req["prefix"]}
 
-    todo = list(enumerate(reqs))
-    lock = threading.Lock()
-    results: list[dict | None] = [None] * len(reqs)
-    failures: list[str] = []
-
-    def client_loop():
-        with httpx.Client() as client:
-            while True:
-                with lock:
-                    if not todo or failures:
-                        return
-                    i, req = todo.pop(0)
-                try:
-                    results[i] = {**complete(client, url, req["ids"], args.max_tokens), "kind": req["kind"],
-                                  "prefix": req["prefix"]}
-                except Exception as exc:  # noqa: BLE001 - reported once below
-                    with lock:
-                        failures.append(str(exc))
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop) for _ in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if failures:
-        raise KVCacheError(f"The {label} run: {failures[0]}")
+    try:
+        results, wall = run_clients(reqs, args.clients, send)
+    except KVCacheError as exc:
+        raise KVCacheError(f"The {label} run: {exc}") from None
     prompt = sum(r["prompt_tokens"] for r in results)
     cached = sum(r["cached_tokens"] for r in results)
     per_replica: dict[str, int] = {}

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -102,3 +103,39 @@ class ServeProcess:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc = None
+
+
+def run_clients(items: list, clients: int, send) -> tuple[list, float]:
+    """`send(client, item)` for every item through `clients` concurrent httpx clients, each taking
+    the next item when it is free: (the results in the items' order, wall seconds). The first
+    failure stops the clients and is raised as one sentence (KVCacheError)."""
+    import httpx
+
+    todo = list(enumerate(items))
+    lock = threading.Lock()
+    results: list = [None] * len(items)
+    failures: list[str] = []
+
+    def client_loop():
+        with httpx.Client() as client:
+            while True:
+                with lock:
+                    if not todo or failures:
+                        return
+                    i, item = todo.pop(0)
+                try:
+                    results[i] = send(client, item)
+                except Exception as exc:  # noqa: BLE001 - reported once below
+                    with lock:
+                        failures.append(str(exc))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if failures:
+        raise KVCacheError(failures[0])
+    return results, wall
