@@ -20,7 +20,11 @@ How it maps onto transformers 5.x (`transformers.cache_utils.Cache`):
   are views of the storage that eviction rewrites.
 - Rows and padding: a row's real tokens in a step are the last ones, up to its position
   (`position_ids`, which transformers counts from the attention mask); the left padding before
-  them is never stored, so it neither fills a window nor shifts sink positions.
+  them is never stored, so it neither fills a window nor shifts sink positions. A row whose
+  positions show padding elsewhere (after its tokens: right padding, as in transformers' own
+  tests) is stored whole from then on, padding included, as DynamicCache stores it, and
+  transformers' mask hides the padding; such a row cannot be kept by attention sinks nor evict
+  (a KVCacheError says to pad on the left).
 - Sizes: `get_seq_length()` is the number of columns fed, padding included (transformers'
   index of the next token), and `get_mask_sizes(q)` is (span + q, seen - span), span the most
   tokens a row keeps. `update` returns each row's kept tokens right-aligned at the span, then
@@ -154,6 +158,7 @@ class PolicyCache(Cache):
         self.rows: list[_PolicyCore] = []  # one SequenceCache a batch row, built at the first update
         self.columns = 0  # tokens transformers has fed each row, left padding included
         self._new: list[int] = []  # real tokens of each row in the step in flight (the rest is padding)
+        self._whole: list[bool] = []  # rows stored with every column: their padding is not on the left
         self._step = 0  # tokens per row of the step in flight (0: none)
         self._span = 0  # kept tokens of the longest row when the step began
         self._bias: torch.Tensor | None = None  # (B, 1, T, span+T) for rows the padding mask cannot hide
@@ -199,6 +204,7 @@ class PolicyCache(Cache):
 
     def reset(self) -> None:
         self._step = self._layers_written = self.columns = 0
+        self._whole = [False] * len(self.rows)
         for core in self.rows:
             core.clear()
 
@@ -300,6 +306,7 @@ class PolicyCache(Cache):
         if not self.rows:
             self.rows.append(self._build(key_states))
             self.rows += [self._build(key_states) for _ in range(b - 1)]
+            self._whole = [False] * b
         if b != len(self.rows):
             raise KVCacheError(f"This cache holds {len(self.rows)} sequences, but a step brought a batch of {b}; "
                                "use a new cache (or cache.reset()) for a new batch.")
@@ -310,7 +317,7 @@ class PolicyCache(Cache):
         self._span = self._kept_max()
         self._step, self._layers_written = t, 0
         self._inference = torch.is_inference_mode_enabled()
-        self._new = [max(0, min(t, int(positions[i, -1]) + 1 - core.seen)) for i, core in enumerate(self.rows)]
+        self._new = [self._real_tokens(i, positions[i]) for i in range(b)]
         for core, n in zip(self.rows, self._new):
             core.reserve(core.length + n)
         self._bias = self._filler_bias(t, key_states.dtype, device)
@@ -320,6 +327,28 @@ class PolicyCache(Cache):
             for i, (core, n) in enumerate(zip(self.rows, self._new)):
                 first = int(positions[i, t - n]) if n else core.seen
                 core.key_position_offset = first - core.length  # queries at their positions, keys just before
+
+    def _real_tokens(self, row: int, positions: torch.Tensor) -> int:
+        """How many of the step's last tokens are row `row`'s own, from its positions (T,): those up to its
+        position, when they count on from what it holds (left padding before them); else every column, and
+        the row is stored whole from now on."""
+        core, t = self.rows[row], positions.shape[0]
+        if not self._whole[row]:
+            positions = positions.cpu()
+            n = max(0, min(t, int(positions[-1]) + 1 - core.seen))
+            fill = positions[:t - n]  # the padding's positions: one value repeated
+            left = torch.equal(positions[t - n:], torch.arange(core.seen, core.seen + n)) and bool((fill == fill[:1]).all())
+            # all columns at one position: one real token, first or last; a policy keeping every token keeps all
+            unsure = t > 1 and core.seen == 0 and bool((positions == positions[0]).all()) and not self.spec.selectors
+            if n == t or (left and not unsure):
+                return n
+            self._whole[row] = True
+        if core.rotates_keys or core.evicted:
+            raise KVCacheError(f"Row {row} of this batch has padding after its first tokens, which policy "
+                               f"'{self.spec.text}' cannot keep apart from its tokens once it "
+                               f"{'rotates' if core.rotates_keys else 'evicts'} them; pad on the left "
+                               "(tokenizer padding_side='left').")
+        return t
 
     def _right_aligned(self, kv: list[tuple[torch.Tensor, torch.Tensor]], t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows' K, V (1, Hkv, kept_i + n_i, D) into (B, Hkv, span + t, D): kept tokens end at the span,
@@ -361,6 +390,7 @@ class PolicyCache(Cache):
             rows.append(self.rows[i] if i not in taken else _copy_row(self.rows[i]))
             taken.add(i)
         self.rows = rows
+        self._whole = [self._whole[i] for i in indices]
 
     def _kept_max(self) -> int:
         return max((core.length for core in self.rows), default=0)

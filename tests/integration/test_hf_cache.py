@@ -283,6 +283,27 @@ def test_full_policy_batch_is_the_dynamic_cache_batch(hf_tiny, ragged):
     assert got == want
 
 
+def test_a_right_padded_batch_with_the_full_policy_is_the_dynamic_cache_batch(hf_tiny, ragged):
+    """Padding after the real tokens (transformers' own generation tests pad so): such rows are kept whole,
+    padding included, as DynamicCache keeps them, and transformers' mask hides it."""
+    from transformers import DynamicCache
+
+    ids, mask = left_padded(ragged, hf_tiny.config.pad_token_id)
+    ids, mask = ids.flip(1), mask.flip(1)  # (B, T): real tokens first (reversed, which does not matter here)
+    want, want_logits = hf_generate_batch(hf_tiny, ids, mask, DynamicCache(config=hf_tiny.config), n=8)
+    cache = kvcache.hf.PolicyCache("full", config=hf_tiny.config)
+    got, got_logits = hf_generate_batch(hf_tiny, ids, mask, cache, n=8)
+    assert got == want
+    assert torch.allclose(torch.stack(got_logits[1]), torch.stack(want_logits[1]), atol=1e-5)
+    assert cache.layers[0].keys.shape[2] == ids.shape[1] + 8 - 1  # every column, as DynamicCache holds
+
+
+def test_sinks_on_a_right_padded_batch_ask_for_left_padding(hf_tiny, ragged):
+    ids, mask = left_padded(ragged, hf_tiny.config.pad_token_id)
+    with pytest.raises(KVCacheError, match="pad on the left"):
+        hf_generate_batch(hf_tiny, ids.flip(1), mask.flip(1), kvcache.hf.SinkCache(4, 16, config=hf_tiny.config), n=2)
+
+
 def test_beam_search_with_the_full_policy_is_the_dynamic_cache(hf_tiny, ragged):
     from transformers import DynamicCache
 
