@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     args = parse_args(argv)
-    console, err = consoles(args.json)
+    console, err = consoles(args.json, width=220)  # full test names and policies
     runs, walls = {}, {}
     with TemporaryDirectory() as tmp:
         for policy in args.policies:
