@@ -1,4 +1,4 @@
-"""Replicas on Ray Serve and the shared KV tier, measured through `kvcache serve` (issue 20's figures).
+"""Replicas on Ray Serve and the shared KV tier, measured through `kvcache serve`.
 
 Every server here is the real command line (`python -m kvcache.cli serve ...`) on a free
 127.0.0.1 port, started and stopped by this script; `--threads` is per replica. Parts (`--parts`):

@@ -21,20 +21,22 @@ from tests.helpers import greedy, paged_llm, random_requests
 
 BS = 16
 QUANT = "quantized:bits=4,group_size=8,key_axis=token,residual=0"  # blocks of codes + fp16 scales
+PAGED_SCORERS = [name for name, s in SCORERS.items() if not s.ragged_layers]  # the rest keep a length per layer
 PAGED = {
     "full": "full",
     "window": "window:size=64",
     "sinks": "sinks:n_sink=4,window=24",
-    **{f"evict-{s}": f"evict:scorer={s},ratio=0.5,window=8" for s in SCORERS},
+    **{f"evict-{s}": f"evict:scorer={s},ratio=0.5,window=8" for s in PAGED_SCORERS},
     "quantized": QUANT,
     "window-quantized": "window:size=64+" + QUANT,
     "sinks-quantized": "sinks:n_sink=4,window=24+" + QUANT,
-    **{f"evict-{s}-quantized": f"evict:scorer={s},ratio=0.5,window=8+" + QUANT for s in SCORERS},
+    **{f"evict-{s}-quantized": f"evict:scorer={s},ratio=0.5,window=8+" + QUANT for s in PAGED_SCORERS},
 }
 PER_REQUEST = {
     "kivi": "quantized:bits=4,group_size=16,residual=16",
     "tiered": "tiered:hot=16,warm_bits=4,warm=32,cold=drop,group_size=16",
     "evict-decode": "evict:scorer=h2o,budget=40,decode=true",
+    **{f"evict-{s}": f"evict:scorer={s},ratio=0.5,window=8" for s in SCORERS if s not in PAGED_SCORERS},
 }
 
 
@@ -63,7 +65,7 @@ def test_the_list_holds_every_policy_the_paged_engine_runs():
     specs = [parse_policy(p) for p in PAGED.values()]
     assert all(paged_plan(s) is not None for s in specs)
     assert {s.selectors[0].params["scorer"] for s in specs if s.selectors and s.selectors[0].name == "evict"} \
-        == set(SCORERS)
+        == set(PAGED_SCORERS)
     covered = {part.name for s in specs for part in (*s.selectors, s.store)}
     for name in POLICY_PARAMS:  # a policy missing here runs on per-request caches (tiered)
         assert name in covered or paged_plan(parse_policy(name)) is None, name
