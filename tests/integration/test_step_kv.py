@@ -18,7 +18,7 @@ from kvcache.models.llama import LlamaModel
 from kvcache.models.step import StepInputs, StepKV
 from tests.helpers import greedy, paged_llm
 
-MEMBERS = [name for name in ("length", "rotates_keys", "masks_itself", "reserve", "observes", "observe", "write",
+MEMBERS = [name for name in ("length", "rotates_keys", "reserve", "observes", "observe", "write",
                              "attend", "advance", "decode_blocks")]
 
 
@@ -62,4 +62,4 @@ def test_every_kv_object_forward_sees_implements_the_protocol(tiny_model_dir, ti
             "RowsStepView"} <= set(seen), set(seen)
     for name, cache in seen.items():
         assert isinstance(cache, StepKV), name
-        assert isinstance(cache.rotates_keys, bool) and isinstance(cache.masks_itself, bool), name
+        assert isinstance(cache.rotates_keys, bool), name

@@ -74,12 +74,16 @@ class KVCache(StepKVDefaults):
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         if self.attention.reads_in_place and k.shape[2] == 1:
-            return None, None  # the model calls attend(): no views, no mask
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            self._written = None
+            return None, None  # attend() reads the slots in place: no views, no mask
+        return self.kept_for_attention(self.k[layer, :, :, :end], self.v[layer, :, :, :end])
 
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Attention of a single-token step q (B, Hq, 1, D) over each row's real slots,
-        read in place by the backend (one "block" of the capacity per row). Returns (B, 1, Hq*D)."""
+    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q (B, Hq, T, D) over the layer's slots [0, length+T): a single-token step
+        over each row's real slots read in place by the backend (one "block" of the capacity per
+        row), else over the views `write` returned, with `mask`. Returns (B, T, Hq*D)."""
+        if self._written is not None:
+            return self.attend_written(q, mask)
         b, hq, _, d = q.shape
         if layer == 0:  # bounds are the same for every layer of a step
             self._lo = torch.tensor(self.row_start, dtype=torch.int64)  # (B,)

@@ -53,7 +53,6 @@ class MixedStepView(SlotStepView):
     and returns None, so the model calls `attend`, which returns (1, N, Hq*D).
     """
 
-    masks_itself = True  # the model builds no mask: each segment brings its own
 
     def __init__(self, storage: PagedKVStorage, write_slots: torch.Tensor, decode: DecodeSegment | None,
                  chunks: list[ChunkSegment]):
@@ -70,8 +69,9 @@ class MixedStepView(SlotStepView):
             self.valid = slot_mask(decode.read_blocks, decode.kv_lens, storage.block_size)  # (B, 1, 1, S)
         self.length = 0
 
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """q (1, Hq, N, D) -> (1, N, Hq*D): each segment over its own blocks."""
+    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q (1, Hq, N, D) -> (1, N, Hq*D): each segment over its own blocks, with its own mask
+        (the step's `mask` is None)."""
         _, hq, n, d = q.shape
         st = self.storage
         out = q.new_empty(1, n, hq * d)  # (1, N, Hq*D)

@@ -77,9 +77,9 @@ class PagedSinksStepView(SlotStepView):
         self.sink_mask = sink_ids[None, None, :] <= p[..., None]  # (B, T, n_sink)
         self.sink_cos, self.sink_sin = cos.transpose(1, 2), -sin.transpose(1, 2)  # (B, 1, T, D) ...taken back
 
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of q (B, Hq, T, D), rotated at absolute positions, over the row's sinks and
-        window. Returns (B, T, Hq*D)."""
+        window, with the masks of its own (`mask` is None). Returns (B, T, Hq*D)."""
         b, hq, t, d = q.shape
         if self.in_place:  # one call per layer, reading the blocks in place
             o = self.storage.decode_attention(layer, q.reshape(b, hq, d), self.table, self.lo, self.hi,

@@ -104,9 +104,9 @@ class RowsStepView(StepKVDefaults):
         self._kv = [c.write(layer, k[b : b + 1], v[b : b + 1]) for b, c in enumerate(self.caches)]
         return None, None
 
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Row b's query q[b] (Hq, 1, D) over cache b. Returns (B, 1, Hq*D). Rows whose stores
-        attend from their codes do it in one backend call."""
+    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Row b's query q[b] (Hq, 1, D) over cache b (one query each: `mask` is None). Returns
+        (B, 1, Hq*D). Rows whose stores attend from their codes do it in one backend call."""
         b_, hq, _, d = q.shape
         out: list[torch.Tensor | None] = [None] * b_
         coded = [b for b, (k, _) in enumerate(self._kv) if k is None]

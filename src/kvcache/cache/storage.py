@@ -201,6 +201,7 @@ class PagedStepView(SlotStepView):
         padding; `in_place`).
         `observer(layer, q, k)`: sees each layer's queries and keys (an eviction scorer)."""
         self.storage, self.write_slots, self.read_blocks = storage, write_slots, read_blocks
+        self.attention = storage.attention
         self.observer = observer
         self.kv_len, self.first_block = kv_len, first_block
         self.in_place = kv_lens is not None and storage.attention.reads_in_place
@@ -219,15 +220,17 @@ class PagedStepView(SlotStepView):
         st = self.storage
         st.scatter(layer, self.write_slots, k, v)
         if self.in_place and k.shape[2] == 1:
-            return None, None  # the model calls attend()
+            self._written = None
+            return None, None  # attend() reads the blocks in place
         s = self.read_blocks.shape[1] * st.block_size
         if self.first_block is not None:  # one row, consecutive blocks: a view, no copy
             lo = self.first_block * st.block_size
-            return st.read_range(layer, lo, lo + (self.kv_len if self.kv_len is not None else s))  # (1, Hkv, S, D)
+            return self.kept_for_attention(*st.read_range(layer, lo, lo + (self.kv_len if self.kv_len is not None
+                                                                            else s)))  # (1, Hkv, S, D)
         k_all, v_all = st.read_rows(layer, self.read_blocks)  # (B, Hkv, S, D)
         if self.kv_len is not None:
             k_all, v_all = k_all[:, :, : self.kv_len], v_all[:, :, : self.kv_len]  # (B, Hkv, kv_len, D)
-        return k_all, v_all
+        return self.kept_for_attention(k_all, v_all)
 
     def decode_blocks(self, t: int) -> DecodeBlocks | None:
         """The storage for a fused decode step: one token per row read in place from plain float
@@ -237,9 +240,11 @@ class PagedStepView(SlotStepView):
             return None
         return DecodeBlocks(st.k, st.v, self.write_slots, self.table, self.lo, self.hi, st.block_size)
 
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Attention of a decode step q (B, Hq, 1, D), each row over its own blocks, read in
-        place by the backend. Returns (B, 1, Hq*D)."""
+    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q (B, Hq, T, D): a decode step with each row over its own blocks, read in
+        place by the backend, else over the K/V `write` gathered, with `mask`. Returns (B, T, Hq*D)."""
+        if self._written is not None:
+            return self.attend_written(q, mask)
         b, hq, _, d = q.shape
         o = self.storage.decode_attention(layer, q.reshape(b, hq, d), self.table, self.lo, self.hi)  # (B, Hq, D)
         return o.view(b, 1, hq * d)

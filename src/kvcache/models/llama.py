@@ -183,10 +183,9 @@ class LlamaModel:
             cos, sin = self.rope.lookup(step.positions)  # (B, T, 1, D)
             if nat:
                 pos = step.positions.reshape(-1).to(torch.int64).contiguous()  # (B*T,)
-        mask = step.attn_mask
-        # None means causal: each layer's mask ends at its own keys (a store may keep a different number
-        # of tokens in each layer), built again only where that number changes
-        causal = mask is None and t > 1 and not (cache is not None and cache.masks_itself)
+        mask = step.attn_mask  # None means causal (a store builds it over its own keys, per layer)
+        if cache is None and mask is None and t > 1:
+            mask = causal_mask(None, b, 0, t, ids.device)  # (B, 1, T, T)
         x = self.embed_tokens(ids)  # (B, T, H)
         hidden = (c.hidden_size,)
         eps = c.rms_norm_eps
@@ -213,13 +212,12 @@ class LlamaModel:
                 k = qk[:, :, hq:].transpose(1, 2)  # (B, Hkv, T, D)
             v = qkv[:, :, hq + hkv :].transpose(1, 2)  # (B, Hkv, T, D)
             if cache is not None:
-                k, v = cache.write(i, k, v)  # (B, Hkv, S, D)
+                k_seen, _ = cache.write(i, k, v)  # (B, Hkv, S, D), or None where read in place
                 if observe:
-                    cache.observe(i, q, k)
-            if causal and k is not None and (mask is None or mask.shape[3] != k.shape[2]):
-                mask = causal_mask(None, b, k.shape[2] - t, t, ids.device)  # (B, 1, T, S)
-            # a cache that attends itself (quantized codes, native decode) returned None from write
-            o = grouped_sdpa(q, k, v, mask) if k is not None else cache.attend(i, q)  # (B, T, Hq*D)
+                    cache.observe(i, q, k_seen)
+                o = cache.attend(i, q, mask)  # (B, T, Hq*D): the store attends, by its backend
+            else:  # no cache: the whole sequence at once (the reference path)
+                o = grouped_sdpa(q, k, v, mask)  # (B, T, Hq*D)
             x = x + lw.o(o)  # (B, T, H)
             h = native.rms_norm(x, lw.mlp_norm, eps) if nat else F.rms_norm(x, hidden, lw.mlp_norm, eps)
             if nat:

@@ -16,7 +16,7 @@ class StepInputs:
     input_ids: (B, T) token ids. positions: (B, T) RoPE positions, or None when every row
     uses positions start_pos .. start_pos+T-1. attn_mask: bool (B, 1, T, S) over the
     S = cached + T keys (True = may attend), or None for "everything before and at me"
-    (a cache with `masks_itself` brings its own masks). logits_at: a step of several
+    (the store builds it over its own keys, or brings masks of its own). logits_at: a step of several
     sequences laid out as one row (`cache.mixed_step`) asks for the logits of their ends.
     """
 
@@ -48,16 +48,16 @@ class DecodeBlocks:
 class StepKV(Protocol):
     """What `LlamaModel.forward` asks of the KV store it runs a step against.
 
-    Per step: `reserve(length + T)`; per layer, `write` the step's keys and values and get back
-    the K/V to attend over, or (None, None) when the store attends itself (`attend`: paged
-    blocks read in place, quantized codes, per-sequence rows); `observe` the queries when
-    `observes(T)` (eviction scorers); after the last layer, `advance(T)`. A store of plain float
+    Per step: `reserve(length + T)`; per layer, `write` the step's keys and values (getting back
+    the K/V the queries will see, or (None, None) where the store reads them in place), `observe`
+    the queries when `observes(T)` (eviction scorers), and `attend`: the store always computes the
+    layer's attention, through the attention backend it was built with (`cache.attention`); after
+    the last layer, `advance(T)`. A store of plain float
     blocks may instead hand a decode step its storage (`decode_blocks`) for one fused call. The dense cache, the
     policy cache and every paged step view implement it; nothing else is probed.
     """
 
     rotates_keys: ClassVar[bool] | bool  # keys arrive unrotated: the store rotates them at its own positions
-    masks_itself: ClassVar[bool] | bool  # the store brings each query's mask (the model builds none)
 
     @property
     def length(self) -> int:
@@ -75,10 +75,13 @@ class StepKV(Protocol):
         """A layer's queries q (B, Hq, T, D) and the keys k (B, Hkv, S, D) they attend to."""
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Store k, v (B, Hkv, T, D); return K, V (B, Hkv, S, D) to attend over, or (None, None)."""
+        """Store k, v (B, Hkv, T, D); return the K, V (B, Hkv, S, D) the queries will see, or
+        (None, None) where the store reads them in place."""
 
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Attention of q (B, Hq, T, D) over the layer's store, where `write` returned None: (B, T, Hq*D)."""
+    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q (B, Hq, T, D) over the layer's store: (B, T, Hq*D). `mask`: the step's
+        bool mask (B, 1, T, S) over the K/V `write` returned, or None for causal; a store that
+        brings its own masks or reads its blocks in place ignores it."""
 
     def advance(self, t: int) -> None:
         """Commit the step's t tokens."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from kvcache.cache.attention import AttentionBackend, model_attention
+from kvcache.cache.base import StepKVDefaults
 from kvcache.cache.policies.grammar import PolicySpec, parse_policy
 from kvcache.cache.policies.registry import make_selector, make_store
 from kvcache.cache.policies.selectors import EVICT_UNIT, KeepPlan
@@ -25,11 +26,10 @@ from kvcache.errors import KVCacheError
 from kvcache.models.rope import apply_rotary
 
 
-class SequenceCache:
+class SequenceCache(StepKVDefaults):
     """One sequence's KV cache under a policy (see module docstring)."""
 
     batch = 1
-    masks_itself = False  # the model builds the causal mask over `length` kept tokens
 
     def __init__(self, model, policy: str | PolicySpec, capacity: int = 256,
                  attention: AttentionBackend | None = None):
@@ -84,6 +84,7 @@ class SequenceCache:
         if layer == 0:  # decided once per step: the store's tiers only change at `advance`
             self._fused_step = t == 1 and self._fused
         if self._fused_step:  # decode over quantized history: see QuantizedKVStore.attend
+            self._written = None
             return None, None
         keys, values = self.store.read(layer, t)  # (B, Hkv, S, D)
         if keys.dtype != self.dtype:  # exact tokens kept in another dtype (e.g. full:dtype=fp16)
@@ -92,7 +93,7 @@ class SequenceCache:
             s = keys.shape[2]
             cos, sin = self.rope.slice(self.key_position_offset, s)  # (1, S, 1, D)
             keys = apply_rotary(keys, cos[0, :, 0], sin[0, :, 0])  # at positions offset..offset+S-1
-        return keys, values
+        return self.kept_for_attention(keys, values)
 
     @property
     def _fused(self) -> bool:
@@ -100,9 +101,11 @@ class SequenceCache:
                 and getattr(self.store, "fused_decode", False)
                 and not self.rotates_keys and not self.observes(1))
 
-    def attend(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Attention of this step's single query q (1, Hq, 1, D) over the layer, from the store's
-        codes. Returns (1, 1, Hq*D)."""
+    def attend(self, layer: int, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q (B, Hq, T, D) over the layer: over the K/V `write` returned (with `mask`),
+        or for a single query over quantized history, from the store's codes. Returns (B, T, Hq*D)."""
+        if self._written is not None:
+            return self.attend_written(q, mask)
         _, hq, _, d = q.shape
         o = self.attention.quantized_decode_rows(q.reshape(1, hq, d), [self.attend_inputs(layer)])  # (1, Hq, D)
         return o.view(1, 1, hq * d)
