@@ -4,7 +4,7 @@ At batch 1 a decode step of a small quantized model streams its packed weights i
 milliseconds, and the dozen Python-level operations per layer around them (norms, RoPE,
 the cache write, attention, residual adds, each a torch or ctypes dispatch) cost about as
 much again. `FusedDecodeLayers` runs the same kernels in the same order in one C loop, so
-its hidden state is bit-identical to the layer-by-layer path (`tests/unit/test_fused_decode.py`).
+its hidden state is bit-identical to the layer-by-layer path (`tests/integration/test_fused_decode.py`).
 
 It runs where every projection is one packed matrix without bias (`quantization` gguf,
 int8 or int4 with the native kernels built) and the KV store hands the step its plain
@@ -66,6 +66,6 @@ class FusedDecodeLayers:
         c = self.config
         x = x.reshape(x.shape[0], c.hidden_size).clone()  # (B, H), updated in place
         self.kernel.decode_layers(x, self.table, (c.num_heads, c.num_kv_heads, c.head_dim), c.intermediate_size,
-                        c.rms_norm_eps, cos, sin, pos, kv.k, kv.v, kv.write_slots, kv.table, kv.lo, kv.hi,
-                        kv.block_size)
+                                  c.rms_norm_eps, cos, sin, pos, kv.k, kv.v, kv.write_slots, kv.table, kv.lo,
+                                  kv.hi, kv.block_size)
         return x[:, None]  # (B, 1, H)

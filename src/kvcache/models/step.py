@@ -62,7 +62,7 @@ class StepKV(Protocol):
     @property
     def length(self) -> int:
         """Tokens before this step, the most of any layer (room is reserved from it); a store may
-        keep fewer in some layers: the model builds each layer's causal mask from the keys `write`
+        keep fewer in some layers: the store builds each layer's causal mask from the keys `write`
         returns for it, so a layer's mask starts at its own count."""
 
     def reserve(self, n_slots: int) -> None:

@@ -9,7 +9,7 @@ It has the dense `KVCache`'s interface (reserve / write / advance / truncate / c
 - `observes(t)` / `observe(layer, q, k)`, through which eviction scorers see queries;
 - `layer_lengths`, the tokens each layer keeps: a scorer may keep a different number in each
   layer (`Scorer.layer_targets`); `length` is then the most a layer keeps, and each layer
-  attends over its own (the model builds a layer's causal mask from its keys).
+  attends over its own (`attend_written` builds a layer's causal mask from its keys).
 One sequence per cache (batch 1).
 """
 
@@ -71,10 +71,6 @@ class SequenceCache(StepKVDefaults):
 
     def observes(self, t: int) -> bool:
         return any(s.observes(t) for s in self.selectors)
-
-    def decode_blocks(self, t: int) -> None:
-        """None: a policy writes and attends layer by layer."""
-        return None
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Append k, v (B, Hkv, T, D); return K, V (B, Hkv, S, D) for attention, or
