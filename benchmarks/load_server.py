@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from urllib.parse import urlparse
 import httpx
 
 from kvcache.bench import record
+from kvcache.bench.serve import free_port
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
 
@@ -246,12 +246,6 @@ def report(r: dict) -> None:
         console.print(f"{'PASS' if ok else 'FAIL'}  {name.replace('_', ' ')}")
     for e in r["errors"]:
         console.print(f"  error: {e}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args) -> subprocess.Popen:

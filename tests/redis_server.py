@@ -9,18 +9,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from kvcache.bench.serve import free_port
+
 SKIP_REASON = ("redis-server is not installed (Debian package redis-server; "
                "`bash scripts/ensure_redis.sh` installs it)")
 
 
 def redis_server_binary() -> str | None:
     return shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import urllib.request
 from importlib.util import find_spec
 from pathlib import Path
 
+from kvcache.bench.serve import free_port
 from kvcache.errors import KVCacheError
 
 HERE = Path(__file__).resolve().parent
@@ -85,12 +85,6 @@ def compare(server: dict, hf: dict) -> dict:
     return {"items": len(hf["logliks"]), "choices": len(rows), "max_abs_diff": max(r["abs_diff"] for r in rows),
             "server_acc": server["acc"], "hf_acc": hf["acc"],
             "server_acc_norm": server["acc_norm"], "hf_acc_norm": hf["acc_norm"], "rows": rows}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_dir: str, port: int, threads: int) -> subprocess.Popen:

@@ -20,7 +20,8 @@ import pytest
 
 import kvcache
 from kvcache import SamplingParams
-from tests.redis_server import SilentPort, free_port
+from kvcache.bench.serve import free_port
+from tests.redis_server import SilentPort
 
 BS = 4
 PROMPTS = [

@@ -7,7 +7,7 @@ import re
 
 import httpx
 
-from tests.redis_server import free_port
+from kvcache.bench.serve import free_port
 from tests.server.harness import MODEL_ID, start_server, tiny_server_llm
 
 PROMPT = "Once upon a time there was a little robot who loved to read books about the stars and the moon"

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from tests.redis_server import free_port
+from kvcache.bench.serve import free_port
 from tests.server.harness import MODEL_ID, start_server, tiny_server_llm
 
 pytestmark = pytest.mark.ray

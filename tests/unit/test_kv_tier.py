@@ -15,7 +15,8 @@ from kvcache.cache.tier import KVTier, TierUnavailable, open_backend
 from kvcache.cache.tier.codec import TierValueError, decode_block, encode_block, header_bytes, value_bytes
 from kvcache.cache.tier.disk import DiskTier
 from kvcache.errors import KVCacheError
-from tests.redis_server import SilentPort, free_port
+from kvcache.bench.serve import free_port
+from tests.redis_server import SilentPort
 
 SHAPE = (2, 2, 4, 8)  # (layers, kv_heads, block_size, head_dim)
 TOKENS = [5, 6, 7, 8]
