@@ -51,7 +51,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -60,6 +59,7 @@ from pathlib import Path
 
 from kvcache.bench import record
 from kvcache.bench.common import consoles
+from kvcache.bench.redis_server import RedisServer, redis_server_binary
 from kvcache.bench.serve import ServeProcess, free_port, run_clients
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for part in ("tier", "faults"):
         if part in args.part_list and args.replicas < 2:
             p.error(f"the {part} part needs --replicas 2 or more (a request goes from one replica to another)")
-        if part in args.part_list and shutil.which("redis-server") is None:
+        if part in args.part_list and redis_server_binary() is None:
             p.error(f"the {part} part needs redis-server (Debian package redis-server; scripts/ensure_redis.sh "
                     "installs it)")
     args.record_folder = record.parse_folder(p, args)
@@ -173,52 +173,6 @@ class Server(ServeProcess):
                 name, _, value = line.rpartition(" ")
                 out[name] = float(value)
         return out
-
-
-class Redis:
-    """A throwaway redis-server on a free loopback port: no persistence, maxmemory with allkeys-lru."""
-
-    def __init__(self, maxmemory: str):
-        self.port, self.maxmemory = free_port(), maxmemory
-        self.folder = tempfile.mkdtemp(prefix="bench-redis-")
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def client(self):
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
-
-    def __enter__(self) -> "Redis":
-        cmd = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-               "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru", "--dir", self.folder,
-               "--daemonize", "no", "--loglevel", "warning"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 15
-        while time.monotonic() < end:
-            try:
-                if self.client().ping():
-                    return self
-            except Exception:  # noqa: BLE001 - not up yet
-                time.sleep(0.05)
-        self.__exit__()
-        raise KVCacheError(f"redis-server did not answer on port {self.port}.")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def values(self) -> tuple[int, int, set[int]]:
-        """(keys, their values' total bytes, the distinct value lengths)."""
-        c = self.client()
-        keys = list(c.scan_iter(count=1000))
-        lengths = [c.strlen(k) for k in keys]
-        return len(keys), sum(lengths), set(lengths)
 
 
 # -- requests --------------------------------------------------------------------------------
@@ -371,7 +325,7 @@ def block_figures(kv_bytes_total: int, blocks_total: int, block_size: int) -> di
 def part_tier(args, err, corpus: Corpus) -> dict:
     import httpx
 
-    with Redis(args.redis_maxmemory) as redis, \
+    with RedisServer(maxmemory=args.redis_maxmemory) as redis, \
             Server(args, err, f"{args.replicas} replicas, Redis tier", args.replicas, "round-robin",
                    tier=redis.url) as srv, httpx.Client() as client:
         a, b = sorted(r["replica"] for r in srv.replica_rows())[:2]
@@ -574,13 +528,12 @@ def fault_kill(args, err, corpus: Corpus) -> dict:
 
 
 def fault_redis(args, err, corpus: Corpus) -> dict:
-    with Redis(args.redis_maxmemory) as redis, \
+    with RedisServer(maxmemory=args.redis_maxmemory) as redis, \
             Server(args, err, f"{args.replicas} replicas, Redis stopped", args.replicas, "prefix", tier=redis.url) as srv:
         load = StreamLoad(args, srv.url, corpus)
 
         def stop():
-            redis.proc.terminate()
-            redis.proc.wait(timeout=15)
+            redis.stop()
             say(err, "[faults] redis-server stopped")
 
         t0, stopped = load.run(args.fault_seconds, stop, args.fault_seconds / 2)
@@ -603,7 +556,7 @@ def fault_flipped_byte(args, err, corpus: Corpus) -> dict:
     from kvcache.replicas.routing import prompt_block_hashes
 
     prompt = corpus.take(args.prefix_tokens)
-    with Redis(args.redis_maxmemory) as redis, httpx.Client() as client:
+    with RedisServer(maxmemory=args.redis_maxmemory) as redis, httpx.Client() as client:
         with Server(args, err, "Redis tier, cold", tier=redis.url) as srv:
             cold = complete(client, srv.url, prompt, args.max_tokens)
             block = int(srv.metrics()["kvcache_kv_block_size_tokens"])

@@ -137,7 +137,8 @@ def one_torch_thread():
 def redis_server(tmp_path_factory):
     """A redis-server on a free 127.0.0.1 port for the session (maxmemory + allkeys-lru, no
     persistence), stopped at the end; the test skips, saying why, when redis-server is absent."""
-    from tests.redis_server import SKIP_REASON, RedisServer, redis_server_binary
+    from kvcache.bench.redis_server import RedisServer, redis_server_binary
+    from tests.redis_server import SKIP_REASON
 
     if redis_server_binary() is None:
         pytest.skip(SKIP_REASON)

@@ -138,7 +138,7 @@ def test_redis_down_or_hung_is_a_miss_with_the_same_tokens(tiny_model_dir, plain
 
 def test_redis_stopped_mid_run_is_a_miss_with_the_same_tokens(tiny_model_dir, tmp_path, plain, caplog):
     """The engine's connection to Redis was open and used; the server stops; serving goes on."""
-    from tests.redis_server import RedisServer, redis_server_binary
+    from kvcache.bench.redis_server import RedisServer, redis_server_binary
 
     if redis_server_binary() is None:
         pytest.skip("redis-server is not installed")
