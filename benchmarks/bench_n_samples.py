@@ -23,8 +23,7 @@ import sys
 import time
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles
-from kvcache.errors import KVCacheError
+from kvcache.bench.common import consoles, run_main
 from kvcache.models.loader import DEFAULT_MODEL
 
 
@@ -124,7 +123,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KVCacheError as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

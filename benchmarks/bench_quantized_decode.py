@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles
+from kvcache.bench.common import consoles, run_main
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
@@ -257,7 +257,4 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KVCacheError as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles
+from kvcache.bench.common import consoles, run_main
 from kvcache.bench.redis_server import RedisServer, redis_server_binary
 from kvcache.bench.serve import ServeProcess, free_port, run_clients
 from kvcache.errors import KVCacheError
@@ -657,7 +657,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KVCacheError as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

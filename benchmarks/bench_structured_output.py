@@ -41,7 +41,7 @@ import time
 from collections import Counter
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles
+from kvcache.bench.common import consoles, run_main
 from kvcache.bench.serve import ServeProcess, run_clients
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
@@ -353,7 +353,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KVCacheError as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

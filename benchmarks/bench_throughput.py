@@ -63,7 +63,7 @@ from kvcache.cache.manager import RELEASED
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
 from kvcache.bench import record
-from kvcache.bench.common import consoles, corpus_ids, machine_info, quiet_transformers
+from kvcache.bench.common import consoles, corpus_ids, machine_info, quiet_transformers, run_main
 from kvcache.engine.config import quant_format
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
@@ -1020,7 +1020,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KVCacheError as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

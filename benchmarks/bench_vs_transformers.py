@@ -39,9 +39,8 @@ from rich.table import Table
 
 from kvcache.api.llm import LLM, parse_dtype
 from kvcache.bench import record
-from kvcache.bench.common import consoles, corpus_ids, quiet_transformers
+from kvcache.bench.common import consoles, corpus_ids, quiet_transformers, run_main
 from kvcache.engine.sampling import SamplingParams
-from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -243,7 +242,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KVCacheError as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

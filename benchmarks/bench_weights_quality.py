@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles
+from kvcache.bench.common import consoles, run_main
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
@@ -203,7 +203,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KVCacheError as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

@@ -34,6 +34,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from kvcache.bench import record
+from kvcache.bench.common import run_main
 from kvcache.errors import KVCacheError
 
 HERE = Path(__file__).resolve().parent
@@ -167,7 +168,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KVCacheError as exc:
-        sys.exit(f"error: {exc}")
+    run_main(main)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 
 
@@ -127,3 +128,13 @@ def machine_info() -> dict:
     return {"cpu": cpu["model"], "cores": cpu["cores"], **cpu["flags"],
             "amx": any(cpu["flags"][f] for f in ("amx_tile", "amx_bf16", "amx_int8")),
             "native_prefill_kernel": native.prefill_attention_built()}
+
+
+def run_main(main) -> None:
+    """Run a benchmark script's `main()`: bad input (a KVCacheError) is one sentence and exit status 1."""
+    from kvcache.errors import KVCacheError
+
+    try:
+        main()
+    except KVCacheError as exc:
+        sys.exit(f"error: {exc}")
