@@ -113,7 +113,7 @@ class LLM:
         self.name, self.model_dir, self.config = model, loaded.model_dir, loaded.config
         self.tokenizer = loaded.tokenizer
         self.model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, self.dtype, self.device, kernels,
-                                                quantization=self.quantization)
+                                                quantization=self.quantization, consume=True)
         del loaded.state_dict
         return_freed_memory()
         native = self.config.max_position_embeddings

@@ -247,7 +247,9 @@ def gguf_state_dict(path: Path, heads: int, kv_heads: int) -> dict:
     """The tensors of a GGUF under Hugging Face names: Q8_0 / Q4_0 / Q4_1 matrices as
     `PackedWeight`s, the rest float32; Q and K rows put back in the rotate-half order."""
     index = check_types(path)
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    buf = np.frombuffer(mapped, dtype=np.uint8)
     state: dict = {}
     for t in index:
         hf_name = hf_tensor_name(t.name)
@@ -262,21 +264,23 @@ def gguf_state_dict(path: Path, heads: int, kv_heads: int) -> dict:
                               else torch.from_numpy(np.array(arr, dtype=np.float32)))
         except Exception as exc:
             raise ModelFormatError(f"{path} has an unreadable tensor {t.name} ({exc}).") from None
+        _release_pages(mapped, t.offset, arr.nbytes)  # repacked into a copy: the file's pages can go
     return state
+
+
+def _release_pages(mapped: mmap.mmap, offset: int, size: int) -> None:
+    """Drop the pages of [offset, offset + size) from this process (they stay in the page cache),
+    so that loading holds one tensor of the file at a time besides what it has repacked."""
+    start = offset - offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, min(offset + size, len(mapped)) - start)
 
 
 def load_gguf_packed(path: Path):
     """A `loader.LoadedModel` of a GGUF whose quantized matrices stay packed (`gguf_state_dict`)."""
-    from transformers import AutoTokenizer
-
-    from kvcache.models.loader import LoadedModel, read_hf_config
+    from kvcache.models.loader import LoadedModel, load_tokenizer, read_hf_config
 
     check_types(path)  # before the tokenizer is converted
     meta = _meta_dir(path)
     config = LlamaConfig.from_hf(read_hf_config(meta))
     state = gguf_state_dict(path, config.num_heads, config.num_kv_heads)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(meta))
-    except Exception as exc:
-        raise ModelFormatError(f"Could not load the tokenizer in {meta} ({exc}).") from None
-    return LoadedModel(name=path.stem, model_dir=meta, config=config, state_dict=state, tokenizer=tokenizer)
+    return LoadedModel(name=path.stem, model_dir=meta, config=config, state_dict=state, tokenizer=load_tokenizer(meta))

@@ -82,23 +82,28 @@ class LlamaModel:
     @classmethod
     def from_state_dict(cls, config: LlamaConfig, sd, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", kernels: str = "auto",
-                        use_native: bool = True, quantization: str = "none") -> "LlamaModel":
+                        use_native: bool = True, quantization: str = "none", consume: bool = False) -> "LlamaModel":
         """Build from Hugging Face-named weights (`model.layers.N.self_attn.q_proj.weight`, ...).
 
         `kernels`: "auto" | "torch" | "onednn" | "native", see `kvcache.models.linear`. `use_native=False`
         keeps every non-matmul step in torch ops (see `kvcache.native`). `quantization`: "none" |
         "gguf" (sd holds `PackedWeight`s) | "int8" | "int4", see `kvcache.models.quantization`;
         matrices are read from `sd` one at a time (a lazy mapping keeps one float copy resident).
+        `consume=True` pops each entry from `sd` as it is built, so that the parts of a fused
+        projection and their joined copy are never all resident at once.
         """
         device = torch.device(device)
         check_device(quantization, dtype, device)
         kernels = resolve_kernels(kernels, dtype, device)
 
+        def take(name: str):
+            return sd.pop(name) if consume else sd[name]
+
         def get(name: str) -> torch.Tensor:
-            return sd[name].to(device=device, dtype=dtype)
+            return take(name).to(device=device, dtype=dtype)
 
         def linear(names: list[str], bias: torch.Tensor | None, q: str = quantization) -> Linear | QuantizedLinear:
-            return build_linear([sd[n] for n in names], bias, q, dtype, device, kernels, names[0])
+            return build_linear([take(n) for n in names], bias, q, dtype, device, kernels, names[0])
 
         layers = []
         for i in range(config.num_layers):
@@ -115,7 +120,7 @@ class LlamaModel:
                 gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None),
                 down=linear([p + "mlp.down_proj.weight"], None),
             ))
-        embed = build_table(sd["model.embed_tokens.weight"], quantization, dtype, device)
+        embed = build_table(take("model.embed_tokens.weight"), quantization, dtype, device)
         if "lm_head.weight" not in sd or config.tie_word_embeddings:
             head = embed if isinstance(embed, QuantizedLinear) else Linear(embed, None, kernels)
         else:  # the output head keeps 8 bits under int4, as the embedding does

@@ -124,6 +124,30 @@ def read_hf_config(model_dir: Path) -> dict:
         raise ModelFormatError(f"Could not read {model_dir / 'config.json'} ({exc}).") from None
 
 
+# tokenizer_config.json classes that AutoTokenizer resolves to PreTrainedTokenizerFast itself
+_PLAIN_FAST_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of a model folder, as `AutoTokenizer` loads it. Where the folder names the plain
+    fast tokenizer class (every GGUF we convert does), that class loads the files directly: the same
+    object, without AutoTokenizer resolving the model's config first (about 60 MB less peak memory)."""
+    try:
+        named = json.loads((model_dir / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        named = None
+    try:
+        if named in _PLAIN_FAST_TOKENIZERS and (model_dir / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:
+        raise ModelFormatError(f"Could not load the tokenizer in {model_dir} ({exc}).") from None
+
+
 @dataclass
 class LoadedModel:
     """Everything needed to run a model: its config, HF-named weights and tokenizer."""
@@ -153,6 +177,12 @@ class LazyStateDict(Mapping):
         with safe_open(str(self._where[name]), framework="pt") as handle:
             return handle.get_tensor(name)
 
+    def pop(self, name: str):
+        """The tensor `name`, no longer listed afterwards."""
+        tensor = self[name]
+        del self._where[name]
+        return tensor
+
     def __iter__(self):
         return iter(self._where)
 
@@ -167,7 +197,6 @@ def load_model(name: str = DEFAULT_MODEL, progress: bool = True, quantization: s
     "int8" / "int4": the weights are read lazily (`LazyStateDict`), to be quantized one by one.
     """
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer
 
     if quantization == "gguf":
         from kvcache.models.gguf_weights import load_gguf_packed
@@ -190,8 +219,5 @@ def load_model(name: str = DEFAULT_MODEL, progress: bool = True, quantization: s
                 state.update(load_file(str(f)))
     except Exception as exc:
         raise ModelFormatError(f"Could not read the weights in {model_dir} ({exc}).") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as exc:
-        raise ModelFormatError(f"Could not load the tokenizer in {model_dir} ({exc}).") from None
-    return LoadedModel(name=name, model_dir=model_dir, config=config, state_dict=state, tokenizer=tokenizer)
+    return LoadedModel(name=name, model_dir=model_dir, config=config, state_dict=state,
+                       tokenizer=load_tokenizer(model_dir))
