@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="memory bandwidth limit of this machine in GB/s (default 27)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the table goes to stderr)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement: quantization:dtype
+    p.add_argument("--serve-rounds", action="store_true", help=argparse.SUPPRESS)  # with --worker: see serve_rounds
     record.add_arguments(p)
     args = p.parse_args(argv)
     for name in ("prompt_tokens", "repeats", "threads"):
@@ -80,14 +81,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def measure(args) -> dict:
-    """One process's figures for the variant `args.worker` (printed as one JSON line)."""
+def _loaded(args):
+    """(the LLM of the variant `args.worker`, the prompt ids, the timed run's params, load seconds),
+    after one warm-up generate."""
     import time
 
-    import torch
-
     from kvcache.api.llm import LLM
-    from kvcache.bench.common import corpus_ids, peak_rss_bytes, quiet_transformers
+    from kvcache.bench.common import corpus_ids, quiet_transformers
     from kvcache.engine.sampling import SamplingParams
 
     quiet_transformers()
@@ -99,6 +99,17 @@ def measure(args) -> dict:
     ids = corpus_ids(llm.tokenizer, args.prompt_tokens)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
+    return llm, ids, params, load_s
+
+
+def measure(args) -> dict:
+    """One process's figures for the variant `args.worker` (printed as one JSON line)."""
+    import torch
+
+    from kvcache.bench.common import peak_rss_bytes
+
+    llm, ids, params, load_s = _loaded(args)
+    quant, dtype = args.worker.removesuffix("@thp").split(":")
     out = llm.generate([ids], params)[0]
     return {"variant": args.worker, "quantization": llm.quantization, "dtype": dtype,
             "threads": torch.get_num_threads(), "decode_tok_s": out.metrics.decode_tok_s,
@@ -106,6 +117,17 @@ def measure(args) -> dict:
             "bytes_per_token": llm.model.bytes_read_per_token, "weight_bytes": llm.model.weight_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
             "token_ids": out.token_ids}
+
+
+def serve_rounds(args) -> None:
+    """Load once, print {"ready": ...}, then one timed generate per line read from stdin, each
+    printed as one JSON line (`bench_decode_spread.py` keeps many such processes alive at once)."""
+    llm, ids, params, load_s = _loaded(args)
+    print(json.dumps({"ready": True, "load_s": load_s}), flush=True)
+    for _ in sys.stdin:
+        out = llm.generate([ids], params)[0]
+        print(json.dumps({"decode_tok_s": out.metrics.decode_tok_s, "prefill_tok_s": len(ids) / out.metrics.ttft_s}),
+              flush=True)
 
 
 def gguf_tensor_bytes(path: Path) -> int:
@@ -231,7 +253,10 @@ def table(rows: list[dict], args):
 def main(argv: list[str] | None = None) -> list[dict] | None:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(args)))
+        if args.serve_rounds:
+            serve_rounds(args)
+        else:
+            print(json.dumps(measure(args)))
         return None
     console, err = consoles(args.json, width=140)
     runs: dict[str, list[dict]] = {v: [] for v in args.variant_list}

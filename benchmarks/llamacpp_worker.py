@@ -4,6 +4,7 @@ is llama.cpp's own (with Python and NumPy).
 
     python benchmarks/llamacpp_worker.py decode MODEL.gguf IDS.json --new-tokens 128 --threads 2
     python benchmarks/llamacpp_worker.py perplexity MODEL.gguf IDS.json --context 1024 --threads 2
+    python benchmarks/llamacpp_worker.py rounds MODEL.gguf IDS.json   # a timed decode per stdin line
 
 decode: prefill is one `eval` of the prompt plus the first greedy token, decode the `eval`s of
 the rest (the split `kvcache`'s metrics use). perplexity: the ids in windows of `--context`
@@ -40,7 +41,8 @@ def _model(path: str, threads: int, n_ctx: int, logits_all: bool):
                            n_batch=min(n_ctx, 512), logits_all=logits_all, verbose=False)
 
 
-def decode(args, ids: list[int]) -> dict:
+def _decoder(args, ids: list[int]):
+    """(run(n_new) -> (token ids, prefill s, decode s), load seconds) after one warm-up run."""
     import numpy as np
 
     t0 = time.perf_counter()
@@ -63,9 +65,26 @@ def decode(args, ids: list[int]) -> dict:
         return out, t1 - t0, time.perf_counter() - t1
 
     run(8)  # warm-up
+    return run, load_s
+
+
+def _figures(ids: list[int], out: list[int], ttft: float, dec: float) -> dict:
+    return {"decode_tok_s": (len(out) - 1) / dec, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft}
+
+
+def decode(args, ids: list[int]) -> dict:
+    run, load_s = _decoder(args, ids)
     out, ttft, dec = run(args.new_tokens)
-    return {"decode_tok_s": (len(out) - 1) / dec, "prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
-            "load_s": load_s, "token_ids": out}
+    return {**_figures(ids, out, ttft, dec), "load_s": load_s, "token_ids": out}
+
+
+def rounds(args, ids: list[int]) -> None:
+    """Load once, print {"ready": ...}, then one timed decode per line read from stdin, each
+    printed as one JSON line."""
+    run, load_s = _decoder(args, ids)
+    print(json.dumps({"ready": True, "load_s": load_s}), flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(_figures(ids, *run(args.new_tokens))), flush=True)
 
 
 def perplexity(args, ids: list[int]) -> dict:
@@ -89,7 +108,7 @@ def perplexity(args, ids: list[int]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=["decode", "perplexity"])
+    p.add_argument("mode", choices=["decode", "perplexity", "rounds"])
     p.add_argument("gguf")
     p.add_argument("ids", help="a JSON file holding a list of token ids")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -102,6 +121,9 @@ def main() -> None:
         import llama_cpp
     except ImportError:
         sys.exit("error: llama-cpp-python is not installed (pip install -e '.[bench]').")
+    if args.mode == "rounds":
+        rounds(args, ids)
+        return
     result = decode(args, ids) if args.mode == "decode" else perplexity(args, ids)
     result.update(version=llama_cpp.__version__, threads=args.threads,
                   peak_rss_bytes=peak_rss_bytes())
