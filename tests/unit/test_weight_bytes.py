@@ -60,10 +60,11 @@ def test_the_formulas_by_hand():
     # none: q, o 64x64; k, v 32x64; gate, up 96x64; down 64x96 per layer; embedding and head 300x64
     layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 96 * 64
     assert weight_bytes(c, "none", 2) == norms + 2 * layer * 2 + 2 * 300 * 64 * 2
-    # int4: q4 tiles of 16 rows x 320 bytes per block of 32 inputs; the tied table in i8 tiles once
+    # int4: q4 tiles of 16 rows x 320 bytes per block of 32 inputs; the tied table once, in q8
+    # tiles of 544 bytes per block
     q4 = 2 * 4 * 2 * 320 + 2 * 2 * 2 * 320 + 2 * 6 * 2 * 320 + 4 * 3 * 320
-    i8 = 19 * (2 * 512 + 64)  # 300 rows: 19 tiles
-    assert weight_bytes(c, "int4", 2) == norms + 2 * q4 + i8
+    q8 = 19 * 2 * 544  # 300 rows: 19 tiles
+    assert weight_bytes(c, "int4", 2) == norms + 2 * q4 + q8
 
 
 def test_a_shape_without_vocab_or_intermediate_is_one_sentence():

@@ -123,8 +123,9 @@ class LlamaModel:
         embed = build_table(take("model.embed_tokens.weight"), quantization, dtype, device)
         if "lm_head.weight" not in sd or config.tie_word_embeddings:
             head = embed if isinstance(embed, QuantizedLinear) else Linear(embed, None, kernels)
-        else:  # the output head keeps 8 bits under int4, as the embedding does
-            head = linear(["lm_head.weight"], None, "int8" if quantization == "int4" else quantization)
+        else:  # an untied head is packed as the embedding is
+            head = build_table(take("lm_head.weight"), quantization, dtype, device)
+            head = head if isinstance(head, QuantizedLinear) else Linear(head, None, kernels)
         model = cls(config, embed, layers, get("model.norm.weight"), head, use_native)
         model.quantization = quantization
         return model

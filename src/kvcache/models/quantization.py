@@ -2,9 +2,10 @@
 
 - "none": float weights in the model dtype (a GGUF is dequantized once and cached).
 - "gguf": a GGUF's own formats kept packed (Q8_0, Q4_0, Q4_1; `gguf_weights`).
-- "int8": every matrix quantized at load, symmetric per output row.
-- "int4": the layers' matrices quantized at load in groups of 32 inputs (scale and minimum);
-  the token embedding and output head in int8, as quantized GGUFs keep them at 8 bits.
+- "int8": the layers' matrices quantized at load, symmetric per output row.
+- "int4": the layers' matrices quantized at load in groups of 32 inputs (scale and minimum).
+  Under both, the token embedding and output head take 8 bits with a scale per block of 32
+  (`weight_packing.table_format`), as quantized GGUFs keep them.
 - "auto" (the default): "gguf" for a GGUF whose matrices are quantized in the formats above,
   loaded on the CPU in float32 or bfloat16 with the native kernels built (perplexity within
   +1% of "none" on the eval corpus, see benchmarks/README.md); "none" otherwise (a float
@@ -21,7 +22,7 @@ import torch
 from kvcache.errors import KVCacheError
 from kvcache.models.linear import Linear
 from kvcache.models.quantized_linear import QuantizedLinear
-from kvcache.models.weight_packing import PackedWeight, quantize_int4, quantize_int8
+from kvcache.models.weight_packing import PackedWeight, quantize_int4, quantize_int8, quantize_table
 
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
 
@@ -76,12 +77,12 @@ def build_linear(weights: list, bias: torch.Tensor | None, quantization: str, dt
 
 
 def build_table(weight, quantization: str, dtype: torch.dtype, device) -> torch.Tensor | QuantizedLinear:
-    """The token embedding (also the tied output head): a float tensor, or packed codes whose
-    rows are read by `QuantizedLinear.rows` (int8 under "int8" and "int4")."""
+    """The token embedding (also the tied output head) or an untied output head: a float tensor,
+    or packed codes whose rows `QuantizedLinear.rows` reads (`quantize_table` under "int8" and "int4")."""
     if isinstance(weight, PackedWeight):
         return QuantizedLinear([weight], None, dtype)
     if quantization in ("int8", "int4"):
-        return QuantizedLinear([quantize_int8(weight)], None, dtype)
+        return QuantizedLinear([quantize_table(weight)], None, dtype)
     return weight.to(device=device, dtype=dtype)
 
 

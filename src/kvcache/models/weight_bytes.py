@@ -6,9 +6,10 @@ GGUF's tensor index (`gguf_weights.tensor_index`, the header only) for "gguf". T
 
 - "none": every matrix and norm in the float dtype; the output head is a matrix of its own beside
   the token embedding, tied or not.
-- "int8": every matrix in "i8" tiles (`weight_packing`); a tied head reads the embedding's table.
-- "int4": the layers' matrices in "q4" tiles (their inputs must divide into groups of 32), the
-  embedding and an untied head in "i8".
+- "int8": the layers' matrices in "i8" tiles (`weight_packing`), the embedding and an untied head
+  in their `table_format` ("q8" blocks); a tied head reads the embedding's table.
+- "int4": the same with the layers' matrices in "q4" tiles (their inputs must divide into groups
+  of 32).
 - "gguf": Q8_0 / Q4_0 / Q4_1 tensors in "q8" / "q4" tiles, float tensors in the float dtype; a
   float embedding also feeds a float head of its own when the file has no `output.weight`.
 Norms are in the float dtype under every quantization. Biases are not counted (as in
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kvcache.errors import KVCacheError
-from kvcache.models.weight_packing import BLOCK, TILE, tile_bytes
+from kvcache.models.weight_packing import BLOCK, TILE, table_format, tile_bytes
 
 #: The quantizations a weight count is given for.
 WEIGHT_QUANTIZATIONS = ("none", "int8", "int4", "gguf")
@@ -78,7 +79,7 @@ def shape_weight_bytes(shape: WeightShape, quantization: str, float_bytes: int =
                 raise KVCacheError(f"int4 weights quantize groups of {BLOCK} inputs, but {name} has {k} inputs.")
     fmt = "q4" if quantization == "int4" else "i8"
     layer = sum(packed_bytes(fmt, n, k) for _, n, k in matrices)
-    table = packed_bytes("i8", v, h)  # the embedding, and an untied head, keep 8 bits under int4 too
+    table = packed_bytes(table_format(h), v, h)  # the embedding, and an untied head
     return norms + shape.num_layers * layer + table * (1 if shape.tie_word_embeddings else 2)
 
 
