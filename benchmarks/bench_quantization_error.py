@@ -9,10 +9,11 @@ float model's (nats per position) and its perplexity against the float model's.
 - `gguf`: the file's own codes in the integer kernels. Its weights are exactly `none`'s values,
   so its cost is the kernels' activation quantization (per row and block of 32, int8) alone.
 - `int8 weights` / `int4 weights`: float activations over the weights after a round trip
-  through our int8 (per output row) or int4 (groups of 32) packing: their rounding alone.
+  through our int8 (per output row) or int4 (groups of 32) packing, the embedding / output head
+  through theirs (`weight_packing.quantize_table`): their rounding alone.
 - `int8` / `int4`: the integer kernels over those codes: both together.
-- `int8 weights, blocks of 32`: symmetric int8 with one scale per row and block of 32 (GGUF's
-  Q8_0 layout) instead of per row: what finer scales would save.
+- `int8 weights, blocks of 32`: the layers' matrices in symmetric int8 with one scale per row
+  and block of 32 (GGUF's Q8_0 layout) instead of per row: what finer scales would save.
 
     python benchmarks/bench_quantization_error.py --threads 2             # the measured run
     python benchmarks/bench_quantization_error.py --context 128 --no-record  # seconds
@@ -58,7 +59,7 @@ def block32_int8(w):
 
 def round_trip(sd: dict, how: str) -> dict:
     """A float state dict whose matrices went through `how`'s packing and back."""
-    from kvcache.models.weight_packing import dequantize, quantize_int4, quantize_int8
+    from kvcache.models.weight_packing import dequantize, quantize_int4, quantize_int8, quantize_table
 
     def layer(w):
         if how == "int8":
@@ -69,8 +70,8 @@ def round_trip(sd: dict, how: str) -> dict:
     for name, w in sd.items():
         if w.dim() != 2:
             out[name] = w
-        elif "embed_tokens" in name or name == "lm_head.weight":  # the output head: 8 bits under int4 too
-            out[name] = block32_int8(w) if how == "block32" else dequantize(quantize_int8(w))
+        elif "embed_tokens" in name or name == "lm_head.weight":  # packed as int8 / int4 pack them
+            out[name] = dequantize(quantize_table(w))
         else:
             out[name] = layer(w)
     return out
