@@ -83,14 +83,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _loaded(args):
     """(the LLM of the variant `args.worker`, the prompt ids, the timed run's params, load seconds),
-    after one warm-up generate."""
+    after one warm-up generate. `args.rss_steps` gets the peak RSS after the imports and after
+    the load and warm-up."""
     import time
 
     from kvcache.api.llm import LLM
-    from kvcache.bench.common import corpus_ids, quiet_transformers
+    from kvcache.bench.common import corpus_ids, peak_rss_bytes, quiet_transformers
     from kvcache.engine.sampling import SamplingParams
 
     quiet_transformers()
+    args.rss_steps = {"imports": peak_rss_bytes()}
     quant, dtype = args.worker.removesuffix("@thp").split(":")
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=dtype, threads=args.threads, quantization=quant, progress=False,
@@ -99,6 +101,7 @@ def _loaded(args):
     ids = corpus_ids(llm.tokenizer, args.prompt_tokens)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
+    args.rss_steps["load"] = peak_rss_bytes()
     return llm, ids, params, load_s
 
 
@@ -115,7 +118,8 @@ def measure(args) -> dict:
             "threads": torch.get_num_threads(), "decode_tok_s": out.metrics.decode_tok_s,
             "prefill_tok_s": len(ids) / out.metrics.ttft_s, "ttft_s": out.metrics.ttft_s, "load_s": load_s,
             "bytes_per_token": llm.model.bytes_read_per_token, "weight_bytes": llm.model.weight_bytes,
-            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_imports_bytes": args.rss_steps["imports"],
+            "peak_rss_after_load_bytes": args.rss_steps["load"],
             "token_ids": out.token_ids}
 
 
@@ -218,6 +222,8 @@ def summarize(args, runs: dict[str, list[dict]]) -> list[dict]:
             "decode_tok_s": med, "decode_tok_s_min": min(dec), "decode_tok_s_max": max(dec),
             "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in rs),
             "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in rs),
+            **{k: statistics.median(r[k] for r in rs) for k in ("peak_rss_after_imports_bytes",
+                                                                 "peak_rss_after_load_bytes") if k in rs[0]},
             "load_s": statistics.median(r["load_s"] for r in rs),
             "bytes_per_token": bpt, "weight_bytes": rs[0]["weight_bytes"],
             "gbs": bpt * med / 1e9, "bandwidth_fraction": bpt * med / (args.bandwidth_gbs * 1e9),

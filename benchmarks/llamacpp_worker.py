@@ -74,8 +74,10 @@ def _figures(ids: list[int], out: list[int], ttft: float, dec: float) -> dict:
 
 def decode(args, ids: list[int]) -> dict:
     run, load_s = _decoder(args, ids)
+    after_load = peak_rss_bytes()  # the warm-up run included
     out, ttft, dec = run(args.new_tokens)
-    return {**_figures(ids, out, ttft, dec), "load_s": load_s, "token_ids": out}
+    return {**_figures(ids, out, ttft, dec), "load_s": load_s, "token_ids": out,
+            "peak_rss_after_imports_bytes": args.rss_after_imports, "peak_rss_after_load_bytes": after_load}
 
 
 def rounds(args, ids: list[int]) -> None:
@@ -121,6 +123,7 @@ def main() -> None:
         import llama_cpp
     except ImportError:
         sys.exit("error: llama-cpp-python is not installed (pip install -e '.[bench]').")
+    args.rss_after_imports = peak_rss_bytes()
     if args.mode == "rounds":
         rounds(args, ids)
         return
