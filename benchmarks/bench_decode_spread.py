@@ -1,23 +1,22 @@
 """Where batch-1 decode speed varies: between processes, or over time on the machine.
 
-Two parts, each over `--variants` (default none:bfloat16, gguf and llama.cpp on the same GGUF):
-
-1. **fresh**: `--processes` (10) fresh processes per variant, one after another with the
-   variants interleaved; each loads, warms up and times one generate (as
-   `bench_quantized_decode.py` does). Their spread is what a fresh-process benchmark sees.
-2. **together**: `--together` (6) processes per variant loaded at once, then `--rounds` (5)
-   rounds; a round times one generate in every process in turn (the order reverses each round,
-   one process runs at a time). A process that is slow for a reason of its own (its memory
-   layout, huge pages, where its threads sit) stays slow in every round; a slow minute of the
-   machine slows every process measured in it. Reported: the spread of the process medians, of
-   the round medians, and the share of the variance between rounds, between processes and left.
+Per variant (`--variants`, default none:bfloat16, gguf and llama.cpp on the same GGUF),
+`--together` (4) processes are loaded and kept alive; then `--rounds` (10) rounds each time one
+generate in every live process in turn and in one fresh process per variant (loaded, warmed up
+and timed once, as `bench_quantized_decode.py` measures); one process runs at a time and the
+order reverses each round. A process that is slow for a reason of its own (its memory layout,
+huge pages, where its threads sit) stays slow in every round; a slow minute of the machine
+slows every process measured in it. Reported per variant: the spread of the fresh processes
+(what a fresh-process benchmark sees), of the live processes' medians and of the rounds'
+medians, the share of the live measurements' variance between rounds, between processes and
+left, and each fresh process against the live processes of its own round.
 
 Workload: `--prompt-tokens` (200) of real text, `--new-tokens` (128) greedy tokens, batch 1,
 `--threads` (2). Each run writes its record to `--record-dir` (default benchmarks/results;
 the first variant is the baseline) and, with `--plot`, tok/s against time as a PNG.
 
-    python benchmarks/bench_decode_spread.py --plot benchmarks/results/decode_spread.png   # the measured run
-    python benchmarks/bench_decode_spread.py --processes 2 --together 2 --rounds 2 --new-tokens 16 --no-record
+    python benchmarks/bench_decode_spread.py --plot docs/decode_spread.png   # the measured run
+    python benchmarks/bench_decode_spread.py --together 2 --rounds 2 --new-tokens 16 --no-record
 """
 
 from __future__ import annotations
@@ -45,9 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a GGUF model (default {DEFAULT_MODEL})")
     p.add_argument("--variants", default="none:bfloat16,gguf:bfloat16,llamacpp",
                    help="comma-separated quantization:dtype or llamacpp (default none:bfloat16,gguf:bfloat16,llamacpp)")
-    p.add_argument("--processes", type=int, default=10, help="fresh processes per variant (default 10)")
-    p.add_argument("--together", type=int, default=6, help="processes per variant alive at once (default 6)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds over the live processes (default 5)")
+    p.add_argument("--together", type=int, default=4, help="live processes per variant (default 4)")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="rounds, each over the live processes and one fresh process per variant (default 10)")
     p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length in tokens (default 200)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--threads", type=int, default=2, help="threads of every process (default 2)")
@@ -55,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     record.add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("processes", "together", "rounds", "prompt_tokens", "threads"):
+    for name in ("together", "rounds", "prompt_tokens", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.new_tokens < 2:
@@ -101,37 +100,32 @@ class Live:
         self.proc.wait(timeout=60)
 
 
-def fresh(args, llamacpp, start: float, err) -> dict[str, list[dict]]:
-    """Part 1: a new process per measurement, the variants' order rotating."""
-    out: dict[str, list[dict]] = {v: [] for v in args.variant_list}
-    n = len(args.variant_list)
-    for i in range(args.processes):
-        for j in range(n):
-            v = args.variant_list[(i + j) % n]
-            live = Live(args, v, llamacpp)
-            tok_s = live.time_one()
-            live.close()
-            out[v].append({"process": i, "t_s": time.perf_counter() - start, "decode_tok_s": tok_s})
-            err.print(f"fresh {i + 1}/{args.processes} {v}: {tok_s:.1f} tok/s")
-    return out
-
-
-def together(args, llamacpp, start: float, err) -> dict[str, list[dict]]:
-    """Part 2: every variant's processes alive at once, timed round after round."""
+def measure_rounds(args, llamacpp, err) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """(live, fresh) measurements per variant: every round times each live process and one new
+    process per variant, the order reversed every other round."""
     lives = [Live(args, v, llamacpp) for _ in range(args.together) for v in args.variant_list]
-    out: dict[str, list[dict]] = {v: [] for v in args.variant_list}
+    slots = [(i, lv.variant) for i, lv in enumerate(lives)] + [(None, v) for v in args.variant_list]
+    live: dict[str, list[dict]] = {v: [] for v in args.variant_list}
+    fresh: dict[str, list[dict]] = {v: [] for v in args.variant_list}
+    start = time.perf_counter()
     try:
         for r in range(args.rounds):
-            order = range(len(lives)) if r % 2 == 0 else reversed(range(len(lives)))
-            for i in order:
-                tok_s = lives[i].time_one()
-                out[lives[i].variant].append({"process": i // len(args.variant_list), "round": r,
-                                              "t_s": time.perf_counter() - start, "decode_tok_s": tok_s})
-            err.print(f"round {r + 1}/{args.rounds} done")
+            for i, v in slots if r % 2 == 0 else reversed(slots):
+                if i is None:
+                    one = Live(args, v, llamacpp)
+                    tok_s = one.time_one()
+                    one.close()
+                    fresh[v].append({"round": r, "t_s": time.perf_counter() - start, "decode_tok_s": tok_s})
+                else:
+                    tok_s = lives[i].time_one()
+                    live[v].append({"process": i // len(args.variant_list), "round": r,
+                                    "t_s": time.perf_counter() - start, "decode_tok_s": tok_s})
+            err.print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{v} fresh {fresh[v][-1]['decode_tok_s']:.1f}" for v in args.variant_list))
     finally:
-        for live in lives:
-            live.close()
-    return out
+        for lv in lives:
+            lv.close()
+    return live, fresh
 
 
 def variance_shares(rows: list[dict]) -> dict:
@@ -155,22 +149,24 @@ def _spread(vals: list[float]) -> dict:
     return {"min": min(vals), "median": statistics.median(vals), "max": max(vals), "max_over_min": max(vals) / min(vals)}
 
 
-def summarize(args, fresh_runs: dict, together_runs: dict) -> dict:
+def summarize(args, live: dict, fresh: dict) -> dict:
     out = {}
     for v in args.variant_list:
-        rows = together_runs[v]
+        rows = live[v]
         per_process = [statistics.median(r["decode_tok_s"] for r in rows if r["process"] == p)
                        for p in range(args.together)]
         per_round = [statistics.median(r["decode_tok_s"] for r in rows if r["round"] == k) for k in range(args.rounds)]
-        out[v] = {"fresh": _spread([r["decode_tok_s"] for r in fresh_runs[v]]),
-                  "together_all": _spread([r["decode_tok_s"] for r in rows]),
-                  "together_process_medians": _spread(per_process),
-                  "together_round_medians": _spread(per_round),
+        vs_round = [f["decode_tok_s"] / per_round[f["round"]] for f in fresh[v]]
+        out[v] = {"fresh": _spread([r["decode_tok_s"] for r in fresh[v]]),
+                  "live_all": _spread([r["decode_tok_s"] for r in rows]),
+                  "live_process_medians": _spread(per_process),
+                  "live_round_medians": _spread(per_round),
+                  "fresh_over_its_round": _spread(vs_round),
                   "variance_shares": variance_shares(rows)}
     return out
 
 
-def plot(args, fresh_runs: dict, together_runs: dict, console) -> None:
+def plot(args, live: dict, fresh: dict, console) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,10 +174,10 @@ def plot(args, fresh_runs: dict, together_runs: dict, console) -> None:
 
     fig, axes = plt.subplots(len(args.variant_list), 1, figsize=(9, 2.6 * len(args.variant_list)), sharex=True)
     for ax, v in zip([axes] if len(args.variant_list) == 1 else axes, args.variant_list):
-        f = fresh_runs[v]
+        f = fresh[v]
         ax.plot([r["t_s"] for r in f], [r["decode_tok_s"] for r in f], "o", color="black", label="fresh process")
         for p in range(args.together):
-            rows = [r for r in together_runs[v] if r["process"] == p]
+            rows = [r for r in live[v] if r["process"] == p]
             ax.plot([r["t_s"] for r in rows], [r["decode_tok_s"] for r in rows], ".-", label=f"live process {p}")
         ax.set_title(v)
         ax.set_ylabel("decode tok/s")
@@ -194,27 +190,25 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     console, err = consoles(args.json, width=130)
     llamacpp = llamacpp_inputs(args) if LLAMACPP in args.variant_list else None
-    start = time.perf_counter()
-    fresh_runs = fresh(args, llamacpp, start, err)
-    together_runs = together(args, llamacpp, start, err)
-    summary = summarize(args, fresh_runs, together_runs)
+    live, fresh = measure_rounds(args, llamacpp, err)
+    summary = summarize(args, live, fresh)
     for v, s in summary.items():
-        f, pm, rm, sh = (s["fresh"], s["together_process_medians"], s["together_round_medians"],
-                         s["variance_shares"])
-        console.print(f"{v}: fresh {f['min']:.1f}-{f['max']:.1f} (median {f['median']:.1f}, x{f['max_over_min']:.2f}); "
-                      f"live process medians {pm['min']:.1f}-{pm['max']:.1f} (x{pm['max_over_min']:.2f}), "
-                      f"round medians {rm['min']:.1f}-{rm['max']:.1f} (x{rm['max_over_min']:.2f}); variance: "
-                      f"rounds {sh['between_rounds']:.0%}, processes {sh['between_processes']:.0%}, "
-                      f"left {sh['left']:.0%}")
+        f, pm, rm, fr, sh = (s["fresh"], s["live_process_medians"], s["live_round_medians"], s["fresh_over_its_round"],
+                             s["variance_shares"])
+        console.print(f"{v}: fresh {f['min']:.1f}-{f['max']:.1f} (median {f['median']:.1f}, x{f['max_over_min']:.2f}), "
+                      f"{fr['median']:.2f} of their round's live median; live process medians "
+                      f"{pm['min']:.1f}-{pm['max']:.1f} (x{pm['max_over_min']:.2f}), round medians "
+                      f"{rm['min']:.1f}-{rm['max']:.1f} (x{rm['max_over_min']:.2f}); variance: rounds "
+                      f"{sh['between_rounds']:.0%}, processes {sh['between_processes']:.0%}, left {sh['left']:.0%}")
     if args.plot:
-        plot(args, fresh_runs, together_runs, console)
+        plot(args, live, fresh, console)
     if args.json:
         print(json.dumps(summary, indent=2))
     base = args.variant_list[0]
     record.save("bench_decode_spread", "python benchmarks/bench_decode_spread.py", argv, args.record_folder,
                 threads=args.threads, config=record.config_of(args), results=summary,
-                timings={v: {"fresh": fresh_runs[v], "together": together_runs[v]} for v in args.variant_list[1:]},
-                baseline_timings={base: {"fresh": fresh_runs[base], "together": together_runs[base]}})
+                timings={v: {"live": live[v], "fresh": fresh[v]} for v in args.variant_list[1:]},
+                baseline_timings={base: {"live": live[base], "fresh": fresh[base]}})
     return summary
 
 
