@@ -200,8 +200,6 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{pm['min']:.1f}-{pm['max']:.1f} (x{pm['max_over_min']:.2f}), round medians "
                       f"{rm['min']:.1f}-{rm['max']:.1f} (x{rm['max_over_min']:.2f}); variance: rounds "
                       f"{sh['between_rounds']:.0%}, processes {sh['between_processes']:.0%}, left {sh['left']:.0%}")
-    if args.plot:
-        plot(args, live, fresh, console)
     if args.json:
         print(json.dumps(summary, indent=2))
     base = args.variant_list[0]
@@ -209,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
                 threads=args.threads, config=record.config_of(args), results=summary,
                 timings={v: {"live": live[v], "fresh": fresh[v]} for v in args.variant_list[1:]},
                 baseline_timings={base: {"live": live[base], "fresh": fresh[base]}})
+    if args.plot:  # after the record, which notes whether the tree was clean (the plot may live in it)
+        plot(args, live, fresh, console)
     return summary
 
 
