@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_quantized_decode import LLAMACPP, llamacpp_inputs  # noqa: E402
+from bench_quantized_decode import LLAMACPP, llamacpp_inputs, worker_env  # noqa: E402
 
 from kvcache.bench import record
 from kvcache.bench.common import consoles, run_main, save_figure
@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Process-to-process and over-time spread of batch-1 decode speed.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a GGUF model (default {DEFAULT_MODEL})")
     p.add_argument("--variants", default="none:bfloat16,gguf:bfloat16,llamacpp",
-                   help="comma-separated quantization:dtype or llamacpp (default none:bfloat16,gguf:bfloat16,llamacpp)")
+                   help="comma-separated quantization[:dtype][@thp] or llamacpp (default "
+                        "none:bfloat16,gguf:bfloat16,llamacpp; @thp: transparent huge pages, see bench_quantized_decode)")
     p.add_argument("--together", type=int, default=4, help="live processes per variant (default 4)")
     p.add_argument("--rounds", type=int, default=10,
                    help="rounds, each over the live processes and one fresh process per variant (default 10)")
@@ -59,8 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (decode speed excludes the first token)")
-    args.variant_list = [v.strip() if v.strip() == LLAMACPP or ":" in v else f"{v.strip()}:bfloat16"
-                         for v in args.variants.split(",") if v.strip()]
+    args.variant_list = []
+    for v in (v.strip() for v in args.variants.split(",") if v.strip()):
+        v, thp = (v[:-4], "@thp") if v.endswith("@thp") else (v, "")
+        args.variant_list.append(v if v == LLAMACPP else f"{v if ':' in v else v + ':bfloat16'}{thp}")
     if not args.variant_list:
         p.error("--variants is empty")
     args.record_folder = record.parse_folder(p, args)
@@ -80,7 +83,7 @@ class Live:
         cmd += ["--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
         self.variant = variant
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=worker_env(variant))
         self._reply()  # {"ready": true}
 
     def _reply(self) -> dict:

@@ -180,15 +180,22 @@ def run_llamacpp(args, gguf: Path, ids_file: Path) -> dict:
             "bytes_per_token": size, "weight_bytes": size}
 
 
-def run_worker(args, variant: str) -> dict:
-    """One fresh process for `variant`; "@thp" runs it with THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU
-    allocator then aligns allocations of 2 MB and more to 2 MB and asks for transparent huge pages)."""
+def worker_env(variant: str) -> dict:
+    """The environment of a worker process: "@thp" after the variant sets THP_MEM_ALLOC_ENABLE=1
+    (PyTorch's CPU allocator then aligns allocations of 2 MB and more to 2 MB and asks for
+    transparent huge pages); otherwise it is unset."""
     import os
 
     env = dict(os.environ)
     env.pop("THP_MEM_ALLOC_ENABLE", None)
     if variant.endswith("@thp"):
         env["THP_MEM_ALLOC_ENABLE"] = "1"
+    return env
+
+
+def run_worker(args, variant: str) -> dict:
+    """One fresh process for `variant` (its environment: `worker_env`)."""
+    env = worker_env(variant)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--model", args.model,
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
            "--threads", str(args.threads)]
