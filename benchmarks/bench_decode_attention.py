@@ -30,7 +30,7 @@ from rich.table import Table
 
 from kvcache.api.llm import parse_dtype
 from kvcache.bench import record
-from kvcache.bench.common import consoles, machine_info
+from kvcache.bench.common import consoles, machine_info, require_at_least_one
 from kvcache.bench.timing import sample_times
 from kvcache.cache.spec import KVFormat, kv_bytes_per_token, model_shape, parse_size
 from kvcache.cache.storage import PagedKVStorage, decode_rows, slot_mask
@@ -57,9 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (table goes to stderr)")
     record.add_arguments(p)
     a = p.parse_args(argv)
-    for name in ("block_size", "batch", "tokens", "threads", "repeats"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, a, ("block_size", "batch", "tokens", "threads", "repeats"))
     a.record_folder = record.parse_folder(p, a)
     try:
         a.kv_budget_bytes = parse_size(a.kv_budget)

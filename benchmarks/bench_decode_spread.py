@@ -32,7 +32,7 @@ from pathlib import Path
 from bench_quantized_decode import LLAMACPP, llamacpp_inputs, worker_env  # noqa: E402
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles, run_main, save_figure
+from kvcache.bench.common import consoles, require_at_least_one, run_main, save_figure
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
@@ -55,9 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     record.add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("together", "rounds", "prompt_tokens", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, ("together", "rounds", "prompt_tokens", "threads"))
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (decode speed excludes the first token)")
     args.variant_list = []

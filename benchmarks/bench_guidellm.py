@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles, run_main
+from kvcache.bench.common import consoles, require_at_least_one, run_main
 from kvcache.bench.serve import free_port
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
@@ -44,9 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     record.add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("streams", "seconds", "prompt_tokens", "output_tokens", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, ("streams", "seconds", "prompt_tokens", "output_tokens", "threads"))
     if not Path(args.guidellm).is_file():
         p.error(f"{args.guidellm} does not exist; run: bash benchmarks/guidellm_setup.sh")
     args.record_folder = record.parse_folder(p, args)

@@ -23,7 +23,7 @@ import sys
 import time
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles, run_main
+from kvcache.bench.common import consoles, require_at_least_one, run_main
 from kvcache.models.loader import DEFAULT_MODEL
 
 
@@ -41,9 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     record.add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("prompt_tokens", "new_tokens", "n", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, ("prompt_tokens", "new_tokens", "n", "repeats", "threads"))
     if args.n > 16:
         p.error("--n must be at most 16")
     args.record_folder = record.parse_folder(p, args)

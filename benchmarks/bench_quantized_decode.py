@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles, run_main
+from kvcache.bench.common import consoles, require_at_least_one, run_main
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
@@ -56,9 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serve-rounds", action="store_true", help=argparse.SUPPRESS)  # with --worker: see serve_rounds
     record.add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("prompt_tokens", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, ("prompt_tokens", "repeats", "threads"))
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (decode speed excludes the first token)")
     if args.bandwidth_gbs <= 0:

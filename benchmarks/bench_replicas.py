@@ -58,7 +58,7 @@ import time
 from pathlib import Path
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles, run_main
+from kvcache.bench.common import consoles, require_at_least_one, run_main
 from kvcache.bench.redis_server import RedisServer, redis_server_binary
 from kvcache.bench.serve import ServeProcess, free_port, run_clients
 from kvcache.errors import KVCacheError
@@ -99,10 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (the table goes to stderr)")
     record.add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("replicas", "threads", "prefixes", "prefix_tokens", "suffix_tokens", "clients", "max_tokens",
-                 "tier_prompts", "fault_clients", "fault_prompt_tokens"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, ("replicas", "threads", "prefixes", "prefix_tokens", "suffix_tokens", "clients",
+                                   "max_tokens", "tier_prompts", "fault_clients", "fault_prompt_tokens"))
     for name in ("shared_requests", "unrelated_requests"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")

@@ -41,7 +41,7 @@ import time
 from collections import Counter
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles, run_main
+from kvcache.bench.common import consoles, require_at_least_one, run_main
 from kvcache.bench.serve import ServeProcess, run_clients
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
@@ -132,9 +132,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout (the table goes to stderr)")
     record.add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("requests", "clients", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, ("requests", "clients", "repeats", "threads"))
     limit = len(PEOPLE) * len(WORDINGS)
     if args.requests > limit:
         p.error(f"--requests must be at most {limit} (the distinct prompts)")

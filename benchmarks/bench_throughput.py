@@ -63,7 +63,8 @@ from kvcache.cache.manager import RELEASED
 from kvcache.cache.policies.grammar import parse_policy
 from kvcache.cache.spec import KVFormat, ModelShape, format_bytes, kv_bytes_per_token, parse_size
 from kvcache.bench import record
-from kvcache.bench.common import consoles, corpus_ids, machine_info, quiet_transformers, run_main
+from kvcache.bench.common import (consoles, corpus_ids, machine_info, quiet_transformers, require_at_least_one,
+                                  run_main)
 from kvcache.engine.config import quant_format
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
@@ -138,12 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.min_prompt = max(1, a.max_prompt // 16)
     if a.min_output is None:
         a.min_output = max(1, a.max_output // 8)
-    for name in ("threads", "num_requests", "max_prompt", "min_prompt", "max_output", "min_output", "block_size",
-                 "max_num_seqs", "max_num_batched_tokens", "hf_batch_size", "repeats", "prefix_requests",
-                 "prefix_tokens",
-                 "question_tokens", "prefix_max_tokens"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, a, ("threads", "num_requests", "max_prompt", "min_prompt", "max_output", "min_output",
+                                "block_size", "max_num_seqs", "max_num_batched_tokens", "hf_batch_size", "repeats",
+                                "prefix_requests", "prefix_tokens", "question_tokens", "prefix_max_tokens"))
     if a.min_prompt > a.max_prompt:
         p.error("--min-prompt is larger than --max-prompt")
     if a.min_output > a.max_output:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from kvcache.bench import record
-from kvcache.bench.common import consoles, run_main
+from kvcache.bench.common import consoles, require_at_least_one, run_main
 from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
@@ -71,9 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--contexts must be comma-separated integers, got '{args.contexts}'")
     if not args.context_list or min(args.context_list) < 2:
         p.error("--contexts needs windows of at least 2 tokens")
-    for name in ("chunk", "new_tokens", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, ("chunk", "new_tokens", "threads"))
     if not 1 <= args.prompts <= len(CHAT_PROMPTS):
         p.error(f"--prompts must be between 1 and {len(CHAT_PROMPTS)}")
     args.record_folder = record.parse_folder(p, args)

@@ -40,7 +40,7 @@ from bench_throughput import make_workload  # noqa: E402
 
 from kvcache.api.llm import LLM, parse_dtype  # noqa: E402
 from kvcache.bench import record  # noqa: E402
-from kvcache.bench.common import corpus_ids  # noqa: E402
+from kvcache.bench.common import corpus_ids, require_at_least_one  # noqa: E402
 from kvcache.cache.dense import KVCache  # noqa: E402
 from kvcache.engine.sampling import SamplingParams  # noqa: E402
 from kvcache.models.loader import DEFAULT_MODEL  # noqa: E402
@@ -74,9 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-workload", action="store_true", help="skip section 3")
     record.add_arguments(p)
     args = p.parse_args(argv)
-    for name in ("prompt_tokens", "repeats", "num_requests", "max_prompt", "max_output"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(p, args, ("prompt_tokens", "repeats", "num_requests", "max_prompt", "max_output"))
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (decode speed excludes the first token)")
     try:

@@ -92,6 +92,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def require_at_least_one(parser, args, names) -> None:
+    """`parser.error` (one sentence, exit 2) for the first option in `names` (attribute names of
+    `args`) below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def cpu_info(cpuinfo: str | None = None) -> dict:
     """The CPU's model name, logical core count and which of CPU_FLAGS it has, read from
     /proc/cpuinfo (or the given text of one); elsewhere the platform's name and no flags."""
