@@ -1,0 +1,45 @@
+"""benchmarks/bench_quantization_error.py: the weight round trips its weights-only rows run."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from kvcache.models import weight_packing as wp
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quantization_error.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quantization_error", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_blocks_of_32_round_to_within_half_a_step_of_their_own_scale():
+    w = torch.randn(16, 64) * torch.linspace(0.1, 10, 64)  # (16, 64): blocks of very different ranges
+    back = _bench().block32_int8(w)
+    step = w.reshape(16, 2, 32).abs().amax(-1, keepdim=True) / 127  # (16, 2, 1)
+    err = (back - w).reshape(16, 2, 32).abs()
+    assert (err <= step / 2 + 1e-6).all()
+    per_row = wp.dequantize(wp.quantize_int8(w))
+    assert (back - w).abs().mean() < (per_row - w).abs().mean()  # finer scales, smaller error
+
+
+def test_round_trips_pack_the_table_as_the_models_do_and_keep_vectors():
+    torch.manual_seed(0)
+    sd = {"model.embed_tokens.weight": torch.randn(40, 64), "model.layers.0.mlp.down_proj.weight": torch.randn(64, 96),
+          "model.norm.weight": torch.rand(64)}
+    bench = _bench()
+    int8 = bench.round_trip(sd, "int8")
+    assert torch.equal(int8["model.norm.weight"], sd["model.norm.weight"])
+    assert torch.equal(int8["model.embed_tokens.weight"],
+                       wp.dequantize(wp.quantize_table(sd["model.embed_tokens.weight"])))
+    assert torch.equal(int8["model.layers.0.mlp.down_proj.weight"],
+                       wp.dequantize(wp.quantize_int8(sd["model.layers.0.mlp.down_proj.weight"])))
+    int4 = bench.round_trip(sd, "int4")
+    assert torch.equal(int4["model.layers.0.mlp.down_proj.weight"],
+                       wp.dequantize(wp.quantize_int4(sd["model.layers.0.mlp.down_proj.weight"])))
