@@ -37,14 +37,16 @@ from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
 HERE = Path(__file__).resolve().parent
+NO_MMAP = "@nommap"  # llamacpp@nommap: llama.cpp reads the weights into its own memory, as ours hold a copy
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Process-to-process and over-time spread of batch-1 decode speed.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"a GGUF model (default {DEFAULT_MODEL})")
     p.add_argument("--variants", default="none:bfloat16,gguf:bfloat16,llamacpp",
-                   help="comma-separated quantization[:dtype][@thp] or llamacpp (default "
-                        "none:bfloat16,gguf:bfloat16,llamacpp; @thp: transparent huge pages, see bench_quantized_decode)")
+                   help="comma-separated quantization[:dtype][@thp], llamacpp or llamacpp@nommap (default "
+                        "none:bfloat16,gguf:bfloat16,llamacpp; @thp: transparent huge pages, see bench_quantized_decode; "
+                        "@nommap: llama.cpp reads the weights into its own memory instead of mapping the file)")
     p.add_argument("--together", type=int, default=4, help="live processes per variant (default 4)")
     p.add_argument("--rounds", type=int, default=10,
                    help="rounds, each over the live processes and one fresh process per variant (default 10)")
@@ -60,8 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--new-tokens must be at least 2 (decode speed excludes the first token)")
     args.variant_list = []
     for v in (v.strip() for v in args.variants.split(",") if v.strip()):
+        if v.startswith(LLAMACPP):
+            if v not in (LLAMACPP, LLAMACPP + NO_MMAP):
+                p.error(f"unknown variant '{v}' (llama.cpp runs as {LLAMACPP} or {LLAMACPP + NO_MMAP})")
+            args.variant_list.append(v)
+            continue
         v, thp = (v[:-4], "@thp") if v.endswith("@thp") else (v, "")
-        args.variant_list.append(v if v == LLAMACPP else f"{v if ':' in v else v + ':bfloat16'}{thp}")
+        args.variant_list.append(f"{v if ':' in v else v + ':bfloat16'}{thp}")
     if not args.variant_list:
         p.error("--variants is empty")
     args.record_folder = record.parse_folder(p, args)
@@ -72,9 +79,10 @@ class Live:
     """One loaded process of a variant, timing one generate per `time_one()`."""
 
     def __init__(self, args, variant: str, llamacpp: tuple[Path, Path] | None):
-        if variant == LLAMACPP:
+        if variant.startswith(LLAMACPP):
             gguf, ids_file = llamacpp
             cmd = [sys.executable, str(HERE / "llamacpp_worker.py"), "rounds", str(gguf), str(ids_file)]
+            cmd += ["--no-mmap"] if variant.endswith(NO_MMAP) else []
         else:
             cmd = [sys.executable, str(HERE / "bench_quantized_decode.py"), "--worker", variant, "--serve-rounds",
                    "--model", args.model, "--prompt-tokens", str(args.prompt_tokens)]
@@ -190,7 +198,7 @@ def plot(args, live: dict, fresh: dict, console) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     console, err = consoles(args.json, width=130)
-    llamacpp = llamacpp_inputs(args) if LLAMACPP in args.variant_list else None
+    llamacpp = llamacpp_inputs(args) if any(v.startswith(LLAMACPP) for v in args.variant_list) else None
     live, fresh = measure_rounds(args, llamacpp, err)
     summary = summarize(args, live, fresh)
     for v, s in summary.items():

@@ -34,11 +34,11 @@ def peak_rss_bytes() -> int:
     return common.peak_rss_bytes()
 
 
-def _model(path: str, threads: int, n_ctx: int, logits_all: bool):
+def _model(path: str, threads: int, n_ctx: int, logits_all: bool, use_mmap: bool = True):
     import llama_cpp
 
     return llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                           n_batch=min(n_ctx, 512), logits_all=logits_all, verbose=False)
+                           n_batch=min(n_ctx, 512), logits_all=logits_all, use_mmap=use_mmap, verbose=False)
 
 
 def _decoder(args, ids: list[int]):
@@ -46,7 +46,7 @@ def _decoder(args, ids: list[int]):
     import numpy as np
 
     t0 = time.perf_counter()
-    model = _model(args.gguf, args.threads, max(512, len(ids) + args.new_tokens + 8), False)
+    model = _model(args.gguf, args.threads, max(512, len(ids) + args.new_tokens + 8), False, not args.no_mmap)
     load_s = time.perf_counter() - t0
     vocab = model.n_vocab()
 
@@ -116,6 +116,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read the weights into the process's own memory instead of mapping the file")
     args = p.parse_args()
     with open(args.ids) as f:
         ids = json.load(f)

@@ -46,8 +46,10 @@ def test_a_fresh_process_is_compared_with_its_own_round(bench):
 
 
 def test_variants_name_their_dtype_and_huge_pages(bench):
-    args = bench.parse_args(["--variants", "gguf,none:float32@thp,gguf@thp,llamacpp", "--no-record"])
-    assert args.variant_list == ["gguf:bfloat16", "none:float32@thp", "gguf:bfloat16@thp", "llamacpp"]
-    with pytest.raises(SystemExit) as exit_info:
-        bench.parse_args(["--rounds", "0", "--no-record"])
-    assert exit_info.value.code == 2
+    args = bench.parse_args(["--variants", "gguf,none:float32@thp,gguf@thp,llamacpp,llamacpp@nommap", "--no-record"])
+    assert args.variant_list == ["gguf:bfloat16", "none:float32@thp", "gguf:bfloat16@thp", "llamacpp",
+                                 "llamacpp@nommap"]
+    for bad in (["--rounds", "0"], ["--variants", "llamacpp@thp"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.parse_args([*bad, "--no-record"])
+        assert exit_info.value.code == 2
