@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -30,6 +33,24 @@ def assert_same_tokens(last_logits: Callable[[list[int]], torch.Tensor], prompt:
         f"tokens differ at generated position {i} ({ours[i]} vs {ref[i]}) without a near-tie: "
         f"gaps to the best logit {gap_ours:.4g} / {gap_ref:.4g}, top-2 gap {float(top2[0] - top2[1]):.4g}"
     )
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The script benchmarks/NAME.py imported as the module NAME: registered in sys.modules (its
+    dataclasses look their module up), with benchmarks/ on the path while it runs (scripts
+    import their siblings)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
 
 
 def imported_top_modules(path) -> set[str]:

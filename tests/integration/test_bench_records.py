@@ -3,22 +3,12 @@ decode comparison with transformers, and `kvcache bench cache` / `bench chat`, o
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def only_record(folder: Path) -> dict:
@@ -27,7 +17,7 @@ def only_record(folder: Path) -> dict:
 
 
 def test_throughput_compares_several_policies_in_one_run_and_records_each(tiny_model_dir, tmp_path):
-    bench = load("bench_throughput")
+    bench = load_benchmark("bench_throughput")
     policies = ["full", "window:size=32"]
     result = bench.main(["--model", str(tiny_model_dir), "--threads", "1", "--num-requests", "4",
                          "--max-prompt", "32", "--max-output", "8", "--kv-budget", "256KiB", "--repeats", "2",
@@ -51,7 +41,7 @@ def test_throughput_compares_several_policies_in_one_run_and_records_each(tiny_m
 
 
 def test_throughput_policy_list_splits_repeats_and_checks():
-    bench = load("bench_throughput")
+    bench = load_benchmark("bench_throughput")
     assert bench.policy_list(None) == ["full"]
     assert bench.policy_list(["full; window:size=64", "full"]) == ["full", "window:size=64"]
     from kvcache.errors import KVCacheError
@@ -63,7 +53,7 @@ def test_throughput_policy_list_splits_repeats_and_checks():
 
 
 def test_vs_transformers_records_both_sides_repeats(tiny_model_dir, tmp_path):
-    bench = load("bench_vs_transformers")
+    bench = load_benchmark("bench_vs_transformers")
     rows = bench.main(["--model", str(tiny_model_dir), "--threads", "1", "--prompt-tokens", "8", "--new-tokens", "3",
                        "--repeats", "2", "--dtypes", "float32", "--record-dir", str(tmp_path)])
     rec = only_record(tmp_path)
@@ -75,7 +65,7 @@ def test_vs_transformers_records_both_sides_repeats(tiny_model_dir, tmp_path):
 
 def test_no_record_writes_nothing(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    load("bench_vs_transformers").main(["--model", str(tiny_model_dir), "--threads", "1", "--prompt-tokens", "8",
+    load_benchmark("bench_vs_transformers").main(["--model", str(tiny_model_dir), "--threads", "1", "--prompt-tokens", "8",
                                         "--new-tokens", "2", "--repeats", "1", "--dtypes", "float32", "--no-record"])
     assert not any(tmp_path.rglob("*.json"))
 
@@ -120,7 +110,7 @@ def test_cli_bench_refuses_an_unwritable_record_folder_before_any_work(tiny_mode
      "evict:scorer=knorm,ratio=0.5", "full"),
 ])
 def test_policy_benchmarks_record_the_baseline_policy_apart(tiny_model_dir, tmp_path, name, args, ours, theirs):
-    assert load(name).main(["--model", str(tiny_model_dir), "--threads", "1", *args,
+    assert load_benchmark(name).main(["--model", str(tiny_model_dir), "--threads", "1", *args,
                             "--record-dir", str(tmp_path)]) == 0
     rec = only_record(tmp_path)
     assert rec["benchmark"] == name and rec["timings"][ours] and rec["baseline_timings"][theirs]
@@ -128,7 +118,7 @@ def test_policy_benchmarks_record_the_baseline_policy_apart(tiny_model_dir, tmp_
 
 
 def test_quant_micro_benchmark_records_every_repeat(tmp_path):
-    load("bench_quant").main(["--tokens", "64", "--repeats", "2", "--record-dir", str(tmp_path)])
+    load_benchmark("bench_quant").main(["--tokens", "64", "--repeats", "2", "--record-dir", str(tmp_path)])
     rec = only_record(tmp_path)
     assert len(rec["timings"]["dequantize int4 channel"]) == 2 and len(rec["baseline_timings"]["copy"]) == 2
     assert set(rec["results"]["median_us"]) == set(rec["timings"]) | set(rec["baseline_timings"])

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_decode_attention.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_decode_attention", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 @pytest.mark.parametrize("dtype,tokens", [("float32", 40), ("bfloat16", 37)])  # 37: a partial block, masked
 def test_native_and_torch_agree_and_are_timed(dtype, tokens, capsys, tmp_path):
-    bench = load_bench()
+    bench = load_benchmark("bench_decode_attention")
     out = bench.main(["--kv-budget", "8MiB", "--batch", "3", "--tokens", str(tokens), "--repeats", "2",
                       "--dtype", dtype, "--record-dir", str(tmp_path)])
     (path,) = tmp_path.glob("bench_decode_attention-*.json")
@@ -36,4 +27,4 @@ def test_native_and_torch_agree_and_are_timed(dtype, tokens, capsys, tmp_path):
 
 def test_a_batch_larger_than_the_pool_is_refused():
     with pytest.raises(SystemExit, match="blocks"):
-        load_bench().main(["--kv-budget", "1MiB", "--batch", "64", "--tokens", "1000", "--no-record"])
+        load_benchmark("bench_decode_attention").main(["--kv-budget", "1MiB", "--batch", "64", "--tokens", "1000", "--no-record"])

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_guidellm.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_guidellm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -27,12 +17,12 @@ def test_bad_arguments_are_one_sentence_and_exit_2(argv, message, capsys, tmp_pa
     fake.write_text("")
     given = argv if "--guidellm" in argv else [*argv, "--guidellm", str(fake)]
     with pytest.raises(SystemExit) as exc:
-        _bench().parse_args(given)
+        load_benchmark("bench_guidellm").parse_args(given)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_guidellm_statistics_are_read_from_its_report():
     s = {"successful": {"median": 120.0, "mean": 130.0, "count": 9, "percentiles": {"p95": 300.0}}}
-    assert _bench().stat({"time_to_first_token_ms": s}, "time_to_first_token_ms") == {
+    assert load_benchmark("bench_guidellm").stat({"time_to_first_token_ms": s}, "time_to_first_token_ms") == {
         "median": 120.0, "p95": 300.0, "mean": 130.0, "count": 9}

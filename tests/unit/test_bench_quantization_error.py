@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from kvcache.models import weight_packing as wp
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quantization_error.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_quantization_error", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_blocks_of_32_round_to_within_half_a_step_of_their_own_scale():
     w = torch.randn(16, 64) * torch.linspace(0.1, 10, 64)  # (16, 64): blocks of very different ranges
-    back = _bench().block32_int8(w)
+    back = load_benchmark("bench_quantization_error").block32_int8(w)
     step = w.reshape(16, 2, 32).abs().amax(-1, keepdim=True) / 127  # (16, 2, 1)
     err = (back - w).reshape(16, 2, 32).abs()
     assert (err <= step / 2 + 1e-6).all()
@@ -33,7 +23,7 @@ def test_round_trips_pack_the_table_as_the_models_do_and_keep_vectors():
     torch.manual_seed(0)
     sd = {"model.embed_tokens.weight": torch.randn(40, 64), "model.layers.0.mlp.down_proj.weight": torch.randn(64, 96),
           "model.norm.weight": torch.rand(64)}
-    bench = _bench()
+    bench = load_benchmark("bench_quantization_error")
     int8 = bench.round_trip(sd, "int8")
     assert torch.equal(int8["model.norm.weight"], sd["model.norm.weight"])
     assert torch.equal(int8["model.embed_tokens.weight"],

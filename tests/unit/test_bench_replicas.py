@@ -3,21 +3,11 @@ part runs end to end on the tiny model (two `kvcache serve` processes, no Ray)."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_replicas.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_replicas", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 @pytest.mark.parametrize("argv, sentence", [
@@ -35,14 +25,14 @@ def load_bench():
 ])
 def test_bad_arguments_are_one_sentence_and_exit_2(argv, sentence, capsys):
     with pytest.raises(SystemExit) as exc:
-        load_bench().parse_args([*argv, "--no-record"])
+        load_benchmark("bench_replicas").parse_args([*argv, "--no-record"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert sentence in err and "Traceback" not in err
 
 
 def test_defaults_are_the_issues_workload():
-    args = load_bench().parse_args(["--no-record"])
+    args = load_benchmark("bench_replicas").parse_args(["--no-record"])
     assert args.part_list == ["routing", "tier", "disk"] and args.record_folder is None
     assert (args.replicas, args.threads, args.prefixes, args.shared_requests, args.unrelated_requests,
             args.prefix_tokens, args.clients) == (2, 1, 4, 32, 32, 1024, 8)
@@ -51,7 +41,7 @@ def test_defaults_are_the_issues_workload():
 def test_a_fault_run_counts_completed_failed_and_cut_streams():
     import httpx
 
-    bench = load_bench()
+    bench = load_benchmark("bench_replicas")
     args = bench.parse_args(["--parts", "faults", "--fault-prompt-tokens", "4", "--no-record"])
     token = 'data: {"choices": [{"text": "a"}]}\n\n'
     bodies = iter([(200, token * 3 + "data: [DONE]\n\n"),
@@ -72,7 +62,7 @@ def test_a_fault_run_counts_completed_failed_and_cut_streams():
 
 
 def test_the_workload_shares_exactly_the_prefixes():
-    bench = load_bench()
+    bench = load_benchmark("bench_replicas")
     args = bench.parse_args(["--prefixes", "2", "--shared-requests", "4", "--unrelated-requests", "3",
                              "--prefix-tokens", "5", "--suffix-tokens", "2", "--no-record"])
     reqs = bench.workload(args, bench.Corpus(list(range(1000))))
@@ -86,7 +76,7 @@ def test_the_workload_shares_exactly_the_prefixes():
 
 
 def test_the_disk_part_reuses_blocks_across_a_restart(tiny_model_dir, capsys):
-    out = load_bench().main(["--model", str(tiny_model_dir), "--parts", "disk", "--prefix-tokens", "64",
+    out = load_benchmark("bench_replicas").main(["--model", str(tiny_model_dir), "--parts", "disk", "--prefix-tokens", "64",
                              "--max-tokens", "2", "--kv-cache-memory", "4MiB", "--no-record", "--json"])
     disk = out["disk"]
     assert disk["restarted"]["cached_tokens"] == 48 and disk["first"]["cached_tokens"] == 0  # (64 - 1) // 16 blocks

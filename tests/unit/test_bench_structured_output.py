@@ -3,22 +3,13 @@ grammar takes no more), the prompts and request bodies, and how runs are summed 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
 import xgrammar
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_structured_output.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_structured_output", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def _matcher(schema: dict):
@@ -40,21 +31,21 @@ def _matcher(schema: dict):
 ])
 def test_bad_arguments_are_one_sentence_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        _bench().parse_args([*argv, "--no-record"])
+        load_benchmark("bench_structured_output").parse_args([*argv, "--no-record"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 def test_defaults_are_the_issues_workload():
-    bench = _bench()
+    bench = load_benchmark("bench_structured_output")
     args = bench.parse_args(["--no-record"])
     assert (args.requests, args.clients, args.repeats, args.record_folder) == (50, 8, 3, None)
     assert args.max_tokens == bench.max_reply_bytes(bench.SCHEMA) == 642
 
 
 def test_the_largest_reply_is_valid_and_the_grammar_takes_nothing_longer():
-    bench = _bench()
+    bench = load_benchmark("bench_structured_output")
     largest = bench.largest_instance(bench.SCHEMA)
     jsonschema.validate(largest, bench.SCHEMA)
     text = bench.reply_text(largest)
@@ -76,7 +67,7 @@ def test_the_largest_reply_is_valid_and_the_grammar_takes_nothing_longer():
       "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}}, len('{"a": 0}')),
 ])
 def test_worst_case_bytes_of_each_kind(schema, most):
-    bench = _bench()
+    bench = load_benchmark("bench_structured_output")
     assert bench.max_reply_bytes(schema) == most
     whole = _matcher(schema)  # and the grammar does take a reply that long
     assert whole.accept_string(bench.reply_text(bench.largest_instance(schema))) and whole.is_completed()
@@ -97,11 +88,11 @@ def test_a_string_of_four_byte_characters_reaches_the_bound():
 ])
 def test_a_schema_part_without_a_bound_is_refused(schema, why):
     with pytest.raises(ValueError, match=why):
-        _bench().max_reply_bytes(schema)
+        load_benchmark("bench_structured_output").max_reply_bytes(schema)
 
 
 def test_prompts_differ_and_ask_for_every_field():
-    bench = _bench()
+    bench = load_benchmark("bench_structured_output")
     prompts = [bench.prompt(i) for i in range(len(bench.PEOPLE) * len(bench.WORDINGS))]
     assert len(set(prompts)) == len(prompts)
     assert len({p.split(" Answer with")[0].split(" ")[0] for p in prompts[:50]}) > 5  # worded differently
@@ -110,7 +101,7 @@ def test_prompts_differ_and_ask_for_every_field():
 
 
 def test_request_bodies_masked_and_unmasked():
-    bench = _bench()
+    bench = load_benchmark("bench_structured_output")
     args = bench.parse_args(["--no-record", "--seed", "10", "--temperature", "0.5"])
     masked, plain = bench.request_body(3, args, True, 642), bench.request_body(3, args, False, 97)
     assert masked["messages"] == plain["messages"] == [{"role": "user", "content": bench.prompt(3)}]
@@ -121,7 +112,7 @@ def test_request_bodies_masked_and_unmasked():
 
 
 def test_a_run_is_summed_up_with_its_invalid_replies():
-    bench = _bench()
+    bench = load_benchmark("bench_structured_output")
     good = bench.reply_text(bench.largest_instance(bench.SCHEMA))
     replies = [
         {"content": good, "finish_reason": "stop", "tokens": 100, "latency_s": 1.0},
@@ -138,7 +129,7 @@ def test_a_run_is_summed_up_with_its_invalid_replies():
 
 
 def test_masked_and_unmasked_are_compared_repeat_by_repeat():
-    bench = _bench()
+    bench = load_benchmark("bench_structured_output")
     masked = [{"tok_s": 90.0}, {"tok_s": 60.0}, {"tok_s": 80.0}]
     unmasked = [{"tok_s": 100.0}, {"tok_s": 100.0}, {"tok_s": 80.0}]
     out = bench.compare(masked, unmasked)

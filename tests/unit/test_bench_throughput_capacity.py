@@ -4,27 +4,14 @@ engine runs when told every length up front (it never reads max_tokens before th
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 from rich.progress import Progress
 
-from tests.helpers import paged_llm
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_throughput.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark, paged_llm
 
 
 def test_capacity_run_ends_requests_at_their_length_and_matches_the_told_schedule(tiny_model_dir):
-    bench = load_bench()
+    bench = load_benchmark("bench_throughput")
     llm = paged_llm(tiny_model_dir, "full", blocks=7, block_size=4, max_num_batched_tokens=16)
     corpus = list(range(3, 400))
     wl = bench.make_workload(corpus, 8, seed=1, pmin=4, pmax=12, omin=4, omax=10)

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from kvcache.errors import KVCacheError
 
-PLUGIN = Path(__file__).resolve().parents[2] / "benchmarks" / "hf_suite_plugin.py"
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def plugin():
-    spec = importlib.util.spec_from_file_location("hf_suite_plugin", PLUGIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("hf_suite_plugin")
 
 
 @pytest.fixture(scope="module")

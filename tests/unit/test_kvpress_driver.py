@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import imported_top_modules
+from tests.helpers import imported_top_modules, load_benchmark
 
 DRIVER = Path(__file__).resolve().parents[2] / "benchmarks" / "kvpress_driver.py"
 
 
 @pytest.fixture(scope="module")
 def driver():
-    spec = importlib.util.spec_from_file_location("kvpress_driver", DRIVER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kvpress_driver")
 
 
 def test_driver_never_imports_kvcache():
