@@ -64,3 +64,41 @@ def test_a_lazy_state_dict_is_consumed_too(tiny_model_dir):
     model = LlamaModel.from_state_dict(load_model(str(tiny_model_dir), progress=False).config, lazy, torch.float32,
                                        "cpu", quantization="int8", consume=True)
     assert len(lazy) == 0 and model.quantization == "int8"
+
+
+def test_a_lazy_matrix_is_read_by_rows_and_quantizes_as_the_whole_tensor(tiny_model_dir, monkeypatch):
+    from kvcache.models import weight_packing as wp
+    from kvcache.models.loader import LazyMatrix
+
+    lazy = load_model(str(tiny_model_dir), progress=False, quantization="int8").state_dict
+    eager = load_model(str(tiny_model_dir), progress=False).state_dict
+    name = "model.embed_tokens.weight"
+    matrix = lazy[name]
+    assert isinstance(matrix, LazyMatrix) and matrix.shape == tuple(eager[name].shape)
+    assert isinstance(lazy["model.norm.weight"], torch.Tensor)  # vectors come whole
+    monkeypatch.setattr(wp, "_ROWS_AT_ONCE", 7)  # several blocks of rows, one of them short
+    reads = []
+    real = LazyMatrix.__getitem__
+    monkeypatch.setattr(LazyMatrix, "__getitem__", lambda self, rows: reads.append(rows) or real(self, rows))
+    for quantize in (wp.quantize_int8, wp.quantize_table, wp.quantize_int4):
+        reads.clear()
+        assert torch.equal(quantize(matrix).data, quantize(eager[name]).data)
+        assert len(reads) == -(-matrix.shape[0] // 7)  # never the whole matrix at once
+
+
+def test_a_lazy_state_dict_reads_bf16_and_f16_and_refuses_other_types_in_one_sentence(tmp_path):
+    from safetensors.torch import save_file
+
+    from kvcache.models.loader import LazyStateDict
+
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(5, 7).to(torch.bfloat16), "b.weight": torch.randn(3, 4).half(),
+               "c.bias": torch.randn(6), "d.scale": torch.randn(2, 3, 4)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    lazy = LazyStateDict([tmp_path / "w.safetensors"])
+    assert torch.equal(lazy["a.weight"][1:4], tensors["a.weight"][1:4])
+    assert torch.equal(lazy["b.weight"][0:3], tensors["b.weight"])
+    assert torch.equal(lazy["c.bias"], tensors["c.bias"]) and torch.equal(lazy["d.scale"], tensors["d.scale"])
+    save_file({"ids": torch.arange(4)}, str(tmp_path / "ints.safetensors"))
+    with pytest.raises(ModelFormatError, match="holds ids as I64; float weights are F32, BF16 or F16"):
+        LazyStateDict([tmp_path / "ints.safetensors"])

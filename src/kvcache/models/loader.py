@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,23 +161,63 @@ class LoadedModel:
     tokenizer: object
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _itemsize(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
+
+
+def _read_values(path: Path, dtype: str, start: int, count: int):
+    """`count` values of `dtype` at byte `start` of a file, read (not mapped) into a torch tensor."""
+    import torch
+
+    with open(path, "rb") as f:
+        data = bytearray(os.pread(f.fileno(), count * _itemsize(dtype), start))
+    return torch.frombuffer(data, dtype=getattr(torch, dtype))  # (count,)
+
+
+class LazyMatrix:
+    """A matrix of a safetensors file, read a block of rows at a time with plain file reads: the
+    load-time quantizers (`weight_packing`) walk it so, and neither its float values nor the
+    file's pages are ever all resident at once (a mapped file keeps every page it has read)."""
+
+    def __init__(self, path: Path, dtype: str, shape: tuple[int, int], start: int):
+        self._path, self._dtype, self._start = path, dtype, start
+        self.shape = shape  # (N, K)
+
+    def __getitem__(self, rows: slice):
+        """Rows `rows` (a slice with step 1) as a torch tensor (n, K) in the file's dtype."""
+        n, k = self.shape
+        lo, hi, _ = rows.indices(n)
+        start = self._start + lo * k * _itemsize(self._dtype)
+        return _read_values(self._path, self._dtype, start, (hi - lo) * k).reshape(hi - lo, k)
+
+
 class LazyStateDict(Mapping):
-    """The tensors of safetensors files, each read from disk when asked for: a model quantized at
-    load holds one float matrix at a time, never the whole float checkpoint."""
+    """The tensors of safetensors files, read from disk when asked for: matrices as `LazyMatrix`
+    (read by rows as they are quantized), vectors whole. A model quantized at load never holds
+    a float matrix whole, let alone the float checkpoint."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, str, tuple, int]] = {}  # name -> (file, dtype, shape, byte start)
         for f in files:
-            with safe_open(str(f), framework="pt") as handle:
-                self._where.update(dict.fromkeys(handle.keys(), f))
+            with open(f, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ModelFormatError(f"{f} holds {name} as {entry['dtype']}; float weights are F32, BF16 or F16.")
+                self._where[name] = (f, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                                     8 + size + entry["data_offsets"][0])
 
     def __getitem__(self, name: str):
-        from safetensors import safe_open
-
-        with safe_open(str(self._where[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+        path, dtype, shape, start = self._where[name]
+        if len(shape) == 2:
+            return LazyMatrix(path, dtype, shape, start)
+        return _read_values(path, dtype, start, math.prod(shape)).reshape(shape)
 
     def pop(self, name: str):
         """The tensor `name`, no longer listed afterwards."""
@@ -194,7 +236,8 @@ def load_model(name: str = DEFAULT_MODEL, progress: bool = True, quantization: s
     """Resolve `name`, then read config, safetensors weights (float32 or as stored) and tokenizer.
 
     quantization "gguf": the GGUF's quantized matrices come back packed (`gguf_weights`);
-    "int8" / "int4": the weights are read lazily (`LazyStateDict`), to be quantized one by one.
+    "int8" / "int4": the weights are read lazily (`LazyStateDict`), each matrix by blocks of rows
+    as it is quantized.
     """
     from safetensors.torch import load_file
 
