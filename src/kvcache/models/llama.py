@@ -88,7 +88,7 @@ class LlamaModel:
         `kernels`: "auto" | "torch" | "onednn" | "native", see `kvcache.models.linear`. `use_native=False`
         keeps every non-matmul step in torch ops (see `kvcache.native`). `quantization`: "none" |
         "gguf" (sd holds `PackedWeight`s) | "int8" | "int4", see `kvcache.models.quantization`;
-        matrices are read from `sd` one at a time (a lazy mapping keeps one float copy resident).
+        matrices are read from `sd` one at a time (a `LazyStateDict` hands them over by blocks of rows).
         `consume=True` pops each entry from `sd` as it is built, so that the parts of a fused
         projection and their joined copy are never all resident at once.
         """
