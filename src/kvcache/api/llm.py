@@ -14,7 +14,8 @@ from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
 from kvcache.models.linear import slow_dtype_reason
 from kvcache.models.llama import LlamaModel
-from kvcache.models.loader import DEFAULT_MODEL, gguf_file, load_model, return_freed_memory
+from kvcache.models.heap import return_freed_memory
+from kvcache.models.loader import DEFAULT_MODEL, gguf_file, load_model
 from kvcache.models.quantization import check_device, resolve_quantization
 
 _DTYPES = {

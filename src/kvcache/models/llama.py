@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from kvcache import native
 from kvcache.models.config import LlamaConfig
 from kvcache.models.fused_decode import FusedDecodeLayers
+from kvcache.models.heap import return_freed_memory
 from kvcache.models.linear import Linear, resolve_kernels
 from kvcache.models.quantization import build_linear, build_table, check_device
 from kvcache.models.quantized_linear import QuantizedLinear
@@ -90,7 +91,8 @@ class LlamaModel:
         "gguf" (sd holds `PackedWeight`s) | "int8" | "int4", see `kvcache.models.quantization`;
         matrices are read from `sd` one at a time (a `LazyStateDict` hands them over by blocks of rows).
         `consume=True` pops each entry from `sd` as it is built, so that the parts of a fused
-        projection and their joined copy are never all resident at once.
+        projection and their joined copy are never all resident at once, and hands the heap's
+        freed pages back to the OS after each layer (the load's peak stays near what it keeps).
         """
         device = torch.device(device)
         check_device(quantization, dtype, device)
@@ -120,6 +122,8 @@ class LlamaModel:
                 gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None),
                 down=linear([p + "mlp.down_proj.weight"], None),
             ))
+            if consume:  # what building the layer freed goes back to the OS before the next is built
+                return_freed_memory()
         embed = build_table(take("model.embed_tokens.weight"), quantization, dtype, device)
         if "lm_head.weight" not in sd or config.tie_word_embeddings:
             head = embed if isinstance(embed, QuantizedLinear) else Linear(embed, None, kernels)

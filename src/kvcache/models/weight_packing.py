@@ -108,23 +108,39 @@ def pack_i8(codes: torch.Tensor, scale: torch.Tensor, in_features: int, source: 
     return PackedWeight("i8", n, in_features, out, source)
 
 
-#: Rows quantized at a time: float temporaries stay ~16 MB whatever the matrix.
+#: Rows quantized and packed at a time (a whole number of tiles): float temporaries and codes
+#: stay ~16 MB whatever the matrix.
 _ROWS_AT_ONCE = 4096
+
+
+def _packed_by_row_blocks(n: int, pack_rows) -> PackedWeight:
+    """A matrix of n rows packed a block of rows at a time: `pack_rows(lo, hi)` quantizes and packs
+    rows lo..hi, and its tiles go straight into the one tile array, so only one block's float
+    values and codes are ever resident beside the result."""
+    step = max(TILE, _ROWS_AT_ONCE // TILE * TILE)
+    out = first = None
+    for lo in range(0, n, step):
+        part = pack_rows(lo, min(n, lo + step))
+        if out is None:
+            first, out = part, torch.empty(-(-n // TILE), part.data.shape[1], dtype=torch.uint8)
+        out[lo // TILE: lo // TILE + part.data.shape[0]] = part.data
+    return PackedWeight(first.fmt, n, first.in_features, out, first.source)
 
 
 def quantize_int8(w: torch.Tensor) -> PackedWeight:
     """Symmetric int8 per output row: scale = max|w| / 127, codes = round(w / scale)."""
     n, k = w.shape
     kp = -(-k // BLOCK) * BLOCK
-    scale = torch.empty(n)
-    codes = torch.zeros(n, kp, dtype=torch.int8)
-    for r in range(0, n, _ROWS_AT_ONCE):
-        part = w[r:r + _ROWS_AT_ONCE].float()
+
+    def rows(lo: int, hi: int) -> PackedWeight:
+        part = w[lo:hi].float()  # (rows, K)
         s = part.abs().amax(1) / 127  # (rows,)
         inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
-        codes[r:r + _ROWS_AT_ONCE, :k] = (part * inv[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-        scale[r:r + _ROWS_AT_ONCE] = s
-    return pack_i8(codes, scale, k)
+        codes = torch.zeros(hi - lo, kp, dtype=torch.int8)
+        codes[:, :k] = (part * inv[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        return pack_i8(codes, s, k)
+
+    return _packed_by_row_blocks(n, rows)
 
 
 def quantize_q8_blocks(w: torch.Tensor) -> PackedWeight:
@@ -134,16 +150,15 @@ def quantize_q8_blocks(w: torch.Tensor) -> PackedWeight:
     if k % BLOCK:
         raise KVCacheError(f"q8 blocks hold {BLOCK} inputs, but the matrix has {k}.")
     nb = k // BLOCK
-    codes = torch.empty(n, k, dtype=torch.int8)
-    d = torch.empty(n, nb, dtype=torch.float16)
-    for r in range(0, n, _ROWS_AT_ONCE):
-        g = w[r:r + _ROWS_AT_ONCE].float().reshape(-1, nb, BLOCK)  # (rows, nb, 32)
-        dr = (g.abs().amax(-1) / 127).half()  # (rows, nb)
-        df = dr.float()[..., None]
+
+    def rows(lo: int, hi: int) -> PackedWeight:
+        g = w[lo:hi].float().reshape(-1, nb, BLOCK)  # (rows, nb, 32)
+        d = (g.abs().amax(-1) / 127).half()  # (rows, nb)
+        df = d.float()[..., None]
         q = torch.where(df > 0, (g / df).round(), torch.zeros_like(g)).clamp_(-127, 127)
-        codes[r:r + _ROWS_AT_ONCE] = q.to(torch.int8).reshape(-1, k)
-        d[r:r + _ROWS_AT_ONCE] = dr
-    return pack_q8(codes, d, "q8")
+        return pack_q8(q.to(torch.int8).reshape(-1, k), d, "q8")
+
+    return _packed_by_row_blocks(n, rows)
 
 
 def table_format(in_features: int) -> str:
@@ -168,17 +183,16 @@ def quantize_int4(w: torch.Tensor, name: str = "a matrix") -> PackedWeight:
         raise KVCacheError(f"int4 weights quantize groups of {BLOCK} inputs, but {name} has {k} inputs; "
                            "use quantization='int8'.")
     nb = k // BLOCK
-    codes = torch.empty(n, k, dtype=torch.uint8)
-    d, m = torch.empty(n, nb, dtype=torch.float16), torch.empty(n, nb, dtype=torch.float16)
-    for r in range(0, n, _ROWS_AT_ONCE):
-        g = w[r:r + _ROWS_AT_ONCE].float().reshape(-1, nb, BLOCK)  # (rows, nb, 32)
-        lo, hi = g.amin(-1), g.amax(-1)  # (rows, nb)
-        dr, mr = ((hi - lo) / 15).half(), lo.half()
-        df, mf = dr.float()[..., None], mr.float()[..., None]
+
+    def rows(lo: int, hi: int) -> PackedWeight:
+        g = w[lo:hi].float().reshape(-1, nb, BLOCK)  # (rows, nb, 32)
+        lo_v, hi_v = g.amin(-1), g.amax(-1)  # (rows, nb)
+        d, m = ((hi_v - lo_v) / 15).half(), lo_v.half()
+        df, mf = d.float()[..., None], m.float()[..., None]
         q = torch.where(df > 0, ((g - mf) / df).round(), torch.zeros_like(g)).clamp_(0, 15)
-        codes[r:r + _ROWS_AT_ONCE] = q.to(torch.uint8).reshape(-1, k)
-        d[r:r + _ROWS_AT_ONCE], m[r:r + _ROWS_AT_ONCE] = dr, mr
-    return pack_q4(codes, d, m, "int4")
+        return pack_q4(q.to(torch.uint8).reshape(-1, k), d, m, "int4")
+
+    return _packed_by_row_blocks(n, rows)
 
 
 def _codes_q4(data: torch.Tensor, tiles: int, nb: int) -> torch.Tensor:
