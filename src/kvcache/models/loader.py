@@ -145,20 +145,16 @@ class LoadedModel:
     tokenizer: object
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # -> torch dtype names
 
 
-def _itemsize(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
-
-
-def _read_values(path: Path, dtype: str, start: int, count: int):
-    """`count` values of `dtype` at byte `start` of a file, read (not mapped) into a torch tensor."""
+def _read_values(path: Path, dtype, start: int, count: int):
+    """`count` values of the torch `dtype` at byte `start` of a file, read (not mapped) into a tensor."""
     import torch
 
     with open(path, "rb") as f:
-        data = bytearray(os.pread(f.fileno(), count * _itemsize(dtype), start))
-    return torch.frombuffer(data, dtype=getattr(torch, dtype))  # (count,)
+        data = bytearray(os.pread(f.fileno(), count * dtype.itemsize, start))
+    return torch.frombuffer(data, dtype=dtype)  # (count,)
 
 
 class LazyMatrix:
@@ -166,15 +162,15 @@ class LazyMatrix:
     load-time quantizers (`weight_packing`) walk it so, and neither its float values nor the
     file's pages are ever all resident at once (a mapped file keeps every page it has read)."""
 
-    def __init__(self, path: Path, dtype: str, shape: tuple[int, int], start: int):
-        self._path, self._dtype, self._start = path, dtype, start
+    def __init__(self, path: Path, dtype, shape: tuple[int, int], start: int):
+        self._path, self._dtype, self._start = path, dtype, start  # dtype: the torch dtype stored
         self.shape = shape  # (N, K)
 
     def __getitem__(self, rows: slice):
         """Rows `rows` (a slice with step 1) as a torch tensor (n, K) in the file's dtype."""
         n, k = self.shape
         lo, hi, _ = rows.indices(n)
-        start = self._start + lo * k * _itemsize(self._dtype)
+        start = self._start + lo * k * self._dtype.itemsize
         return _read_values(self._path, self._dtype, start, (hi - lo) * k).reshape(hi - lo, k)
 
 
@@ -184,7 +180,9 @@ class LazyStateDict(Mapping):
     a float matrix whole, let alone the float checkpoint."""
 
     def __init__(self, files: list[Path]):
-        self._where: dict[str, tuple[Path, str, tuple, int]] = {}  # name -> (file, dtype, shape, byte start)
+        import torch
+
+        self._where: dict[str, tuple] = {}  # name -> (file, torch dtype, shape, byte start)
         for f in files:
             with open(f, "rb") as handle:
                 size = int.from_bytes(handle.read(8), "little")
@@ -194,7 +192,7 @@ class LazyStateDict(Mapping):
                     continue
                 if entry["dtype"] not in _SAFETENSORS_DTYPES:
                     raise ModelFormatError(f"{f} holds {name} as {entry['dtype']}; float weights are F32, BF16 or F16.")
-                self._where[name] = (f, _SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]),
+                self._where[name] = (f, getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]]), tuple(entry["shape"]),
                                      8 + size + entry["data_offsets"][0])
 
     def __getitem__(self, name: str):
