@@ -12,8 +12,9 @@ float model's (nats per position) and its perplexity against the float model's.
   through our int8 (per output row) or int4 (groups of 32) packing, the embedding / output head
   through theirs (`weight_packing.quantize_table`): their rounding alone.
 - `int8` / `int4`: the integer kernels over those codes: both together.
-- `int8 weights, blocks of 32`: the layers' matrices in symmetric int8 with one scale per row
-  and block of 32 (GGUF's Q8_0 layout) instead of per row: what finer scales would save.
+- `int8 weights, blocks of 32`: the layers' matrices in symmetric int8 with one fp16 scale per
+  row and block of 32 (GGUF's Q8_0, `weight_packing.quantize_q8_blocks`) instead of per row:
+  what finer scales would save.
 
     python benchmarks/bench_quantization_error.py --threads 2             # the measured run
     python benchmarks/bench_quantization_error.py --context 128 --no-record  # seconds
@@ -49,23 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def block32_int8(w):
-    """Symmetric int8 with one scale per row and block of 32 inputs, back to float (N, K)."""
-    n, k = w.shape
-    g = w.float().reshape(n, k // 32, 32)  # (N, K/32, 32)
-    s = g.abs().amax(-1, keepdim=True) / 127  # (N, K/32, 1)
-    return (g / s.clamp_min(1e-30)).round().clamp(-127, 127).mul(s).reshape(n, k)
-
-
 def round_trip(sd: dict, how: str) -> dict:
     """A float state dict whose matrices went through `how`'s packing and back."""
-    from kvcache.models.weight_packing import dequantize, quantize_int4, quantize_int8, quantize_table
+    from kvcache.models.weight_packing import (dequantize, quantize_int4, quantize_int8, quantize_q8_blocks,
+                                               quantize_table)
 
-    def layer(w):
-        if how == "int8":
-            return dequantize(quantize_int8(w))
-        return dequantize(quantize_int4(w)) if how == "int4" else block32_int8(w)
-
+    quantize = {"int8": quantize_int8, "int4": quantize_int4, "block32": quantize_q8_blocks}[how]
     out = {}
     for name, w in sd.items():
         if w.dim() != 2:
@@ -73,7 +63,7 @@ def round_trip(sd: dict, how: str) -> dict:
         elif "embed_tokens" in name or name == "lm_head.weight":  # packed as int8 / int4 pack them
             out[name] = dequantize(quantize_table(w))
         else:
-            out[name] = layer(w)
+            out[name] = dequantize(quantize(w))
     return out
 
 
