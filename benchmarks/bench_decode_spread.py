@@ -29,12 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench_quantized_decode import LLAMACPP, llamacpp_inputs, worker_env  # noqa: E402
+from bench_quantized_decode import (LLAMACPP, add_workload_arguments, check_workload, llamacpp_inputs, our_variant,
+                                    worker_env)
 
 from kvcache.bench import record
 from kvcache.bench.common import consoles, require_at_least_one, run_main, save_figure
 from kvcache.errors import KVCacheError
-from kvcache.models.loader import DEFAULT_MODEL
 
 HERE = Path(__file__).resolve().parent
 NO_MMAP = "@nommap"  # llamacpp@nommap: llama.cpp reads the weights into its own memory, as ours hold a copy
@@ -42,7 +42,7 @@ NO_MMAP = "@nommap"  # llamacpp@nommap: llama.cpp reads the weights into its own
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Process-to-process and over-time spread of batch-1 decode speed.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a GGUF model (default {DEFAULT_MODEL})")
+    add_workload_arguments(p)
     p.add_argument("--variants", default="none:bfloat16,gguf:bfloat16,llamacpp",
                    help="comma-separated quantization[:dtype][@thp], llamacpp or llamacpp@nommap (default "
                         "none:bfloat16,gguf:bfloat16,llamacpp; @thp: transparent huge pages, see bench_quantized_decode; "
@@ -50,16 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--together", type=int, default=4, help="live processes per variant (default 4)")
     p.add_argument("--rounds", type=int, default=10,
                    help="rounds, each over the live processes and one fresh process per variant (default 10)")
-    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length in tokens (default 200)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    p.add_argument("--threads", type=int, default=2, help="threads of every process (default 2)")
     p.add_argument("--plot", default=None, help="write tok/s against time to this PNG")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     record.add_arguments(p)
     args = p.parse_args(argv)
-    require_at_least_one(p, args, ("together", "rounds", "prompt_tokens", "threads"))
-    if args.new_tokens < 2:
-        p.error("--new-tokens must be at least 2 (decode speed excludes the first token)")
+    check_workload(p, args)
+    require_at_least_one(p, args, ("together", "rounds"))
     args.variant_list = []
     for v in (v.strip() for v in args.variants.split(",") if v.strip()):
         if v.startswith(LLAMACPP):
@@ -67,8 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 p.error(f"unknown variant '{v}' (llama.cpp runs as {LLAMACPP} or {LLAMACPP + NO_MMAP})")
             args.variant_list.append(v)
             continue
-        v, thp = (v[:-4], "@thp") if v.endswith("@thp") else (v, "")
-        args.variant_list.append(f"{v if ':' in v else v + ':bfloat16'}{thp}")
+        args.variant_list.append(our_variant(p, v))
     if not args.variant_list:
         p.error("--variants is empty")
     args.record_folder = record.parse_folder(p, args)

@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from kvcache.bench import record
 from kvcache.bench.common import consoles, require_at_least_one, run_main
@@ -38,17 +39,39 @@ QUANTIZATIONS = ("none", "gguf", "int8", "int4")
 LLAMACPP = "llamacpp"
 
 
+def add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --prompt-tokens, --new-tokens, --threads: the batch-1 workload a worker runs."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length in tokens (default 200)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    p.add_argument("--threads", type=int, default=2, help="threads of every process (default 2)")
+
+
+def check_workload(p: argparse.ArgumentParser, args) -> None:
+    """One sentence and exit 2 for a workload option out of range."""
+    require_at_least_one(p, args, ("prompt_tokens", "threads"))
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (decode speed excludes the first token)")
+
+
+def our_variant(p: argparse.ArgumentParser, variant: str) -> str:
+    """"quantization[:dtype][@thp]" spelled whole, "quantization:dtype[@thp]" (dtype bfloat16
+    unless given); an unknown quantization is one sentence and exit 2."""
+    v, thp = (variant[:-4], "@thp") if variant.endswith("@thp") else (variant, "")
+    quant, _, dtype = v.partition(":")
+    if quant not in QUANTIZATIONS:
+        p.error(f"unknown quantization '{quant}' in --variants (use {', '.join(QUANTIZATIONS)})")
+    return f"{quant}:{dtype or 'bfloat16'}{thp}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Batch-1 decode speed of each weight quantization, fresh processes.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    add_workload_arguments(p)
     p.add_argument("--variants", default="none:bfloat16,gguf,int8,int4,llamacpp",
                    help="comma-separated quantization[:dtype][@thp] or llamacpp (default "
                         "none:bfloat16,gguf,int8,int4,llamacpp; dtype bfloat16; @thp: transparent huge pages "
                         "for PyTorch's large allocations)")
-    p.add_argument("--prompt-tokens", type=int, default=200, help="prompt length in tokens (default 200)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--repeats", type=int, default=5, help="fresh processes per variant (default 5)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--bandwidth-gbs", type=float, default=27.0,
                    help="memory bandwidth limit of this machine in GB/s (default 27)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON on stdout (the table goes to stderr)")
@@ -56,33 +79,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--serve-rounds", action="store_true", help=argparse.SUPPRESS)  # with --worker: see serve_rounds
     record.add_arguments(p)
     args = p.parse_args(argv)
-    require_at_least_one(p, args, ("prompt_tokens", "repeats", "threads"))
-    if args.new_tokens < 2:
-        p.error("--new-tokens must be at least 2 (decode speed excludes the first token)")
+    check_workload(p, args)
+    require_at_least_one(p, args, ("repeats",))
     if args.bandwidth_gbs <= 0:
         p.error("--bandwidth-gbs must be positive")
     args.variant_list = []
     for v in (s.strip() for s in args.variants.split(",")):
         if not v:
             continue
-        v, thp = (v[:-4], "@thp") if v.endswith("@thp") else (v, "")
-        quant, _, dtype = v.partition(":")
-        if quant == LLAMACPP:
+        if v.removesuffix("@thp").partition(":")[0] == LLAMACPP:
             args.variant_list.append(LLAMACPP)
             continue
-        if quant not in QUANTIZATIONS:
-            p.error(f"unknown quantization '{quant}' in --variants (use {', '.join(QUANTIZATIONS)})")
-        args.variant_list.append(f"{quant}:{dtype or 'bfloat16'}{thp}")
+        args.variant_list.append(our_variant(p, v))
     if not args.variant_list:
         p.error("--variants is empty")
     args.record_folder = None if args.worker else record.parse_folder(p, args)
     return args
 
 
-def _loaded(args):
-    """(the LLM of the variant `args.worker`, the prompt ids, the timed run's params, load seconds),
-    after one warm-up generate. `args.rss_steps` gets the peak RSS after the imports and after
-    the load and warm-up."""
+class Loaded(NamedTuple):
+    """A worker's model, loaded and warmed up, with what it costs."""
+
+    llm: object
+    ids: list[int]  # the prompt
+    params: object  # the timed run's SamplingParams
+    dtype: str
+    load_s: float
+    rss_after_imports: int  # peak RSS bytes
+    rss_after_load: int  # peak RSS bytes, the warm-up generate included
+
+
+def _loaded(args) -> Loaded:
+    """The LLM of the variant `args.worker` after one warm-up generate."""
     import time
 
     from kvcache.api.llm import LLM
@@ -90,7 +118,7 @@ def _loaded(args):
     from kvcache.engine.sampling import SamplingParams
 
     quiet_transformers()
-    args.rss_steps = {"imports": peak_rss_bytes()}
+    after_imports = peak_rss_bytes()
     quant, dtype = args.worker.removesuffix("@thp").split(":")
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=dtype, threads=args.threads, quantization=quant, progress=False,
@@ -99,8 +127,12 @@ def _loaded(args):
     ids = corpus_ids(llm.tokenizer, args.prompt_tokens)
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     llm.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
-    args.rss_steps["load"] = peak_rss_bytes()
-    return llm, ids, params, load_s
+    return Loaded(llm, ids, params, dtype, load_s, after_imports, peak_rss_bytes())
+
+
+def _speeds(out, ids: list[int]) -> dict:
+    """Decode and prefill tok/s of one generate's output."""
+    return {"decode_tok_s": out.metrics.decode_tok_s, "prefill_tok_s": len(ids) / out.metrics.ttft_s}
 
 
 def measure(args) -> dict:
@@ -109,27 +141,23 @@ def measure(args) -> dict:
 
     from kvcache.bench.common import peak_rss_bytes
 
-    llm, ids, params, load_s = _loaded(args)
-    quant, dtype = args.worker.removesuffix("@thp").split(":")
-    out = llm.generate([ids], params)[0]
-    return {"variant": args.worker, "quantization": llm.quantization, "dtype": dtype,
-            "threads": torch.get_num_threads(), "decode_tok_s": out.metrics.decode_tok_s,
-            "prefill_tok_s": len(ids) / out.metrics.ttft_s, "ttft_s": out.metrics.ttft_s, "load_s": load_s,
-            "bytes_per_token": llm.model.bytes_read_per_token, "weight_bytes": llm.model.weight_bytes,
-            "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_imports_bytes": args.rss_steps["imports"],
-            "peak_rss_after_load_bytes": args.rss_steps["load"],
+    m = _loaded(args)
+    out = m.llm.generate([m.ids], m.params)[0]
+    return {"variant": args.worker, "quantization": m.llm.quantization, "dtype": m.dtype,
+            "threads": torch.get_num_threads(), **_speeds(out, m.ids), "ttft_s": out.metrics.ttft_s,
+            "load_s": m.load_s, "bytes_per_token": m.llm.model.bytes_read_per_token,
+            "weight_bytes": m.llm.model.weight_bytes, "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_after_imports_bytes": m.rss_after_imports, "peak_rss_after_load_bytes": m.rss_after_load,
             "token_ids": out.token_ids}
 
 
 def serve_rounds(args) -> None:
     """Load once, print {"ready": ...}, then one timed generate per line read from stdin, each
     printed as one JSON line (`bench_decode_spread.py` keeps many such processes alive at once)."""
-    llm, ids, params, load_s = _loaded(args)
-    print(json.dumps({"ready": True, "load_s": load_s}), flush=True)
+    m = _loaded(args)
+    print(json.dumps({"ready": True, "load_s": m.load_s}), flush=True)
     for _ in sys.stdin:
-        out = llm.generate([ids], params)[0]
-        print(json.dumps({"decode_tok_s": out.metrics.decode_tok_s, "prefill_tok_s": len(ids) / out.metrics.ttft_s}),
-              flush=True)
+        print(json.dumps(_speeds(m.llm.generate([m.ids], m.params)[0], m.ids)), flush=True)
 
 
 def gguf_tensor_bytes(path: Path) -> int:
