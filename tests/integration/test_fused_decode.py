@@ -91,3 +91,7 @@ def test_float_weights_and_mixed_parts_do_not_fuse(tiny_model_dir, quantized_llm
     gate, up = torch.randn(128, 64), torch.randn(128, 64)
     mixed = replace(model.layers[1], gate_up=QuantizedLinear([wp.quantize_int8(gate), up]))
     assert FusedDecodeLayers.build(model.config, [model.layers[0], mixed]) is None
+    # the layer table holds one activation digit count: a layer that differs runs layer by layer
+    down = model.layers[1].down
+    one_digit = replace(model.layers[1], down=QuantizedLinear(down.parts, None, down.dtype, activation_digits=1))
+    assert FusedDecodeLayers.build(model.config, [model.layers[0], one_digit]) is None

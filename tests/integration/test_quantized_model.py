@@ -42,12 +42,17 @@ def run(model: LlamaModel, prompt: torch.Tensor, steps: list[int]) -> tuple[torc
     return pre, torch.stack(dec)
 
 
-def round_activations(x: torch.Tensor) -> torch.Tensor:
-    """x rounded as the kernel rounds it: int8 codes per block of 32 inputs, scale amax / 127."""
+def round_activations(x: torch.Tensor, digits: int = 1) -> torch.Tensor:
+    """x rounded as the kernel rounds it: int8 codes per block of 32 inputs, scale amax / 127; with
+    two digits the residual is rounded alike and added back."""
     g = x.float().reshape(-1, x.shape[-1] // 32, 32)  # (M, nb, 32)
-    amax = g.abs().amax(-1, keepdim=True)
-    codes = (g * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))).round()
-    return (codes * (amax / 127)).reshape(x.shape).to(x.dtype)
+    out = torch.zeros_like(g)
+    for _ in range(digits):
+        amax = g.abs().amax(-1, keepdim=True)
+        codes = (g * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))).round()
+        step = codes * (amax / 127)
+        out, g = out + step, g - step
+    return out.reshape(x.shape).to(x.dtype)
 
 
 def assert_close_but_rounding_flips(q: torch.Tensor, f: torch.Tensor, tol: float) -> None:
@@ -64,11 +69,12 @@ def assert_close_but_rounding_flips(q: torch.Tensor, f: torch.Tensor, tol: float
 class RoundedInput:
     """A float32 linear layer fed the kernel's rounded activations; the result in x's dtype."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight  # (out, in) float32
+    def __init__(self, lin: QuantizedLinear):
+        self.weight = lin.dequantize(torch.float32)  # (out, in)
+        self.digits = lin.activation_digits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(round_activations(x.float()), self.weight).to(x.dtype)
+        return torch.nn.functional.linear(round_activations(x.float(), self.digits), self.weight).to(x.dtype)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -77,8 +83,11 @@ def test_quantized_model_matches_its_dequantized_weights(loaded, quantization, d
     qmodel = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, dtype, quantization=quantization)
     fmodel = LlamaModel.from_state_dict(loaded.config, dequantized_state(loaded.state_dict, quantization), dtype)
     for lw, qw in zip(fmodel.layers, qmodel.layers):
-        lw.qkv, lw.o, lw.gate_up, lw.down = (RoundedInput(lin.dequantize(torch.float32)) for lin in qw.linears())
-    fmodel.lm_head = RoundedInput(qmodel.lm_head.dequantize(torch.float32))
+        lw.qkv, lw.o, lw.gate_up, lw.down = (RoundedInput(lin) for lin in qw.linears())
+    fmodel.lm_head = RoundedInput(qmodel.lm_head)
+    # int8 carries each activation in two int8 digits (`quantization.ACTIVATION_DIGITS`), int4 in one
+    assert {lin.activation_digits for lin in (*qmodel.layers[0].linears(), qmodel.lm_head)} == {
+        2 if quantization == "int8" else 1}
     assert qmodel.quantization == quantization and isinstance(qmodel.layers[0].qkv, QuantizedLinear)
     assert qmodel.lm_head is qmodel.embed  # the tied head reads the one packed table
     prompt = torch.randint(0, loaded.config.vocab_size, (2, 21), generator=torch.Generator().manual_seed(0))

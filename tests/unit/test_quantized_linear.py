@@ -56,26 +56,33 @@ def test_this_machine_runs_its_widest_path():
         assert isa == "avx2"
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference: per row and block of 32, scale amax/127, codes round-half-even(x * 127/amax)."""
+def quantize_activations(x: torch.Tensor, digits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: per row and block of 32, scale amax/127, codes round-half-even(x * 127/amax);
+    with digits=2 each row is followed by its residual x - scale * codes quantized alike."""
     m, k = x.shape
     nb = -(-k // 32)
     xf = torch.zeros(m, nb * 32)
     xf[:, :k] = x.float()
     g = xf.view(m, nb, 32)
-    amax = g.abs().amax(-1)  # (M, nb)
-    # 127 / amax as the kernel divides: torch computes `127 / t` as t.reciprocal() * 127, which
-    # rounds differently and flips a code that lands next to .5 in about one prompt of 15
-    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    codes = (g * inv[..., None]).round()
-    return codes.view(m, nb * 32), amax / 127
+    out_codes, out_scales = [], []
+    for _ in range(digits):
+        amax = g.abs().amax(-1)  # (M, nb)
+        # 127 / amax as the kernel divides: torch computes `127 / t` as t.reciprocal() * 127, which
+        # rounds differently and flips a code that lands next to .5 in about one prompt of 15
+        inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+        codes = (g * inv[..., None]).round()  # (M, nb, 32)
+        out_codes.append(codes.reshape(m, nb * 32))
+        out_scales.append(amax / 127)
+        g = (g.double() - (amax / 127).double()[..., None] * codes.double()).float()  # the residual
+    # rows interleaved as the kernel holds them: row r's digits at r * digits + 0, 1, ...
+    return torch.stack(out_codes, 1).view(m * digits, nb * 32), torch.stack(out_scales, 1).view(m * digits, nb)
 
 
-def reference(x: torch.Tensor, p: wp.PackedWeight) -> torch.Tensor:
+def reference(x: torch.Tensor, p: wp.PackedWeight, digits: int = 1) -> torch.Tensor:
     """x quantized as the kernel does, times the dequantized weight, in float64: (M, N)."""
-    codes, scale = quantize_activations(x)
-    xdq = (codes.double().view(x.shape[0], -1, 32) * scale.double()[..., None]).view(x.shape[0], -1)
-    return xdq[:, : p.in_features] @ wp.dequantize(p).double().T
+    codes, scale = quantize_activations(x, digits)
+    xdq = (codes.double().view(codes.shape[0], -1, 32) * scale.double()[..., None]).view(x.shape[0], digits, -1)
+    return xdq.sum(1)[:, : p.in_features] @ wp.dequantize(p).double().T
 
 
 def random_weight(fmt: str, n: int, k: int) -> wp.PackedWeight:
@@ -99,14 +106,15 @@ CASES = [(fmt, n, k) for fmt, shapes in SHAPES.items() for n, k in shapes]
 @pytest.mark.parametrize("fmt,n,k", CASES)
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 16, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_the_reference_on_every_path(builds, fmt, n, k, rows, dtype):
+@pytest.mark.parametrize("digits", [1, 2])
+def test_kernel_matches_the_reference_on_every_path(builds, fmt, n, k, rows, dtype, digits):
     p = random_weight(fmt, n, k)
     x = (torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)) * 3).to(dtype)
     x[0, : min(k, 32)] = 0  # an all-zero block
-    want = reference(x, p)
+    want = reference(x, p, digits)
     for isa, kern in builds.items():
         y = torch.full((rows, n + 3), 7.0, dtype=dtype)  # written at column 2 of a wider output
-        kern.matmul(x, p.data, wp.FORMAT_CODES[fmt], n, y, col=2)
+        kern.matmul(x, p.data, wp.FORMAT_CODES[fmt], n, y, col=2, digits=digits)
         got = y[:, 2 : n + 2].double()
         tol = 1e-5 if dtype == torch.float32 else 8e-3  # fp32 sums; bf16 output rounding
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()), msg=isa)
@@ -138,15 +146,27 @@ def test_paths_agree_and_rows_do_not_depend_on_each_other(builds):
         torch.testing.assert_close(y, results[qlinear.kernels().isa], rtol=1e-6, atol=1e-5)
 
 
-def test_activation_quantization_matches_the_reference(builds):
+@pytest.mark.parametrize("digits", [1, 2])
+def test_activation_quantization_matches_the_reference(builds, digits):
     x = torch.randn(3, 70) * torch.logspace(-3, 2, 70)
     x[1, 32:64] = 0
-    codes, scale = quantize_activations(x)
+    codes, scale = quantize_activations(x, digits)
     for isa, kern in builds.items():
-        xq, xd, xs = kern.quantize_activations(x)
+        xq, xd, xs = kern.quantize_activations(x, digits)
         assert torch.equal(xq.float(), codes), isa
         assert torch.equal(xd, scale), isa
-        assert torch.equal(xs, codes.view(3, -1, 32).sum(-1).int()), isa
+        assert torch.equal(xs, codes.view(3 * digits, -1, 32).sum(-1).int()), isa
+
+
+def test_two_digits_carry_the_activations_far_closer_than_one(builds):
+    x = torch.randn(4, 96) * torch.logspace(-2, 1, 96)
+    kern = qlinear.kernels()
+    errs = []
+    for digits in (1, 2):
+        xq, xd, _ = kern.quantize_activations(x, digits)
+        back = (xq.float().view(4 * digits, 3, 32) * xd[..., None]).view(4, digits, 96).sum(1)
+        errs.append((back - x).abs().max().item())
+    assert errs[1] < errs[0] / 100
 
 
 @pytest.mark.parametrize("fmt,n,k", CASES)

@@ -48,12 +48,16 @@ class FusedDecodeLayers:
         if kernel is None:
             return None
         rows, keep = [], []
+        digits = {lin.activation_digits for lw in layers for lin in lw.linears()}
+        if len(digits) != 1:  # the table holds one digit count per layer; mixed models run layer by layer
+            return None
         for lw, mats in zip(layers, mats_of):
             qkv, o, gu, down = mats
             keep += [lw.attn_norm, lw.mlp_norm, *(m.data for m in mats)]
             rows.append([lw.attn_norm.data_ptr(), qkv.data.data_ptr(), FORMAT_CODES[qkv.fmt],
                          o.data.data_ptr(), FORMAT_CODES[o.fmt], lw.mlp_norm.data_ptr(),
-                         gu.data.data_ptr(), FORMAT_CODES[gu.fmt], down.data.data_ptr(), FORMAT_CODES[down.fmt]])
+                         gu.data.data_ptr(), FORMAT_CODES[gu.fmt], down.data.data_ptr(), FORMAT_CODES[down.fmt],
+                         *digits])
         table = torch.tensor(rows, dtype=torch.int64)  # (L, fields)
         if table.shape[1] != kernel.layer_fields:
             raise RuntimeError(f"decode_layers.c takes {kernel.layer_fields} fields per layer, not {table.shape[1]}.")

@@ -2,7 +2,9 @@
 
 - "none": float weights in the model dtype (a GGUF is dequantized once and cached).
 - "gguf": a GGUF's own formats kept packed (Q8_0, Q4_0, Q4_1; `gguf_weights`).
-- "int8": the layers' matrices quantized at load, symmetric per output row.
+- "int8": the layers' matrices quantized at load, symmetric per output row; its kernels carry
+  each activation in two int8 digits (`ACTIVATION_DIGITS`), since one costs about as much
+  quality as the weights' own rounding (benchmarks/bench_quantization_error.py).
 - "int4": the layers' matrices quantized at load in groups of 32 inputs (scale and minimum).
   Under both, the token embedding and output head take 8 bits with a scale per block of 32
   (`weight_packing.table_format`), as quantized GGUFs keep them.
@@ -25,6 +27,9 @@ from kvcache.models.quantized_linear import QuantizedLinear
 from kvcache.models.weight_packing import PackedWeight, quantize_int4, quantize_int8, quantize_table
 
 QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4")
+# int8 digits per activation in the integer kernels (1 where not named): two carry an activation
+# almost exactly at twice the integer work; "int8" takes them to stay within +0.5% of "none".
+ACTIVATION_DIGITS = {"int8": 2}
 
 
 def auto_quantization(gguf_path: Path | None, dtype: torch.dtype, device: torch.device) -> str:
@@ -73,7 +78,7 @@ def build_linear(weights: list, bias: torch.Tensor | None, quantization: str, dt
         return Linear(w, bias, kernels)
     if quantization in ("int8", "int4"):
         weights = [_quantize(w, quantization, f"{name} ({w.shape[0]} x {w.shape[1]})") for w in weights]
-    return QuantizedLinear(weights, bias, dtype)
+    return QuantizedLinear(weights, bias, dtype, ACTIVATION_DIGITS.get(quantization, 1))
 
 
 def build_table(weight, quantization: str, dtype: torch.dtype, device) -> torch.Tensor | QuantizedLinear:
@@ -82,7 +87,7 @@ def build_table(weight, quantization: str, dtype: torch.dtype, device) -> torch.
     if isinstance(weight, PackedWeight):
         return QuantizedLinear([weight], None, dtype)
     if quantization in ("int8", "int4"):
-        return QuantizedLinear([quantize_table(weight)], None, dtype)
+        return QuantizedLinear([quantize_table(weight)], None, dtype, ACTIVATION_DIGITS.get(quantization, 1))
     return weight.to(device=device, dtype=dtype)
 
 

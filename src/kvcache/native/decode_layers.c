@@ -15,7 +15,8 @@
  * the residual sum rounded to bf16 once per add, as torch's bf16 add does.
  *
  * layers: (L, DL_FIELDS) int64 per layer: attn_norm, qkv codes, qkv format, o codes,
- * o format, mlp_norm, gate_up codes, gate_up format, down codes, down format.
+ * o format, mlp_norm, gate_up codes, gate_up format, down codes, down format, activation digits
+ * of the four matrices (qlinear.c).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,11 +25,11 @@
 #include "bf16.h"
 
 enum { DL_ATTN_NORM, DL_QKV, DL_QKV_FMT, DL_O, DL_O_FMT, DL_MLP_NORM, DL_GU, DL_GU_FMT, DL_DOWN, DL_DOWN_FMT,
-       DL_FIELDS };
+       DL_DIGITS, DL_FIELDS };
 
 /* kernels.c and qlinear.c, compiled into the same library */
 void ql_matmul(const void* x, const uint8_t* w, void* y, int64_t M, int64_t K, int64_t N, int64_t ldy, int fmt,
-               int io_bf16);
+               int digits, int io_bf16);
 void rms_norm_f32(const float* x, const float* w, float* out, int64_t rows, int64_t n, float eps);
 void rms_norm_bf16(const bf16* x, const bf16* w, bf16* out, int64_t rows, int64_t n, float eps);
 void rotary_f32(float* x, const float* cos_t, const float* sin_t, const int64_t* pos, int64_t rows,
@@ -84,7 +85,7 @@ void dl_decode_layers(void* x, const int64_t* layers, int64_t L, int64_t B, int6
         char* kl = (char*)k + l * layer_stride * es;
         char* vl = (char*)v + l * layer_stride * es;
         rms_norm(x, (const void*)w[DL_ATTN_NORM], h, B, H, eps, bf);
-        ql_matmul(h, (const uint8_t*)w[DL_QKV], qkv, B, H, heads * D, heads * D, (int)w[DL_QKV_FMT], bf);
+        ql_matmul(h, (const uint8_t*)w[DL_QKV], qkv, B, H, heads * D, heads * D, (int)w[DL_QKV_FMT], (int)w[DL_DIGITS], bf);
         if (bf) rotary_bf16((bf16*)qkv, cos_t, sin_t, pos, B, heads, Hq + Hkv, D);
         else rotary_f32((float*)qkv, cos_t, sin_t, pos, B, heads, Hq + Hkv, D);
         for (int64_t b = 0; b < B; b++) {
@@ -100,13 +101,13 @@ void dl_decode_layers(void* x, const int64_t* layers, int64_t L, int64_t B, int6
                                  0, head_stride, scale, NULL, NULL, NULL);
         else decode_attn_f32((float*)q, (float*)att, (float*)kl, (float*)vl, table, lo, hi, B, Hq, Hkv, D, NB, bs,
                              0, head_stride, scale, NULL, NULL, NULL);
-        ql_matmul(att, (const uint8_t*)w[DL_O], proj, B, Hq * D, H, H, (int)w[DL_O_FMT], bf);
+        ql_matmul(att, (const uint8_t*)w[DL_O], proj, B, Hq * D, H, H, (int)w[DL_O_FMT], (int)w[DL_DIGITS], bf);
         add_into(x, proj, B * H, bf);
         rms_norm(x, (const void*)w[DL_MLP_NORM], h, B, H, eps, bf);
-        ql_matmul(h, (const uint8_t*)w[DL_GU], gu, B, H, 2 * I, 2 * I, (int)w[DL_GU_FMT], bf);
+        ql_matmul(h, (const uint8_t*)w[DL_GU], gu, B, H, 2 * I, 2 * I, (int)w[DL_GU_FMT], (int)w[DL_DIGITS], bf);
         if (bf) silu_mul_bf16((bf16*)gu, (bf16*)act, B, I);
         else silu_mul_f32((float*)gu, (float*)act, B, I);
-        ql_matmul(act, (const uint8_t*)w[DL_DOWN], proj, B, I, H, H, (int)w[DL_DOWN_FMT], bf);
+        ql_matmul(act, (const uint8_t*)w[DL_DOWN], proj, B, I, H, H, (int)w[DL_DOWN_FMT], (int)w[DL_DIGITS], bf);
         add_into(x, proj, B * H, bf);
     }
     free(h);

@@ -17,7 +17,10 @@
  *              8 chunks each, and after a tile's last block its 16 fp32 scales (64 bytes).
  *
  * Activations are quantized per row and block of 32 to int8 (scale amax / 127, round to
- * nearest even), as the dot products need; each block's integer sum is scaled in fp32.
+ * nearest even), as the dot products need; each block's integer sum is scaled in fp32. With
+ * two digits (the caller's choice: our int8 quantization takes them) each row also gets its
+ * rounding residual as a second int8 row over the same weight bytes, so activations are
+ * carried almost exactly at twice the integer work and no more weight traffic.
  * Paths: AVX-512 VNNI (vpdpbusd), AVX2 (vpmaddubsw), plain C; all compute the same integer
  * sums, so they differ only in the order of the fp32 additions.
  */
@@ -70,43 +73,53 @@ static inline float ql_half(uint16_t h) { /* IEEE fp16 -> fp32 */
     return f;
 }
 
-/* ---- Activations: x (M, K) fp32 or bf16 -> xq (M, nb*32) int8 (zero past K), per block the
- * scale xd = amax / 127 and xds = xd * (sum of the block's codes). ------------------------ */
-static void ql_quantize_rows(const void* x, int bf16_in, int64_t M, int64_t K, int64_t nb, int8_t* xq, float* xd,
-                             float* xds, int32_t* xs) {
+/* ---- Activations: x (M, K) fp32 or bf16 -> xq (M * digits, nb*32) int8 (zero past K); per
+ * block the scale xd = amax / 127, the code sum xs and xds = xd * xs. With digits = 2 (int8
+ * weights), row 2r + 1 holds a second digit: the block's rounding residual x - xd * q,
+ * quantized the same way, so that the two rows together carry x to within amax / 64516
+ * (one digit: amax / 254). --------------------------------------------------------------------- */
+static inline void ql_quantize_block(const float* v, int8_t* q, float* xd, int32_t* xs, float* xds) {
+    float amax = 0.f;
+    for (int i = 0; i < QL_BLOCK; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
+    float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int i = 0; i < QL_BLOCK; i++) {
+        int32_t c = (int32_t)nearbyintf(v[i] * id);
+        q[i] = (int8_t)c;
+        s += c;
+    }
+    *xd = d;
+    *xs = s;
+    *xds = d * (float)s;
+}
+
+static void ql_quantize_rows(const void* x, int bf16_in, int64_t M, int64_t K, int64_t nb, int digits, int8_t* xq,
+                             float* xd, float* xds, int32_t* xs) {
     _Pragma("omp parallel for schedule(static) if (M * K > 65536)")
     for (int64_t r = 0; r < M; r++) {
         float buf[QL_BLOCK];
         for (int64_t b = 0; b < nb; b++) {
             int64_t k0 = b * QL_BLOCK, n = K - k0 < QL_BLOCK ? K - k0 : QL_BLOCK;
-            float amax = 0.f;
-            for (int64_t i = 0; i < QL_BLOCK; i++) {
-                float v = 0.f;
-                if (i < n) v = bf16_in ? bf16_to_f32(((const bf16*)x)[r * K + k0 + i]) : ((const float*)x)[r * K + k0 + i];
-                buf[i] = v;
-                float a = fabsf(v);
-                amax = a > amax ? a : amax;
+            for (int64_t i = 0; i < QL_BLOCK; i++)
+                buf[i] = i >= n ? 0.f : bf16_in ? bf16_to_f32(((const bf16*)x)[r * K + k0 + i])
+                                                : ((const float*)x)[r * K + k0 + i];
+            for (int g = 0; g < digits; g++) {
+                int64_t row = r * digits + g, i = row * nb + b;
+                int8_t* q = xq + row * nb * QL_BLOCK + k0;
+                ql_quantize_block(buf, q, xd + i, xs + i, xds + i);
+                for (int e = 0; e < QL_BLOCK; e++) /* what the next digit carries (d * q is exact in double) */
+                    buf[e] = (float)((double)buf[e] - (double)xd[i] * (double)q[e]);
             }
-            float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-            int32_t s = 0;
-            int8_t* q = xq + r * nb * QL_BLOCK + k0;
-            for (int64_t i = 0; i < QL_BLOCK; i++) {
-                int32_t c = (int32_t)nearbyintf(buf[i] * id);
-                q[i] = (int8_t)c;
-                s += c;
-            }
-            xd[r * nb + b] = d;
-            xs[r * nb + b] = s;
-            xds[r * nb + b] = d * (float)s;
         }
     }
 }
 
-/* Quantize x as the matmul does (for tests): xq (M, nb*32), xd (M, nb), xs (M, nb). */
-void ql_quantize_activations(const void* x, int bf16_in, int64_t M, int64_t K, int8_t* xq, float* xd, int32_t* xs) {
+/* Quantize x as the matmul does (for tests): xq (M * digits, nb*32), xd and xs (M * digits, nb). */
+void ql_quantize_activations(const void* x, int bf16_in, int64_t M, int64_t K, int digits, int8_t* xq, float* xd,
+                             int32_t* xs) {
     int64_t nb = (K + QL_BLOCK - 1) / QL_BLOCK;
-    float* xds = malloc(sizeof(float) * M * nb);
-    ql_quantize_rows(x, bf16_in, M, K, nb, xq, xd, xds, xs);
+    float* xds = malloc(sizeof(float) * M * digits * nb);
+    ql_quantize_rows(x, bf16_in, M, K, nb, digits, xq, xd, xds, xs);
     free(xds);
 }
 
@@ -284,24 +297,26 @@ static inline void ql_tile(int fmt, const uint8_t* wt, int64_t nb, const int8_t*
 #endif
 
 /* y (M, N) [row stride ldy] = x (M, K) @ W^T for W packed in `fmt` tiles (N rounded up to 16
- * rows, K to 32 inputs). x and y are fp32, or bf16 where io_bf16. Threads split the tiles;
+ * rows, K to 32 inputs), x's activations quantized to `digits` (1 or 2) int8 digits per row. x and y
+ * are fp32, or bf16 where io_bf16. Threads split the tiles;
  * each streams its tiles once, QL_ROWS rows of x at a time (a tile stays in cache between). */
 void ql_matmul(const void* x, const uint8_t* w, void* y, int64_t M, int64_t K, int64_t N, int64_t ldy, int fmt,
-               int io_bf16) {
+               int digits, int io_bf16) {
     int64_t nb = (K + QL_BLOCK - 1) / QL_BLOCK, tiles = (N + QL_TILE - 1) / QL_TILE, tb = ql_tile_bytes(fmt, nb);
     int64_t xstride = nb * QL_BLOCK;
-    int8_t* xq = aligned_alloc(64, ((M * xstride + 63) / 64) * 64);
-    float* xd = malloc(sizeof(float) * M * nb);
-    float* xds = malloc(sizeof(float) * M * nb);
-    int32_t* xs = malloc(sizeof(int32_t) * M * nb);
-    ql_quantize_rows(x, io_bf16, M, K, nb, xq, xd, xds, xs);
+    const int64_t Mq = M * digits;
+    int8_t* xq = aligned_alloc(64, ((Mq * xstride + 63) / 64) * 64);
+    float* xd = malloc(sizeof(float) * Mq * nb);
+    float* xds = malloc(sizeof(float) * Mq * nb);
+    int32_t* xs = malloc(sizeof(int32_t) * Mq * nb);
+    ql_quantize_rows(x, io_bf16, M, K, nb, digits, xq, xd, xds, xs);
     _Pragma("omp parallel for schedule(static)")
     for (int64_t t = 0; t < tiles; t++) {
         float out[QL_ROWS * QL_TILE];
         const uint8_t* wt = w + t * tb;
         int64_t o0 = t * QL_TILE, n = N - o0 < QL_TILE ? N - o0 : QL_TILE;
-        for (int64_t r0 = 0; r0 < M; r0 += QL_ROWS) {
-            int R = M - r0 < QL_ROWS ? (int)(M - r0) : QL_ROWS;
+        for (int64_t r0 = 0; r0 < Mq; r0 += QL_ROWS) { /* QL_ROWS is even: a row's digits share a pass */
+            int R = Mq - r0 < QL_ROWS ? (int)(Mq - r0) : QL_ROWS;
             const int8_t* xr = xq + r0 * xstride;
             const float *dr = xd + r0 * nb, *dsr = xds + r0 * nb;
             const int32_t* sr = xs + r0 * nb;
@@ -315,8 +330,12 @@ void ql_matmul(const void* x, const uint8_t* w, void* y, int64_t M, int64_t K, i
             case 2: ql_tile(fmt, wt, nb, xr, dr, dsr, sr, xstride, 2, out); break;
             default: ql_tile(fmt, wt, nb, xr, dr, dsr, sr, xstride, 1, out);
             }
-            void* yr = io_bf16 ? (void*)((uint16_t*)y + r0 * ldy) : (void*)((float*)y + r0 * ldy);
-            ql_store(out, R, yr, io_bf16, ldy, o0, n);
+            if (digits == 2) /* a row's result: its two digits' sums added */
+                for (int r = 0; r < R / 2; r++)
+                    for (int j = 0; j < QL_TILE; j++) out[r * QL_TILE + j] = out[2 * r * QL_TILE + j] + out[(2 * r + 1) * QL_TILE + j];
+            int64_t y0 = r0 / digits;
+            void* yr = io_bf16 ? (void*)((uint16_t*)y + y0 * ldy) : (void*)((float*)y + y0 * ldy);
+            ql_store(out, R / digits, yr, io_bf16, ldy, o0, n);
         }
     }
     free(xq);

@@ -23,9 +23,9 @@ class QLinearKernels:
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-        lib.ql_matmul.argtypes = [_P, _P, _P, _I, _I, _I, _I, _C, _C]
+        lib.ql_matmul.argtypes = [_P, _P, _P, _I, _I, _I, _I, _C, _C, _C]
         lib.ql_dequantize.argtypes = [_P, _C, _I, _I, _P, _I, _P, _C]
-        lib.ql_quantize_activations.argtypes = [_P, _C, _I, _I, _P, _P, _P]
+        lib.ql_quantize_activations.argtypes = [_P, _C, _I, _I, _C, _P, _P, _P]
         lib.ql_tile_bytes.argtypes, lib.ql_tile_bytes.restype = [_C, _I], _I
         lib.ql_isa.argtypes, lib.ql_isa.restype = [], _C
         lib.dl_decode_layers.argtypes = [_P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _I, _I,
@@ -43,12 +43,14 @@ class QLinearKernels:
     def tile_bytes(self, fmt_code: int, blocks: int) -> int:
         return self.lib.ql_tile_bytes(fmt_code, blocks)
 
-    def matmul(self, x: torch.Tensor, data: torch.Tensor, fmt_code: int, n: int, y: torch.Tensor, col: int = 0) -> None:
+    def matmul(self, x: torch.Tensor, data: torch.Tensor, fmt_code: int, n: int, y: torch.Tensor, col: int = 0,
+               digits: int = 1) -> None:
         """y[:, col:col+n] = x (M, K) @ W^T for W packed in `data`; x contiguous, y (M, ldy) with
-        unit column stride, both of one dtype (fp32 or bf16)."""
+        unit column stride, both of one dtype (fp32 or bf16); x's activations quantized to `digits`
+        int8 digits per row (1, or 2: twice the integer work, almost no activation rounding)."""
         m, k = x.shape
         ptr = y.data_ptr() + col * y.element_size()
-        self.lib.ql_matmul(x.data_ptr(), data.data_ptr(), ptr, m, k, n, y.stride(0), fmt_code,
+        self.lib.ql_matmul(x.data_ptr(), data.data_ptr(), ptr, m, k, n, y.stride(0), fmt_code, digits,
                            int(x.dtype == torch.bfloat16))
 
     def decode_layers(self, x: torch.Tensor, layers: torch.Tensor, heads: tuple[int, int, int], inter: int,
@@ -80,16 +82,17 @@ class QLinearKernels:
                                int(dtype == torch.bfloat16))
         return out.view(*ids.shape, k)
 
-    def quantize_activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (M, K) as the matmul quantizes it: codes (M, nb*32) int8, scales (M, nb) fp32 and
-        code sums (M, nb) int32, per block of 32."""
+    def quantize_activations(self, x: torch.Tensor, digits: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (M, K) as the matmul quantizes it: codes (M * digits, nb*32) int8, scales (M * digits, nb)
+        fp32 and code sums (M * digits, nb) int32, per block of 32; with `digits=2` (what int8 weights
+        get) row 2r + 1 is the second digit of row r, its rounding residual quantized alike."""
         x = x.contiguous()
         m, k = x.shape
         nb = -(-k // 32)
-        xq = torch.empty(m, nb * 32, dtype=torch.int8)
-        xd = torch.empty(m, nb, dtype=torch.float32)
-        xs = torch.empty(m, nb, dtype=torch.int32)
-        self.lib.ql_quantize_activations(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, xq.data_ptr(),
+        xq = torch.empty(m * digits, nb * 32, dtype=torch.int8)
+        xd = torch.empty(m * digits, nb, dtype=torch.float32)
+        xs = torch.empty(m * digits, nb, dtype=torch.int32)
+        self.lib.ql_quantize_activations(x.data_ptr(), int(x.dtype == torch.bfloat16), m, k, digits, xq.data_ptr(),
                                          xd.data_ptr(), xs.data_ptr())
         return xq, xd, xs
 
