@@ -34,3 +34,20 @@ def test_round_trips_pack_the_table_as_the_models_do_and_keep_vectors():
     int4 = bench.round_trip(sd, "int4")
     assert torch.equal(int4["model.layers.0.mlp.down_proj.weight"],
                        wp.dequantize(wp.quantize_int4(sd["model.layers.0.mlp.down_proj.weight"])))
+
+
+def test_an_int8_models_weights_come_back_by_their_names(tiny_model_dir):
+    from kvcache.models.llama import LlamaModel
+    from kvcache.models.loader import load_model
+
+    loaded = load_model(str(tiny_model_dir), progress=False)
+    sd = dict(loaded.state_dict)
+    model = LlamaModel.from_state_dict(loaded.config, sd, quantization="int8")  # each weight to nearest
+    bench = load_benchmark("bench_quantization_error")
+    back, want = bench.dequantized_state(model, sd), bench.round_trip(sd, "int8")
+    for name, w in sd.items():
+        if "layers." in name and w.dim() == 2:
+            assert torch.equal(back[name], want[name]), name
+    with bench.one_activation_digit(model):
+        assert {lin.activation_digits for lin in model.layers[0].linears()} == {1}
+    assert {lin.activation_digits for lin in model.layers[0].linears()} == {2}

@@ -12,6 +12,7 @@ from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
+from kvcache.models.calibrated_int8 import calibration_ids
 from kvcache.models.linear import slow_dtype_reason
 from kvcache.models.llama import LlamaModel
 from kvcache.models.heap import return_freed_memory
@@ -113,8 +114,10 @@ class LLM:
         loaded = load_model(model, progress=progress, quantization=self.quantization)
         self.name, self.model_dir, self.config = model, loaded.model_dir, loaded.config
         self.tokenizer = loaded.tokenizer
+        calibration = calibration_ids(self.tokenizer) if self.quantization == "int8" else None
         self.model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, self.dtype, self.device, kernels,
-                                                quantization=self.quantization, consume=True)
+                                                quantization=self.quantization, consume=True,
+                                                calibration_ids=calibration, progress=progress)
         del loaded.state_dict
         return_freed_memory()
         native = self.config.max_position_embeddings

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcache import native
+from kvcache.models.calibrated_int8 import recalibrate
 from kvcache.models.config import LlamaConfig
 from kvcache.models.fused_decode import FusedDecodeLayers
 from kvcache.models.heap import return_freed_memory
@@ -77,13 +78,18 @@ class LlamaModel:
                        and native.fits(c.head_dim, c.num_heads, c.num_kv_heads))
         self.rope = RotaryTable(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings,
                                 self.device, self.dtype)
-        # every layer of a decode step in one native call, where all projections are packed matrices
-        self.fused_layers = FusedDecodeLayers.build(c, layers) if self.native else None
+        self.bind_fused_layers()
+
+    def bind_fused_layers(self) -> None:
+        """Every layer of a decode step in one native call, where all projections are packed matrices
+        (built again after a projection is replaced: the call holds their addresses)."""
+        self.fused_layers = FusedDecodeLayers.build(self.config, self.layers) if self.native else None
 
     @classmethod
     def from_state_dict(cls, config: LlamaConfig, sd, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", kernels: str = "auto",
-                        use_native: bool = True, quantization: str = "none", consume: bool = False) -> "LlamaModel":
+                        use_native: bool = True, quantization: str = "none", consume: bool = False,
+                        calibration_ids: list[int] | None = None, progress: bool = False) -> "LlamaModel":
         """Build from Hugging Face-named weights (`model.layers.N.self_attn.q_proj.weight`, ...).
 
         `kernels`: "auto" | "torch" | "onednn" | "native", see `kvcache.models.linear`. `use_native=False`
@@ -93,6 +99,9 @@ class LlamaModel:
         `consume=True` pops each entry from `sd` as it is built, so that the parts of a fused
         projection and their joined copy are never all resident at once, and hands the heap's
         freed pages back to the OS after each layer (the load's peak stays near what it keeps).
+        `calibration_ids` (under "int8"): tokens whose activations the projections' rounding is
+        compensated against (`calibrated_int8`; `progress` shows a bar); without them each weight
+        rounds to nearest.
         """
         device = torch.device(device)
         check_device(quantization, dtype, device)
@@ -104,8 +113,14 @@ class LlamaModel:
         def get(name: str) -> torch.Tensor:
             return take(name).to(device=device, dtype=dtype)
 
-        def linear(names: list[str], bias: torch.Tensor | None, q: str = quantization) -> Linear | QuantizedLinear:
-            return build_linear([take(n) for n in names], bias, q, dtype, device, kernels, names[0])
+        calibrate = quantization == "int8" and bool(calibration_ids)
+        float_parts: dict[tuple[int, str], list] = {}  # what each projection is re-rounded from
+
+        def linear(names: list[str], bias: torch.Tensor | None, key: tuple[int, str]) -> Linear | QuantizedLinear:
+            parts = [take(n) for n in names]
+            if calibrate:
+                float_parts[key] = parts
+            return build_linear(parts, bias, quantization, dtype, device, kernels, names[0])
 
         layers = []
         for i in range(config.num_layers):
@@ -116,11 +131,11 @@ class LlamaModel:
                 bqkv = torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")], 0)
             layers.append(LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                qkv=linear([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], bqkv),
-                o=linear([a + "o_proj.weight"], None),
+                qkv=linear([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], bqkv, (i, "qkv")),
+                o=linear([a + "o_proj.weight"], None, (i, "o")),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None),
-                down=linear([p + "mlp.down_proj.weight"], None),
+                gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None, (i, "gate_up")),
+                down=linear([p + "mlp.down_proj.weight"], None, (i, "down")),
             ))
             if consume:  # what building the layer freed goes back to the OS before the next is built
                 return_freed_memory()
@@ -132,6 +147,9 @@ class LlamaModel:
             head = head if isinstance(head, QuantizedLinear) else Linear(head, None, kernels)
         model = cls(config, embed, layers, get("model.norm.weight"), head, use_native)
         model.quantization = quantization
+        if float_parts:
+            recalibrate(model, float_parts, calibration_ids[: config.max_position_embeddings], progress)
+            model.bind_fused_layers()
         return model
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:

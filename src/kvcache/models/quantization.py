@@ -2,9 +2,11 @@
 
 - "none": float weights in the model dtype (a GGUF is dequantized once and cached).
 - "gguf": a GGUF's own formats kept packed (Q8_0, Q4_0, Q4_1; `gguf_weights`).
-- "int8": the layers' matrices quantized at load, symmetric per output row; its kernels carry
-  each activation in two int8 digits (`ACTIVATION_DIGITS`), since one costs about as much
-  quality as the weights' own rounding (benchmarks/bench_quantization_error.py).
+- "int8": the layers' matrices quantized at load, symmetric per output row, each projection's
+  rounding compensated against the model's activations over calibration tokens where `LLM`
+  loads it (`calibrated_int8`); its kernels carry each activation in two int8 digits
+  (`ACTIVATION_DIGITS`), since one costs more quality than the weights' rounding
+  (benchmarks/bench_quantization_error.py).
 - "int4": the layers' matrices quantized at load in groups of 32 inputs (scale and minimum).
   Under both, the token embedding and output head take 8 bits with a scale per block of 32
   (`weight_packing.table_format`), as quantized GGUFs keep them.

@@ -1,4 +1,4 @@
-"""Compile `kernels.c` (with `qlinear.c` and `decode_layers.c`) once per machine with the C compiler; load it with ctypes.
+"""Compile `kernels.c` (with `qlinear.c`, `decode_layers.c` and `round_compensated.c`) once per machine with the C compiler; load it with ctypes.
 
 The shared object is cached under `cache_home()/native/`, named by a hash of the source,
 the flags and the compiler's version, so an edit or a new machine triggers a rebuild. A
@@ -22,7 +22,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
 #: Compiled into the same library: the quantized-weight linear kernels and the fused decode layers.
-EXTRA_SOURCES = (Path(__file__).with_name("qlinear.c"), Path(__file__).with_name("decode_layers.c"))
+EXTRA_SOURCES = tuple(Path(__file__).with_name(n) for n in ("qlinear.c", "decode_layers.c", "round_compensated.c"))
 HEADERS = (Path(__file__).with_name("bf16.h"),)  # included by the sources: part of the cache key
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 

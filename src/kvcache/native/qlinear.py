@@ -31,7 +31,9 @@ class QLinearKernels:
         lib.dl_decode_layers.argtypes = [_P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _I, _I,
                                          _P, _P, _P, _P, _I, _I, _C]
         lib.dl_fields.argtypes, lib.dl_fields.restype = [], _I
-        for fn in (lib.ql_matmul, lib.ql_dequantize, lib.ql_quantize_activations, lib.dl_decode_layers):
+        lib.rc_round_block.argtypes = [_P, _P, _I, _I, _I, _P, _P, _P, _P]
+        for fn in (lib.ql_matmul, lib.ql_dequantize, lib.ql_quantize_activations, lib.dl_decode_layers,
+                   lib.rc_round_block):
             fn.restype = None
         self.layer_fields = lib.dl_fields()  # columns of `decode_layers`' layer table
 
@@ -67,6 +69,15 @@ class QLinearKernels:
                                   v.data_ptr(), k.stride(0), k.stride(1), slots.data_ptr(), table.data_ptr(),
                                   lo.data_ptr(), hi.data_ptr(), table.shape[1], block_size,
                                   int(x.dtype == torch.bfloat16))
+
+    def round_block(self, block: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, inv: torch.Tensor,
+                    codes: torch.Tensor, errors: torch.Tensor) -> None:
+        """Error-compensated rounding of block (C, N) float32 rows in place (`round_compensated.c`):
+        u (C, >=C) a view of H^-1's upper Cholesky factor with unit column stride; scale, inv (N,);
+        codes (C, N) int8 and errors (C, N) float32 written; all contiguous along N."""
+        c, n = block.shape
+        self.lib.rc_round_block(block.data_ptr(), u.data_ptr(), u.stride(0), c, n, scale.data_ptr(), inv.data_ptr(),
+                                codes.data_ptr(), errors.data_ptr())
 
     def dequantize(self, data: torch.Tensor, fmt_code: int, k: int, n: int, ids: torch.Tensor | None,
                    dtype: torch.dtype) -> torch.Tensor:

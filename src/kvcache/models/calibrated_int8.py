@@ -1,0 +1,163 @@
+"""int8 weights rounded against calibration activations, so that a projection's rounding errors
+cancel in its outputs instead of adding up (error-compensated rounding, after GPTQ: Frantar et
+al., 2022).
+
+Rounding each weight to its nearest int8 step (`weight_packing.quantize_int8`) ignores what the
+weight multiplies. Here a projection's inputs X over a few hundred calibration tokens give
+H = X^T X; the weight's columns are rounded one at a time, and each column's rounding error,
+carried through the Cholesky factor of H^-1, is spread over the columns not yet rounded, so
+that the output error ||(W - Q) X^T|| becomes small rather than each weight's own. The format is
+unchanged: symmetric int8, one scale per output row (max|w| / 127).
+
+`recalibrate` runs the built model once over the calibration tokens. Each projection, when the
+forward reaches it, sees its inputs through the projections already re-rounded, re-rounds its
+float weights (read again from the state dict, one matrix at a time) and hands on its new output:
+one H is resident at a time.
+
+The calibration text is the docstrings of a fixed list of standard-library modules (prose that
+ships with the interpreter, apart from the eval corpus); under `python -OO`, which strips them,
+`calibration_ids` is empty and int8 keeps rounding to nearest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from functools import lru_cache
+
+import torch
+
+from kvcache.models.quantized_linear import QuantizedLinear
+from kvcache.models.weight_packing import BLOCK, PackedWeight, pack_i8
+from kvcache.native import qlinear
+
+#: Tokens the calibration forward runs over (H of a 1,536-input projection is damped where they
+#: fall short of its rank).
+CALIBRATION_TOKENS = 512
+#: Modules whose docstrings make up the calibration text, in this order.
+CALIBRATION_MODULES = ("argparse", "collections", "typing", "asyncio", "json", "re", "subprocess", "logging",
+                       "unittest", "decimal", "datetime", "itertools", "functools", "pathlib", "threading",
+                       "socket", "email.message", "http.client", "tarfile", "zipfile")
+_COLUMNS_AT_ONCE = 128  # columns whose errors are carried within a block before the rest is updated
+_DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps H invertible
+
+
+@lru_cache(maxsize=1)
+def calibration_text() -> str:
+    """The docstrings (over 200 characters) of `CALIBRATION_MODULES` and their public classes and functions."""
+    docs: list[str] = []
+    with warnings.catch_warnings():  # reading some members (typing.io, ...) warns of their removal
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in CALIBRATION_MODULES:
+            mod = importlib.import_module(name)
+            for obj in [mod, *(getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_"))]:
+                if inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj):
+                    doc = inspect.getdoc(obj)
+                    if doc and len(doc) > 200:
+                        docs.append(doc)
+    return "\n\n".join(dict.fromkeys(docs))
+
+
+def calibration_ids(tokenizer, n: int = CALIBRATION_TOKENS) -> list[int]:
+    """Up to `n` token ids of `calibration_text()` (empty where Python runs without docstrings)."""
+    text = calibration_text()
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"][:n]) if text else []
+
+
+def inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For H = X^T X (K, K): the upper triangular U with U^T U = H'^-1, where H' is H with its
+    unseen inputs made unit and its diagonal damped until it factors, and those unseen inputs
+    (K,) bool. One Cholesky factorization of H' reversed (P H' P = M M^T, P the reversal) and one
+    triangular inverse: U = P M^-1 P."""
+    h = h.float().clone()  # (K, K)
+    dead = h.diagonal() == 0  # inputs never seen: their weights do not matter
+    h[dead, dead] = 1.0
+    damp = _DAMP * float(h.diagonal().mean())
+    eye = torch.eye(h.shape[0])
+    for _ in range(6):
+        low, info = torch.linalg.cholesky_ex((h + damp * eye).flip(0, 1))
+        if int(info) == 0:
+            return torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1).contiguous(), dead
+        damp *= 10
+    raise RuntimeError("the calibration inputs' Gram matrix did not factor even with damping.")
+
+
+def round_int8_compensated(w: torch.Tensor, u: torch.Tensor, dead: torch.Tensor) -> PackedWeight:
+    """w (N, K) float -> "i8" tiles (scale max|w| / 127 per row), rounded column by column with each
+    column's error carried onto the columns after it; u, dead: `inverse_factor` of the inputs' H."""
+    wt = w.float().t().contiguous()  # (K, N): a column of w per row, updated as errors are carried
+    k, n = wt.shape
+    wt[dead] = 0.0
+    scale = wt.abs().amax(0) / 127  # (N,)
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))  # (N,)
+    codes = torch.zeros(-(-k // BLOCK) * BLOCK, n, dtype=torch.int8)  # (Kp, N)
+    kern = qlinear.kernels()
+    q = torch.empty(n)  # (N,)
+    for c0 in range(0, k, _COLUMNS_AT_ONCE):
+        c1 = min(k, c0 + _COLUMNS_AT_ONCE)
+        block = wt[c0:c1]  # (C, N) view
+        errors = torch.empty(c1 - c0, n)  # (C, N)
+        if kern is not None:  # the same loop in C
+            kern.round_block(block, u[c0:c1, c0:], scale, inv, codes[c0:c1], errors)
+        else:
+            for j in range(c1 - c0):
+                torch.mul(block[j], inv, out=q).round_().clamp_(-127, 127)  # (N,)
+                codes[c0 + j] = q
+                e = errors[j]
+                torch.sub(block[j], q * scale, out=e).div_(u[c0 + j, c0 + j])  # (N,)
+                block[j + 1:].addr_(u[c0 + j, c0 + j + 1: c1], e, alpha=-1.0)
+        wt[c1:].addmm_(u[c0:c1, c1:].t(), errors, alpha=-1.0)
+    codes = codes.t().contiguous()  # (N, Kp)
+    return pack_i8(codes, scale, k)
+
+
+def _float_matrix(m) -> torch.Tensor:
+    """A state dict's matrix (a tensor, or a `LazyMatrix` read whole here) in float32: (N, K)."""
+    return m.float() if isinstance(m, torch.Tensor) else m[0:m.shape[0]].float()
+
+
+class _Rerounding:
+    """Stands in for one projection during the calibration forward: on its call, re-rounds its
+    float parts against the inputs it is given, puts the new projection in its place and runs it."""
+
+    def __init__(self, layer, attr: str, parts: list, done=None):
+        self.layer, self.attr, self.parts, self.done = layer, attr, parts, done
+        self.old: QuantizedLinear = getattr(layer, attr)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()  # (T, K)
+        u, dead = inverse_factor(x2.T @ x2)  # (K, K), (K,)
+        new = QuantizedLinear([round_int8_compensated(_float_matrix(p), u, dead) for p in self.parts], self.old.bias,
+                              self.old.dtype, self.old.activation_digits)
+        setattr(self.layer, self.attr, new)
+        if self.done is not None:
+            self.done()
+        return new(x)
+
+
+def recalibrate(model, float_parts: dict[tuple[int, str], list], ids: list[int], progress: bool = False) -> None:
+    """Re-round `model`'s int8 projections against its own activations over `ids`, in place.
+    float_parts: (layer index, "qkv" | "o" | "gate_up" | "down") -> the float (out, in) matrices
+    that projection was packed from, in order. `progress`: a bar over the projections."""
+    from rich.progress import Progress
+
+    from kvcache.models.step import StepInputs
+
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(f"int8: rounding against {len(ids)} calibration tokens", total=len(float_parts))
+        for (i, attr), parts in float_parts.items():
+            setattr(model.layers[i], attr, _Rerounding(model.layers[i], attr, parts, lambda: bar.advance(task)))
+        try:
+            with torch.inference_mode():
+                model.forward(StepInputs(torch.tensor([ids]), None, 0, None, "last"), None)
+        finally:
+            _restore(model)
+
+
+def _restore(model) -> None:
+    """A projection the calibration forward did not reach (it raised) keeps its nearest rounding."""
+    for lw in model.layers:
+        for attr in ("qkv", "o", "gate_up", "down"):
+            if isinstance(getattr(lw, attr), _Rerounding):
+                setattr(lw, attr, getattr(lw, attr).old)
