@@ -9,10 +9,11 @@ carried through the Cholesky factor of H^-1, is spread over the columns not yet 
 that the output error ||(W - Q) X^T|| becomes small rather than each weight's own. The format is
 unchanged: symmetric int8, one scale per output row (max|w| / 127).
 
-`recalibrate` runs the built model once over the calibration tokens. Each projection, when the
-forward reaches it, sees its inputs through the projections already re-rounded, re-rounds its
-float weights (read again from the state dict, one matrix at a time) and hands on its new output:
-one H is resident at a time.
+A model loaded so holds each projection as a `PendingProjection` (its float matrices' handles:
+a `LazyMatrix` reads one only when asked) and `recalibrate` runs it once over the calibration
+tokens. Each projection, when the forward reaches it, sees its inputs through the projections
+rounded before it, rounds its float weights against them and hands on its new output: one float
+matrix and one H are resident at a time, and no nearest-rounded copy is ever built.
 
 The calibration text is the docstrings of a fixed list of standard-library modules (prose that
 ships with the interpreter, apart from the eval corpus); under `python -OO`, which strips them,
@@ -28,6 +29,7 @@ from functools import lru_cache
 
 import torch
 
+from kvcache.models.heap import return_freed_memory
 from kvcache.models.quantized_linear import QuantizedLinear
 from kvcache.models.weight_packing import BLOCK, PackedWeight, pack_i8
 from kvcache.native import qlinear
@@ -39,6 +41,7 @@ CALIBRATION_TOKENS = 512
 CALIBRATION_MODULES = ("argparse", "collections", "typing", "asyncio", "json", "re", "subprocess", "logging",
                        "unittest", "decimal", "datetime", "itertools", "functools", "pathlib", "threading",
                        "socket", "email.message", "http.client", "tarfile", "zipfile")
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # a layer's projections (`LayerWeights`)
 _COLUMNS_AT_ONCE = 128  # columns whose errors are carried within a block before the rest is updated
 _DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps H invertible
 
@@ -69,16 +72,21 @@ def inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For H = X^T X (K, K): the upper triangular U with U^T U = H'^-1, where H' is H with its
     unseen inputs made unit and its diagonal damped until it factors, and those unseen inputs
     (K,) bool. One Cholesky factorization of H' reversed (P H' P = M M^T, P the reversal) and one
-    triangular inverse: U = P M^-1 P."""
-    h = h.float().clone()  # (K, K)
-    dead = h.diagonal() == 0  # inputs never seen: their weights do not matter
-    h[dead, dead] = 1.0
-    damp = _DAMP * float(h.diagonal().mean())
-    eye = torch.eye(h.shape[0])
+    triangular inverse: U = P M^-1 P. At most four (K, K) matrices are alive at once."""
+    hr = h.float().flip(0, 1)  # (K, K) P H P, a copy
+    diag = hr.diagonal()  # (K,) view, in reversed order
+    dead = diag == 0  # inputs never seen: their weights do not matter
+    diag[dead] = 1.0
+    damp = _DAMP * float(diag.mean())
+    diag += damp
     for _ in range(6):
-        low, info = torch.linalg.cholesky_ex((h + damp * eye).flip(0, 1))
+        low, info = torch.linalg.cholesky_ex(hr)  # (K, K) M
         if int(info) == 0:
-            return torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1).contiguous(), dead
+            del hr
+            inverse = torch.linalg.solve_triangular(low, torch.eye(h.shape[0]), upper=False)  # (K, K) M^-1
+            del low
+            return inverse.flip(0, 1).contiguous(), dead.flip(0)  # row-major, as the native loop reads it
+        diag += 9 * damp  # ten times the damping
         damp *= 10
     raise RuntimeError("the calibration inputs' Gram matrix did not factor even with damping.")
 
@@ -117,47 +125,46 @@ def _float_matrix(m) -> torch.Tensor:
     return m.float() if isinstance(m, torch.Tensor) else m[0:m.shape[0]].float()
 
 
-class _Rerounding:
-    """Stands in for one projection during the calibration forward: on its call, re-rounds its
-    float parts against the inputs it is given, puts the new projection in its place and runs it."""
+class PendingProjection:
+    """An int8 projection not rounded yet: its float parts (out, in), rounded on its first call
+    against that call's inputs (the calibration forward's), after which `recalibrate` puts the
+    packed projection in its place. No nearest-rounded copy is ever built beside it."""
 
-    def __init__(self, layer, attr: str, parts: list, done=None):
-        self.layer, self.attr, self.parts, self.done = layer, attr, parts, done
-        self.old: QuantizedLinear = getattr(layer, attr)
+    def __init__(self, parts: list, bias: torch.Tensor | None, dtype: torch.dtype, activation_digits: int):
+        self.parts, self.bias, self.dtype, self.activation_digits = parts, bias, dtype, activation_digits
+        self.rounded: QuantizedLinear | None = None
+        self.on_rounded = None  # called once rounded (a progress bar's step)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).float()  # (T, K)
         u, dead = inverse_factor(x2.T @ x2)  # (K, K), (K,)
-        new = QuantizedLinear([round_int8_compensated(_float_matrix(p), u, dead) for p in self.parts], self.old.bias,
-                              self.old.dtype, self.old.activation_digits)
-        setattr(self.layer, self.attr, new)
-        if self.done is not None:
-            self.done()
-        return new(x)
+        packed = [round_int8_compensated(_float_matrix(p), u, dead) for p in self.parts]
+        self.rounded = QuantizedLinear(packed, self.bias, self.dtype, self.activation_digits)
+        self.parts = []
+        return_freed_memory()  # this projection's float temporaries
+        if self.on_rounded is not None:
+            self.on_rounded()
+        return self.rounded(x)
 
 
-def recalibrate(model, float_parts: dict[tuple[int, str], list], ids: list[int], progress: bool = False) -> None:
-    """Re-round `model`'s int8 projections against its own activations over `ids`, in place.
-    float_parts: (layer index, "qkv" | "o" | "gate_up" | "down") -> the float (out, in) matrices
-    that projection was packed from, in order. `progress`: a bar over the projections."""
+def recalibrate(model, ids: list[int], progress: bool = False) -> None:
+    """Round `model`'s `PendingProjection`s against its own activations over `ids`, in place: one
+    forward, in which each projection rounds itself against its inputs through the projections
+    rounded before it. `progress`: a bar over the projections."""
     from rich.progress import Progress
 
     from kvcache.models.step import StepInputs
 
+    pending = [(lw, attr) for lw in model.layers for attr in PROJECTIONS
+               if isinstance(getattr(lw, attr), PendingProjection)]
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(f"int8: rounding against {len(ids)} calibration tokens", total=len(float_parts))
-        for (i, attr), parts in float_parts.items():
-            setattr(model.layers[i], attr, _Rerounding(model.layers[i], attr, parts, lambda: bar.advance(task)))
-        try:
-            with torch.inference_mode():
-                model.forward(StepInputs(torch.tensor([ids]), None, 0, None, "last"), None)
-        finally:
-            _restore(model)
-
-
-def _restore(model) -> None:
-    """A projection the calibration forward did not reach (it raised) keeps its nearest rounding."""
-    for lw in model.layers:
-        for attr in ("qkv", "o", "gate_up", "down"):
-            if isinstance(getattr(lw, attr), _Rerounding):
-                setattr(lw, attr, getattr(lw, attr).old)
+        task = bar.add_task(f"int8: rounding against {len(ids)} calibration tokens", total=len(pending))
+        for lw, attr in pending:
+            getattr(lw, attr).on_rounded = lambda: bar.advance(task)
+        with torch.inference_mode():
+            model.forward(StepInputs(torch.tensor([ids]), None, 0, None, "last"), None)
+    for lw, attr in pending:
+        rounded = getattr(lw, attr).rounded
+        if rounded is None:
+            raise RuntimeError(f"the calibration forward did not reach a layer's {attr} projection.")
+        setattr(lw, attr, rounded)

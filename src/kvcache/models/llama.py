@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from kvcache import native
-from kvcache.models.calibrated_int8 import recalibrate
+from kvcache.models.calibrated_int8 import PendingProjection, recalibrate
 from kvcache.models.config import LlamaConfig
 from kvcache.models.fused_decode import FusedDecodeLayers
 from kvcache.models.heap import return_freed_memory
 from kvcache.models.linear import Linear, resolve_kernels
-from kvcache.models.quantization import build_linear, build_table, check_device
+from kvcache.models.quantization import ACTIVATION_DIGITS, build_linear, build_table, check_device
 from kvcache.models.quantized_linear import QuantizedLinear
 from kvcache.models.rope import RotaryTable, apply_rotary
 from kvcache.models.sdpa import grouped_sdpa
@@ -114,12 +114,11 @@ class LlamaModel:
             return take(name).to(device=device, dtype=dtype)
 
         calibrate = quantization == "int8" and bool(calibration_ids)
-        float_parts: dict[tuple[int, str], list] = {}  # what each projection is re-rounded from
 
-        def linear(names: list[str], bias: torch.Tensor | None, key: tuple[int, str]) -> Linear | QuantizedLinear:
+        def linear(names: list[str], bias: torch.Tensor | None) -> Linear | QuantizedLinear | PendingProjection:
             parts = [take(n) for n in names]
-            if calibrate:
-                float_parts[key] = parts
+            if calibrate:  # rounded by `recalibrate` below
+                return PendingProjection(parts, bias, dtype, ACTIVATION_DIGITS["int8"])
             return build_linear(parts, bias, quantization, dtype, device, kernels, names[0])
 
         layers = []
@@ -131,11 +130,11 @@ class LlamaModel:
                 bqkv = torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")], 0)
             layers.append(LayerWeights(
                 attn_norm=get(p + "input_layernorm.weight"),
-                qkv=linear([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], bqkv, (i, "qkv")),
-                o=linear([a + "o_proj.weight"], None, (i, "o")),
+                qkv=linear([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], bqkv),
+                o=linear([a + "o_proj.weight"], None),
                 mlp_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None, (i, "gate_up")),
-                down=linear([p + "mlp.down_proj.weight"], None, (i, "down")),
+                gate_up=linear([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], None),
+                down=linear([p + "mlp.down_proj.weight"], None),
             ))
             if consume:  # what building the layer freed goes back to the OS before the next is built
                 return_freed_memory()
@@ -147,8 +146,8 @@ class LlamaModel:
             head = head if isinstance(head, QuantizedLinear) else Linear(head, None, kernels)
         model = cls(config, embed, layers, get("model.norm.weight"), head, use_native)
         model.quantization = quantization
-        if float_parts:
-            recalibrate(model, float_parts, calibration_ids[: config.max_position_embeddings], progress)
+        if calibrate:
+            recalibrate(model, calibration_ids[: config.max_position_embeddings], progress)
             model.bind_fused_layers()
         return model
 

@@ -76,6 +76,8 @@ class QLinearKernels:
         u (C, >=C) a view of H^-1's upper Cholesky factor with unit column stride; scale, inv (N,);
         codes (C, N) int8 and errors (C, N) float32 written; all contiguous along N."""
         c, n = block.shape
+        if u.stride(1) != 1 or not (block.is_contiguous() and codes.is_contiguous() and errors.is_contiguous()):
+            raise ValueError("round_block reads row-major tensors (unit column stride).")
         self.lib.rc_round_block(block.data_ptr(), u.data_ptr(), u.stride(0), c, n, scale.data_ptr(), inv.data_ptr(),
                                 codes.data_ptr(), errors.data_ptr())
 
