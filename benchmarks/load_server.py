@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import random
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,9 +27,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+from rich.console import Console
 
 from kvcache.bench import record
-from kvcache.bench.serve import free_port
+from kvcache.bench.serve import ServeProcess
+from kvcache.errors import KVCacheError
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
 
@@ -216,7 +217,6 @@ async def run(args) -> dict:
 
 
 def report(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"kvcache serve under load: {r['clients']} streaming chat clients, {r['duration_s']:.0f} s "
@@ -248,28 +248,11 @@ def report(r: dict) -> None:
         console.print(f"  error: {e}")
 
 
-def start_server(args) -> subprocess.Popen:
-    """`kvcache serve` on a free loopback port; returns once /health answers."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "kvcache.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--model", args.model, "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(args.max_num_seqs),
+def server_args(args) -> list[str]:
+    """`kvcache serve` options for the server this script starts."""
+    out = ["--model", args.model, "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(args.max_num_seqs),
            "--log-level", "warning"]
-    if args.threads:
-        cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd)
-    args.url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with code {proc.returncode}")
-        try:
-            if httpx.get(args.url + "/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.terminate()
-    raise SystemExit("the server did not come up within 180 s")
+    return out + (["--threads", str(args.threads)] if args.threads else [])
 
 
 def main(argv=None) -> int:
@@ -294,13 +277,12 @@ def main(argv=None) -> int:
         p.error("--url must be a loopback address")
     if args.clients < 1 or args.duration <= 0 or args.turns < 1:
         p.error("--clients, --duration and --turns must be positive")
-    proc = None if args.url else start_server(args)
-    try:
+    if args.url:
         result = asyncio.run(run(args))
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
+    else:
+        with ServeProcess(server_args(args), Console(stderr=True), "server", start_timeout=180) as server:
+            args.url = server.url
+            result = asyncio.run(run(args))
     report(result)
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,4 +294,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KVCacheError as exc:  # the server did not come up: its reason, in one sentence
+        sys.exit(f"error: {exc}")

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
-import urllib.request
 from importlib.util import find_spec
 from pathlib import Path
 
-from kvcache.bench.serve import free_port
+from rich.console import Console
+
+from kvcache.bench.serve import ServeProcess
 from kvcache.errors import KVCacheError
 
 HERE = Path(__file__).resolve().parent
@@ -87,23 +87,10 @@ def compare(server: dict, hf: dict) -> dict:
             "server_acc_norm": server["acc_norm"], "hf_acc_norm": hf["acc_norm"], "rows": rows}
 
 
-def start_server(model_dir: str, port: int, threads: int) -> subprocess.Popen:
-    """`kvcache serve` on float32 weights as a subprocess, returned once /health answers."""
-    cmd = [sys.executable, "-c", "import sys, kvcache.cli; sys.exit(kvcache.cli.main())", "serve",
-           "--model", model_dir, "--quantization", "none", "--dtype", "float32", "--port", str(port),
-           "--threads", str(threads), "--kv-cache-memory", "256MiB", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise KVCacheError(f"kvcache serve exited with code {proc.returncode} before it answered.")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.terminate()
-    raise KVCacheError("kvcache serve did not answer /health within 300 s.")
+def server_args(model_dir: str, threads: int) -> list[str]:
+    """`kvcache serve` options: float32 weights, as lm-eval's `hf` backend runs them."""
+    return ["--model", model_dir, "--quantization", "none", "--dtype", "float32", "--threads", str(threads),
+            "--kv-cache-memory", "256MiB", "--log-level", "warning"]
 
 
 def table(result: dict) -> str:
@@ -140,18 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     model_dir = str(resolve_model_dir(args.model))
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         include = write_task(Path(tmp))
-        server = start_server(model_dir, port, args.threads)
-        try:
+        with ServeProcess(server_args(model_dir, args.threads), Console(stderr=True), "kvcache serve") as server:
             t0 = time.perf_counter()
-            ours = evaluate("local-completions", server_model_args(f"http://127.0.0.1:{port}", model_dir, model_dir),
-                            include, args.limit)
+            ours = evaluate("local-completions", server_model_args(server.url, model_dir, model_dir), include,
+                            args.limit)
             server_s = time.perf_counter() - t0
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
         t0 = time.perf_counter()
         theirs = evaluate("hf", hf_model_args(model_dir), include, args.limit)
         hf_s = time.perf_counter() - t0
