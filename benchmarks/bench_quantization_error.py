@@ -77,7 +77,8 @@ def round_trip(sd: dict, how: str) -> dict:
 
 @contextmanager
 def one_activation_digit(model):
-    """`model`'s projections and head quantize each activation to one int8 digit, inside the block."""
+    """`model`'s projections and head quantize each activation to one int8 digit, inside the block
+    (the fused decode table keeps its own count: for uncached forwards like this script's only)."""
     lins = [lin for lw in model.layers for lin in lw.linears()] + [model.lm_head]
     before = [lin.activation_digits for lin in lins]
     for lin in lins:

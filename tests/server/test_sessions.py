@@ -63,7 +63,8 @@ def test_foreign_or_misshapen_snapshots_are_refused(tmp_path):
     save_snapshot(path, _snap())
     for other, what in [(dataclasses.replace(FP, model="n"), "model"), (dataclasses.replace(FP, dtype="bfloat16"),
                         "dtype"), (dataclasses.replace(FP, policy="window:size=8"), "policy"),
-                        (dataclasses.replace(FP, config_hash="zzz"), "model config")]:
+                        (dataclasses.replace(FP, config_hash="zzz"), "model config"),
+                        (dataclasses.replace(FP, weights="int8(digits=2,calibration=nearest)"), "weights")]:
         with pytest.raises(SnapshotError, match=f"its {what} differs"):
             load_snapshot(path, other)
     with pytest.raises(SnapshotError, match="shape"):
@@ -355,3 +356,15 @@ def test_server_over_per_request_policy_caches_streams_and_refuses_sessions(tiny
         assert srv.state.stats()["blocks_used"] == 0
     finally:
         srv.stop()
+
+
+def test_a_session_saved_under_other_weights_is_refused(tiny_model_dir, tmp_path, one_torch_thread):
+    """K/V computed from float weights do not continue a conversation on int8 weights."""
+    llm = _fresh_llm(tiny_model_dir)
+    a = llm.session()
+    a.send("Tell me a story about the robot.", GREEDY)
+    SessionStore(tmp_path, llm).save("story", a.snapshot())
+    int8 = _fresh_llm(tiny_model_dir, quantization="int8")
+    assert int8.weights_key.startswith("int8(digits=2,calibration=") and llm.weights_key == "none"
+    with pytest.raises(SnapshotError, match="its weights differs"):
+        SessionStore(tmp_path, int8).load("story")

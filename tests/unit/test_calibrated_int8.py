@@ -78,7 +78,34 @@ def test_the_calibration_text_is_not_the_eval_corpus(tiny_tokenizer):
 
     text = ci.calibration_text()
     assert len(text) > 20_000 and corpus_text()[:500] not in text
-    assert len(ci.calibration_ids(tiny_tokenizer, 300)) == 300
+
+
+def test_calibration_ids_are_the_texts_first_tokens_from_a_prefix_of_it(tiny_tokenizer, capfd):
+    whole = tiny_tokenizer(ci.calibration_text(), add_special_tokens=False, verbose=False)["input_ids"]
+    before, tiny_tokenizer.model_max_length = tiny_tokenizer.model_max_length, 64  # shorter than what is tokenized
+    try:
+        assert ci.calibration_ids(tiny_tokenizer, 300) == whole[:300]
+    finally:
+        tiny_tokenizer.model_max_length = before
+    assert "sequence length is longer" not in capfd.readouterr().err
+    assert ci.calibration_ids(tiny_tokenizer, 10 ** 7) == whole  # the whole text where it is shorter
+
+
+def test_the_rounding_tag_names_what_int8_values_depend_on():
+    assert ci.rounding_tag("gguf", None) == "gguf" and ci.rounding_tag("int4", [1, 2]) == "int4"
+    assert ci.rounding_tag("int8", []) == "int8(digits=2,calibration=nearest)"
+    a, b = ci.rounding_tag("int8", [1, 2, 3]), ci.rounding_tag("int8", [1, 2, 4])
+    assert a.startswith("int8(digits=2,calibration=") and a != b and a == ci.rounding_tag("int8", [1, 2, 3])
+
+
+def test_a_pending_projection_called_twice_runs_its_rounding_once():
+    w = torch.randn(32, 64)
+    pending = ci.PendingProjection([w], None, torch.float32, 2)
+    x = correlated_inputs(40, 64)[None]  # (1, T, K)
+    first = pending(x)
+    rounded = pending.rounded
+    torch.testing.assert_close(pending(x), first)
+    assert pending.rounded is rounded
 
 
 def test_an_int8_load_rerounds_every_projection(tiny_model_dir):

@@ -158,6 +158,19 @@ def test_activation_quantization_matches_the_reference(builds, digits):
         assert torch.equal(xs, codes.view(3 * digits, -1, 32).sum(-1).int()), isa
 
 
+def test_a_block_too_small_to_scale_counts_as_zero(builds):
+    x = torch.randn(2, 64)
+    x[0, :32] = 1e-38  # 127 / amax overflows a float
+    p = random_weight("i8", 16, 64)
+    for isa, kern in builds.items():
+        for digits in (1, 2):
+            xq, xd, xs = kern.quantize_activations(x, digits)
+            assert (xq[0, :32] == 0).all() and (xd[0, 0] == 0) and (xs[0, 0] == 0), isa
+            y = torch.empty(2, 16)
+            kern.matmul(x, p.data, wp.FORMAT_CODES["i8"], 16, y, digits=digits)
+            assert torch.isfinite(y).all(), isa
+
+
 def test_two_digits_carry_the_activations_far_closer_than_one(builds):
     x = torch.randn(4, 96) * torch.logspace(-2, 1, 96)
     kern = qlinear.kernels()

@@ -12,7 +12,7 @@ from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
 from kvcache.errors import KVCacheError
-from kvcache.models.calibrated_int8 import calibration_ids
+from kvcache.models.calibrated_int8 import calibration_ids, rounding_tag
 from kvcache.models.linear import slow_dtype_reason
 from kvcache.models.llama import LlamaModel
 from kvcache.models.heap import return_freed_memory
@@ -115,6 +115,7 @@ class LLM:
         self.name, self.model_dir, self.config = model, loaded.model_dir, loaded.config
         self.tokenizer = loaded.tokenizer
         calibration = calibration_ids(self.tokenizer) if self.quantization == "int8" else None
+        self.weights_key = rounding_tag(self.quantization, calibration)  # what K/V kept elsewhere is keyed by
         self.model = LlamaModel.from_state_dict(loaded.config, loaded.state_dict, self.dtype, self.device, kernels,
                                                 quantization=self.quantization, consume=True,
                                                 calibration_ids=calibration, progress=progress)
@@ -170,7 +171,7 @@ class LLM:
         fp = tier_fingerprint(
             weights_digest(sorted(model_dir.glob("*.safetensors"))),
             json.dumps(dataclasses.asdict(c), sort_keys=True, default=str), str(self.dtype).removeprefix("torch."),
-            self.quantization, resolve_kernels(kernels, self.dtype, self.device), self.kv_policy.canonical, shape)
+            self.weights_key, resolve_kernels(kernels, self.dtype, self.device), self.kv_policy.canonical, shape)
         return KVTier(backend, fp, shape, self.dtype, timeout_ms / 1000, queue_blocks)
 
     # -- the paged engine ---------------------------------------------------------------

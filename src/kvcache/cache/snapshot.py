@@ -41,19 +41,22 @@ class SnapshotError(KVCacheError):
 
 @dataclass(frozen=True)
 class CacheFingerprint:
-    """What K/V values depend on: the model (name and config), the dtype and the KV policy."""
+    """What K/V values depend on: the model (name and config), the dtype, the KV policy and the
+    weights' quantization (a file written before it was recorded has "" and matches none)."""
 
     model: str
     config_hash: str
     dtype: str
     policy: str = ""
+    weights: str = ""
 
     def describe(self) -> str:
-        return f"model '{self.model}' ({self.dtype}{', policy ' + self.policy if self.policy else ''})"
+        extra = (f", policy {self.policy}" if self.policy else "") + (f", {self.weights} weights" if self.weights else "")
+        return f"model '{self.model}' ({self.dtype}{extra})"
 
     def mismatch(self, other: "CacheFingerprint") -> str | None:
         """A sentence naming the first difference from `other`, or None when they match."""
-        for name in ("model", "config_hash", "dtype", "policy"):
+        for name in ("model", "config_hash", "dtype", "policy", "weights"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 what = {"config_hash": "model config"}.get(name, name)

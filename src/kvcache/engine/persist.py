@@ -25,10 +25,12 @@ SUFFIX = ".safetensors"
 
 
 def fingerprint(llm) -> CacheFingerprint:
-    """The fingerprint of the K/V this `LLM` computes: model name, config hash, dtype, KV policy."""
+    """The fingerprint of the K/V this `LLM` computes: model name, config hash, dtype, KV policy and
+    the weights' quantization (`LLM.weights_key`)."""
     config = json.dumps(asdict(llm.config), sort_keys=True, default=str)
     return CacheFingerprint(model=str(llm.name), config_hash=hashlib.sha256(config.encode()).hexdigest()[:16],
-                            dtype=str(llm.dtype).removeprefix("torch."), policy=llm.kv_policy.canonical)
+                            dtype=str(llm.dtype).removeprefix("torch."), policy=llm.kv_policy.canonical,
+                            weights=llm.weights_key)
 
 
 def kv_shape(llm) -> tuple[int, int, int]:

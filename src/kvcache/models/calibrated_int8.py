@@ -22,14 +22,17 @@ ships with the interpreter, apart from the eval corpus); under `python -OO`, whi
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import json
 import warnings
 from functools import lru_cache
 
 import torch
 
 from kvcache.models.heap import return_freed_memory
+from kvcache.models.quantization import ACTIVATION_DIGITS
 from kvcache.models.quantized_linear import QuantizedLinear
 from kvcache.models.weight_packing import BLOCK, PackedWeight, pack_i8
 from kvcache.native import qlinear
@@ -63,9 +66,26 @@ def calibration_text() -> str:
 
 
 def calibration_ids(tokenizer, n: int = CALIBRATION_TOKENS) -> list[int]:
-    """Up to `n` token ids of `calibration_text()` (empty where Python runs without docstrings)."""
-    text = calibration_text()
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"][:n]) if text else []
+    """The first `n` token ids of `calibration_text()` (fewer where it is shorter; empty where Python
+    runs without docstrings). Only a prefix of the text is tokenized: ~8 characters per token
+    asked for, more if that falls short."""
+    text, chars = calibration_text(), 8 * n
+    while True:
+        # verbose=False: no warning that the prefix is longer than the model's context
+        ids = tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= n or chars >= len(text):
+            return list(ids[:n])
+        chars *= 2
+
+
+def rounding_tag(quantization: str, ids: list[int] | None) -> str:
+    """The weights' quantization as their values depend on it: under "int8" the activation digits
+    and the calibration tokens (a digest; "nearest" without), e.g. "int8(digits=2,calibration=1f0c..)".
+    What a KV cache kept beyond one process is keyed by."""
+    if quantization != "int8":
+        return quantization
+    cal = hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16] if ids else "nearest"
+    return f"int8(digits={ACTIVATION_DIGITS['int8']},calibration={cal})"
 
 
 def inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +156,8 @@ class PendingProjection:
         self.on_rounded = None  # called once rounded (a progress bar's step)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rounded is not None:  # called again before `recalibrate` put it in place
+            return self.rounded(x)
         x2 = x.reshape(-1, x.shape[-1]).float()  # (T, K)
         u, dead = inverse_factor(x2.T @ x2)  # (K, K), (K,)
         packed = [round_int8_compensated(_float_matrix(p), u, dead) for p in self.parts]

@@ -4,11 +4,13 @@ Every call runs the native kernel (`native/qlinear.c`): each row's activations a
 to int8 per block of 32 and multiplied with integer dot products (AVX-512 VNNI or AVX2), the
 packed weight streamed once per call for all rows. `activation_digits=2` gives each row a
 second int8 digit (its rounding residual): twice the integer work for activations carried
-almost exactly, what our "int8" quantization takes to stay within its quality bound. Prompts take the same kernel: measured on
-a 2-core AMD EPYC (Zen 4) in December 2026, one thread, a Q4 3072 x 576 matrix, it beats
-oneDNN's bf16 matmul at every row count (16 rows: 220 us against 292; 64: 791 against 1082;
-200: 2434 against 3345), and dequantizing the weight for a float matmul costs more than
-either (~1.8 ms). Without the native library the weight is dequantized in torch for each
+almost exactly, what our "int8" quantization takes to stay within its quality bound.
+
+Prompts take the same kernel: measured on a 2-core AMD EPYC (Zen 4) in December 2026, one
+thread, a Q4 3072 x 576 matrix with one activation digit, it beats oneDNN's bf16 matmul at
+every row count (16 rows: 220 us against 292; 64: 791 against 1082; 200: 2434 against 3345),
+and dequantizing the weight for a float matmul costs more than either (~1.8 ms); two digits
+double the integer work (int8's prompts, benchmarks/README.md). Without the native library the weight is dequantized in torch for each
 call and multiplied by `F.linear` (no float copy outlives the call).
 
 A fused projection (Q, K and V; gate and up) is a list of parts, each written into its

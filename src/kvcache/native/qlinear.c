@@ -81,7 +81,9 @@ static inline float ql_half(uint16_t h) { /* IEEE fp16 -> fp32 */
 static inline void ql_quantize_block(const float* v, int8_t* q, float* xd, int32_t* xs, float* xds) {
     float amax = 0.f;
     for (int i = 0; i < QL_BLOCK; i++) amax = fabsf(v[i]) > amax ? fabsf(v[i]) : amax;
-    float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+    float id = amax > 0.f ? 127.f / amax : 0.f;
+    if (!(id < INFINITY)) id = 0.f; /* amax below ~3.7e-37: 127 / amax overflows; the block counts as zero */
+    float d = id > 0.f ? amax / 127.f : 0.f;
     int32_t s = 0;
     for (int i = 0; i < QL_BLOCK; i++) {
         int32_t c = (int32_t)nearbyintf(v[i] * id);

@@ -2,7 +2,8 @@
 
 Two engines share blocks only when their fingerprints match: the weights (a digest of the
 weight files' sizes, headers and bytes sampled through them: cheap, and any retrained or
-re-quantized file changes it), the model config, the dtype, the weights' quantization, the
+re-quantized file changes it), the model config, the dtype, the weights' quantization (int8's
+with its activation digits and calibration tokens: `LLM.weights_key`), the
 matmul kernels, the KV policy and the block storage format (block size, K/V shape, format
 version). The chained block hash then names the block within that model.
 """
