@@ -5,7 +5,7 @@ File layout (safetensors, so any safetensors reader can open it):
 - tensors ``k`` and ``v``: (num_layers, num_kv_heads, num_tokens, head_dim) in the cache dtype;
   ``token_ids``: (num_tokens,) int64, the tokens whose K/V these are, in order;
 - metadata (strings): ``format`` (``kvcache-session/1``), ``fingerprint`` (JSON: model name,
-  config hash, dtype, KV policy), ``sha256`` over token ids + K + V bytes, ``num_tokens``,
+  config hash, dtype, KV policy, weights), ``sha256`` over token ids + K + V bytes, ``num_tokens``,
   ``created`` (unix time) and ``messages`` (JSON list of chat messages, or ``null``).
 
 Loading checks everything (header, shapes, dtype, checksum, fingerprint) before returning, so
