@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -68,9 +69,16 @@ def deploy(opts: ClusterOptions) -> None:
     serve.run(application(opts), name=APP, route_prefix="/", blocking=False)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(opts: ClusterOptions, address: str | None = None) -> None:
-    """`kvcache serve --replicas N`: deploy, print where, wait for Ctrl-C, then take it all down."""
+    """`kvcache serve --replicas N`: deploy, print where, wait for Ctrl-C or SIGTERM (what a process
+    manager sends), then take it all down: the application, and the Ray instance if started here."""
     started = start_ray(address)
+    # after Ray's start, which puts its own SIGTERM handlers in place (they end the process at once)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         deploy(opts)
         print(f"serving {opts.replicas} replicas ({opts.routing} routing) on http://{opts.host}:{opts.port}",
@@ -80,6 +88,10 @@ def run(opts: ClusterOptions, address: str | None = None) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
-        if started:
-            ray.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        try:
+            serve.shutdown()
+            if started:
+                ray.shutdown()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
