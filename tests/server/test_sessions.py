@@ -64,7 +64,7 @@ def test_foreign_or_misshapen_snapshots_are_refused(tmp_path):
     for other, what in [(dataclasses.replace(FP, model="n"), "model"), (dataclasses.replace(FP, dtype="bfloat16"),
                         "dtype"), (dataclasses.replace(FP, policy="window:size=8"), "policy"),
                         (dataclasses.replace(FP, config_hash="zzz"), "model config"),
-                        (dataclasses.replace(FP, weights="int8(digits=2,calibration=nearest)"), "weights")]:
+                        (dataclasses.replace(FP, weights="int8(digits=2,calibration=nearest)"), "weights' quantization")]:
         with pytest.raises(SnapshotError, match=f"its {what} differs"):
             load_snapshot(path, other)
     with pytest.raises(SnapshotError, match="shape"):
@@ -366,5 +366,5 @@ def test_a_session_saved_under_other_weights_is_refused(tiny_model_dir, tmp_path
     SessionStore(tmp_path, llm).save("story", a.snapshot())
     int8 = _fresh_llm(tiny_model_dir, quantization="int8")
     assert int8.weights_key.startswith("int8(digits=2,calibration=") and llm.weights_key == "none"
-    with pytest.raises(SnapshotError, match="its weights differs"):
+    with pytest.raises(SnapshotError, match="its weights' quantization differs"):
         SessionStore(tmp_path, int8).load("story")

@@ -59,7 +59,7 @@ class CacheFingerprint:
         for name in ("model", "config_hash", "dtype", "policy", "weights"):
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
-                what = {"config_hash": "model config"}.get(name, name)
+                what = {"config_hash": "model config", "weights": "weights' quantization"}.get(name, name)
                 return f"it was saved for {self.describe()}, and its {what} differs from this {other.describe()}"
         return None
 
