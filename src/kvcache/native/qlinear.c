@@ -109,8 +109,8 @@ static void ql_quantize_rows(const void* x, int bf16_in, int64_t M, int64_t K, i
                 int64_t row = r * digits + g, i = row * nb + b;
                 int8_t* q = xq + row * nb * QL_BLOCK + k0;
                 ql_quantize_block(buf, q, xd + i, xs + i, xds + i);
-                for (int e = 0; e < QL_BLOCK; e++) /* what the next digit carries (d * q is exact in double) */
-                    buf[e] = (float)((double)buf[e] - (double)xd[i] * (double)q[e]);
+                if (g + 1 < digits) /* what the next digit carries (d * q is exact in double) */
+                    for (int e = 0; e < QL_BLOCK; e++) buf[e] = (float)((double)buf[e] - (double)xd[i] * (double)q[e]);
             }
         }
     }
