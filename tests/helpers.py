@@ -225,3 +225,32 @@ def feed(model, cache, ids: list[int], chunk: int) -> torch.Tensor:
             x = torch.tensor([ids[i : i + chunk]])  # (1, T)
             out.append(model.forward(StepInputs(x, None, cache.next_position, None, "all"), cache)[0])
     return torch.cat(out)  # (T, V)
+
+
+def quantize_activations(x: torch.Tensor, digits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: per row and block of 32, scale amax/127, codes round-half-even(x * 127/amax);
+    with digits=2 each row is followed by its residual x - scale * codes quantized alike."""
+    m, k = x.shape
+    nb = -(-k // 32)
+    xf = torch.zeros(m, nb * 32)
+    xf[:, :k] = x.float()
+    g = xf.view(m, nb, 32)
+    out_codes, out_scales = [], []
+    for _ in range(digits):
+        amax = g.abs().amax(-1)  # (M, nb)
+        # 127 / amax as the kernel divides: torch computes `127 / t` as t.reciprocal() * 127, which
+        # rounds differently and flips a code that lands next to .5 in about one prompt of 15
+        inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+        codes = (g * inv[..., None]).round()  # (M, nb, 32)
+        out_codes.append(codes.reshape(m, nb * 32))
+        out_scales.append(amax / 127)
+        g = (g.double() - (amax / 127).double()[..., None] * codes.double()).float()  # the residual
+    # rows interleaved as the kernel holds them: row r's digits at r * digits + 0, 1, ...
+    return torch.stack(out_codes, 1).view(m * digits, nb * 32), torch.stack(out_scales, 1).view(m * digits, nb)
+
+
+def rounded_activations(x: torch.Tensor, digits: int = 1) -> torch.Tensor:
+    """The values the kernel's `digits` int8 digits carry for x (M, K): their sum, in float64."""
+    codes, scale = quantize_activations(x, digits)
+    xdq = (codes.double().view(codes.shape[0], -1, 32) * scale.double()[..., None]).view(x.shape[0], digits, -1)
+    return xdq.sum(1)[:, : x.shape[1]]  # (M, K)

@@ -12,6 +12,7 @@ from kvcache.models.llama import LlamaModel
 from kvcache.models.loader import load_model
 from kvcache.models.quantized_linear import QuantizedLinear
 from kvcache.models.step import StepInputs
+from tests.helpers import rounded_activations
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -42,19 +43,6 @@ def run(model: LlamaModel, prompt: torch.Tensor, steps: list[int]) -> tuple[torc
     return pre, torch.stack(dec)
 
 
-def round_activations(x: torch.Tensor, digits: int = 1) -> torch.Tensor:
-    """x rounded as the kernel rounds it: int8 codes per block of 32 inputs, scale amax / 127; with
-    two digits the residual is rounded alike and added back."""
-    g = x.float().reshape(-1, x.shape[-1] // 32, 32)  # (M, nb, 32)
-    out = torch.zeros_like(g)
-    for _ in range(digits):
-        amax = g.abs().amax(-1, keepdim=True)
-        codes = (g * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))).round()
-        step = codes * (amax / 127)
-        out, g = out + step, g - step
-    return out.reshape(x.shape).to(x.dtype)
-
-
 def assert_close_but_rounding_flips(q: torch.Tensor, f: torch.Tensor, tol: float) -> None:
     """Logits equal within `tol` of their scale, save where an activation landed within an ulp of
     a rounding boundary: the two sides' float sums differ in the last bit, one rounds the other
@@ -74,7 +62,9 @@ class RoundedInput:
         self.digits = lin.activation_digits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(round_activations(x.float(), self.digits), self.weight).to(x.dtype)
+        x2 = x.float().reshape(-1, x.shape[-1])  # (M, K)
+        xr = rounded_activations(x2, self.digits).float().reshape(x.shape)
+        return torch.nn.functional.linear(xr, self.weight).to(x.dtype)
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])

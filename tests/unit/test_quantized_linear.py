@@ -12,6 +12,7 @@ import torch
 from kvcache.errors import KVCacheError
 from kvcache.models import weight_packing as wp
 from kvcache.native import build, qlinear
+from tests.helpers import quantize_activations, rounded_activations
 
 pytestmark = pytest.mark.skipif(not build.wanted(), reason="no C compiler on this machine, or KVCACHE_NATIVE=0")
 
@@ -56,33 +57,9 @@ def test_this_machine_runs_its_widest_path():
         assert isa == "avx2"
 
 
-def quantize_activations(x: torch.Tensor, digits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference: per row and block of 32, scale amax/127, codes round-half-even(x * 127/amax);
-    with digits=2 each row is followed by its residual x - scale * codes quantized alike."""
-    m, k = x.shape
-    nb = -(-k // 32)
-    xf = torch.zeros(m, nb * 32)
-    xf[:, :k] = x.float()
-    g = xf.view(m, nb, 32)
-    out_codes, out_scales = [], []
-    for _ in range(digits):
-        amax = g.abs().amax(-1)  # (M, nb)
-        # 127 / amax as the kernel divides: torch computes `127 / t` as t.reciprocal() * 127, which
-        # rounds differently and flips a code that lands next to .5 in about one prompt of 15
-        inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-        codes = (g * inv[..., None]).round()  # (M, nb, 32)
-        out_codes.append(codes.reshape(m, nb * 32))
-        out_scales.append(amax / 127)
-        g = (g.double() - (amax / 127).double()[..., None] * codes.double()).float()  # the residual
-    # rows interleaved as the kernel holds them: row r's digits at r * digits + 0, 1, ...
-    return torch.stack(out_codes, 1).view(m * digits, nb * 32), torch.stack(out_scales, 1).view(m * digits, nb)
-
-
 def reference(x: torch.Tensor, p: wp.PackedWeight, digits: int = 1) -> torch.Tensor:
     """x quantized as the kernel does, times the dequantized weight, in float64: (M, N)."""
-    codes, scale = quantize_activations(x, digits)
-    xdq = (codes.double().view(codes.shape[0], -1, 32) * scale.double()[..., None]).view(x.shape[0], digits, -1)
-    return xdq.sum(1)[:, : p.in_features] @ wp.dequantize(p).double().T
+    return rounded_activations(x, digits) @ wp.dequantize(p).double().T
 
 
 def random_weight(fmt: str, n: int, k: int) -> wp.PackedWeight:
