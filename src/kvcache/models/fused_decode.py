@@ -7,8 +7,8 @@ much again. `FusedDecodeLayers` runs the same kernels in the same order in one C
 its hidden state is bit-identical to the layer-by-layer path (`tests/integration/test_fused_decode.py`).
 
 It runs where every projection is one packed matrix without bias, all with one activation
-digit count (`quantization` gguf, int8 or int4 with the native kernels built), and the KV store hands the step its plain
-float blocks (`StepKV.decode_blocks`: the paged engine's decode steps without a policy
+digit count (`quantization` gguf, int8 or int4 with the native kernels built), and the KV
+store hands the step its plain float blocks (`StepKV.decode_blocks`: the paged engine's decode steps without a policy
 that writes or attends itself); everything else takes the layer-by-layer path.
 """
 

@@ -10,8 +10,9 @@ Prompts take the same kernel: measured on a 2-core AMD EPYC (Zen 4) in December 
 thread, a Q4 3072 x 576 matrix with one activation digit, it beats oneDNN's bf16 matmul at
 every row count (16 rows: 220 us against 292; 64: 791 against 1082; 200: 2434 against 3345),
 and dequantizing the weight for a float matmul costs more than either (~1.8 ms); two digits
-double the integer work (int8's prompts, benchmarks/README.md). Without the native library the weight is dequantized in torch for each
-call and multiplied by `F.linear` (no float copy outlives the call).
+double the integer work (int8's prompts, benchmarks/README.md). Without the native library the
+weight is dequantized in torch for each call and multiplied by `F.linear` (no float copy
+outlives the call).
 
 A fused projection (Q, K and V; gate and up) is a list of parts, each written into its
 columns of the output; parts of one format are merged into one packed matrix. A part may
