@@ -51,7 +51,8 @@ class CacheFingerprint:
     weights: str = ""
 
     def describe(self) -> str:
-        extra = (f", policy {self.policy}" if self.policy else "") + (f", {self.weights} weights" if self.weights else "")
+        extra = f", policy {self.policy}" if self.policy else ""
+        extra += f", {self.weights} weights" if self.weights else ""
         return f"model '{self.model}' ({self.dtype}{extra})"
 
     def mismatch(self, other: "CacheFingerprint") -> str | None:
