@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache import native
+from kvcache.native import ops as native
 from kvcache.cache.dense import KVCache
 from kvcache.cache.policies.cache import SequenceCache
 from kvcache.models.linear import resolve_kernels

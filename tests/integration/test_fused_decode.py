@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kvcache
-from kvcache import native
+from kvcache.native import ops as native
 from kvcache.cache.policies.registry import POLICIES
 from kvcache.engine.sampling import SamplingParams
 from kvcache.native import qlinear

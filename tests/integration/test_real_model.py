@@ -300,7 +300,7 @@ def test_per_request_policy_caches_with_preemption_equal_the_policy_cache_alone(
 def test_bf16_engine_steps_through_native_kernels_track_fp32(llm):
     """A bf16 engine step (one forward pass for a decode row and a prompt chunk; native norms,
     RoPE, SwiGLU and causal prefill attention) gives logits close to the fp32 model's."""
-    from kvcache import native
+    from kvcache.native import ops as native
 
     bf = LLM(DEFAULT_MODEL, dtype="bfloat16", quantization="none", progress=False, kv_cache_memory="32MiB")
     prompts = [topic_ids(llm, 0, 3)[:40], topic_ids(llm, 3, 6)[:300]]

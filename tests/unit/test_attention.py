@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache import native
+from kvcache.native import ops as native
 from kvcache.cache.attention import NATIVE_CPU, TORCH, DecodeSinks, NativeCPUAttention, attention_backend
 from kvcache.cache.paged_quant import PagedQuantizedStorage, TokenQuantFormat
 from kvcache.cache.policies.quantized_store import QuantizedKVStore

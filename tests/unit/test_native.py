@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvcache import native
+from kvcache.native import ops as native
 from kvcache.cache.dense import KVCache
 from kvcache.native import build
 from kvcache.models.sdpa import grouped_sdpa as attend
@@ -202,7 +202,7 @@ def test_model_decode_with_and_without_native_kernels(tiny_model_dir):
 
 
 def test_disabled_by_environment_falls_back_to_torch():
-    code = "import torch; from kvcache import native; print(native.supports(torch.float32, 'cpu'))"
+    code = "import torch; from kvcache.native import ops as native; print(native.supports(torch.float32, 'cpu'))"
     env = dict(os.environ, KVCACHE_NATIVE="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr

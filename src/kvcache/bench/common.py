@@ -130,7 +130,7 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
 def machine_info() -> dict:
     """The CPU the figures come from: model name, core count, its vector extensions (x86), and
     whether the native kernels were built with the prefill kernel (AVX-512 builds only)."""
-    from kvcache import native
+    from kvcache.native import ops as native
 
     cpu = cpu_info()
     return {"cpu": cpu["model"], "cores": cpu["cores"], **cpu["flags"],

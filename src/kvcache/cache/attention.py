@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache import native
+from kvcache.native import ops as native
 from kvcache.cache.quant import QTensor, dequantize, quantized_scores, unpack_codes
 from kvcache.models.rope import apply_rotary
 from kvcache.models.sdpa import grouped_sdpa

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache import native
+from kvcache.native import ops as native
 from kvcache.cache.attention import AttentionBackend, QuantizedSlots, attention_backend
 from kvcache.cache.quant import QTensor, dequantize, hadamard, quantize, rotated
 from kvcache.cache.spec import kv_layers_bytes

@@ -492,7 +492,7 @@ def auto_weights(gguf: Any, fmt: KVFormat) -> str:
     compiler; they are not built here); "none" otherwise."""
     if gguf is None or fmt.name == "fp16":
         return "none"
-    from kvcache.models.gguf_weights import keeps_packed
+    from kvcache.models.gguf_file import keeps_packed
     from kvcache.native.build import wanted
 
     return "gguf" if keeps_packed(gguf) and wanted() else "none"

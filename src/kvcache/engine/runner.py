@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcache import native
+from kvcache.native import ops as native
 from kvcache.cache.attention import windowed_causal_mask
 from kvcache.cache.manager import KVCacheManager
 from kvcache.cache.mixed_step import ChunkSegment, DecodeSegment, MixedStepView

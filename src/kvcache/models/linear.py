@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvcache import native
+from kvcache.native import ops as native
 
 KERNELS = ("auto", "torch", "onednn", "native")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvcache import native
+from kvcache.native import ops as native
 from kvcache.models.calibrated_int8 import PendingProjection, recalibrate
 from kvcache.models.config import LlamaConfig
 from kvcache.models.fused_decode import FusedDecodeLayers

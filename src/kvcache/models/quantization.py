@@ -38,7 +38,7 @@ def auto_quantization(gguf_path: Path | None, dtype: torch.dtype, device: torch.
     """What "auto" runs: "gguf" where the file's packed formats can run here, else "none"."""
     if gguf_path is None or device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
         return "none"
-    from kvcache.models.gguf_weights import keeps_packed
+    from kvcache.models.gguf_file import keeps_packed
     from kvcache.native import qlinear
 
     return "gguf" if keeps_packed(gguf_path) and qlinear.kernels() is not None else "none"

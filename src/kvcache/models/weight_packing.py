@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.errors import KVCacheError
+from kvcache.models.packed_tiles import BLOCK, BLOCK_BYTES, FORMAT_CODES, TILE, i8_tiles, q4_tiles, q8_tiles
 
-TILE, BLOCK = 16, 32
-BLOCK_BYTES = {"q4": 320, "q8": 544, "i8": 512}
-FORMAT_CODES = {"q4": 0, "q8": 1, "i8": 2}  # the kernels' QL_* numbers
+__all__ = ["BLOCK", "BLOCK_BYTES", "FORMAT_CODES", "TILE", "PackedWeight"]
 
 
 @dataclass
@@ -50,18 +49,6 @@ def tile_bytes(fmt: str, blocks: int) -> int:
     return blocks * BLOCK_BYTES[fmt] + (64 if fmt == "i8" else 0)
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    if t.shape[0] == rows:
-        return t
-    return torch.cat([t, t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))])
-
-
-def _scales_into(out: torch.Tensor, s: torch.Tensor, tiles: int, nb: int) -> None:
-    """Write fp16 (N, nb) per-output-and-block values into out (T, nb, 32) bytes, output j at 2j."""
-    s = _pad_rows(s.to(torch.float16), tiles * TILE).view(tiles, TILE, nb)  # (T, 16, nb)
-    out.view(torch.float16).copy_(s.permute(0, 2, 1))  # (T, nb, 16)
-
-
 def q4_bytes(codes: torch.Tensor) -> torch.Tensor:
     """codes (N, K) in 0..15 -> (N, K/32, 4, 4) bytes: chunk c, byte e holds inputs 8c+e (low
     nibble) and 8c+4+e (high nibble) of its block."""
@@ -70,15 +57,9 @@ def q4_bytes(codes: torch.Tensor) -> torch.Tensor:
 
 
 def pack_q4_bytes(byte: torch.Tensor, d: torch.Tensor, m: torch.Tensor, source: str) -> PackedWeight:
-    """Chunk bytes (N, nb, 4, 4) (`q4_bytes`) and d, m (N, nb) fp16 -> "q4" tiles."""
+    """Chunk bytes (N, nb, 4, 4) (`q4_bytes`) and d, m (N, nb) fp16 -> "q4" tiles (`packed_tiles.q4_tiles`)."""
     n, nb = byte.shape[0], byte.shape[1]
-    tiles = -(-n // TILE)
-    out = torch.empty(tiles, nb, 320, dtype=torch.uint8)
-    b = _pad_rows(byte.contiguous(), tiles * TILE).view(torch.int32).view(tiles, TILE, nb, 4)  # (T, j, b, chunk)
-    out[:, :, :256].view(torch.int32).view(tiles, nb, 4, TILE).copy_(b.permute(0, 2, 3, 1))  # 4 bytes a move
-    _scales_into(out[:, :, 256:288], d, tiles, nb)
-    _scales_into(out[:, :, 288:], m, tiles, nb)
-    return PackedWeight("q4", n, nb * BLOCK, out.view(tiles, nb * 320), source)
+    return PackedWeight("q4", n, nb * BLOCK, torch.from_numpy(q4_tiles(byte.numpy(), d.numpy(), m.numpy())), source)
 
 
 def pack_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, source: str) -> PackedWeight:
@@ -87,25 +68,15 @@ def pack_q4(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, source: str) 
 
 
 def pack_q8(codes: torch.Tensor, d: torch.Tensor, source: str) -> PackedWeight:
-    """codes (N, K) int8 and d (N, K/32) fp16 -> "q8" tiles."""
-    n, k = codes.shape
-    nb, tiles = k // BLOCK, -(-n // TILE)
-    out = torch.empty(tiles, nb, 544, dtype=torch.uint8)
-    c = _pad_rows(codes.contiguous().view(torch.int32), tiles * TILE).view(tiles, TILE, nb, 8)  # (T, j, b, chunk)
-    out[:, :, :512].view(torch.int32).view(tiles, nb, 8, TILE).copy_(c.permute(0, 2, 3, 1))
-    _scales_into(out[:, :, 512:], d, tiles, nb)
-    return PackedWeight("q8", n, k, out.view(tiles, nb * 544), source)
+    """codes (N, K) int8 and d (N, K/32) fp16 -> "q8" tiles (`packed_tiles.q8_tiles`)."""
+    return PackedWeight("q8", codes.shape[0], codes.shape[1], torch.from_numpy(q8_tiles(codes.numpy(), d.numpy())),
+                        source)
 
 
 def pack_i8(codes: torch.Tensor, scale: torch.Tensor, in_features: int, source: str = "int8") -> PackedWeight:
     """codes (N, Kp) int8 with Kp = K rounded up to 32 (zeros past K) and scale (N,) fp32 -> "i8" tiles."""
-    n, kp = codes.shape
-    nb, tiles = kp // BLOCK, -(-n // TILE)
-    out = torch.empty(tiles, nb * 512 + 64, dtype=torch.uint8)
-    c = _pad_rows(codes.contiguous().view(torch.int32), tiles * TILE).view(tiles, TILE, nb, 8)
-    out[:, : nb * 512].view(torch.int32).view(tiles, nb, 8, TILE).copy_(c.permute(0, 2, 3, 1))
-    out[:, nb * 512:].view(torch.float32).copy_(_pad_rows(scale.to(torch.float32), tiles * TILE).view(tiles, TILE))
-    return PackedWeight("i8", n, in_features, out, source)
+    data = i8_tiles(codes.contiguous().numpy(), scale.to(torch.float32).numpy())
+    return PackedWeight("i8", codes.shape[0], in_features, torch.from_numpy(data), source)
 
 
 #: Rows quantized and packed at a time (a whole number of tiles): float temporaries and codes

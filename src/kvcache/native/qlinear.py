@@ -12,8 +12,8 @@ import ctypes
 import torch
 
 from kvcache.native.build import load
+from kvcache.native.signatures import declare_qlinear
 
-_P, _I, _C, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 IO_DTYPES = (torch.float32, torch.bfloat16)
 _bound: "QLinearKernels | None | bool" = False
 
@@ -23,18 +23,7 @@ class QLinearKernels:
 
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-        lib.ql_matmul.argtypes = [_P, _P, _P, _I, _I, _I, _I, _C, _C, _C]
-        lib.ql_dequantize.argtypes = [_P, _C, _I, _I, _P, _I, _P, _C]
-        lib.ql_quantize_activations.argtypes = [_P, _C, _I, _I, _C, _P, _P, _P]
-        lib.ql_tile_bytes.argtypes, lib.ql_tile_bytes.restype = [_C, _I], _I
-        lib.ql_isa.argtypes, lib.ql_isa.restype = [], _C
-        lib.dl_decode_layers.argtypes = [_P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _F, _P, _P, _P, _P, _P, _I, _I,
-                                         _P, _P, _P, _P, _I, _I, _C]
-        lib.dl_fields.argtypes, lib.dl_fields.restype = [], _I
-        lib.rc_round_block.argtypes = [_P, _P, _I, _I, _I, _P, _P, _P, _P]
-        for fn in (lib.ql_matmul, lib.ql_dequantize, lib.ql_quantize_activations, lib.dl_decode_layers,
-                   lib.rc_round_block):
-            fn.restype = None
+        declare_qlinear(lib)
         self.layer_fields = lib.dl_fields()  # columns of `decode_layers`' layer table
 
     @property
