@@ -45,7 +45,7 @@ def test_repacked_blocks_dequantize_as_gguf_does(qtype):
 
 
 def test_index_and_state_dict_match_gguf_reader_and_undo_the_rope_permutation(tmp_path):
-    from kvcache.models.gguf_convert import unpermute_rope_rows
+    from kvcache.models.gguf_file import unpermute_rope_rows
 
     rng = np.random.default_rng(1)
     tensors = {"token_embd.weight": (rng.standard_normal((50, 64)).astype(np.float32), "Q8_0"),

@@ -18,56 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from kvcache.errors import ModelFormatError
-
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-
-def file_fingerprint(path: Path) -> str:
-    """Cheap content fingerprint: size + SHA-256 of the first and last MiB."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
-def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Invert llama.cpp's Q/K row permutation (interleaved pairs -> rotate-half halves)."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def hf_tensor_name(name: str) -> str | None:
-    """The Hugging Face name of a GGUF tensor (`blk.3.attn_q.weight` ->
-    `model.layers.3.self_attn.q_proj.weight`), or None for tensors the model does not use."""
-    parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    return _GLOBAL_NAMES.get(name)
-
-
-def rope_heads(name: str, heads: int, kv_heads: int) -> int | None:
-    """The head count whose RoPE row permutation a GGUF tensor carries (Q and K weights), else None."""
-    base = name.split(".")[2] if name.startswith("blk.") and name.count(".") == 3 else None
-    return {"attn_q": heads, "attn_k": kv_heads}.get(base)
-
+from kvcache.models.gguf_file import file_fingerprint, hf_tensor_name, rope_heads, unpermute_rope_rows
 
 def field(reader, key: str, default=None):
     """A metadata value of the GGUF, or `default`."""

@@ -11,6 +11,7 @@ with 4-bit weight i < 16 in the low nibble of byte i and weight 16 + i in its hi
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
 from dataclasses import dataclass
@@ -19,8 +20,59 @@ from pathlib import Path
 import numpy as np
 
 from kvcache.errors import ModelFormatError
-from kvcache.models.gguf_convert import hf_tensor_name
-from kvcache.models.packed_tiles import BLOCK, q4_tiles, q8_tiles
+from kvcache.models.packed_tiles import BLOCK, TILE, q4_tiles, q8_tiles
+from kvcache.paths import cache_home
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def file_fingerprint(path: Path) -> str:
+    """Cheap content fingerprint: size + SHA-256 of the first and last MiB."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def unpermute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Invert llama.cpp's Q/K row permutation (interleaved pairs -> rotate-half halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_tensor_name(name: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor (`blk.3.attn_q.weight` ->
+    `model.layers.3.self_attn.q_proj.weight`), or None for tensors the model does not use."""
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    return _GLOBAL_NAMES.get(name)
+
+
+def rope_heads(name: str, heads: int, kv_heads: int) -> int | None:
+    """The head count whose RoPE row permutation a GGUF tensor carries (Q and K weights), else None."""
+    base = name.split(".")[2] if name.startswith("blk.") and name.count(".") == 3 else None
+    return {"attn_q": heads, "attn_k": kv_heads}.get(base)
+
+
 
 #: GGUF types kept packed, by the kernels' format that holds them.
 KEPT_FORMATS = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4",
@@ -181,9 +233,26 @@ def chunk_bytes(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([low, high], 2).view(np.uint8).reshape(n, nb, 4, 4)
 
 
+#: Rows repacked at a time (a whole number of tiles): the temporaries stay a few MB whatever the matrix.
+ROWS_AT_ONCE = 4096
+
+
 def block_tiles(raw: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:
     """GGUF blocks of a Q8_0 / Q4_0 / Q4_1 matrix, rows (N, K/32 * block bytes) uint8, as the
-    kernels' (format, tiles), bit for bit."""
+    kernels' (format, tiles), bit for bit; `ROWS_AT_ONCE` rows at a time into the one result."""
+    n = raw.shape[0]
+    if n <= ROWS_AT_ONCE:
+        return _rows_tiles(raw, type_name)
+    out, fmt = None, ""
+    for lo in range(0, n, ROWS_AT_ONCE):
+        fmt, part = _rows_tiles(raw[lo:lo + ROWS_AT_ONCE], type_name)
+        if out is None:
+            out = np.empty((-(-n // TILE), part.shape[1]), np.uint8)  # (tiles, tile bytes)
+        out[lo // TILE: lo // TILE + part.shape[0]] = part
+    return fmt, out
+
+
+def _rows_tiles(raw: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:
     b = raw.reshape(raw.shape[0], -1, GGUF_BLOCK_BYTES[type_name])  # (N, nb, block bytes)
     n, nb = b.shape[0], b.shape[1]
     if type_name == "Q8_0":
@@ -194,3 +263,15 @@ def block_tiles(raw: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:
     if type_name == "Q4_1":
         return "q4", q4_tiles(chunk_bytes(b[:, :, 4:]), half_at(b, 0), half_at(b, 2))
     raise ValueError(f"not a losslessly packed GGUF type: {type_name}")
+
+
+def release_pages(mapped: mmap.mmap, offset: int, size: int) -> None:
+    """Drop the pages of [offset, offset + size) from this process (they stay in the page cache),
+    so that loading holds one tensor of the file at a time besides what it has repacked."""
+    start = offset - offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, min(offset + size, len(mapped)) - start)
+
+
+def meta_dir_path(path: Path) -> Path:
+    """Where the config.json and tokenizer of a GGUF are cached once converted (`gguf_weights.meta_dir`)."""
+    return cache_home() / "models" / f"{path.stem}-{file_fingerprint(path)}-packed"

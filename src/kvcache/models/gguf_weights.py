@@ -23,13 +23,12 @@ import torch
 
 from kvcache.errors import ModelFormatError
 from kvcache.models.config import LlamaConfig
-from kvcache.models.gguf_convert import (convert_tokenizer, file_fingerprint, folder_written_atomically, gguf_hf_config,
-                                         hf_tensor_name, read_gguf, rope_heads, unpermute_rope_rows)
-from kvcache.models.gguf_file import (GGUF_BLOCK_BYTES, FLOAT_TYPES, KEPT_FORMATS, PACKED_TYPES, REQUANTIZED_TYPES,
-                                      TensorEntry, block_tiles, check_types, keeps_packed, read_tensor,
-                                      tensor_index)
+from kvcache.models.gguf_convert import convert_tokenizer, folder_written_atomically, gguf_hf_config, read_gguf
+from kvcache.models.gguf_file import (FLOAT_TYPES, GGUF_BLOCK_BYTES, KEPT_FORMATS, PACKED_TYPES, REQUANTIZED_TYPES,
+                                      TensorEntry, block_tiles, check_types, hf_tensor_name, keeps_packed,
+                                      meta_dir_path, read_tensor, release_pages, rope_heads, tensor_index,
+                                      unpermute_rope_rows)
 from kvcache.models.weight_packing import BLOCK, PackedWeight, quantize_int4, quantize_q8_blocks
-from kvcache.paths import cache_home
 
 __all__ = ["FLOAT_TYPES", "KEPT_FORMATS", "PACKED_TYPES", "TensorEntry", "check_types", "decode_blocks",
            "gguf_state_dict", "keeps_packed", "load_gguf_packed", "meta_dir", "tensor_index"]
@@ -62,7 +61,7 @@ def requantize_blocks(raw: np.ndarray, type_name: str) -> PackedWeight:
 def meta_dir(path: Path) -> Path:
     """The cached folder with config.json and the tokenizer of a GGUF (no weights); the GGUF's
     metadata is parsed in full only to build it."""
-    out = cache_home() / "models" / f"{path.stem}-{file_fingerprint(path)}-packed"
+    out = meta_dir_path(path)
     if (out / "config.json").is_file():
         return out
     reader = read_gguf(path)
@@ -97,15 +96,8 @@ def gguf_state_dict(path: Path, heads: int, kv_heads: int) -> dict:
                               else torch.from_numpy(np.array(arr, dtype=np.float32)))
         except Exception as exc:
             raise ModelFormatError(f"{path} has an unreadable tensor {t.name} ({exc}).") from None
-        _release_pages(mapped, t.offset, arr.nbytes)  # repacked into a copy: the file's pages can go
+        release_pages(mapped, t.offset, arr.nbytes)  # repacked into a copy: the file's pages can go
     return state
-
-
-def _release_pages(mapped: mmap.mmap, offset: int, size: int) -> None:
-    """Drop the pages of [offset, offset + size) from this process (they stay in the page cache),
-    so that loading holds one tensor of the file at a time besides what it has repacked."""
-    start = offset - offset % mmap.PAGESIZE
-    mapped.madvise(mmap.MADV_DONTNEED, start, min(offset + size, len(mapped)) - start)
 
 
 def load_gguf_packed(path: Path):

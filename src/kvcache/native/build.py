@@ -92,8 +92,11 @@ def build() -> Path:
     return target
 
 
-def load() -> ctypes.CDLL | None:
-    """The loaded kernel library, building it on first use; None when unavailable or disabled."""
+def load(with_torch: bool = True) -> ctypes.CDLL | None:
+    """The loaded kernel library, building it on first use; None when unavailable or disabled.
+    `with_torch` loads torch first, so that the library and torch share torch's OpenMP runtime; a
+    process that never imports torch (`kvcache.solo`) passes False and the library binds the
+    system's."""
     global _lib, _tried
     if _tried:
         return _lib
@@ -102,7 +105,8 @@ def load() -> ctypes.CDLL | None:
             return _lib
         if os.environ.get("KVCACHE_NATIVE", "1") != "0":
             try:
-                import torch  # noqa: F401  (its libgomp must be loaded first, so both share one OpenMP runtime)
+                if with_torch:
+                    import torch  # noqa: F401  (its libgomp must be loaded first, so both share one OpenMP runtime)
 
                 _lib = ctypes.CDLL(str(build()))
             except BuildError as exc:

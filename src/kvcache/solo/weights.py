@@ -1,0 +1,124 @@
+"""A GGUF's weights as the native decode loop reads them: packed tiles in numpy arrays and the
+layer table of their addresses (`native/decode_layers.c`). No torch."""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kvcache.errors import ModelFormatError
+from kvcache.models.config import LlamaConfig
+from kvcache.models.gguf_file import (GGUF_BLOCK_BYTES, TensorEntry, block_tiles, read_tensor, release_pages, rope_heads,
+                                      tensor_index, unpermute_rope_rows)
+from kvcache.models.packed_tiles import FORMAT_CODES, TILE
+
+_ENGINE = "run it with the engine (kvcache without --solo)"
+
+
+@dataclass
+class PackedMatrix:
+    """One matrix in the kernels' tiles: `tiles` (ceil(N/16), tile bytes) uint8."""
+
+    fmt: str  # "q4" | "q8"
+    out_features: int
+    in_features: int
+    tiles: np.ndarray
+
+    @property
+    def code(self) -> int:
+        return FORMAT_CODES[self.fmt]
+
+    @property
+    def address(self) -> int:
+        return self.tiles.ctypes.data
+
+
+def _stacked(parts: list[PackedMatrix], what: str) -> PackedMatrix:
+    """Matrices of one format stacked along their outputs (Q, K, V; gate, up) as one: their tiles
+    back to back, which needs every part but the last to fill whole tiles."""
+    if len({p.fmt for p in parts}) != 1 or any(p.out_features % TILE for p in parts[:-1]):
+        raise ModelFormatError(f"the solo runtime fuses {what} into one packed matrix, which needs one format and "
+                               f"rows in multiples of {TILE}; {_ENGINE}.")
+    return PackedMatrix(parts[0].fmt, sum(p.out_features for p in parts), parts[0].in_features,
+                        np.concatenate([p.tiles for p in parts]))
+
+
+@dataclass
+class SoloWeights:
+    """Every weight of a model: the layer table (L, dl_fields) int64 points into `keep`."""
+
+    config: LlamaConfig
+    embed: PackedMatrix  # (V, H): the token embedding, rows dequantized on lookup
+    head: PackedMatrix  # (V, H): the output head (the embedding itself when tied)
+    final_norm: np.ndarray  # (H,) float32
+    layers: np.ndarray  # (L, fields) int64
+    keep: list  # the arrays the table's addresses point into
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the weights held (packed matrices and norms)."""
+        seen = {id(a): a.nbytes for a in self.keep} | {id(self.embed.tiles): self.embed.tiles.nbytes,
+                                                       id(self.head.tiles): self.head.tiles.nbytes}
+        return sum(seen.values())
+
+    @classmethod
+    def load(cls, path: Path, config: LlamaConfig, layer_fields: int) -> "SoloWeights":
+        """Read and repack the GGUF at `path` (one tensor at a time: the file's pages are handed
+        back after each), checking that the runtime can run every tensor."""
+        c = config
+        if c.attention_bias:
+            raise ModelFormatError(f"{path.name} has attention biases, which the solo runtime does not add; {_ENGINE}.")
+        if (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type", "default")) not in (None, "default"):
+            raise ModelFormatError(f"{path.name} scales its RoPE, which the solo runtime does not; {_ENGINE}.")
+        index = {t.name: t for t in tensor_index(path)}
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = np.frombuffer(mapped, dtype=np.uint8)
+
+        def entry(name: str) -> TensorEntry:
+            if name not in index:
+                raise ModelFormatError(f"{path.name} has no tensor {name}.")
+            return index[name]
+
+        def matrix(name: str) -> PackedMatrix:
+            t = entry(name)
+            if t.type_name not in GGUF_BLOCK_BYTES:
+                raise ModelFormatError(f"{path.name} stores {name} as {t.type_name}; the solo runtime runs "
+                                       f"{', '.join(GGUF_BLOCK_BYTES)} matrices only; {_ENGINE}.")
+            raw = read_tensor(buf, t)
+            heads = rope_heads(name, c.num_heads, c.num_kv_heads)
+            if heads:
+                raw = unpermute_rope_rows(raw, heads)
+            fmt, tiles = block_tiles(raw, t.type_name)
+            release_pages(mapped, t.offset, raw.nbytes)  # repacked into a copy
+            return PackedMatrix(fmt, t.shape[0], t.shape[1], tiles)
+
+        def vector(name: str) -> np.ndarray:
+            t = entry(name)
+            if t.type_name not in ("F32", "F16", "BF16"):
+                raise ModelFormatError(f"{path.name} stores {name} as {t.type_name}, not float.")
+            return np.ascontiguousarray(read_tensor(buf, t), dtype=np.float32).reshape(-1)
+
+        rows, keep = [], []
+        for i in range(c.num_layers):
+            b = f"blk.{i}."
+            qkv = _stacked([matrix(b + n) for n in ("attn_q.weight", "attn_k.weight", "attn_v.weight")],
+                           "Q, K and V")
+            o = matrix(b + "attn_output.weight")
+            gu = _stacked([matrix(b + "ffn_gate.weight"), matrix(b + "ffn_up.weight")], "gate and up")
+            down = matrix(b + "ffn_down.weight")
+            attn_norm, mlp_norm = vector(b + "attn_norm.weight"), vector(b + "ffn_norm.weight")
+            keep += [attn_norm, mlp_norm, qkv.tiles, o.tiles, gu.tiles, down.tiles]
+            rows.append([attn_norm.ctypes.data, qkv.address, qkv.code, o.address, o.code, mlp_norm.ctypes.data,
+                         gu.address, gu.code, down.address, down.code, 1])  # one activation digit, as gguf runs
+        embed = matrix("token_embd.weight")
+        head = matrix("output.weight") if "output.weight" in index else embed
+        final_norm = vector("output_norm.weight")
+        table = np.array(rows, dtype=np.int64).reshape(c.num_layers, -1)  # (L, fields)
+        if table.shape[1] != layer_fields:
+            raise RuntimeError(f"decode_layers.c takes {layer_fields} fields per layer, not {table.shape[1]}.")
+        return cls(c, embed, head, final_norm, table, keep)
+

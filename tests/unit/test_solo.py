@@ -1,0 +1,155 @@
+"""The torch-free single-user runtime (`kvcache.solo`) against the engine's model on the same GGUF."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kvcache.cache.dense import KVCache
+from kvcache.errors import KVCacheError, ModelFormatError
+from kvcache.models.config import LlamaConfig
+from kvcache.models.gguf_weights import gguf_state_dict
+from kvcache.models.llama import LlamaModel
+from kvcache.native import build
+from kvcache.solo import SoloGenerator, SoloModel, SoloSampling, load_solo
+from tests.helpers import feed, write_gguf
+
+gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.skipif(not build.wanted() or build.load() is None, reason="no native kernels")
+
+H, I, V, HEADS, KV_HEADS, D = 64, 96, 300, 4, 2, 16
+CONFIG = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_layers=2, num_heads=HEADS,
+                     num_kv_heads=KV_HEADS, head_dim=D, max_position_embeddings=128, rms_norm_eps=1e-5,
+                     rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def write_packed_gguf(path, matrix_type: str = "Q4_1", tied: bool = True, up_type: str | None = None):
+    """A 2-layer GGUF whose matrices are all packed (Q4_1 / Q4_0 / Q8_0; `up_type` overrides ffn_up)."""
+    rng = np.random.default_rng(5)
+
+    def m(rows, cols):
+        return (rng.standard_normal((rows, cols)) * 0.5).astype(np.float32)
+
+    norm = (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+    t = {"token_embd.weight": (m(V, H), "Q8_0"), "output_norm.weight": (norm, "F32")}
+    if not tied:
+        t["output.weight"] = (m(V, H), "Q8_0")
+    for n in range(2):
+        b = f"blk.{n}."
+        t |= {b + "attn_q.weight": (m(HEADS * D, H), matrix_type), b + "attn_k.weight": (m(KV_HEADS * D, H), matrix_type),
+              b + "attn_v.weight": (m(KV_HEADS * D, H), matrix_type), b + "attn_output.weight": (m(H, H), "Q4_0"),
+              b + "ffn_gate.weight": (m(I, H), "Q8_0"), b + "ffn_up.weight": (m(I, H), up_type or "Q8_0"),
+              b + "ffn_down.weight": (m(H, I), "Q4_1"), b + "attn_norm.weight": (norm, "F32"),
+              b + "ffn_norm.weight": (norm, "F32")}
+    write_gguf(path, t, heads=HEADS, kv_heads=KV_HEADS)
+    return path
+
+
+def engine_logits(path, config, ids: list[int], chunk: int) -> torch.Tensor:
+    """The engine's model (quantization="gguf", float32) on the same file: logits (T, V)."""
+    model = LlamaModel.from_state_dict(config, gguf_state_dict(path, config.num_heads, config.num_kv_heads),
+                                       torch.float32, "cpu", quantization="gguf")
+    cache = KVCache(config.num_layers, 1, config.num_kv_heads, config.head_dim, capacity=64, dtype=torch.float32)
+    return feed(model, cache, ids, chunk)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("matrix_type", ["Q4_1", "Q4_0", "Q8_0"])
+def test_solo_logits_match_the_engine_on_the_same_gguf(tmp_path, matrix_type, tied):
+    path = write_packed_gguf(tmp_path / "m.gguf", matrix_type, tied)
+    config = LlamaConfig(**{**CONFIG.__dict__, "tie_word_embeddings": tied})
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, V, 40)]
+    ref = engine_logits(path, config, ids, chunk=8)  # (T, V)
+    solo = SoloModel.from_gguf(path, config)
+    prompt = solo.forward(ids[:30])  # a prompt chunk, then decode steps one token each
+    torch.testing.assert_close(torch.from_numpy(prompt), ref[29], rtol=1e-3, atol=1e-3)
+    for t in range(30, 40):
+        torch.testing.assert_close(torch.from_numpy(solo.forward([ids[t]])), ref[t], rtol=1e-3, atol=1e-3)
+    assert solo.length == 40
+
+
+def test_a_prompt_chunk_equals_its_tokens_one_at_a_time(tmp_path):
+    path = write_packed_gguf(tmp_path / "m.gguf")
+    ids = [int(i) for i in np.random.default_rng(2).integers(0, V, 25)]
+    whole = SoloModel.from_gguf(path, CONFIG)
+    chunked = whole.forward(ids)
+    single = SoloModel.from_gguf(path, CONFIG)
+    for t in ids:
+        one = single.forward([t])
+    np.testing.assert_allclose(chunked, one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(whole.k[:, :, :25], single.k[:, :, :25], rtol=1e-5, atol=1e-5)
+
+
+class _Tokens:
+    """A tokenizer stand-in: token i is the character chr(97 + i % 26); token 0 ends a reply."""
+
+    end_ids = frozenset({0})
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_greedy_generation_matches_the_engines_argmax_and_a_second_turn_reuses_the_prefix(tmp_path):
+    path = write_packed_gguf(tmp_path / "m.gguf")
+    prompt = [int(i) for i in np.random.default_rng(3).integers(1, V, 12)]
+    gen = SoloGenerator(SoloModel.from_gguf(path, CONFIG), _Tokens())
+    out = gen.generate(prompt, SoloSampling(max_tokens=6))
+    ids = list(prompt)
+    for _ in range(len(out.token_ids)):  # the engine's greedy continuation, recomputed from scratch
+        ids.append(int(engine_logits(path, CONFIG, ids, chunk=len(ids))[-1].argmax()))
+    assert out.token_ids == ids[len(prompt):] and out.finish_reason in ("length", "stop")
+    assert out.reused_tokens == 0 and out.prompt_tokens == 12
+
+    follow = prompt + out.token_ids[:3] + [5, 6]  # shares the first 15 tokens with what the model holds
+    again = gen.generate(follow, SoloSampling(max_tokens=4))
+    fresh = SoloGenerator(SoloModel.from_gguf(path, CONFIG), _Tokens()).generate(follow, SoloSampling(max_tokens=4))
+    assert again.reused_tokens == 15 and again.token_ids == fresh.token_ids
+
+
+def test_sampling_top_k_one_is_greedy_and_a_seed_repeats(tmp_path):
+    gen = SoloGenerator(SoloModel.from_gguf(write_packed_gguf(tmp_path / "m.gguf"), CONFIG), _Tokens())
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    greedy = gen.generate(prompt, SoloSampling(max_tokens=8)).token_ids
+    assert gen.generate(prompt, SoloSampling(max_tokens=8, temperature=0.8, top_k=1, seed=0)).token_ids == greedy
+    a = gen.generate(prompt, SoloSampling(max_tokens=8, temperature=1.5, seed=7)).token_ids
+    b = gen.generate(prompt, SoloSampling(max_tokens=8, temperature=1.5, seed=7)).token_ids
+    c = gen.generate(prompt, SoloSampling(max_tokens=8, temperature=1.5, seed=8)).token_ids
+    assert a == b and a != c
+
+
+def test_stop_strings_cut_the_reply(tmp_path):
+    gen = SoloGenerator(SoloModel.from_gguf(write_packed_gguf(tmp_path / "m.gguf"), CONFIG), _Tokens())
+    full = gen.generate([7, 8, 9], SoloSampling(max_tokens=8))
+    stop = full.text[3:5]
+    cut = gen.generate([7, 8, 9], SoloSampling(max_tokens=8, stop=[stop]))
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+
+
+def test_the_runtime_imports_no_torch(tmp_path):
+    path = write_packed_gguf(tmp_path / "m.gguf")
+    code = ("import sys; from pathlib import Path; from kvcache.models.config import LlamaConfig; "
+            "from kvcache.solo import SoloModel; "
+            f"m = SoloModel.from_gguf(Path({str(path)!r}), LlamaConfig(**{CONFIG.__dict__!r})); "
+            "print(m.argmax(m.forward([1, 2, 3])), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[1] == "False" and 0 <= int(out[0]) < V
+
+
+def test_what_it_cannot_run_is_one_sentence(tmp_path):
+    path = write_packed_gguf(tmp_path / "f16.gguf", up_type="F16")
+    with pytest.raises(ModelFormatError, match="stores blk.0.ffn_up.weight as F16; the solo runtime runs"):
+        SoloModel.from_gguf(path, CONFIG)
+    mixed = write_packed_gguf(tmp_path / "mixed.gguf", up_type="Q4_0")  # gate Q8_0 beside up Q4_0
+    with pytest.raises(ModelFormatError, match="gate and up into one packed matrix"):
+        SoloModel.from_gguf(mixed, CONFIG)
+    with pytest.raises(KVCacheError, match="runs a GGUF file"):
+        load_solo(str(tmp_path))
+    solo = SoloModel.from_gguf(write_packed_gguf(tmp_path / "m.gguf"), CONFIG, max_len=8)
+    with pytest.raises(KVCacheError, match="past the context of 8"):
+        solo.forward(list(range(9)))
+    with pytest.raises(KVCacheError, match="token ids must be in 0..299"):
+        solo.forward([300])
