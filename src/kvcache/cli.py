@@ -84,6 +84,12 @@ def _sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def _solo_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solo", action="store_true",
+                   help="one user, no torch: a GGUF's Q8_0/Q4_0/Q4_1 weights through the native kernels alone "
+                        "(the least memory; float32 on the CPU, K/V kept exactly)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvcache", description="An LLM inference engine built around an explicit KV cache.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -95,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(g)
     _tier_options(g)
     _sampling_options(g, 64)
+    _solo_option(g)
 
     c = sub.add_parser("chat", help="chat with the model (interactive, or one shot with --message)")
     c.add_argument("--message", default=None, help="send one message, print the reply, exit")
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(c)
     _tier_options(c)
     _sampling_options(c, 256)
+    _solo_option(c)
 
     c.add_argument("--sessions-dir", default=None, help="where /save and /load keep sessions "
                    "(default ~/.cache/kvcache/sessions)")
@@ -228,6 +236,10 @@ def _params(args):
 
 
 def cmd_generate(args) -> int:
+    if args.solo:
+        from kvcache.cli_solo import generate
+
+        return generate(args)
     params = _params(args)
     llm = _make_llm(args)
     if args.json:
@@ -243,6 +255,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    if args.solo:
+        from kvcache.cli_solo import chat
+
+        return chat(args)
     from kvcache.cli_chat import one_shot, repl
 
     params = _params(args)

@@ -12,6 +12,9 @@ HELP = ("commands: /reset (forget the conversation), /stats (cache figures), /sa
         "(the conversation and its KV cache, on disk), /sessions, exit")
 
 
+HELP_SOLO = "commands: /reset (forget the conversation), /stats (cache figures), exit"
+
+
 def _stream_reply(session, text: str, params) -> None:
     out = None
     for piece in session.stream(text, params):
@@ -61,11 +64,14 @@ def session_command(session, store, cmd: str) -> str:
     return f"(loaded '{name}': {len(session.messages)} messages, {snap.num_tokens} tokens already cached)"
 
 
-def repl(session, params, sessions_dir=None) -> int:
-    from kvcache.engine.persist import SessionStore, default_sessions_dir
+def repl(session, params, sessions_dir=None, saves: bool = True) -> int:
+    """Chat on stdin. `saves=False` (the solo runtime): no /save, /load or /sessions."""
+    store = None
+    if saves:
+        from kvcache.engine.persist import SessionStore, default_sessions_dir
 
-    store = SessionStore(sessions_dir or default_sessions_dir(), session.llm)
-    print(HELP, file=sys.stderr)
+        store = SessionStore(sessions_dir or default_sessions_dir(), session.llm)
+    print(HELP if saves else HELP_SOLO, file=sys.stderr)
     while True:
         try:
             text = input(">>> ")
@@ -83,6 +89,9 @@ def repl(session, params, sessions_dir=None) -> int:
             continue
         if cmd == "/stats":
             print(_stats_line(session))
+            continue
+        if cmd.split(" ")[0] in ("/save", "/load", "/sessions") and store is None:
+            print("(--solo keeps no sessions on disk; /save and /load run in kvcache chat without --solo)")
             continue
         if cmd.split(" ")[0] in ("/save", "/load", "/sessions"):
             try:

@@ -49,12 +49,39 @@ def write_packed_gguf(path, matrix_type: str = "Q4_1", tied: bool = True, up_typ
     return path
 
 
+def engine_model(path, config) -> LlamaModel:
+    """The engine's model (quantization="gguf", float32) on the same file."""
+    return LlamaModel.from_state_dict(config, gguf_state_dict(path, config.num_heads, config.num_kv_heads),
+                                      torch.float32, "cpu", quantization="gguf")
+
+
 def engine_logits(path, config, ids: list[int], chunk: int) -> torch.Tensor:
-    """The engine's model (quantization="gguf", float32) on the same file: logits (T, V)."""
-    model = LlamaModel.from_state_dict(config, gguf_state_dict(path, config.num_heads, config.num_kv_heads),
-                                       torch.float32, "cpu", quantization="gguf")
+    """The engine's logits (T, V) for every position."""
     cache = KVCache(config.num_layers, 1, config.num_kv_heads, config.head_dim, capacity=64, dtype=torch.float32)
-    return feed(model, cache, ids, chunk)
+    return feed(engine_model(path, config), cache, ids, chunk)
+
+
+def solo_model(path, config=CONFIG, **kw) -> SoloModel:
+    """The runtime on the same file, with the engine's RoPE tables: the activations' int8 rounding
+    turns a last-place difference in a table into a different code now and then, and the checks
+    below compare everything else exactly (the tables themselves: `test_rope_tables_...`)."""
+    solo = SoloModel.from_gguf(path, config, **kw)
+    rope = engine_model(path, config).rope
+    rope.slice(0, solo.max_len)  # grown to the runtime's context
+    solo.cos[:], solo.sin[:] = rope.cos[:solo.max_len].numpy(), rope.sin[:solo.max_len].numpy()
+    return solo
+
+
+def test_rope_tables_equal_the_engines_to_the_last_place():
+    from kvcache.models.rope import RotaryTable
+    from kvcache.solo.model import rope_tables
+
+    for d, theta in ((64, 100000.0), (16, 10000.0), (128, 500000.0)):
+        ref = RotaryTable(d, theta, None, 4096, "cpu", torch.float32)
+        cos, sin = rope_tables(d, theta, 4096)
+        for ours, theirs in ((cos, ref.cos), (sin, ref.sin)):
+            ulp = np.spacing(np.abs(theirs.numpy()))
+            assert (np.abs(ours - theirs.numpy()) <= ulp).all() and (ours == theirs.numpy()).mean() > 0.9
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -64,7 +91,7 @@ def test_solo_logits_match_the_engine_on_the_same_gguf(tmp_path, matrix_type, ti
     config = LlamaConfig(**{**CONFIG.__dict__, "tie_word_embeddings": tied})
     ids = [int(i) for i in np.random.default_rng(1).integers(0, V, 40)]
     ref = engine_logits(path, config, ids, chunk=8)  # (T, V)
-    solo = SoloModel.from_gguf(path, config)
+    solo = solo_model(path, config)
     prompt = solo.forward(ids[:30])  # a prompt chunk, then decode steps one token each
     torch.testing.assert_close(torch.from_numpy(prompt), ref[29], rtol=1e-3, atol=1e-3)
     for t in range(30, 40):
@@ -96,18 +123,18 @@ class _Tokens:
 def test_greedy_generation_matches_the_engines_argmax_and_a_second_turn_reuses_the_prefix(tmp_path):
     path = write_packed_gguf(tmp_path / "m.gguf")
     prompt = [int(i) for i in np.random.default_rng(3).integers(1, V, 12)]
-    gen = SoloGenerator(SoloModel.from_gguf(path, CONFIG), _Tokens())
+    gen = SoloGenerator(solo_model(path), _Tokens())
     out = gen.generate(prompt, SoloSampling(max_tokens=6))
     ids = list(prompt)
     for _ in range(len(out.token_ids)):  # the engine's greedy continuation, recomputed from scratch
         ids.append(int(engine_logits(path, CONFIG, ids, chunk=len(ids))[-1].argmax()))
     assert out.token_ids == ids[len(prompt):] and out.finish_reason in ("length", "stop")
-    assert out.reused_tokens == 0 and out.prompt_tokens == 12
+    assert out.cached_prompt_tokens == 0 and out.prompt_tokens == 12
 
     follow = prompt + out.token_ids[:3] + [5, 6]  # shares the first 15 tokens with what the model holds
     again = gen.generate(follow, SoloSampling(max_tokens=4))
     fresh = SoloGenerator(SoloModel.from_gguf(path, CONFIG), _Tokens()).generate(follow, SoloSampling(max_tokens=4))
-    assert again.reused_tokens == 15 and again.token_ids == fresh.token_ids
+    assert again.cached_prompt_tokens == 15 and again.token_ids == fresh.token_ids
 
 
 def test_sampling_top_k_one_is_greedy_and_a_seed_repeats(tmp_path):
@@ -153,3 +180,26 @@ def test_what_it_cannot_run_is_one_sentence(tmp_path):
         solo.forward(list(range(9)))
     with pytest.raises(KVCacheError, match="token ids must be in 0..299"):
         solo.forward([300])
+
+
+def test_every_positions_logits_equal_the_last_ones_step_by_step(tmp_path):
+    path = write_packed_gguf(tmp_path / "m.gguf")
+    ids = [int(i) for i in np.random.default_rng(4).integers(0, V, 20)]
+    every = SoloModel.from_gguf(path, CONFIG).forward(ids, every=True)  # (T, V)
+    steps = SoloModel.from_gguf(path, CONFIG)
+    last = np.stack([steps.forward([t]) for t in ids])
+    assert every.shape == (20, V)
+    np.testing.assert_allclose(every, last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags,named", [(["--kv-policy", "window:size=64"], "--kv-policy"),
+                                         (["--quantization", "int8"], "--quantization"),
+                                         (["--device", "cuda"], "--device"),
+                                         (["--repetition-penalty", "1.2"], "--repetition-penalty")])
+def test_flags_the_solo_runtime_cannot_honour_exit_2_naming_them(capsys, flags, named):
+    from kvcache.cli import main
+
+    assert main(["chat", "--solo", "--message", "hi", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --solo runs") and f"; {named} needs the engine (drop --solo)." in err
+    assert len(err.strip().splitlines()) == 1

@@ -43,12 +43,15 @@ def native_library() -> ctypes.CDLL:
 
 
 def rope_tables(head_dim: int, theta: float, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and signed sin (length, D) float32 in the rotate-half convention (`models.rope`)."""
-    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))  # (D/2,)
-    freqs = np.outer(np.arange(length, dtype=np.float32), inv.astype(np.float32))  # (length, D/2)
-    cos, sin = np.cos(freqs), np.sin(freqs)
-    return (np.ascontiguousarray(np.concatenate([cos, cos], 1), np.float32),
-            np.ascontiguousarray(np.concatenate([-sin, sin], 1), np.float32))
+    """cos and signed sin (length, D) float32 in the rotate-half convention (`models.rope`). The
+    frequencies and angles equal the engine's bit for bit (a float64 power rounded to float32, as
+    torch computes it); their cos and sin, computed in float64 and rounded once, differ from torch's
+    float32 ones by at most one unit in the last place."""
+    exponent = (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)).astype(np.float64)
+    inv = np.float32(1.0) / (np.float64(theta) ** exponent).astype(np.float32)  # (D/2,)
+    freqs = np.outer(np.arange(length, dtype=np.float32), inv).astype(np.float64)  # (length, D/2)
+    cos, sin = np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    return np.ascontiguousarray(np.concatenate([cos, cos], 1)), np.ascontiguousarray(np.concatenate([-sin, sin], 1))
 
 
 def _untouched_zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -116,8 +119,9 @@ class SoloModel:
                                   self.k.strides[0] // 4, self.k.strides[1] // 4, _p(pos), _p(table), _p(lo), _p(hi),
                                   1, self.max_len, 0)
 
-    def forward(self, ids: list[int]) -> np.ndarray:
-        """Append `ids` to the sequence; the logits (V,) float32 after its last token."""
+    def forward(self, ids: list[int], every: bool = False) -> np.ndarray:
+        """Append `ids` to the sequence; the logits (V,) float32 after its last token, or with
+        `every` after each of its tokens (T, V) (perplexity)."""
         if not ids:
             raise KVCacheError("forward needs at least one token.")
         if self.length + len(ids) > self.max_len:
@@ -126,20 +130,24 @@ class SoloModel:
         tokens = np.asarray(ids, dtype=np.int64)
         if tokens.min() < 0 or tokens.max() >= self.weights.embed.out_features:
             raise KVCacheError(f"token ids must be in 0..{self.weights.embed.out_features - 1}.")
+        out = []
         for i in range(0, len(tokens), PROMPT_CHUNK):
             x = self._embed(tokens[i:i + PROMPT_CHUNK])  # (T, H)
             self._layers(x, self.length)
             self.tokens += tokens[i:i + PROMPT_CHUNK].tolist()
-        return self._logits(x[-1:])
+            if every:
+                out.append(self._logits(x))
+        return np.concatenate(out) if every else self._logits(x[-1:])[0]
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        c, head = self.config, self.weights.head
-        h = np.empty_like(x)  # (1, H)
-        self.lib.rms_norm_f32(_p(x), _p(self.weights.final_norm), _p(h), 1, c.hidden_size, c.rms_norm_eps)
-        logits = np.empty((1, head.out_features), np.float32)  # (1, V)
-        self.lib.ql_matmul(_p(h), head.address, _p(logits), 1, head.in_features, head.out_features,
+        """x (R, H) after the last layer -> logits (R, V)."""
+        c, head, rows = self.config, self.weights.head, x.shape[0]
+        h = np.empty_like(x)  # (R, H)
+        self.lib.rms_norm_f32(_p(x), _p(self.weights.final_norm), _p(h), rows, c.hidden_size, c.rms_norm_eps)
+        logits = np.empty((rows, head.out_features), np.float32)  # (R, V)
+        self.lib.ql_matmul(_p(h), head.address, _p(logits), rows, head.in_features, head.out_features,
                            head.out_features, head.code, 1, 0)
-        return logits[0]
+        return logits
 
     def argmax(self, logits: np.ndarray) -> int:
         """The first index of the largest logit (the kernels' argmax, as the engine's greedy step)."""

@@ -61,13 +61,18 @@ class SoloOutput:
     text: str
     finish_reason: str  # "stop" (an end token or a stop string) | "length"
     prompt_tokens: int
-    reused_tokens: int  # prompt tokens whose K/V an earlier turn left
-    prefill_s: float
-    decode_s: float
+    cached_prompt_tokens: int  # prompt tokens whose K/V an earlier turn left
+    ttft_s: float  # the prompt's forward pass, which gives the first token
+    decode_s: float  # every later token
 
     @property
     def decode_tok_s(self) -> float:
         return (len(self.token_ids) - 1) / self.decode_s if self.decode_s > 0 and len(self.token_ids) > 1 else 0.0
+
+    @property
+    def metrics(self) -> "SoloOutput":
+        """The figures under the names of the engine's `RequestMetrics` (the chat front end reads either)."""
+        return self
 
 
 class SoloGenerator:
@@ -151,5 +156,6 @@ class SoloChat:
 
     def stats(self) -> dict:
         m = self.generator.model
-        return {"turns": len(self.messages) // 2, "cached_tokens": m.length, "kv_cache_bytes": m.kv_bytes(),
-                "weights_bytes": m.weights.nbytes}
+        kv = m.kv_bytes()  # only the filled positions' pages are ever touched: allocated = held
+        return {"turns": len(self.messages) // 2, "cached_tokens": m.length, "kv_cache_bytes": kv,
+                "kv_cache_allocated_bytes": kv, "truncations": 0, "summaries": 0, "weights_bytes": m.weights.nbytes}
