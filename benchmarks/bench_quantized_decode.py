@@ -3,8 +3,9 @@
 Workload: the default model (or `--model`), a `--prompt-tokens` prompt of real text (Python's
 `pydoc_data.topics`), `--new-tokens` greedy tokens with EOS ignored, batch 1, `--threads`
 threads. Variants (`--variants`, "quantization[:dtype]", dtype default bfloat16): none in bf16,
-gguf, int8 and int4 by default, and `llamacpp`: llama.cpp (`llama-cpp-python`) on the same GGUF,
-fed the same token ids (skipped with a note when it is not installed). Every (repeat, variant) is a new Python process that loads
+gguf, int8 and int4 by default, `solo`: the GGUF's packed weights in the torch-free single-user
+runtime (`kvcache.solo`, what `--solo` runs), and `llamacpp`: llama.cpp (`llama-cpp-python`) on the
+same GGUF, fed the same token ids (skipped with a note when it is not installed). Every (repeat, variant) is a new Python process that loads
 the model, generates once to warm up and once timed; repeats interleave the variants (the
 order rotates each repeat), so a slow minute of the machine hits all of them alike.
 
@@ -37,6 +38,7 @@ from kvcache.models.loader import DEFAULT_MODEL
 
 QUANTIZATIONS = ("none", "gguf", "int8", "int4")
 LLAMACPP = "llamacpp"
+SOLO = "solo"
 
 
 def add_workload_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Batch-1 decode speed of each weight quantization, fresh processes.")
     add_workload_arguments(p)
     p.add_argument("--variants", default="none:bfloat16,gguf,int8,int4,llamacpp",
-                   help="comma-separated quantization[:dtype][@thp] or llamacpp (default "
+                   help="comma-separated quantization[:dtype][@thp], solo or llamacpp (default "
                         "none:bfloat16,gguf,int8,int4,llamacpp; dtype bfloat16; @thp: transparent huge pages "
                         "for PyTorch's large allocations)")
     p.add_argument("--repeats", type=int, default=5, help="fresh processes per variant (default 5)")
@@ -87,8 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for v in (s.strip() for s in args.variants.split(",")):
         if not v:
             continue
-        if v.removesuffix("@thp").partition(":")[0] == LLAMACPP:
-            args.variant_list.append(LLAMACPP)
+        if v.removesuffix("@thp").partition(":")[0] in (LLAMACPP, SOLO):
+            args.variant_list.append(v.removesuffix("@thp").partition(":")[0])
             continue
         args.variant_list.append(our_variant(p, v))
     if not args.variant_list:
@@ -149,6 +151,34 @@ def measure(args) -> dict:
             "weight_bytes": m.llm.model.weight_bytes, "peak_rss_bytes": peak_rss_bytes(),
             "peak_rss_after_imports_bytes": m.rss_after_imports, "peak_rss_after_load_bytes": m.rss_after_load,
             "token_ids": out.token_ids}
+
+
+def measure_solo(args) -> dict:
+    """One process's figures for the solo runtime: this process never imports torch."""
+    import os
+    import time
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read when the kernels' library loads
+    from kvcache.bench.common import corpus_ids, peak_rss_bytes
+    from kvcache.solo import SoloSampling, load_solo
+
+    after_imports = peak_rss_bytes()
+    t0 = time.perf_counter()
+    gen = load_solo(args.model)
+    load_s = time.perf_counter() - t0
+    ids = corpus_ids(gen.tokenizer, args.prompt_tokens)
+    gen.generate(ids, SoloSampling(max_tokens=8, ignore_eos=True))  # warm-up
+    after_load = peak_rss_bytes()
+    gen.model.truncate(0)  # the timed prompt is computed, not kept from the warm-up
+    out = gen.generate(ids, SoloSampling(max_tokens=args.new_tokens, ignore_eos=True))
+    if "torch" in sys.modules:
+        raise KVCacheError("the solo worker imported torch.")
+    w = gen.model.weights
+    return {"variant": SOLO, "quantization": "gguf (solo, no torch)", "dtype": "float32", "threads": args.threads,
+            "decode_tok_s": out.decode_tok_s, "prefill_tok_s": len(ids) / out.ttft_s, "ttft_s": out.ttft_s,
+            "load_s": load_s, "bytes_per_token": w.nbytes, "weight_bytes": w.nbytes,
+            "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_imports_bytes": after_imports,
+            "peak_rss_after_load_bytes": after_load, "token_ids": out.token_ids}
 
 
 def serve_rounds(args) -> None:
@@ -295,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         if args.serve_rounds:
             serve_rounds(args)
         else:
-            print(json.dumps(measure(args)))
+            print(json.dumps(measure_solo(args) if args.worker == SOLO else measure(args)))
         return None
     console, err = consoles(args.json, width=140)
     runs: dict[str, list[dict]] = {v: [] for v in args.variant_list}

@@ -24,6 +24,7 @@ class SoloSampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # run to max_tokens past end tokens (benchmarks)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -102,7 +103,7 @@ class SoloGenerator:
         text, reason = "", "length"
         while True:
             token = pick(logits)
-            if token in self.tokenizer.end_ids:
+            if token in self.tokenizer.end_ids and not sampling.ignore_eos:
                 reason = "stop"
                 break
             out.append(token)

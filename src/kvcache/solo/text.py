@@ -40,6 +40,10 @@ class SoloTokenizer:
         """A prompt's ids, special tokens added as the tokenizer's post-processor adds them."""
         return self.tokenizer.encode(text).ids
 
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        """{"input_ids": ids}, as a transformers tokenizer answers (code shared with the engine reads it)."""
+        return {"input_ids": self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
