@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_quantized_decode import (LLAMACPP, add_workload_arguments, check_workload, llamacpp_inputs, our_variant,
-                                    worker_env)
+from bench_quantized_decode import (LLAMACPP, SOLO, add_workload_arguments, check_workload, llamacpp_inputs,
+                                    our_variant, worker_env)
 
 from kvcache.bench import record
 from kvcache.bench.common import consoles, require_at_least_one, run_main, save_figure
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Process-to-process and over-time spread of batch-1 decode speed.")
     add_workload_arguments(p)
     p.add_argument("--variants", default="none:bfloat16,gguf:bfloat16,llamacpp",
-                   help="comma-separated quantization[:dtype][@thp], llamacpp or llamacpp@nommap (default "
+                   help="comma-separated quantization[:dtype][@thp], solo, llamacpp or llamacpp@nommap (default "
                         "none:bfloat16,gguf:bfloat16,llamacpp; @thp: transparent huge pages, see bench_quantized_decode; "
                         "@nommap: llama.cpp reads the weights into its own memory instead of mapping the file)")
     p.add_argument("--together", type=int, default=4, help="live processes per variant (default 4)")
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 p.error(f"unknown variant '{v}' (llama.cpp runs as {LLAMACPP} or {LLAMACPP + NO_MMAP})")
             args.variant_list.append(v)
             continue
-        args.variant_list.append(our_variant(p, v))
+        args.variant_list.append(v if v == SOLO else our_variant(p, v))
     if not args.variant_list:
         p.error("--variants is empty")
     args.record_folder = record.parse_folder(p, args)

@@ -153,41 +153,74 @@ def measure(args) -> dict:
             "token_ids": out.token_ids}
 
 
-def measure_solo(args) -> dict:
-    """One process's figures for the solo runtime: this process never imports torch."""
+class SoloLoaded(NamedTuple):
+    """A worker's solo runtime, loaded and warmed up, with what it costs."""
+
+    gen: object  # kvcache.solo.SoloGenerator
+    ids: list[int]
+    load_s: float
+    rss_after_imports: int
+    rss_after_load: int
+
+    def timed(self, new_tokens: int):
+        """One generate of the prompt, computed from an empty sequence: its SoloOutput."""
+        from kvcache.solo import SoloSampling
+
+        self.gen.model.truncate(0)  # the prompt is computed, not kept from the last run
+        return self.gen.generate(self.ids, SoloSampling(max_tokens=new_tokens, ignore_eos=True))
+
+
+def _solo_loaded(args) -> SoloLoaded:
+    """The solo runtime after one warm-up generate; this process never imports torch."""
     import os
     import time
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read when the kernels' library loads
     from kvcache.bench.common import corpus_ids, peak_rss_bytes
-    from kvcache.solo import SoloSampling, load_solo
+    from kvcache.solo import load_solo
 
     after_imports = peak_rss_bytes()
     t0 = time.perf_counter()
     gen = load_solo(args.model)
     load_s = time.perf_counter() - t0
-    ids = corpus_ids(gen.tokenizer, args.prompt_tokens)
-    gen.generate(ids, SoloSampling(max_tokens=8, ignore_eos=True))  # warm-up
-    after_load = peak_rss_bytes()
-    gen.model.truncate(0)  # the timed prompt is computed, not kept from the warm-up
-    out = gen.generate(ids, SoloSampling(max_tokens=args.new_tokens, ignore_eos=True))
+    m = SoloLoaded(gen, corpus_ids(gen.tokenizer, args.prompt_tokens), load_s, after_imports, 0)
+    m.timed(8)  # warm-up
+    return m._replace(rss_after_load=peak_rss_bytes())
+
+
+def measure_solo(args) -> dict:
+    """One process's figures for the solo runtime, in `measure`'s shape."""
+    from kvcache.bench.common import peak_rss_bytes
+
+    m = _solo_loaded(args)
+    out = m.timed(args.new_tokens)
     if "torch" in sys.modules:
         raise KVCacheError("the solo worker imported torch.")
-    w = gen.model.weights
+    w = m.gen.model.weights
     return {"variant": SOLO, "quantization": "gguf (solo, no torch)", "dtype": "float32", "threads": args.threads,
-            "decode_tok_s": out.decode_tok_s, "prefill_tok_s": len(ids) / out.ttft_s, "ttft_s": out.ttft_s,
-            "load_s": load_s, "bytes_per_token": w.nbytes, "weight_bytes": w.nbytes,
-            "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_imports_bytes": after_imports,
-            "peak_rss_after_load_bytes": after_load, "token_ids": out.token_ids}
+            "decode_tok_s": out.decode_tok_s, "prefill_tok_s": len(m.ids) / out.ttft_s, "ttft_s": out.ttft_s,
+            "load_s": m.load_s, "bytes_per_token": w.nbytes, "weight_bytes": w.nbytes,
+            "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_imports_bytes": m.rss_after_imports,
+            "peak_rss_after_load_bytes": m.rss_after_load, "token_ids": out.token_ids}
 
 
 def serve_rounds(args) -> None:
     """Load once, print {"ready": ...}, then one timed generate per line read from stdin, each
     printed as one JSON line (`bench_decode_spread.py` keeps many such processes alive at once)."""
-    m = _loaded(args)
+    if args.worker == SOLO:
+        m = _solo_loaded(args)
+
+        def timed() -> dict:
+            out = m.timed(args.new_tokens)
+            return {"decode_tok_s": out.decode_tok_s, "prefill_tok_s": len(m.ids) / out.ttft_s}
+    else:
+        m = _loaded(args)
+
+        def timed() -> dict:
+            return _speeds(m.llm.generate([m.ids], m.params)[0], m.ids)
     print(json.dumps({"ready": True, "load_s": m.load_s}), flush=True)
     for _ in sys.stdin:
-        print(json.dumps(_speeds(m.llm.generate([m.ids], m.params)[0], m.ids)), flush=True)
+        print(json.dumps(timed()), flush=True)
 
 
 def gguf_tensor_bytes(path: Path) -> int:

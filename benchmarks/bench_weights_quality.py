@@ -4,8 +4,10 @@
    (`kvcache.eval.corpus`), one window each from an empty cache, for quantization none (the
    GGUF dequantized: the float reference), gguf (its packed formats, activations quantized
    per row to int8 by the kernels), int8 and int4 (quantized at load from the float weights),
-   and llama.cpp's own perplexity on the same token ids (`llamacpp_worker.py perplexity`,
-   `logits_all`; skipped with a note when `llama-cpp-python` is not installed).
+   the same packed weights in the torch-free single-user runtime (`solo`: `--solo`, its prompts
+   through the packed kernels with int8 activations), and llama.cpp's own perplexity on the same
+   token ids (`llamacpp_worker.py perplexity`, `logits_all`; skipped with a note when
+   `llama-cpp-python` is not installed).
 2. Greedy output of gguf against none on 20 chat prompts (`--new-tokens` each): how many
    replies match token for token, and where each first divergence sits.
 
@@ -37,6 +39,7 @@ from kvcache.errors import KVCacheError
 from kvcache.models.loader import DEFAULT_MODEL
 
 QUANTIZATIONS = ("none", "gguf", "int8", "int4")
+ROWS = QUANTIZATIONS + ("solo",)
 CHAT_PROMPTS = [
     "What is a KV cache in a language model?", "Name three primary colors.",
     "Write a haiku about autumn leaves.", "Explain photosynthesis to a ten-year-old.",
@@ -153,6 +156,17 @@ def main(argv: list[str] | None = None) -> dict:
             replies[q] = [list(o.token_ids) for o in outs]
         err.print(f"{q}: perplexity {ppl[q]} ({time.perf_counter() - t0:.0f} s)")
         del llm
+    import math
+
+    from kvcache.solo import load_solo
+
+    solo = load_solo(args.model, max(args.context_list))
+    ppl["solo"] = {}
+    for c in args.context_list:
+        solo.model.truncate(0)
+        ppl["solo"][str(c)] = math.exp(solo.model.token_losses(ids[:c]).mean())
+    err.print(f"solo: perplexity {ppl['solo']}")
+    del solo
     llamacpp = {}
     if not args.skip_llamacpp:
         for c in args.context_list:
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model_file": gguf_file(args.model).name,
         "gguf_types": dict(Counter(t.type_name for t in tensor_index(gguf_file(args.model)))),
         "perplexity": ppl,
-        "perplexity_vs_none": {q: {c: ppl[q][c] / ppl["none"][c] - 1 for c in ppl[q]} for q in QUANTIZATIONS},
+        "perplexity_vs_none": {q: {c: ppl[q][c] / ppl["none"][c] - 1 for c in ppl[q]} for q in ROWS},
         "llamacpp_perplexity": {c: r.get("perplexity") for c, r in llamacpp.items()},
         "llamacpp_notes": {c: r["note"] for c, r in llamacpp.items() if "note" in r},
         "gguf_vs_llamacpp": {c: ppl["gguf"][c] / r["perplexity"] - 1 for c, r in llamacpp.items() if "perplexity" in r},
@@ -181,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     for c in args.context_list:
         t.add_column(f"ppl @{c}", justify="right")
         t.add_column("vs none", justify="right")
-    for q in QUANTIZATIONS:
+    for q in ROWS:
         t.add_row(q, *[x for c in args.context_list
                        for x in (f"{ppl[q][str(c)]:.3f}", f"{result['perplexity_vs_none'][q][str(c)]:+.2%}")])
     if result["llamacpp_perplexity"]:
@@ -195,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.stdout.write(json.dumps(record.json_safe(result), indent=1) + "\n")
     record.save("bench_weights_quality", "python benchmarks/bench_weights_quality.py", argv, args.record_folder,
                 threads=args.threads, config=record.config_of(args),
-                results=record.json_safe(result), timings={q: ppl[q] for q in QUANTIZATIONS if q != "none"},
+                results=record.json_safe(result), timings={q: ppl[q] for q in ROWS if q != "none"},
                 baseline_timings={"none": ppl["none"]})
     return result
 

@@ -203,3 +203,16 @@ def test_flags_the_solo_runtime_cannot_honour_exit_2_naming_them(capsys, flags, 
     err = capsys.readouterr().err
     assert err.startswith("error: --solo runs") and f"; {named} needs the engine (drop --solo)." in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_token_losses_are_the_log_softmax_of_every_positions_logits(tmp_path, monkeypatch):
+    path = write_packed_gguf(tmp_path / "m.gguf")
+    ids = [int(i) for i in np.random.default_rng(6).integers(0, V, 30)]
+    logits = torch.from_numpy(SoloModel.from_gguf(path, CONFIG).forward(ids, every=True)).double()  # (T, V)
+    expected = -torch.log_softmax(logits[:-1], -1)[torch.arange(29), torch.tensor(ids[1:])]
+    from kvcache.solo import model as solo_model_module
+
+    monkeypatch.setattr(solo_model_module, "PROMPT_CHUNK", 8)  # chunk borders inside the prompt
+    losses = SoloModel.from_gguf(path, CONFIG).token_losses(ids)
+    assert losses.shape == (29,)
+    np.testing.assert_allclose(losses, expected.numpy(), rtol=1e-4, atol=1e-4)

@@ -139,6 +139,19 @@ class SoloModel:
                 out.append(self._logits(x))
         return np.concatenate(out) if every else self._logits(x[-1:])[0]
 
+    def token_losses(self, ids: list[int]) -> np.ndarray:
+        """Append `ids`; the negative log-likelihood (len(ids) - 1,) float64 of each of its tokens
+        after the first, predicted from the ones before (perplexity = exp(mean)). Runs a prompt
+        chunk at a time, so the logits held are one chunk's."""
+        losses = []
+        for i in range(0, len(ids) - 1, PROMPT_CHUNK):
+            logits = self.forward(ids[i:i + PROMPT_CHUNK], every=True).astype(np.float64)  # (T, V)
+            target = np.asarray(ids[i + 1:i + 1 + PROMPT_CHUNK], dtype=np.int64)  # (T or T-1,)
+            logits = logits[:len(target)]
+            top = logits.max(1, keepdims=True)
+            losses.append(np.log(np.exp(logits - top).sum(1)) + top[:, 0] - logits[np.arange(len(target)), target])
+        return np.concatenate(losses)
+
     def _logits(self, x: np.ndarray) -> np.ndarray:
         """x (R, H) after the last layer -> logits (R, V)."""
         c, head, rows = self.config, self.weights.head, x.shape[0]
