@@ -164,10 +164,10 @@ class SoloLoaded(NamedTuple):
 
     def timed(self, new_tokens: int):
         """One generate of the prompt, computed from an empty sequence: its SoloOutput."""
-        from kvcache.solo import SoloSampling
+        from kvcache.engine.sampling_params import SamplingParams
 
         self.gen.model.truncate(0)  # the prompt is computed, not kept from the last run
-        return self.gen.generate(self.ids, SoloSampling(max_tokens=new_tokens, ignore_eos=True))
+        return self.gen.generate(self.ids, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
 
 
 def _solo_loaded(args) -> SoloLoaded:

@@ -226,7 +226,7 @@ def _make_llm(args, **engine):
 
 def _params(args):
     """Sampling flags, checked before the model loads (against --max-model-len when given)."""
-    from kvcache import SamplingParams
+    from kvcache.engine.sampling_params import SamplingParams
 
     if args.max_model_len is not None:
         check_length(args.max_tokens, args.max_model_len)
@@ -236,11 +236,11 @@ def _params(args):
 
 
 def cmd_generate(args) -> int:
+    params = _params(args)
     if args.solo:
         from kvcache.cli_solo import generate
 
-        return generate(args)
-    params = _params(args)
+        return generate(args, params)
     llm = _make_llm(args)
     if args.json:
         out = llm.generate([args.prompt], params, use_cache=not args.no_cache)[0]
@@ -258,7 +258,7 @@ def cmd_chat(args) -> int:
     if args.solo:
         from kvcache.cli_solo import chat
 
-        return chat(args)
+        return chat(args, _params(args))
     from kvcache.cli_chat import one_shot, repl
 
     params = _params(args)

@@ -103,7 +103,7 @@ def repl(session, params, sessions_dir=None, saves: bool = True) -> int:
                       file=sys.stderr)
             continue
         if cmd.startswith("/"):
-            print(f"unknown command {cmd}; {HELP}")
+            print(f"unknown command {cmd}; {HELP if saves else HELP_SOLO}")
             continue
         try:
             _stream_reply(session, text, params)

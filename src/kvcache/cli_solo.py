@@ -22,32 +22,30 @@ _UNSUPPORTED = (
     ("--repetition-penalty", lambda a: a.repetition_penalty != 1.0),
     ("--no-cache", lambda a: getattr(a, "no_cache", False)),
     ("--overflow summarize", lambda a: getattr(a, "overflow", "truncate") == "summarize"),
-    ("--max-history-tokens", lambda a: getattr(a, "max_history_tokens", None) is not None),
+    ("--sessions-dir", lambda a: getattr(a, "sessions_dir", None) is not None),
 )
 
 
 def _generator(args):
-    """The runtime for the command line's model, after checking its flags."""
+    """The runtime for the command line's model (K/V sized for --max-model-len, default the
+    model's context), after checking its flags."""
     for flag, given in _UNSUPPORTED:
         if given(args):
             raise KVCacheError(f"--solo runs a GGUF's packed weights in float32 on the CPU with the K/V kept "
                                f"exactly, one conversation; {flag} needs the engine (drop --solo).")
     if args.threads is not None:  # read by the OpenMP runtime when the kernels' library loads
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    from kvcache.solo import SoloSampling, load_solo
+    from kvcache.solo import load_solo
 
-    sampling = SoloSampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=list(args.stop or []))
-    if args.max_model_len is not None:
-        check_length(args.max_tokens, args.max_model_len)
-    return load_solo(args.model, args.max_model_len), sampling
+    return load_solo(args.model, args.max_model_len)
 
 
-def generate(args) -> int:
-    gen, sampling = _generator(args)
+def generate(args, params) -> int:
+    """`kvcache generate --solo`: `params` are the command line's SamplingParams."""
+    gen = _generator(args)
     ids = gen.tokenizer.encode(args.prompt)
     out = None
-    for piece in gen.stream(ids, sampling):
+    for piece in gen.stream(ids, params):
         if isinstance(piece, str):
             if not args.json:
                 sys.stdout.write(piece)
@@ -63,13 +61,14 @@ def generate(args) -> int:
     return 0
 
 
-def chat(args) -> int:
+def chat(args, params) -> int:
+    """`kvcache chat --solo`: one message, or the interactive loop, over a SoloChat."""
     from kvcache.cli_chat import one_shot, repl
     from kvcache.solo import SoloChat
 
-    gen, sampling = _generator(args)
-    check_length(args.max_tokens, gen.model.max_len)
-    session = SoloChat(gen, system=args.system)
+    gen = _generator(args)
+    check_length(params.max_tokens, gen.model.max_len)  # before the first message, not at it
+    session = SoloChat(gen, system=args.system, overflow=args.overflow, max_history_tokens=args.max_history_tokens)
     if args.message is not None:
-        return one_shot(session, args.message, sampling)
-    return repl(session, sampling, saves=False)
+        return one_shot(session, args.message, params)
+    return repl(session, params, saves=False)

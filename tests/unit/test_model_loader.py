@@ -67,6 +67,7 @@ def test_a_lazy_state_dict_is_consumed_too(tiny_model_dir):
 
 
 def test_a_lazy_matrix_is_read_by_rows_and_quantizes_as_the_whole_tensor(tiny_model_dir, monkeypatch):
+    from kvcache.models import packed_tiles
     from kvcache.models import weight_packing as wp
     from kvcache.models.loader import LazyMatrix
 
@@ -76,7 +77,7 @@ def test_a_lazy_matrix_is_read_by_rows_and_quantizes_as_the_whole_tensor(tiny_mo
     matrix = lazy[name]
     assert isinstance(matrix, LazyMatrix) and matrix.shape == tuple(eager[name].shape)
     assert isinstance(lazy["model.norm.weight"], torch.Tensor)  # vectors come whole
-    monkeypatch.setattr(wp, "_ROWS_AT_ONCE", 40)  # blocks of 32 rows (whole tiles), the last one short
+    monkeypatch.setattr(packed_tiles, "ROWS_AT_ONCE", 40)  # blocks of 32 rows (whole tiles), the last one short
     reads = []
     real = LazyMatrix.__getitem__
     monkeypatch.setattr(LazyMatrix, "__getitem__", lambda self, rows: reads.append(rows) or real(self, rows))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvcache.errors import KVCacheError
+from kvcache.models import packed_tiles
 from kvcache.models import weight_packing as wp
 from kvcache.native import build, qlinear
 from tests.helpers import quantize_activations, rounded_activations
@@ -207,7 +208,7 @@ def test_int4_needs_inputs_in_groups_of_32():
 def test_quantizing_in_slices_of_rows_changes_nothing(monkeypatch):
     w = torch.randn(50, 64)
     whole = wp.quantize_int8(w).data, wp.quantize_int4(w).data
-    monkeypatch.setattr(wp, "_ROWS_AT_ONCE", 7)
+    monkeypatch.setattr(packed_tiles, "ROWS_AT_ONCE", 7)
     assert torch.equal(wp.quantize_int8(w).data, whole[0]) and torch.equal(wp.quantize_int4(w).data, whole[1])
 
 
@@ -215,7 +216,7 @@ def test_quantizing_in_slices_of_rows_changes_nothing(monkeypatch):
 def test_packing_a_block_of_rows_at_a_time_gives_the_whole_matrix_packing(quantize, monkeypatch):
     w = torch.randn(100, 64) * torch.linspace(0.5, 3, 100)[:, None]  # (100, 64): 7 tiles, the last one short
     whole = quantize(w)  # one block of rows
-    monkeypatch.setattr(wp, "_ROWS_AT_ONCE", 32)  # blocks of 32 rows: 2 tiles each, then 4 rows
+    monkeypatch.setattr(packed_tiles, "ROWS_AT_ONCE", 32)  # blocks of 32 rows: 2 tiles each, then 4 rows
     blocks = quantize(w)
     assert (blocks.fmt, blocks.out_features, blocks.in_features) == (whole.fmt, whole.out_features, whole.in_features)
     assert torch.equal(blocks.data, whole.data)

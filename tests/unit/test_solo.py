@@ -15,7 +15,8 @@ from kvcache.models.config import LlamaConfig
 from kvcache.models.gguf_weights import gguf_state_dict
 from kvcache.models.llama import LlamaModel
 from kvcache.native import build
-from kvcache.solo import SoloGenerator, SoloModel, SoloSampling, load_solo
+from kvcache.engine.sampling_params import SamplingParams
+from kvcache.solo import SoloChat, SoloGenerator, SoloModel, load_solo
 from tests.helpers import feed, write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -68,7 +69,7 @@ def solo_model(path, config=CONFIG, **kw) -> SoloModel:
     solo = SoloModel.from_gguf(path, config, **kw)
     rope = engine_model(path, config).rope
     rope.slice(0, solo.max_len)  # grown to the runtime's context
-    solo.cos[:], solo.sin[:] = rope.cos[:solo.max_len].numpy(), rope.sin[:solo.max_len].numpy()
+    solo.cos, solo.sin = rope.cos[:solo.max_len].numpy().copy(), rope.sin[:solo.max_len].numpy().copy()
     return solo
 
 
@@ -111,12 +112,16 @@ def test_a_prompt_chunk_equals_its_tokens_one_at_a_time(tmp_path):
     np.testing.assert_allclose(whole.k[:, :, :25], single.k[:, :, :25], rtol=1e-5, atol=1e-5)
 
 
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
 class _Tokens:
     """A tokenizer stand-in: token i is the character chr(97 + i % 26); token 0 ends a reply."""
 
     end_ids = frozenset({0})
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(97 + i % 26) for i in ids)
 
 
@@ -124,7 +129,7 @@ def test_greedy_generation_matches_the_engines_argmax_and_a_second_turn_reuses_t
     path = write_packed_gguf(tmp_path / "m.gguf")
     prompt = [int(i) for i in np.random.default_rng(3).integers(1, V, 12)]
     gen = SoloGenerator(solo_model(path), _Tokens())
-    out = gen.generate(prompt, SoloSampling(max_tokens=6))
+    out = gen.generate(prompt, greedy(6))
     ids = list(prompt)
     for _ in range(len(out.token_ids)):  # the engine's greedy continuation, recomputed from scratch
         ids.append(int(engine_logits(path, CONFIG, ids, chunk=len(ids))[-1].argmax()))
@@ -132,28 +137,50 @@ def test_greedy_generation_matches_the_engines_argmax_and_a_second_turn_reuses_t
     assert out.cached_prompt_tokens == 0 and out.prompt_tokens == 12
 
     follow = prompt + out.token_ids[:3] + [5, 6]  # shares the first 15 tokens with what the model holds
-    again = gen.generate(follow, SoloSampling(max_tokens=4))
-    fresh = SoloGenerator(SoloModel.from_gguf(path, CONFIG), _Tokens()).generate(follow, SoloSampling(max_tokens=4))
+    again = gen.generate(follow, greedy(4))
+    fresh = SoloGenerator(SoloModel.from_gguf(path, CONFIG), _Tokens()).generate(follow, greedy(4))
     assert again.cached_prompt_tokens == 15 and again.token_ids == fresh.token_ids
 
 
-def test_sampling_top_k_one_is_greedy_and_a_seed_repeats(tmp_path):
+def test_sampling_top_k_or_top_p_narrowed_to_one_is_greedy_and_a_seed_repeats(tmp_path):
     gen = SoloGenerator(SoloModel.from_gguf(write_packed_gguf(tmp_path / "m.gguf"), CONFIG), _Tokens())
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    greedy = gen.generate(prompt, SoloSampling(max_tokens=8)).token_ids
-    assert gen.generate(prompt, SoloSampling(max_tokens=8, temperature=0.8, top_k=1, seed=0)).token_ids == greedy
-    a = gen.generate(prompt, SoloSampling(max_tokens=8, temperature=1.5, seed=7)).token_ids
-    b = gen.generate(prompt, SoloSampling(max_tokens=8, temperature=1.5, seed=7)).token_ids
-    c = gen.generate(prompt, SoloSampling(max_tokens=8, temperature=1.5, seed=8)).token_ids
+    argmax = gen.generate(prompt, greedy(8)).token_ids
+    assert gen.generate(prompt, SamplingParams(max_tokens=8, temperature=0.8, top_k=1, seed=0)).token_ids == argmax
+    assert gen.generate(prompt, SamplingParams(max_tokens=8, temperature=0.8, top_p=1e-6, seed=0)).token_ids == argmax
+    a = gen.generate(prompt, SamplingParams(max_tokens=8, temperature=1.5, seed=7)).token_ids
+    b = gen.generate(prompt, SamplingParams(max_tokens=8, temperature=1.5, seed=7)).token_ids
+    c = gen.generate(prompt, SamplingParams(max_tokens=8, temperature=1.5, seed=8)).token_ids
     assert a == b and a != c
 
 
-def test_stop_strings_cut_the_reply(tmp_path):
+def test_top_p_draws_only_from_the_smallest_set_reaching_it():
+    from kvcache.solo.runner import token_picker
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    pick = token_picker(SamplingParams(temperature=1.0, top_p=0.75, seed=1), None)
+    drawn = {pick(logits) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.75; 0.5 alone does not
+
+
+def test_stop_strings_cut_the_reply_and_are_never_streamed(tmp_path):
     gen = SoloGenerator(SoloModel.from_gguf(write_packed_gguf(tmp_path / "m.gguf"), CONFIG), _Tokens())
-    full = gen.generate([7, 8, 9], SoloSampling(max_tokens=8))
+    full = gen.generate([7, 8, 9], greedy(8))
     stop = full.text[3:5]
-    cut = gen.generate([7, 8, 9], SoloSampling(max_tokens=8, stop=[stop]))
+    pieces = list(gen.stream([7, 8, 9], greedy(8, stop=[stop])))
+    cut = pieces[-1]
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+    assert "".join(pieces[:-1]) == cut.text  # the stop string's first characters were held back
+    assert gen.generate([7, 8, 9], greedy(8, stop=[""])).text == full.text  # an empty stop string is none
+
+
+def test_sampling_options_it_does_not_run_are_one_sentence(tmp_path):
+    gen = SoloGenerator(SoloModel.from_gguf(write_packed_gguf(tmp_path / "m.gguf"), CONFIG), _Tokens())
+    for kw in ({"repetition_penalty": 1.2}, {"logprobs": 2}, {"n": 2}, {"json_object": True}):
+        with pytest.raises(KVCacheError, match="the solo runtime does not run"):
+            gen.generate([1, 2], greedy(4, **kw))
+    with pytest.raises(KVCacheError, match="the context is 128, so at most 28 can be generated"):
+        gen.generate([1] * 100, greedy(29))
 
 
 def test_the_runtime_imports_no_torch(tmp_path):
@@ -216,3 +243,46 @@ def test_token_losses_are_the_log_softmax_of_every_positions_logits(tmp_path, mo
     losses = SoloModel.from_gguf(path, CONFIG).token_losses(ids)
     assert losses.shape == (29,)
     np.testing.assert_allclose(losses, expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_files_the_runtime_cannot_run_safely_are_refused_before_any_kernel_runs(tmp_path):
+    path = write_packed_gguf(tmp_path / "m.gguf")
+    wide = LlamaConfig(**{**CONFIG.__dict__, "num_heads": 64, "num_kv_heads": 2})  # 32 query heads per KV head
+    with pytest.raises(ModelFormatError, match="query heads per KV head; the native attention takes at most 256 and 16"):
+        SoloModel.from_gguf(path, wide)
+    other = LlamaConfig(**{**CONFIG.__dict__, "intermediate_size": 128})
+    with pytest.raises(ModelFormatError, match=r"holds blk.0.ffn_gate.weight as \(96, 64\), but its config makes it"):
+        SoloModel.from_gguf(path, other)
+    truncated = tmp_path / "short.gguf"
+    truncated.write_bytes(path.read_bytes()[:-4096])
+    with pytest.raises(ModelFormatError, match="unreadable tensor"):
+        SoloModel.from_gguf(truncated, CONFIG)
+
+
+def test_a_file_with_rope_frequency_factors_is_refused(tmp_path):
+    import gguf as g
+
+    path = write_packed_gguf(tmp_path / "m.gguf")
+    reader = g.GGUFReader(str(path))
+    tensors = {t.name: (np.array(g.quants.dequantize(t.data, t.tensor_type)).reshape(t.shape[::-1]).astype(np.float32),
+                        t.tensor_type.name) for t in reader.tensors}
+    tensors["rope_freqs.weight"] = (np.ones(D // 2, np.float32), "F32")
+    write_gguf(tmp_path / "scaled.gguf", tensors, heads=HEADS, kv_heads=KV_HEADS)
+    with pytest.raises(ModelFormatError, match="scales its RoPE"):
+        SoloModel.from_gguf(tmp_path / "scaled.gguf", CONFIG)
+
+
+def test_large_matrices_repack_by_blocks_of_rows_as_in_one_piece(monkeypatch):
+    from kvcache.models import packed_tiles
+    from kvcache.models.gguf_file import block_tiles
+
+    rows = np.random.default_rng(7).integers(0, 256, (100, 3 * 20), dtype=np.uint8)  # 100 rows of Q4_1 blocks
+    whole = block_tiles(rows, "Q4_1")
+    monkeypatch.setattr(packed_tiles, "ROWS_AT_ONCE", 32)  # 32, 32, 32 and 4 rows
+    parts = block_tiles(rows, "Q4_1")
+    assert whole[0] == parts[0] == "q4" and whole[1].shape == (7, 3 * 320) and np.array_equal(whole[1], parts[1])
+
+
+def test_token_losses_need_two_tokens(tmp_path):
+    with pytest.raises(KVCacheError, match="at least two tokens"):
+        SoloModel.from_gguf(write_packed_gguf(tmp_path / "m.gguf"), CONFIG).token_losses([5])

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from kvcache.engine.config import EngineConfig, bytes_per_token, dense_bytes_per_token, row_footprint
+from kvcache.engine.history import check_messages
 from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.sampling import SamplingParams
@@ -65,9 +66,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 def chat_template_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation rendered with `tokenizer`'s chat template, ready for the reply
     (`tools`: OpenAI tool specs, for a template that renders them)."""
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
-            raise KVCacheError("Each message must be a dict with a 'role' and a string 'content'.")
+    check_messages(messages)
     extra = {"tools": tools} if tools else {}
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
     if isinstance(ids, dict) or hasattr(ids, "keys"):

@@ -23,15 +23,15 @@ import itertools
 from collections.abc import Iterator
 
 from kvcache.cache.snapshot import KVSnapshot
+from kvcache.engine.history import OVERFLOW_POLICIES, SUMMARY_PREFIX, fit_history
 from kvcache.engine.length_rule import check_length
 from kvcache.engine.outputs import RequestOutput
 from kvcache.engine.persist import fingerprint, restore_prefix, snapshot_prefix
 from kvcache.engine.sampling import SamplingParams
-from kvcache.errors import KVCacheError, PromptTooLongError
+from kvcache.errors import KVCacheError
 
-OVERFLOW_POLICIES = ("truncate", "summarize", "error")
+__all__ = ["OVERFLOW_POLICIES", "SUMMARY_PREFIX", "ChatSession"]
 _CONVERSATIONS = itertools.count()
-SUMMARY_PREFIX = "Summary of the earlier conversation: "
 SUMMARY_REQUEST = "Summarize this conversation in two or three short sentences, keeping names, numbers and facts:"
 
 
@@ -63,42 +63,9 @@ class ChatSession:
         self.last_output: RequestOutput | None = None
 
     def _fit(self, messages: list[dict], max_tokens: int) -> tuple[list[dict], list[int], str | None]:
-        """Render the conversation within the budget; returns (messages, ids, what was done:
-        None, "truncated" or "summarized")."""
-        limit = self.budget
-        done = None
-        while True:
-            ids = self.llm.chat_ids(messages)
-            if len(ids) + max_tokens <= limit:
-                return messages, ids, done
-            first = self._first_turn(messages)
-            turns = len(messages) - first
-            if turns <= 1 and first > 0 and messages[first - 1]["content"].startswith(SUMMARY_PREFIX):
-                messages = messages[: first - 1] + messages[first:]  # even the note does not fit: drop it
-                done = "truncated"
-                continue
-            if self.overflow == "error" or turns <= 1:
-                if len(ids) < limit and self.overflow != "error":
-                    return messages, ids, done  # only the new message left: generate what fits
-                raise PromptTooLongError(
-                    f"The conversation needs {len(ids)} tokens plus {max_tokens} to generate, "
-                    f"more than the budget of {limit}."
-                )
-            if self.overflow == "summarize" and turns >= 3:
-                old = messages[first : first + max(2, (turns - 1) // 2 // 2 * 2)]  # oldest exchanges
-                messages = self._summarize(messages[:first], old) + messages[first + len(old) :]
-                done = "summarized"
-                continue
-            drop = 2 if turns >= 3 else 1  # a user message and its reply
-            messages = messages[:first] + messages[first + drop :]
-            done = done or "truncated"
-
-    def _first_turn(self, messages: list[dict]) -> int:
-        """Index of the first message that may be dropped or summarised (after system and summary)."""
-        i = 0
-        while i < len(messages) and messages[i]["role"] == "system":
-            i += 1
-        return i
+        """Render the conversation within the budget (`history.fit_history`); returns (messages, ids,
+        what was done: None, "truncated" or "summarized")."""
+        return fit_history(messages, self.llm.chat_ids, max_tokens, self.budget, self.overflow, self._summarize)
 
     def _summarize(self, head: list[dict], old: list[dict]) -> list[dict]:
         """Condense `old` turns (and any earlier summary) into one note after the system message."""

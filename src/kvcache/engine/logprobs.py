@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's chat limit)
-
 
 @dataclass
 class TokenLogprob:

@@ -21,6 +21,7 @@ from kvcache.models.quantized_linear import QuantizedLinear
 from kvcache.models.step import DecodeBlocks
 from kvcache.models.weight_packing import FORMAT_CODES, PackedWeight
 from kvcache.native import qlinear
+from kvcache.native.signatures import layer_row
 
 
 def _packed(lin) -> PackedWeight | None:
@@ -54,10 +55,10 @@ class FusedDecodeLayers:
         for lw, mats in zip(layers, mats_of):
             qkv, o, gu, down = mats
             keep += [lw.attn_norm, lw.mlp_norm, *(m.data for m in mats)]
-            rows.append([lw.attn_norm.data_ptr(), qkv.data.data_ptr(), FORMAT_CODES[qkv.fmt],
-                         o.data.data_ptr(), FORMAT_CODES[o.fmt], lw.mlp_norm.data_ptr(),
-                         gu.data.data_ptr(), FORMAT_CODES[gu.fmt], down.data.data_ptr(), FORMAT_CODES[down.fmt],
-                         *digits])
+            rows.append(layer_row(lw.attn_norm.data_ptr(), (qkv.data.data_ptr(), FORMAT_CODES[qkv.fmt]),
+                                  (o.data.data_ptr(), FORMAT_CODES[o.fmt]), lw.mlp_norm.data_ptr(),
+                                  (gu.data.data_ptr(), FORMAT_CODES[gu.fmt]),
+                                  (down.data.data_ptr(), FORMAT_CODES[down.fmt]), *digits))
         table = torch.tensor(rows, dtype=torch.int64)  # (L, fields)
         if table.shape[1] != kernel.layer_fields:
             raise RuntimeError(f"decode_layers.c takes {kernel.layer_fields} fields per layer, not {table.shape[1]}.")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kvcache.errors import ModelFormatError
-from kvcache.models.packed_tiles import BLOCK, TILE, q4_tiles, q8_tiles
+from kvcache.models.packed_tiles import BLOCK, q4_tiles, q8_tiles, tiles_by_row_blocks
 from kvcache.paths import cache_home
 
 _LAYER_NAMES = {
@@ -233,23 +233,11 @@ def chunk_bytes(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([low, high], 2).view(np.uint8).reshape(n, nb, 4, 4)
 
 
-#: Rows repacked at a time (a whole number of tiles): the temporaries stay a few MB whatever the matrix.
-ROWS_AT_ONCE = 4096
-
-
 def block_tiles(raw: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:
     """GGUF blocks of a Q8_0 / Q4_0 / Q4_1 matrix, rows (N, K/32 * block bytes) uint8, as the
-    kernels' (format, tiles), bit for bit; `ROWS_AT_ONCE` rows at a time into the one result."""
-    n = raw.shape[0]
-    if n <= ROWS_AT_ONCE:
-        return _rows_tiles(raw, type_name)
-    out, fmt = None, ""
-    for lo in range(0, n, ROWS_AT_ONCE):
-        fmt, part = _rows_tiles(raw[lo:lo + ROWS_AT_ONCE], type_name)
-        if out is None:
-            out = np.empty((-(-n // TILE), part.shape[1]), np.uint8)  # (tiles, tile bytes)
-        out[lo // TILE: lo // TILE + part.shape[0]] = part
-    return fmt, out
+    kernels' (format, tiles), bit for bit, a block of rows at a time (`tiles_by_row_blocks`)."""
+    fmt = "q8" if type_name == "Q8_0" else "q4"
+    return fmt, tiles_by_row_blocks(raw.shape[0], lambda lo, hi: _rows_tiles(raw[lo:hi], type_name)[1])
 
 
 def _rows_tiles(raw: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:

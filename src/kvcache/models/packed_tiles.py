@@ -13,8 +13,24 @@ from __future__ import annotations
 import numpy as np
 
 TILE, BLOCK = 16, 32
+#: Rows quantized or repacked at a time (a whole number of tiles): temporaries stay ~16 MB whatever the matrix.
+ROWS_AT_ONCE = 4096
 BLOCK_BYTES = {"q4": 320, "q8": 544, "i8": 512}
 FORMAT_CODES = {"q4": 0, "q8": 1, "i8": 2}  # the kernels' QL_* numbers
+
+
+def tiles_by_row_blocks(n: int, rows_tiles) -> np.ndarray:
+    """The tiles (ceil(n/16), tile bytes) of an n-row matrix made `ROWS_AT_ONCE` rows at a time:
+    `rows_tiles(lo, hi)` gives the tiles of rows lo..hi, written straight into the one result, so
+    only one block's temporaries are ever resident beside it."""
+    step = max(TILE, ROWS_AT_ONCE // TILE * TILE)
+    out = None
+    for lo in range(0, n, step):
+        part = rows_tiles(lo, min(n, lo + step))
+        if out is None:
+            out = np.empty((-(-n // TILE), part.shape[1]), np.uint8)
+        out[lo // TILE: lo // TILE + part.shape[0]] = part
+    return out
 
 
 def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:

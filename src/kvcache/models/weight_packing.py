@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.errors import KVCacheError
-from kvcache.models.packed_tiles import BLOCK, BLOCK_BYTES, FORMAT_CODES, TILE, i8_tiles, q4_tiles, q8_tiles
+from kvcache.models.packed_tiles import (BLOCK, BLOCK_BYTES, FORMAT_CODES, TILE, i8_tiles, q4_tiles, q8_tiles,
+                                        tiles_by_row_blocks)
 
 __all__ = ["BLOCK", "BLOCK_BYTES", "FORMAT_CODES", "TILE", "PackedWeight"]
 
@@ -79,23 +80,20 @@ def pack_i8(codes: torch.Tensor, scale: torch.Tensor, in_features: int, source: 
     return PackedWeight("i8", codes.shape[0], in_features, torch.from_numpy(data), source)
 
 
-#: Rows quantized and packed at a time (a whole number of tiles): float temporaries and codes
-#: stay ~16 MB whatever the matrix.
-_ROWS_AT_ONCE = 4096
-
-
 def _packed_by_row_blocks(n: int, pack_rows) -> PackedWeight:
-    """A matrix of n rows packed a block of rows at a time: `pack_rows(lo, hi)` quantizes and packs
-    rows lo..hi, and its tiles go straight into the one tile array, so only one block's float
-    values and codes are ever resident beside the result."""
-    step = max(TILE, _ROWS_AT_ONCE // TILE * TILE)
-    out = first = None
-    for lo in range(0, n, step):
-        part = pack_rows(lo, min(n, lo + step))
-        if out is None:
-            first, out = part, torch.empty(-(-n // TILE), part.data.shape[1], dtype=torch.uint8)
-        out[lo // TILE: lo // TILE + part.data.shape[0]] = part.data
-    return PackedWeight(first.fmt, n, first.in_features, out, first.source)
+    """A matrix of n rows packed a block of rows at a time (`packed_tiles.tiles_by_row_blocks`):
+    `pack_rows(lo, hi)` quantizes and packs rows lo..hi, so only one block's float values and
+    codes are ever resident beside the result."""
+    first = []  # the first block's PackedWeight: the matrix's format and source
+
+    def rows_tiles(lo: int, hi: int):
+        part = pack_rows(lo, hi)
+        if not first:
+            first.append(part)
+        return part.data.numpy()
+
+    tiles = tiles_by_row_blocks(n, rows_tiles)
+    return PackedWeight(first[0].fmt, n, first[0].in_features, torch.from_numpy(tiles), first[0].source)
 
 
 def quantize_int8(w: torch.Tensor) -> PackedWeight:

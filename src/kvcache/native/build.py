@@ -96,7 +96,7 @@ def load(with_torch: bool = True) -> ctypes.CDLL | None:
     """The loaded kernel library, building it on first use; None when unavailable or disabled.
     `with_torch` loads torch first, so that the library and torch share torch's OpenMP runtime; a
     process that never imports torch (`kvcache.solo`) passes False and the library binds the
-    system's."""
+    system's. The first call loads the library; later calls return it whatever they pass."""
     global _lib, _tried
     if _tried:
         return _lib

@@ -14,11 +14,9 @@ import ctypes
 import torch
 
 from kvcache.native.build import load
-from kvcache.native.signatures import F32_KERNELS, KERNELS, declare
+from kvcache.native.signatures import F32_KERNELS, KERNELS, MAX_GROUP, MAX_HEAD_DIM, attention_fits, declare
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-#: Limits of the attention kernels' per-thread arrays (MAX_D, MAX_G in kernels.c).
-MAX_HEAD_DIM, MAX_GROUP = 256, 16
 _fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] | None = None
 
 
@@ -49,7 +47,7 @@ def supports(dtype: torch.dtype, device: torch.device | str) -> bool:
 
 def fits(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
     """Whether a model's attention shape is within the kernels' limits."""
-    return head_dim <= MAX_HEAD_DIM and num_heads // num_kv_heads <= MAX_GROUP
+    return attention_fits(head_dim, num_heads, num_kv_heads)
 
 
 def _check_shape(head_dim: int, num_heads: int, num_kv_heads: int) -> None:

@@ -7,6 +7,9 @@ import ctypes
 
 _P, _I, _C, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
+#: Limits of the attention kernels' per-thread arrays (MAX_D, MAX_G in kernels.c).
+MAX_HEAD_DIM, MAX_GROUP = 256, 16
+
 #: kernels.c, built for fp32 and bf16: the symbol is `name_f32` / `name_bf16`.
 KERNELS = {
     "rms_norm": [_P, _P, _P, _I, _I, _F],
@@ -48,3 +51,15 @@ def declare_qlinear(lib: ctypes.CDLL) -> None:
     """Declare every `QLINEAR` function of a loaded library."""
     for name, (argtypes, restype) in QLINEAR.items():
         declare(getattr(lib, name), argtypes, restype)
+
+
+def attention_fits(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether a model's attention shape is within the kernels' limits (`MAX_HEAD_DIM`, `MAX_GROUP`)."""
+    return head_dim <= MAX_HEAD_DIM and num_heads // num_kv_heads <= MAX_GROUP
+
+
+def layer_row(attn_norm: int, qkv: tuple[int, int], o: tuple[int, int], mlp_norm: int, gate_up: tuple[int, int],
+              down: tuple[int, int], digits: int) -> list[int]:
+    """One row of `dl_decode_layers`' layer table, in decode_layers.c's DL_* order: the norms'
+    addresses, each packed matrix as (address, format code), the activation digit count."""
+    return [attn_norm, *qkv, *o, mlp_norm, *gate_up, *down, digits]

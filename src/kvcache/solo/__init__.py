@@ -7,13 +7,14 @@ RoPE, the K/V write, attention, SwiGLU), driven from numpy arrays. Not importing
 process's memory near the weights' own bytes (torch's import alone holds about 220 MB).
 
 What it runs: llama-architecture GGUFs whose matrices are all Q8_0 / Q4_0 / Q4_1, default RoPE,
-float32 activations, K/V kept exactly (no policy), one sequence; greedy or sampled decoding; a
-conversation's earlier turns stay cached. Everything else (batching, policies, other formats,
+float32 activations, K/V kept exactly (no policy), one sequence; the engine's `SamplingParams`
+(greedy, temperature, top-k, top-p, seed, stop strings and ids); a conversation's earlier turns
+stay cached. Everything else (batching, policies, other formats,
 the server) is the engine's (`kvcache.LLM`).
 """
 
 from kvcache.solo.load import load_solo
 from kvcache.solo.model import SoloModel
-from kvcache.solo.runner import SoloChat, SoloGenerator, SoloOutput, SoloSampling
+from kvcache.solo.runner import SoloChat, SoloGenerator, SoloOutput
 
-__all__ = ["SoloChat", "SoloGenerator", "SoloModel", "SoloOutput", "SoloSampling", "load_solo"]
+__all__ = ["SoloChat", "SoloGenerator", "SoloModel", "SoloOutput", "load_solo"]

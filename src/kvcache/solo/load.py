@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,9 @@ def converted_folder(path: Path) -> Path:
     """The cached folder with the GGUF's config.json and tokenizer, written first where missing."""
     folder = meta_dir_path(path)
     if not (folder / "config.json").is_file():
-        done = subprocess.run([sys.executable, "-c", _CONVERT, str(path)], capture_output=True, text=True)
+        package_root = str(Path(__file__).resolve().parents[2])  # the folder holding this kvcache, installed or not
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
+        done = subprocess.run([sys.executable, "-c", _CONVERT, str(path)], capture_output=True, text=True, env=env)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise ModelFormatError(f"Could not read the config and tokenizer of {path.name} ({last}).")

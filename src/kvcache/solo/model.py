@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import mmap
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +55,20 @@ def rope_tables(head_dim: int, theta: float, length: int) -> tuple[np.ndarray, n
     return np.ascontiguousarray(np.concatenate([cos, cos], 1)), np.ascontiguousarray(np.concatenate([-sin, sin], 1))
 
 
+#: mmap's MAP_NORESERVE on Linux (Python 3.11 names no constant for it): no commit charge up front.
+_MAP_NORESERVE = 0x4000 if sys.platform.startswith("linux") else 0
+
+
 def _untouched_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros in fresh anonymous pages, never backed by huge pages: a page is resident once
-    written, so K/V sized for the whole context costs what its filled positions hold (with
-    transparent huge pages each layer's and head's first write would fault in 2 MB)."""
-    size = int(np.prod(shape)) * 4
-    pages = mmap.mmap(-1, max(size, 1))
+    """float32 zeros in fresh private anonymous pages, reserved without a commit charge and never
+    backed by huge pages: a page is resident once written, so K/V sized for the whole context
+    costs what its filled positions hold (with transparent huge pages each layer's and head's
+    first write would fault in 2 MB)."""
+    count = int(np.prod(shape))
+    pages = mmap.mmap(-1, max(count * 4, 1), flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         pages.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(pages, np.float32, int(np.prod(shape))).reshape(shape)
+    return np.frombuffer(pages, np.float32, count).reshape(shape)
 
 
 class SoloModel:
@@ -72,11 +78,12 @@ class SoloModel:
         c = self.config = weights.config
         self.weights, self.lib = weights, lib
         self.max_len = min(max_len or c.max_position_embeddings, c.max_position_embeddings)
-        self.cos, self.sin = rope_tables(c.head_dim, c.rope_theta, self.max_len)  # (max_len, D)
+        self.cos = self.sin = np.empty((0, c.head_dim), np.float32)  # (positions, D), grown on demand
         shape = (c.num_layers, c.num_kv_heads, self.max_len, c.head_dim)
         self.k = _untouched_zeros(shape)  # (L, Hkv, max_len, D)
         self.v = _untouched_zeros(shape)
         self.tokens: list[int] = []  # the sequence whose K/V the arrays hold
+        self.high_water = 0  # the most positions ever written: the K/V pages resident
 
     @property
     def length(self) -> int:
@@ -106,9 +113,16 @@ class SoloModel:
         self.lib.ql_dequantize(e.address, e.code, e.in_features, e.out_features, _p(ids), len(ids), _p(x), 0)
         return x
 
+    def _rope_up_to(self, end: int) -> None:
+        """RoPE tables covering positions 0..end-1 (doubling, up to the context)."""
+        if end > self.cos.shape[0]:
+            self.cos, self.sin = rope_tables(self.config.head_dim, self.config.rope_theta,
+                                             min(self.max_len, max(end, 2 * self.cos.shape[0], 1024)))
+
     def _layers(self, x: np.ndarray, start: int) -> None:
         """Every decoder layer on x (T, H) in place, for positions start..start+T-1."""
         c, t = self.config, x.shape[0]
+        self._rope_up_to(start + t)
         pos = np.arange(start, start + t, dtype=np.int64)  # (T,)
         table = np.zeros((t, 1), np.int32)  # one block holding the whole context
         lo = np.zeros(t, np.int64)
@@ -135,6 +149,7 @@ class SoloModel:
             x = self._embed(tokens[i:i + PROMPT_CHUNK])  # (T, H)
             self._layers(x, self.length)
             self.tokens += tokens[i:i + PROMPT_CHUNK].tolist()
+            self.high_water = max(self.high_water, self.length)
             if every:
                 out.append(self._logits(x))
         return np.concatenate(out) if every else self._logits(x[-1:])[0]
@@ -143,8 +158,10 @@ class SoloModel:
         """Append `ids`; the negative log-likelihood (len(ids) - 1,) float64 of each of its tokens
         after the first, predicted from the ones before (perplexity = exp(mean)). Runs a prompt
         chunk at a time, so the logits held are one chunk's."""
+        if len(ids) < 2:
+            raise KVCacheError("token_losses needs at least two tokens.")
         losses = []
-        for i in range(0, len(ids) - 1, PROMPT_CHUNK):
+        for i in range(0, len(ids), PROMPT_CHUNK):
             logits = self.forward(ids[i:i + PROMPT_CHUNK], every=True).astype(np.float64)  # (T, V)
             target = np.asarray(ids[i + 1:i + 1 + PROMPT_CHUNK], dtype=np.int64)  # (T or T-1,)
             logits = logits[:len(target)]
@@ -168,7 +185,7 @@ class SoloModel:
         self.lib.argmax_rows_f32(_p(logits), _p(out), 1, logits.shape[-1])
         return int(out[0])
 
-    def kv_bytes(self) -> int:
-        """Bytes of K/V the filled positions hold."""
+    def kv_bytes(self, positions: int | None = None) -> int:
+        """Bytes of K/V `positions` positions hold (default: the sequence's)."""
         c = self.config
-        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * self.length
+        return 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * (self.length if positions is None else positions)

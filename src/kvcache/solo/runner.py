@@ -1,57 +1,56 @@
-"""Generation in the solo runtime: sampling on numpy logits, a prompt's tokens streamed as text,
-and a conversation whose earlier turns stay in the model's K/V (only a turn's new tokens run)."""
+"""Generation in the solo runtime: the engine's `SamplingParams` (the subset one sequence without
+torch runs) applied to numpy logits, text streamed through the engine's incremental detokenizer
+(stop strings held back until they cannot match), and a conversation fitted to its budget by the
+engine's history rule whose earlier turns stay in the model's K/V (only a turn's new tokens run)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from kvcache.engine.detokenizer import IncrementalDetokenizer
+from kvcache.engine.history import OVERFLOW_POLICIES, fit_history
+from kvcache.engine.length_rule import check_length
+from kvcache.engine.sampling_params import SamplingParams
 from kvcache.errors import KVCacheError
 from kvcache.solo.model import SoloModel
-from kvcache.solo.text import SoloTokenizer
+
+#: SamplingParams fields the runtime does not run, with the value that means "off".
+_UNSUPPORTED = {"repetition_penalty": 1.0, "logprobs": None, "prompt_logprobs": None, "n": 1, "json_schema": None,
+                "json_object": False}
 
 
-@dataclass
-class SoloSampling:
-    """How tokens are picked: temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+def check_supported(params: SamplingParams) -> None:
+    """One sentence for a sampling option the solo runtime does not run."""
+    for name, off in _UNSUPPORTED.items():
+        if getattr(params, name) != off:
+            raise KVCacheError(f"the solo runtime does not run {name}; use the engine (kvcache.LLM).")
 
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False  # run to max_tokens past end tokens (benchmarks)
 
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise KVCacheError(f"max_tokens must be a positive integer, got {self.max_tokens}.")
-        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise KVCacheError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0.")
+def token_picker(params: SamplingParams, model: SoloModel):
+    """A function logits (V,) -> token id: greedy (the kernels' argmax), or temperature, top-k and
+    top-p as the engine's sampler applies them, from its own seeded generator."""
+    if params.greedy:
+        return model.argmax
+    rng = np.random.default_rng(params.seed)
 
-    def picker(self, model: SoloModel):
-        """A function logits (V,) -> token id, with its own seeded generator."""
-        if self.temperature == 0:
-            return model.argmax
-        rng = np.random.default_rng(self.seed)
-
-        def pick(logits: np.ndarray) -> int:
-            z = logits.astype(np.float64) / self.temperature  # (V,)
-            if self.top_k and self.top_k < z.size:
-                z[z < np.partition(z, -self.top_k)[-self.top_k]] = -np.inf
-            p = np.exp(z - z.max())
+    def pick(logits: np.ndarray) -> int:
+        z = logits.astype(np.float64) / params.temperature  # (V,)
+        if params.top_k and params.top_k < z.size:
+            z[z < np.partition(z, -params.top_k)[-params.top_k]] = -np.inf
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if params.top_p < 1:
+            order = np.argsort(-p, kind="stable")
+            before = np.cumsum(p[order]) - p[order]  # mass ahead of each token
+            p[order[before >= params.top_p]] = 0  # keep the smallest set reaching top_p
             p /= p.sum()
-            if self.top_p < 1:
-                order = np.argsort(-p, kind="stable")
-                before = np.cumsum(p[order]) - p[order]  # mass ahead of each token
-                p[order[before >= self.top_p]] = 0  # keep the smallest set reaching top_p
-                p /= p.sum()
-            return int(rng.choice(p.size, p=p))
+        return int(rng.choice(p.size, p=p))
 
-        return pick
+    return pick
 
 
 @dataclass
@@ -79,84 +78,103 @@ class SoloOutput:
 class SoloGenerator:
     """A model and its tokenizer: prompts in, streamed text out."""
 
-    def __init__(self, model: SoloModel, tokenizer: SoloTokenizer):
+    def __init__(self, model: SoloModel, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    def stream(self, prompt_ids: list[int], sampling: SoloSampling) -> Iterator[str | SoloOutput]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str | SoloOutput]:
         """Text pieces as they decode, then the `SoloOutput`. The K/V the model holds for the longest
         common prefix of `prompt_ids` and what it held is reused; one token is always recomputed."""
         m = self.model
+        check_supported(params)
         if not prompt_ids:
-            raise KVCacheError("the prompt is empty.")
-        if len(prompt_ids) + sampling.max_tokens > m.max_len:
-            raise KVCacheError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) is more "
-                               f"than the context of {m.max_len} tokens.")
+            raise KVCacheError("The prompt is empty.")
+        check_length(params.max_tokens, m.max_len, len(prompt_ids))
         keep, held = 0, m.tokens
         while keep < min(len(held), len(prompt_ids) - 1) and held[keep] == prompt_ids[keep]:
             keep += 1
         m.truncate(keep)
-        pick = sampling.picker(m)
+        pick = token_picker(params, m)
+        ends = set() if params.ignore_eos else set(self.tokenizer.end_ids)
+        ends |= set(params.stop_token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         t0 = time.perf_counter()
         logits = m.forward(prompt_ids[keep:])
         t1 = time.perf_counter()
         out: list[int] = []
-        text, reason = "", "length"
+        reason = "length"
         while True:
             token = pick(logits)
-            if token in self.tokenizer.end_ids and not sampling.ignore_eos:
+            if token in ends:
                 reason = "stop"
                 break
             out.append(token)
-            new = self.tokenizer.decode(out)
-            if not new.endswith("\ufffd"):  # a character still incomplete waits for its next bytes
-                hit = min((i for i in (new.find(s, max(0, len(text) - len(s))) for s in sampling.stop) if i >= 0),
-                          default=-1)
-                if hit >= 0:
-                    new, reason = new[:hit], "stop"
-                if len(new) > len(text):
-                    yield new[len(text):]
-                text = new
-                if reason == "stop":
-                    break
-            if len(out) == sampling.max_tokens:
+            piece = detok.add(token)
+            if piece:
+                yield piece
+            if detok.stopped:
+                reason = "stop"
+                break
+            if len(out) == params.max_tokens:
                 break
             logits = m.forward([token])
-        yield SoloOutput(out, text, reason, len(prompt_ids), keep, t1 - t0, time.perf_counter() - t1)
+        rest = detok.flush()
+        if rest:
+            yield rest
+        yield SoloOutput(out, detok.text, reason, len(prompt_ids), keep, t1 - t0, time.perf_counter() - t1)
 
-    def generate(self, prompt_ids: list[int], sampling: SoloSampling) -> SoloOutput:
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> SoloOutput:
         """The whole reply at once."""
-        *_, last = self.stream(prompt_ids, sampling)
+        *_, last = self.stream(prompt_ids, params)
         return last
 
 
 class SoloChat:
-    """A conversation: each turn renders the whole history with the chat template, and only the
-    tokens after what the model already holds run."""
+    """A conversation: each turn renders the whole history with the chat template, fitted to the
+    budget (`overflow` "truncate" drops the oldest turns, "error" refuses; `max_history_tokens`,
+    default the context), and only the tokens after what the model already holds run."""
 
-    def __init__(self, generator: SoloGenerator, system: str | None = None):
-        self.generator = generator
-        self.system = system
-        self.messages: list[dict] = []
-        self.last_output: SoloOutput | None = None
+    def __init__(self, generator: SoloGenerator, system: str | None = None, overflow: str = "truncate",
+                 max_history_tokens: int | None = None):
+        limit = generator.model.max_len
+        if overflow not in OVERFLOW_POLICIES or overflow == "summarize":
+            raise KVCacheError(f"the solo runtime's overflow is truncate or error, got '{overflow}'.")
+        if max_history_tokens is not None and not 0 < max_history_tokens <= limit:
+            raise KVCacheError(f"max_history_tokens must be in [1, {limit}], got {max_history_tokens}.")
+        self.generator, self.system, self.overflow = generator, system, overflow
+        self.budget = max_history_tokens or limit
+        self.reset()
 
     def reset(self) -> None:
-        self.messages = []
+        """Forget the conversation (the model's K/V is overwritten by the next turn)."""
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.turns = self.truncations = 0
+        self.last_output: SoloOutput | None = None
 
-    def stream(self, text: str, sampling: SoloSampling) -> Iterator[str | SoloOutput]:
+    def stream(self, text: str, params: SamplingParams) -> Iterator[str | SoloOutput]:
         """The reply to `text`, streamed; the turn joins the history once it is complete."""
-        history = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        turn = [{"role": "user", "content": text}]
-        ids = self.generator.tokenizer.chat_ids(history + turn)
-        for piece in self.generator.stream(ids, sampling):
+        if not isinstance(text, str) or not text.strip():
+            raise KVCacheError("The message is empty.")
+        check_length(params.max_tokens, self.generator.model.max_len)
+        messages, ids, remedy = fit_history(self.messages + [{"role": "user", "content": text}],
+                                            self.generator.tokenizer.chat_ids, params.max_tokens, self.budget,
+                                            self.overflow)
+        for piece in self.generator.stream(ids, params):
             if isinstance(piece, str):
                 yield piece
-            else:
-                self.last_output = piece
-                self.messages += turn + [{"role": "assistant", "content": piece.text}]
-                yield piece
+                continue
+            self.messages = messages + [{"role": "assistant", "content": piece.text}]
+            self.turns += 1
+            self.truncations += int(remedy == "truncated")
+            self.last_output = piece
+            yield piece
+
+    def send(self, text: str, params: SamplingParams) -> SoloOutput:
+        *_, last = self.stream(text, params)
+        return last
 
     def stats(self) -> dict:
+        """Turns, the positions the model holds, their K/V bytes and the pages ever written."""
         m = self.generator.model
-        kv = m.kv_bytes()  # only the filled positions' pages are ever touched: allocated = held
-        return {"turns": len(self.messages) // 2, "cached_tokens": m.length, "kv_cache_bytes": kv,
-                "kv_cache_allocated_bytes": kv, "truncations": 0, "summaries": 0, "weights_bytes": m.weights.nbytes}
+        return {"turns": self.turns, "cached_tokens": m.length, "kv_cache_bytes": m.kv_bytes(),
+                "kv_cache_allocated_bytes": m.kv_bytes(m.high_water), "truncations": self.truncations,
+                "summaries": 0, "weights_bytes": m.weights.nbytes}
