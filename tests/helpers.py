@@ -215,6 +215,37 @@ def write_tiny_quantized_gguf(path, tied: bool):
     return path
 
 
+#: hidden, intermediate, vocab, heads, KV heads, head dim of `write_tiny_packed_gguf`
+PACKED_SHAPE = (64, 96, 300, 4, 2, 16)
+
+
+def write_tiny_packed_gguf(path, matrix_type: str = "Q4_1", tied: bool = True, up_type: str | None = None,
+                           extra: dict | None = None):
+    """A 2-layer GGUF of `PACKED_SHAPE` whose matrices are all packed (Q4_1 / Q4_0 / Q8_0; `up_type`
+    overrides ffn_up; `extra`: more tensors, name -> (array, type))."""
+    import numpy as np
+
+    H, I, V, HEADS, KV_HEADS, D = PACKED_SHAPE
+    rng = np.random.default_rng(5)
+
+    def m(rows, cols):
+        return (rng.standard_normal((rows, cols)) * 0.5).astype(np.float32)
+
+    norm = (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+    t = {"token_embd.weight": (m(V, H), "Q8_0"), "output_norm.weight": (norm, "F32")}
+    if not tied:
+        t["output.weight"] = (m(V, H), "Q8_0")
+    for n in range(2):
+        b = f"blk.{n}."
+        t |= {b + "attn_q.weight": (m(HEADS * D, H), matrix_type), b + "attn_k.weight": (m(KV_HEADS * D, H), matrix_type),
+              b + "attn_v.weight": (m(KV_HEADS * D, H), matrix_type), b + "attn_output.weight": (m(H, H), "Q4_0"),
+              b + "ffn_gate.weight": (m(I, H), "Q8_0"), b + "ffn_up.weight": (m(I, H), up_type or "Q8_0"),
+              b + "ffn_down.weight": (m(H, I), "Q4_1"), b + "attn_norm.weight": (norm, "F32"),
+              b + "ffn_norm.weight": (norm, "F32")}
+    write_gguf(path, t | (extra or {}), heads=HEADS, kv_heads=KV_HEADS)
+    return path
+
+
 def feed(model, cache, ids: list[int], chunk: int) -> torch.Tensor:
     """Logits (T, V) for every position, feeding `ids` through `cache` in chunks."""
     from kvcache.models.step import StepInputs

@@ -129,3 +129,18 @@ def test_a_gguf_of_k_quants_loads_packed_and_close_to_its_float_weights(tmp_path
     assert {k: v.source for k, v in sd.items()} == {
         "model.layers.0.mlp.down_proj.weight": "Q6_K", "model.layers.0.mlp.up_proj.weight": "Q4_K",
         "model.layers.0.mlp.gate_proj.weight": "Q5_K", "model.layers.0.self_attn.v_proj.weight": "Q5_0"}
+
+
+def test_a_gguf_that_scales_rope_by_frequency_factors_is_refused_on_every_load_path(tmp_path):
+    from kvcache.models.gguf_convert import convert_gguf
+    from kvcache.models.gguf_weights import check_types
+    from tests.helpers import PACKED_SHAPE, write_tiny_packed_gguf
+
+    head_dim = PACKED_SHAPE[-1]
+    path = write_tiny_packed_gguf(tmp_path / "llama31.gguf",
+                                  extra={"rope_freqs.weight": (np.ones(head_dim // 2, np.float32), "F32")})
+    with pytest.raises(ModelFormatError, match="scales its RoPE by frequency factors"):
+        check_types(path)  # quantization="gguf"
+    with pytest.raises(ModelFormatError, match="scales its RoPE by frequency factors"):
+        convert_gguf(path, tmp_path / "out", progress=False)  # none, int8, int4: the dequantized copy
+    assert not (tmp_path / "out").exists()

@@ -14,40 +14,19 @@ from kvcache.errors import KVCacheError, ModelFormatError
 from kvcache.models.config import LlamaConfig
 from kvcache.models.gguf_weights import gguf_state_dict
 from kvcache.models.llama import LlamaModel
-from kvcache.native import build
 from kvcache.engine.sampling_params import SamplingParams
-from kvcache.solo import SoloChat, SoloGenerator, SoloModel, load_solo
-from tests.helpers import feed, write_gguf
+from kvcache.native import build
+from kvcache.solo import SoloGenerator, SoloModel, load_solo
+from tests.helpers import PACKED_SHAPE, feed
+from tests.helpers import write_tiny_packed_gguf as write_packed_gguf
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.skipif(not build.wanted() or build.load() is None, reason="no native kernels")
 
-H, I, V, HEADS, KV_HEADS, D = 64, 96, 300, 4, 2, 16
+H, I, V, HEADS, KV_HEADS, D = PACKED_SHAPE
 CONFIG = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_layers=2, num_heads=HEADS,
                      num_kv_heads=KV_HEADS, head_dim=D, max_position_embeddings=128, rms_norm_eps=1e-5,
                      rope_theta=10000.0, tie_word_embeddings=True)
-
-
-def write_packed_gguf(path, matrix_type: str = "Q4_1", tied: bool = True, up_type: str | None = None):
-    """A 2-layer GGUF whose matrices are all packed (Q4_1 / Q4_0 / Q8_0; `up_type` overrides ffn_up)."""
-    rng = np.random.default_rng(5)
-
-    def m(rows, cols):
-        return (rng.standard_normal((rows, cols)) * 0.5).astype(np.float32)
-
-    norm = (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)
-    t = {"token_embd.weight": (m(V, H), "Q8_0"), "output_norm.weight": (norm, "F32")}
-    if not tied:
-        t["output.weight"] = (m(V, H), "Q8_0")
-    for n in range(2):
-        b = f"blk.{n}."
-        t |= {b + "attn_q.weight": (m(HEADS * D, H), matrix_type), b + "attn_k.weight": (m(KV_HEADS * D, H), matrix_type),
-              b + "attn_v.weight": (m(KV_HEADS * D, H), matrix_type), b + "attn_output.weight": (m(H, H), "Q4_0"),
-              b + "ffn_gate.weight": (m(I, H), "Q8_0"), b + "ffn_up.weight": (m(I, H), up_type or "Q8_0"),
-              b + "ffn_down.weight": (m(H, I), "Q4_1"), b + "attn_norm.weight": (norm, "F32"),
-              b + "ffn_norm.weight": (norm, "F32")}
-    write_gguf(path, t, heads=HEADS, kv_heads=KV_HEADS)
-    return path
 
 
 def engine_model(path, config) -> LlamaModel:
@@ -260,16 +239,9 @@ def test_files_the_runtime_cannot_run_safely_are_refused_before_any_kernel_runs(
 
 
 def test_a_file_with_rope_frequency_factors_is_refused(tmp_path):
-    import gguf as g
-
-    path = write_packed_gguf(tmp_path / "m.gguf")
-    reader = g.GGUFReader(str(path))
-    tensors = {t.name: (np.array(g.quants.dequantize(t.data, t.tensor_type)).reshape(t.shape[::-1]).astype(np.float32),
-                        t.tensor_type.name) for t in reader.tensors}
-    tensors["rope_freqs.weight"] = (np.ones(D // 2, np.float32), "F32")
-    write_gguf(tmp_path / "scaled.gguf", tensors, heads=HEADS, kv_heads=KV_HEADS)
-    with pytest.raises(ModelFormatError, match="scales its RoPE"):
-        SoloModel.from_gguf(tmp_path / "scaled.gguf", CONFIG)
+    path = write_packed_gguf(tmp_path / "scaled.gguf", extra={"rope_freqs.weight": (np.ones(D // 2, np.float32), "F32")})
+    with pytest.raises(ModelFormatError, match="scales its RoPE by frequency factors"):
+        SoloModel.from_gguf(path, CONFIG)
 
 
 def test_large_matrices_repack_by_blocks_of_rows_as_in_one_piece(monkeypatch):

@@ -14,7 +14,8 @@ from kvcache.errors import KVCacheError, PromptTooLongError
 from kvcache.native import build
 from kvcache.solo import SoloChat, SoloGenerator, SoloModel
 from kvcache.solo.text import SoloTokenizer
-from tests.unit.test_solo import CONFIG, V, write_packed_gguf
+from tests.helpers import write_tiny_packed_gguf as write_packed_gguf
+from tests.unit.test_solo import CONFIG, V
 
 pytest.importorskip("gguf")
 tokenizers = pytest.importorskip("tokenizers")

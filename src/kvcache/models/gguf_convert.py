@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from kvcache.errors import ModelFormatError
-from kvcache.models.gguf_file import file_fingerprint, hf_tensor_name, rope_heads, unpermute_rope_rows
+from kvcache.models.gguf_file import (check_rope_factors, file_fingerprint, hf_tensor_name, rope_heads,
+                                      unpermute_rope_rows)
 
 def field(reader, key: str, default=None):
     """A metadata value of the GGUF, or `default`."""
@@ -95,6 +96,7 @@ def convert_gguf(path: Path, out_dir: Path, progress: bool = True) -> Path:
     from safetensors.torch import save_file
 
     reader = read_gguf(path)
+    check_rope_factors(path, {t.name for t in reader.tensors})
     heads = int(field(reader, "llama.attention.head_count"))
     kv_heads = int(field(reader, "llama.attention.head_count_kv", heads))
     with folder_written_atomically(out_dir) as tmp:

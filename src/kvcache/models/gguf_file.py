@@ -196,9 +196,19 @@ def _unsupported(path: Path, name: str, type_name: str) -> ModelFormatError:
         "'int8' or 'int4', which dequantize it first.")
 
 
+def check_rope_factors(path: Path, names) -> None:
+    """One sentence for a GGUF that scales RoPE by frequency factors (`rope_freqs.weight`, as
+    Llama 3.1 files do): the model would run, and its output would be wrong."""
+    if "rope_freqs.weight" in names:
+        raise ModelFormatError(f"{path.name} scales its RoPE by frequency factors (rope_freqs.weight), which kvcache "
+                               "does not apply; its output would be wrong.")
+
+
 def check_types(path: Path) -> list[TensorEntry]:
-    """The file's tensor index, after checking that every tensor the model uses can be kept."""
+    """The file's tensor index, after checking that every tensor the model uses can be kept
+    (and that it does not scale RoPE by factors, `check_rope_factors`)."""
     index = tensor_index(path)
+    check_rope_factors(path, {t.name for t in index})
     for t in index:
         if hf_tensor_name(t.name) and t.type_name not in PACKED_TYPES and t.type_name not in FLOAT_TYPES:
             raise _unsupported(path, t.name, t.type_name)

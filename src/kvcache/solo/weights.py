@@ -11,8 +11,8 @@ import numpy as np
 
 from kvcache.errors import ModelFormatError
 from kvcache.models.config import LlamaConfig
-from kvcache.models.gguf_file import (GGUF_BLOCK_BYTES, TensorEntry, block_tiles, read_tensor, release_pages, rope_heads,
-                                      tensor_index, unpermute_rope_rows)
+from kvcache.models.gguf_file import (GGUF_BLOCK_BYTES, TensorEntry, block_tiles, check_rope_factors, read_tensor,
+                                      release_pages, rope_heads, tensor_index, unpermute_rope_rows)
 from kvcache.models.packed_tiles import FORMAT_CODES, TILE
 from kvcache.native.signatures import MAX_GROUP, MAX_HEAD_DIM, attention_fits, layer_row
 
@@ -82,8 +82,9 @@ class SoloWeights:
                                    f"heads per KV head; the native attention takes at most {MAX_HEAD_DIM} and "
                                    f"{MAX_GROUP}; {_ENGINE}.")
         index = {t.name: t for t in tensor_index(path)}
+        check_rope_factors(path, index)
         scaled = (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type", "default"))
-        if scaled not in (None, "default") or "rope_freqs.weight" in index:
+        if scaled not in (None, "default"):
             raise ModelFormatError(f"{path.name} scales its RoPE, which the solo runtime does not; {_ENGINE}.")
         with open(path, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
