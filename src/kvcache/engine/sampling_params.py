@@ -79,5 +79,3 @@ class SamplingParams:
     def structured(self) -> bool:
         """Whether the output is held to a grammar (json_schema or json_object)."""
         return self.json_schema is not None or self.json_object
-
-

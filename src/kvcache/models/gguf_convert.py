@@ -21,6 +21,7 @@ from kvcache.errors import ModelFormatError
 from kvcache.models.gguf_file import (check_rope_factors, file_fingerprint, hf_tensor_name, rope_heads,
                                       unpermute_rope_rows)
 
+
 def field(reader, key: str, default=None):
     """A metadata value of the GGUF, or `default`."""
     f = reader.fields.get(key)

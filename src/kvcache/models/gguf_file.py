@@ -73,7 +73,6 @@ def rope_heads(name: str, heads: int, kv_heads: int) -> int | None:
     return {"attn_q": heads, "attn_k": kv_heads}.get(base)
 
 
-
 #: GGUF types kept packed, by the kernels' format that holds them.
 KEPT_FORMATS = {"Q8_0": "q8", "Q4_0": "q4", "Q4_1": "q4",
                 "Q4_K": "q4", "Q5_0": "q8", "Q5_1": "q8", "Q5_K": "q8", "Q6_K": "q8"}
@@ -223,7 +222,6 @@ def keeps_packed(path: Path) -> bool:
     except (ModelFormatError, OSError):
         return False
     return any(t.type_name in PACKED_TYPES for t in index if hf_tensor_name(t.name))
-
 
 
 def half_at(b: np.ndarray, at: int) -> np.ndarray:

@@ -28,6 +28,8 @@ from kvcache.paths import cache_home
 from kvcache.models.names import BUILT_IN, DEFAULT_MODEL, gguf_file, packaged_gguf
 
 __all__ = ["DEFAULT_MODEL", "gguf_file", "packaged_gguf"]
+
+
 def gguf_to_hf_dir(path: Path, progress: bool = True) -> Path:
     """The cached HF folder for a GGUF file, converting it on first use."""
     from kvcache.models.gguf_convert import convert_gguf

@@ -36,5 +36,3 @@ def gguf_file(name: str) -> Path | None:
         return packaged_gguf(key)
     path = Path(name).expanduser()
     return path if path.is_file() and path.suffix == ".gguf" else None
-
-

@@ -85,8 +85,7 @@ def shape_weight_bytes(shape: WeightShape, quantization: str, float_bytes: int =
 
 def gguf_weight_bytes(path: str | Path, float_bytes: int = 2) -> int:
     """Bytes of a GGUF's weights under "gguf", from its tensor types and shapes (the header only)."""
-    from kvcache.models.gguf_file import hf_tensor_name
-    from kvcache.models.gguf_file import FLOAT_TYPES, KEPT_FORMATS, tensor_index
+    from kvcache.models.gguf_file import FLOAT_TYPES, KEPT_FORMATS, hf_tensor_name, tensor_index
 
     _check_float_bytes(float_bytes)
     path = Path(path)
