@@ -244,21 +244,21 @@ def chunk_bytes(qs: np.ndarray) -> np.ndarray:
 def block_tiles(raw: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:
     """GGUF blocks of a Q8_0 / Q4_0 / Q4_1 matrix, rows (N, K/32 * block bytes) uint8, as the
     kernels' (format, tiles), bit for bit, a block of rows at a time (`tiles_by_row_blocks`)."""
-    fmt = "q8" if type_name == "Q8_0" else "q4"
-    return fmt, tiles_by_row_blocks(raw.shape[0], lambda lo, hi: _rows_tiles(raw[lo:hi], type_name)[1])
+    if type_name not in GGUF_BLOCK_BYTES:
+        raise ValueError(f"not a losslessly packed GGUF type: {type_name}")
+    return KEPT_FORMATS[type_name], tiles_by_row_blocks(raw.shape[0], lambda lo, hi: _rows_tiles(raw[lo:hi], type_name))
 
 
-def _rows_tiles(raw: np.ndarray, type_name: str) -> tuple[str, np.ndarray]:
+def _rows_tiles(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """`block_tiles`' tiles of these rows (a whole number of tiles, or the matrix's last rows)."""
     b = raw.reshape(raw.shape[0], -1, GGUF_BLOCK_BYTES[type_name])  # (N, nb, block bytes)
     n, nb = b.shape[0], b.shape[1]
     if type_name == "Q8_0":
-        return "q8", q8_tiles(np.ascontiguousarray(b[:, :, 2:]).view(np.int8).reshape(n, nb * BLOCK), half_at(b, 0))
+        return q8_tiles(np.ascontiguousarray(b[:, :, 2:]).view(np.int8).reshape(n, nb * BLOCK), half_at(b, 0))
     if type_name == "Q4_0":
         d = half_at(b, 0)
-        return "q4", q4_tiles(chunk_bytes(b[:, :, 2:]), d, d * np.float16(-8))  # d * (q - 8) = d * q - 8d, exact in fp16
-    if type_name == "Q4_1":
-        return "q4", q4_tiles(chunk_bytes(b[:, :, 4:]), half_at(b, 0), half_at(b, 2))
-    raise ValueError(f"not a losslessly packed GGUF type: {type_name}")
+        return q4_tiles(chunk_bytes(b[:, :, 2:]), d, d * np.float16(-8))  # d * (q - 8) = d * q - 8d, exact in fp16
+    return q4_tiles(chunk_bytes(b[:, :, 4:]), half_at(b, 0), half_at(b, 2))  # Q4_1
 
 
 def release_pages(mapped: mmap.mmap, offset: int, size: int) -> None:

@@ -46,6 +46,13 @@ def _values_into(out: np.ndarray, s: np.ndarray, tiles: int, nb: int) -> None:
     out.view(np.float16)[...] = s.transpose(0, 2, 1)  # (T, nb, 16)
 
 
+def _int8_blocks_into(out: np.ndarray, codes: np.ndarray, tiles: int, nb: int) -> None:
+    """int8 codes (N, nb*32) into out (T, nb*512) bytes: each block's codes 4 inputs of all 16
+    outputs at a time (output j at bytes 4j..4j+3)."""
+    c = pad_rows(np.ascontiguousarray(codes).view(np.int32), tiles * TILE).reshape(tiles, TILE, nb, 8)  # (T, j, b, c)
+    out.view(np.int32).reshape(tiles, nb, 8, TILE)[...] = c.transpose(0, 2, 3, 1)
+
+
 def q4_tiles(byte: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Chunk bytes (N, nb, 4, 4) uint8 (chunk c, byte e: inputs 8c+e low nibble, 8c+4+e high) and
     d, m (N, nb) fp16 -> "q4" tiles (ceil(N/16), nb * 320) uint8."""
@@ -64,8 +71,7 @@ def q8_tiles(codes: np.ndarray, d: np.ndarray) -> np.ndarray:
     n, k = codes.shape
     nb, tiles = k // BLOCK, -(-n // TILE)
     out = np.empty((tiles, nb, 544), np.uint8)
-    c = pad_rows(np.ascontiguousarray(codes).view(np.int32), tiles * TILE).reshape(tiles, TILE, nb, 8)  # (T, j, b, c)
-    out[:, :, :512].view(np.int32).reshape(tiles, nb, 8, TILE)[...] = c.transpose(0, 2, 3, 1)
+    _int8_blocks_into(out[:, :, :512], codes, tiles, nb)
     _values_into(out[:, :, 512:], d, tiles, nb)
     return out.reshape(tiles, nb * 544)
 
@@ -76,7 +82,6 @@ def i8_tiles(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     n, kp = codes.shape
     nb, tiles = kp // BLOCK, -(-n // TILE)
     out = np.empty((tiles, nb * 512 + 64), np.uint8)
-    c = pad_rows(np.ascontiguousarray(codes).view(np.int32), tiles * TILE).reshape(tiles, TILE, nb, 8)
-    out[:, : nb * 512].view(np.int32).reshape(tiles, nb, 8, TILE)[...] = c.transpose(0, 2, 3, 1)
+    _int8_blocks_into(out[:, : nb * 512], codes, tiles, nb)
     out[:, nb * 512:].view(np.float32)[...] = pad_rows(scale.astype(np.float32), tiles * TILE).reshape(tiles, TILE)
     return out
