@@ -133,7 +133,8 @@ def _loaded(args) -> Loaded:
 
 
 def _speeds(out, ids: list[int]) -> dict:
-    """Decode and prefill tok/s of one generate's output."""
+    """Decode and prefill tok/s of one generate's output (the engine's, or the solo runtime's, whose
+    output answers `metrics` with the same names)."""
     return {"decode_tok_s": out.metrics.decode_tok_s, "prefill_tok_s": len(ids) / out.metrics.ttft_s}
 
 
@@ -198,8 +199,8 @@ def measure_solo(args) -> dict:
         raise KVCacheError("the solo worker imported torch.")
     w = m.gen.model.weights
     return {"variant": SOLO, "quantization": "gguf (solo, no torch)", "dtype": "float32", "threads": args.threads,
-            "decode_tok_s": out.decode_tok_s, "prefill_tok_s": len(m.ids) / out.ttft_s, "ttft_s": out.ttft_s,
-            "load_s": m.load_s, "bytes_per_token": w.nbytes, "weight_bytes": w.nbytes,
+            **_speeds(out, m.ids), "ttft_s": out.ttft_s,
+            "load_s": m.load_s, "bytes_per_token": w.bytes_read_per_token, "weight_bytes": w.nbytes,
             "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_imports_bytes": m.rss_after_imports,
             "peak_rss_after_load_bytes": m.rss_after_load, "token_ids": out.token_ids}
 
@@ -211,8 +212,7 @@ def serve_rounds(args) -> None:
         m = _solo_loaded(args)
 
         def timed() -> dict:
-            out = m.timed(args.new_tokens)
-            return {"decode_tok_s": out.decode_tok_s, "prefill_tok_s": len(m.ids) / out.ttft_s}
+            return _speeds(m.timed(args.new_tokens), m.ids)
     else:
         m = _loaded(args)
 

@@ -255,13 +255,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    params = _params(args)
     if args.solo:
         from kvcache.cli_solo import chat
 
-        return chat(args, _params(args))
+        return chat(args, params)
     from kvcache.cli_chat import one_shot, repl
 
-    params = _params(args)
     llm = _make_llm(args)
     check_length(args.max_tokens, llm.max_model_len)  # before the first message, not at it
     session = llm.session(system=args.system, overflow=args.overflow, max_history_tokens=args.max_history_tokens)

@@ -71,7 +71,8 @@ def repl(session, params, sessions_dir=None, saves: bool = True) -> int:
         from kvcache.engine.persist import SessionStore, default_sessions_dir
 
         store = SessionStore(sessions_dir or default_sessions_dir(), session.llm)
-    print(HELP if saves else HELP_SOLO, file=sys.stderr)
+    commands = HELP if saves else HELP_SOLO
+    print(commands, file=sys.stderr)
     while True:
         try:
             text = input(">>> ")
@@ -90,10 +91,10 @@ def repl(session, params, sessions_dir=None, saves: bool = True) -> int:
         if cmd == "/stats":
             print(_stats_line(session))
             continue
-        if cmd.split(" ")[0] in ("/save", "/load", "/sessions") and store is None:
-            print("(--solo keeps no sessions on disk; /save and /load run in kvcache chat without --solo)")
-            continue
         if cmd.split(" ")[0] in ("/save", "/load", "/sessions"):
+            if store is None:
+                print("(--solo keeps no sessions on disk; /save and /load run in kvcache chat without --solo)")
+                continue
             try:
                 print(session_command(session, store, cmd))
             except KVCacheError as exc:
@@ -103,7 +104,7 @@ def repl(session, params, sessions_dir=None, saves: bool = True) -> int:
                       file=sys.stderr)
             continue
         if cmd.startswith("/"):
-            print(f"unknown command {cmd}; {HELP if saves else HELP_SOLO}")
+            print(f"unknown command {cmd}; {commands}")
             continue
         try:
             _stream_reply(session, text, params)

@@ -45,9 +45,8 @@ def supports(dtype: torch.dtype, device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and dtype in _SUFFIX and bool(_functions())
 
 
-def fits(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
-    """Whether a model's attention shape is within the kernels' limits."""
-    return attention_fits(head_dim, num_heads, num_kv_heads)
+#: Whether a model's attention shape is within the kernels' limits.
+fits = attention_fits
 
 
 def _check_shape(head_dim: int, num_heads: int, num_kv_heads: int) -> None:
